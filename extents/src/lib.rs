@@ -1,0 +1,1 @@
+//! Extents: the devices a table names.

@@ -1,0 +1,1 @@
+//! RAID targets.

@@ -1,0 +1,1 @@
+//! Table text format (filled in below).

@@ -1,0 +1,1 @@
+//! Built-in targets (filled in below).

@@ -1,0 +1,1 @@
+//! Volume management library.
