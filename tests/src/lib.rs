@@ -1,1 +1,304 @@
-//! Helpers for end-to-end tests.
+//! Helpers for end-to-end tests: run the real `volmgr` binary and real peers (qemu-io, nbdinfo,
+//! nbdcopy, fio, qemu-storage-daemon, mkfs, e2fsck) against it.
+//!
+//! A peer that is missing makes the test fail with a message naming it: these tests never pass
+//! silently on a machine that cannot run them (`scripts/setup.sh` installs everything).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Path of the built `volmgr` binary (same profile as this test).
+pub fn volmgr_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/e2e-HASH -> target/<profile>/volmgr
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir layout");
+    let bin = dir.join("volmgr");
+    assert!(
+        bin.exists(),
+        "volmgr binary not found at {} — build it first (cargo build -p volmgr)",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails the test (with the tool's name) if a required external tool is not installed.
+pub fn require_tool(tool: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "required tool '{tool}' is not installed: run scripts/setup.sh (this test cannot pass without it)"
+    );
+}
+
+/// Fails the test loudly unless running as root (mount, losetup need it).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "this test needs root (mount/losetup); it cannot run as uid {uid}"
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (racy by nature; tests retry on bind failure).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Runs a command, returns its output; error if it could not start.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    Ok(out)
+}
+
+/// Runs a command and fails unless it exits 0; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A `volmgr serve` process exporting a table over NBD on 127.0.0.1; killed on drop.
+pub struct Served {
+    /// The server process.
+    pub child: Option<Child>,
+    /// TCP port.
+    pub port: u16,
+    /// Export name.
+    pub export: String,
+    stderr_log: PathBuf,
+}
+
+impl Served {
+    /// Starts `volmgr serve TABLE --nbd 127.0.0.1:PORT --export NAME` and waits until it accepts.
+    pub fn start(table: &Path, export: &str, extra: &[&str], log_dir: &Path) -> Result<Served> {
+        for _attempt in 0..5 {
+            let port = free_port();
+            let log = log_dir.join(format!("serve-{port}.log"));
+            let errf = std::fs::File::create(&log)?;
+            let child = Command::new(volmgr_bin())
+                .arg("serve")
+                .arg(table)
+                .arg("--nbd")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--export")
+                .arg(export)
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(errf)
+                .spawn()
+                .context("spawning volmgr serve")?;
+            let mut s = Served {
+                child: Some(child),
+                port,
+                export: export.to_string(),
+                stderr_log: log,
+            };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(s);
+                }
+                if let Some(c) = s.child.as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        let log = std::fs::read_to_string(&s.stderr_log).unwrap_or_default();
+                        if log.contains("Address already in use") {
+                            break;
+                        }
+                        bail!("volmgr serve exited early ({st}): {log}");
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        bail!("volmgr serve did not start listening")
+    }
+
+    /// `nbd://127.0.0.1:PORT/EXPORT`
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.port, self.export)
+    }
+
+    /// The server's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status code.
+    pub fn terminate(mut self) -> Result<i32> {
+        let mut c = self.child.take().context("already stopped")?;
+        let pid = c.id() as i32;
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st.code().unwrap_or(-1));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                bail!("volmgr serve did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    Ok(())
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for images we can regenerate.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Reads a whole file.
+pub fn read_all(path: &Path) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)?.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// A host-side block device for an NBD export, made of a qemu-storage-daemon FUSE export of the
+/// NBD URI over a regular file and a loop device on that file (our hosts have no nbd client
+/// module). Torn down on drop.
+pub struct FuseLoop {
+    qsd: Option<Child>,
+    /// The FUSE mountpoint file.
+    pub fuse_file: PathBuf,
+    /// The loop device (`/dev/loopN`).
+    pub loopdev: String,
+}
+
+impl FuseLoop {
+    /// Attaches `nbd://127.0.0.1:port/export` as a loop device.
+    pub fn attach(port: u16, export: &str, dir: &Path) -> Result<FuseLoop> {
+        let fuse_file = dir.join("fuse-export.img");
+        std::fs::File::create(&fuse_file)?;
+        let log = std::fs::File::create(dir.join("qsd.log"))?;
+        let qsd = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=fuse,id=e0,node-name=n0,mountpoint={},writable=on",
+                fuse_file.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting qemu-storage-daemon")?;
+        let mut fl = FuseLoop {
+            qsd: Some(qsd),
+            fuse_file: fuse_file.clone(),
+            loopdev: String::new(),
+        };
+        // The FUSE mount replaces the file's size once the export is up.
+        let t0 = Instant::now();
+        loop {
+            let len = std::fs::metadata(&fuse_file).map(|m| m.len()).unwrap_or(0);
+            if len > 0 {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "qemu-storage-daemon FUSE export did not come up: {}",
+                    std::fs::read_to_string(dir.join("qsd.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = run_ok(
+            Command::new("losetup")
+                .arg("-f")
+                .arg("--show")
+                .arg("--direct-io=off")
+                .arg(&fuse_file),
+        )?;
+        fl.loopdev = out.trim().to_string();
+        Ok(fl)
+    }
+}
+
+impl Drop for FuseLoop {
+    fn drop(&mut self) {
+        if !self.loopdev.is_empty() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.loopdev).status();
+        }
+        if let Some(mut c) = self.qsd.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Lines of a process's output containing `pat`.
+pub fn grep_lines(text: &str, pat: &str) -> Vec<String> {
+    BufReader::new(text.as_bytes())
+        .lines()
+        .map_while(|l| l.ok())
+        .filter(|l| l.contains(pat))
+        .collect()
+}
