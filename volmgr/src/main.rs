@@ -1,1 +1,436 @@
-fn main() {}
+//! `volmgr`: compose volumes from device-mapper tables and serve them as block devices.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tables::table::Table;
+use tables::{BlockDevice, DeviceRef};
+use ublk_target::control::{self, DeviceInfo, Reply, Request};
+use ublk_target::frontend::{Frontend, FrontendKind};
+
+#[derive(Parser)]
+#[command(
+    name = "volmgr",
+    version,
+    about = "Compose volumes from device-mapper tables and serve them as /dev/ublkbN or over NBD"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Work with table files.
+    #[command(subcommand)]
+    Table(TableCmd),
+    /// Serve one table in the foreground until SIGINT/SIGTERM (then flush and exit 0).
+    Serve(ServeArgs),
+    /// Run the volume daemon (control socket, named devices, crash recovery).
+    Daemon(DaemonArgs),
+    /// Manage the daemon's devices (dmsetup-like).
+    #[command(subcommand)]
+    Dev(DevCmd),
+}
+
+#[derive(Subcommand)]
+enum TableCmd {
+    /// Validate a table and print it normalized; exit 1 with the error otherwise.
+    Check {
+        /// Table file ('-' for standard input).
+        file: PathBuf,
+        /// Print the table as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Table file ('-' for standard input).
+    file: PathBuf,
+    /// Export over NBD on this TCP address (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    nbd: Option<String>,
+    /// Export over NBD on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Serve as /dev/ublkbN (needs the ublk_drv kernel module).
+    #[arg(long)]
+    ublk: bool,
+    /// ublk device id (default: the next free one).
+    #[arg(long, value_name = "N")]
+    ublk_id: Option<u32>,
+    /// NBD export name.
+    #[arg(long, default_value = "volume")]
+    export: String,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// State directory: lock, control socket, persisted devices.
+    #[arg(long, env = "VOLMGR_STATE_DIR", default_value = "/var/lib/volmgr")]
+    state_dir: PathBuf,
+    /// Detach and run in the background (the foreground is systemd-friendly).
+    #[arg(long)]
+    detach: bool,
+    /// Never use ublk (export devices over NBD only).
+    #[arg(long)]
+    no_ublk: bool,
+}
+
+#[derive(Args, Clone)]
+struct StateDir {
+    /// State directory of the daemon to talk to.
+    #[arg(long, env = "VOLMGR_STATE_DIR", default_value = "/var/lib/volmgr")]
+    state_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Create a device from a table; prints /dev/ublkbN (or the NBD URI).
+    Create {
+        /// Device name.
+        name: String,
+        /// Table file ('-' for standard input).
+        #[arg(long)]
+        table: PathBuf,
+        /// ublk device id to use.
+        #[arg(long)]
+        ublk_id: Option<u32>,
+        /// Export over NBD at HOST:PORT instead of ublk.
+        #[arg(long)]
+        nbd: Option<String>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// List devices (name, path, size, targets, state, I/O counters).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Print a device's table.
+    Table {
+        /// Device name.
+        name: String,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Load a new table and swap it in (suspend, swap, resume). The size may grow.
+    Reload {
+        /// Device name.
+        name: String,
+        /// New table file.
+        #[arg(long)]
+        table: PathBuf,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Flush and remove a device (refused while open or mounted unless --force).
+    Remove {
+        /// Device name.
+        name: String,
+        /// Remove even if it is open or mounted.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Stop admitting I/O, drain in-flight requests, flush.
+    Suspend {
+        /// Device name.
+        name: String,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Admit I/O again.
+    Resume {
+        /// Device name.
+        name: String,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Send a message to the device's target (as dmsetup message).
+    Message {
+        /// Device name.
+        name: String,
+        /// Message words.
+        #[arg(trailing_var_arg = true, required = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Print the device's status line(s).
+    Status {
+        /// Device name.
+        name: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+}
+
+fn read_table_text(file: &Path) -> Result<String> {
+    if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the table from standard input")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading table {}", file.display()))
+    }
+}
+
+fn parse_table(file: &Path) -> Result<Table> {
+    let text = read_table_text(file)?;
+    Table::parse(&text, &volmgr::registry()).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
+fn table_check(file: &Path, json: bool) -> Result<()> {
+    let t = parse_table(file)?;
+    if json {
+        let segs: Vec<serde_json::Value> = t
+            .segments
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "start": s.start.0, "length": s.len.0, "target": s.target, "args": s.args
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "size_sectors": t.size().0,
+                "segments": segs,
+            }))?
+        );
+    } else {
+        print!("{t}");
+    }
+    Ok(())
+}
+
+fn build_device(file: &Path) -> Result<DeviceRef> {
+    let t = parse_table(file)?;
+    let resolver = extents::FileResolver::new();
+    t.build(&volmgr::registry(), &resolver)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    // Before any thread starts: SIGINT/SIGTERM are taken synchronously by sigwait below.
+    ublk_target::signals::block_termination_signals().context("blocking signals")?;
+    let kinds = [a.nbd.is_some(), a.unix.is_some(), a.ublk]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if kinds != 1 {
+        bail!("give exactly one of --nbd ADDR, --unix PATH or --ublk");
+    }
+    let dev = build_device(&a.file)?;
+    let kind = if let Some(addr) = a.nbd {
+        FrontendKind::Nbd(addr)
+    } else if let Some(p) = a.unix {
+        FrontendKind::NbdUnix(p)
+    } else {
+        FrontendKind::Ublk(a.ublk_id)
+    };
+    let front = Frontend::start(&a.export, dev.clone(), kind, false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "volmgr: serving {} ({} bytes) at {}",
+        a.file.display(),
+        dev.size().0,
+        front.path()
+    );
+    println!("{}", front.path());
+    let sig = ublk_target::signals::wait_termination_signal();
+    eprintln!("volmgr: signal {sig}: flushing and stopping");
+    front.stop().map_err(|e| anyhow::anyhow!("{e}"))?;
+    match iort::block_on(dev.flush()) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!("final flush failed: {e}"),
+        Err(e) => bail!("final flush failed: {e}"),
+    }
+}
+
+fn daemon(a: DaemonArgs) -> Result<()> {
+    if a.detach {
+        ublk_target::signals::detach().context("detaching")?;
+    }
+    ublk_target::signals::block_termination_signals().context("blocking signals")?;
+    let ublk_available = !a.no_ublk && Path::new("/dev/ublk-control").exists();
+    let cfg = ublk_target::daemon::DaemonConfig {
+        state_dir: a.state_dir.clone(),
+        ublk_available,
+        private_mount_ns: true,
+    };
+    ublk_target::daemon::enter_private_mount_ns()
+        .context("entering a private mount namespace")?;
+    let d = Arc::new(
+        ublk_target::daemon::Daemon::open(
+            cfg,
+            volmgr::registry(),
+            Arc::new(extents::FileResolver::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    for p in d.restore().map_err(|e| anyhow::anyhow!("{e}"))? {
+        eprintln!("volmgr daemon: could not restore {p}");
+    }
+    let d2 = d.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = ublk_target::signals::wait_termination_signal();
+            eprintln!("volmgr daemon: signal {sig}: stopping");
+            d2.request_stop();
+        })
+        .context("starting the signal thread")?;
+    eprintln!(
+        "volmgr daemon: ready; control socket {} (ublk {})",
+        d.socket_path().display(),
+        if ublk_available { "available" } else { "not available: NBD only" }
+    );
+    d.serve_control().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let problems = d.shutdown();
+    for p in &problems {
+        eprintln!("volmgr daemon: {p}");
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} device(s) did not stop cleanly", problems.len())
+    }
+}
+
+fn call(sd: &StateDir, req: Request) -> Result<Reply> {
+    let sock = sd.state_dir.join("control.sock");
+    Ok(control::call(&sock, &req)?)
+}
+
+fn expect_text(rep: Reply) -> Result<String> {
+    match rep {
+        Reply::Ok { text } => Ok(text),
+        Reply::Error { message } => bail!("{message}"),
+        Reply::Devices { .. } => bail!("unexpected device list from the daemon"),
+    }
+}
+
+fn print_devices(devs: &[DeviceInfo], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devs)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6}",
+        "Name", "Device", "Size", "State", "Targets", "Read", "Written", "Errors"
+    );
+    for d in devs {
+        println!(
+            "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6}",
+            d.name,
+            d.path,
+            tables::units::human(tables::Bytes(d.size)),
+            d.state,
+            d.targets,
+            tables::units::human(tables::Bytes(d.read_bytes)),
+            tables::units::human(tables::Bytes(d.write_bytes)),
+            d.errors
+        );
+    }
+    Ok(())
+}
+
+fn dev(cmd: DevCmd) -> Result<()> {
+    match cmd {
+        DevCmd::Create {
+            name,
+            table,
+            ublk_id,
+            nbd,
+            sd,
+        } => {
+            let text = read_table_text(&table)?;
+            // Validate locally first so errors name the file.
+            Table::parse(&text, &volmgr::registry())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            let r = call(&sd, Request::Create {
+                name,
+                table: text,
+                ublk_id,
+                nbd,
+            })?;
+            println!("{}", expect_text(r)?);
+        }
+        DevCmd::List { json, sd } => match call(&sd, Request::List)? {
+            Reply::Devices { devices } => print_devices(&devices, json)?,
+            other => {
+                expect_text(other)?;
+            }
+        },
+        DevCmd::Table { name, sd } => print!("{}", expect_text(call(&sd, Request::Table { name })?)?),
+        DevCmd::Reload { name, table, sd } => {
+            let text = read_table_text(&table)?;
+            Table::parse(&text, &volmgr::registry())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            println!("{}", expect_text(call(&sd, Request::Reload { name, table: text })?)?);
+        }
+        DevCmd::Remove { name, force, sd } => {
+            println!("{}", expect_text(call(&sd, Request::Remove { name, force })?)?)
+        }
+        DevCmd::Suspend { name, sd } => {
+            println!("{}", expect_text(call(&sd, Request::Suspend { name })?)?)
+        }
+        DevCmd::Resume { name, sd } => {
+            println!("{}", expect_text(call(&sd, Request::Resume { name })?)?)
+        }
+        DevCmd::Message { name, args, sd } => {
+            let t = expect_text(call(&sd, Request::Message { name, args })?)?;
+            if !t.is_empty() {
+                println!("{t}");
+            }
+        }
+        DevCmd::Status { name, json, sd } => {
+            let t = expect_text(call(&sd, Request::Status { name: name.clone() })?)?;
+            if json {
+                let lines: Vec<&str> = t.lines().collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"name": name, "status": lines}))?
+                );
+            } else {
+                println!("{t}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Table(TableCmd::Check { file, json }) => table_check(&file, json),
+        Cmd::Serve(a) => serve(a),
+        Cmd::Daemon(a) => daemon(a),
+        Cmd::Dev(c) => dev(c),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("volmgr: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The daemon's control protocol: one JSON request per line on a unix socket, one JSON reply.
+//!
+//! The socket lives in the state directory with mode 0600 (root only); the CLI verbs
+//! (`volmgr dev ...`) are thin clients of it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A request from the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Create a device from a table and expose it.
+    Create {
+        /// Device name (unique).
+        name: String,
+        /// Table text.
+        table: String,
+        /// Requested ublk device id.
+        ublk_id: Option<u32>,
+        /// Export over NBD at this address instead of (or where there is no) ublk.
+        nbd: Option<String>,
+    },
+    /// List devices.
+    List,
+    /// Print a device's table.
+    Table {
+        /// Device name.
+        name: String,
+    },
+    /// Stage a new table and swap it in (suspend, swap, resume).
+    Reload {
+        /// Device name.
+        name: String,
+        /// New table text.
+        table: String,
+    },
+    /// Stop admitting I/O, drain, flush.
+    Suspend {
+        /// Device name.
+        name: String,
+    },
+    /// Admit I/O again.
+    Resume {
+        /// Device name.
+        name: String,
+    },
+    /// Flush and remove a device.
+    Remove {
+        /// Device name.
+        name: String,
+        /// Remove even if open or mounted.
+        force: bool,
+    },
+    /// Send a target message (dmsetup message).
+    Message {
+        /// Device name.
+        name: String,
+        /// Message words.
+        args: Vec<String>,
+    },
+    /// Status line(s) of a device.
+    Status {
+        /// Device name.
+        name: String,
+    },
+    /// Ask the daemon to stop (as SIGTERM).
+    Shutdown,
+}
+
+/// One device in a listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceInfo {
+    /// Name.
+    pub name: String,
+    /// `/dev/ublkbN`, or `nbd://ADDR/NAME`.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `active`, `suspended`.
+    pub state: String,
+    /// Number of table lines.
+    pub segments: usize,
+    /// Target types used, in order (`striped`, `linear,linear`).
+    pub targets: String,
+    /// Completed reads.
+    pub reads: u64,
+    /// Completed writes.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+/// A reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    /// Success with a text payload (a path, a table, a status line, a message reply).
+    Ok {
+        /// Text for the user.
+        text: String,
+    },
+    /// A device listing.
+    Devices {
+        /// The devices.
+        devices: Vec<DeviceInfo>,
+    },
+    /// Failure, with a message that names the device.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon listens on the socket.
+    #[error("cannot reach the volmgr daemon at {path}: {source} (is `volmgr daemon` running?)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The conversation failed.
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon sent something that is not a reply.
+    #[error("bad reply from the daemon: {0}")]
+    BadReply(String),
+}
+
+/// Sends one request and waits for the reply (long operations such as a suspend that drains
+/// I/O may take a while: the timeout is generous).
+pub fn call(socket: &Path, req: &Request) -> Result<Reply, ControlError> {
+    let mut s = UnixStream::connect(socket).map_err(|e| ControlError::Connect {
+        path: socket.display().to_string(),
+        source: e,
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut line = serde_json::to_string(req).map_err(|e| ControlError::BadReply(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut resp = String::new();
+    r.read_line(&mut resp)?;
+    serde_json::from_str(&resp).map_err(|e| ControlError::BadReply(format!("{e}: {resp:?}")))
+}

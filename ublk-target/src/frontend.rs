@@ -1,0 +1,155 @@
+//! One front end per device: `/dev/ublkbN` through ublk, or an NBD export (TCP or unix
+//! socket). `volmgr serve` and the daemon both go through here.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use tables::{Bytes, DeviceRef};
+
+use crate::ublk::{UblkOptions, UblkServer};
+
+/// Which front end to start.
+#[derive(Debug, Clone)]
+pub enum FrontendKind {
+    /// NBD on a TCP address (`HOST:PORT`).
+    Nbd(String),
+    /// NBD on a unix socket.
+    NbdUnix(PathBuf),
+    /// ublk, with an optional device id.
+    Ublk(Option<u32>),
+}
+
+enum Inner {
+    Nbd(nbd::ServerHandle),
+    Ublk(UblkServer),
+}
+
+/// A running front end.
+pub struct Frontend {
+    inner: Inner,
+    path: String,
+}
+
+/// Front-end failures (messages carry the device name).
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// The NBD server failed.
+    #[error("NBD export: {0}")]
+    Nbd(#[from] nbd::NbdError),
+    /// The ublk device failed.
+    #[error("ublk: {0}")]
+    Ublk(String),
+}
+
+impl Frontend {
+    /// Starts a front end for `dev` named `name`. With `restoring`, a ublk device that still
+    /// exists in the kernel (the daemon was killed) is re-attached through user recovery.
+    pub fn start(
+        name: &str,
+        dev: DeviceRef,
+        kind: FrontendKind,
+        restoring: bool,
+    ) -> Result<Frontend, FrontendError> {
+        match kind {
+            FrontendKind::Nbd(addr) => {
+                let h = nbd::Server::builder()
+                    .export(name, "volmgr volume", dev)
+                    .build()?
+                    .serve_tcp(addr.as_str())?;
+                let shown = h
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| addr.clone());
+                Ok(Frontend {
+                    inner: Inner::Nbd(h),
+                    path: format!("nbd://{shown}/{name}"),
+                })
+            }
+            FrontendKind::NbdUnix(p) => {
+                let h = nbd::Server::builder()
+                    .export(name, "volmgr volume", dev)
+                    .build()?
+                    .serve_unix(&p)?;
+                Ok(Frontend {
+                    inner: Inner::Nbd(h),
+                    path: format!("nbd+unix:///{name}?socket={}", p.display()),
+                })
+            }
+            FrontendKind::Ublk(id) => {
+                let opts = UblkOptions {
+                    dev_id: id,
+                    user_recovery: true,
+                    ..UblkOptions::default()
+                };
+                let s = if restoring {
+                    UblkServer::start_or_recover(dev, &opts)
+                } else {
+                    UblkServer::start(dev, &opts)
+                }
+                .map_err(|e| FrontendError::Ublk(e.to_string()))?;
+                let path = s.bdev_path();
+                Ok(Frontend {
+                    inner: Inner::Ublk(s),
+                    path,
+                })
+            }
+        }
+    }
+
+    /// Where clients find the device: `/dev/ublkbN` or an NBD URI.
+    pub fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    /// The ublk device id, for ublk front ends.
+    pub fn ublk_id(&self) -> Option<u32> {
+        match &self.inner {
+            Inner::Ublk(s) => Some(s.dev_id()),
+            Inner::Nbd(_) => None,
+        }
+    }
+
+    /// Why the device should not be removed now (mounted, open, clients connected), if so.
+    pub fn busy(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Nbd(h) => {
+                let n = h.connections();
+                (n > 0).then(|| format!("in use by {n} NBD client(s)"))
+            }
+            Inner::Ublk(_) => {
+                // An exclusive open fails with EBUSY while the block device is mounted or
+                // otherwise held exclusively.
+                match std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(&self.path)
+                {
+                    Ok(_) => None,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        Some("open or mounted".to_string())
+                    }
+                    Err(_) => None,
+                }
+            }
+        }
+    }
+
+    /// Tells the front end the device's new size after a reload.
+    pub fn resize(&self, size: Bytes) -> Result<(), FrontendError> {
+        match &self.inner {
+            // NBD clients learn the size at their next handshake.
+            Inner::Nbd(_) => Ok(()),
+            Inner::Ublk(s) => s
+                .update_size(size)
+                .map_err(|e| FrontendError::Ublk(e.to_string())),
+        }
+    }
+
+    /// Stops the front end: NBD stops accepting and flushes; ublk stops and deletes the device.
+    pub fn stop(self) -> Result<(), FrontendError> {
+        match self.inner {
+            Inner::Nbd(h) => Ok(h.shutdown()?),
+            Inner::Ublk(s) => s.stop().map_err(|e| FrontendError::Ublk(e.to_string())),
+        }
+    }
+}
