@@ -1,1 +1,20 @@
 //! Extents: the devices a table names.
+//!
+//! - [`FileExtent`]: a regular file or block device as a [`tables::BlockDevice`], every I/O
+//!   submitted on the calling thread's io_uring runtime (`iort`), direct I/O where the file
+//!   system allows it.
+//! - [`FileResolver`]: the [`tables::registry::Resolver`] that opens the paths and
+//!   `major:minor` numbers of table lines, sharing one extent per underlying file.
+//! - [`create_sparse`]: makes a sparse backing file for tests and the CLI.
+
+#![warn(missing_docs)]
+
+mod bounce;
+mod file;
+mod resolver;
+mod sys;
+
+pub use file::{
+    create_sparse, DirectMode, ExtentError, ExtentKind, FileExtent, IoMode, OpenOptions,
+};
+pub use resolver::FileResolver;

@@ -521,9 +521,9 @@ pub fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
         if c.is_none() {
             *c = Some(Runtime::new(256)?);
         }
-        Ok(c.as_ref()
+        c.as_ref()
             .map(|r| r.inner.clone())
-            .ok_or_else(|| io::Error::other("no runtime"))?)
+            .ok_or_else(|| io::Error::other("no runtime"))
     })?;
     Ok(Runtime { inner: rt }.block_on(fut))
 }

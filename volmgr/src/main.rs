@@ -223,7 +223,7 @@ fn table_check(file: &Path, json: bool) -> Result<()> {
 
 fn build_device(file: &Path) -> Result<DeviceRef> {
     let t = parse_table(file)?;
-    let resolver = extents::FileResolver::new();
+    let resolver = extents::FileResolver::default();
     t.build(&volmgr::registry(), &resolver)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
@@ -282,7 +282,7 @@ fn daemon(a: DaemonArgs) -> Result<()> {
         ublk_target::daemon::Daemon::open(
             cfg,
             volmgr::registry(),
-            Arc::new(extents::FileResolver::new()),
+            Arc::new(extents::FileResolver::default()),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?,
     );

@@ -1,0 +1,162 @@
+//! Helpers for the unaligned path of direct I/O: aligned bounce buffers and a range lock that
+//! serialises read-modify-write of partially covered blocks.
+
+use std::alloc::Layout;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::task::{Poll, Waker};
+
+use tables::IoError;
+
+/// A zero-initialised heap buffer aligned for O_DIRECT.
+pub(crate) struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    /// `len` bytes (> 0) aligned to `align` (a power of two).
+    pub(crate) fn zeroed(len: usize, align: usize) -> Result<AlignedBuf, IoError> {
+        let layout = Layout::from_size_align(len.max(1), align.max(1))
+            .map_err(|e| IoError::invalid(format!("bounce buffer of {len} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p)
+            .ok_or_else(|| IoError::new(libc::ENOMEM, format!("bounce buffer of {len} bytes")))?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live, initialised allocation of layout.size() bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[derive(Default)]
+struct LockState {
+    held: Vec<(u64, u64)>,
+    waiters: Vec<Waker>,
+}
+
+/// Byte-range locks shared by every thread using one extent. Waiters are woken through their
+/// wakers, which on `iort` cross threads via the runtime's eventfd.
+#[derive(Default)]
+pub(crate) struct RangeLocks {
+    state: Mutex<LockState>,
+}
+
+/// Holds `[start, end)` until dropped.
+pub(crate) struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (u64, u64),
+}
+
+impl RangeLocks {
+    /// Waits until no held range overlaps `[start, end)`, then holds it.
+    pub(crate) async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.held.iter().any(|&(s, e)| s < end && start < e) {
+                st.waiters.push(cx.waker().clone());
+                Poll::Pending
+            } else {
+                st.held.push((start, end));
+                Poll::Ready(())
+            }
+        })
+        .await;
+        RangeGuard {
+            locks: self,
+            range: (start, end),
+        }
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.state.lock().map(|s| s.held.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let waiters = {
+            let mut st = self.locks.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = st.held.iter().position(|&r| r == self.range) {
+                st.held.swap_remove(i);
+            }
+            std::mem::take(&mut st.waiters)
+        };
+        // Wake everyone: each re-checks its own range.
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        let b = AlignedBuf::zeroed(3 * 512, 4096).unwrap();
+        assert_eq!(b.as_ptr() as usize % 4096, 0);
+        assert_eq!(b.len(), 1536);
+        assert!(b.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn overlapping_ranges_serialise_disjoint_ones_do_not() {
+        let locks = Rc::new(RangeLocks::default());
+        let log = Rc::new(RefCell::new(Vec::new()));
+        iort::block_on({
+            let locks = locks.clone();
+            let log = log.clone();
+            async move {
+                let g = locks.lock(0, 512).await;
+                // Disjoint: taken at once.
+                let g2 = locks.lock(512, 1024).await;
+                assert_eq!(locks.held(), 2);
+                let (l2, log2) = (locks.clone(), log.clone());
+                iort::spawn(async move {
+                    let _g = l2.lock(256, 768).await;
+                    log2.borrow_mut().push("overlapping taken");
+                })
+                .unwrap();
+                iort::yield_now().await;
+                iort::yield_now().await;
+                assert!(log.borrow().is_empty(), "overlapping lock must wait");
+                drop(g);
+                iort::yield_now().await;
+                assert!(log.borrow().is_empty(), "still overlaps the second range");
+                drop(g2);
+                for _ in 0..4 {
+                    iort::yield_now().await;
+                }
+                assert_eq!(*log.borrow(), vec!["overlapping taken"]);
+            }
+        })
+        .unwrap();
+        assert_eq!(locks.held(), 0);
+    }
+}

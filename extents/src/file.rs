@@ -1,0 +1,960 @@
+//! [`FileExtent`]: a regular file or a block device as a [`BlockDevice`], with every I/O
+//! submitted on the calling thread's io_uring (`iort`).
+//!
+//! # Direct I/O and unaligned requests
+//!
+//! The extent prefers `O_DIRECT` (no double caching under a guest's own cache, and writes
+//! reach the device's cache at once). `O_DIRECT` needs the buffer address, offset and length
+//! aligned (`statx` `STATX_DIOALIGN`, else the logical block size). A request that is aligned
+//! goes to the kernel as one SQE straight from the caller's buffer. One that is not goes
+//! through an aligned **bounce buffer** over the covering aligned span; a write that only
+//! partly covers its first or last block reads those blocks first (read-modify-write) while
+//! holding an in-process range lock over the span, so two unaligned writes that share a block
+//! cannot lose each other's bytes.
+//!
+//! Why a bounce buffer and not a second, buffered fd for the unaligned requests: Linux keeps
+//! direct and buffered I/O coherent only by flushing the page cache before a direct I/O and
+//! invalidating it afterwards. A buffered write does not wait for direct I/O in flight, so a
+//! buffered write that fills a page from disk while a direct write to another part of that
+//! page is in flight leaves a dirty page holding the old bytes; the invalidation after the
+//! direct write then fails (the kernel logs "Page cache invalidation failure on direct I/O")
+//! and writeback later puts the old bytes back. Block devices do not even take an inode lock.
+//! The bounce path never mixes the two, at the price of a copy for unaligned requests only.
+//!
+//! The lock is only needed against other read-modify-writes (and the file `fallocate`s that
+//! touch partial blocks): an aligned request never shares a block with a request whose bytes it
+//! does not overlap, and concurrent overlapping writes have no defined result on any device.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use iort::io_uring::{opcode, types};
+use tables::io::{check_range, write_zeroes_by_writing};
+use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags};
+
+use crate::bounce::{AlignedBuf, RangeLocks};
+use crate::sys;
+
+/// Largest transfer put in one SQE (the kernel caps one read/write at just under 2 GiB).
+const MAX_CHUNK: usize = 1 << 30;
+/// How often an `EINTR`/`EAGAIN` completion is retried before it is reported.
+const MAX_RETRIES: u32 = 16;
+/// Alignment assumed for direct I/O on a file whose kernel does not report `STATX_DIOALIGN`:
+/// a multiple of every logical block size in use.
+const FALLBACK_DIO_ALIGN: u32 = 4096;
+
+/// Whether to open with `O_DIRECT`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum DirectMode {
+    /// Direct I/O where the file system supports it, buffered otherwise (recorded in
+    /// [`FileExtent::io_mode`]).
+    #[default]
+    Auto,
+    /// Direct I/O or fail to open.
+    Always,
+    /// Buffered I/O through the page cache.
+    Never,
+}
+
+/// How to open an extent.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open read-only: writes, discards and write-zeroes fail with `EROFS`.
+    pub read_only: bool,
+    /// Direct or buffered I/O.
+    pub direct: DirectMode,
+}
+
+/// The I/O mode an extent ended up with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// `O_DIRECT`, with the alignment the kernel needs.
+    Direct {
+        /// Buffer address alignment, bytes.
+        mem_align: u32,
+        /// File offset and length alignment, bytes (also the read-modify-write unit).
+        offset_align: u32,
+    },
+    /// Through the page cache.
+    Buffered {
+        /// Why not direct (asked for, or what refused it).
+        reason: String,
+    },
+}
+
+/// What the path is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// A regular file: size is its length; reads past its end return zeroes.
+    File,
+    /// A block device.
+    BlockDevice {
+        /// Device major number.
+        major: u32,
+        /// Device minor number.
+        minor: u32,
+    },
+}
+
+/// Why an extent could not be opened or created.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtentError {
+    /// A system call failed.
+    #[error("{path}: {what}: {}", io_text(.source))]
+    Io {
+        /// The path.
+        path: String,
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path cannot be an extent as asked (not a file or block device, no direct I/O...).
+    #[error("{path}: {msg}")]
+    Unsupported {
+        /// The path.
+        path: String,
+        /// Why.
+        msg: String,
+    },
+}
+
+/// An OS error as its `strerror` text (std adds " (os error N)", which our messages avoid).
+fn io_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => sys::errno_text(errno),
+        None => e.to_string(),
+    }
+}
+
+impl ExtentError {
+    fn io(path: &str, what: impl Into<String>, source: std::io::Error) -> ExtentError {
+        ExtentError::Io {
+            path: path.to_string(),
+            what: what.into(),
+            source,
+        }
+    }
+    /// The errno behind the error (`EINVAL` for unsupported configurations).
+    pub fn errno(&self) -> i32 {
+        match self {
+            ExtentError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ExtentError::Unsupported { .. } => libc::EINVAL,
+        }
+    }
+}
+
+impl From<ExtentError> for IoError {
+    fn from(e: ExtentError) -> IoError {
+        IoError::new(e.errno(), e.to_string())
+    }
+}
+
+/// Creates (or truncates) `path` as a sparse file of `size` bytes reading as zeroes.
+pub fn create_sparse(path: impl AsRef<Path>, size: Bytes) -> Result<(), ExtentError> {
+    let p = path.as_ref();
+    let name = p.display().to_string();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(p)
+        .map_err(|e| ExtentError::io(&name, "create", e))?;
+    f.set_len(size.0)
+        .map_err(|e| ExtentError::io(&name, format!("set length to {} bytes", size.0), e))
+}
+
+// Which fallocate mode last worked for file write-zeroes.
+const ZERO_BY_ZERO_RANGE: u8 = 0;
+const ZERO_BY_PUNCH: u8 = 1;
+const ZERO_BY_WRITING: u8 = 2;
+// How block-device discard is issued.
+const DISCARD_BY_URING: u8 = 0;
+const DISCARD_BY_IOCTL: u8 = 1;
+
+/// A regular file or block device, read and written through io_uring on the calling thread.
+///
+/// Cheap on the hot path: an aligned read or write is one SQE (more only if the kernel
+/// completes it short) and allocates nothing beyond the boxed future the trait returns.
+pub struct FileExtent {
+    name: String,
+    path: PathBuf,
+    fd: OwnedFd,
+    kind: ExtentKind,
+    size: Bytes,
+    read_only: bool,
+    mode: IoMode,
+    /// Buffer alignment for direct I/O (1 when buffered).
+    mem_align: usize,
+    /// Offset/length alignment for direct I/O (1 when buffered); a multiple of `mem_align`.
+    off_align: u64,
+    /// Granularity of native zeroing/discard on block devices (the logical block size, or
+    /// `off_align` if larger).
+    blk_unit: u64,
+    limits: Limits,
+    zero_method: AtomicU8,
+    discard_method: AtomicU8,
+    locks: RangeLocks,
+}
+
+impl std::fmt::Debug for FileExtent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileExtent")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+fn open_fd(path: &Path, read_only: bool, direct: bool) -> std::io::Result<OwnedFd> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut flags = libc::O_CLOEXEC
+        | if read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    // SAFETY: valid C string; open returns a new fd or -1.
+    let fd = unsafe { libc::open(cpath.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl FileExtent {
+    /// Opens a regular file or block device as an extent.
+    pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<FileExtent, ExtentError> {
+        let path = path.as_ref().to_path_buf();
+        let name = path.display().to_string();
+        let want_direct = opts.direct != DirectMode::Never;
+        let (fd, mut refused) = match open_fd(&path, opts.read_only, want_direct) {
+            Ok(fd) => (fd, None),
+            Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                let fd = open_fd(&path, opts.read_only, false)
+                    .map_err(|e| ExtentError::io(&name, "open", e))?;
+                (fd, Some("the file system refused O_DIRECT".to_string()))
+            }
+            Err(e) => return Err(ExtentError::io(&name, "open", e)),
+        };
+        let raw = fd.as_raw_fd();
+        let st = sys::statx_fd(raw).map_err(|e| ExtentError::io(&name, "statx", e))?;
+        let fmt = st.mode & libc::S_IFMT;
+        let (kind, size, lbs, pbs) = if fmt == libc::S_IFREG {
+            let pbs = st.blksize.clamp(512, 1 << 16).next_power_of_two();
+            (ExtentKind::File, st.size, 512u32, pbs)
+        } else if fmt == libc::S_IFBLK {
+            let size = sys::blk_size(raw).map_err(|e| ExtentError::io(&name, "BLKGETSIZE64", e))?;
+            let (l, p) = sys::blk_block_sizes(raw)
+                .map_err(|e| ExtentError::io(&name, "BLKSSZGET/BLKPBSZGET", e))?;
+            let kind = ExtentKind::BlockDevice {
+                major: st.rdev.0,
+                minor: st.rdev.1,
+            };
+            (kind, size, l, p)
+        } else {
+            return Err(ExtentError::Unsupported {
+                path: name,
+                msg: "not a regular file or block device".into(),
+            });
+        };
+
+        // Decide direct or buffered, and the alignment direct I/O needs.
+        let mut align = None;
+        if want_direct && refused.is_none() {
+            match (kind, st.dioalign) {
+                (_, Some((0, _))) | (_, Some((_, 0))) => {
+                    refused = Some("statx reports no direct I/O support".into());
+                }
+                (_, Some((m, o))) => align = Some((m, o)),
+                (ExtentKind::BlockDevice { .. }, None) => align = Some((lbs, lbs)),
+                (ExtentKind::File, None) => {
+                    if sys::on_ram_fs(raw).unwrap_or(false) {
+                        refused = Some("tmpfs/ramfs has no real O_DIRECT".into());
+                    } else {
+                        align = Some((FALLBACK_DIO_ALIGN, FALLBACK_DIO_ALIGN));
+                    }
+                }
+            }
+            if let Some((m, o)) = align {
+                // The read-modify-write unit must also keep bounce sub-slices mem-aligned.
+                let o = o.max(m);
+                if !o.is_power_of_two() || !m.is_power_of_two() {
+                    refused = Some(format!("odd direct I/O alignment {m}/{o}"));
+                    align = None;
+                } else if !size.is_multiple_of(u64::from(o)) {
+                    refused = Some(format!(
+                        "size {size} is not a multiple of the direct I/O alignment {o}"
+                    ));
+                    align = None;
+                } else {
+                    align = Some((m, o));
+                }
+            }
+        }
+        let mode = match (align, opts.direct) {
+            (Some((m, o)), _) => IoMode::Direct {
+                mem_align: m,
+                offset_align: o,
+            },
+            (None, DirectMode::Always) => {
+                return Err(ExtentError::Unsupported {
+                    path: name,
+                    msg: format!(
+                        "direct I/O required but unavailable: {}",
+                        refused.unwrap_or_default()
+                    ),
+                })
+            }
+            (None, DirectMode::Never) => IoMode::Buffered {
+                reason: "buffered I/O asked for".into(),
+            },
+            (None, DirectMode::Auto) => {
+                let reason = refused.unwrap_or_else(|| "direct I/O unavailable".into());
+                if want_direct {
+                    sys::clear_direct(raw)
+                        .map_err(|e| ExtentError::io(&name, "clear O_DIRECT", e))?;
+                }
+                IoMode::Buffered { reason }
+            }
+        };
+        let (mem_align, off_align) = match mode {
+            IoMode::Direct {
+                mem_align,
+                offset_align,
+            } => (mem_align as usize, u64::from(offset_align)),
+            IoMode::Buffered { .. } => (1, 1),
+        };
+
+        let mut limits = Limits {
+            logical_block_size: lbs,
+            physical_block_size: pbs.max(lbs),
+            io_opt: 0,
+            max_io: 1 << 20,
+            discard_granularity: 4096,
+            discard_zeroes: true,
+            write_zeroes: true,
+            volatile_cache: true,
+            fua: true,
+            read_only: opts.read_only,
+            multi_conn_safe: true,
+        };
+        if let ExtentKind::BlockDevice { major, minor } = kind {
+            // Discard on a block device is a hint: nothing promises zeroes afterwards.
+            limits.discard_zeroes = false;
+            limits.discard_granularity = match sys::queue_num(major, minor, "discard_max_bytes") {
+                Some(0) => 0,
+                Some(_) => sys::queue_num(major, minor, "discard_granularity")
+                    .map(|g| (g as u32).max(lbs))
+                    .unwrap_or(lbs),
+                None => lbs,
+            };
+            limits.io_opt = sys::queue_num(major, minor, "optimal_io_size")
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0);
+            // A write-through device with O_DIRECT has no cache between us and the medium.
+            if mem_align > 1 {
+                limits.volatile_cache = sys::queue_attr(major, minor, "write_cache").as_deref()
+                    != Some("write through");
+            }
+        }
+        let blk_unit = u64::from(lbs).max(off_align);
+        Ok(FileExtent {
+            name,
+            path,
+            fd,
+            kind,
+            size: Bytes(size),
+            read_only: opts.read_only,
+            mode,
+            mem_align,
+            off_align,
+            blk_unit,
+            limits,
+            zero_method: AtomicU8::new(ZERO_BY_ZERO_RANGE),
+            discard_method: AtomicU8::new(DISCARD_BY_URING),
+            locks: RangeLocks::default(),
+        })
+    }
+
+    /// The path this extent was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> ExtentKind {
+        self.kind
+    }
+
+    /// Direct or buffered, and why.
+    pub fn io_mode(&self) -> &IoMode {
+        &self.mode
+    }
+
+    /// Whether I/O bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.mode, IoMode::Direct { .. })
+    }
+
+    fn direct(&self) -> bool {
+        self.mem_align > 1 || self.off_align > 1
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn os_err(&self, what: &str, off: u64, len: u64, errno: i32) -> IoError {
+        IoError::new(
+            errno,
+            format!(
+                "{}: {what} at byte {off} length {len}: {}",
+                self.name,
+                sys::errno_text(errno)
+            ),
+        )
+    }
+
+    fn check_write(&self, what: &str, off: Bytes, len: Bytes) -> IoResult<()> {
+        check_range(&self.name, self.size, off, len)?;
+        if self.read_only {
+            return Err(IoError::read_only(format!(
+                "{}: {what} at byte {} length {}: opened read-only",
+                self.name, off.0, len.0
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether a transfer at `ptr`/`off` of `len` bytes may go to the kernel as is.
+    fn aligned(&self, ptr: usize, off: u64, len: usize) -> bool {
+        ptr.is_multiple_of(self.mem_align)
+            && off.is_multiple_of(self.off_align)
+            && (len as u64).is_multiple_of(self.off_align)
+    }
+
+    fn align_down(&self, v: u64) -> u64 {
+        v - v % self.off_align
+    }
+
+    fn align_up(&self, v: u64) -> u64 {
+        v.div_ceil(self.off_align) * self.off_align
+    }
+
+    /// Reads until `buf` is full or the file ends. In direct mode it also stops after a short
+    /// read that leaves an unaligned remainder, which only happens at the end of a file.
+    /// Returns the bytes read.
+    async fn read_loop(&self, off: u64, buf: &mut [u8]) -> IoResult<usize> {
+        let mut done = 0usize;
+        let mut retries = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_CHUNK);
+            let chunk = &mut buf[done..done + n];
+            let pos = off + done as u64;
+            let sqe = opcode::Read::new(types::Fd(self.raw()), chunk.as_mut_ptr(), n as u32)
+                .offset(pos)
+                .build();
+            // SAFETY: `chunk` stays mutably borrowed until the op completes (or its drop
+            // waits for the kernel); the fd lives as long as `self`.
+            let r = unsafe { iort::submit(sqe) }.await;
+            if r < 0 {
+                if (r == -libc::EINTR || r == -libc::EAGAIN) && retries < MAX_RETRIES {
+                    retries += 1;
+                    continue;
+                }
+                return Err(self.os_err("read", pos, n as u64, -r));
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as usize;
+            if self.direct() && !self.aligned(buf.as_ptr() as usize + done, off + done as u64, 0) {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// What a read that stopped at `n` of `buf.len()` bytes means: the end of a file (zeroes
+    /// follow), or a block device that ended early (an error).
+    fn finish_short_read(&self, off: u64, buf: &mut [u8], n: usize) -> IoResult<()> {
+        if n == buf.len() {
+            return Ok(());
+        }
+        match self.kind {
+            ExtentKind::File => {
+                buf[n..].fill(0);
+                Ok(())
+            }
+            ExtentKind::BlockDevice { .. } => Err(IoError::eio(format!(
+                "{}: read at byte {off} length {}: device ended at byte {}",
+                self.name,
+                buf.len(),
+                off + n as u64
+            ))),
+        }
+    }
+
+    /// Writes until done. In direct mode it stops after a short write that leaves an unaligned
+    /// remainder. Returns the bytes written.
+    async fn write_loop(&self, off: u64, buf: &[u8], rw_flags: i32) -> IoResult<usize> {
+        let mut done = 0usize;
+        let mut retries = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_CHUNK);
+            let chunk = &buf[done..done + n];
+            let pos = off + done as u64;
+            let sqe = opcode::Write::new(types::Fd(self.raw()), chunk.as_ptr(), n as u32)
+                .offset(pos)
+                .rw_flags(rw_flags)
+                .build();
+            // SAFETY: `chunk` stays borrowed until the op completes; the fd lives with `self`.
+            let r = unsafe { iort::submit(sqe) }.await;
+            if r < 0 {
+                if (r == -libc::EINTR || r == -libc::EAGAIN) && retries < MAX_RETRIES {
+                    retries += 1;
+                    continue;
+                }
+                return Err(self.os_err("write", pos, n as u64, -r));
+            }
+            if r == 0 {
+                return Err(IoError::eio(format!(
+                    "{}: write at byte {pos} length {n}: the kernel wrote nothing",
+                    self.name
+                )));
+            }
+            done += r as usize;
+            if self.direct() && !self.aligned(buf.as_ptr() as usize + done, off + done as u64, 0) {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    async fn do_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
+        if self.aligned(buf.as_ptr() as usize, off, buf.len()) {
+            let n = self.read_loop(off, buf).await?;
+            return self.finish_short_read(off, buf, n);
+        }
+        // Unaligned in direct mode: read the covering aligned span into a bounce buffer.
+        let end = off + buf.len() as u64;
+        let (a0, a1) = (self.align_down(off), self.align_up(end));
+        let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
+        let n = self.read_loop(a0, &mut b).await?;
+        self.finish_short_read(a0, &mut b, n)?;
+        let s = (off - a0) as usize;
+        buf.copy_from_slice(&b[s..s + buf.len()]);
+        Ok(())
+    }
+
+    async fn do_write(&self, off: u64, buf: &[u8], rw_flags: i32) -> IoResult<()> {
+        if self.aligned(buf.as_ptr() as usize, off, buf.len()) {
+            let n = self.write_loop(off, buf, rw_flags).await?;
+            if n == buf.len() {
+                return Ok(());
+            }
+            return self.bounce_write(off + n as u64, &buf[n..], rw_flags).await;
+        }
+        self.bounce_write(off, buf, rw_flags).await
+    }
+
+    /// Reads one aligned block for a read-modify-write (zeroes past the end of a file).
+    async fn read_block(&self, pos: u64, blk: &mut [u8]) -> IoResult<()> {
+        let n = self.read_loop(pos, blk).await?;
+        self.finish_short_read(pos, blk, n)
+    }
+
+    /// Writes an unaligned range in direct mode through an aligned bounce buffer.
+    async fn bounce_write(&self, off: u64, data: &[u8], rw_flags: i32) -> IoResult<()> {
+        let end = off + data.len() as u64;
+        let (a0, a1) = (self.align_down(off), self.align_up(end));
+        let partial = off != a0 || end != a1;
+        // Partial blocks are read-modify-written: no other RMW of them may interleave.
+        let _guard = if partial {
+            Some(self.locks.lock(a0, a1).await)
+        } else {
+            None
+        };
+        let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
+        let blk = self.off_align as usize;
+        if off != a0 {
+            self.read_block(a0, &mut b[..blk]).await?;
+        }
+        let tail_is_head = off != a0 && a1 - a0 == self.off_align;
+        if end != a1 && !tail_is_head {
+            let t = b.len() - blk;
+            self.read_block(a1 - self.off_align, &mut b[t..]).await?;
+        }
+        let s = (off - a0) as usize;
+        b[s..s + data.len()].copy_from_slice(data);
+        let n = self.write_loop(a0, &b, rw_flags).await?;
+        if n != b.len() {
+            return Err(IoError::eio(format!(
+                "{}: write at byte {} length {}: direct write stopped at an unaligned {} bytes",
+                self.name,
+                a0,
+                b.len(),
+                n
+            )));
+        }
+        Ok(())
+    }
+
+    async fn fdatasync(&self) -> IoResult<()> {
+        iort::fsync(self.raw(), true).await.map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            IoError::new(
+                errno,
+                format!("{}: fdatasync: {}", self.name, sys::errno_text(errno)),
+            )
+        })
+    }
+
+    async fn fallocate(&self, what: &str, mode: i32, off: u64, len: u64) -> IoResult<()> {
+        iort::fallocate(self.raw(), mode, off, len)
+            .await
+            .map_err(|e| self.os_err(what, off, len, e.raw_os_error().unwrap_or(libc::EIO)))
+    }
+
+    /// Zeroes a byte range of a regular file with `fallocate`, trying the modes from
+    /// `zero_method` on (discard starts at punch-hole); writes zeroes if none works.
+    async fn file_zero(&self, what: &str, off: u64, len: u64, first: u8) -> IoResult<()> {
+        {
+            // fallocate zeroes partial blocks through the page cache: keep our RMWs out.
+            let (a0, a1) = (self.align_down(off), self.align_up(off + len));
+            let _guard = if self.direct() && (a0 != off || a1 != off + len) {
+                Some(self.locks.lock(a0, a1).await)
+            } else {
+                None
+            };
+            let mut m = self.zero_method.load(Ordering::Relaxed).max(first);
+            while m < ZERO_BY_WRITING {
+                let mode = libc::FALLOC_FL_KEEP_SIZE
+                    | if m == ZERO_BY_ZERO_RANGE {
+                        libc::FALLOC_FL_ZERO_RANGE
+                    } else {
+                        libc::FALLOC_FL_PUNCH_HOLE
+                    };
+                match self.fallocate(what, mode, off, len).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.errno == libc::EOPNOTSUPP || e.errno == libc::ENOSYS => {
+                        m += 1;
+                        self.zero_method.fetch_max(m, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        write_zeroes_by_writing(self, Bytes(off), Bytes(len), WriteFlags::default()).await
+    }
+
+    /// Zeroes an aligned range of a block device: `fallocate(ZERO_RANGE)` through the ring
+    /// (the kernel's `blkdev_issue_zeroout`, as `BLKZEROOUT`), then the ioctl, then writing.
+    async fn blk_zero(&self, off: u64, len: u64) -> IoResult<()> {
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if self.zero_method.load(Ordering::Relaxed) == ZERO_BY_ZERO_RANGE {
+            match self.fallocate("write-zeroes", mode, off, len).await {
+                Err(e) if e.errno == libc::EOPNOTSUPP || e.errno == libc::ENOSYS => {
+                    self.zero_method.fetch_max(ZERO_BY_PUNCH, Ordering::Relaxed);
+                }
+                r => return r,
+            }
+        }
+        if self.zero_method.load(Ordering::Relaxed) == ZERO_BY_PUNCH {
+            match sys::blk_range_ioctl(self.raw(), sys::BLKZEROOUT, off, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.zero_method
+                        .fetch_max(ZERO_BY_WRITING, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    return Err(self.os_err("BLKZEROOUT", off, len, errno));
+                }
+            }
+        }
+        write_zeroes_by_writing(self, Bytes(off), Bytes(len), WriteFlags::default()).await
+    }
+
+    /// Discards an aligned range of a block device: the io_uring block discard command
+    /// (Linux 6.12+), else the synchronous `BLKDISCARD` ioctl.
+    async fn blk_discard(&self, off: u64, len: u64) -> IoResult<()> {
+        if self.discard_method.load(Ordering::Relaxed) == DISCARD_BY_URING {
+            let mut cmd = [0u8; 16];
+            cmd[..8].copy_from_slice(&len.to_ne_bytes());
+            let sqe = opcode::UringCmd16::new(types::Fd(self.raw()), sys::BLOCK_URING_CMD_DISCARD)
+                .addr(Some(off))
+                .cmd(cmd)
+                .build();
+            // SAFETY: the SQE names no memory; the fd lives with `self`.
+            let r = unsafe { iort::submit(sqe) }.await;
+            match r {
+                r if r >= 0 => return Ok(()),
+                r if r == -libc::EOPNOTSUPP || r == -libc::EINVAL || r == -libc::ENOTTY => {
+                    // Old kernel (or a backend ring without the command): use the ioctl.
+                    self.discard_method
+                        .store(DISCARD_BY_IOCTL, Ordering::Relaxed);
+                }
+                r => return Err(self.os_err("discard", off, len, -r)),
+            }
+        }
+        sys::blk_range_ioctl(self.raw(), sys::BLKDISCARD, off, len).map_err(|e| {
+            self.os_err(
+                "BLKDISCARD",
+                off,
+                len,
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        })
+    }
+
+    async fn do_write_zeroes(&self, off: u64, len: u64, flags: WriteFlags) -> IoResult<()> {
+        match self.kind {
+            ExtentKind::File => {
+                self.file_zero("write-zeroes", off, len, ZERO_BY_ZERO_RANGE)
+                    .await?
+            }
+            ExtentKind::BlockDevice { .. } => {
+                // Native zeroing on whole units; partial edges go through the write path.
+                let u = self.blk_unit;
+                let end = off + len;
+                let m0 = off.div_ceil(u) * u;
+                let m1 = end - end % u;
+                if m0 < m1 {
+                    if off < m0 {
+                        write_zeroes_by_writing(self, Bytes(off), Bytes(m0 - off), flags).await?;
+                    }
+                    self.blk_zero(m0, m1 - m0).await?;
+                    if m1 < end {
+                        write_zeroes_by_writing(self, Bytes(m1), Bytes(end - m1), flags).await?;
+                    }
+                } else {
+                    write_zeroes_by_writing(self, Bytes(off), Bytes(len), flags).await?;
+                }
+            }
+        }
+        if flags.fua {
+            self.fdatasync().await?;
+        }
+        Ok(())
+    }
+
+    async fn do_discard(&self, off: u64, len: u64) -> IoResult<()> {
+        match self.kind {
+            // Punch exactly the range: `discard_zeroes` promises zeroes.
+            ExtentKind::File => self.file_zero("discard", off, len, ZERO_BY_PUNCH).await,
+            ExtentKind::BlockDevice { .. } => {
+                if self.limits.discard_granularity == 0 {
+                    return Err(IoError::unsupported(format!(
+                        "{}: discard at byte {off} length {len}: the device does not discard",
+                        self.name
+                    )));
+                }
+                // A hint: discard only the whole units inside the range.
+                let u = self.blk_unit;
+                let m0 = off.div_ceil(u) * u;
+                let m1 = (off + len) - (off + len) % u;
+                if m0 >= m1 {
+                    return Ok(());
+                }
+                self.blk_discard(m0, m1 - m0).await
+            }
+        }
+    }
+}
+
+impl AsFd for FileExtent {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl BlockDevice for FileExtent {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn size(&self) -> Bytes {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+        Box::pin(async move {
+            check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            self.do_read(offset.0, buf).await
+        })
+    }
+
+    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+        Box::pin(async move {
+            self.check_write("write", offset, Bytes(buf.len() as u64))?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
+            self.do_write(offset.0, buf, rw_flags).await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            if self.read_only {
+                return Ok(());
+            }
+            self.fdatasync().await
+        })
+    }
+
+    fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
+        Box::pin(async move {
+            self.check_write("discard", offset, len)?;
+            if len.0 == 0 {
+                return Ok(());
+            }
+            self.do_discard(offset.0, len.0).await
+        })
+    }
+
+    fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
+        Box::pin(async move {
+            self.check_write("write-zeroes", offset, len)?;
+            if len.0 == 0 {
+                return Ok(());
+            }
+            self.do_write_zeroes(offset.0, len.0, flags).await
+        })
+    }
+
+    fn status(&self) -> String {
+        let kind = match self.kind {
+            ExtentKind::File => "file".to_string(),
+            ExtentKind::BlockDevice { major, minor } => format!("blockdev {major}:{minor}"),
+        };
+        let mode = match &self.mode {
+            IoMode::Direct {
+                mem_align,
+                offset_align,
+            } => format!("direct align {mem_align}/{offset_align}"),
+            IoMode::Buffered { reason } => format!("buffered ({reason})"),
+        };
+        format!(
+            "{kind} {} {} {}{}",
+            self.name,
+            self.size.0,
+            mode,
+            if self.read_only { " ro" } else { "" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn file_zeroing_falls_back_where_zero_range_is_unsupported() {
+        for (dir, want) in [
+            ("/dev/shm", ZERO_BY_PUNCH),
+            ("/var/tmp", ZERO_BY_ZERO_RANGE),
+        ] {
+            let d = tempfile::tempdir_in(dir).unwrap();
+            let p = d.path().join("z.img");
+            create_sparse(&p, Bytes(1 << 20)).unwrap();
+            let e = FileExtent::open(&p, OpenOptions::default()).unwrap();
+            iort::block_on(async {
+                e.write(Bytes(0), &pattern(65536, 1), WriteFlags::default())
+                    .await
+                    .unwrap();
+                e.write_zeroes(Bytes(4096), Bytes(8192), WriteFlags::default())
+                    .await
+                    .unwrap();
+                let mut b = vec![1u8; 16384];
+                e.read(Bytes(0), &mut b).await.unwrap();
+                assert!(b[4096..12288].iter().all(|&x| x == 0));
+                assert_eq!(b[12288..], pattern(65536, 1)[12288..16384]);
+            })
+            .unwrap();
+            assert_eq!(e.zero_method.load(Ordering::Relaxed), want, "{dir}");
+        }
+    }
+
+    /// The synchronous ioctl fallbacks (kernels without the io_uring block discard command)
+    /// and plain zero-writing, forced on a loop device.
+    #[test]
+    fn block_device_fallbacks_work() {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "needs root for losetup; does not skip silently"
+        );
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let backing = d.path().join("b.img");
+        create_sparse(&backing, Bytes(4 << 20)).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&backing)
+            .output()
+            .expect("losetup (util-linux) is needed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let result = std::panic::catch_unwind(|| {
+            let e = FileExtent::open(&dev, OpenOptions::default()).unwrap();
+            e.discard_method.store(DISCARD_BY_IOCTL, Ordering::Relaxed);
+            iort::block_on(async {
+                let data = pattern(1 << 20, 7);
+                e.write(Bytes(0), &data, WriteFlags::default())
+                    .await
+                    .unwrap();
+                for method in [ZERO_BY_PUNCH, ZERO_BY_WRITING] {
+                    e.write(Bytes(0), &data, WriteFlags::default())
+                        .await
+                        .unwrap();
+                    e.zero_method.store(method, Ordering::Relaxed);
+                    e.write_zeroes(Bytes(4096), Bytes(65536), WriteFlags::default())
+                        .await
+                        .unwrap();
+                    let mut b = vec![1u8; 1 << 20];
+                    e.read(Bytes(0), &mut b).await.unwrap();
+                    assert_eq!(b[..4096], data[..4096]);
+                    assert!(b[4096..69632].iter().all(|&x| x == 0), "method {method}");
+                    assert_eq!(b[69632..], data[69632..]);
+                }
+                e.discard(Bytes(0), Bytes(1 << 20)).await.unwrap();
+                e.flush().await.unwrap();
+            })
+            .unwrap();
+        });
+        let _ = Command::new("losetup").args(["-d", &dev]).status();
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! [`FileResolver`]: opens the devices table lines name (paths, or `major:minor` as
+//! `dmsetup table` prints them) as [`FileExtent`]s.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use tables::registry::Resolver;
+use tables::DeviceRef;
+
+use crate::file::{ExtentError, FileExtent, OpenOptions};
+use crate::sys;
+
+/// What identifies one underlying file or device, whatever path reached it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+enum FileId {
+    Inode { dev: (u32, u32), ino: u64 },
+    Block { rdev: (u32, u32) },
+}
+
+/// Opens paths and `major:minor` device numbers as extents.
+///
+/// The same file or device named twice (by the same path, another path, a symlink, or its
+/// device number) returns the same `Arc` while the first is alive, so a table whose lines share
+/// a device shares one fd, one flush and one set of range locks.
+pub struct FileResolver {
+    opts: OpenOptions,
+    cache: Mutex<HashMap<FileId, Weak<FileExtent>>>,
+}
+
+impl FileResolver {
+    /// A resolver opening every extent with `opts`.
+    pub fn new(opts: OpenOptions) -> FileResolver {
+        FileResolver {
+            opts,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where `dev` points: a path, or `/dev/...` for a `major:minor` pair.
+    pub fn locate(dev: &str) -> Result<PathBuf, ExtentError> {
+        if let Some((maj, min)) = parse_devnum(dev) {
+            let node = sys::devnode(maj, min).map_err(|e| ExtentError::Io {
+                path: dev.to_string(),
+                what: format!("find block device {maj}:{min}"),
+                source: e,
+            })?;
+            return Ok(node);
+        }
+        if dev.is_empty() {
+            return Err(ExtentError::Unsupported {
+                path: dev.to_string(),
+                msg: "empty device name".into(),
+            });
+        }
+        Ok(PathBuf::from(dev))
+    }
+
+    /// Opens (or finds already open) the extent `dev` names.
+    pub fn open_extent(&self, dev: &str) -> Result<Arc<FileExtent>, ExtentError> {
+        let path = Self::locate(dev)?;
+        let canon = std::fs::canonicalize(&path).map_err(|e| ExtentError::Io {
+            path: path.display().to_string(),
+            what: "resolve path".into(),
+            source: e,
+        })?;
+        let id = file_id(&canon)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ext) = cache.get(&id).and_then(Weak::upgrade) {
+            return Ok(ext);
+        }
+        let ext = Arc::new(FileExtent::open(&canon, self.opts)?);
+        cache.retain(|_, w| w.strong_count() > 0);
+        cache.insert(id, Arc::downgrade(&ext));
+        Ok(ext)
+    }
+}
+
+impl Default for FileResolver {
+    fn default() -> FileResolver {
+        FileResolver::new(OpenOptions::default())
+    }
+}
+
+impl Resolver for FileResolver {
+    fn open(&self, dev: &str) -> Result<DeviceRef, String> {
+        self.open_extent(dev)
+            .map(|e| e as DeviceRef)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn parse_devnum(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once(':')?;
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit());
+    if !digits(a) || !digits(b) {
+        return None;
+    }
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn file_id(path: &Path) -> Result<FileId, ExtentError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::metadata(path).map_err(|e| ExtentError::Io {
+        path: path.display().to_string(),
+        what: "stat".into(),
+        source: e,
+    })?;
+    let split = |d: u64| {
+        // glibc's dev_t encoding.
+        let major = ((d >> 8) & 0xfff) | ((d >> 32) & !0xfff);
+        let minor = (d & 0xff) | ((d >> 12) & !0xff);
+        (major as u32, minor as u32)
+    };
+    Ok(if md.file_type().is_block_device() {
+        FileId::Block {
+            rdev: split(md.rdev()),
+        }
+    } else {
+        FileId::Inode {
+            dev: split(md.dev()),
+            ino: md.ino(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devnum_parsing() {
+        assert_eq!(parse_devnum("7:0"), Some((7, 0)));
+        assert_eq!(parse_devnum("254:16"), Some((254, 16)));
+        assert_eq!(parse_devnum("/dev/sda"), None);
+        assert_eq!(parse_devnum("7:"), None);
+        assert_eq!(parse_devnum("a:1"), None);
+        assert_eq!(parse_devnum("./7:0"), None);
+    }
+
+    #[test]
+    fn devnum_of_a_missing_device_names_it() {
+        let e = FileResolver::locate("4095:1048575")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4095:1048575"), "{e}");
+    }
+}

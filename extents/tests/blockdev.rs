@@ -1,0 +1,157 @@
+//! The block-device path, on loop devices (`losetup`): size and block sizes from ioctls,
+//! discard, write-zeroes, the resolver's `major:minor` form, and a failing device.
+//!
+//! These need root and util-linux; without them they fail loudly rather than pass.
+
+mod common;
+
+use std::os::unix::fs::FileTypeExt;
+use std::sync::Arc;
+
+use common::{pattern, st_blocks, LoopDev, TestBuf};
+use extents::{create_sparse, ExtentKind, FileExtent, FileResolver, IoMode, OpenOptions};
+use tables::{BlockDevice, Bytes, WriteFlags};
+
+const SIZE: u64 = 16 << 20;
+
+#[test]
+fn loop_device_extent() {
+    let d = common::direct_dir();
+    let backing = d.path().join("backing.img");
+    create_sparse(&backing, Bytes(SIZE)).unwrap();
+    let lo = LoopDev::attach(&backing);
+    assert!(std::fs::metadata(&lo.dev)
+        .unwrap()
+        .file_type()
+        .is_block_device());
+
+    let e = Arc::new(FileExtent::open(&lo.dev, OpenOptions::default()).unwrap());
+    let (major, minor) = match e.kind() {
+        ExtentKind::BlockDevice { major, minor } => (major, minor),
+        k => panic!("{} should be a block device, got {k:?}", lo.dev.display()),
+    };
+    assert_eq!(major, 7, "loop devices have major 7");
+    assert_eq!(e.size(), Bytes(SIZE), "BLKGETSIZE64");
+    let l = e.limits();
+    assert_eq!(l.logical_block_size, 512, "BLKSSZGET");
+    assert!(l.physical_block_size >= 512, "BLKPBSZGET");
+    assert!(l.discard_granularity > 0, "loop over ext4 discards");
+    assert!(
+        !l.discard_zeroes,
+        "a block device does not promise zeroes after discard"
+    );
+    assert!(
+        matches!(e.io_mode(), IoMode::Direct { .. }),
+        "{:?}",
+        e.io_mode()
+    );
+    assert!(e.status().starts_with("blockdev 7:"), "{}", e.status());
+
+    // The resolver finds it by device number (how dmsetup prints devices), sharing the extent
+    // with the path form.
+    let r = FileResolver::default();
+    let by_path = r.open_extent(lo.dev.to_str().unwrap()).unwrap();
+    let by_num = r.open_extent(&format!("{major}:{minor}")).unwrap();
+    assert!(Arc::ptr_eq(&by_path, &by_num));
+    assert_eq!(by_num.size(), Bytes(SIZE));
+    drop((by_path, by_num));
+
+    iort::block_on(async {
+        // Aligned and unaligned data round-trips.
+        let data = TestBuf::filled(&pattern(10, 4 << 20), 0);
+        e.write(Bytes(0), data.as_ref(), WriteFlags::default())
+            .await
+            .unwrap();
+        e.write(Bytes(5_000_001), &pattern(11, 12_345), WriteFlags::FUA)
+            .await
+            .unwrap();
+        e.flush().await.unwrap();
+        let mut back = TestBuf::new(4 << 20, 0);
+        e.read(Bytes(0), back.as_mut()).await.unwrap();
+        assert!(back.as_ref() == data.as_ref());
+        let mut odd = vec![0u8; 12_345];
+        e.read(Bytes(5_000_001), &mut odd).await.unwrap();
+        assert_eq!(odd, pattern(11, 12_345));
+
+        // Write-zeroes (unaligned edges written, middle zeroed by the kernel).
+        e.write_zeroes(Bytes(1000), Bytes(1 << 20), WriteFlags::default())
+            .await
+            .unwrap();
+        let mut back = vec![1u8; 2 << 20];
+        e.read(Bytes(0), &mut back).await.unwrap();
+        let src = data.as_ref();
+        assert_eq!(back[..1000], src[..1000]);
+        assert!(back[1000..1000 + (1 << 20)].iter().all(|&b| b == 0));
+        assert_eq!(back[1000 + (1 << 20)..], src[1000 + (1 << 20)..2 << 20]);
+    })
+    .unwrap();
+
+    // Discard reaches the backing file as a punched hole.
+    let before = st_blocks(&backing);
+    iort::block_on(async {
+        e.discard(Bytes(2 << 20), Bytes(2 << 20)).await.unwrap();
+        // Unaligned: only whole blocks inside are discarded, and nothing outside is touched.
+        e.discard(Bytes(100), Bytes(700)).await.unwrap();
+        e.flush().await.unwrap();
+        let mut b = vec![0u8; 512];
+        e.read(Bytes(0), &mut b).await.unwrap();
+        assert_eq!(b[..], data_prefix()[..]);
+    })
+    .unwrap();
+    let after = st_blocks(&backing);
+    assert!(
+        after + 3000 <= before,
+        "discard of 2 MiB must punch the backing file: {before} -> {after}"
+    );
+
+    // Out of range names the device.
+    let err = iort::block_on(e.read(Bytes(SIZE), &mut [0u8; 512]))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.errno, libc::ENOSPC);
+    assert!(err.msg.contains(lo.dev.to_str().unwrap()), "{err}");
+}
+
+fn data_prefix() -> Vec<u8> {
+    pattern(10, 512)
+}
+
+#[test]
+fn failing_block_device_returns_errors_not_panics() {
+    // A loop device whose backing file lives on a 256 KiB tmpfs: writes beyond what the tmpfs
+    // can hold fail inside the loop driver and come back as an I/O error from the device.
+    let fs = common::SmallTmpfs::mount("256k");
+    let backing = fs.path().join("backing.img");
+    create_sparse(&backing, Bytes(SIZE)).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let e = FileExtent::open(&lo.dev, OpenOptions::default()).unwrap();
+    let name = lo.dev.to_str().unwrap().to_string();
+    let res = iort::block_on(async {
+        let buf = TestBuf::filled(&vec![0xabu8; 1 << 20], 0);
+        let mut first_err = None;
+        for i in 0..8u64 {
+            if let Err(err) = e
+                .write(Bytes(i << 20), buf.as_ref(), WriteFlags::default())
+                .await
+            {
+                first_err = Some(err);
+                break;
+            }
+        }
+        if first_err.is_none() {
+            first_err = e.flush().await.err();
+        }
+        first_err
+    })
+    .unwrap();
+    let err = res.expect("writing 8 MiB through a 256 KiB tmpfs must fail somewhere");
+    assert!(
+        err.errno == libc::EIO || err.errno == libc::ENOSPC,
+        "unexpected errno {}: {err}",
+        err.errno
+    );
+    let s = err.to_string();
+    assert!(s.contains(&name), "{s}");
+    assert!(s.contains("at byte") || s.contains("fdatasync"), "{s}");
+    eprintln!("failing device reported: {s}");
+}
