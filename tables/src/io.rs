@@ -204,6 +204,12 @@ pub trait BlockDevice: Send + Sync {
     fn status(&self) -> String {
         String::new()
     }
+    /// The device this one forwards to unchanged, if it is a pass-through wrapper (the
+    /// daemon's reloadable device). Lets a target find the concrete device behind a name
+    /// (a `thin` line finds its pool object).
+    fn underlying(&self) -> Option<DeviceRef> {
+        None
+    }
     /// A device-mapper style message (`dmsetup message`); returns the reply text.
     fn message<'a>(&'a self, args: &'a [String]) -> IoFuture<'a, String> {
         let name = self.name();

@@ -13,6 +13,7 @@
 pub mod io;
 pub mod mem;
 pub mod registry;
+pub mod switch;
 pub mod table;
 pub mod targets;
 pub mod units;

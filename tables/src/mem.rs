@@ -282,13 +282,13 @@ impl CrashDevice {
         if let CutMode::Random { seed, tear } = mode {
             let mut rng = seed;
             for p in pending {
-                if splitmix(&mut rng) % 2 == 0 {
+                if splitmix(&mut rng).is_multiple_of(2) {
                     continue;
                 }
                 match p {
                     Pending::Write { off, data } => {
                         let sectors = data.len().div_ceil(SECTOR_SIZE as usize).max(1);
-                        let keep = if tear && splitmix(&mut rng) % 4 == 0 {
+                        let keep = if tear && splitmix(&mut rng).is_multiple_of(4) {
                             (splitmix(&mut rng) as usize % sectors) * SECTOR_SIZE as usize
                         } else {
                             data.len()

@@ -73,6 +73,12 @@ pub trait TargetKind: Send + Sync {
     fn normalize(&self, args: &[String]) -> Vec<String> {
         args.to_vec()
     }
+    /// Human name of argument `arg` (1-based) for error messages (`chunk size`), given the
+    /// whole argument list (names may depend on earlier arguments). `None` if unknown.
+    fn arg_name(&self, args: &[String], arg: usize) -> Option<String> {
+        let _ = (args, arg);
+        None
+    }
     /// Builds the device for one segment of `ctx.len` sectors.
     fn build(&self, ctx: &BuildCtx<'_>, args: &[String]) -> Result<DeviceRef, ArgError>;
 }

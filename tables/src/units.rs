@@ -119,7 +119,7 @@ impl Bytes {
     }
     /// Whether this is a whole number of sectors.
     pub const fn is_sector_aligned(self) -> bool {
-        self.0 % SECTOR_SIZE == 0
+        self.0.is_multiple_of(SECTOR_SIZE)
     }
     /// As a `usize` length (for buffers); saturates on 32-bit targets.
     pub fn as_usize(self) -> usize {
@@ -152,7 +152,7 @@ impl fmt::Display for Bytes {
             ("KiB", 1 << 10),
         ];
         for (name, mul) in UNITS {
-            if self.0 >= mul && self.0 % mul == 0 {
+            if self.0 >= mul && self.0.is_multiple_of(mul) {
                 return write!(f, "{}{}", self.0 / mul, name);
             }
         }
