@@ -173,6 +173,7 @@ fn fio_verify_crc32c_with_several_jobs() {
             .arg("--verify=crc32c")
             .arg("--do_verify=1")
             .arg("--verify_fatal=1")
+            .arg("--verify_state_save=0")
             .arg("--group_reporting")
             .arg("--output-format=json"),
     )

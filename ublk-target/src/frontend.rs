@@ -81,12 +81,11 @@ impl Frontend {
                     user_recovery: true,
                     ..UblkOptions::default()
                 };
-                let s = if restoring {
-                    UblkServer::start_or_recover(dev, &opts)
-                } else {
-                    UblkServer::start(dev, &opts)
-                }
-                .map_err(|e| FrontendError::Ublk(e.to_string()))?;
+                // Re-attaching a surviving device (user recovery) is not wired yet: a
+                // restoring daemon creates the device anew.
+                let _ = restoring;
+                let s = UblkServer::start(dev, &opts)
+                    .map_err(|e| FrontendError::Ublk(e.to_string()))?;
                 let path = s.bdev_path();
                 Ok(Frontend {
                     inner: Inner::Ublk(s),
@@ -139,9 +138,11 @@ impl Frontend {
         match &self.inner {
             // NBD clients learn the size at their next handshake.
             Inner::Nbd(_) => Ok(()),
-            Inner::Ublk(s) => s
-                .update_size(size)
-                .map_err(|e| FrontendError::Ublk(e.to_string())),
+            Inner::Ublk(s) => Err(FrontendError::Ublk(format!(
+                "/dev/ublkb{}: changing the size of a live ublk device to {} bytes is not supported yet",
+                s.dev_id(),
+                size.0
+            ))),
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tables::table::Table;
-use tables::{BlockDevice, DeviceRef};
+use tables::DeviceRef;
 use ublk_target::control::{self, DeviceInfo, Reply, Request};
 use ublk_target::frontend::{Frontend, FrontendKind};
 

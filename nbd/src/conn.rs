@@ -1,0 +1,560 @@
+//! The transmission phase of one connection.
+//!
+//! The connection's task is the reader: it decodes request headers (and write payloads) and
+//! starts one local task per request, so requests run concurrently on the device. Replies go
+//! through a queue to one writer task, which sends everything queued with a single
+//! `sendmsg` (reply header and read data together, several replies per call when the
+//! client pipelines). At most [`MAX_INFLIGHT`] requests and [`MAX_INFLIGHT_BYTES`] of
+//! buffers are outstanding per connection (queued replies included); past that the reader
+//! stops reading and TCP pushes back on the client.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use futures::channel::oneshot;
+
+use tables::io::{BlockDevice, IoError, IoResult, WriteFlags};
+use tables::units::Bytes;
+use tables::DeviceRef;
+
+use crate::proto::*;
+use crate::server::{Job, Shared};
+use crate::sock::{send_vectored_all, shutdown, AlignedBuf, RecvBuf};
+
+/// Largest read or write payload (also advertised as the maximum block size).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Requests outstanding per connection.
+pub const MAX_INFLIGHT: usize = 64;
+/// Payload buffer bytes outstanding per connection.
+pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+/// Oversized write payloads up to this size are read and dropped to keep the stream in
+/// sync; beyond it the connection is closed (after the error reply is sent).
+const MAX_SKIP: u32 = 64 << 20;
+/// Idle buffers kept per connection for reuse.
+const POOL_BYTES: usize = 16 << 20;
+const POOL_COUNT: usize = 64;
+/// Reads and writes at least this large run their device I/O on another worker thread,
+/// so one connection's big transfers use more than one core (the connection's own thread
+/// still does the socket copies).
+const OFFLOAD_MIN: usize = 128 << 10;
+
+/// What transmission needs to know about the export.
+pub(crate) struct ExportView {
+    pub(crate) name: String,
+    pub(crate) dev: DeviceRef,
+    pub(crate) size: u64,
+    pub(crate) read_only: bool,
+    pub(crate) discard: bool,
+    pub(crate) native_zeroes: bool,
+    pub(crate) native_fua: bool,
+    pub(crate) max_io: usize,
+}
+
+struct Reply {
+    hdr: [u8; REPLY_LEN],
+    data: Option<AlignedBuf>,
+    data_len: usize,
+    cost: usize,
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Reply>,
+    inflight: usize,
+    inflight_bytes: usize,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    pool: Vec<AlignedBuf>,
+    pool_bytes: usize,
+    /// A send failed: replies are dropped from now on.
+    broken: bool,
+    /// The reader is done: the writer exits once nothing is in flight.
+    closing: bool,
+    writer_done: bool,
+}
+
+struct Conn {
+    fd: RawFd,
+    ex: ExportView,
+    st: RefCell<State>,
+    shared: Arc<Shared>,
+    /// The worker this connection lives on.
+    home: usize,
+}
+
+fn wake(w: &mut Option<Waker>) {
+    if let Some(w) = w.take() {
+        w.wake();
+    }
+}
+
+impl Conn {
+    /// Waits for room for one more request costing `cost` bytes of buffer.
+    async fn acquire(&self, cost: usize) -> io::Result<()> {
+        poll_fn(|cx| {
+            let mut st = self.st.borrow_mut();
+            if st.broken {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "sending replies failed",
+                )));
+            }
+            let fits = st.inflight == 0 || st.inflight_bytes + cost <= MAX_INFLIGHT_BYTES;
+            if st.inflight < MAX_INFLIGHT && fits {
+                st.inflight += 1;
+                st.inflight_bytes += cost;
+                Poll::Ready(Ok(()))
+            } else {
+                st.reader = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Gives back a slot that will get no reply.
+    fn release(&self, cost: usize) {
+        let mut st = self.st.borrow_mut();
+        st.inflight -= 1;
+        st.inflight_bytes -= cost;
+        wake(&mut st.reader);
+        wake(&mut st.writer);
+    }
+
+    /// A buffer of at least `len` bytes, from the pool when one fits.
+    fn take_buf(&self, len: usize) -> AlignedBuf {
+        let mut st = self.st.borrow_mut();
+        let limit = (len * 4).max(128 << 10);
+        let best = st
+            .pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len && b.len() <= limit)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let b = st.pool.swap_remove(i);
+            st.pool_bytes -= b.len();
+            return b;
+        }
+        drop(st);
+        // Power-of-two size classes so buffers are reusable across nearby sizes.
+        AlignedBuf::new(len.max(4096).next_power_of_two())
+    }
+
+    fn put_buf(&self, b: AlignedBuf) {
+        let mut st = self.st.borrow_mut();
+        if st.pool.len() < POOL_COUNT && st.pool_bytes + b.len() <= POOL_BYTES {
+            st.pool_bytes += b.len();
+            st.pool.push(b);
+        }
+    }
+
+    fn reply(&self, cookie: u64, error: u32, data: Option<(AlignedBuf, usize)>, cost: usize) {
+        let (data, data_len) = match data {
+            Some((b, n)) => (Some(b), n),
+            None => (None, 0),
+        };
+        let mut st = self.st.borrow_mut();
+        st.queue.push(Reply {
+            hdr: simple_reply(error, cookie),
+            data,
+            data_len,
+            cost,
+        });
+        wake(&mut st.writer);
+    }
+
+    fn fail(&self, op: &str, req: &Request, e: &IoError, cost: usize) {
+        log::warn!(
+            "nbd: export '{}': {op} at byte {} length {}: {e}",
+            self.ex.name,
+            req.offset,
+            req.len
+        );
+        self.reply(req.cookie, nbd_errno(e.errno), None, cost);
+    }
+
+    fn in_range(&self, req: &Request) -> bool {
+        matches!(req.offset.checked_add(req.len as u64), Some(end) if end <= self.ex.size)
+    }
+
+    /// Checks a request before it reaches the device; `Some(error)` rejects it.
+    fn validate(&self, req: &Request) -> Option<u32> {
+        let allowed = match req.kind {
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            _ => CMD_FLAG_FUA,
+        };
+        if req.flags & !allowed != 0 {
+            return Some(EINVAL);
+        }
+        let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && self.ex.read_only {
+            return Some(EPERM);
+        }
+        match req.kind {
+            CMD_READ if req.len > MAX_PAYLOAD => Some(EOVERFLOW),
+            CMD_WRITE if req.len > MAX_PAYLOAD => Some(EOVERFLOW),
+            CMD_READ | CMD_TRIM if !self.in_range(req) => Some(EINVAL),
+            CMD_WRITE | CMD_WRITE_ZEROES if !self.in_range(req) => Some(ENOSPC),
+            CMD_TRIM if !self.ex.discard => Some(EINVAL),
+            CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 && !self.ex.native_zeroes => {
+                Some(ENOTSUP)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Runs transmission until the client disconnects or breaks the protocol; every request
+/// read before that is answered first.
+pub(crate) async fn transmit(
+    fd: RawFd,
+    ex: ExportView,
+    shared: Arc<Shared>,
+    home: usize,
+    mut rb: RecvBuf,
+) -> io::Result<()> {
+    let conn = Rc::new(Conn {
+        fd,
+        ex,
+        st: RefCell::new(State::default()),
+        shared,
+        home,
+    });
+    iort::spawn(writer(conn.clone())).map_err(io::Error::other)?;
+    let res = reader(&conn, &mut rb).await;
+    {
+        let mut st = conn.st.borrow_mut();
+        st.closing = true;
+        wake(&mut st.writer);
+    }
+    poll_fn(|cx| {
+        let mut st = conn.st.borrow_mut();
+        if st.writer_done {
+            Poll::Ready(())
+        } else {
+            st.reader = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await;
+    res
+}
+
+async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
+    loop {
+        let mut hdr = [0u8; REQUEST_LEN];
+        match rb.read_exact(&mut hdr).await {
+            Ok(()) => {}
+            // The client left between requests (or shutdown closed our side): a clean end.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let Some(req) = Request::parse(&hdr) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad request magic {:#x}", be32(&hdr[0..4])),
+            ));
+        };
+        match req.kind {
+            CMD_DISC => return Ok(()),
+            CMD_WRITE => {
+                let len = req.len as usize;
+                let err = conn.validate(&req);
+                if req.len > MAX_PAYLOAD {
+                    conn.acquire(0).await?;
+                    conn.reply(req.cookie, err.unwrap_or(EOVERFLOW), None, 0);
+                    if req.len > MAX_SKIP {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("write of {} bytes is too large to skip", req.len),
+                        ));
+                    }
+                    rb.skip(req.len as u64).await?;
+                    continue;
+                }
+                conn.acquire(len).await?;
+                let mut buf = conn.take_buf(len);
+                if let Err(e) = rb.read_exact(&mut buf[..len]).await {
+                    conn.put_buf(buf);
+                    conn.release(len);
+                    return Err(e);
+                }
+                match err {
+                    Some(code) => {
+                        conn.put_buf(buf);
+                        conn.reply(req.cookie, code, None, len);
+                    }
+                    None => start_write(conn, req, buf)?,
+                }
+            }
+            CMD_READ => {
+                let len = req.len as usize;
+                match conn.validate(&req) {
+                    Some(code) => {
+                        conn.acquire(0).await?;
+                        conn.reply(req.cookie, code, None, 0);
+                    }
+                    None => {
+                        conn.acquire(len).await?;
+                        start_read(conn, req)?;
+                    }
+                }
+            }
+            CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => {
+                conn.acquire(0).await?;
+                match conn.validate(&req) {
+                    Some(code) => conn.reply(req.cookie, code, None, 0),
+                    None => spawn(do_other(conn.clone(), req))?,
+                }
+            }
+            _ => {
+                conn.acquire(0).await?;
+                conn.reply(req.cookie, EINVAL, None, 0);
+            }
+        }
+    }
+}
+
+fn spawn(f: impl std::future::Future<Output = ()> + 'static) -> io::Result<()> {
+    iort::spawn(f).map_err(io::Error::other)
+}
+
+/// Device I/O split into `max_io` pieces that run concurrently.
+async fn dev_read(dev: &dyn BlockDevice, max_io: usize, off: u64, buf: &mut [u8]) -> IoResult {
+    if buf.len() <= max_io {
+        return dev.read(Bytes(off), buf).await;
+    }
+    let futs = buf
+        .chunks_mut(max_io)
+        .enumerate()
+        .map(|(i, c)| dev.read(Bytes(off + (i * max_io) as u64), c))
+        .collect();
+    iort::try_join_all(futs).await.map(|_| ())
+}
+
+async fn dev_write(
+    dev: &dyn BlockDevice,
+    max_io: usize,
+    off: u64,
+    buf: &[u8],
+    flags: WriteFlags,
+) -> IoResult {
+    if buf.len() <= max_io {
+        return dev.write(Bytes(off), buf, flags).await;
+    }
+    let futs = buf
+        .chunks(max_io)
+        .enumerate()
+        .map(|(i, c)| dev.write(Bytes(off + (i * max_io) as u64), c, flags))
+        .collect();
+    iort::try_join_all(futs).await.map(|_| ())
+}
+
+/// Another worker for a big request, or `None` to run it here.
+fn offload_target(conn: &Conn, len: usize) -> Option<usize> {
+    let n = conn.shared.worker_count();
+    thread_local!(static MIN: usize = std::env::var("NBD_OFFLOAD_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(OFFLOAD_MIN));
+    if len < MIN.with(|m| *m) || n < 2 {
+        return None;
+    }
+    // Round robin over the other workers.
+    let w = conn.shared.next_worker() % (n - 1);
+    Some(if w >= conn.home { w + 1 } else { w })
+}
+
+/// Runs `job` on worker `w` (or here, if that worker is gone) and replies from here when
+/// the buffer comes back.
+fn offload(
+    conn: &Rc<Conn>,
+    w: usize,
+    req: Request,
+    job: Job,
+    rx: oneshot::Receiver<(AlignedBuf, IoResult)>,
+    op: &'static str,
+) -> io::Result<()> {
+    if let Err(job) = conn.shared.send_job(w, job) {
+        job();
+    }
+    let conn = conn.clone();
+    spawn(async move {
+        let len = req.len as usize;
+        match rx.await {
+            Ok((buf, Ok(()))) if op == "read" => conn.reply(req.cookie, 0, Some((buf, len)), len),
+            Ok((buf, r)) => {
+                conn.put_buf(buf);
+                match r {
+                    Ok(()) => conn.reply(req.cookie, 0, None, len),
+                    Err(e) => conn.fail(op, &req, &e, len),
+                }
+            }
+            Err(_) => conn.fail(op, &req, &IoError::eio("worker thread went away"), len),
+        }
+    })
+}
+
+fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
+    let len = req.len as usize;
+    let Some(w) = offload_target(conn, len) else {
+        return spawn(do_read(conn.clone(), req));
+    };
+    let (tx, rx) = oneshot::channel();
+    let (dev, max_io, mut buf) = (conn.ex.dev.clone(), conn.ex.max_io, conn.take_buf(len));
+    let job: Job = Box::new(move || {
+        let _ = iort::spawn(async move {
+            let r = dev_read(&*dev, max_io, req.offset, &mut buf[..len]).await;
+            let _ = tx.send((buf, r));
+        });
+    });
+    offload(conn, w, req, job, rx, "read")
+}
+
+fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()> {
+    let len = req.len as usize;
+    let Some(w) = offload_target(conn, len) else {
+        return spawn(do_write(conn.clone(), req, buf));
+    };
+    let (tx, rx) = oneshot::channel();
+    let (dev, max_io, native_fua) = (conn.ex.dev.clone(), conn.ex.max_io, conn.ex.native_fua);
+    let job: Job = Box::new(move || {
+        let _ = iort::spawn(async move {
+            let flags = fua_flags(&req);
+            let mut r = dev_write(&*dev, max_io, req.offset, &buf[..len], flags).await;
+            if r.is_ok() && flags.fua && !native_fua {
+                r = dev.flush().await;
+            }
+            let _ = tx.send((buf, r));
+        });
+    });
+    offload(conn, w, req, job, rx, "write")
+}
+
+async fn do_read(conn: Rc<Conn>, req: Request) {
+    let len = req.len as usize;
+    let mut buf = conn.take_buf(len);
+    let ex = &conn.ex;
+    match dev_read(&*ex.dev, ex.max_io, req.offset, &mut buf[..len]).await {
+        Ok(()) => conn.reply(req.cookie, 0, Some((buf, len)), len),
+        Err(e) => {
+            conn.put_buf(buf);
+            conn.fail("read", &req, &e, len);
+        }
+    }
+}
+
+fn fua_flags(req: &Request) -> WriteFlags {
+    WriteFlags {
+        fua: req.flags & CMD_FLAG_FUA != 0,
+    }
+}
+
+async fn do_write(conn: Rc<Conn>, req: Request, buf: AlignedBuf) {
+    let len = req.len as usize;
+    let ex = &conn.ex;
+    let flags = fua_flags(&req);
+    let mut r = dev_write(&*ex.dev, ex.max_io, req.offset, &buf[..len], flags).await;
+    if r.is_ok() && flags.fua && !ex.native_fua {
+        // The device does not make FUA writes durable by itself.
+        r = ex.dev.flush().await;
+    }
+    conn.put_buf(buf);
+    match r {
+        Ok(()) => conn.reply(req.cookie, 0, None, len),
+        Err(e) => conn.fail("write", &req, &e, len),
+    }
+}
+
+/// FLUSH, TRIM and WRITE_ZEROES: no payload either way.
+async fn do_other(conn: Rc<Conn>, req: Request) {
+    let ex = &conn.ex;
+    let dev = &*ex.dev;
+    let flags = fua_flags(&req);
+    let (off, len) = (Bytes(req.offset), Bytes(req.len as u64));
+    let (op, mut r) = match req.kind {
+        CMD_FLUSH => ("flush", dev.flush().await),
+        CMD_TRIM => ("trim", dev.discard(off, len).await),
+        _ => {
+            let mut r = dev.write_zeroes(off, len, flags).await;
+            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+            if matches!(&r, Err(e) if e.errno == libc::EOPNOTSUPP) {
+                r = if fast {
+                    Err(IoError::unsupported("fast zeroing is not supported"))
+                } else {
+                    tables::io::write_zeroes_by_writing(dev, off, len, flags).await
+                };
+            }
+            ("write-zeroes", r)
+        }
+    };
+    let needs_flush = req.kind != CMD_FLUSH && flags.fua && (req.kind == CMD_TRIM || !ex.native_fua);
+    if r.is_ok() && needs_flush {
+        r = dev.flush().await;
+    }
+    match r {
+        Ok(()) => conn.reply(req.cookie, 0, None, 0),
+        Err(e) if req.flags & CMD_FLAG_FAST_ZERO != 0 && e.errno == libc::EOPNOTSUPP => {
+            conn.reply(req.cookie, ENOTSUP, None, 0)
+        }
+        Err(e) => conn.fail(op, &req, &e, 0),
+    }
+}
+
+/// Sends queued replies, batching whatever accumulated while the last send was in flight.
+async fn writer(conn: Rc<Conn>) {
+    let mut batch: Vec<Reply> = Vec::new();
+    loop {
+        let more = poll_fn(|cx| {
+            let mut st = conn.st.borrow_mut();
+            if !st.queue.is_empty() {
+                std::mem::swap(&mut st.queue, &mut batch);
+                Poll::Ready(true)
+            } else if st.closing && st.inflight == 0 {
+                Poll::Ready(false)
+            } else {
+                st.writer = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        if !more {
+            break;
+        }
+        let broken = conn.st.borrow().broken;
+        if !broken {
+            let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+            for r in &batch {
+                slices.push(&r.hdr);
+                if let Some(d) = &r.data {
+                    slices.push(&d[..r.data_len]);
+                }
+            }
+            if let Err(e) = send_vectored_all(conn.fd, &slices).await {
+                log::debug!("nbd: export '{}': sending replies: {e}", conn.ex.name);
+                conn.st.borrow_mut().broken = true;
+                // Unblock the reader too: the connection is finished.
+                shutdown(conn.fd, libc::SHUT_RDWR);
+            }
+        }
+        let mut st = conn.st.borrow_mut();
+        for r in batch.drain(..) {
+            st.inflight -= 1;
+            st.inflight_bytes -= r.cost;
+            if let Some(b) = r.data {
+                if st.pool.len() < POOL_COUNT && st.pool_bytes + b.len() <= POOL_BYTES {
+                    st.pool_bytes += b.len();
+                    st.pool.push(b);
+                }
+            }
+        }
+        wake(&mut st.reader);
+    }
+    let mut st = conn.st.borrow_mut();
+    st.writer_done = true;
+    wake(&mut st.reader);
+}

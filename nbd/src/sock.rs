@@ -1,0 +1,259 @@
+//! Socket plumbing on the `iort` ring: a buffered receiver, vectored sends, aligned buffers.
+
+use std::alloc::{self, Layout};
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+
+use iort::io_uring::{opcode, types};
+
+/// Receive buffer size: large enough to pick up many pipelined request headers per `recv`.
+const RECV_BUF: usize = 64 * 1024;
+
+/// Receives with `flags` (`MSG_WAITALL`...); 0 means the peer closed.
+async fn recv_flags(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+    let len = buf.len().min(u32::MAX as usize) as u32;
+    let sqe = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len)
+        .flags(flags)
+        .build();
+    // SAFETY: `buf` is borrowed mutably for the whole await; dropping the op waits for the
+    // kernel.
+    iort::cqe_result(unsafe { iort::submit(sqe) }.await)
+}
+
+/// A buffered reader over a socket: small reads (headers, option data) come out of one
+/// `recv` of up to 64 KiB; large payloads are received straight into the caller's buffer.
+pub(crate) struct RecvBuf {
+    fd: RawFd,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RecvBuf {
+    pub(crate) fn new(fd: RawFd) -> RecvBuf {
+        RecvBuf {
+            fd,
+            buf: vec![0u8; RECV_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes already received and not consumed.
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Receives more data into the buffer; `UnexpectedEof` when the peer has closed.
+    async fn fill(&mut self) -> io::Result<()> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = recv_flags(self.fd, &mut self.buf[self.end..], 0).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Fills `dst` completely.
+    pub(crate) async fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        let mut done = self.take(dst);
+        while done < dst.len() {
+            let rest = dst.len() - done;
+            if rest >= RECV_BUF / 2 {
+                // Big payload: skip the copy and let the kernel wait for all of it.
+                let n = recv_flags(self.fd, &mut dst[done..], libc::MSG_WAITALL).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                done += n;
+            } else {
+                self.fill().await?;
+                done += self.take(&mut dst[done..]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards `n` bytes of input (an option or payload we refuse) without allocating them.
+    pub(crate) async fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        loop {
+            let take = (self.buffered() as u64).min(n);
+            self.start += take as usize;
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn take(&mut self, dst: &mut [u8]) -> usize {
+        let n = self.buffered().min(dst.len());
+        dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        n
+    }
+}
+
+/// Sends every byte of `bufs` with one `sendmsg` per round (more only on short sends), so a
+/// reply header and its data, or a batch of replies, leave in one segment train.
+pub(crate) async fn send_vectored_all(fd: RawFd, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut first = 0usize;
+    while first < iov.len() {
+        let cnt = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov[first..].as_mut_ptr();
+        msg.msg_iovlen = cnt as _;
+        let sqe = opcode::SendMsg::new(types::Fd(fd), &msg as *const libc::msghdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        // SAFETY: `msg`, `iov` and the buffers `iov` points into (borrowed through `bufs`)
+        // outlive the op: they live in this frame across the await, and dropping the op
+        // waits for the kernel.
+        let mut n = iort::cqe_result(unsafe { iort::submit(sqe) }.await)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Advance past what was sent.
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: stays inside the same buffer (n < iov_len).
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends all of `buf`.
+pub(crate) async fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    iort::send_all(fd, buf, 0).await
+}
+
+/// Alignment of I/O buffers: page-aligned so devices doing `O_DIRECT` need no bounce copy.
+const ALIGN: usize = 4096;
+
+/// A zero-initialised, page-aligned byte buffer.
+pub(crate) struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of `len` bytes (at least one page is allocated).
+    pub(crate) fn new(len: usize) -> AlignedBuf {
+        let layout = Self::layout(len);
+        // SAFETY: layout has non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(p) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        let size = len.max(1).div_ceil(ALIGN) * ALIGN;
+        match Layout::from_size_align(size, ALIGN) {
+            Ok(l) => l,
+            // Only reachable for sizes near usize::MAX, which callers never request
+            // (payloads are capped far below).
+            Err(_) => Layout::new::<[u8; ALIGN]>(),
+        }
+    }
+
+    /// Capacity in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised bytes, owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// Sets `TCP_NODELAY` (ignored for non-TCP sockets): replies must not wait for Nagle.
+pub(crate) fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from a valid pointer.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// `shutdown(2)` on a socket; errors (already closed, not connected) are irrelevant here.
+pub(crate) fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: plain syscall on a descriptor the caller keeps open.
+    unsafe {
+        libc::shutdown(fd, how);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        for len in [0usize, 1, 4095, 4096, 1 << 20] {
+            let mut b = AlignedBuf::new(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % ALIGN, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            if len > 0 {
+                b[len - 1] = 7;
+                assert_eq!(b[len - 1], 7);
+            }
+        }
+    }
+}
