@@ -35,7 +35,11 @@ fn striped_fixture() -> Fixture {
         line.push_str(&format!(" {} 0", l.display()));
     }
     let table = dir.path().join("striped.table");
-    std::fs::write(&table, format!("# three-way stripe, 64 KiB chunks\n{line}\n")).unwrap();
+    std::fs::write(
+        &table,
+        format!("# three-way stripe, 64 KiB chunks\n{line}\n"),
+    )
+    .unwrap();
     Fixture { dir, table, legs }
 }
 
@@ -68,9 +72,9 @@ fn qemu_io_patterns_across_chunk_boundaries_land_where_dm_puts_them() {
     // Writes that straddle chunk boundaries (64 KiB) and the stripe row (192 KiB).
     let writes: Vec<(u64, u64, u8)> = vec![
         (0, 4096, 0x11),
-        (60 << 10, 12 << 10, 0x22),          // crosses chunk 0 -> 1
-        ((192 << 10) - 512, 1024, 0x33),     // crosses the end of the first row
-        ((1 << 20) + 512, 200 << 10, 0x44),  // spans several chunks, sector aligned
+        (60 << 10, 12 << 10, 0x22),           // crosses chunk 0 -> 1
+        ((192 << 10) - 512, 1024, 0x33),      // crosses the end of the first row
+        ((1 << 20) + 512, 200 << 10, 0x44),   // spans several chunks, sector aligned
         ((100 << 20) - 4096, 64 << 10, 0x55), // deep in the volume
     ];
     let mut cmds: Vec<String> = writes
@@ -85,7 +89,11 @@ fn qemu_io_patterns_across_chunk_boundaries_land_where_dm_puts_them() {
     cmds.push("flush".into());
     let out = qemu_io(&srv.uri(), &cmds);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "qemu-io failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !stdout.contains("Pattern verification failed") && !stdout.contains("error"),
         "{stdout}"
@@ -124,7 +132,11 @@ fn nbdinfo_reports_size_and_flags() {
     let out = run_ok(Command::new("nbdinfo").arg("--json").arg(srv.uri())).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let exp = &v["exports"][0];
-    assert_eq!(exp["export-size"].as_u64(), Some(STRIPES * LEG_BYTES), "{out}");
+    assert_eq!(
+        exp["export-size"].as_u64(),
+        Some(STRIPES * LEG_BYTES),
+        "{out}"
+    );
     assert_eq!(exp["export-name"].as_str(), Some("vol"), "{out}");
     assert_eq!(exp["can_flush"].as_bool(), Some(true), "{out}");
     assert_eq!(exp["can_fua"].as_bool(), Some(true), "{out}");
@@ -149,8 +161,14 @@ fn nbdcopy_round_trips_a_random_image() {
     run_ok(Command::new("nbdcopy").arg(srv.uri()).arg(&img_out)).unwrap();
     let back = read_all(&img_out).unwrap();
     assert_eq!(back.len() as u64, STRIPES * LEG_BYTES);
-    assert!(back[..data.len()] == data[..], "64 MiB image differs after the round trip");
-    assert!(back[data.len()..].iter().all(|&b| b == 0), "tail must stay zero");
+    assert!(
+        back[..data.len()] == data[..],
+        "64 MiB image differs after the round trip"
+    );
+    assert!(
+        back[data.len()..].iter().all(|&b| b == 0),
+        "tail must stay zero"
+    );
     assert_eq!(srv.terminate().unwrap(), 0);
 }
 
@@ -182,8 +200,14 @@ fn fio_verify_crc32c_with_several_jobs() {
     let v: serde_json::Value = serde_json::from_str(&out[json_start..]).unwrap();
     let job = &v["jobs"][0];
     assert_eq!(job["error"].as_i64(), Some(0), "{out}");
-    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 3 * (48 << 20), "{out}");
-    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 3 * (48 << 20), "verify reads: {out}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 3 * (48 << 20),
+        "{out}"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 3 * (48 << 20),
+        "verify reads: {out}"
+    );
     assert_eq!(srv.terminate().unwrap(), 0);
 }
 
@@ -201,7 +225,13 @@ fn sha_tree(root: &Path) -> String {
 #[test]
 fn ext4_mkfs_mount_fsck_remount_through_the_export() {
     require_root();
-    for t in ["qemu-storage-daemon", "losetup", "mkfs.ext4", "e2fsck", "mount"] {
+    for t in [
+        "qemu-storage-daemon",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+    ] {
         require_tool(t);
     }
     let fx = striped_fixture();
@@ -245,7 +275,10 @@ fn ext4_mkfs_mount_fsck_remount_through_the_export() {
     let again = sha_tree(&mnt);
     run_ok(Command::new("umount").arg(&mnt)).unwrap();
     assert_eq!(sums.lines().count(), 32, "{sums}");
-    assert_eq!(sums, again, "file checksums changed across remount and server restart");
+    assert_eq!(
+        sums, again,
+        "file checksums changed across remount and server restart"
+    );
     drop(fl);
     assert_eq!(srv.terminate().unwrap(), 0);
 }
@@ -253,7 +286,10 @@ fn ext4_mkfs_mount_fsck_remount_through_the_export() {
 #[test]
 fn error_and_flakey_segments_fail_requests_and_the_server_keeps_serving() {
     require_tool("qemu-io");
-    let dir = tempfile::Builder::new().prefix("e2e-").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let a = dir.path().join("a.img");
     sparse_file(&a, 8 << 20).unwrap();
     // [0, 4 MiB) linear, [4, 8) error, [8, 12) flakey always down with error_reads+error_writes
@@ -268,14 +304,28 @@ fn error_and_flakey_segments_fail_requests_and_the_server_keeps_serving() {
     .unwrap();
     let mut srv = Served::start(&table, "f", &[], dir.path()).unwrap();
     let bad = qemu_io(&srv.uri(), &["read 5M 4k".into()]);
-    let bad_out = String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);
-    assert!(bad_out.contains("Input/output error"), "error segment must fail reads: {bad_out}");
+    let bad_out =
+        String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        bad_out.contains("Input/output error"),
+        "error segment must fail reads: {bad_out}"
+    );
     let bad = qemu_io(&srv.uri(), &["write -P 1 9M 4k".into()]);
-    let bad_out = String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);
-    assert!(bad_out.contains("Input/output error"), "flakey segment must fail writes: {bad_out}");
-    let good = qemu_io(&srv.uri(), &["write -P 7 1M 64k".into(), "read -P 7 1M 64k".into()]);
+    let bad_out =
+        String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        bad_out.contains("Input/output error"),
+        "flakey segment must fail writes: {bad_out}"
+    );
+    let good = qemu_io(
+        &srv.uri(),
+        &["write -P 7 1M 64k".into(), "read -P 7 1M 64k".into()],
+    );
     let good_out = String::from_utf8_lossy(&good.stdout);
-    assert!(good.status.success() && !good_out.contains("error"), "{good_out}");
+    assert!(
+        good.status.success() && !good_out.contains("error"),
+        "{good_out}"
+    );
     assert!(srv.alive(), "server must survive failing requests");
     assert_eq!(srv.terminate().unwrap(), 0);
 }
@@ -284,12 +334,24 @@ fn error_and_flakey_segments_fail_requests_and_the_server_keeps_serving() {
 fn table_check_prints_normalized_table_or_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.table");
-    std::fs::write(&good, "# comment\n0   2048 zero\n\n2048 2048    error  # trailing\n").unwrap();
-    let out = run_ok(Command::new(volmgr_bin()).args(["table", "check"]).arg(&good)).unwrap();
+    std::fs::write(
+        &good,
+        "# comment\n0   2048 zero\n\n2048 2048    error  # trailing\n",
+    )
+    .unwrap();
+    let out = run_ok(
+        Command::new(volmgr_bin())
+            .args(["table", "check"])
+            .arg(&good),
+    )
+    .unwrap();
     assert_eq!(out, "0 2048 zero\n2048 2048 error\n");
     let bad = dir.path().join("bad.table");
     std::fs::write(&bad, "0 2048 zero\n4096 2048 zero\n").unwrap();
-    let o = run(Command::new(volmgr_bin()).args(["table", "check"]).arg(&bad)).unwrap();
+    let o = run(Command::new(volmgr_bin())
+        .args(["table", "check"])
+        .arg(&bad))
+    .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("line 2"), "error must name the line: {err}");

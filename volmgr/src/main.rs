@@ -246,8 +246,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     } else {
         FrontendKind::Ublk(a.ublk_id)
     };
-    let front = Frontend::start(&a.export, dev.clone(), kind, false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let front =
+        Frontend::start(&a.export, dev.clone(), kind, false).map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
         "volmgr: serving {} ({} bytes) at {}",
         a.file.display(),
@@ -276,8 +276,7 @@ fn daemon(a: DaemonArgs) -> Result<()> {
         ublk_available,
         private_mount_ns: true,
     };
-    ublk_target::daemon::enter_private_mount_ns()
-        .context("entering a private mount namespace")?;
+    ublk_target::daemon::enter_private_mount_ns().context("entering a private mount namespace")?;
     let d = Arc::new(
         ublk_target::daemon::Daemon::open(
             cfg,
@@ -301,7 +300,11 @@ fn daemon(a: DaemonArgs) -> Result<()> {
     eprintln!(
         "volmgr daemon: ready; control socket {} (ublk {})",
         d.socket_path().display(),
-        if ublk_available { "available" } else { "not available: NBD only" }
+        if ublk_available {
+            "available"
+        } else {
+            "not available: NBD only"
+        }
     );
     d.serve_control().map_err(|e| anyhow::anyhow!("{e}"))?;
     let problems = d.shutdown();
@@ -366,12 +369,15 @@ fn dev(cmd: DevCmd) -> Result<()> {
             // Validate locally first so errors name the file.
             Table::parse(&text, &volmgr::registry())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
-            let r = call(&sd, Request::Create {
-                name,
-                table: text,
-                ublk_id,
-                nbd,
-            })?;
+            let r = call(
+                &sd,
+                Request::Create {
+                    name,
+                    table: text,
+                    ublk_id,
+                    nbd,
+                },
+            )?;
             println!("{}", expect_text(r)?);
         }
         DevCmd::List { json, sd } => match call(&sd, Request::List)? {
@@ -380,15 +386,23 @@ fn dev(cmd: DevCmd) -> Result<()> {
                 expect_text(other)?;
             }
         },
-        DevCmd::Table { name, sd } => print!("{}", expect_text(call(&sd, Request::Table { name })?)?),
+        DevCmd::Table { name, sd } => {
+            print!("{}", expect_text(call(&sd, Request::Table { name })?)?)
+        }
         DevCmd::Reload { name, table, sd } => {
             let text = read_table_text(&table)?;
             Table::parse(&text, &volmgr::registry())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
-            println!("{}", expect_text(call(&sd, Request::Reload { name, table: text })?)?);
+            println!(
+                "{}",
+                expect_text(call(&sd, Request::Reload { name, table: text })?)?
+            );
         }
         DevCmd::Remove { name, force, sd } => {
-            println!("{}", expect_text(call(&sd, Request::Remove { name, force })?)?)
+            println!(
+                "{}",
+                expect_text(call(&sd, Request::Remove { name, force })?)?
+            )
         }
         DevCmd::Suspend { name, sd } => {
             println!("{}", expect_text(call(&sd, Request::Suspend { name })?)?)
@@ -408,7 +422,9 @@ fn dev(cmd: DevCmd) -> Result<()> {
                 let lines: Vec<&str> = t.lines().collect();
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"name": name, "status": lines}))?
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"name": name, "status": lines})
+                    )?
                 );
             } else {
                 println!("{t}");

@@ -1,0 +1,291 @@
+//! The volume daemon over its control socket, with devices exported over NBD (the host has no
+//! ublk; the same verbs drive ublk devices in the VM tests).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::*;
+
+struct Daemon {
+    child: Option<Child>,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(state: &Path) -> Daemon {
+        let log = std::fs::File::create(state.with_extension("log")).unwrap();
+        let child = Command::new(volmgr_bin())
+            .args(["daemon", "--no-ublk", "--state-dir"])
+            .arg(state)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child: Some(child),
+            state: state.to_path_buf(),
+        };
+        let t0 = Instant::now();
+        while !state.join("control.sock").exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not start: {}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The socket file appears at bind; give listen() a moment.
+        std::thread::sleep(Duration::from_millis(50));
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
+    }
+
+    fn vm(&self, args: &[&str]) -> std::process::Output {
+        run(Command::new(volmgr_bin())
+            .args(args)
+            .env("VOLMGR_STATE_DIR", &self.state))
+        .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.vm(args);
+        assert!(
+            o.status.success(),
+            "volmgr {args:?} failed: {}{}\ndaemon log: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn err(&self, args: &[&str]) -> String {
+        let o = self.vm(args);
+        assert!(!o.status.success(), "volmgr {args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    fn terminate(mut self) -> i32 {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let o = run(c.arg(uri)).unwrap();
+    let s = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !s.contains("failed") && !s.contains("error"),
+        "{s}"
+    );
+    s
+}
+
+#[test]
+fn daemon_devices_lifecycle_reload_stacking_and_restart() {
+    require_root();
+    require_tool("qemu-io");
+    let dir = tempfile::Builder::new()
+        .prefix("daemon-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let state = dir.path().join("state");
+    let a = dir.path().join("a.img");
+    sparse_file(&a, 64 << 20).unwrap();
+    let t1 = dir.path().join("t1.table");
+    std::fs::write(&t1, format!("0 65536 linear {} 0\n", a.display())).unwrap();
+
+    let d = Daemon::start(&state);
+    // A second daemon on the same state directory is refused.
+    let second = run(Command::new(volmgr_bin())
+        .args(["daemon", "--no-ublk", "--state-dir"])
+        .arg(&state))
+    .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already runs"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    // The control socket is root-only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join("control.sock"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let p1 = free_port();
+    let uri = d.ok(&[
+        "dev",
+        "create",
+        "base",
+        "--table",
+        t1.to_str().unwrap(),
+        "--nbd",
+        &format!("127.0.0.1:{p1}"),
+    ]);
+    let uri = uri.trim().to_string();
+    assert_eq!(uri, format!("nbd://127.0.0.1:{p1}/base"));
+    qemu_io(&uri, &["write -P 0x61 0 64k", "flush"]);
+
+    // A stacked device: the second half of `base` through /dev/volmgr/base.
+    let t2 = dir.path().join("t2.table");
+    std::fs::write(&t2, "0 32768 linear /dev/volmgr/base 32768\n").unwrap();
+    let p2 = free_port();
+    let uri2 = d.ok(&[
+        "dev",
+        "create",
+        "upper",
+        "--table",
+        t2.to_str().unwrap(),
+        "--nbd",
+        &format!("127.0.0.1:{p2}"),
+    ]);
+    qemu_io(uri2.trim(), &["write -P 0x62 0 4k"]);
+    qemu_io(&uri, &["read -P 0x62 16M 4k", "read -P 0x61 0 64k"]);
+
+    // Listing and the table.
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["base", "upper"]);
+    assert_eq!(list[0]["size"].as_u64(), Some(32 << 20));
+    assert!(list[0]["writes"].as_u64().unwrap() >= 2, "{list}");
+    assert_eq!(
+        d.ok(&["dev", "table", "upper"]),
+        "0 32768 linear /dev/volmgr/base 32768\n"
+    );
+    let plain = d.ok(&["dev", "list"]);
+    assert!(
+        plain.contains("base") && plain.contains("32.00MiB"),
+        "{plain}"
+    );
+
+    // base is used by upper: refused.
+    let e = d.err(&["dev", "remove", "base"]);
+    assert!(e.contains("used by upper"), "{e}");
+
+    // Reload base larger (64 MiB); data stays.
+    let t1b = dir.path().join("t1b.table");
+    std::fs::write(&t1b, format!("0 131072 linear {} 0\n", a.display())).unwrap();
+    d.ok(&["dev", "reload", "base", "--table", t1b.to_str().unwrap()]);
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["size"].as_u64(), Some(64 << 20));
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x61 0 64k",
+            "write -P 0x63 40M 4k",
+            "read -P 0x63 40M 4k",
+        ],
+    );
+    // Shrinking a live device is refused.
+    let e = d.err(&["dev", "reload", "base", "--table", t1.to_str().unwrap()]);
+    assert!(e.contains("smaller"), "{e}");
+
+    // Suspend: I/O waits until resume.
+    d.ok(&["dev", "suspend", "upper"]);
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
+    assert_eq!(list[1]["state"].as_str(), Some("suspended"));
+    let uri2c = uri2.trim().to_string();
+    let reader = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        qemu_io(&uri2c, &["read -P 0x62 0 4k"]);
+        t0.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    d.ok(&["dev", "resume", "upper"]);
+    let waited = reader.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "read did not wait for resume: {waited:?}"
+    );
+
+    // Status and messages reach the target.
+    let st = d.ok(&["dev", "status", "base"]);
+    assert!(!st.is_empty());
+    let e = d.err(&["dev", "message", "base", "bogus"]);
+    assert!(e.contains("message"), "{e}");
+
+    // SIGTERM: exit 0; restart restores both devices from devices.json.
+    assert_eq!(d.terminate(), 0);
+    let d = Daemon::start(&state);
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}\n{}", d.log());
+    qemu_io(&uri, &["read -P 0x63 40M 4k"]);
+    d.ok(&["dev", "remove", "upper"]);
+    d.ok(&["dev", "remove", "base"]);
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    assert!(!d.err(&["dev", "table", "base"]).is_empty());
+    assert_eq!(d.terminate(), 0);
+}
+
+#[test]
+fn dev_remove_refuses_while_a_client_is_connected_unless_forced() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("daemon-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start(&state);
+    let t = dir.path().join("z.table");
+    std::fs::write(&t, "0 2048 zero\n").unwrap();
+    let p = free_port();
+    d.ok(&[
+        "dev",
+        "create",
+        "z",
+        "--table",
+        t.to_str().unwrap(),
+        "--nbd",
+        &format!("127.0.0.1:{p}"),
+    ]);
+    // Hold a connection open with a raw NBD handshake (the server counts it).
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+    let mut hello = [0u8; 18];
+    std::io::Read::read_exact(&mut s, &mut hello).unwrap();
+    std::io::Write::write_all(&mut s, &3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE|NO_ZEROES
+    std::thread::sleep(Duration::from_millis(100));
+    let e = d.err(&["dev", "remove", "z"]);
+    assert!(e.contains("refusing") && e.contains("--force"), "{e}");
+    d.ok(&["dev", "remove", "z", "--force"]);
+    drop(s);
+    assert_eq!(d.terminate(), 0);
+}
