@@ -356,3 +356,22 @@ fn table_check_prints_normalized_table_or_the_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("line 2"), "error must name the line: {err}");
 }
+
+#[test]
+fn every_example_table_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) != Some("table") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap().replace("DIR", "/var/tmp/example");
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), text).unwrap();
+        let o = run(Command::new(volmgr_bin()).args(["table", "check"]).arg(tmp.path())).unwrap();
+        assert!(o.status.success(), "{}: {}", p.display(), String::from_utf8_lossy(&o.stderr));
+        n += 1;
+    }
+    assert!(n >= 4, "expected the example tables, found {n}");
+}
