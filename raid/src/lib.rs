@@ -1,1 +1,208 @@
-//! RAID targets.
+//! RAID targets: `raid` (raid1, raid4, raid5 with md's four layouts, raid10 near) and `mirror`
+//! (dm-mirror syntax, core log, as raid1), in device-mapper table syntax.
+//!
+//! ```text
+//! raid <raid_type> <#raid_params> <chunk_size> [sync|nosync] [rebuild <idx>]
+//!      [region_size <sectors>] [raid10_copies <n>] [raid10_format near]
+//!      [max_recovery_rate <KiB/s>] <#raid_devs> <metadata_dev|-> <data_dev> ...
+//! mirror core <#log_args> <region_size> [sync|nosync] <#devs> <dev> <offset> ...
+//! ```
+//!
+//! # Model
+//! - Legs are [`DeviceRef`]s. Each leg may have a metadata device holding a superblock
+//!   (magic, version, array UUID, leg index, event counter, failed-legs mask, clean flag,
+//!   data-device identity, crc32c) and a copy of the write-intent bitmap ([`meta`]).
+//! - A failed leg is recorded in the superblocks of the surviving legs (event counter bumped)
+//!   before any write that skipped it completes; at assembly a leg whose superblock is
+//!   invalid or blank, whose UUID, index or data device disagrees, or that the newest
+//!   superblock marks as failed, is never read: it is rebuilt. A leg whose only difference is
+//!   an older event count (a superblock round cut short by a crash) cannot have missed an
+//!   acknowledged write, so it is kept, but the whole array is resynced with that leg never
+//!   used as the source.
+//! - **Write hole: write-intent bitmap + resync of dirty regions, not a journal.** Before any
+//!   data of a write moves, the bits of the regions it touches are set and written with FUA to
+//!   every in-sync metadata device; bits are cleared lazily after a flush completes with no
+//!   write in flight to the region. After an unclean stop, every region whose bit is set is
+//!   resynced (mirrors copied from the first in-sync copy, parity recomputed from the data).
+//!   Reads in a region awaiting resync use that same first copy, so they never flip. Why not a
+//!   journal: with a healthy array this gives the same guarantee (every write acknowledged
+//!   before the last completed flush survives, parity is consistent after resync) at the cost
+//!   of one FUA bitmap write per newly-dirtied region instead of writing every byte twice. What
+//!   it does not cover (and a journal would): a power cut during a partial-stripe write while
+//!   the array is already degraded can corrupt the missing leg's reconstructed data in that
+//!   stripe — md has the same hole without a journal. See `raid/DESIGN.md`.
+//! - Without metadata devices (`-`, or a `mirror` line) there is no bitmap: every start is
+//!   treated as unclean and does a full resync unless `nosync`; `status` shows
+//!   `bitmap:none(full-resync-on-start)`.
+//! - Background work (resync, recovery, check, repair) runs one region (mirror) or one stripe
+//!   (parity recovery) at a time on a thread the device owns, with its own io_uring runtime,
+//!   backing off whenever client I/O arrived during a step and honouring `max_recovery_rate`.
+//!   Tests open with [`OpenOptions`] `{ background: false }` and drive
+//!   [`RaidDevice::sync_step`] themselves.
+
+#![warn(missing_docs)]
+
+pub mod array;
+pub mod layout;
+pub mod lock;
+pub mod meta;
+pub mod offset;
+pub mod parse;
+pub mod xor;
+
+use std::sync::Arc;
+
+use tables::io::{DeviceRef, IoError};
+use tables::registry::{ArgError, BuildCtx, Registry, TargetKind};
+use tables::{Bytes, Sectors};
+
+pub use array::{LegOpener, LegState, OpenOptions, RaidDevice, SyncAction};
+pub use parse::{Level, RaidConfig, SyncMode};
+
+/// Errors assembling an array.
+#[derive(Debug, thiserror::Error)]
+pub enum RaidError {
+    /// Leg sizes, counts or metadata geometry do not fit the table.
+    #[error("geometry: {0}")]
+    Geometry(String),
+    /// Superblocks are unusable.
+    #[error("metadata: {0}")]
+    Metadata(String),
+    /// Not enough trustworthy legs to assemble.
+    #[error("{0}")]
+    Assemble(String),
+    /// An I/O error while assembling.
+    #[error("I/O: {0}")]
+    Io(IoError),
+}
+
+/// The `raid` or `mirror` target kind.
+pub struct RaidKind {
+    mirror: bool,
+    background: bool,
+    opener: Option<LegOpener>,
+}
+
+impl RaidKind {
+    /// The `raid` kind.
+    pub fn raid() -> RaidKind {
+        RaidKind {
+            mirror: false,
+            background: true,
+            opener: None,
+        }
+    }
+    /// The `mirror` kind.
+    pub fn mirror() -> RaidKind {
+        RaidKind {
+            mirror: true,
+            background: true,
+            opener: None,
+        }
+    }
+    /// Gives built devices an opener for `rebuild <idx> <device>` messages.
+    pub fn with_opener(mut self, opener: LegOpener) -> RaidKind {
+        self.opener = Some(opener);
+        self
+    }
+    /// Whether built devices run their own background sync thread (default true).
+    pub fn with_background(mut self, on: bool) -> RaidKind {
+        self.background = on;
+        self
+    }
+
+    fn parse(&self, args: &[String]) -> Result<RaidConfig, ArgError> {
+        if self.mirror {
+            parse::parse_mirror(args)
+        } else {
+            parse::parse_raid(args)
+        }
+    }
+
+    /// Builds the device with its concrete type (for callers that want `sync_step`,
+    /// `replace_leg`...).
+    pub fn build_raid(
+        &self,
+        ctx: &BuildCtx<'_>,
+        args: &[String],
+    ) -> Result<Arc<RaidDevice>, ArgError> {
+        let cfg = self.parse(args)?;
+        let name = format!("{}@line{}", self.name(), ctx.line);
+        let size = ctx.len.bytes();
+        let mut legs = Vec::with_capacity(cfg.legs.len());
+        for (i, l) in cfg.legs.iter().enumerate() {
+            let meta = match &l.meta {
+                Some(m) => Some(ctx.resolver.open(m).map_err(|e| {
+                    ArgError::whole(format!("{name}: leg {i} metadata device '{m}': {e}"))
+                })?),
+                None => None,
+            };
+            let mut data: DeviceRef = ctx.resolver.open(&l.data).map_err(|e| {
+                ArgError::whole(format!("{name}: leg {i} data device '{}': {e}", l.data))
+            })?;
+            if self.mirror {
+                let start = l.offset.bytes();
+                let avail = data.size().0.checked_sub(start.0).ok_or_else(|| {
+                    ArgError::whole(format!(
+                        "{name}: leg {i} offset {} sectors is past the end of '{}'",
+                        l.offset.0, l.data
+                    ))
+                })?;
+                data = Arc::new(offset::OffsetDevice::new(data, start, Bytes(avail)));
+            }
+            legs.push((meta, data));
+        }
+        let dev = RaidDevice::open(
+            name.clone(),
+            cfg,
+            size,
+            legs,
+            OpenOptions {
+                background: self.background,
+            },
+        )
+        .map_err(|e| ArgError::whole(format!("{name}: {e}")))?;
+        if let Some(o) = &self.opener {
+            dev.set_opener(o.clone());
+        }
+        Ok(Arc::new(dev))
+    }
+}
+
+impl TargetKind for RaidKind {
+    fn name(&self) -> &'static str {
+        if self.mirror {
+            "mirror"
+        } else {
+            "raid"
+        }
+    }
+    fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
+        if len.0 == 0 {
+            return Err(ArgError::whole("segment length must be positive"));
+        }
+        self.parse(args).map(|_| ())
+    }
+    fn normalize(&self, args: &[String]) -> Vec<String> {
+        match self.parse(args) {
+            Ok(c) => c.to_args(),
+            Err(_) => args.to_vec(),
+        }
+    }
+    fn build(&self, ctx: &BuildCtx<'_>, args: &[String]) -> Result<DeviceRef, ArgError> {
+        Ok(self.build_raid(ctx, args)? as DeviceRef)
+    }
+}
+
+/// Registers the `raid` and `mirror` kinds.
+pub fn register(reg: &mut Registry) {
+    reg.register(Arc::new(RaidKind::raid()));
+    reg.register(Arc::new(RaidKind::mirror()));
+}
+
+/// Registers the kinds with an opener for `rebuild <idx> <device>` messages (the volume
+/// daemon passes one that resolves its device names).
+pub fn register_with_opener(reg: &mut Registry, opener: LegOpener) {
+    reg.register(Arc::new(RaidKind::raid().with_opener(opener.clone())));
+    reg.register(Arc::new(RaidKind::mirror().with_opener(opener)));
+}

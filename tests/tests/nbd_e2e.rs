@@ -366,11 +366,21 @@ fn every_example_table_is_valid() {
         if p.extension().and_then(|x| x.to_str()) != Some("table") {
             continue;
         }
-        let text = std::fs::read_to_string(&p).unwrap().replace("DIR", "/var/tmp/example");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("DIR", "/var/tmp/example");
         let tmp = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(tmp.path(), text).unwrap();
-        let o = run(Command::new(volmgr_bin()).args(["table", "check"]).arg(tmp.path())).unwrap();
-        assert!(o.status.success(), "{}: {}", p.display(), String::from_utf8_lossy(&o.stderr));
+        let o = run(Command::new(volmgr_bin())
+            .args(["table", "check"])
+            .arg(tmp.path()))
+        .unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
         n += 1;
     }
     assert!(n >= 4, "expected the example tables, found {n}");

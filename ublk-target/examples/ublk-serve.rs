@@ -1,26 +1,30 @@
 //! Test server until the volmgr CLI serves tables: exports one file (through
-//! `extents::FileExtent`) or a RAM disk as `/dev/ublkbN`.
+//! `extents::FileExtent`), a RAM disk, or a device-mapper style table file (built-in
+//! targets over files / block devices) as `/dev/ublkbN`.
 //!
 //! ```text
-//! ublk-serve FILE|mem:SIZE [--queues N] [--depth N] [--id N] [--max-io BYTES]
-//!            [--buffered] [--read-only] [--user-recovery]
+//! ublk-serve FILE|mem:SIZE|table:TABLEFILE [--queues N] [--depth N] [--id N] [--max-io BYTES]
+//!            [--buffered] [--read-only] [--user-recovery] [--recover ID]
 //! ```
 //! Prints `/dev/ublkbN` on stdout once the device exists, serves until SIGTERM or SIGINT,
-//! then stops and deletes the device and exits 0 (1 if stopping failed).
+//! then stops and deletes the device and exits 0 (1 if stopping failed). `--recover ID`
+//! re-attaches to `/dev/ublkbID` left by a killed `--user-recovery` server instead of adding.
 
 use std::io::Write;
 use std::sync::Arc;
 
-use extents::{DirectMode, FileExtent, OpenOptions};
+use extents::{DirectMode, FileExtent, FileResolver, OpenOptions};
 use tables::mem::MemDevice;
+use tables::table::Table;
+use tables::targets::builtin_registry;
 use tables::units::parse_size;
 use tables::DeviceRef;
 use ublk_target::{UblkOptions, UblkServer};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ublk-serve FILE|mem:SIZE [--queues N] [--depth N] [--id N] [--max-io BYTES] \
-         [--buffered] [--read-only] [--user-recovery]"
+        "usage: ublk-serve FILE|mem:SIZE|table:TABLEFILE [--queues N] [--depth N] [--id N] [--max-io BYTES] \
+         [--buffered] [--read-only] [--user-recovery] [--recover ID]"
     );
     std::process::exit(2)
 }
@@ -41,6 +45,7 @@ fn main() {
     let mut target: Option<String> = None;
     let mut opts = UblkOptions::default();
     let mut open = OpenOptions::default();
+    let mut recover: Option<u32> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--queues" => opts.queues = num(&a, args.next()),
@@ -50,6 +55,7 @@ fn main() {
             "--buffered" => open.direct = DirectMode::Never,
             "--read-only" => open.read_only = true,
             "--user-recovery" => opts.user_recovery = true,
+            "--recover" => recover = Some(num(&a, args.next())),
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => {
                 eprintln!("ublk-serve: unknown option {s}");
@@ -67,6 +73,24 @@ fn main() {
             Err(e) => {
                 eprintln!("ublk-serve: {target}: {e}");
                 std::process::exit(2)
+            }
+        }
+    } else if let Some(path) = target.strip_prefix("table:") {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("ublk-serve: {path}: {e}");
+                std::process::exit(1)
+            }
+        };
+        let reg = builtin_registry();
+        let built = Table::parse(&text, &reg)
+            .and_then(|t| t.build_named(path, &reg, &FileResolver::new(open)));
+        match built {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("ublk-serve: {path}: {e}");
+                std::process::exit(1)
             }
         }
     } else {
@@ -94,7 +118,11 @@ fn main() {
         set
     };
 
-    let server = match UblkServer::start(dev, &opts) {
+    let started = match recover {
+        Some(id) => UblkServer::recover(dev, id, &opts),
+        None => UblkServer::start(dev, &opts),
+    };
+    let server = match started {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ublk-serve: {e}");

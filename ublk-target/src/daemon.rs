@@ -373,7 +373,9 @@ impl Daemon {
         drop(devs);
         self.save_state()?;
         if let Some(Err(e)) = resize {
-            return Err(format!("{name}: table reloaded but the front end did not take the new size: {e}"));
+            return Err(format!(
+                "{name}: table reloaded but the front end did not take the new size: {e}"
+            ));
         }
         Ok(format!("{name}: table reloaded ({} bytes)", new_size.0))
     }
@@ -395,7 +397,9 @@ impl Daemon {
         };
         if let Some(why) = front_busy {
             if !force {
-                return Err(format!("{name} is {why}; refusing to remove it (use --force)"));
+                return Err(format!(
+                    "{name} is {why}; refusing to remove it (use --force)"
+                ));
             }
         }
         let mut d = self
@@ -410,7 +414,8 @@ impl Daemon {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         if let Some(f) = d.front.take() {
-            f.stop().map_err(|e| format!("{name}: stopping front end: {e}"))?;
+            f.stop()
+                .map_err(|e| format!("{name}: stopping front end: {e}"))?;
         }
         unlink_device(name);
         self.save_state()?;
@@ -483,7 +488,7 @@ impl Daemon {
     pub fn serve_control(self: &Arc<Self>) -> Result<(), DaemonError> {
         let sock = self.socket_path();
         let _ = std::fs::remove_file(&sock); // stale socket of a dead daemon: we hold the lock
-        // SAFETY: umask has no failure mode; restrict the socket to its owner from birth.
+                                             // SAFETY: umask has no failure mode; restrict the socket to its owner from birth.
         let old = unsafe { libc::umask(0o177) };
         let listener = UnixListener::bind(&sock);
         // SAFETY: as above.
@@ -497,9 +502,12 @@ impl Daemon {
             }
             let Ok(conn) = conn else { continue };
             if !peer_is_root(&conn) {
-                let _ = reply(&conn, &Reply::Error {
-                    message: "the volmgr control socket is for root only".into(),
-                });
+                let _ = reply(
+                    &conn,
+                    &Reply::Error {
+                        message: "the volmgr control socket is for root only".into(),
+                    },
+                );
                 continue;
             }
             self.handle_conn(conn);
@@ -535,11 +543,7 @@ impl Daemon {
     /// stopped (ublk devices deleted). devices.json is kept, so the next start brings them back.
     pub fn shutdown(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let order: Vec<String> = self
-            .order
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let order: Vec<String> = self.order.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for name in order.iter().rev() {
             let Some(mut d) = self.devs().remove(name) else {
                 continue;
@@ -592,8 +596,7 @@ pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 127
         && !n.starts_with('.')
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
 }
 

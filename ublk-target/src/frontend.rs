@@ -81,11 +81,15 @@ impl Frontend {
                     user_recovery: true,
                     ..UblkOptions::default()
                 };
-                // Re-attaching a surviving device (user recovery) is not wired yet: a
-                // restoring daemon creates the device anew.
-                let _ = restoring;
-                let s = UblkServer::start(dev, &opts)
-                    .map_err(|e| FrontendError::Ublk(e.to_string()))?;
+                // A daemon restoring after a crash finds its devices still in the kernel
+                // (created with user recovery): re-attach instead of creating anew.
+                let s = match id {
+                    Some(id) if restoring && UblkServer::exists(id) => {
+                        UblkServer::recover(dev, id, &opts)
+                    }
+                    _ => UblkServer::start(dev, &opts),
+                }
+                .map_err(|e| FrontendError::Ublk(e.to_string()))?;
                 let path = s.bdev_path();
                 Ok(Frontend {
                     inner: Inner::Ublk(s),
@@ -138,11 +142,9 @@ impl Frontend {
         match &self.inner {
             // NBD clients learn the size at their next handshake.
             Inner::Nbd(_) => Ok(()),
-            Inner::Ublk(s) => Err(FrontendError::Ublk(format!(
-                "/dev/ublkb{}: changing the size of a live ublk device to {} bytes is not supported yet",
-                s.dev_id(),
-                size.0
-            ))),
+            Inner::Ublk(s) => s
+                .update_size(size)
+                .map_err(|e| FrontendError::Ublk(e.to_string())),
         }
     }
 

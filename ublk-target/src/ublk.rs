@@ -44,6 +44,8 @@ use crate::ublk_params::{self, ParamError};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for `/dev/ublkbN` to appear or vanish.
 const NODE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits for the queue threads after STOP_DEV.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Seconds of no I/O after which a queue goes idle (libublk then releases buffer pages).
 const IDLE_SECS: u64 = 20;
 
@@ -116,7 +118,11 @@ pub enum UblkTargetError {
 fn describe(e: &UblkError) -> String {
     match e {
         UblkError::OtherError(n) | UblkError::UringIOError(n) => {
-            format!("{} (errno {})", std::io::Error::from_raw_os_error(n.abs()), n.abs())
+            format!(
+                "{} (errno {})",
+                std::io::Error::from_raw_os_error(n.abs()),
+                n.abs()
+            )
         }
         UblkError::IOError(io) => io.to_string(),
         other => format!("{other} ({other:?})"),
@@ -148,38 +154,7 @@ impl UblkServer {
     /// `/dev/ublkbN` exists.
     pub fn start(dev: DeviceRef, opts: &UblkOptions) -> Result<UblkServer, UblkTargetError> {
         let name = dev.name();
-        let bad = |msg: String| UblkTargetError::Options {
-            dev: name.clone(),
-            msg,
-        };
-        if opts.queues == 0 || opts.queues > 64 {
-            return Err(bad(format!("queues is {}; use 1 to 64", opts.queues)));
-        }
-        if opts.depth == 0 || opts.depth > 4096 {
-            return Err(bad(format!("depth is {}; use 1 to 4096", opts.depth)));
-        }
-        if opts.max_io_bytes < 4096 || opts.max_io_bytes % 4096 != 0 {
-            return Err(bad(format!(
-                "max_io_bytes is {}; use a multiple of 4096",
-                opts.max_io_bytes
-            )));
-        }
-        let id = match opts.dev_id {
-            None => -1,
-            Some(n) => i32::try_from(n).map_err(|_| bad(format!("dev_id {n} is too large")))?,
-        };
-        // Refuse bad limits before the kernel sees anything (the kernel may still lower the
-        // buffer size; the queue setup recomputes with its value).
-        ublk_params::compute(&name, dev.size(), &dev.limits(), opts.max_io_bytes)?;
-        if !Path::new("/dev/ublk-control").exists() {
-            return Err(UblkTargetError::Failed {
-                dev: name,
-                msg: "/dev/ublk-control does not exist: this kernel has no ublk driver loaded \
-                      (modprobe ublk_drv; CONFIG_BLK_DEV_UBLK)"
-                    .into(),
-            });
-        }
-
+        let id = check_options(&name, &dev, opts)?;
         let mut ctrl_flags = 0u64;
         if opts.user_recovery {
             ctrl_flags |= u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
@@ -198,9 +173,97 @@ impl UblkServer {
                 what: "add device",
                 detail: describe(&e),
             })?;
+        Self::launch(dev, name, ctrl, false)
+    }
+
+    /// Re-attaches to `/dev/ublkb<dev_id>`, left behind by a server that died while serving
+    /// it with [`UblkOptions::user_recovery`] set: the kernel kept the device (and any
+    /// filesystem mounted on it) waiting, and re-issues the requests the dead server had not
+    /// completed once this one serves. `dev` must be the same table (same size); the queue
+    /// count, depth and buffer size are the device's own (`opts.dev_id`, `queues`, `depth`
+    /// and `max_io_bytes` are ignored).
+    ///
+    /// If recovery fails the device is left as it was (not deleted), so it can be retried.
+    pub fn recover(
+        dev: DeviceRef,
+        dev_id: u32,
+        opts: &UblkOptions,
+    ) -> Result<UblkServer, UblkTargetError> {
+        let name = dev.name();
+        let opts = UblkOptions {
+            dev_id: Some(dev_id),
+            ..opts.clone()
+        };
+        let id = check_options(&name, &dev, &opts)?;
+        let fail = |msg: String| UblkTargetError::Failed {
+            dev: name.clone(),
+            msg: format!("recovering /dev/ublkb{dev_id}: {msg}"),
+        };
+        // A plain handle first: the device's own queue count, depth and buffer size decide
+        // how the recovering control must be built.
+        let probe = UblkCtrl::new_simple(id)
+            .map_err(|e| fail(format!("no such device? {}", describe(&e))))?;
+        let info = probe.dev_info();
+        if info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+            return Err(fail("it was not created with user recovery".into()));
+        }
+        if u32::from(info.state) != sys::UBLK_S_DEV_QUIESCED {
+            let state = match u32::from(info.state) {
+                sys::UBLK_S_DEV_LIVE => "live (another server is serving it)".to_string(),
+                sys::UBLK_S_DEV_DEAD => "dead (stopped)".to_string(),
+                s => format!("in state {s}"),
+            };
+            return Err(fail(format!("it is {state}, not waiting for a server")));
+        }
+        let mut params = sys::ublk_params {
+            len: std::mem::size_of::<sys::ublk_params>() as u32,
+            types: sys::UBLK_PARAM_TYPE_BASIC,
+            ..Default::default()
+        };
+        probe
+            .get_params(&mut params)
+            .map_err(|e| fail(format!("reading its parameters: {}", describe(&e))))?;
+        let want = ublk_params::compute(&name, dev.size(), &dev.limits(), info.max_io_buf_bytes)?;
+        if params.basic.dev_sectors != want.params.basic.dev_sectors {
+            return Err(fail(format!(
+                "it has {} sectors but the table has {}",
+                params.basic.dev_sectors, want.params.basic.dev_sectors
+            )));
+        }
+        // Waits (up to 30 s, in libublk) for the dead server's last references to go.
+        probe
+            .start_user_recover()
+            .map_err(|e| fail(format!("START_USER_RECOVERY: {}", describe(&e))))?;
+        drop(probe);
+        let ctrl = UblkCtrlBuilder::default()
+            .name("volmgr")
+            .id(id)
+            .nr_queues(info.nr_hw_queues)
+            .depth(info.queue_depth)
+            .io_buf_bytes(info.max_io_buf_bytes)
+            .ctrl_flags(
+                info.flags
+                    & u64::from(
+                        sys::UBLK_F_USER_RECOVERY
+                            | sys::UBLK_F_USER_RECOVERY_REISSUE
+                            | sys::UBLK_F_USER_RECOVERY_FAIL_IO,
+                    ),
+            )
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .build()
+            .map_err(|e| fail(describe(&e)))?;
+        Self::launch(dev, name, ctrl, true)
+    }
+
+    /// Runs the control thread for an added (or recovering) device and waits until it serves.
+    fn launch(
+        dev: DeviceRef,
+        name: String,
+        ctrl: UblkCtrl,
+        recovering: bool,
+    ) -> Result<UblkServer, UblkTargetError> {
         let dev_id = ctrl.dev_info().dev_id;
         let ctrl = Arc::new(ctrl);
-
         let (tx, rx) = mpsc::channel::<Result<(), String>>();
         let thread = {
             let ctrl = ctrl.clone();
@@ -219,7 +282,10 @@ impl UblkServer {
         match thread {
             Ok(t) => server.thread = Some(t),
             Err(e) => {
-                // Dropping the server deletes the added device.
+                if recovering {
+                    server.abandon();
+                }
+                // Otherwise dropping the server deletes the added device.
                 return Err(UblkTargetError::Failed {
                     dev: name,
                     msg: format!("cannot spawn the control thread: {e}"),
@@ -238,32 +304,45 @@ impl UblkServer {
                 Err("the control thread ended before the device started".into())
             }
         };
-        if let Err(msg) = started {
+        let node = started.and_then(|()| {
+            if wait_until(NODE_TIMEOUT, || Path::new(&server.bdev_path()).exists()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} did not appear within {}s of starting",
+                    server.bdev_path(),
+                    NODE_TIMEOUT.as_secs()
+                ))
+            }
+        });
+        if let Err(msg) = node {
             let e = UblkTargetError::Failed {
                 dev: name,
                 msg: format!("starting /dev/ublkb{dev_id}: {msg}"),
             };
-            if let Err(e2) = server.shutdown() {
+            if recovering {
+                server.abandon();
+            } else if let Err(e2) = server.shutdown() {
                 log::warn!("cleanup after a failed start: {e2}");
             }
             return Err(e);
         }
-        if !wait_until(NODE_TIMEOUT, || Path::new(&server.bdev_path()).exists()) {
-            let e = UblkTargetError::Failed {
-                dev: name,
-                msg: format!(
-                    "{} did not appear within {}s of starting",
-                    server.bdev_path(),
-                    NODE_TIMEOUT.as_secs()
-                ),
-            };
-            if let Err(e2) = server.shutdown() {
-                log::warn!("cleanup after a failed start: {e2}");
-            }
-            return Err(e);
-        }
-        log::info!("{}: serving as {}", server.name, server.bdev_path());
+        log::info!(
+            "{}: serving as {}{}",
+            server.name,
+            server.bdev_path(),
+            if recovering { " (recovered)" } else { "" }
+        );
         Ok(server)
+    }
+
+    /// Gives up on a device without stopping or deleting it (a failed recovery must not
+    /// destroy what a later attempt could still recover). The control thread is detached.
+    fn abandon(&mut self) {
+        if let Some(ctrl) = self.ctrl.take() {
+            ctrl.disown();
+        }
+        self.thread.take();
     }
 
     /// The N of `/dev/ublkbN`.
@@ -274,6 +353,30 @@ impl UblkServer {
     /// `/dev/ublkbN`.
     pub fn bdev_path(&self) -> String {
         format!("/dev/ublkb{}", self.dev_id)
+    }
+
+    /// Tells the kernel the device's new size (after a table reload that grew it). Needs
+    /// `UBLK_U_CMD_UPDATE_SIZE`, which kernels before 6.16 do not have: there the error says so
+    /// and the device keeps its old size.
+    pub fn update_size(&self, size: tables::Bytes) -> Result<(), UblkTargetError> {
+        let ctrl = self.ctrl.as_ref().ok_or_else(|| UblkTargetError::Failed {
+            dev: self.name.clone(),
+            msg: "device is stopped".into(),
+        })?;
+        ctrl.update_size(size.0)
+            .map(|_| ())
+            .map_err(|e| UblkTargetError::Ublk {
+                dev: self.name.clone(),
+                what: "update size (needs Linux 6.16 or later)",
+                detail: describe(&e),
+            })
+    }
+
+    /// Whether a ublk device with this id exists in the kernel (a server died and left it for
+    /// recovery, or another server runs it).
+    pub fn exists(dev_id: u32) -> bool {
+        std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists()
+            || std::path::Path::new(&format!("/dev/ublkc{dev_id}")).exists()
     }
 
     /// Flushes the device (the kernel's dirty pages, then the table), stops and deletes the
@@ -320,18 +423,29 @@ impl UblkServer {
                 detail: describe(&e),
             });
         }
-        // 3. The control thread returns once the queue threads are joined.
+        // 3. The control thread returns once the queue threads are joined. A thread wedged
+        //    in a failed start may never return: it is detached rather than waited for.
         if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(msg)) => note(UblkTargetError::Failed {
+            if !wait_until(JOIN_TIMEOUT, || t.is_finished()) {
+                note(UblkTargetError::Failed {
                     dev: self.name.clone(),
-                    msg,
-                }),
-                Err(_) => note(UblkTargetError::Failed {
-                    dev: self.name.clone(),
-                    msg: "the ublk control thread panicked".into(),
-                }),
+                    msg: format!(
+                        "the ublk threads did not exit within {}s of STOP_DEV; detached",
+                        JOIN_TIMEOUT.as_secs()
+                    ),
+                });
+            } else {
+                match t.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(msg)) => note(UblkTargetError::Failed {
+                        dev: self.name.clone(),
+                        msg,
+                    }),
+                    Err(_) => note(UblkTargetError::Failed {
+                        dev: self.name.clone(),
+                        msg: "the ublk control thread panicked".into(),
+                    }),
+                }
             }
         }
         // 4. DEL_DEV (the control thread has dropped its reference by now).
@@ -376,6 +490,42 @@ impl UblkServer {
             Some(e) => Err(e),
         }
     }
+}
+
+/// Validates `opts` for `dev` and returns the device id to ask for (-1: any).
+fn check_options(name: &str, dev: &DeviceRef, opts: &UblkOptions) -> Result<i32, UblkTargetError> {
+    let bad = |msg: String| UblkTargetError::Options {
+        dev: name.to_string(),
+        msg,
+    };
+    if opts.queues == 0 || opts.queues > 64 {
+        return Err(bad(format!("queues is {}; use 1 to 64", opts.queues)));
+    }
+    if opts.depth == 0 || opts.depth > 4096 {
+        return Err(bad(format!("depth is {}; use 1 to 4096", opts.depth)));
+    }
+    if opts.max_io_bytes < 4096 || !opts.max_io_bytes.is_multiple_of(4096) {
+        return Err(bad(format!(
+            "max_io_bytes is {}; use a multiple of 4096",
+            opts.max_io_bytes
+        )));
+    }
+    let id = match opts.dev_id {
+        None => -1,
+        Some(n) => i32::try_from(n).map_err(|_| bad(format!("dev_id {n} is too large")))?,
+    };
+    // Refuse bad limits before the kernel sees anything (the kernel may still lower the
+    // buffer size; the queue setup recomputes with its value).
+    ublk_params::compute(name, dev.size(), &dev.limits(), opts.max_io_bytes)?;
+    if !Path::new("/dev/ublk-control").exists() {
+        return Err(UblkTargetError::Failed {
+            dev: name.to_string(),
+            msg: "/dev/ublk-control does not exist: this kernel has no ublk driver loaded \
+                  (modprobe ublk_drv; CONFIG_BLK_DEV_UBLK)"
+                .into(),
+        });
+    }
+    Ok(id)
 }
 
 impl Drop for UblkServer {
@@ -503,7 +653,11 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef) {
     let q = match UblkQueue::new(qid, udev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
-            log::error!("{}: ublk queue {qid} setup failed: {}", dev.name(), describe(&e));
+            log::error!(
+                "{}: ublk queue {qid} setup failed: {}",
+                dev.name(),
+                describe(&e)
+            );
             // start_dev waits for every queue to register its buffers: a failure report
             // (the mlock-failed flag is the public way to send one) makes it fail instead.
             udev.notify_buffer_registration_complete(true);
@@ -535,7 +689,11 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef) {
         libublk::wait_and_handle_io_events(&q, Some(IDLE_SECS), run_ops, done).await
     }));
     if let Err(e) = res {
-        log::error!("{}: ublk queue {qid} event loop: {}", dev.name(), describe(&e));
+        log::error!(
+            "{}: ublk queue {qid} event loop: {}",
+            dev.name(),
+            describe(&e)
+        );
     }
     iort::set_backend(None);
 }
@@ -562,7 +720,10 @@ async fn tag_task(
 /// Serves one request: the ublk result (bytes for reads and writes, 0 otherwise, or a
 /// negative errno). A target error or panic fails only this request.
 async fn serve(dev: &dyn BlockDevice, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
-    match AssertUnwindSafe(execute(dev, iod, buf)).catch_unwind().await {
+    match AssertUnwindSafe(execute(dev, iod, buf))
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(n)) => n,
         Ok(Err(e)) => {
             log::warn!("{}: {e}", dev.name());
@@ -672,7 +833,10 @@ mod tests {
             let w = iod(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 8, 8);
             assert_eq!(serve(&dev, &w, &mut buf).await, 4096);
             buf.fill(0);
-            assert_eq!(serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf).await, 4096);
+            assert_eq!(
+                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf).await,
+                4096
+            );
             assert!(buf[..4096].iter().all(|&b| b == 7));
             // The kernel's flushes carry sector -1.
             let f = iod(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0);
@@ -681,7 +845,10 @@ mod tests {
                 serve(&dev, &iod(sys::UBLK_IO_OP_WRITE_ZEROES, 8, 8), &mut buf).await,
                 0
             );
-            assert_eq!(serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf).await, 4096);
+            assert_eq!(
+                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf).await,
+                4096
+            );
             assert!(buf[..4096].iter().all(|&b| b == 0));
             assert_eq!(
                 serve(&dev, &iod(sys::UBLK_IO_OP_DISCARD, 0, 16), &mut buf).await,
@@ -738,8 +905,8 @@ mod tests {
     #[test]
     fn a_panicking_target_fails_the_request() {
         let mut buf = vec![0u8; 4096];
-        let r = iort::block_on(serve(&Panicky, &iod(sys::UBLK_IO_OP_READ, 0, 8), &mut buf))
-            .unwrap();
+        let r =
+            iort::block_on(serve(&Panicky, &iod(sys::UBLK_IO_OP_READ, 0, 8), &mut buf)).unwrap();
         assert_eq!(r, -libc::EIO);
     }
 
@@ -768,7 +935,9 @@ mod tests {
             return; // a ublk host: covered by the VM/host guest scripts
         }
         let dev: DeviceRef = Arc::new(MemDevice::new("m", Bytes(1 << 20)));
-        let e = UblkServer::start(dev, &UblkOptions::default()).unwrap_err();
+        let e = UblkServer::start(dev.clone(), &UblkOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("/dev/ublk-control"), "{e}");
+        let e = UblkServer::recover(dev, 0, &UblkOptions::default()).unwrap_err();
         assert!(e.to_string().contains("/dev/ublk-control"), "{e}");
     }
 }

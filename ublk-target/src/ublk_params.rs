@@ -84,7 +84,9 @@ pub fn compute(
     let pbs_shift = shift_of(pbs).filter(|&s| s >= lbs_shift).ok_or_else(|| {
         err(
             "physical_block_size",
-            format!("is {pbs}; it must be a power of two no smaller than the logical block size {lbs}"),
+            format!(
+                "is {pbs}; it must be a power of two no smaller than the logical block size {lbs}"
+            ),
         )
     })?;
     let io_opt_shift = match limits.io_opt {
@@ -105,10 +107,7 @@ pub fn compute(
     if usable == 0 {
         return Err(err(
             "size",
-            format!(
-                "is {} bytes, less than one logical block of {lbs}",
-                size.0
-            ),
+            format!("is {} bytes, less than one logical block of {lbs}", size.0),
         ));
     }
 
@@ -145,7 +144,7 @@ pub fn compute(
     if discard || zeroes {
         let gran = if discard {
             let g = limits.discard_granularity;
-            if g % lbs != 0 {
+            if !g.is_multiple_of(lbs) {
                 return Err(err(
                     "discard_granularity",
                     format!("is {g}; it must be a multiple of the logical block size {lbs}"),
@@ -192,10 +191,7 @@ mod tests {
         assert_eq!(b.io_opt_shift, 12);
         assert_eq!(b.max_sectors, 1024);
         assert_eq!(b.dev_sectors, (1u64 << 30) >> 9);
-        assert_eq!(
-            b.attrs,
-            sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA
-        );
+        assert_eq!(b.attrs, sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA);
         assert_eq!(
             p.params.types,
             sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD

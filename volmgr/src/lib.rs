@@ -5,9 +5,17 @@
 
 #![warn(missing_docs)]
 
-use tables::registry::Registry;
+use std::sync::Arc;
+
+use tables::registry::{Registry, Resolver};
 
 /// Every target kind the product knows: the built-ins plus RAID and thin provisioning.
+///
+/// RAID's `rebuild IDX DEVICE` message opens the replacement leg by path (or `major:minor`)
+/// long after the table was built, so it gets its own file resolver.
 pub fn registry() -> Registry {
-    tables::targets::builtin_registry()
+    let mut reg = tables::targets::builtin_registry();
+    let files = Arc::new(extents::FileResolver::default());
+    raid::register_with_opener(&mut reg, Arc::new(move |dev: &str| files.open(dev)));
+    reg
 }

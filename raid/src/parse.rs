@@ -1,0 +1,536 @@
+//! Table-line arguments of the `raid` and `mirror` targets, parsed and validated without
+//! opening anything (so `table check` reports errors early).
+
+use tables::registry::ArgError;
+use tables::Sectors;
+
+use crate::layout::Raid5Layout;
+
+/// RAID level and layout.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// N-way mirror.
+    Raid1,
+    /// Single parity (raid4 is [`Raid5Layout::ParityN`]).
+    Raid5(Raid5Layout),
+    /// Near-layout striped mirrors with `copies` copies of every chunk.
+    Raid10 {
+        /// Copies of each chunk.
+        copies: usize,
+    },
+}
+
+impl Level {
+    /// The dm-raid type name as printed.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Level::Raid1 => "raid1",
+            Level::Raid5(l) => l.type_name(),
+            Level::Raid10 { .. } => "raid10",
+        }
+    }
+    /// Superblock level and layout codes.
+    pub fn codes(self) -> (u32, u32) {
+        match self {
+            Level::Raid1 => (1, 0),
+            Level::Raid5(l) => (
+                if l == Raid5Layout::ParityN { 4 } else { 5 },
+                match l {
+                    Raid5Layout::LeftAsymmetric => 0,
+                    Raid5Layout::RightAsymmetric => 1,
+                    Raid5Layout::LeftSymmetric => 2,
+                    Raid5Layout::RightSymmetric => 3,
+                    Raid5Layout::ParityN => 5,
+                },
+            ),
+            Level::Raid10 { copies } => (10, 0x100 | copies as u32),
+        }
+    }
+}
+
+/// Initial synchronisation requested by the table.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// Resync what the metadata says is dirty (everything, for a new array).
+    #[default]
+    Default,
+    /// `sync`: force a full resync.
+    Force,
+    /// `nosync`: a new array (or one without metadata) is taken as already in sync.
+    Skip,
+}
+
+/// One leg as named in the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LegSpec {
+    /// Metadata device, `None` for `-`.
+    pub meta: Option<String>,
+    /// Data device.
+    pub data: String,
+    /// Start of the leg's area on the data device (`mirror` lines only).
+    pub offset: Sectors,
+}
+
+/// A parsed `raid` or `mirror` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaidConfig {
+    /// Level and layout.
+    pub level: Level,
+    /// Chunk size (ignored for raid1).
+    pub chunk: Sectors,
+    /// Bitmap region size, if given.
+    pub region: Option<Sectors>,
+    /// Legs to rebuild regardless of their metadata.
+    pub rebuild: Vec<usize>,
+    /// Initial sync mode.
+    pub sync: SyncMode,
+    /// `max_recovery_rate` in KiB/s per leg (0 = unthrottled beyond yielding to client I/O).
+    pub max_recovery_kib: u64,
+    /// Legs in table order.
+    pub legs: Vec<LegSpec>,
+    /// Whether the line was a dm-mirror line (printed back in that syntax).
+    pub mirror: bool,
+}
+
+/// Most legs an array may have (the failed-legs mask is a `u64`).
+pub const MAX_LEGS: usize = 64;
+
+fn num(args: &[String], i: usize, what: &str) -> Result<u64, ArgError> {
+    let s = args
+        .get(i)
+        .ok_or_else(|| ArgError::whole(format!("missing {what} (argument {})", i + 1)))?;
+    s.parse::<u64>()
+        .map_err(|_| ArgError::at(i + 1, format!("{what} '{s}' is not a number")))
+}
+
+fn level_of(name: &str) -> Option<Level> {
+    Some(match name {
+        "raid1" => Level::Raid1,
+        "raid4" | "raid5_n" => Level::Raid5(Raid5Layout::ParityN),
+        "raid5" | "raid5_ls" => Level::Raid5(Raid5Layout::LeftSymmetric),
+        "raid5_la" => Level::Raid5(Raid5Layout::LeftAsymmetric),
+        "raid5_ra" => Level::Raid5(Raid5Layout::RightAsymmetric),
+        "raid5_rs" => Level::Raid5(Raid5Layout::RightSymmetric),
+        "raid10" => Level::Raid10 { copies: 2 },
+        _ => return None,
+    })
+}
+
+/// Parses the arguments of a `raid` line.
+pub fn parse_raid(args: &[String]) -> Result<RaidConfig, ArgError> {
+    let t = args
+        .first()
+        .ok_or_else(|| ArgError::whole("missing raid_type"))?;
+    let mut level = level_of(t).ok_or_else(|| {
+        ArgError::at(
+            1,
+            format!(
+                "unsupported raid_type '{t}' (raid1, raid4, raid5, raid5_la, raid5_ra, \
+                 raid5_ls, raid5_rs, raid10)"
+            ),
+        )
+    })?;
+    let nparams = num(args, 1, "#raid_params")? as usize;
+    if nparams == 0 {
+        return Err(ArgError::at(
+            2,
+            "#raid_params must be at least 1 (the chunk size)",
+        ));
+    }
+    let pend = 2 + nparams;
+    if args.len() < pend + 1 {
+        return Err(ArgError::whole(format!(
+            "#raid_params says {nparams} parameters but the line ends early"
+        )));
+    }
+    let chunk = Sectors(num(args, 2, "chunk_size")?);
+    let mut cfg = RaidConfig {
+        level,
+        chunk,
+        region: None,
+        rebuild: Vec::new(),
+        sync: SyncMode::Default,
+        max_recovery_kib: 0,
+        legs: Vec::new(),
+        mirror: false,
+    };
+    let mut copies = None;
+    let mut i = 3;
+    while i < pend {
+        let key = args[i].as_str();
+        let val = |i: usize| -> Result<u64, ArgError> {
+            if i + 1 >= pend {
+                return Err(ArgError::at(i + 1, format!("'{key}' needs a value")));
+            }
+            num(args, i + 1, key)
+        };
+        match key {
+            "sync" => cfg.sync = SyncMode::Force,
+            "nosync" => cfg.sync = SyncMode::Skip,
+            "rebuild" => {
+                cfg.rebuild.push(val(i)? as usize);
+                i += 1;
+            }
+            "region_size" => {
+                let r = val(i)?;
+                if r == 0 || !r.is_power_of_two() {
+                    return Err(ArgError::at(
+                        i + 2,
+                        format!("region_size {r} must be a power of two number of sectors"),
+                    ));
+                }
+                cfg.region = Some(Sectors(r));
+                i += 1;
+            }
+            "raid10_copies" => {
+                copies = Some(val(i)? as usize);
+                i += 1;
+            }
+            "raid10_format" => {
+                if i + 1 >= pend {
+                    return Err(ArgError::at(i + 1, "'raid10_format' needs a value"));
+                }
+                if args[i + 1] != "near" {
+                    return Err(ArgError::at(
+                        i + 2,
+                        format!("raid10_format '{}' not supported (only near)", args[i + 1]),
+                    ));
+                }
+                i += 1;
+            }
+            "max_recovery_rate" => {
+                cfg.max_recovery_kib = val(i)?;
+                i += 1;
+            }
+            // Accepted for compatibility; they tune md internals we do not have.
+            "daemon_sleep" | "min_recovery_rate" | "stripe_cache" | "max_write_behind"
+            | "write_mostly" => {
+                val(i)?;
+                i += 1;
+            }
+            "journal_dev" | "journal_mode" => {
+                return Err(ArgError::at(
+                    i + 1,
+                    "journal_dev is not supported: this raid closes the write hole with the \
+                     write-intent bitmap and a resync of dirty stripes (see raid/DESIGN.md)",
+                ))
+            }
+            "data_offset" | "delta_disks" => {
+                return Err(ArgError::at(
+                    i + 1,
+                    format!("'{key}' (reshape) is not supported"),
+                ))
+            }
+            _ => {
+                return Err(ArgError::at(
+                    i + 1,
+                    format!("unknown raid parameter '{key}'"),
+                ))
+            }
+        }
+        i += 1;
+    }
+    if let Some(c) = copies {
+        match level {
+            Level::Raid10 { .. } => level = Level::Raid10 { copies: c },
+            _ => return Err(ArgError::whole("raid10_copies given for a non-raid10 type")),
+        }
+        cfg.level = level;
+    }
+    let ndev = num(args, pend, "#raid_devs")? as usize;
+    let devs = &args[pend + 1..];
+    if devs.len() != ndev * 2 {
+        return Err(ArgError::at(
+            pend + 1,
+            format!(
+                "#raid_devs is {ndev}, so {} device arguments (metadata and data pairs) are \
+                 expected, found {}",
+                ndev * 2,
+                devs.len()
+            ),
+        ));
+    }
+    for p in devs.chunks(2) {
+        cfg.legs.push(LegSpec {
+            meta: if p[0] == "-" {
+                None
+            } else {
+                Some(p[0].clone())
+            },
+            data: p[1].clone(),
+            offset: Sectors(0),
+        });
+    }
+    let metas = cfg.legs.iter().filter(|l| l.meta.is_some()).count();
+    if metas != 0 && metas != cfg.legs.len() {
+        return Err(ArgError::at(
+            pend + 2,
+            "either every leg has a metadata device or none has ('-')",
+        ));
+    }
+    check_common(&cfg, pend + 1)?;
+    Ok(cfg)
+}
+
+fn check_common(cfg: &RaidConfig, devs_arg: usize) -> Result<(), ArgError> {
+    let n = cfg.legs.len();
+    if n > MAX_LEGS {
+        return Err(ArgError::at(
+            devs_arg,
+            format!("{n} legs; at most {MAX_LEGS}"),
+        ));
+    }
+    let min = match cfg.level {
+        Level::Raid1 => 2,
+        Level::Raid5(_) => 3,
+        Level::Raid10 { copies } => {
+            if copies < 2 {
+                return Err(ArgError::whole(format!(
+                    "raid10_copies {copies} must be at least 2"
+                )));
+            }
+            copies
+        }
+    };
+    if n < min {
+        return Err(ArgError::at(
+            devs_arg,
+            format!(
+                "{} needs at least {min} legs, got {n}",
+                cfg.level.type_name()
+            ),
+        ));
+    }
+    if cfg.level != Level::Raid1 {
+        let c = cfg.chunk.0;
+        if c < 8 || !c.is_power_of_two() {
+            return Err(ArgError::at(
+                3,
+                format!("chunk_size {c} must be a power of two of at least 8 sectors"),
+            ));
+        }
+    }
+    for &r in &cfg.rebuild {
+        if r >= n {
+            return Err(ArgError::whole(format!(
+                "rebuild {r}: only {n} legs (0-based)"
+            )));
+        }
+    }
+    if cfg.level == Level::Raid1 || matches!(cfg.level, Level::Raid5(_)) {
+        let limit = if cfg.level == Level::Raid1 { n - 1 } else { 1 };
+        if cfg.rebuild.len() > limit {
+            return Err(ArgError::whole(format!(
+                "cannot rebuild {} legs of a {}-leg {} at once",
+                cfg.rebuild.len(),
+                n,
+                cfg.level.type_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a dm-mirror line: `core <#log_args> <region_size> [[no]sync] <#devs> (<dev>
+/// <offset>)... [<#features> handle_errors]`.
+pub fn parse_mirror(args: &[String]) -> Result<RaidConfig, ArgError> {
+    let log = args
+        .first()
+        .ok_or_else(|| ArgError::whole("missing log type"))?;
+    if log != "core" {
+        return Err(ArgError::at(
+            1,
+            format!(
+                "log type '{log}' not supported; use 'core' or a raid1 line with metadata devices"
+            ),
+        ));
+    }
+    let nlog = num(args, 1, "#log_args")? as usize;
+    if !(1..=2).contains(&nlog) {
+        return Err(ArgError::at(
+            2,
+            "core log takes 1 or 2 arguments: <region_size> [[no]sync]",
+        ));
+    }
+    let region = num(args, 2, "region_size")?;
+    if region == 0 || !region.is_power_of_two() {
+        return Err(ArgError::at(
+            3,
+            format!("region_size {region} must be a power of two"),
+        ));
+    }
+    let mut sync = SyncMode::Default;
+    if nlog == 2 {
+        sync = match args.get(3).map(String::as_str) {
+            Some("sync") => SyncMode::Force,
+            Some("nosync") => SyncMode::Skip,
+            other => {
+                return Err(ArgError::at(
+                    4,
+                    format!("expected sync or nosync, got '{}'", other.unwrap_or("")),
+                ))
+            }
+        };
+    }
+    let di = 2 + nlog;
+    let ndev = num(args, di, "#devs")? as usize;
+    let end = di + 1 + ndev * 2;
+    if args.len() < end {
+        return Err(ArgError::at(
+            di + 1,
+            format!(
+                "#devs is {ndev} but fewer than {} device/offset arguments follow",
+                ndev * 2
+            ),
+        ));
+    }
+    let mut legs = Vec::new();
+    for (j, p) in args[di + 1..end].chunks(2).enumerate() {
+        let off = p[1].parse::<u64>().map_err(|_| {
+            ArgError::at(di + 3 + 2 * j, format!("offset '{}' is not a number", p[1]))
+        })?;
+        legs.push(LegSpec {
+            meta: None,
+            data: p[0].clone(),
+            offset: Sectors(off),
+        });
+    }
+    let rest = &args[end..];
+    if !rest.is_empty() {
+        let nfeat = num(args, end, "#features")? as usize;
+        if rest.len() != 1 + nfeat {
+            return Err(ArgError::at(
+                end + 1,
+                "feature count does not match the features given",
+            ));
+        }
+        for (j, f) in rest[1..].iter().enumerate() {
+            if f != "handle_errors" && f != "keep_log" {
+                return Err(ArgError::at(
+                    end + 2 + j,
+                    format!("unknown mirror feature '{f}'"),
+                ));
+            }
+        }
+    }
+    let cfg = RaidConfig {
+        level: Level::Raid1,
+        chunk: Sectors(0),
+        region: Some(Sectors(region)),
+        rebuild: Vec::new(),
+        sync,
+        max_recovery_kib: 0,
+        legs,
+        mirror: true,
+    };
+    check_common(&cfg, di + 1)?;
+    Ok(cfg)
+}
+
+impl RaidConfig {
+    /// The canonical argument list (as `dmsetup table` would print it).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.mirror {
+            out.push("core".to_string());
+            let mut log = vec![self.region.unwrap_or(Sectors(1024)).0.to_string()];
+            match self.sync {
+                SyncMode::Force => log.push("sync".into()),
+                SyncMode::Skip => log.push("nosync".into()),
+                SyncMode::Default => {}
+            }
+            out.push(log.len().to_string());
+            out.extend(log);
+            out.push(self.legs.len().to_string());
+            for l in &self.legs {
+                out.push(l.data.clone());
+                out.push(l.offset.0.to_string());
+            }
+            return out;
+        }
+        out.push(self.level.type_name().to_string());
+        let mut p = vec![self.chunk.0.to_string()];
+        match self.sync {
+            SyncMode::Force => p.push("sync".into()),
+            SyncMode::Skip => p.push("nosync".into()),
+            SyncMode::Default => {}
+        }
+        for r in &self.rebuild {
+            p.push("rebuild".into());
+            p.push(r.to_string());
+        }
+        if let Some(r) = self.region {
+            p.push("region_size".into());
+            p.push(r.0.to_string());
+        }
+        if self.max_recovery_kib != 0 {
+            p.push("max_recovery_rate".into());
+            p.push(self.max_recovery_kib.to_string());
+        }
+        if let Level::Raid10 { copies } = self.level {
+            p.push("raid10_copies".into());
+            p.push(copies.to_string());
+            p.push("raid10_format".into());
+            p.push("near".into());
+        }
+        out.push(p.len().to_string());
+        out.extend(p);
+        out.push(self.legs.len().to_string());
+        for l in &self.legs {
+            out.push(l.meta.clone().unwrap_or_else(|| "-".into()));
+            out.push(l.data.clone());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_raid5_and_normalizes() {
+        let c = parse_raid(&a("raid5 3 128 region_size 1024 4 m0 d0 m1 d1 m2 d2 m3 d3")).unwrap();
+        assert_eq!(c.level, Level::Raid5(Raid5Layout::LeftSymmetric));
+        assert_eq!(c.region, Some(Sectors(1024)));
+        assert_eq!(
+            c.to_args().join(" "),
+            "raid5_ls 3 128 region_size 1024 4 m0 d0 m1 d1 m2 d2 m3 d3"
+        );
+        let again = parse_raid(&c.to_args()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn rejects_bad_lines_with_positions() {
+        let e = parse_raid(&a("raid5 1 100 3 - a - b - c")).unwrap_err();
+        assert_eq!(e.arg, Some(3));
+        let e = parse_raid(&a("raid6 1 128 4 - a - b - c - d")).unwrap_err();
+        assert_eq!(e.arg, Some(1));
+        let e = parse_raid(&a("raid1 1 0 2 - a")).unwrap_err();
+        assert!(e.msg.contains("#raid_devs"), "{e}");
+        let e = parse_raid(&a("raid1 1 0 2 m0 a - b")).unwrap_err();
+        assert!(e.msg.contains("metadata"), "{e}");
+        let e = parse_raid(&a("raid5 3 128 journal_dev j 3 - a - b - c")).unwrap_err();
+        assert!(e.msg.contains("write hole"), "{e}");
+        assert!(parse_raid(&a("raid5 3 128 rebuild 0 rebuild 1 3 - a - b - c")).is_err());
+    }
+
+    #[test]
+    fn parses_raid10_and_mirror() {
+        let c = parse_raid(&a(
+            "raid10 5 64 raid10_copies 3 raid10_format near 3 - a - b - c",
+        ))
+        .unwrap();
+        assert_eq!(c.level, Level::Raid10 { copies: 3 });
+        let m = parse_mirror(&a("core 2 1024 nosync 2 /a 0 /b 2048 1 handle_errors")).unwrap();
+        assert_eq!(m.legs[1].offset, Sectors(2048));
+        assert_eq!(m.sync, SyncMode::Skip);
+        assert_eq!(m.to_args().join(" "), "core 2 1024 nosync 2 /a 0 /b 2048");
+        assert!(parse_mirror(&a("disk 2 /log 1024 2 /a 0 /b 0")).is_err());
+    }
+}
