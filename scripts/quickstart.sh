@@ -48,7 +48,7 @@ else
   nbdinfo "$URI" | sed -n '1,12p'
   # No nbd kernel client here either: qemu-storage-daemon's FUSE export + a loop device.
   : > "$DEMO/fuse.img"
-  qemu-storage-daemon --blockdev "driver=nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port=$PORT,export=demo" \
+  qemu-storage-daemon --blockdev "driver=nbd,node-name=n0,discard=unmap,server.type=inet,server.host=127.0.0.1,server.port=$PORT,export=demo" \
     --export "type=fuse,id=e0,node-name=n0,mountpoint=$DEMO/fuse.img,writable=on" 2>"$DEMO/qsd.log" &
   QSD=$!
   for _ in $(seq 100); do [ "$(stat -c %s "$DEMO/fuse.img")" -gt 0 ] && break; sleep 0.1; done

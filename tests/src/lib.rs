@@ -62,9 +62,7 @@ pub fn free_port() -> u16 {
 
 /// Runs a command, returns its output; error if it could not start.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     Ok(out)
 }
 
@@ -230,7 +228,7 @@ impl FuseLoop {
         let qsd = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
-                "driver=nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
+                "driver=nbd,node-name=n0,discard=unmap,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
             ))
             .arg("--export")
             .arg(format!(
@@ -276,7 +274,10 @@ impl FuseLoop {
 impl Drop for FuseLoop {
     fn drop(&mut self) {
         if !self.loopdev.is_empty() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.loopdev).status();
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.loopdev)
+                .status();
         }
         if let Some(mut c) = self.qsd.take() {
             // SAFETY: signalling our own child.

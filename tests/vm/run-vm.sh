@@ -15,15 +15,26 @@
 # CHECK_FAIL line appears, if the script exits non-zero, or if it never reports completion.
 # The last line is `vm: N passed, M failed`.
 #
+# Kernel modules: the initramfs holds ublk_drv, loop, nbd, dm-mod, dm-thin-pool, dm-raid,
+# raid456, dm-flakey, dm-delay, ext4, xfs (+ dependencies). A script names the ones to load
+# at boot in a header line `# vm-modules: ublk_drv ext4`; others load on demand with lib.sh's
+# `load_modules` (`modprobe -d /run/vm` in the guest). Loading costs ~0.5-2.5 s each under TCG.
+#
 # Environment:
 #   VM_CACHE    cache for the kernel and initramfs   (default /var/cache/volmgr-vm)
-#   VM_RESULTS  writable dir shared with the guest   (default: a new dir under /tmp)
+#   VM_RESULTS  writable dir shared with the guest   (default: a new dir under /tmp, removed
+#               after a passing run unless VM_KEEP=1)
 #               the guest sees it at the same path; scripts find it in $VM_RESULTS
 #   VM_MEM      guest RAM (default 3G)      VM_SMP  guest CPUs (default: host CPUs, max 4)
 #   VM_TIMEOUT  seconds for one boot (default 900)
 #   VM_ACCEL    QEMU accelerator (default tcg,thread=multi)
 #   VM_PASS_ENV space-separated names of host variables to pass to the guest script
+#   VM_MODULES  extra modules to load at boot (space or comma separated)
 #   VM_DIRECT   1: run on this host; 0: always boot the VM; unset: autodetect
+#   VM_KERNEL_SUITE  Debian suite the kernel comes from (default bookworm-backports: 6.12;
+#               trixie-backports gives 7.x, which has ublk's UPDATE_SIZE, Linux >= 6.16)
+#   VM_LOCK     lock file serializing VM boots on this machine (default /var/lock/volmgr-vm.lock):
+#               one TCG guest at a time on our 2 cores; a second run waits and says so
 set -euo pipefail
 
 die() { echo "vm: ERROR: $*" >&2; echo "vm: 0 passed, 1 failed"; exit 1; }
@@ -42,10 +53,12 @@ VM_MEM=${VM_MEM:-3G}
 VM_SMP=${VM_SMP:-$(n=$(nproc); [ "$n" -gt 4 ] && n=4; echo "$n")}
 VM_TIMEOUT=${VM_TIMEOUT:-900}
 VM_ACCEL=${VM_ACCEL:-tcg,thread=multi}
+RESULTS_OWNED=0
 if [ -n "${VM_RESULTS:-}" ]; then
   mkdir -p "$VM_RESULTS"; VM_RESULTS=$(readlink -f "$VM_RESULTS")
 else
   VM_RESULTS=$(mktemp -d /tmp/vm-results.XXXXXX)
+  RESULTS_OWNED=1
 fi
 mkdir -p "$VM_CACHE"
 
@@ -58,12 +71,13 @@ case "${VM_DIRECT:-auto}" in
 esac
 
 # The guest mounts a fresh tmpfs on /tmp, hiding the host's /tmp: a guest script kept under
-# /tmp is copied (with its directory, for helper files) into the shared results dir.
+# /tmp is copied (with a lib.sh next to it) into the shared results dir.
 if [ "$MODE" = vm ]; then
   case "$GUEST" in
     /tmp/*|/run/*)
       mkdir -p "$VM_RESULTS/guest-src"
-      cp -a "$(dirname "$GUEST")/." "$VM_RESULTS/guest-src/"
+      cp "$GUEST" "$VM_RESULTS/guest-src/"
+      [ -f "$(dirname "$GUEST")/lib.sh" ] && cp "$(dirname "$GUEST")/lib.sh" "$VM_RESULTS/guest-src/"
       GUEST="$VM_RESULTS/guest-src/$(basename "$GUEST")" ;;
   esac
   case "$VM_RESULTS" in
@@ -79,6 +93,8 @@ LAUNCH="$VM_RESULTS/.vm-launch.sh"
   echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
   echo 'export DM_DISABLE_UDEV=1 LC_ALL=C HOME=/root'
   printf 'export VM_RESULTS=%q VM_MODE=%q\n' "$VM_RESULTS" "$MODE"
+  # Where `modprobe -d` finds the guest kernel's modules (lib.sh's load_modules uses it).
+  [ "$MODE" = vm ] && echo 'export VM_MODROOT=/run/vm'
   for v in ${VM_PASS_ENV:-}; do
     [ -n "${!v+x}" ] && printf 'export %s=%q\n' "$v" "${!v}"
   done
@@ -147,32 +163,55 @@ BUSYBOX=$(command -v busybox) || die "busybox missing"
 exec 9>"$VM_CACHE/.lock"
 flock 9
 
-# ---- 2. kernel: bookworm-backports 6.12 through a private apt config ------------------
-KDEB=$(ls "$VM_CACHE"/linux-image-6.12.*+bpo-amd64_*_amd64.deb "$VM_CACHE"/linux-image-6.12.*+deb12-amd64_*_amd64.deb 2>/dev/null | sort -V | tail -1 || true)
-if [ -z "$KDEB" ]; then
-  log "fetching the bookworm-backports kernel into $VM_CACHE"
-  A="$VM_CACHE/apt"
+# ---- 2. kernel: linux-image-amd64 of $VM_KERNEL_SUITE through a private apt config -------
+# bookworm-backports ships one linux-image-6.12.*.deb with /boot and /lib/modules; trixie and
+# later split the kernel into linux-image (meta), linux-binary and linux-modules packages that
+# install under /usr/lib/modules/KV (vmlinuz and config included). Both unpack with dpkg -x.
+SUITE=${VM_KERNEL_SUITE:-bookworm-backports}
+KV=$(cat "$VM_CACHE/suite-$SUITE.kv" 2>/dev/null || true)
+if [ -z "$KV" ] && [ "$SUITE" = bookworm-backports ]; then
+  # A cache filled before the suite became configurable.
+  KDEB=$(ls "$VM_CACHE"/linux-image-6.12.*+bpo-amd64_*_amd64.deb "$VM_CACHE"/linux-image-6.12.*+deb12-amd64_*_amd64.deb 2>/dev/null | sort -V | tail -1 || true)
+  [ -n "$KDEB" ] && KV=$(basename "$KDEB" | sed -E 's/^linux-image-([^_]+)_.*/\1/')
+fi
+if [ -z "$KV" ] || ! ls "$VM_CACHE"/linux-*-"$KV"_*_amd64.deb >/dev/null 2>&1; then
+  log "fetching the $SUITE kernel into $VM_CACHE"
+  A="$VM_CACHE/apt-$SUITE"
   mkdir -p "$A/lists/partial" "$A/cache/archives/partial"
   MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
   [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
-  echo "deb $MIRROR bookworm-backports main" > "$A/bpo.list"
-  APTO=(-o Dir::Etc::sourcelist="$A/bpo.list" -o Dir::Etc::sourceparts=/nonexistent
+  echo "deb $MIRROR $SUITE main" > "$A/sources.list"
+  APTO=(-o Dir::Etc::sourcelist="$A/sources.list" -o Dir::Etc::sourceparts=/nonexistent
         -o Dir::State::Lists="$A/lists" -o Dir::Cache="$A/cache"
         -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o APT::Sandbox::User=root)
-  apt-get "${APTO[@]}" update >"$VM_CACHE/apt-bpo.log" 2>&1 || die "backports index update failed (see $VM_CACHE/apt-bpo.log)"
+  apt-get "${APTO[@]}" update >"$VM_CACHE/apt-$SUITE.log" 2>&1 || die "$SUITE index update failed (see $VM_CACHE/apt-$SUITE.log)"
+  # The newest linux-image-amd64 of the suite names the versioned image package.
   KPKG=$(apt-cache "${APTO[@]}" depends linux-image-amd64 2>/dev/null \
-         | awk '/Depends: linux-image-6\.12/{print $2; exit}')
-  [ -n "$KPKG" ] || die "no linux-image-6.12 package in bookworm-backports"
-  (cd "$VM_CACHE" && apt-get "${APTO[@]}" download "$KPKG" >>"$VM_CACHE/apt-bpo.log" 2>&1) \
-    || die "download of $KPKG failed (see $VM_CACHE/apt-bpo.log)"
-  KDEB=$(ls "$VM_CACHE"/"$KPKG"_*_amd64.deb | sort -V | tail -1)
+         | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+  [ -n "$KPKG" ] || die "no linux-image package in $SUITE"
+  KV=${KPKG#linux-image-}
+  # Split packaging: the image package only depends on the binary and modules packages.
+  PKGS="$KPKG $(apt-cache "${APTO[@]}" depends "$KPKG" 2>/dev/null \
+         | awk -v kv="$KV" '$1 == "Depends:" && ($2 == "linux-binary-" kv || $2 == "linux-modules-" kv || $2 == "linux-base-" kv) {print $2}' | sort -u | tr '\n' ' ')"
+  # shellcheck disable=SC2086
+  (cd "$VM_CACHE" && apt-get "${APTO[@]}" download $PKGS >>"$VM_CACHE/apt-$SUITE.log" 2>&1) \
+    || die "download of $PKGS failed (see $VM_CACHE/apt-$SUITE.log)"
+  echo "$KV" > "$VM_CACHE/suite-$SUITE.kv"
 fi
-KV=$(basename "$KDEB" | sed -E 's/^linux-image-([^_]+)_.*/\1/')
 KX="$VM_CACHE/kernel-$KV"
 if [ ! -f "$KX/.complete" ]; then
-  log "unpacking $(basename "$KDEB")"
-  rm -rf "$KX"; dpkg -x "$KDEB" "$KX"; depmod -b "$KX" "$KV"; touch "$KX/.complete"
+  log "unpacking the $KV kernel"
+  rm -rf "$KX"
+  for d in "$VM_CACHE"/linux-*-"$KV"_*_amd64.deb; do dpkg -x "$d" "$KX"; done
+  # Merged-/usr packages: give them the classic paths the rest of this script uses.
+  [ -e "$KX/lib" ] || ln -s usr/lib "$KX/lib"
+  mkdir -p "$KX/boot"
+  for f in vmlinuz config; do
+    [ -e "$KX/boot/$f-$KV" ] || [ ! -e "$KX/lib/modules/$KV/$f" ] || ln -s "../lib/modules/$KV/$f" "$KX/boot/$f-$KV"
+  done
+  [ -e "$KX/boot/vmlinuz-$KV" ] || die "no vmlinuz in the $KV packages"
+  depmod -b "$KX" "$KV"; touch "$KX/.complete"
 fi
 grep -q '^CONFIG_BLK_DEV_UBLK=[my]' "$KX/boot/config-$KV" || die "kernel $KV has no ublk"
 
@@ -184,17 +223,28 @@ INIT=$(cat <<'EOF'
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "VM_INIT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
-for m in $(cat /modules.load); do
-  grep -q "^$(echo $m | tr - _) " /proc/modules && continue
-  modprobe $m 2>/dev/null || echo "VM_INIT: modprobe $m failed"
-done
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 R=$(arg vm_results); MEMT=$(arg vm_tmp)
+# Only what the harness itself needs, plus the script's declared modules (vm_modules=a,b);
+# the rest is loaded on demand: raid456 alone costs seconds of RAID-6 benchmarking under TCG.
+for m in crc32c_generic 9pnet_virtio 9p $(arg vm_modules | tr , ' '); do
+  grep -q "^$(echo $m | tr - _) " /proc/modules && continue
+  # (kernels >= 6.14 have no crc32c_generic: crc32c is a library there)
+  modprobe $m 2>/dev/null || [ $m = crc32c_generic ] || echo "VM_INIT: modprobe $m failed"
+done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroot /host \
   || { echo "VM_INIT: 9p mount of the host root failed"; poweroff -f; }
 mount -t devtmpfs dev /host/dev; mount -t proc proc /host/proc; mount -t sysfs sys /host/sys
+# devtmpfs lacks the links bash's process substitution and many tools expect.
+ln -sf /proc/self/fd /dev/fd; ln -sf fd/0 /dev/stdin; ln -sf fd/1 /dev/stdout; ln -sf fd/2 /dev/stderr
+mkdir -p /dev/shm /dev/pts; mount -t tmpfs shm /dev/shm; mount -t devpts devpts /dev/pts
 mount -t tmpfs -o size=$MEMT tmp /host/tmp; mount -t tmpfs run /host/run
 mount -t tmpfs root /host/root 2>/dev/null
+# The guest kernel's modules, for `modprobe -d /run/vm NAME` inside the chroot (the host's
+# read-only / may not even have /lib/modules).
+mkdir -p /host/run/vm/lib/modules/$(uname -r) \
+  && mount -o bind /lib/modules/$(uname -r) /host/run/vm/lib/modules/$(uname -r) \
+  || echo "VM_INIT: cannot expose the guest's modules in the chroot"
 mkdir -p /host$R 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 results /host$R \
   || { echo "VM_INIT: 9p mount of the results dir failed"; poweroff -f; }
@@ -210,10 +260,8 @@ if [ ! -f "$INITRD" ]; then
   mkdir -p "$R"/{bin,dev,proc,sys,tmp,host,lib/modules/$KV}
   cp "$BUSYBOX" "$R/bin/busybox"
   DEP="$KX/lib/modules/$KV/modules.dep"
-  load=""
   for m in $MODS; do
     if grep -qE "/$m\.ko(\.xz)?:" "$DEP"; then
-      load="$load $m"
       grep -E "/$m\.ko(\.xz)?:" "$DEP" | tr -d ':' | tr ' ' '\n'
     elif ! grep -qE "/$m\.ko" "$KX/lib/modules/$KV/modules.builtin"; then
       echo "vm: note: module $m is not in kernel $KV" >&2
@@ -226,13 +274,11 @@ if [ ! -f "$INITRD" ]; then
       *) cp "$KX/lib/modules/$KV/$f" "$R/lib/modules/$KV/$f" ;;
     esac
   done
-  for m in $MODS; do
-    grep -qE "/$m\.ko(\.xz)?:" "$DEP" && echo "$m"
-  done > "$R/modules.load"
   cp "$KX/lib/modules/$KV"/modules.{order,builtin,builtin.modinfo} "$R/lib/modules/$KV/"
   depmod -b "$R" "$KV"
   printf '%s\n' "$INIT" > "$R/init"; chmod +x "$R/init"
   (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD.tmp"
+  rm -f "$VM_CACHE"/initrd-"$KV"-*.gz   # older builds of the init script or module list
   mv "$INITRD.tmp" "$INITRD"; rm -rf "$R"
 fi
 flock -u 9
@@ -240,9 +286,23 @@ log "kernel $KV, initramfs $(basename "$INITRD") ready"
 
 # ---- 4. boot, retrying a guest that dies before the script starts ---------------------
 # Multi-threaded TCG occasionally oopses early in boot (a cross-vCPU code-patching race).
+# Modules to load at boot: the script's `# vm-modules: a b c` header line, plus VM_MODULES.
+MODLIST=$( { sed -n 's/^# *vm-modules: *//p' "$GUEST" | head -n1; echo "${VM_MODULES:-}"; } \
+  | tr ' \n' ',,' | tr -s , | sed 's/^,//; s/,$//')
 MEMT=$(awk -v m="$VM_MEM" 'BEGIN{u=toupper(substr(m,length(m))); n=m+0;
   if(u=="G")n*=1024; printf "%dm", n/2}')
 CONSOLE="$VM_RESULTS/console.log"
+# One VM at a time on this machine: two TCG guests on 2 cores would both crawl (and distort
+# each other's timings). Wait for the lock, and say so.
+VM_LOCK=${VM_LOCK:-/var/lock/volmgr-vm.lock}
+exec 8<>"$VM_LOCK" || die "cannot open the VM lock $VM_LOCK"
+if ! flock -n 8; then
+  log "another VM is running ($(tr -d '\n' < "$VM_LOCK" 2>/dev/null)); waiting for $VM_LOCK"
+  tw=$(date +%s)
+  flock 8
+  log "got $VM_LOCK after waiting $(( $(date +%s) - tw ))s"
+fi
+echo "pid $$ $(basename "$GUEST") since $(date -u +%H:%M:%S)" > "$VM_LOCK"
 rc=1
 for attempt in 1 2 3; do
   log "booting ($VM_ACCEL, ${VM_MEM} RAM, $VM_SMP CPUs), attempt $attempt"
@@ -250,10 +310,11 @@ for attempt in 1 2 3; do
   timeout --foreground -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu max \
     -m "$VM_MEM" -smp "$VM_SMP" -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$KX/boot/vmlinuz-$KV" -initrd "$INITRD" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$VM_RESULTS",mount_tag=results,security_model=none,multidevs=remap \
-    </dev/null 2>&1 | tr -d '\r' | tee "$CONSOLE.$attempt" | grep -av '^VM_GUEST_START\|^VM_INIT uptime'
+    </dev/null 2>&1 | tr -d '\r' | tee "$CONSOLE.$attempt" \
+    | sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g' | grep -av '^VM_GUEST_START\|^VM_INIT uptime'
   rc=${PIPESTATUS[0]}
   set -e
   cp "$CONSOLE.$attempt" "$CONSOLE"
@@ -273,8 +334,15 @@ for attempt in 1 2 3; do
   fi
   log "guest died before /init (kept $CONSOLE.$attempt); retrying"
 done
+: > "$VM_LOCK"; flock -u 8; exec 8>&-
 grep -aq '^VM_GUEST_START' "$CONSOLE" || die "guest did not start in 3 boots (qemu rc=$rc, see $CONSOLE)"
 extra=0
 [ "$rc" = 0 ] || extra=1
-grep -aqE 'Kernel panic|BUG:|Oops' "$CONSOLE" && { echo "vm: kernel oops/panic in the guest"; extra=$((extra + 1)); }
-verdict "$CONSOLE" "$extra"
+grep -aqE '^\[ *[0-9.]+\] (Kernel panic|BUG:|Oops|WARNING:)' "$CONSOLE" \
+  && { echo "vm: kernel oops/panic/warning in the guest"; extra=$((extra + 1)); }
+if verdict "$CONSOLE" "$extra"; then
+  # A results dir we made ourselves is only worth keeping when something failed.
+  [ -z "${VM_KEEP:-}" ] && [ "$RESULTS_OWNED" = 1 ] && rm -rf "$VM_RESULTS"
+  exit 0
+fi
+exit 1

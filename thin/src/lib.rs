@@ -1,1 +1,27 @@
-//! Thin provisioning.
+//! Thin provisioning: dm-thin compatible pools with crash-safe copy-on-write metadata,
+//! reference-counted data blocks, O(1) snapshots and external origins.
+//!
+//! - [`types`]: typed block numbers.
+//! - [`disk`]: on-disk formats (superblock, B-tree node, space map bitmap), crc32c on all.
+//! - [`meta`]: the resident metadata: copy-on-write B-trees, reference counts, commit.
+//! - [`pool`]: the pool and thin volume devices (I/O path, commits, messages).
+//! - [`target`]: the `thin-pool` and `thin` table targets.
+//! - [`tools`]: check, dump, restore, repair.
+//!
+//! See `DESIGN.md` in this crate for the design and its crash-safety argument.
+
+#![warn(missing_docs)]
+
+pub mod disk;
+pub mod error;
+pub mod meta;
+pub mod pool;
+pub mod sync;
+pub mod target;
+pub mod tools;
+pub mod types;
+
+pub use error::{MetaError, MetaResult, Structure};
+pub use pool::{Pool, PoolOptions, PoolStats, ThinDevice};
+pub use target::register;
+pub use types::{DataBlock, MetaBlock, ThinId, VBlock};

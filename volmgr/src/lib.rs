@@ -17,5 +17,6 @@ pub fn registry() -> Registry {
     let mut reg = tables::targets::builtin_registry();
     let files = Arc::new(extents::FileResolver::default());
     raid::register_with_opener(&mut reg, Arc::new(move |dev: &str| files.open(dev)));
+    thin::register(&mut reg);
     reg
 }

@@ -35,6 +35,56 @@ enum Cmd {
     /// Manage the daemon's devices (dmsetup-like).
     #[command(subcommand)]
     Dev(DevCmd),
+    /// Thin-pool metadata tools (the pool must not be in use).
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Verify every metadata structure and recount every reference (as thin_check).
+    Check {
+        /// Metadata device or file.
+        metadata: PathBuf,
+        /// JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the metadata as a readable dump (text, or JSON that `pool restore` reads).
+    Dump {
+        /// Metadata device or file.
+        metadata: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Dump the held metadata snapshot (reserve_metadata_snap) instead of the live root.
+        #[arg(long)]
+        metadata_snap: bool,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Write metadata rebuilt from a JSON dump onto a metadata device (overwrites it).
+    Restore {
+        /// JSON dump (from `pool dump --json`).
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Metadata device or file to overwrite.
+        metadata: PathBuf,
+        /// Confirm overwriting the metadata device.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Rebuild what can be found in damaged metadata into a new metadata device.
+    Repair {
+        /// Damaged metadata (read only).
+        input: PathBuf,
+        /// New metadata device or file (overwritten).
+        output: PathBuf,
+        /// Confirm overwriting the output device.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -434,6 +484,131 @@ fn dev(cmd: DevCmd) -> Result<()> {
     Ok(())
 }
 
+fn open_meta(path: &Path, writable: bool) -> Result<DeviceRef> {
+    let opts = extents::OpenOptions {
+        read_only: !writable,
+        ..extents::OpenOptions::default()
+    };
+    let e = extents::FileExtent::open(path, opts)
+        .with_context(|| format!("opening metadata device {}", path.display()))?;
+    Ok(Arc::new(e))
+}
+
+fn block<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T> {
+    iort::block_on(f).with_context(|| format!("{what}: starting the I/O runtime"))
+}
+
+fn pool(cmd: PoolCmd) -> Result<()> {
+    match cmd {
+        PoolCmd::Check { metadata, json } => {
+            let dev = open_meta(&metadata, false)?;
+            let r = block("pool check", thin::tools::check(&dev))?
+                .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: transaction {} generation {}; {} thin device(s), {} mapped block(s); data {}/{} blocks, metadata {}/{} blocks",
+                    metadata.display(),
+                    r.transaction_id,
+                    r.generation,
+                    r.devices,
+                    r.mapped_blocks,
+                    r.data_used,
+                    r.data_total,
+                    r.meta_used,
+                    r.meta_total
+                );
+                for e in &r.errors {
+                    println!("error: {e}");
+                }
+            }
+            if !r.clean {
+                bail!(
+                    "{}: {} metadata error(s)",
+                    metadata.display(),
+                    r.errors.len()
+                );
+            }
+        }
+        PoolCmd::Dump {
+            metadata,
+            json,
+            metadata_snap,
+            output,
+        } => {
+            let dev = open_meta(&metadata, false)?;
+            let d = if metadata_snap {
+                block("pool dump", thin::tools::dump_metadata_snap(&dev))?
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?
+                    .with_context(|| {
+                        format!("{}: no metadata snapshot is held", metadata.display())
+                    })?
+            } else {
+                block("pool dump", thin::tools::dump(&dev))?
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?
+            };
+            let text = if json {
+                serde_json::to_string_pretty(&d)? + "\n"
+            } else {
+                d.to_string()
+            };
+            match output {
+                Some(p) => {
+                    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => print!("{text}"),
+            }
+        }
+        PoolCmd::Restore {
+            input,
+            metadata,
+            yes,
+        } => {
+            if !yes {
+                bail!(
+                    "pool restore overwrites {}: add --yes to confirm",
+                    metadata.display()
+                );
+            }
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let d: thin::tools::Dump = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a JSON pool dump", input.display()))?;
+            let dev = open_meta(&metadata, true)?;
+            block("pool restore", thin::tools::restore(&d, &dev))?
+                .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?;
+            println!(
+                "restored {} device(s) into {}",
+                d.devices.len(),
+                metadata.display()
+            );
+        }
+        PoolCmd::Repair { input, output, yes } => {
+            if !yes {
+                bail!(
+                    "pool repair overwrites {}: add --yes to confirm",
+                    output.display()
+                );
+            }
+            let src = open_meta(&input, false)?;
+            let dst = open_meta(&output, true)?;
+            let r = block("pool repair", thin::tools::repair(&src, &dst))?
+                .map_err(|e| anyhow::anyhow!("{} -> {}: {e}", input.display(), output.display()))?;
+            println!(
+                "recovered {} device(s), {} mapping(s) into {}",
+                r.devices,
+                r.mappings,
+                output.display()
+            );
+            for p in &r.problems {
+                println!("skipped: {p}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -441,6 +616,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Daemon(a) => daemon(a),
         Cmd::Dev(c) => dev(c),
+        Cmd::Pool(c) => pool(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

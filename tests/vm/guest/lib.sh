@@ -1,0 +1,41 @@
+# lib.sh - helpers for guest scripts run by tests/vm/run-vm.sh (source it).
+#
+# Every check prints exactly one line: `CHECK_OK name` or `CHECK_FAIL name: why`; run-vm.sh
+# counts them. Checks never abort the script: later checks still run and report.
+
+ok()   { echo "CHECK_OK $1"; }
+fail() { echo "CHECK_FAIL $1: ${2:-failed}"; }
+# check NAME CMD...: runs CMD (output shown), OK if it exits 0.
+check() {
+  local name=$1; shift
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  [ -n "$out" ] && printf '%s\n' "$out" | sed 's/^/  | /' | tail -n 40
+  if [ $rc = 0 ]; then ok "$name"; else fail "$name" "exit $rc: $*"; fi
+  return $rc
+}
+# expect_eq NAME GOT WANT
+expect_eq() {
+  if [ "$2" = "$3" ]; then ok "$1"; else fail "$1" "got '$2', want '$3'"; fi
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+step() { echo "----- $* (uptime $(uptime_s)s)"; }
+# wait_for PATH-TEST SECONDS: waits until `test $1` holds.
+wait_for() {
+  local t=0
+  while ! test "$1" "$2"; do
+    sleep 0.1; t=$((t + 1)); [ $t -ge $(( $3 * 10 )) ] && return 1
+  done
+}
+# load_modules NAME...: loads kernel modules (the guest kernel's, in the VM); one check each
+# only on failure, so scripts can call it freely.
+load_modules() {
+  local m rc=0
+  for m in "$@"; do
+    grep -q "^$(echo "$m" | tr - _) " /proc/modules && continue
+    if ! modprobe ${VM_MODROOT:+-d "$VM_MODROOT"} "$m"; then
+      fail "modprobe-$m" "cannot load kernel module $m"; rc=1
+    fi
+  done
+  return $rc
+}

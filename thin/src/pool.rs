@@ -1,0 +1,1022 @@
+//! The pool: metadata + data device, the thin volume I/O path, commits and messages.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tables::io::{BlockDevice, IoFuture, Limits};
+use tables::{Bytes, DeviceRef, IoError, IoResult, Sectors, WriteFlags};
+
+use crate::error::{MetaError, MetaResult};
+use crate::meta::{self, Lookup, Metadata};
+use crate::sync::{CellLocks, Gate};
+use crate::types::{DataBlock, ThinId, VBlock, META_BLOCK_SIZE};
+
+/// Pool settings (the table line's block size, low-water mark and feature arguments).
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Data block size in sectors (power of two, 8..=2097152).
+    pub data_block_sectors: u32,
+    /// Free data blocks at which a warning is logged and an event counted.
+    pub low_water_blocks: u64,
+    /// Partial writes to new blocks leave the rest of the block as it was on the data device.
+    pub skip_block_zeroing: bool,
+    /// Thin devices ignore discards.
+    pub ignore_discard: bool,
+    /// Freed blocks are not discarded on the data device.
+    pub no_discard_passdown: bool,
+    /// No metadata changes; writes to unprovisioned or shared blocks fail.
+    pub read_only: bool,
+    /// Fail writes at once when the pool is out of data space (else wait `no_space_timeout`).
+    pub error_if_no_space: bool,
+    /// Background commit period (`None`: only on FLUSH/FUA and explicit commits).
+    pub commit_interval: Option<Duration>,
+    /// How long a write waits for data space before failing with ENOSPC.
+    pub no_space_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> PoolOptions {
+        PoolOptions {
+            data_block_sectors: 128,
+            low_water_blocks: 0,
+            skip_block_zeroing: false,
+            ignore_discard: false,
+            no_discard_passdown: false,
+            read_only: false,
+            error_if_no_space: false,
+            commit_interval: Some(Duration::from_secs(1)),
+            no_space_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters and sizes of a pool, as `status` prints them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStats {
+    /// User transaction id.
+    pub transaction_id: u64,
+    /// Metadata blocks used.
+    pub meta_used: u64,
+    /// Metadata blocks in total.
+    pub meta_total: u64,
+    /// Data blocks used (reference count > 0).
+    pub data_used: u64,
+    /// Data blocks in total.
+    pub data_total: u64,
+    /// Data blocks allocatable now.
+    pub data_free: u64,
+    /// `rw`, `ro`, `out_of_data_space` or `fail`.
+    pub mode: String,
+    /// Times the free data blocks fell to the low-water mark.
+    pub low_water_events: u64,
+    /// Commits done since open.
+    pub commits: u64,
+}
+
+/// Largest piece a copy-on-write or zero-fill of one block handles at a time.
+const COPY_CHUNK: u64 = 1 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An open pool.
+pub struct Pool {
+    name: String,
+    meta_dev: DeviceRef,
+    data_dev: Mutex<DeviceRef>,
+    opts: Mutex<PoolOptions>,
+    block_bytes: u64,
+    meta: Mutex<Metadata>,
+    commit_lock: futures::lock::Mutex<()>,
+    cells: CellLocks<(u32, u64)>,
+    gates: Mutex<HashMap<ThinId, Gate>>,
+    open_thins: Mutex<HashMap<ThinId, usize>>,
+    failed: Mutex<Option<String>>,
+    out_of_space: AtomicBool,
+    low_water_armed: AtomicBool,
+    low_water_events: AtomicU64,
+    commits: AtomicU64,
+    last_commit: Mutex<Instant>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Pool {
+    /// The last handle is gone: stop the committer and make a final commit (best effort,
+    /// on a helper thread with its own runtime, since drop may run inside one).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let due = lock(&self.meta).is_dirty()
+            && lock(&self.failed).is_none()
+            && !lock(&self.opts).read_only;
+        if !due {
+            return;
+        }
+        let this: &Pool = self;
+        let r = std::thread::scope(|s| {
+            s.spawn(|| match iort::block_on(this.commit()) {
+                Ok(r) => r,
+                Err(_) => futures::executor::block_on(this.commit()),
+            })
+            .join()
+        });
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("{}: final commit failed: {e}", self.name),
+            Err(_) => log::error!("{}: final commit panicked", self.name),
+        }
+    }
+}
+
+fn meta_io(e: MetaError) -> IoError {
+    e.into()
+}
+
+impl Pool {
+    /// Opens the pool on `meta_dev`/`data_dev`, formatting the metadata if block 0 is all
+    /// zeroes. A data or metadata device that grew is taken into use.
+    pub async fn open(
+        meta_dev: DeviceRef,
+        data_dev: DeviceRef,
+        opts: PoolOptions,
+    ) -> MetaResult<Arc<Pool>> {
+        let dbs = opts.data_block_sectors;
+        if !dbs.is_power_of_two() || !(8..=2_097_152).contains(&dbs) {
+            return Err(MetaError::Invalid(format!(
+                "data block size {dbs} sectors: must be a power of two from 8 (4 KiB) to 2097152 (1 GiB)"
+            )));
+        }
+        let block_bytes = Sectors(dbs as u64).bytes().0;
+        let nr_data = data_dev.size().0 / block_bytes;
+        let nr_meta = meta_dev.size().0 / META_BLOCK_SIZE as u64;
+        let (m, fresh) = match meta::read_superblock(&*meta_dev).await? {
+            None => {
+                if opts.read_only {
+                    return Err(MetaError::Invalid(format!(
+                        "{}: metadata device is blank and the pool is read_only",
+                        meta_dev.name()
+                    )));
+                }
+                (Metadata::format(dbs, nr_data, nr_meta)?, true)
+            }
+            Some(_) => {
+                let (mut m, report) = meta::load(&*meta_dev).await?;
+                if m.sb.data_block_sectors != dbs {
+                    return Err(MetaError::Invalid(format!(
+                        "{}: pool was created with data block size {} sectors, table says {dbs}",
+                        meta_dev.name(),
+                        m.sb.data_block_sectors
+                    )));
+                }
+                if nr_data < m.sb.nr_data_blocks {
+                    return Err(MetaError::Invalid(format!(
+                        "{}: data device holds {nr_data} blocks but the pool has {} (shrinking is not supported)",
+                        data_dev.name(),
+                        m.sb.nr_data_blocks
+                    )));
+                }
+                if !report.leaked.is_empty() {
+                    log::warn!(
+                        "{}: {} data blocks have a higher reference count than references (leaked space; run check/repair)",
+                        meta_dev.name(),
+                        report.leaked.len()
+                    );
+                }
+                if !opts.read_only {
+                    m.grow_data(nr_data);
+                    m.grow_meta(nr_meta);
+                }
+                (m, false)
+            }
+        };
+        let pool = Arc::new(Pool {
+            name: format!("thin-pool({})", meta_dev.name()),
+            meta_dev,
+            data_dev: Mutex::new(data_dev),
+            opts: Mutex::new(opts.clone()),
+            block_bytes,
+            meta: Mutex::new(m),
+            commit_lock: futures::lock::Mutex::new(()),
+            cells: CellLocks::default(),
+            gates: Mutex::new(HashMap::new()),
+            open_thins: Mutex::new(HashMap::new()),
+            failed: Mutex::new(None),
+            out_of_space: AtomicBool::new(false),
+            low_water_armed: AtomicBool::new(true),
+            low_water_events: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            last_commit: Mutex::new(Instant::now()),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        if fresh || lock(&pool.meta).is_dirty() {
+            pool.commit().await.map_err(MetaError::Io)?;
+        }
+        if let Some(iv) = opts.commit_interval {
+            spawn_committer(&pool, iv);
+        }
+        Ok(pool)
+    }
+
+    /// Name for messages.
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+    /// Data block size in bytes.
+    pub fn block_bytes(&self) -> Bytes {
+        Bytes(self.block_bytes)
+    }
+    /// The metadata device.
+    pub fn meta_dev(&self) -> DeviceRef {
+        self.meta_dev.clone()
+    }
+    /// The data device.
+    pub fn data_dev(&self) -> DeviceRef {
+        lock(&self.data_dev).clone()
+    }
+    /// Current options.
+    pub fn options(&self) -> PoolOptions {
+        lock(&self.opts).clone()
+    }
+
+    /// Applies a reloaded table line to the live pool: new options, and a data device that
+    /// may have grown (it must be at least as large as the pool).
+    pub fn reconfigure(&self, data_dev: DeviceRef, opts: PoolOptions) -> Result<(), String> {
+        let nr_data = data_dev.size().0 / self.block_bytes;
+        let mut m = lock(&self.meta);
+        if nr_data < m.sb.nr_data_blocks {
+            return Err(format!(
+                "data device {} holds {nr_data} blocks but the pool has {} (shrinking is not supported)",
+                data_dev.name(),
+                m.sb.nr_data_blocks
+            ));
+        }
+        if opts.data_block_sectors as u64 * 512 != self.block_bytes {
+            return Err("the data block size of a live pool cannot change".into());
+        }
+        if !opts.read_only {
+            m.grow_data(nr_data);
+            m.grow_meta(self.meta_dev.size().0 / META_BLOCK_SIZE as u64);
+        }
+        drop(m);
+        *lock(&self.data_dev) = data_dev;
+        *lock(&self.opts) = opts;
+        self.low_water_armed.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Takes into use whatever the data and metadata devices have grown by since the pool
+    /// was opened (`pool resize` after the devices were extended). Committed with the next
+    /// commit.
+    pub fn grow_to_devices(&self) -> IoResult<PoolStats> {
+        self.writable()?;
+        let nr_data = self.data_dev().size().0 / self.block_bytes;
+        let nr_meta = self.meta_dev.size().0 / META_BLOCK_SIZE as u64;
+        {
+            let mut m = self.meta();
+            m.grow_data(nr_data);
+            m.grow_meta(nr_meta);
+        }
+        self.low_water_check();
+        Ok(self.stats())
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Metadata> {
+        lock(&self.meta)
+    }
+
+    fn gate(&self, id: ThinId) -> Gate {
+        lock(&self.gates).entry(id).or_default().clone()
+    }
+
+    fn fail(&self, why: String) {
+        log::error!(
+            "{}: metadata operation failed, pool is now read-only: {why}",
+            self.name
+        );
+        let mut f = lock(&self.failed);
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+
+    fn writable(&self) -> IoResult<()> {
+        if let Some(why) = lock(&self.failed).as_ref() {
+            return Err(IoError::eio(format!("{}: pool failed ({why})", self.name)));
+        }
+        if lock(&self.opts).read_only {
+            return Err(IoError::read_only(format!(
+                "{}: pool is read_only",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs a metadata mutation; an error that means the in-memory state may be damaged
+    /// (anything but space and argument errors) fails the pool.
+    fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> MetaResult<T>) -> IoResult<T> {
+        self.writable()?;
+        let r = f(&mut self.meta());
+        match r {
+            Ok(v) => Ok(v),
+            Err(e @ MetaError::NoSpace(_)) => Err(meta_io(e)),
+            Err(e @ MetaError::Invalid(_)) => Err(meta_io(e)),
+            Err(e) => {
+                self.fail(e.to_string());
+                Err(meta_io(e))
+            }
+        }
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> PoolStats {
+        let m = self.meta();
+        let opts = lock(&self.opts);
+        let mode = if lock(&self.failed).is_some() {
+            "fail"
+        } else if opts.read_only {
+            "ro"
+        } else if self.out_of_space.load(Ordering::Relaxed) {
+            "out_of_data_space"
+        } else {
+            "rw"
+        };
+        PoolStats {
+            transaction_id: m.sb.transaction_id,
+            meta_used: m.meta_used(),
+            meta_total: m.sb.nr_meta_blocks,
+            data_used: m.data_used(),
+            data_total: m.sb.nr_data_blocks,
+            data_free: m.data_free(),
+            mode: mode.into(),
+            low_water_events: self.low_water_events.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The dm-thin style status line.
+    pub fn status_line(&self) -> String {
+        let s = self.stats();
+        let o = self.options();
+        let held = self.meta().sb.held_root.0;
+        format!(
+            "{} {}/{} {}/{} {} {} {} {} {} {}",
+            s.transaction_id,
+            s.meta_used,
+            s.meta_total,
+            s.data_used,
+            s.data_total,
+            if held == 0 {
+                "-".to_string()
+            } else {
+                held.to_string()
+            },
+            s.mode,
+            if o.no_discard_passdown {
+                "no_discard_passdown"
+            } else {
+                "discard_passdown"
+            },
+            if o.error_if_no_space {
+                "error_if_no_space"
+            } else {
+                "queue_if_no_space"
+            },
+            if lock(&self.failed).is_some() {
+                "needs_check"
+            } else {
+                "-"
+            },
+            (s.meta_total / 32).clamp(16, 256),
+        )
+    }
+
+    /// Device ids and their mapped block counts.
+    pub fn devices(&self) -> IoResult<Vec<(ThinId, u64)>> {
+        Ok(self
+            .meta()
+            .devices()
+            .map_err(meta_io)?
+            .into_iter()
+            .map(|(id, i)| (id, i.mapped))
+            .collect())
+    }
+
+    /// `create_thin <id>`.
+    pub fn create_thin(&self, id: ThinId) -> IoResult<()> {
+        self.mutate(|m| m.create_thin(id))
+    }
+
+    /// `create_snap <id> <origin>`: waits for the origin's in-flight writes, then shares its
+    /// mapping in O(1).
+    pub async fn create_snap(&self, id: ThinId, origin: ThinId) -> IoResult<()> {
+        self.writable()?;
+        let _g = self.gate(origin).exclusive().await;
+        self.mutate(|m| m.create_snap(id, origin))
+    }
+
+    /// `delete <id>`: refused while a thin device of that id is open.
+    pub fn delete(&self, id: ThinId) -> IoResult<()> {
+        if lock(&self.open_thins).get(&id).copied().unwrap_or(0) > 0 {
+            return Err(IoError::new(
+                libc::EBUSY,
+                format!("{}: {id} is open; remove its table first", self.name),
+            ));
+        }
+        self.mutate(|m| m.delete(id))
+    }
+
+    /// `set_transaction_id <old> <new>`.
+    pub fn set_transaction_id(&self, old: u64, new: u64) -> IoResult<()> {
+        self.mutate(|m| m.set_transaction_id(old, new))
+    }
+
+    /// Whether a periodic commit is due.
+    fn commit_due(&self, interval: Duration) -> bool {
+        self.meta().is_dirty() && lock(&self.last_commit).elapsed() >= interval
+    }
+
+    /// Makes every completed write durable: flushes the data device, writes the metadata
+    /// changed since the last commit, flushes, then writes the superblock with FUA. Blocks
+    /// freed by the transaction are discarded on the data device (unless disabled) and only
+    /// then handed out again.
+    pub async fn commit(&self) -> IoResult<()> {
+        let _c = self.commit_lock.lock().await;
+        let data = self.data_dev();
+        let prepared = {
+            let mut m = self.meta();
+            if m.is_dirty() && lock(&self.failed).is_none() && !lock(&self.opts).read_only {
+                match m.prepare_commit() {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        drop(m);
+                        self.fail(e.to_string());
+                        return Err(meta_io(e));
+                    }
+                }
+            } else {
+                None
+            }
+        };
+        let r = async {
+            data.flush()
+                .await
+                .map_err(|e| e.context(format!("{}: flushing data device", self.name)))?;
+            let Some(p) = prepared.as_ref() else {
+                return Ok(());
+            };
+            for chunk in p.blocks.chunks(64) {
+                let futs = chunk
+                    .iter()
+                    .map(|(b, buf)| meta::write_block(&*self.meta_dev, *b, buf, false));
+                iort::try_join_all(futs.collect()).await.map_err(meta_io)?;
+            }
+            self.meta_dev.flush().await?;
+            meta::write_block(
+                &*self.meta_dev,
+                crate::types::MetaBlock(0),
+                &p.superblock,
+                true,
+            )
+            .await
+            .map_err(meta_io)?;
+            if !self.meta_dev.limits().fua {
+                self.meta_dev.flush().await?;
+            }
+            Ok::<(), IoError>(())
+        }
+        .await;
+        let Some(p) = prepared else {
+            return r;
+        };
+        if let Err(e) = r {
+            self.meta().abort_commit(p);
+            return Err(e.context(format!("{}: commit", self.name)));
+        }
+        let freed = self.meta().finish_commit(p);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_commit) = Instant::now();
+        let o = self.options();
+        if !o.no_discard_passdown && !o.ignore_discard && !freed.is_empty() {
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            let mut sorted: Vec<u64> = freed.iter().map(|d| d.0).collect();
+            sorted.sort_unstable();
+            for d in sorted {
+                match runs.last_mut() {
+                    Some((s, n)) if *s + *n == d => *n += 1,
+                    _ => runs.push((d, 1)),
+                }
+            }
+            for (s, n) in runs {
+                if let Err(e) = data
+                    .discard(Bytes(s * self.block_bytes), Bytes(n * self.block_bytes))
+                    .await
+                {
+                    log::debug!("{}: discard passdown failed: {e}", self.name);
+                }
+            }
+        }
+        self.meta().release_data(&freed);
+        Ok(())
+    }
+
+    /// Commits what is pending; call before dropping the last handle.
+    pub async fn close(&self) -> IoResult<()> {
+        self.commit().await
+    }
+
+    /// Opens thin device `id` with virtual size `size`, reading unmapped blocks from
+    /// `origin` if given.
+    pub fn thin(
+        self: &Arc<Pool>,
+        id: ThinId,
+        size: Bytes,
+        origin: Option<DeviceRef>,
+    ) -> IoResult<Arc<ThinDevice>> {
+        if self.meta().device(id).map_err(meta_io)?.is_none() {
+            return Err(IoError::new(
+                libc::ENODEV,
+                format!("{}: {id} does not exist (create_thin first)", self.name),
+            ));
+        }
+        *lock(&self.open_thins).entry(id).or_insert(0) += 1;
+        Ok(Arc::new(ThinDevice {
+            pool: self.clone(),
+            id,
+            gate: self.gate(id),
+            size,
+            origin,
+            name: format!("thin({}, {})", self.name, id.0),
+        }))
+    }
+
+    fn block_off(&self, d: DataBlock) -> u64 {
+        d.0 * self.block_bytes
+    }
+
+    /// Waits for a free data block, as the no-space policy says.
+    async fn alloc_data(&self) -> IoResult<DataBlock> {
+        let start = Instant::now();
+        loop {
+            let (got, pending) = {
+                let mut m = self.meta();
+                (m.reserve_data(), m.data_pending())
+            };
+            if let Some(d) = got {
+                self.out_of_space.store(false, Ordering::Relaxed);
+                return Ok(d);
+            }
+            if pending > 0 {
+                // Freed blocks come back once their transaction is durable.
+                self.commit().await?;
+                continue;
+            }
+            self.out_of_space.store(true, Ordering::Relaxed);
+            let o = self.options();
+            if o.error_if_no_space || start.elapsed() >= o.no_space_timeout {
+                return Err(IoError::nospc(format!("{}: out of data space", self.name)));
+            }
+            iort::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn low_water_check(&self) {
+        let free = self.meta().data_free();
+        let lw = lock(&self.opts).low_water_blocks;
+        if free <= lw {
+            if self.low_water_armed.swap(false, Ordering::Relaxed) {
+                self.low_water_events.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "{}: free data blocks ({free}) reached the low-water mark ({lw})",
+                    self.name
+                );
+            }
+        } else {
+            self.low_water_armed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    async fn read_origin(origin: &DeviceRef, off: u64, buf: &mut [u8]) -> IoResult<()> {
+        let size = origin.size().0;
+        if off >= size {
+            buf.fill(0);
+            return Ok(());
+        }
+        let n = ((size - off) as usize).min(buf.len());
+        origin.read(Bytes(off), &mut buf[..n]).await?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    async fn read_block(
+        &self,
+        t: &ThinDevice,
+        v: VBlock,
+        off: usize,
+        buf: &mut [u8],
+    ) -> IoResult<()> {
+        let _cell = self.cells.lock((t.id.0, v.0)).await;
+        let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
+        match look {
+            Some(l) => {
+                let data = self.data_dev();
+                data.read(Bytes(self.block_off(l.block) + off as u64), buf)
+                    .await
+            }
+            None => match &t.origin {
+                Some(o) => Self::read_origin(o, v.0 * self.block_bytes + off as u64, buf).await,
+                None => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    async fn write_block(&self, t: &ThinDevice, v: VBlock, off: usize, src: &[u8]) -> IoResult<()> {
+        let _cell = self.cells.lock((t.id.0, v.0)).await;
+        let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
+        let data = self.data_dev();
+        if let Some(Lookup {
+            block,
+            exclusive: true,
+        }) = look
+        {
+            if lock(&self.failed).is_none() {
+                return data
+                    .write(
+                        Bytes(self.block_off(block) + off as u64),
+                        src,
+                        WriteFlags::default(),
+                    )
+                    .await;
+            }
+        }
+        self.writable()?;
+        let d = self.alloc_data().await?;
+        let bs = self.block_bytes;
+        let res = async {
+            let at = self.block_off(d);
+            if off == 0 && src.len() as u64 == bs {
+                return data.write(Bytes(at), src, WriteFlags::default()).await;
+            }
+            if look.is_none() && t.origin.is_none() && self.options().skip_block_zeroing {
+                return data
+                    .write(Bytes(at + off as u64), src, WriteFlags::default())
+                    .await;
+            }
+            // Build the new block chunk by chunk (blocks may be up to 1 GiB): each chunk is
+            // the old shared block, the origin or zeroes, with the write laid over it.
+            let (w0, w1) = (off as u64, (off + src.len()) as u64);
+            let mut buf = vec![0u8; bs.min(COPY_CHUNK) as usize];
+            let mut c0 = 0u64;
+            while c0 < bs {
+                let c1 = (c0 + COPY_CHUNK).min(bs);
+                let chunk = &mut buf[..(c1 - c0) as usize];
+                let overlaps = w0 < c1 && c0 < w1;
+                match (look, &t.origin) {
+                    (Some(l), _) => {
+                        data.read(Bytes(self.block_off(l.block) + c0), chunk)
+                            .await?
+                    }
+                    (None, Some(o)) => {
+                        Self::read_origin(o, v.0 * bs + c0, chunk).await?;
+                    }
+                    (None, None) if !overlaps => {
+                        data.write_zeroes(Bytes(at + c0), Bytes(c1 - c0), WriteFlags::default())
+                            .await?;
+                        c0 = c1;
+                        continue;
+                    }
+                    (None, None) => chunk.fill(0),
+                }
+                if overlaps {
+                    let (s0, s1) = (w0.max(c0), w1.min(c1));
+                    chunk[(s0 - c0) as usize..(s1 - c0) as usize]
+                        .copy_from_slice(&src[(s0 - w0) as usize..(s1 - w0) as usize]);
+                }
+                data.write(Bytes(at + c0), chunk, WriteFlags::default())
+                    .await?;
+                c0 = c1;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            self.meta().unreserve(d);
+            return Err(e);
+        }
+        let mut r = self.mutate(|m| m.map_insert(t.id, v, d));
+        if matches!(&r, Err(e) if e.errno == libc::ENOSPC) && self.meta().meta_pending() > 0 {
+            // Metadata freed by this transaction comes back once it is committed.
+            if self.commit().await.is_ok() {
+                r = self.mutate(|m| m.map_insert(t.id, v, d));
+            }
+        }
+        if let Err(e) = r {
+            self.meta().unreserve(d);
+            return Err(e);
+        }
+        self.low_water_check();
+        Ok(())
+    }
+
+    /// Unmaps the whole blocks of `[first, end)` of device `id`.
+    async fn unmap(&self, id: ThinId, first: VBlock, end: VBlock) -> IoResult<()> {
+        self.writable()?;
+        let mut lo = first;
+        loop {
+            let batch = self.meta().map_range(id, lo, end, 1024).map_err(meta_io)?;
+            let Some(&(last, _)) = batch.last() else {
+                return Ok(());
+            };
+            for (v, _) in batch {
+                let _cell = self.cells.lock((id.0, v.0)).await;
+                let mut r = self.mutate(|m| m.map_remove(id, v));
+                if matches!(&r, Err(e) if e.errno == libc::ENOSPC) && self.meta().meta_pending() > 0
+                {
+                    self.commit().await?;
+                    r = self.mutate(|m| m.map_remove(id, v));
+                }
+                r?;
+            }
+            lo = VBlock(last.0 + 1);
+        }
+    }
+}
+
+fn spawn_committer(pool: &Arc<Pool>, interval: Duration) {
+    let weak: Weak<Pool> = Arc::downgrade(pool);
+    let stop = pool.stop.clone();
+    let step = (interval / 8).max(Duration::from_millis(10));
+    let r = std::thread::Builder::new()
+        .name("thin-commit".into())
+        .spawn(move || loop {
+            std::thread::sleep(step);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(p) = weak.upgrade() else { return };
+            if p.commit_due(interval) {
+                let r = match iort::block_on(p.commit()) {
+                    Ok(r) => r,
+                    Err(_) => futures::executor::block_on(p.commit()),
+                };
+                if let Err(e) = r {
+                    log::error!("{}: periodic commit failed: {e}", p.name);
+                }
+            }
+        });
+    if let Err(e) = r {
+        log::error!("{}: cannot start the commit thread: {e}", pool.name);
+    }
+}
+
+/// A thin volume: a virtual device whose blocks the pool provisions on first write.
+pub struct ThinDevice {
+    pool: Arc<Pool>,
+    id: ThinId,
+    /// The device's snapshot gate (shared by every handle on this id).
+    gate: Gate,
+    size: Bytes,
+    origin: Option<DeviceRef>,
+    name: String,
+}
+
+impl Drop for ThinDevice {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.pool.open_thins).get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl ThinDevice {
+    /// The pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+    /// The device id.
+    pub fn id(&self) -> ThinId {
+        self.id
+    }
+
+    /// Splits `[offset, offset+len)` into per-block pieces: (vblock, offset in block, offset
+    /// in request, length).
+    fn pieces(&self, offset: u64, len: usize) -> Vec<(VBlock, usize, usize, usize)> {
+        let bs = self.pool.block_bytes;
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let v = pos / bs;
+            let in_b = (pos % bs) as usize;
+            let n = (bs as usize - in_b).min(len - done);
+            out.push((VBlock(v), in_b, done, n));
+            done += n;
+        }
+        out
+    }
+
+    async fn do_write(&self, offset: Bytes, buf: &[u8], flags: WriteFlags) -> IoResult<()> {
+        tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
+        let _g = self.gate.shared().await;
+        let pieces = self.pieces(offset.0, buf.len());
+        let r = if let [(v, in_b, at, n)] = pieces[..] {
+            self.pool.write_block(self, v, in_b, &buf[at..at + n]).await
+        } else {
+            // Blocks of one request go to the data device concurrently (distinct cells).
+            let futs: Vec<_> = pieces
+                .into_iter()
+                .map(|(v, in_b, at, n)| self.pool.write_block(self, v, in_b, &buf[at..at + n]))
+                .collect();
+            iort::try_join_all(futs).await.map(|_| ())
+        };
+        r.map_err(|e| e.context(format!("{} at byte {}", self.name, offset.0)))?;
+        drop(_g);
+        if flags.fua {
+            self.pool.commit().await?;
+        }
+        Ok(())
+    }
+
+    async fn do_read(&self, offset: Bytes, buf: &mut [u8]) -> IoResult<()> {
+        tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
+        let pieces = self.pieces(offset.0, buf.len());
+        let r = if let [(v, in_b, _, _)] = pieces[..] {
+            self.pool.read_block(self, v, in_b, buf).await
+        } else {
+            let mut rest: &mut [u8] = buf;
+            let mut futs = Vec::new();
+            for (v, in_b, _, n) in pieces {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                futs.push(self.pool.read_block(self, v, in_b, piece));
+            }
+            iort::try_join_all(futs).await.map(|_| ())
+        };
+        r.map_err(|e| e.context(format!("{} at byte {}", self.name, offset.0)))
+    }
+
+    /// Whole blocks inside `[offset, offset+len)`.
+    fn whole_blocks(&self, offset: Bytes, len: Bytes) -> (VBlock, VBlock) {
+        let bs = self.pool.block_bytes;
+        let first = offset.0.div_ceil(bs);
+        let end = (offset.0 + len.0) / bs;
+        (VBlock(first), VBlock(end.max(first)))
+    }
+
+    async fn do_discard(&self, offset: Bytes, len: Bytes) -> IoResult<()> {
+        tables::io::check_range(&self.name, self.size, offset, len)?;
+        if self.pool.options().ignore_discard {
+            return Ok(());
+        }
+        let (first, end) = self.whole_blocks(offset, len);
+        self.pool.unmap(self.id, first, end).await
+    }
+
+    async fn do_write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoResult<()> {
+        tables::io::check_range(&self.name, self.size, offset, len)?;
+        let bs = self.pool.block_bytes;
+        let (first, end) = self.whole_blocks(offset, len);
+        if self.origin.is_some() || first >= end {
+            return tables::io::write_zeroes_by_writing(self, offset, len, flags).await;
+        }
+        let head = Bytes(first.0 * bs - offset.0);
+        let tail_at = Bytes(end.0 * bs);
+        let tail = Bytes(offset.0 + len.0 - tail_at.0);
+        if head.0 > 0 {
+            tables::io::write_zeroes_by_writing(self, offset, head, WriteFlags::default()).await?;
+        }
+        {
+            let _g = self.gate.shared().await;
+            self.pool.unmap(self.id, first, end).await?;
+        }
+        if tail.0 > 0 {
+            tables::io::write_zeroes_by_writing(self, tail_at, tail, WriteFlags::default()).await?;
+        }
+        if flags.fua {
+            self.pool.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Mapped blocks and the highest mapped block.
+    pub fn mapping_stats(&self) -> IoResult<(u64, Option<VBlock>)> {
+        let m = self.pool.meta();
+        let info = m
+            .device(self.id)
+            .map_err(meta_io)?
+            .ok_or_else(|| IoError::new(libc::ENODEV, format!("{}: deleted", self.name)))?;
+        Ok((info.mapped, m.highest_mapped(self.id).map_err(meta_io)?))
+    }
+}
+
+impl BlockDevice for ThinDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn size(&self) -> Bytes {
+        self.size
+    }
+    fn limits(&self) -> Limits {
+        let o = self.pool.options();
+        let bs = self.pool.block_bytes.min(u32::MAX as u64) as u32;
+        Limits {
+            io_opt: bs,
+            discard_granularity: if o.ignore_discard { 0 } else { bs },
+            discard_zeroes: false,
+            write_zeroes: true,
+            read_only: o.read_only,
+            ..Limits::default()
+        }
+    }
+    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+        Box::pin(self.do_read(offset, buf))
+    }
+    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+        Box::pin(self.do_write(offset, buf, flags))
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(self.pool.commit())
+    }
+    fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
+        Box::pin(self.do_discard(offset, len))
+    }
+    fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
+        Box::pin(self.do_write_zeroes(offset, len, flags))
+    }
+    fn status(&self) -> String {
+        let sectors = self.pool.block_bytes / 512;
+        match self.mapping_stats() {
+            Ok((mapped, Some(h))) => format!("{} {}", mapped * sectors, (h.0 + 1) * sectors - 1),
+            Ok((mapped, None)) => format!("{} -", mapped * sectors),
+            Err(_) => "Fail".into(),
+        }
+    }
+}
+
+/// Parses and runs a pool message; returns the reply.
+pub async fn pool_message(pool: &Pool, args: &[String]) -> IoResult<String> {
+    let name = pool.name();
+    let bad = |m: String| IoError::invalid(format!("{name}: message '{}': {m}", args.join(" ")));
+    let id = |i: usize| -> IoResult<ThinId> {
+        let s = args
+            .get(i)
+            .ok_or_else(|| bad(format!("argument {i} missing")))?;
+        s.parse::<u32>()
+            .ok()
+            .filter(|&v| v < (1 << 24))
+            .map(ThinId)
+            .ok_or_else(|| bad(format!("'{s}' is not a device id (0..16777215)")))
+    };
+    let num = |i: usize| -> IoResult<u64> {
+        let s = args
+            .get(i)
+            .ok_or_else(|| bad(format!("argument {i} missing")))?;
+        s.parse::<u64>()
+            .map_err(|_| bad(format!("'{s}' is not a number")))
+    };
+    let want = |n: usize| -> IoResult<()> {
+        if args.len() != n {
+            return Err(bad(format!("takes {} arguments", n - 1)));
+        }
+        Ok(())
+    };
+    match args.first().map(String::as_str) {
+        Some("create_thin") => {
+            want(2)?;
+            pool.create_thin(id(1)?)?;
+        }
+        Some("create_snap") => {
+            want(3)?;
+            pool.create_snap(id(1)?, id(2)?).await?;
+        }
+        Some("delete") => {
+            want(2)?;
+            pool.delete(id(1)?)?;
+        }
+        Some("set_transaction_id") => {
+            want(3)?;
+            pool.set_transaction_id(num(1)?, num(2)?)?;
+        }
+        Some("reserve_metadata_snap") => {
+            want(1)?;
+            pool.mutate(|m| m.reserve_metadata_snap().map(|_| ()))?;
+        }
+        Some("release_metadata_snap") => {
+            want(1)?;
+            pool.mutate(|m| m.release_metadata_snap())?;
+        }
+        _ => {
+            return Err(bad(
+                "unknown (create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap, release_metadata_snap)".into(),
+            ))
+        }
+    }
+    // As dm-thin: a message's change is committed before the reply.
+    pool.commit().await?;
+    Ok(String::new())
+}

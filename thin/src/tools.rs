@@ -1,0 +1,358 @@
+//! Offline tools on a metadata device: check, dump, restore, repair (as thin_check,
+//! thin_dump, thin_restore, thin_repair). The pool must not be open while they run.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use tables::{Bytes, DeviceRef};
+
+use crate::disk::node::{Node, TreeKind};
+use crate::error::{MetaError, MetaResult};
+use crate::meta::{self, Metadata};
+use crate::types::{DataBlock, MetaBlock, ThinId, VBlock, META_BLOCK_SIZE};
+
+/// What `check` found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckReport {
+    /// No errors.
+    pub clean: bool,
+    /// Problems that make the metadata wrong (leaked blocks, wrong mapped counts).
+    pub errors: Vec<String>,
+    /// User transaction id.
+    pub transaction_id: u64,
+    /// Commit generation.
+    pub generation: u64,
+    /// Thin devices.
+    pub devices: usize,
+    /// Sum of mapped blocks over devices.
+    pub mapped_blocks: u64,
+    /// Data blocks in use / in total.
+    pub data_used: u64,
+    /// Data blocks in total.
+    pub data_total: u64,
+    /// Metadata blocks in use.
+    pub meta_used: u64,
+    /// Metadata blocks in total.
+    pub meta_total: u64,
+}
+
+/// Verifies every structure (checksums, magics, block positions, levels, key order and
+/// bounds, value ranges) and recounts every data reference against the space map.
+/// A structural error is returned as `Err` naming the block and structure; reference count
+/// and mapped-count mismatches are listed in the report.
+pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
+    let (m, report) = meta::load(&**meta).await?;
+    let mut r = CheckReport {
+        transaction_id: m.sb.transaction_id,
+        generation: m.sb.generation,
+        data_used: m.data_used(),
+        data_total: m.sb.nr_data_blocks,
+        meta_used: m.meta_used(),
+        meta_total: m.sb.nr_meta_blocks,
+        ..CheckReport::default()
+    };
+    let devs = m.devices()?;
+    r.devices = devs.len();
+    r.mapped_blocks = devs.iter().map(|(_, i)| i.mapped).sum();
+    for (d, stored, found) in report.leaked {
+        r.errors.push(format!(
+            "{d}: stored reference count {stored}, found {found} references (leaked)"
+        ));
+    }
+    for (id, stored, found) in report.bad_mapped_counts {
+        r.errors.push(format!(
+            "{id}: device details say {stored} mapped blocks, its tree has {found}"
+        ));
+    }
+    r.clean = r.errors.is_empty();
+    Ok(r)
+}
+
+/// Metadata blocks the committed metadata uses (for tooling and tests).
+pub async fn live_blocks(meta: &DeviceRef) -> MetaResult<Vec<MetaBlock>> {
+    Ok(meta::load(&**meta).await?.0.live_blocks())
+}
+
+/// A run of consecutive mappings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpRun {
+    /// First virtual block.
+    pub vblock: VBlock,
+    /// Its data block.
+    pub dblock: DataBlock,
+    /// Number of consecutive blocks.
+    pub len: u64,
+}
+
+/// One thin device in a dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpDevice {
+    /// Device id.
+    pub id: ThinId,
+    /// Mapped blocks.
+    pub mapped_blocks: u64,
+    /// Mappings, in virtual block order.
+    pub mappings: Vec<DumpRun>,
+}
+
+/// A readable dump of the pool metadata (serde; JSON through `serde_json`). Sharing between
+/// snapshots is not recorded: a restore gives each device its own tree, with reference
+/// counts equal to the number of mappings of each block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dump {
+    /// Format version of the dump.
+    pub version: u32,
+    /// Data block size in sectors.
+    pub data_block_sectors: u32,
+    /// Data blocks in the pool.
+    pub nr_data_blocks: u64,
+    /// User transaction id.
+    pub transaction_id: u64,
+    /// Devices.
+    pub devices: Vec<DumpDevice>,
+}
+
+/// The text form of a dump (for people; `restore` takes the JSON form):
+/// `pool data_block_sectors=128 nr_data_blocks=1024 transaction_id=3`, then per device
+/// `device 1 mapped_blocks=10` followed by `  <vblock> <dblock> <len>` runs.
+impl std::fmt::Display for Dump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "pool data_block_sectors={} nr_data_blocks={} transaction_id={}",
+            self.data_block_sectors, self.nr_data_blocks, self.transaction_id
+        )?;
+        for d in &self.devices {
+            writeln!(f, "device {} mapped_blocks={}", d.id.0, d.mapped_blocks)?;
+            for r in &d.mappings {
+                writeln!(f, "  {} {} {}", r.vblock.0, r.dblock.0, r.len)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn runs(maps: impl IntoIterator<Item = (VBlock, DataBlock)>) -> Vec<DumpRun> {
+    let mut out: Vec<DumpRun> = Vec::new();
+    for (v, d) in maps {
+        if let Some(r) = out.last_mut() {
+            if r.vblock.0 + r.len == v.0 && r.dblock.0 + r.len == d.0 {
+                r.len += 1;
+                continue;
+            }
+        }
+        out.push(DumpRun {
+            vblock: v,
+            dblock: d,
+            len: 1,
+        });
+    }
+    out
+}
+
+/// Dumps valid metadata (fails like [`check`] on a structural error).
+pub async fn dump(meta: &DeviceRef) -> MetaResult<Dump> {
+    let (m, _) = meta::load(&**meta).await?;
+    let mut devices = Vec::new();
+    for (id, info) in m.devices()? {
+        let maps = m.map_range(id, VBlock(0), VBlock(u64::MAX), usize::MAX)?;
+        devices.push(DumpDevice {
+            id,
+            mapped_blocks: info.mapped,
+            mappings: runs(maps),
+        });
+    }
+    Ok(Dump {
+        version: 1,
+        data_block_sectors: m.sb.data_block_sectors,
+        nr_data_blocks: m.sb.nr_data_blocks,
+        transaction_id: m.sb.transaction_id,
+        devices,
+    })
+}
+
+/// Dumps the held metadata snapshot (`reserve_metadata_snap`), if there is one: the
+/// mappings as they were when it was reserved.
+pub async fn dump_metadata_snap(meta: &DeviceRef) -> MetaResult<Option<Dump>> {
+    let (m, _) = meta::load(&**meta).await?;
+    let Some(devs) = m.held_devices()? else {
+        return Ok(None);
+    };
+    let mut devices = Vec::new();
+    for (id, info) in devs {
+        let maps = m.tree_range(info.root, VBlock(0), VBlock(u64::MAX))?;
+        devices.push(DumpDevice {
+            id,
+            mapped_blocks: info.mapped,
+            mappings: runs(maps),
+        });
+    }
+    Ok(Some(Dump {
+        version: 1,
+        data_block_sectors: m.sb.data_block_sectors,
+        nr_data_blocks: m.sb.nr_data_blocks,
+        transaction_id: m.sb.transaction_id,
+        devices,
+    }))
+}
+
+/// Writes fresh metadata holding `dump` to `meta_out` (its whole size is used).
+pub async fn restore(dump: &Dump, meta_out: &DeviceRef) -> MetaResult<()> {
+    let nr_meta = meta_out.size().0 / META_BLOCK_SIZE as u64;
+    let dbs = dump.data_block_sectors;
+    if !dbs.is_power_of_two() || !(8..=2_097_152).contains(&dbs) {
+        return Err(MetaError::Invalid(format!(
+            "dump: data block size {dbs} sectors"
+        )));
+    }
+    let mut m = Metadata::format(dbs, dump.nr_data_blocks, nr_meta)?;
+    m.set_transaction_id(0, dump.transaction_id)?;
+    let mut seen = HashSet::new();
+    for d in &dump.devices {
+        if !seen.insert(d.id) {
+            return Err(MetaError::Invalid(format!("dump: {} appears twice", d.id)));
+        }
+        m.create_thin(d.id)?;
+        for r in &d.mappings {
+            for i in 0..r.len {
+                let (v, b) = (VBlock(r.vblock.0 + i), DataBlock(r.dblock.0 + i));
+                if b.0 >= dump.nr_data_blocks {
+                    return Err(MetaError::Invalid(format!(
+                        "dump: {} maps {v} to {b}, beyond the pool's {} blocks",
+                        d.id, dump.nr_data_blocks
+                    )));
+                }
+                m.map_insert(d.id, v, b)?;
+            }
+        }
+    }
+    meta::commit_offline(&**meta_out, &mut m).await
+}
+
+/// What `repair` salvaged.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RepairReport {
+    /// Devices recovered.
+    pub devices: usize,
+    /// Mappings recovered.
+    pub mappings: u64,
+    /// What was unreadable and skipped.
+    pub problems: Vec<String>,
+}
+
+async fn read_node(dev: &DeviceRef, b: u64, kind: TreeKind) -> MetaResult<Node> {
+    let mut buf = vec![0u8; META_BLOCK_SIZE];
+    dev.read(Bytes(b * META_BLOCK_SIZE as u64), &mut buf)
+        .await?;
+    Node::unpack(&buf, MetaBlock(b), kind)
+}
+
+/// Walks a tree, skipping unreadable or inconsistent subtrees; returns entries in `[lo, hi)`.
+async fn salvage_tree(
+    dev: &DeviceRef,
+    root: u64,
+    kind: TreeKind,
+    nr_meta: u64,
+    problems: &mut Vec<String>,
+) -> BTreeMap<u64, [u64; 2]> {
+    let mut out = BTreeMap::new();
+    let mut visited = HashSet::new();
+    let mut stack = vec![(root, 0u64, u64::MAX, 0usize)];
+    while let Some((b, lo, hi, depth)) = stack.pop() {
+        if b == 0 || b >= nr_meta || depth > 16 || !visited.insert(b) {
+            problems.push(format!("{kind:?} tree: reference to block {b} skipped"));
+            continue;
+        }
+        let n = match read_node(dev, b, kind).await {
+            Ok(n) => n,
+            Err(e) => {
+                problems.push(format!("{e} (subtree skipped)"));
+                continue;
+            }
+        };
+        if n.is_leaf() {
+            for i in 0..n.len() {
+                let k = n.keys[i];
+                if k < lo || k >= hi {
+                    problems.push(format!(
+                        "{kind:?} leaf {b}: key {k} out of its parent's range, dropped"
+                    ));
+                    continue;
+                }
+                let v = n.val(i);
+                out.entry(k)
+                    .or_insert([v[0], v.get(1).copied().unwrap_or(0)]);
+            }
+        } else {
+            for i in 0..n.len() {
+                let clo = n.keys[i].max(lo);
+                let chi = n.keys.get(i + 1).copied().unwrap_or(hi).min(hi);
+                stack.push((n.vals[i], clo, chi, depth + 1));
+            }
+        }
+    }
+    out
+}
+
+/// Rebuilds what can be found in `meta_in` into fresh metadata on `meta_out`: every
+/// readable device and mapping, with reference counts recomputed from the mappings.
+/// Needs a readable superblock.
+pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<RepairReport> {
+    let sb = meta::read_superblock(&**meta_in)
+        .await?
+        .ok_or_else(|| MetaError::Invalid("superblock is all zeroes: nothing to repair".into()))?;
+    let nr_meta = sb
+        .nr_meta_blocks
+        .min(meta_in.size().0 / META_BLOCK_SIZE as u64);
+    let mut report = RepairReport::default();
+    let devs = salvage_tree(
+        meta_in,
+        sb.device_root.0,
+        TreeKind::Devices,
+        nr_meta,
+        &mut report.problems,
+    )
+    .await;
+    let mut dump = Dump {
+        version: 1,
+        data_block_sectors: sb.data_block_sectors,
+        nr_data_blocks: sb.nr_data_blocks,
+        transaction_id: sb.transaction_id,
+        devices: Vec::new(),
+    };
+    for (id, v) in devs {
+        if id >= 1 << 24 {
+            report
+                .problems
+                .push(format!("device id {id} is out of range, dropped"));
+            continue;
+        }
+        let maps = salvage_tree(
+            meta_in,
+            v[0],
+            TreeKind::Mapping,
+            nr_meta,
+            &mut report.problems,
+        )
+        .await;
+        let mut good = Vec::new();
+        for (k, val) in maps {
+            if val[0] < sb.nr_data_blocks {
+                good.push((VBlock(k), DataBlock(val[0])));
+            } else {
+                report
+                    .problems
+                    .push(format!("thin {id}: {k} maps beyond the pool, dropped"));
+            }
+        }
+        report.mappings += good.len() as u64;
+        dump.devices.push(DumpDevice {
+            id: ThinId(id as u32),
+            mapped_blocks: good.len() as u64,
+            mappings: runs(good),
+        });
+    }
+    report.devices = dump.devices.len();
+    restore(&dump, meta_out).await?;
+    Ok(report)
+}
