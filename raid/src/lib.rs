@@ -30,7 +30,7 @@
 //!   of one FUA bitmap write per newly-dirtied region instead of writing every byte twice. What
 //!   it does not cover (and a journal would): a power cut during a partial-stripe write while
 //!   the array is already degraded can corrupt the missing leg's reconstructed data in that
-//!   stripe — md has the same hole without a journal. See `raid/DESIGN.md`.
+//!   stripe — md has the same hole without a journal. See the RAID section of ARCHITECTURE.md.
 //! - Without metadata devices (`-`, or a `mirror` line) there is no bitmap: every start is
 //!   treated as unclean and does a full resync unless `nosync`; `status` shows
 //!   `bitmap:none(full-resync-on-start)`.

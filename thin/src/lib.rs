@@ -8,7 +8,7 @@
 //! - [`target`]: the `thin-pool` and `thin` table targets.
 //! - [`tools`]: check, dump, restore, repair.
 //!
-//! See `DESIGN.md` in this crate for the design and its crash-safety argument.
+//! See the "Thin provisioning" section of ARCHITECTURE.md for the design and its crash-safety argument.
 
 #![warn(missing_docs)]
 
