@@ -31,7 +31,7 @@ wait_port() { for _ in $(seq 200); do nbdinfo --size "nbd://127.0.0.1:$1/$2" >/d
 
 "$VOLMGR" serve "$W/linear.table" --nbd 127.0.0.1:10901 --export disk 2>"$LOG/ours.log" >/dev/null & PIDS+=($!)
 nbdkit -f -i 127.0.0.1 -p 10902 -e disk file "$IMG" 2>"$LOG/nbdkit.log" & PIDS+=($!)
-qemu-nbd -f raw -b 127.0.0.1 -p 10903 -x disk -e 16 --cache=writeback "$IMG" 2>"$LOG/qemu-nbd.log" & PIDS+=($!)
+qemu-nbd -f raw -t -b 127.0.0.1 -p 10903 -x disk -e 16 --cache=writeback "$IMG" 2>"$LOG/qemu-nbd.log" & PIDS+=($!)
 wait_port 10901 disk; wait_port 10902 disk; wait_port 10903 disk
 
 # name rw bs iodepth
@@ -41,7 +41,7 @@ measure() { # port rw bs depth -> "iops mbps"
   fio --name=b --ioengine=nbd --uri="nbd://127.0.0.1:$1/disk" --rw="$2" --bs="$3" --iodepth="$4" \
       --numjobs="$JOBS" --size=1g --time_based --runtime="$RUNTIME" --ramp_time=1 --group_reporting \
       --output-format=json 2>/dev/null \
-  | python3 -c 'import json,sys; d=json.load(sys.stdin)["jobs"][0]; k="read" if d["read"]["io_bytes"]>0 else "write"; print("%.0f %.1f"%(d[k]["iops"], d[k]["bw_bytes"]/1e6))'
+  | python3 -c 'import json,sys; s=sys.stdin.read(); d=json.loads(s[s.index("{"):])["jobs"][0]; k="read" if d["read"]["io_bytes"]>0 else "write"; print("%.0f %.1f"%(d[k]["iops"], d[k]["bw_bytes"]/1e6))'
 }
 
 printf '%-20s %12s %12s %12s %9s %9s\n' "row (fio nbd engine)" "ours" "nbdkit" "qemu-nbd" "/nbdkit" "/qemu-nbd"

@@ -1,0 +1,59 @@
+#!/bin/bash
+# raid5.sh - guest side of benches/vm-raid5.sh (issue #4's benchmark). In one boot: our raid5
+# (raid5_ls, 4 legs, 64 KiB chunks, no metadata devices, nosync over zero-filled legs so parity
+# is already consistent) served as /dev/ublkbN, beside kernel dm-raid with the identical table
+# over loop devices on the same kind of files (tmpfs, buffered). Then both degraded: ours by
+# the `fail 3` message, the kernel's by giving leg 3 as `- -` (a missing device).
+#
+# Usage: raid5.sh BENCH_SERVE   (run by tests/vm/run-vm.sh)
+# vm-modules: ublk_drv dm-mod loop
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/tests/vm/guest/lib.sh"
+. "$ROOT/benches/vm/lib.sh"
+SERVE=$1
+QUEUES=${BENCH_QUEUES:-2} DEPTH=${BENCH_DEPTH:-128}
+LEG=${BENCH_LEG:-256M}
+export RUST_LOG=warn
+[ -x "$SERVE" ] || { fail setup "bench-serve '$SERVE' not executable"; exit 1; }
+load_modules raid456 dm-raid || exit 1
+LEGS=$(( $(numfmt --from=iec "$LEG") / 512 ))
+LEN=$(( LEGS * 3 ))
+SIZE=$(( LEN * 512 / 1048576 ))M   # fio region: the whole array
+step "setup: 2 x 4 legs of $LEG on tmpfs, queues $QUEUES depth $DEPTH, ${RUNTIME}s per row"
+LOOPS=()
+for i in 0 1 2 3; do
+  fill /tmp/o$i.img "$LEG"; fill /tmp/k$i.img "$LEG"
+  LOOPS+=("$(loopdev /tmp/k$i.img)")
+done
+ROWS=("seqwrite-1m-qd32 write 1m 32" "seqread-1m-qd32 read 1m 32"
+      "randread-4k-qd32 randread 4k 32" "randwrite-4k-qd32 randwrite 4k 32")
+
+run_state() { # healthy|degraded
+  local st=$1 ktable
+  echo "0 $LEN raid raid5_ls 2 128 nosync 4 - /tmp/o0.img - /tmp/o1.img - /tmp/o2.img - /tmp/o3.img" > /tmp/ours-r5.table
+  if [ "$st" = healthy ]; then
+    start_bg ours-$st "$SERVE" --queues "$QUEUES" --depth "$DEPTH" r5=/tmp/ours-r5.table || return 1
+    ktable="0 $LEN raid raid5_ls 2 128 nosync 4 - ${LOOPS[0]} - ${LOOPS[1]} - ${LOOPS[2]} - ${LOOPS[3]}"
+  else
+    start_bg ours-$st "$SERVE" --queues "$QUEUES" --depth "$DEPTH" r5=/tmp/ours-r5.table --msg r5 "fail 3" || return 1
+    ktable="0 $LEN raid raid5_ls 2 128 nosync 4 - ${LOOPS[0]} - ${LOOPS[1]} - ${LOOPS[2]} - -"
+  fi
+  local OURS=$DEV PID=$BGPID
+  dmsetup create bench-r5 --table "$ktable" || { fail "dm-$st" "dmsetup create: $ktable"; stop_bg $PID; return 1; }
+  sleep 1
+  echo "  kernel: $(dmsetup status bench-r5)"
+  ok "setup-$st"
+  for spec in "${ROWS[@]}"; do
+    set -- $spec
+    step "$st $1"
+    fio_row "$st-$1" ours "$OURS" "$2" "$3" "$4"
+    fio_row "$st-$1" kernel /dev/mapper/bench-r5 "$2" "$3" "$4"
+  done
+  echo "  kernel: $(dmsetup status bench-r5)"
+  dmsetup remove bench-r5
+  stop_bg $PID
+}
+run_state healthy
+run_state degraded
+for l in "${LOOPS[@]}"; do losetup -d "$l"; done
+ok done
