@@ -1,7 +1,7 @@
 //! Serves a RAM disk or a regular file over NBD until stdin closes, for manual checks and
 //! benchmarks against other servers (nbdkit, qemu-nbd):
 //!
-//! `serve ADDR mem SIZE_MIB [THREADS]` or `serve ADDR file PATH [THREADS]`
+//! `serve ADDR mem|null SIZE_MIB [THREADS]` or `serve ADDR file PATH [THREADS]`
 //!
 //! The export is named `disk`.
 
@@ -60,22 +60,59 @@ impl BlockDevice for FileDevice {
         ready(Ok(()))
     }
     fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
-        Box::pin(tables::io::write_zeroes_by_writing(self, offset, len, flags))
+        Box::pin(tables::io::write_zeroes_by_writing(
+            self, offset, len, flags,
+        ))
+    }
+}
+
+/// Reads return whatever the buffer held, writes vanish: measures the server alone
+/// (compare with `nbdkit null`).
+struct NullDevice(Bytes);
+
+impl BlockDevice for NullDevice {
+    fn name(&self) -> String {
+        "null".into()
+    }
+    fn size(&self) -> Bytes {
+        self.0
+    }
+    fn read<'a>(&'a self, _offset: Bytes, _buf: &'a mut [u8]) -> IoFuture<'a> {
+        ready(Ok(()))
+    }
+    fn write<'a>(&'a self, _offset: Bytes, _buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a> {
+        ready(Ok(()))
+    }
+    fn flush(&self) -> IoFuture<'_> {
+        ready(Ok(()))
+    }
+    fn discard(&self, _offset: Bytes, _len: Bytes) -> IoFuture<'_> {
+        ready(Ok(()))
+    }
+    fn write_zeroes(&self, _offset: Bytes, _len: Bytes, _flags: WriteFlags) -> IoFuture<'_> {
+        ready(Ok(()))
     }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
-        return Err("usage: serve ADDR mem SIZE_MIB [THREADS] | serve ADDR file PATH [THREADS]".into());
+        return Err(
+            "usage: serve ADDR mem|null SIZE_MIB [THREADS] | serve ADDR file PATH [THREADS]".into(),
+        );
     }
     let threads: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let dev: DeviceRef = match args[2].as_str() {
+        "null" => Arc::new(NullDevice(Bytes(args[3].parse::<u64>()? << 20))),
         "mem" => Arc::new(MemDevice::new("ram0", Bytes(args[3].parse::<u64>()? << 20))),
         "file" => {
             let file = File::options().read(true).write(true).open(&args[3])?;
             let size = Bytes(file.metadata()?.len());
-            Arc::new(FileDevice { path: args[3].clone(), file, size })
+            Arc::new(FileDevice {
+                path: args[3].clone(),
+                file,
+                size,
+            })
         }
         other => return Err(format!("unknown backend '{other}'").into()),
     };
@@ -84,7 +121,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .threads(threads)
         .build()?
         .serve_tcp(args[1].as_str())?;
-    eprintln!("serving nbd://{}/disk", h.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    eprintln!(
+        "serving nbd://{}/disk",
+        h.local_addr().map(|a| a.to_string()).unwrap_or_default()
+    );
     let mut line = String::new();
     while std::io::stdin().read_line(&mut line)? > 0 {
         line.clear();

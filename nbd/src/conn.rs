@@ -7,6 +7,13 @@
 //! client pipelines). At most [`MAX_INFLIGHT`] requests and [`MAX_INFLIGHT_BYTES`] of
 //! buffers are outstanding per connection (queued replies included); past that the reader
 //! stops reading and TCP pushes back on the client.
+//!
+//! Big requests (at least 128 KiB) spread over the worker threads so one connection's
+//! large transfers use every core: a big read runs round robin on any worker, which also
+//! sends its reply (under the connection's send lock, so replies never interleave); a big
+//! write's payload is received here and written to the device by another worker. The
+//! socket stays owned by this connection, which waits for every such request before
+//! closing it.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -35,13 +42,53 @@ pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// Oversized write payloads up to this size are read and dropped to keep the stream in
 /// sync; beyond it the connection is closed (after the error reply is sent).
 const MAX_SKIP: u32 = 64 << 20;
-/// Idle buffers kept per connection for reuse.
-const POOL_BYTES: usize = 16 << 20;
-const POOL_COUNT: usize = 64;
-/// Reads and writes at least this large run their device I/O on another worker thread,
-/// so one connection's big transfers use more than one core (the connection's own thread
-/// still does the socket copies).
+/// Idle buffers kept per worker thread for reuse (shared by its connections, so idle
+/// connections pin no memory).
+const POOL_BYTES: usize = 64 << 20;
+const POOL_COUNT: usize = 256;
+/// Reads and writes at least this large are spread over the worker threads.
 const OFFLOAD_MIN: usize = 128 << 10;
+
+/// Reusable payload buffers of one worker thread.
+#[derive(Default)]
+struct Pool {
+    bufs: Vec<AlignedBuf>,
+    bytes: usize,
+}
+
+impl Pool {
+    /// The smallest pooled buffer of at least `len` bytes (and not wastefully larger), or a
+    /// new one rounded up to a power of two so it is reusable for nearby sizes.
+    fn take(&mut self, len: usize) -> AlignedBuf {
+        let limit = (len * 4).max(128 << 10);
+        let best = self
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len && b.len() <= limit)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let b = self.bufs.swap_remove(i);
+                self.bytes -= b.len();
+                b
+            }
+            None => AlignedBuf::new(len.max(4096).next_power_of_two()),
+        }
+    }
+
+    fn put(&mut self, b: AlignedBuf) {
+        if self.bufs.len() < POOL_COUNT && self.bytes + b.len() <= POOL_BYTES {
+            self.bytes += b.len();
+            self.bufs.push(b);
+        }
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
 
 /// What transmission needs to know about the export.
 pub(crate) struct ExportView {
@@ -56,7 +103,7 @@ pub(crate) struct ExportView {
 }
 
 struct Reply {
-    hdr: [u8; REPLY_LEN],
+    hdr: ReplyHdr,
     data: Option<AlignedBuf>,
     data_len: usize,
     cost: usize,
@@ -69,8 +116,6 @@ struct State {
     inflight_bytes: usize,
     reader: Option<Waker>,
     writer: Option<Waker>,
-    pool: Vec<AlignedBuf>,
-    pool_bytes: usize,
     /// A send failed: replies are dropped from now on.
     broken: bool,
     /// The reader is done: the writer exits once nothing is in flight.
@@ -85,6 +130,10 @@ struct Conn {
     shared: Arc<Shared>,
     /// The worker this connection lives on.
     home: usize,
+    /// Whether the client negotiated structured replies (used for reads).
+    structured: bool,
+    /// Serialises whole replies on the socket (the writer task and offloaded reads).
+    send_lock: Arc<futures::lock::Mutex<()>>,
 }
 
 fn wake(w: &mut Option<Waker>) {
@@ -117,7 +166,14 @@ impl Conn {
         .await
     }
 
-    /// Gives back a slot that will get no reply.
+    /// Marks the connection failed: replies are dropped, the reader is unblocked.
+    fn broken(&self, e: &io::Error) {
+        log::debug!("nbd: export '{}': sending replies: {e}", self.ex.name);
+        self.st.borrow_mut().broken = true;
+        shutdown(self.fd, libc::SHUT_RDWR);
+    }
+
+    /// Gives back a slot whose reply was sent elsewhere or will never be.
     fn release(&self, cost: usize) {
         let mut st = self.st.borrow_mut();
         st.inflight -= 1;
@@ -126,43 +182,42 @@ impl Conn {
         wake(&mut st.writer);
     }
 
-    /// A buffer of at least `len` bytes, from the pool when one fits.
+    /// A buffer of at least `len` bytes, from this worker's pool when one fits.
     fn take_buf(&self, len: usize) -> AlignedBuf {
-        let mut st = self.st.borrow_mut();
-        let limit = (len * 4).max(128 << 10);
-        let best = st
-            .pool
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= len && b.len() <= limit)
-            .min_by_key(|(_, b)| b.len())
-            .map(|(i, _)| i);
-        if let Some(i) = best {
-            let b = st.pool.swap_remove(i);
-            st.pool_bytes -= b.len();
-            return b;
-        }
-        drop(st);
-        // Power-of-two size classes so buffers are reusable across nearby sizes.
-        AlignedBuf::new(len.max(4096).next_power_of_two())
+        POOL.with(|p| p.borrow_mut().take(len))
     }
 
     fn put_buf(&self, b: AlignedBuf) {
-        let mut st = self.st.borrow_mut();
-        if st.pool.len() < POOL_COUNT && st.pool_bytes + b.len() <= POOL_BYTES {
-            st.pool_bytes += b.len();
-            st.pool.push(b);
+        POOL.with(|p| p.borrow_mut().put(b));
+    }
+
+    /// The header of a successful reply to `req`.
+    fn hdr_ok(&self, req: &Request) -> ReplyHdr {
+        if self.structured && req.kind == CMD_READ {
+            ReplyHdr::read_data(req.cookie, req.offset, req.len)
+        } else {
+            ReplyHdr::simple(0, req.cookie)
         }
     }
 
-    fn reply(&self, cookie: u64, error: u32, data: Option<(AlignedBuf, usize)>, cost: usize) {
+    /// The header of an error reply to `req` (reads need an error chunk once structured
+    /// replies are on; everything else may always use a simple reply).
+    fn hdr_err(&self, req: &Request, error: u32) -> ReplyHdr {
+        if self.structured && req.kind == CMD_READ {
+            ReplyHdr::structured_error(error, req.cookie)
+        } else {
+            ReplyHdr::simple(error, req.cookie)
+        }
+    }
+
+    fn reply(&self, hdr: ReplyHdr, data: Option<(AlignedBuf, usize)>, cost: usize) {
         let (data, data_len) = match data {
             Some((b, n)) => (Some(b), n),
             None => (None, 0),
         };
         let mut st = self.st.borrow_mut();
         st.queue.push(Reply {
-            hdr: simple_reply(error, cookie),
+            hdr,
             data,
             data_len,
             cost,
@@ -177,7 +232,7 @@ impl Conn {
             req.offset,
             req.len
         );
-        self.reply(req.cookie, nbd_errno(e.errno), None, cost);
+        self.reply(self.hdr_err(req, nbd_errno(e.errno)), None, cost);
     }
 
     fn in_range(&self, req: &Request) -> bool {
@@ -218,6 +273,7 @@ pub(crate) async fn transmit(
     ex: ExportView,
     shared: Arc<Shared>,
     home: usize,
+    structured: bool,
     mut rb: RecvBuf,
 ) -> io::Result<()> {
     let conn = Rc::new(Conn {
@@ -226,6 +282,8 @@ pub(crate) async fn transmit(
         st: RefCell::new(State::default()),
         shared,
         home,
+        structured,
+        send_lock: Arc::new(futures::lock::Mutex::new(())),
     });
     iort::spawn(writer(conn.clone())).map_err(io::Error::other)?;
     let res = reader(&conn, &mut rb).await;
@@ -269,7 +327,7 @@ async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
                 let err = conn.validate(&req);
                 if req.len > MAX_PAYLOAD {
                     conn.acquire(0).await?;
-                    conn.reply(req.cookie, err.unwrap_or(EOVERFLOW), None, 0);
+                    conn.reply(conn.hdr_err(&req, err.unwrap_or(EOVERFLOW)), None, 0);
                     if req.len > MAX_SKIP {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -289,7 +347,7 @@ async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
                 match err {
                     Some(code) => {
                         conn.put_buf(buf);
-                        conn.reply(req.cookie, code, None, len);
+                        conn.reply(conn.hdr_err(&req, code), None, len);
                     }
                     None => start_write(conn, req, buf)?,
                 }
@@ -299,7 +357,7 @@ async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
                 match conn.validate(&req) {
                     Some(code) => {
                         conn.acquire(0).await?;
-                        conn.reply(req.cookie, code, None, 0);
+                        conn.reply(conn.hdr_err(&req, code), None, 0);
                     }
                     None => {
                         conn.acquire(len).await?;
@@ -310,13 +368,13 @@ async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
             CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => {
                 conn.acquire(0).await?;
                 match conn.validate(&req) {
-                    Some(code) => conn.reply(req.cookie, code, None, 0),
+                    Some(code) => conn.reply(conn.hdr_err(&req, code), None, 0),
                     None => spawn(do_other(conn.clone(), req))?,
                 }
             }
             _ => {
                 conn.acquire(0).await?;
-                conn.reply(req.cookie, EINVAL, None, 0);
+                conn.reply(conn.hdr_err(&req, EINVAL), None, 0);
             }
         }
     }
@@ -357,11 +415,11 @@ async fn dev_write(
     iort::try_join_all(futs).await.map(|_| ())
 }
 
-/// Another worker for a big request, or `None` to run it here.
+/// Another worker for a big write's device I/O, or `None` to run it here (the payload was
+/// received here already).
 fn offload_target(conn: &Conn, len: usize) -> Option<usize> {
     let n = conn.shared.worker_count();
-    thread_local!(static MIN: usize = std::env::var("NBD_OFFLOAD_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(OFFLOAD_MIN));
-    if len < MIN.with(|m| *m) || n < 2 {
+    if len < OFFLOAD_MIN || n < 2 {
         return None;
     }
     // Round robin over the other workers.
@@ -369,15 +427,14 @@ fn offload_target(conn: &Conn, len: usize) -> Option<usize> {
     Some(if w >= conn.home { w + 1 } else { w })
 }
 
-/// Runs `job` on worker `w` (or here, if that worker is gone) and replies from here when
-/// the buffer comes back.
-fn offload(
+/// Runs a write `job` on worker `w` (or here, if that worker is gone) and replies from here
+/// when the buffer comes back.
+fn offload_write(
     conn: &Rc<Conn>,
     w: usize,
     req: Request,
     job: Job,
     rx: oneshot::Receiver<(AlignedBuf, IoResult)>,
-    op: &'static str,
 ) -> io::Result<()> {
     if let Err(job) = conn.shared.send_job(w, job) {
         job();
@@ -386,33 +443,80 @@ fn offload(
     spawn(async move {
         let len = req.len as usize;
         match rx.await {
-            Ok((buf, Ok(()))) if op == "read" => conn.reply(req.cookie, 0, Some((buf, len)), len),
             Ok((buf, r)) => {
                 conn.put_buf(buf);
                 match r {
-                    Ok(()) => conn.reply(req.cookie, 0, None, len),
-                    Err(e) => conn.fail(op, &req, &e, len),
+                    Ok(()) => conn.reply(conn.hdr_ok(&req), None, len),
+                    Err(e) => conn.fail("write", &req, &e, len),
                 }
             }
-            Err(_) => conn.fail(op, &req, &IoError::eio("worker thread went away"), len),
+            Err(_) => conn.fail("write", &req, &IoError::eio("worker thread went away"), len),
         }
     })
 }
 
+/// How an offloaded read ended.
+enum ReadDone {
+    /// Data and reply header went out from the worker that read them.
+    Sent,
+    /// The device failed: the connection's writer sends the error reply.
+    Device(IoError),
+    /// The socket failed.
+    Send(io::Error),
+}
+
+/// Big reads run round robin on every worker, and the worker that read the data also
+/// sends it (holding the connection's send lock), so both the device copy and the socket
+/// copy of one connection's big reads spread over all cores.
 fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
     let len = req.len as usize;
-    let Some(w) = offload_target(conn, len) else {
+    let n = conn.shared.worker_count();
+    if len < OFFLOAD_MIN || n < 2 {
         return spawn(do_read(conn.clone(), req));
-    };
+    }
+    let w = conn.shared.next_worker();
     let (tx, rx) = oneshot::channel();
-    let (dev, max_io, mut buf) = (conn.ex.dev.clone(), conn.ex.max_io, conn.take_buf(len));
+    let (dev, max_io, fd) = (conn.ex.dev.clone(), conn.ex.max_io, conn.fd);
+    let lock = conn.send_lock.clone();
+    let hdr = conn.hdr_ok(&req);
+    let mut buf = conn.take_buf(len);
     let job: Job = Box::new(move || {
         let _ = iort::spawn(async move {
-            let r = dev_read(&*dev, max_io, req.offset, &mut buf[..len]).await;
-            let _ = tx.send((buf, r));
+            let done = match dev_read(&*dev, max_io, req.offset, &mut buf[..len]).await {
+                Err(e) => ReadDone::Device(e),
+                Ok(()) => {
+                    let _guard = lock.lock().await;
+                    match send_vectored_all(fd, &[hdr.as_bytes(), &buf[..len]]).await {
+                        Ok(()) => ReadDone::Sent,
+                        Err(e) => ReadDone::Send(e),
+                    }
+                }
+            };
+            let _ = tx.send((buf, done));
         });
     });
-    offload(conn, w, req, job, rx, "read")
+    if w == conn.home {
+        job();
+    } else if let Err(job) = conn.shared.send_job(w, job) {
+        job();
+    }
+    let conn = conn.clone();
+    spawn(async move {
+        match rx.await {
+            Ok((buf, done)) => {
+                conn.put_buf(buf);
+                match done {
+                    ReadDone::Sent => conn.release(len),
+                    ReadDone::Device(e) => conn.fail("read", &req, &e, len),
+                    ReadDone::Send(e) => {
+                        conn.broken(&e);
+                        conn.release(len);
+                    }
+                }
+            }
+            Err(_) => conn.fail("read", &req, &IoError::eio("worker thread went away"), len),
+        }
+    })
 }
 
 fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()> {
@@ -432,7 +536,7 @@ fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()>
             let _ = tx.send((buf, r));
         });
     });
-    offload(conn, w, req, job, rx, "write")
+    offload_write(conn, w, req, job, rx)
 }
 
 async fn do_read(conn: Rc<Conn>, req: Request) {
@@ -440,7 +544,7 @@ async fn do_read(conn: Rc<Conn>, req: Request) {
     let mut buf = conn.take_buf(len);
     let ex = &conn.ex;
     match dev_read(&*ex.dev, ex.max_io, req.offset, &mut buf[..len]).await {
-        Ok(()) => conn.reply(req.cookie, 0, Some((buf, len)), len),
+        Ok(()) => conn.reply(conn.hdr_ok(&req), Some((buf, len)), len),
         Err(e) => {
             conn.put_buf(buf);
             conn.fail("read", &req, &e, len);
@@ -465,7 +569,7 @@ async fn do_write(conn: Rc<Conn>, req: Request, buf: AlignedBuf) {
     }
     conn.put_buf(buf);
     match r {
-        Ok(()) => conn.reply(req.cookie, 0, None, len),
+        Ok(()) => conn.reply(conn.hdr_ok(&req), None, len),
         Err(e) => conn.fail("write", &req, &e, len),
     }
 }
@@ -492,14 +596,15 @@ async fn do_other(conn: Rc<Conn>, req: Request) {
             ("write-zeroes", r)
         }
     };
-    let needs_flush = req.kind != CMD_FLUSH && flags.fua && (req.kind == CMD_TRIM || !ex.native_fua);
+    let needs_flush =
+        req.kind != CMD_FLUSH && flags.fua && (req.kind == CMD_TRIM || !ex.native_fua);
     if r.is_ok() && needs_flush {
         r = dev.flush().await;
     }
     match r {
-        Ok(()) => conn.reply(req.cookie, 0, None, 0),
+        Ok(()) => conn.reply(conn.hdr_ok(&req), None, 0),
         Err(e) if req.flags & CMD_FLAG_FAST_ZERO != 0 && e.errno == libc::EOPNOTSUPP => {
-            conn.reply(req.cookie, ENOTSUP, None, 0)
+            conn.reply(conn.hdr_err(&req, ENOTSUP), None, 0)
         }
         Err(e) => conn.fail(op, &req, &e, 0),
     }
@@ -529,16 +634,17 @@ async fn writer(conn: Rc<Conn>) {
         if !broken {
             let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
             for r in &batch {
-                slices.push(&r.hdr);
+                slices.push(r.hdr.as_bytes());
                 if let Some(d) = &r.data {
                     slices.push(&d[..r.data_len]);
                 }
             }
-            if let Err(e) = send_vectored_all(conn.fd, &slices).await {
-                log::debug!("nbd: export '{}': sending replies: {e}", conn.ex.name);
-                conn.st.borrow_mut().broken = true;
-                // Unblock the reader too: the connection is finished.
-                shutdown(conn.fd, libc::SHUT_RDWR);
+            // Offloaded reads send from other threads: one reply train at a time.
+            let guard = conn.send_lock.lock().await;
+            let r = send_vectored_all(conn.fd, &slices).await;
+            drop(guard);
+            if let Err(e) = r {
+                conn.broken(&e);
             }
         }
         let mut st = conn.st.borrow_mut();
@@ -546,10 +652,7 @@ async fn writer(conn: Rc<Conn>) {
             st.inflight -= 1;
             st.inflight_bytes -= r.cost;
             if let Some(b) = r.data {
-                if st.pool.len() < POOL_COUNT && st.pool_bytes + b.len() <= POOL_BYTES {
-                    st.pool_bytes += b.len();
-                    st.pool.push(b);
-                }
+                POOL.with(|p| p.borrow_mut().put(b));
             }
         }
         wake(&mut st.reader);
@@ -557,4 +660,27 @@ async fn writer(conn: Rc<Conn>) {
     let mut st = conn.st.borrow_mut();
     st.writer_done = true;
     wake(&mut st.reader);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_reuses_fitting_buffers_and_stays_bounded() {
+        let mut p = Pool::default();
+        let b = p.take(5000);
+        assert_eq!(b.len(), 8192);
+        let ptr = b.as_ptr();
+        p.put(b);
+        // Fits: reused.
+        assert_eq!(p.take(4096).as_ptr(), ptr);
+        // A 1 MiB buffer is not handed out for a 4 KiB request.
+        p.put(AlignedBuf::new(1 << 20));
+        assert_eq!(p.take(4096).len(), 4096);
+        for _ in 0..2 * POOL_COUNT {
+            p.put(AlignedBuf::new(1 << 20));
+        }
+        assert!(p.bytes <= POOL_BYTES && p.bufs.len() <= POOL_COUNT);
+    }
 }

@@ -16,8 +16,9 @@ const MAX_OPTIONS: usize = 1024;
 
 /// How the handshake ended.
 pub(crate) enum Outcome {
-    /// Enter transmission on export number `usize`.
-    Transmit(usize),
+    /// Enter transmission on this export number; the flag says whether structured replies
+    /// were negotiated.
+    Transmit(usize, bool),
     /// The client aborted (or left) politely.
     Done,
 }
@@ -56,6 +57,7 @@ pub(crate) async fn handshake(shared: &Shared, fd: RawFd, rb: &mut RecvBuf) -> i
     }
     let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
 
     for _ in 0..MAX_OPTIONS {
         let mut oh = [0u8; 16];
@@ -74,7 +76,8 @@ pub(crate) async fn handshake(shared: &Shared, fd: RawFd, rb: &mut RecvBuf) -> i
         }
         if len > MAX_OPTION_LEN {
             if fixed && option != OPT_EXPORT_NAME {
-                let msg = format!("option data of {len} bytes is too long (limit {MAX_OPTION_LEN})");
+                let msg =
+                    format!("option data of {len} bytes is too long (limit {MAX_OPTION_LEN})");
                 let _ = send_all(fd, &opt_reply(option, REP_ERR_TOO_BIG, msg.as_bytes())).await;
             }
             return Err(protocol_error(format!(
@@ -111,7 +114,7 @@ pub(crate) async fn handshake(shared: &Shared, fd: RawFd, rb: &mut RecvBuf) -> i
                     r.extend_from_slice(&[0u8; 124]);
                 }
                 send_all(fd, &r).await?;
-                return Ok(Outcome::Transmit(idx));
+                return Ok(Outcome::Transmit(idx, structured));
             }
             OPT_ABORT => {
                 // The client closes next; a failed ACK changes nothing.
@@ -138,6 +141,15 @@ pub(crate) async fn handshake(shared: &Shared, fd: RawFd, rb: &mut RecvBuf) -> i
                 out.extend_from_slice(&opt_reply(option, REP_ACK, &[]));
                 send_all(fd, &out).await?;
             }
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    send_all(fd, &opt_reply(option, REP_ACK, &[])).await?;
+                } else {
+                    let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
+                    send_all(fd, &opt_reply(option, REP_ERR_INVALID, msg)).await?;
+                }
+            }
             OPT_INFO | OPT_GO => match parse_info_request(&data) {
                 Err(msg) => {
                     send_all(fd, &opt_reply(option, REP_ERR_INVALID, msg.as_bytes())).await?;
@@ -151,7 +163,7 @@ pub(crate) async fn handshake(shared: &Shared, fd: RawFd, rb: &mut RecvBuf) -> i
                     let e = &shared.exports[idx];
                     send_all(fd, &info_replies(option, e, &infos)).await?;
                     if option == OPT_GO {
-                        return Ok(Outcome::Transmit(idx));
+                        return Ok(Outcome::Transmit(idx, structured));
                     }
                 }
             },
@@ -173,7 +185,9 @@ fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), String> {
     }
     let nlen = be32(&data[0..4]) as usize;
     if nlen > MAX_STRING || data.len() < 4 + nlen + 2 {
-        return Err(format!("export name length {nlen} does not fit the option data"));
+        return Err(format!(
+            "export name length {nlen} does not fit the option data"
+        ));
     }
     let name = std::str::from_utf8(&data[4..4 + nlen])
         .map_err(|_| "export name is not UTF-8".to_string())?

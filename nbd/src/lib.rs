@@ -1,12 +1,15 @@
 //! An NBD (Network Block Device) server exporting any [`tables::DeviceRef`].
 //!
-//! The server speaks fixed-newstyle negotiation with simple replies: `NBD_OPT_GO`,
-//! `NBD_OPT_INFO` (export, name, description and block-size info), `NBD_OPT_LIST`,
-//! `NBD_OPT_ABORT` and the old `NBD_OPT_EXPORT_NAME`; every other option is refused with
-//! `NBD_REP_ERR_UNSUP` (structured replies included). In transmission it serves `READ`,
-//! `WRITE`, `FLUSH`, `TRIM` (when the device discards), `WRITE_ZEROES` (with `NO_HOLE` and
-//! `FAST_ZERO`) and `DISC`, honouring `NBD_CMD_FLAG_FUA`. It advertises `CAN_MULTI_CONN`
-//! exactly when the device's [`tables::Limits::multi_conn_safe`] says so.
+//! The server speaks fixed-newstyle negotiation: `NBD_OPT_GO`, `NBD_OPT_INFO` (export,
+//! name, description and block-size info), `NBD_OPT_LIST`, `NBD_OPT_ABORT`, the old
+//! `NBD_OPT_EXPORT_NAME` and `NBD_OPT_STRUCTURED_REPLY` (reads are then answered with one
+//! final `OFFSET_DATA` chunk, or an `ERROR` chunk; other commands keep simple replies, as the
+//! spec allows; no metadata contexts, so no `BLOCK_STATUS`). Every other option is refused
+//! with `NBD_REP_ERR_UNSUP`. In transmission it serves `READ`, `WRITE`, `FLUSH`, `TRIM`
+//! (when the device discards), `WRITE_ZEROES` (with `NO_HOLE` and `FAST_ZERO`) and `DISC`,
+//! honouring `NBD_CMD_FLAG_FUA` (emulated with a flush when the device's
+//! [`tables::Limits::fua`] is false). It advertises `CAN_MULTI_CONN` exactly when the
+//! device's [`tables::Limits::multi_conn_safe`] says so.
 //!
 //! # Threads and I/O
 //!
@@ -14,9 +17,15 @@
 //! accept loops and hands each connection to the least loaded worker. A connection lives on
 //! one worker: its reader task decodes requests and starts a local task per request (so
 //! pipelined requests run concurrently on the device); one writer task per connection
-//! sends all queued replies with one `sendmsg` (header and read data together). Each
-//! connection holds at most 64 requests / 64 MiB of buffers in flight; buffers are pooled
-//! per connection and page-aligned. Accepted TCP sockets get `TCP_NODELAY`.
+//! sends all queued replies with one `sendmsg` (header and read data together, many
+//! replies per call under load). Requests of 128 KiB or more are spread over all workers
+//! (a big read's data is sent by the worker that read it, under a per-connection send
+//! lock), so a single connection's large transfers use every core. Each connection holds
+//! at most [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] of buffers in flight; past
+//! that it stops reading and TCP pushes back. Buffers are page-aligned (`O_DIRECT`-ready)
+//! and pooled per worker. Accepted TCP sockets get `TCP_NODELAY`. Handshakes must finish
+//! within [`ServerBuilder::handshake_timeout`]; at most
+//! [`ServerBuilder::max_connections`] connections are served at once.
 //!
 //! # Errors on the wire
 //!

@@ -13,6 +13,17 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Structured reply flag: the last chunk of the reply.
+pub const REPLY_FLAG_DONE: u16 = 1;
+/// Structured chunk: no payload (final chunk of a reply).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Structured chunk: offset plus data.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured chunk: an error (error value, message length, message).
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 /// Handshake flag: the server speaks fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -191,6 +202,63 @@ impl Request {
     }
 }
 
+/// A reply header as it goes on the wire: a simple reply, or one structured chunk header
+/// (plus the offset of an `OFFSET_DATA` chunk, or the body of an `ERROR` chunk).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ReplyHdr {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl ReplyHdr {
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// A simple reply (error 0 for success); read data, if any, follows it.
+    pub fn simple(error: u32, cookie: u64) -> ReplyHdr {
+        let mut buf = [0u8; 32];
+        buf[..REPLY_LEN].copy_from_slice(&simple_reply(error, cookie));
+        ReplyHdr {
+            buf,
+            len: REPLY_LEN,
+        }
+    }
+
+    fn chunk(kind: u16, cookie: u64, payload_len: u32) -> ReplyHdr {
+        let mut buf = [0u8; 32];
+        buf[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        buf[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        buf[6..8].copy_from_slice(&kind.to_be_bytes());
+        buf[8..16].copy_from_slice(&cookie.to_be_bytes());
+        buf[16..20].copy_from_slice(&payload_len.to_be_bytes());
+        ReplyHdr { buf, len: 20 }
+    }
+
+    /// The single, final data chunk of a structured read reply; `len` data bytes follow.
+    /// A zero-length read gets a bare final `NONE` chunk instead (data chunks carry at
+    /// least one byte).
+    pub fn read_data(cookie: u64, offset: u64, len: u32) -> ReplyHdr {
+        if len == 0 {
+            return ReplyHdr::chunk(REPLY_TYPE_NONE, cookie, 0);
+        }
+        let mut h = ReplyHdr::chunk(REPLY_TYPE_OFFSET_DATA, cookie, len.saturating_add(8));
+        h.buf[20..28].copy_from_slice(&offset.to_be_bytes());
+        h.len = 28;
+        h
+    }
+
+    /// The final error chunk of a structured reply (no message).
+    pub fn structured_error(error: u32, cookie: u64) -> ReplyHdr {
+        let mut h = ReplyHdr::chunk(REPLY_TYPE_ERROR, cookie, 6);
+        h.buf[20..24].copy_from_slice(&error.to_be_bytes());
+        // Message length 0 (bytes 24..26 stay zero).
+        h.len = 26;
+        h
+    }
+}
+
 /// Encodes a simple reply header.
 pub fn simple_reply(error: u32, cookie: u64) -> [u8; REPLY_LEN] {
     let mut b = [0u8; REPLY_LEN];
@@ -238,6 +306,17 @@ mod tests {
         assert_eq!(nbd_errno(libc::EFBIG), ENOSPC);
         assert_eq!(nbd_errno(libc::ENODEV), EIO);
         assert_eq!(nbd_errno(libc::EOPNOTSUPP), EINVAL);
+        let d = ReplyHdr::read_data(9, 4096, 512);
+        assert_eq!(d.as_bytes().len(), 28);
+        assert_eq!(be32(&d.as_bytes()[0..4]), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(be32(&d.as_bytes()[16..20]), 520);
+        assert_eq!(be64(&d.as_bytes()[20..28]), 4096);
+        let e = ReplyHdr::structured_error(EIO, 9);
+        assert_eq!(e.as_bytes().len(), 26);
+        assert_eq!(
+            u16::from_be_bytes([e.as_bytes()[6], e.as_bytes()[7]]),
+            REPLY_TYPE_ERROR
+        );
         let reply = simple_reply(EIO, 7);
         assert_eq!(be32(&reply[0..4]), SIMPLE_REPLY_MAGIC);
         assert_eq!(be32(&reply[4..8]), EIO);

@@ -114,7 +114,13 @@ impl ExportEntry {
     pub(crate) fn block_sizes(&self) -> (u32, u32, u32) {
         let l = self.dev.limits();
         // The protocol wants powers of two, minimum at most 64 KiB.
-        let pow2 = |v: u32| if v.is_power_of_two() { v } else { v.next_power_of_two() };
+        let pow2 = |v: u32| {
+            if v.is_power_of_two() {
+                v
+            } else {
+                v.next_power_of_two()
+            }
+        };
         let min = pow2(l.logical_block_size.clamp(1, 64 << 10));
         let pref = pow2(if l.physical_block_size > 0 {
             l.physical_block_size
@@ -150,6 +156,7 @@ pub struct ServerBuilder {
     threads: usize,
     handshake_timeout: Duration,
     shutdown_grace: Duration,
+    max_connections: usize,
 }
 
 impl ServerBuilder {
@@ -205,6 +212,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Connections open at once; further clients are closed right after `accept` (default
+    /// 1024). Each connection may hold up to 64 MiB of request buffers.
+    pub fn max_connections(mut self, n: usize) -> ServerBuilder {
+        self.max_connections = n.max(1);
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<Server, NbdError> {
         if self.exports.is_empty() {
@@ -235,6 +249,7 @@ impl ServerBuilder {
             threads: self.threads,
             handshake_timeout: self.handshake_timeout,
             shutdown_grace: self.shutdown_grace,
+            max_connections: self.max_connections,
         })
     }
 }
@@ -245,6 +260,7 @@ pub struct Server {
     threads: usize,
     handshake_timeout: Duration,
     shutdown_grace: Duration,
+    max_connections: usize,
 }
 
 /// A bound listening socket to serve on.
@@ -275,6 +291,7 @@ impl Server {
                 .min(4),
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            max_connections: 1024,
         }
     }
 
@@ -336,6 +353,7 @@ impl Server {
         let shared = Arc::new(Shared {
             exports: self.exports,
             handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections,
             listeners,
             workers,
             next_worker: AtomicUsize::new(0),
@@ -399,6 +417,7 @@ pub(crate) struct Accepted {
 pub(crate) struct Shared {
     pub(crate) exports: Vec<ExportEntry>,
     handshake_timeout: Duration,
+    max_connections: usize,
     listeners: Vec<Listener>,
     workers: Vec<Slot>,
     next_worker: AtomicUsize,
@@ -483,7 +502,8 @@ impl Shared {
     }
 }
 
-/// Asks a running server to stop, from any thread (a signal handler thread, say).
+/// Asks a running server to stop, from any thread (a signal-handling thread, say; `stop`
+/// takes a lock, so not from inside an async signal handler itself).
 #[derive(Clone)]
 pub struct Stopper {
     shared: Arc<Shared>,
@@ -531,7 +551,11 @@ impl ServerHandle {
     /// Blocks until a [`Stopper`] asks for a stop, then shuts down like [`Self::shutdown`].
     pub fn wait(mut self) -> Result<(), NbdError> {
         {
-            let mut stop = self.shared.stop_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stop = self
+                .shared
+                .stop_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             while !*stop {
                 stop = self
                     .shared
@@ -616,7 +640,7 @@ impl Drop for ServerHandle {
 }
 
 /// (deadline, finished flag, socket) of a connection still in its handshake.
-type PendingHandshake = (Instant, Rc<Cell<bool>>, Arc<OwnedFd>);
+type PendingHandshake = (Instant, Rc<Cell<bool>>, Weak<OwnedFd>);
 
 /// Per-worker bookkeeping of its connections.
 #[derive(Default)]
@@ -701,17 +725,22 @@ async fn ticker(shared: &Shared, local: &Local, done: &Cell<bool>) {
     while !done.get() {
         iort::sleep(tick).await;
         let now = Instant::now();
-        local.handshakes.borrow_mut().retain(|(deadline, finished, fd)| {
-            if finished.get() {
-                return false;
-            }
-            if now >= *deadline {
-                log::info!("nbd: handshake timed out, closing the connection");
-                shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-                return false;
-            }
-            true
-        });
+        local
+            .handshakes
+            .borrow_mut()
+            .retain(|(deadline, finished, fd)| {
+                if finished.get() {
+                    return false;
+                }
+                if now >= *deadline {
+                    if let Some(fd) = fd.upgrade() {
+                        log::info!("nbd: handshake timed out, closing the connection");
+                        shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+                    }
+                    return false;
+                }
+                true
+            });
     }
 }
 
@@ -763,12 +792,12 @@ async fn connection(
     local.handshakes.borrow_mut().push((
         Instant::now() + shared.handshake_timeout,
         finished.0.clone(),
-        fd.clone(),
+        Arc::downgrade(&fd),
     ));
     let outcome = handshake(&shared, raw, &mut rb).await;
     drop(finished);
-    let idx = match outcome {
-        Ok(Outcome::Transmit(idx)) => idx,
+    let (idx, structured) = match outcome {
+        Ok(Outcome::Transmit(idx, structured)) => (idx, structured),
         Ok(Outcome::Done) => return,
         Err(e) => {
             log::debug!("nbd: handshake ended: {e}");
@@ -776,7 +805,7 @@ async fn connection(
         }
     };
     let ex = &shared.exports[idx];
-    if let Err(e) = transmit(raw, ex.view(), shared.clone(), index, rb).await {
+    if let Err(e) = transmit(raw, ex.view(), shared.clone(), index, structured, rb).await {
         log::info!("nbd: export '{}': connection closed: {e}", ex.name);
     }
     // `fd` (and the socket) closes here, after every reply went out.
@@ -789,6 +818,13 @@ async fn acceptor(shared: Arc<Shared>, lfd: RawFd, is_tcp: bool) {
             Ok(fd) => {
                 if shared.is_stopping() {
                     break;
+                }
+                if shared.conns().len() >= shared.max_connections {
+                    log::warn!(
+                        "nbd: {} connections open (the limit): refusing a new one",
+                        shared.max_connections
+                    );
+                    continue;
                 }
                 if is_tcp {
                     set_nodelay(fd.as_raw_fd());
@@ -805,7 +841,11 @@ async fn acceptor(shared: Arc<Shared>, lfd: RawFd, is_tcp: bool) {
                     break;
                 };
                 slot.load.fetch_add(1, Ordering::Relaxed);
-                if slot.tx.unbounded_send(Msg::Conn(Accepted { fd, id })).is_err() {
+                if slot
+                    .tx
+                    .unbounded_send(Msg::Conn(Accepted { fd, id }))
+                    .is_err()
+                {
                     slot.load.fetch_sub(1, Ordering::Relaxed);
                     shared.unregister(id);
                 }

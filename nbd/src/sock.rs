@@ -116,22 +116,43 @@ pub(crate) async fn send_vectored_all(fd: RawFd, bufs: &[&[u8]]) -> io::Result<(
         })
         .collect();
     let mut first = 0usize;
+    // First try a plain non-blocking sendmsg: when the socket has room (the usual case)
+    // the data leaves at once, without a trip through the ring's poll machinery.
+    let mut direct = true;
     while first < iov.len() {
         let cnt = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
         // SAFETY: an all-zero msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov[first..].as_mut_ptr();
         msg.msg_iovlen = cnt as _;
-        let sqe = opcode::SendMsg::new(types::Fd(fd), &msg as *const libc::msghdr)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build();
-        // SAFETY: `msg`, `iov` and the buffers `iov` points into (borrowed through `bufs`)
-        // outlive the op: they live in this frame across the await, and dropping the op
-        // waits for the kernel.
-        let mut n = iort::cqe_result(unsafe { iort::submit(sqe) }.await)?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
+        let mut n = if direct {
+            direct = false;
+            // SAFETY: msg and the iovecs it points to are valid for the call.
+            let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                0
+            } else {
+                r as usize
+            }
+        } else {
+            let sqe = opcode::SendMsg::new(types::Fd(fd), &msg as *const libc::msghdr)
+                // WAITALL: the ring finishes the whole send itself instead of returning
+                // short counts whenever the socket buffer fills.
+                .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+                .build();
+            // SAFETY: `msg`, `iov` and the buffers `iov` points into (borrowed through
+            // `bufs`) outlive the op: they live in this frame across the await, and dropping
+            // the op waits for the kernel.
+            let n = iort::cqe_result(unsafe { iort::submit(sqe) }.await)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            n
+        };
         // Advance past what was sent.
         while n > 0 && first < iov.len() {
             let v = &mut iov[first];
@@ -169,7 +190,10 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     /// A buffer of `len` bytes (at least one page is allocated).
     pub(crate) fn new(len: usize) -> AlignedBuf {
-        let layout = Self::layout(len);
+        // Callers never ask for more than a few MiB; an impossible size yields an empty
+        // buffer (slicing it then fails loudly) rather than a buffer shorter than `len`.
+        let len = if Self::layout(len).is_some() { len } else { 0 };
+        let layout = Self::layout(len).unwrap_or(Layout::new::<[u8; ALIGN]>());
         // SAFETY: layout has non-zero size.
         let p = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(p) else {
@@ -178,14 +202,9 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
-    fn layout(len: usize) -> Layout {
-        let size = len.max(1).div_ceil(ALIGN) * ALIGN;
-        match Layout::from_size_align(size, ALIGN) {
-            Ok(l) => l,
-            // Only reachable for sizes near usize::MAX, which callers never request
-            // (payloads are capped far below).
-            Err(_) => Layout::new::<[u8; ALIGN]>(),
-        }
+    fn layout(len: usize) -> Option<Layout> {
+        let size = len.max(1).checked_next_multiple_of(ALIGN)?;
+        Layout::from_size_align(size, ALIGN).ok()
     }
 
     /// Capacity in bytes.
@@ -196,8 +215,9 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        let layout = Self::layout(self.len).unwrap_or(Layout::new::<[u8; ALIGN]>());
+        // SAFETY: allocated in `new` with this same layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
     }
 }
 

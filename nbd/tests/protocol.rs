@@ -17,7 +17,11 @@ use tables::units::Bytes;
 const MIB: u64 = 1 << 20;
 
 fn serve(b: nbd::ServerBuilder) -> ServerHandle {
-    b.threads(2).build().unwrap().serve_tcp("127.0.0.1:0").unwrap()
+    b.threads(2)
+        .build()
+        .unwrap()
+        .serve_tcp("127.0.0.1:0")
+        .unwrap()
 }
 
 fn addr(h: &ServerHandle) -> std::net::SocketAddr {
@@ -34,7 +38,13 @@ fn handshake_info_and_go_report_the_export() {
     );
     let mut s = tcp(addr(&h));
     start(&mut s);
-    let info = info_or_go(&mut s, OPT_INFO, "a", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]).unwrap();
+    let info = info_or_go(
+        &mut s,
+        OPT_INFO,
+        "a",
+        &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE],
+    )
+    .unwrap();
     assert_eq!(info.size, 64 * MIB);
     assert_eq!(info.name.as_deref(), Some("a"));
     assert_eq!(info.description.as_deref(), Some("first disk"));
@@ -62,7 +72,11 @@ fn handshake_info_and_go_report_the_export() {
 #[test]
 fn option_errors_keep_the_handshake_alive() {
     let dev = mem(MIB);
-    let h = serve(Server::builder().export("disk", "the disk", as_dev(&dev)).export("other", "x", as_dev(&dev)));
+    let h = serve(
+        Server::builder()
+            .export("disk", "the disk", as_dev(&dev))
+            .export("other", "x", as_dev(&dev)),
+    );
     let mut s = tcp(addr(&h));
     start(&mut s);
 
@@ -77,20 +91,32 @@ fn option_errors_keep_the_handshake_alive() {
         }
         assert_eq!(kind, REP_SERVER);
         let n = be32(&d) as usize;
-        names.push((String::from_utf8(d[4..4 + n].to_vec()).unwrap(), String::from_utf8(d[4 + n..].to_vec()).unwrap()));
+        names.push((
+            String::from_utf8(d[4..4 + n].to_vec()).unwrap(),
+            String::from_utf8(d[4 + n..].to_vec()).unwrap(),
+        ));
     }
-    assert_eq!(names, vec![("disk".into(), "the disk".into()), ("other".into(), "x".into())]);
+    assert_eq!(
+        names,
+        vec![
+            ("disk".into(), "the disk".into()),
+            ("other".into(), "x".into())
+        ]
+    );
 
     // LIST with data is invalid.
     send_option(&mut s, OPT_LIST, b"junk");
     assert_eq!(read_option_reply(&mut s).1, REP_ERR_INVALID);
     // Unknown option, structured replies, STARTTLS: unsupported.
-    for opt in [99u32, OPT_STRUCTURED_REPLY, OPT_STARTTLS, 9, 10] {
+    for opt in [99u32, OPT_STARTTLS, 9, 10, 11] {
         send_option(&mut s, opt, &[]);
         let (o, kind, msg) = read_option_reply(&mut s);
         assert_eq!((o, kind), (opt, REP_ERR_UNSUP));
         assert!(!msg.is_empty(), "error replies carry a message");
     }
+    // Structured replies take no data.
+    send_option(&mut s, OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(read_option_reply(&mut s).1, REP_ERR_INVALID);
     // Unknown export.
     let e = info_or_go(&mut s, OPT_GO, "nope", &[]).unwrap_err();
     assert_eq!(e.0, REP_ERR_UNKNOWN);
@@ -157,7 +183,11 @@ fn export_name_with_and_without_zero_padding() {
     let dev = mem(3 * MIB);
     dev.fill(0, b"old style");
     let h = serve(Server::builder().export("disk", "", as_dev(&dev)));
-    for (flags, pad) in [(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 0), (FLAG_C_FIXED_NEWSTYLE, 124), (0, 124)] {
+    for (flags, pad) in [
+        (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 0),
+        (FLAG_C_FIXED_NEWSTYLE, 124),
+        (0, 124),
+    ] {
         let mut s = tcp(addr(&h));
         greeting(&mut s);
         send_client_flags(&mut s, flags);
@@ -201,7 +231,8 @@ fn commands_reach_the_device() {
     c.trim(MIB, 65536).unwrap();
     assert!(c.read(MIB, 65536).unwrap() == vec![0u8; 65536]);
     assert_eq!(dev.counters.discards.load(Ordering::Relaxed), 1);
-    c.zero(MIB + 65536, 65536, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE).unwrap();
+    c.zero(MIB + 65536, 65536, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE)
+        .unwrap();
     c.zero(MIB + 2 * 65536, 65536, CMD_FLAG_FAST_ZERO).unwrap();
     assert!(c.read(MIB, 3 * 65536).unwrap().iter().all(|&x| x == 0));
     assert!(c.read(MIB + 3 * 65536, 4096).unwrap() == data[3 * 65536..3 * 65536 + 4096]);
@@ -265,7 +296,16 @@ fn error_replies_keep_the_stream_in_sync() {
 fn device_errors_map_to_nbd_errors() {
     let dev = FailDevice::new(
         8 * MIB,
-        vec![0, libc::EIO, libc::EROFS, libc::ENOSPC, libc::EFBIG, libc::EOVERFLOW, libc::ENODEV, libc::EOPNOTSUPP],
+        vec![
+            0,
+            libc::EIO,
+            libc::EROFS,
+            libc::ENOSPC,
+            libc::EFBIG,
+            libc::EOVERFLOW,
+            libc::ENODEV,
+            libc::EOPNOTSUPP,
+        ],
     );
     let h = serve(Server::builder().export("disk", "", as_dev(&dev)));
     let mut c = Client::go(tcp(addr(&h)), "disk");
@@ -280,9 +320,21 @@ fn device_errors_map_to_nbd_errors() {
             assert_eq!(r.unwrap(), vec![9u8; 4096]);
             z.unwrap();
         } else {
-            assert_eq!((w, r.map(|_| ()), z), (Err(e), Err(e), Err(e)), "region {i}");
+            assert_eq!(
+                (w, r.map(|_| ()), z),
+                (Err(e), Err(e), Err(e)),
+                "region {i}"
+            );
         }
     }
+    // Big requests run on other worker threads; their errors come back the same way.
+    let big = vec![5u8; 512 << 10];
+    assert_eq!(c.write(MIB, &big), Err(EIO));
+    assert_eq!(c.read(MIB, 512 << 10), Err(EIO));
+    assert_eq!(c.write(2 * MIB, &big), Err(EPERM));
+    assert_eq!(c.read(3 * MIB, 512 << 10), Err(ENOSPC));
+    c.write(0, &big).unwrap();
+    assert!(c.read(0, 512 << 10).unwrap() == big);
     dev.fail_flush.store(true, Ordering::SeqCst);
     assert_eq!(c.flush(), Err(EIO));
     dev.fail_flush.store(false, Ordering::SeqCst);
@@ -307,7 +359,10 @@ fn read_only_exports_refuse_writes_with_eperm() {
     for name in ["ro", "ro-dev"] {
         let mut c = Client::go(tcp(addr(&h)), name);
         assert_ne!(c.info.flags & TFLAG_READ_ONLY, 0);
-        assert_eq!(c.info.flags & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES), 0);
+        assert_eq!(
+            c.info.flags & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES),
+            0
+        );
         assert_eq!(c.write(0, b"nope"), Err(EPERM));
         assert_eq!(c.trim(0, 512), Err(EPERM));
         assert_eq!(c.zero(0, 512, 0), Err(EPERM));
@@ -329,12 +384,21 @@ fn fua_and_flush_make_writes_durable() {
     c.write_fua(4096, &[2u8; 4096]).unwrap();
     c.zero(8192, 4096, CMD_FLAG_FUA).unwrap();
     dev.power_cut(CutMode::DropAll);
-    assert!(dev.snapshot(0, 4096) == vec![0u8; 4096], "unflushed write dropped");
-    assert!(dev.snapshot(4096, 4096) == vec![2u8; 4096], "FUA write survives");
+    assert!(
+        dev.snapshot(0, 4096) == vec![0u8; 4096],
+        "unflushed write dropped"
+    );
+    assert!(
+        dev.snapshot(4096, 4096) == vec![2u8; 4096],
+        "FUA write survives"
+    );
     c.write(0, &[3u8; 4096]).unwrap();
     c.flush().unwrap();
     dev.power_cut(CutMode::DropAll);
-    assert!(dev.snapshot(0, 4096) == vec![3u8; 4096], "flushed write survives");
+    assert!(
+        dev.snapshot(0, 4096) == vec![3u8; 4096],
+        "flushed write survives"
+    );
     c.disconnect();
 }
 
@@ -367,7 +431,10 @@ fn pipelined_requests_all_complete_beyond_the_inflight_limit() {
     for _ in 0..n {
         let (cookie, r) = c.recv();
         r.unwrap();
-        assert!(expect.remove(&cookie).is_some(), "unexpected cookie {cookie}");
+        assert!(
+            expect.remove(&cookie).is_some(),
+            "unexpected cookie {cookie}"
+        );
     }
     // Reads of the same regions, all sent before any reply is read.
     let mut want = std::collections::HashMap::new();
@@ -429,7 +496,13 @@ fn unix_socket_serving() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let dev = mem(MIB);
-    let h = Server::builder().export("disk", "", as_dev(&dev)).threads(1).build().unwrap().serve_unix(&path).unwrap();
+    let h = Server::builder()
+        .export("disk", "", as_dev(&dev))
+        .threads(1)
+        .build()
+        .unwrap()
+        .serve_unix(&path)
+        .unwrap();
     assert!(h.local_addr().is_none());
     let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -458,27 +531,51 @@ fn shutdown_answers_inflight_closes_clients_and_flushes() {
     greeting(&mut idle);
     c.write(0, b"before").unwrap();
     // Requests in flight when shutdown starts still get their replies.
-    let cookies: Vec<u64> = (0..8).map(|i| c.send(CMD_WRITE, 0, i * 4096, 4096, &[i as u8; 4096])).collect();
+    let cookies: Vec<u64> = (0..8)
+        .map(|i| c.send(CMD_WRITE, 0, i * 4096, 4096, &[i as u8; 4096]))
+        .collect();
     while h.connections() < 2 {
         std::thread::sleep(Duration::from_millis(1));
     }
     let t0 = Instant::now();
     let flushes = dev.counters.flushes.load(Ordering::Relaxed);
     h.shutdown().unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t0.elapsed());
-    let mut got: Vec<u64> = (0..8).map(|_| { let (k, r) = c.recv(); r.unwrap(); k }).collect();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    let mut got: Vec<u64> = (0..8)
+        .map(|_| {
+            let (k, r) = c.recv();
+            r.unwrap();
+            k
+        })
+        .collect();
     got.sort();
     assert_eq!(got, cookies);
     assert_closed(&mut c.s);
     assert_closed(&mut idle);
-    assert!(dev.counters.flushes.load(Ordering::Relaxed) > flushes, "exports flushed");
-    assert!(std::net::TcpStream::connect(a).is_err(), "no longer listening");
+    assert!(
+        dev.counters.flushes.load(Ordering::Relaxed) > flushes,
+        "exports flushed"
+    );
+    assert!(
+        std::net::TcpStream::connect(a).is_err(),
+        "no longer listening"
+    );
 }
 
 #[test]
 fn stopper_ends_wait() {
     let dev = mem(MIB);
-    let h = Server::builder().export("disk", "", as_dev(&dev)).threads(1).build().unwrap().serve_tcp("127.0.0.1:0").unwrap();
+    let h = Server::builder()
+        .export("disk", "", as_dev(&dev))
+        .threads(1)
+        .build()
+        .unwrap()
+        .serve_tcp("127.0.0.1:0")
+        .unwrap();
     let stop = h.stopper();
     let a = addr(&h);
     let t = std::thread::spawn(move || h.wait());
@@ -504,7 +601,10 @@ fn slow_handshakes_time_out() {
     greeting(&mut s);
     assert_closed(&mut s);
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     // A client that completes its handshake in time is not cut off later.
     let mut c = Client::go(tcp(addr(&h)), "disk");
     std::thread::sleep(Duration::from_millis(600));
@@ -514,15 +614,90 @@ fn slow_handshakes_time_out() {
 
 #[test]
 fn builder_rejects_bad_configurations() {
-    assert!(matches!(Server::builder().build(), Err(nbd::NbdError::NoExports)));
+    assert!(matches!(
+        Server::builder().build(),
+        Err(nbd::NbdError::NoExports)
+    ));
     let d = mem(MIB);
-    let e = Server::builder().export("x", "", as_dev(&d)).export("x", "", as_dev(&d)).build();
+    let e = Server::builder()
+        .export("x", "", as_dev(&d))
+        .export("x", "", as_dev(&d))
+        .build();
     assert!(matches!(e, Err(nbd::NbdError::DuplicateExport(n)) if n == "x"));
     let e = Server::builder().export("a\0b", "", as_dev(&d)).build();
     assert!(matches!(e, Err(nbd::NbdError::BadExport { .. })));
-    let e = Server::builder().export("y".repeat(5000), "", as_dev(&d)).build();
+    let e = Server::builder()
+        .export("y".repeat(5000), "", as_dev(&d))
+        .build();
     assert!(matches!(e, Err(nbd::NbdError::BadExport { .. })));
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let e = Server::builder().export("x", "", as_dev(&d)).build().unwrap().serve_tcp(taken.local_addr().unwrap());
+    let e = Server::builder()
+        .export("x", "", as_dev(&d))
+        .build()
+        .unwrap()
+        .serve_tcp(taken.local_addr().unwrap());
     assert!(matches!(e, Err(nbd::NbdError::Listen { .. })));
+}
+
+#[test]
+fn connections_over_the_limit_are_closed() {
+    let dev = mem(MIB);
+    let h = Server::builder()
+        .export("disk", "", as_dev(&dev))
+        .max_connections(2)
+        .build()
+        .unwrap()
+        .serve_tcp("127.0.0.1:0")
+        .unwrap();
+    let mut a = Client::go(tcp(addr(&h)), "disk");
+    let b = Client::go(tcp(addr(&h)), "disk");
+    let mut c = tcp(addr(&h));
+    assert_closed(&mut c);
+    a.write(0, b"a").unwrap();
+    b.disconnect();
+    let t0 = Instant::now();
+    while h.connections() > 1 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut d = Client::go(tcp(addr(&h)), "disk");
+    assert!(d.read(0, 1).unwrap() == b"a");
+    a.disconnect();
+    d.disconnect();
+}
+
+#[test]
+fn structured_replies_carry_reads_and_read_errors() {
+    let dev = FailDevice::new(4 * MIB, vec![0, libc::EIO]);
+    let h = serve(Server::builder().export("disk", "", as_dev(&dev)));
+    let mut c = Client::go_structured(tcp(addr(&h)), "disk");
+    let small = pattern(3, 4096);
+    let big = pattern(4, 1 << 20);
+    c.write(8192, &small).unwrap();
+    c.write(2 * MIB, &big).unwrap();
+    assert!(c.read(8192, 4096).unwrap() == small);
+    assert!(
+        c.read(2 * MIB, 1 << 20).unwrap() == big,
+        "big read (another worker sends it)"
+    );
+    assert!(c.read(0, 0).unwrap().is_empty());
+    // Errors on reads come as error chunks: validation, device, big device read.
+    assert_eq!(c.read(4 * MIB, 512), Err(EINVAL));
+    assert_eq!(c.read(MIB, 4096), Err(EIO));
+    assert_eq!(c.read(MIB, 512 << 10), Err(EIO));
+    // Other commands keep simple replies.
+    assert_eq!(c.write(MIB, b"x"), Err(EIO));
+    c.flush().unwrap();
+    // Pipelined mix of small and big reads.
+    let mut want = std::collections::HashMap::new();
+    for i in 0..40u64 {
+        let len = if i % 3 == 0 { 256 << 10 } else { 4096 };
+        want.insert(c.send(CMD_READ, 0, 2 * MIB + i * 4096, len, &[]), (i, len));
+    }
+    for _ in 0..40 {
+        let (cookie, r) = c.recv();
+        let (i, len) = want.remove(&cookie).unwrap();
+        let off = (i * 4096) as usize;
+        assert!(r.unwrap() == big[off..off + len as usize], "read {i}");
+    }
+    c.disconnect();
 }

@@ -138,6 +138,8 @@ pub struct Client<S: Stream> {
     next: u64,
     /// Read lengths of outstanding read requests, by cookie.
     reads: HashMap<u64, usize>,
+    /// Offsets of outstanding reads, to check structured data chunks.
+    read_at: HashMap<u64, u64>,
 }
 
 /// Error value of a failed request.
@@ -153,6 +155,7 @@ impl<S: Stream> Client<S> {
             info,
             next: 1,
             reads: HashMap::new(),
+            read_at: HashMap::new(),
         }
     }
 
@@ -163,6 +166,7 @@ impl<S: Stream> Client<S> {
             info: ExportInfo::default(),
             next: 1,
             reads: HashMap::new(),
+            read_at: HashMap::new(),
         }
     }
 
@@ -184,18 +188,40 @@ impl<S: Stream> Client<S> {
         self.s.write_all(&b).unwrap();
         if kind == CMD_READ {
             self.reads.insert(cookie, len as usize);
+            self.read_at.insert(cookie, offset);
         }
         cookie
     }
 
-    /// Reads one reply: (cookie, result with the read data if any).
+    /// Handshake negotiating structured replies first, then NBD_OPT_GO on `name`.
+    pub fn go_structured(mut s: S, name: &str) -> Client<S> {
+        start(&mut s);
+        send_option(&mut s, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(
+            read_option_reply(&mut s),
+            (OPT_STRUCTURED_REPLY, REP_ACK, vec![])
+        );
+        let info = info_or_go(&mut s, OPT_GO, name, &[INFO_BLOCK_SIZE]).unwrap();
+        let mut c = Client::after_handshake(s);
+        c.info = info;
+        c
+    }
+
+    /// Reads one reply (simple, or a single final structured chunk): (cookie, result with
+    /// the read data if any).
     pub fn recv(&mut self) -> (u64, Result<Vec<u8>, NbdErr>) {
-        let mut h = [0u8; 16];
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).unwrap();
+        if be32(&m) == STRUCTURED_REPLY_MAGIC {
+            return self.recv_chunk();
+        }
+        assert_eq!(be32(&m), SIMPLE_REPLY_MAGIC, "reply magic");
+        let mut h = [0u8; 12];
         self.s.read_exact(&mut h).unwrap();
-        assert_eq!(be32(&h[0..4]), SIMPLE_REPLY_MAGIC, "reply magic");
-        let err = be32(&h[4..8]);
-        let cookie = be64(&h[8..16]);
+        let err = be32(&h[0..4]);
+        let cookie = be64(&h[4..12]);
         let len = self.reads.remove(&cookie);
+        self.read_at.remove(&cookie);
         if err != 0 {
             return (cookie, Err(err));
         }
@@ -204,7 +230,47 @@ impl<S: Stream> Client<S> {
         (cookie, Ok(data))
     }
 
-    fn call(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> Result<Vec<u8>, NbdErr> {
+    fn recv_chunk(&mut self) -> (u64, Result<Vec<u8>, NbdErr>) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).unwrap();
+        let flags = be16(&h[0..2]);
+        let kind = be16(&h[2..4]);
+        let cookie = be64(&h[4..12]);
+        let plen = be32(&h[12..16]) as usize;
+        assert_eq!(flags, REPLY_FLAG_DONE, "one final chunk per reply");
+        let mut p = vec![0u8; plen];
+        self.s.read_exact(&mut p).unwrap();
+        let want_len = self
+            .reads
+            .remove(&cookie)
+            .expect("structured reply to a read");
+        let want_off = self.read_at.remove(&cookie).unwrap();
+        match kind {
+            REPLY_TYPE_OFFSET_DATA => {
+                assert_eq!(be64(&p[0..8]), want_off, "chunk offset");
+                assert_eq!(plen - 8, want_len, "one chunk covers the read");
+                (cookie, Ok(p[8..].to_vec()))
+            }
+            REPLY_TYPE_NONE => {
+                assert_eq!(want_len, 0);
+                (cookie, Ok(Vec::new()))
+            }
+            REPLY_TYPE_ERROR => {
+                assert_eq!(plen, 6 + be16(&p[4..6]) as usize);
+                (cookie, Err(be32(&p[0..4])))
+            }
+            other => panic!("unexpected chunk type {other}"),
+        }
+    }
+
+    fn call(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, NbdErr> {
         let c = self.send(kind, flags, offset, len, payload);
         let (rc, r) = self.recv();
         assert_eq!(rc, c, "cookie");
@@ -215,10 +281,12 @@ impl<S: Stream> Client<S> {
         self.call(CMD_READ, 0, offset, len, &[])
     }
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdErr> {
-        self.call(CMD_WRITE, 0, offset, data.len() as u32, data).map(|_| ())
+        self.call(CMD_WRITE, 0, offset, data.len() as u32, data)
+            .map(|_| ())
     }
     pub fn write_fua(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdErr> {
-        self.call(CMD_WRITE, CMD_FLAG_FUA, offset, data.len() as u32, data).map(|_| ())
+        self.call(CMD_WRITE, CMD_FLAG_FUA, offset, data.len() as u32, data)
+            .map(|_| ())
     }
     pub fn flush(&mut self) -> Result<(), NbdErr> {
         self.call(CMD_FLUSH, 0, 0, 0, &[]).map(|_| ())
@@ -227,7 +295,8 @@ impl<S: Stream> Client<S> {
         self.call(CMD_TRIM, 0, offset, len, &[]).map(|_| ())
     }
     pub fn zero(&mut self, offset: u64, len: u32, flags: u16) -> Result<(), NbdErr> {
-        self.call(CMD_WRITE_ZEROES, flags, offset, len, &[]).map(|_| ())
+        self.call(CMD_WRITE_ZEROES, flags, offset, len, &[])
+            .map(|_| ())
     }
     /// NBD_CMD_DISC, then expects the server to close.
     pub fn disconnect(mut self) {
@@ -281,7 +350,10 @@ impl FailDevice {
     }
     fn err(&self, off: Bytes) -> Option<IoError> {
         match self.errnos.get((off.0 >> 20) as usize) {
-            Some(&e) if e != 0 => Some(IoError::new(e, format!("fail: injected errno {e} at {}", off.0))),
+            Some(&e) if e != 0 => Some(IoError::new(
+                e,
+                format!("fail: injected errno {e} at {}", off.0),
+            )),
             _ => None,
         }
     }
