@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tables::io::{BlockDevice, DeviceRef, WriteFlags};
+use tables::io::{DeviceRef, WriteFlags};
 use tables::mem::MemDevice;
 use tables::registry::Registry;
 use tables::table::Table;
