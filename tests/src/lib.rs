@@ -303,3 +303,133 @@ pub fn grep_lines(text: &str, pat: &str) -> Vec<String> {
         .filter(|l| l.contains(pat))
         .collect()
 }
+
+/// sha256 of every file under `root/sub` (sorted, `lost+found` skipped), one line per file.
+pub fn tree_sums(root: &Path, sub: &str) -> String {
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("cd \"$1\" && find \"$2\" -type f ! -path '*/lost+found/*' | sort | xargs -r sha256sum")
+            .arg("sh")
+            .arg(root)
+            .arg(sub),
+    )
+    .expect("sha256 of a file tree")
+}
+
+/// A `volmgr daemon --no-ublk` on a state directory; killed on drop unless stopped.
+pub struct DaemonProc {
+    child: Option<Child>,
+    /// The state directory (`VOLMGR_STATE_DIR` for the CLI calls).
+    pub state: PathBuf,
+    log: PathBuf,
+}
+
+impl DaemonProc {
+    /// Starts the daemon and waits for its control socket.
+    pub fn start(state: &Path) -> DaemonProc {
+        let log = state.with_extension("log");
+        let errf = std::fs::File::create(&log).expect("daemon log");
+        let child = Command::new(volmgr_bin())
+            .args(["daemon", "--no-ublk"])
+            .env("VOLMGR_STATE_DIR", state)
+            .stdout(Stdio::null())
+            .stderr(errf)
+            .spawn()
+            .expect("spawning volmgr daemon");
+        let d = DaemonProc {
+            child: Some(child),
+            state: state.to_path_buf(),
+            log,
+        };
+        let t0 = Instant::now();
+        while !state.join("control.sock").exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not start: {}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The socket file appears at bind(); give listen() a moment.
+        std::thread::sleep(Duration::from_millis(50));
+        d
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `volmgr ARGS` against this daemon.
+    pub fn vm(&self, args: &[&str]) -> Output {
+        run(Command::new(volmgr_bin())
+            .args(args)
+            .env("VOLMGR_STATE_DIR", &self.state))
+        .expect("running volmgr")
+    }
+
+    /// Runs `volmgr ARGS`, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.vm(args);
+        assert!(
+            o.status.success(),
+            "volmgr {args:?} failed: {}{}\ndaemon log: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs `volmgr ARGS`, asserts failure, returns stderr.
+    pub fn err(&self, args: &[&str]) -> String {
+        let o = self.vm(args);
+        assert!(!o.status.success(), "volmgr {args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// Creates a device exported over NBD on a free port; returns the port.
+    pub fn create_nbd(&self, name: &str, table_file: &Path) -> u16 {
+        let port = free_port();
+        self.ok(&[
+            "dev",
+            "create",
+            name,
+            "--table",
+            &table_file.to_string_lossy(),
+            "--nbd",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        port
+    }
+
+    /// SIGTERM, wait; returns the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let Some(mut c) = self.child.take() else {
+            return -1;
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,100 +1,12 @@
 //! The volume daemon over its control socket, with devices exported over NBD (the host has no
 //! ublk; the same verbs drive ublk devices in the VM tests).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::*;
 
-struct Daemon {
-    child: Option<Child>,
-    state: PathBuf,
-}
-
-impl Daemon {
-    fn start(state: &Path) -> Daemon {
-        let log = std::fs::File::create(state.with_extension("log")).unwrap();
-        let child = Command::new(volmgr_bin())
-            .args(["daemon", "--no-ublk", "--state-dir"])
-            .arg(state)
-            .stderr(log)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child: Some(child),
-            state: state.to_path_buf(),
-        };
-        let t0 = Instant::now();
-        while !state.join("control.sock").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "daemon did not start: {}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The socket file appears at bind; give listen() a moment.
-        std::thread::sleep(Duration::from_millis(50));
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
-    }
-
-    fn vm(&self, args: &[&str]) -> std::process::Output {
-        run(Command::new(volmgr_bin())
-            .args(args)
-            .env("VOLMGR_STATE_DIR", &self.state))
-        .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.vm(args);
-        assert!(
-            o.status.success(),
-            "volmgr {args:?} failed: {}{}\ndaemon log: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let o = self.vm(args);
-        assert!(!o.status.success(), "volmgr {args:?} should fail");
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    }
-
-    fn terminate(mut self) -> i32 {
-        let mut c = self.child.take().unwrap();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "daemon ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use e2e::DaemonProc as Daemon;
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     let mut c = Command::new("qemu-io");
@@ -125,7 +37,7 @@ fn daemon_devices_lifecycle_reload_stacking_and_restart() {
     let t1 = dir.path().join("t1.table");
     std::fs::write(&t1, format!("0 65536 linear {} 0\n", a.display())).unwrap();
 
-    let d = Daemon::start(&state);
+    let mut d = Daemon::start(&state);
     // A second daemon on the same state directory is refused.
     let second = run(Command::new(volmgr_bin())
         .args(["daemon", "--no-ublk", "--state-dir"])
@@ -244,7 +156,7 @@ fn daemon_devices_lifecycle_reload_stacking_and_restart() {
 
     // SIGTERM: exit 0; restart restores both devices from devices.json.
     assert_eq!(d.terminate(), 0);
-    let d = Daemon::start(&state);
+    let mut d = Daemon::start(&state);
     let list: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}\n{}", d.log());
     qemu_io(&uri, &["read -P 0x63 40M 4k"]);
@@ -264,7 +176,7 @@ fn dev_remove_refuses_while_a_client_is_connected_unless_forced() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state);
+    let mut d = Daemon::start(&state);
     let t = dir.path().join("z.table");
     std::fs::write(&t, "0 2048 zero\n").unwrap();
     let p = free_port();

@@ -211,17 +211,6 @@ fn fio_verify_crc32c_with_several_jobs() {
     assert_eq!(srv.terminate().unwrap(), 0);
 }
 
-fn sha_tree(root: &Path) -> String {
-    run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg("cd \"$1\" && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum")
-            .arg("sh")
-            .arg(root),
-    )
-    .unwrap()
-}
-
 #[test]
 fn ext4_mkfs_mount_fsck_remount_through_the_export() {
     require_root();
@@ -256,7 +245,7 @@ fn ext4_mkfs_mount_fsck_remount_through_the_export() {
             }
             Ok(())
         })();
-        sums = sha_tree(&mnt);
+        sums = tree_sums(&mnt, ".");
         let um = run_ok(Command::new("umount").arg(&mnt));
         fill.unwrap();
         um.unwrap();
@@ -272,7 +261,7 @@ fn ext4_mkfs_mount_fsck_remount_through_the_export() {
     let srv = Served::start(&fx.table, "vol", &[], fx.dir.path()).unwrap();
     let fl = FuseLoop::attach(srv.port, "vol", fx.dir.path()).unwrap();
     run_ok(Command::new("mount").arg(&fl.loopdev).arg(&mnt)).unwrap();
-    let again = sha_tree(&mnt);
+    let again = tree_sums(&mnt, ".");
     run_ok(Command::new("umount").arg(&mnt)).unwrap();
     assert_eq!(sums.lines().count(), 32, "{sums}");
     assert_eq!(

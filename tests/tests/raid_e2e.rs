@@ -8,20 +8,6 @@ use std::time::{Duration, Instant};
 
 use e2e::*;
 
-fn vm(state: &Path, args: &[&str]) -> String {
-    let o = run(Command::new(volmgr_bin())
-        .args(args)
-        .env("VOLMGR_STATE_DIR", state))
-    .unwrap();
-    assert!(
-        o.status.success(),
-        "volmgr {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn write_tree(root: &Path, tag: &str, n: usize) {
     let d = root.join(tag);
     std::fs::create_dir_all(&d).unwrap();
@@ -32,17 +18,6 @@ fn write_tree(root: &Path, tag: &str, n: usize) {
         )
         .unwrap();
     }
-}
-
-fn sums(root: &Path) -> String {
-    run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg("cd \"$1\" && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum")
-            .arg("sh")
-            .arg(root),
-    )
-    .unwrap()
 }
 
 #[test]
@@ -63,25 +38,7 @@ fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
         .unwrap();
     let p = dir.path();
     let state = p.join("state");
-    let log = std::fs::File::create(p.join("daemon.log")).unwrap();
-    let mut daemon = KillOnDrop(
-        Command::new(volmgr_bin())
-            .args(["daemon", "--no-ublk"])
-            .env("VOLMGR_STATE_DIR", &state)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    while !state.join("control.sock").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(50));
+    let mut d = DaemonProc::start(&state);
 
     // Three 64 MiB data legs, each a daemon device over a file; metadata straight on files.
     let mut raid = String::from("0 262144 raid raid5_ls 3 128 region_size 1024 3");
@@ -92,37 +49,31 @@ fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
         sparse_file(&meta, 1 << 20).unwrap();
         let t = p.join(format!("leg{i}.table"));
         std::fs::write(&t, format!("0 131072 linear {} 0\n", data.display())).unwrap();
-        vm(
-            &state,
-            &[
-                "dev",
-                "create",
-                &format!("leg{i}"),
-                "--table",
-                t.to_str().unwrap(),
-                "--nbd",
-                &format!("127.0.0.1:{}", free_port()),
-            ],
-        );
+        d.ok(&[
+            "dev",
+            "create",
+            &format!("leg{i}"),
+            "--table",
+            t.to_str().unwrap(),
+            "--nbd",
+            &format!("127.0.0.1:{}", free_port()),
+        ]);
         raid.push_str(&format!(" {} /dev/volmgr/leg{i}", meta.display()));
     }
     let rt = p.join("r5.table");
     std::fs::write(&rt, format!("{raid}\n")).unwrap();
     let port = free_port();
-    vm(
-        &state,
-        &[
-            "dev",
-            "create",
-            "r5",
-            "--table",
-            rt.to_str().unwrap(),
-            "--nbd",
-            &format!("127.0.0.1:{port}"),
-        ],
-    );
+    d.ok(&[
+        "dev",
+        "create",
+        "r5",
+        "--table",
+        rt.to_str().unwrap(),
+        "--nbd",
+        &format!("127.0.0.1:{port}"),
+    ]);
     // Let the initial sync finish so the array starts healthy.
-    wait_for_status(&state, "AAA", "idle");
+    wait_for_status(&d, "AAA", "idle");
 
     let mnt = p.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -135,13 +86,10 @@ fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
     // Leg 1 dies: its device now fails every request.
     let dead = p.join("dead.table");
     std::fs::write(&dead, "0 131072 error\n").unwrap();
-    vm(
-        &state,
-        &["dev", "reload", "leg1", "--table", dead.to_str().unwrap()],
-    );
+    d.ok(&["dev", "reload", "leg1", "--table", dead.to_str().unwrap()]);
     write_tree(&mnt, "degraded", 40);
     run_ok(&mut Command::new("sync")).unwrap();
-    let st = vm(&state, &["dev", "status", "r5"]);
+    let st = d.ok(&["dev", "status", "r5"]);
     assert!(
         st.contains(" ADA ") || st.contains(" AaA "),
         "leg 1 must be marked failed: {st}"
@@ -150,21 +98,18 @@ fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
     // Rebuild onto a fresh file while more files are written.
     let fresh = p.join("fresh.img");
     sparse_file(&fresh, 64 << 20).unwrap();
-    vm(
-        &state,
-        &[
-            "dev",
-            "message",
-            "r5",
-            "rebuild",
-            "1",
-            fresh.to_str().unwrap(),
-        ],
-    );
+    d.ok(&[
+        "dev",
+        "message",
+        "r5",
+        "rebuild",
+        "1",
+        fresh.to_str().unwrap(),
+    ]);
     write_tree(&mnt, "during-rebuild", 40);
     run_ok(&mut Command::new("sync")).unwrap();
-    wait_for_status(&state, "AAA", "idle");
-    let before = sums(&mnt);
+    wait_for_status(&d, "AAA", "idle");
+    let before = tree_sums(&mnt, ".");
     run_ok(Command::new("umount").arg(&mnt)).unwrap();
     let fsck = run(Command::new("e2fsck").args(["-fn", &fl.loopdev])).unwrap();
     assert!(
@@ -173,14 +118,14 @@ fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
         String::from_utf8_lossy(&fsck.stdout)
     );
     run_ok(Command::new("mount").arg(&fl.loopdev).arg(&mnt)).unwrap();
-    let after = sums(&mnt);
+    let after = tree_sums(&mnt, ".");
     run_ok(Command::new("umount").arg(&mnt)).unwrap();
     assert_eq!(before.lines().count(), 120);
     assert_eq!(before, after);
 
     // A scrub finds parity consistent.
-    vm(&state, &["dev", "message", "r5", "check"]);
-    let st = wait_for_status(&state, "AAA", "idle");
+    d.ok(&["dev", "message", "r5", "check"]);
+    let st = wait_for_status(&d, "AAA", "idle");
     let mismatches: Vec<&str> = st.split_whitespace().collect();
     assert_eq!(
         mismatches.get(8).copied(),
@@ -189,26 +134,14 @@ fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
     );
 
     drop(fl);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    assert!(daemon.0.wait().unwrap().success());
-}
-
-/// Kills the daemon if the test fails half way.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    assert_eq!(d.terminate(), 0);
 }
 
 /// Polls `dev status r5` until the health field and action match; returns the status line.
-fn wait_for_status(state: &Path, health: &str, action: &str) -> String {
+fn wait_for_status(d: &DaemonProc, health: &str, action: &str) -> String {
     let t0 = Instant::now();
     loop {
-        let st = vm(state, &["dev", "status", "r5"]);
+        let st = d.ok(&["dev", "status", "r5"]);
         // `<start> <len> raid <type> <#legs> <health> <ratio> <action> <mismatches> ...`
         let f: Vec<&str> = st.split_whitespace().collect();
         if f.get(5) == Some(&health) && f.get(7) == Some(&action) {

@@ -4,7 +4,7 @@
 //! metadata tools (check, dump, restore) on the pool's metadata afterwards.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +13,7 @@ use e2e::*;
 
 struct Env {
     dir: tempfile::TempDir,
-    state: PathBuf,
-    daemon: Option<std::process::Child>,
+    d: DaemonProc,
 }
 
 impl Env {
@@ -23,29 +22,8 @@ impl Env {
             .prefix("thin-e2e-")
             .tempdir_in("/var/tmp")
             .unwrap();
-        let state = dir.path().join("state");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let daemon = Command::new(volmgr_bin())
-            .args(["daemon", "--no-ublk"])
-            .env("VOLMGR_STATE_DIR", &state)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !state.join("control.sock").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        Env {
-            dir,
-            state,
-            daemon: Some(daemon),
-        }
+        let d = DaemonProc::start(&dir.path().join("state"));
+        Env { dir, d }
     }
 
     fn p(&self) -> &Path {
@@ -53,35 +31,14 @@ impl Env {
     }
 
     fn vm(&self, args: &[&str]) -> String {
-        let o = run(Command::new(volmgr_bin())
-            .args(args)
-            .env("VOLMGR_STATE_DIR", &self.state))
-        .unwrap();
-        assert!(
-            o.status.success(),
-            "volmgr {args:?}: {}{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            std::fs::read_to_string(self.p().join("daemon.log")).unwrap_or_default()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.d.ok(args)
     }
 
     /// Creates a device from table text; returns its NBD port.
     fn create(&self, name: &str, table: &str) -> u16 {
         let t = self.p().join(format!("{name}.table"));
         std::fs::write(&t, table).unwrap();
-        let port = free_port();
-        self.vm(&[
-            "dev",
-            "create",
-            name,
-            "--table",
-            t.to_str().unwrap(),
-            "--nbd",
-            &format!("127.0.0.1:{port}"),
-        ]);
-        port
+        self.d.create_nbd(name, &t)
     }
 
     /// Data blocks used by the pool (from its dm-thin style status line).
@@ -95,35 +52,8 @@ impl Env {
     }
 
     fn stop_daemon(&mut self) {
-        let mut c = self.daemon.take().unwrap();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        assert!(
-            c.wait().unwrap().success(),
-            "daemon did not exit 0 on SIGTERM"
-        );
+        assert_eq!(self.d.terminate(), 0, "daemon did not exit 0 on SIGTERM");
     }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn sums(root: &Path, sub: &str) -> String {
-    run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg("cd \"$1\" && find \"$2\" -type f | sort | xargs sha256sum")
-            .arg("sh")
-            .arg(root)
-            .arg(sub),
-    )
-    .unwrap()
 }
 
 /// A pool of 256 MiB data (64 KiB blocks) and a 1 GiB (over-provisioned) thin volume 0.
@@ -186,7 +116,7 @@ fn snapshot_of_a_mounted_ext4_under_writes_then_fstrim_and_metadata_tools() {
         .unwrap();
     }
     run_ok(&mut Command::new("sync")).unwrap();
-    let sums_a = sums(&mnt, "a");
+    let sums_a = tree_sums(&mnt, "a");
 
     // A writer keeps going while the snapshot is taken.
     let stop = Arc::new(AtomicBool::new(false));
@@ -229,11 +159,11 @@ fn snapshot_of_a_mounted_ext4_under_writes_then_fstrim_and_metadata_tools() {
     run_ok(Command::new("tune2fs").args(["-U", "random", &snap.loopdev])).unwrap();
     run_ok(Command::new("mount").arg(&snap.loopdev).arg(&snapmnt)).unwrap();
     assert_eq!(
-        sums(&snapmnt, "a"),
+        tree_sums(&snapmnt, "a"),
         sums_a,
         "the snapshot must hold set A as it was"
     );
-    let origin_now = sums(&mnt, "a");
+    let origin_now = tree_sums(&mnt, "a");
     assert_ne!(origin_now, sums_a, "the origin changed after the snapshot");
     run_ok(Command::new("umount").arg(&snapmnt)).unwrap();
     let clean = run(Command::new("e2fsck").args(["-fn", &snap.loopdev])).unwrap();
