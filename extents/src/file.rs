@@ -465,12 +465,33 @@ impl FileExtent {
             let n = (buf.len() - done).min(MAX_CHUNK);
             let chunk = &mut buf[done..done + n];
             let pos = off + done as u64;
-            let sqe = opcode::Read::new(types::Fd(self.raw()), chunk.as_mut_ptr(), n as u32)
-                .offset(pos)
-                .build();
-            // SAFETY: `chunk` stays mutably borrowed until the op completes (or its drop
-            // waits for the kernel); the fd lives as long as `self`.
-            let r = unsafe { iort::submit(sqe) }.await;
+            let r = if self.ram_backed {
+                // As for writes (see `write_loop`): a tmpfs read is a memcpy from RAM that
+                // io_uring would hand to an io-wq worker.
+                // SAFETY: pread into a live, exclusively borrowed slice on our descriptor.
+                let got = unsafe {
+                    libc::pread(
+                        self.raw(),
+                        chunk.as_mut_ptr() as *mut libc::c_void,
+                        n,
+                        pos as libc::off_t,
+                    )
+                };
+                if got < 0 {
+                    -std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EIO)
+                } else {
+                    got as i32
+                }
+            } else {
+                let sqe = opcode::Read::new(types::Fd(self.raw()), chunk.as_mut_ptr(), n as u32)
+                    .offset(pos)
+                    .build();
+                // SAFETY: `chunk` stays mutably borrowed until the op completes (or its drop
+                // waits for the kernel); the fd lives as long as `self`.
+                unsafe { iort::submit(sqe) }.await
+            };
             if r < 0 {
                 if (r == -libc::EINTR || r == -libc::EAGAIN) && retries < MAX_RETRIES {
                     retries += 1;
