@@ -322,7 +322,10 @@ mod tests {
             done2.store(true, Ordering::SeqCst);
         });
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!done.load(Ordering::SeqCst), "read must wait while suspended");
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "read must wait while suspended"
+        );
         sw.resume();
         t.join().unwrap();
         assert!(done.load(Ordering::SeqCst));

@@ -4,14 +4,15 @@
 # Usage: tests/vm/run-vm.sh GUEST_SCRIPT [ARGS...]
 #
 # Our hosts' kernel has no ublk, no device-mapper and no nbd client, so the script boots
-# Debian bookworm-backports' 6.12 kernel under QEMU (TCG: /dev/kvm here cannot boot a Linux
-# guest) with a busybox initramfs, shares the host's / read-only over virtio-9p, chroots into
+# Debian bookworm-backports' 6.12 kernel (or VM_KERNEL_SUITE's) under QEMU (TCG: /dev/kvm here
+# cannot boot a Linux guest) with a busybox initramfs, shares the host's / read-only over virtio-9p, chroots into
 # it and runs GUEST_SCRIPT there: host binaries (ours, mkfs, fio, dmsetup) run unchanged.
 # When /dev/ublk-control exists on the host (a real admin machine) the script runs directly
 # on the host instead (VM_DIRECT=1 forces that, VM_DIRECT=0 forbids it).
 #
 # Guest scripts print one line per check: `CHECK_OK name` or `CHECK_FAIL name: why`
-# (tests/vm/guest/lib.sh has helpers). The run fails (exit 1) if qemu cannot run, if any
+# (tests/vm/guest/lib.sh has helpers), or `CHECK_SKIP name: why` for a check this kernel
+# cannot do (listed as "not run", never counted as passed). The run fails (exit 1) if qemu cannot run, if any
 # CHECK_FAIL line appears, if the script exits non-zero, or if it never reports completion.
 # The last line is `vm: N passed, M failed`.
 #
@@ -35,6 +36,7 @@
 #               trixie-backports gives 7.x, which has ublk's UPDATE_SIZE, Linux >= 6.16)
 #   VM_LOCK     lock file serializing VM boots on this machine (default /var/lock/volmgr-vm.lock):
 #               one TCG guest at a time on our 2 cores; a second run waits and says so
+#               (VM_LOCK_HELD=1: the caller already holds it, for several boots in a row)
 set -euo pipefail
 
 die() { echo "vm: ERROR: $*" >&2; echo "vm: 0 passed, 1 failed"; exit 1; }
@@ -122,6 +124,8 @@ verdict() {
     fail=$((fail + 1))
   fi
   grep -a '^CHECK_FAIL ' "$logf" | sed 's/^/vm: failed: /' || true
+  # Checks this kernel cannot do (never counted as passed).
+  grep -a '^CHECK_SKIP ' "$logf" | sed 's/^CHECK_SKIP /vm: not run: /' || true
   log "total run time $(elapsed)s (log: $logf)"
   echo "vm: $pass passed, $fail failed"
   [ "$fail" = 0 ]
@@ -294,15 +298,19 @@ MEMT=$(awk -v m="$VM_MEM" 'BEGIN{u=toupper(substr(m,length(m))); n=m+0;
 CONSOLE="$VM_RESULTS/console.log"
 # One VM at a time on this machine: two TCG guests on 2 cores would both crawl (and distort
 # each other's timings). Wait for the lock, and say so.
+# A caller that runs several boots in a row (run-all.sh) takes the lock once for all of them
+# and sets VM_LOCK_HELD=1.
 VM_LOCK=${VM_LOCK:-/var/lock/volmgr-vm.lock}
-exec 8<>"$VM_LOCK" || die "cannot open the VM lock $VM_LOCK"
-if ! flock -n 8; then
-  log "another VM is running ($(tr -d '\n' < "$VM_LOCK" 2>/dev/null)); waiting for $VM_LOCK"
-  tw=$(date +%s)
-  flock 8
-  log "got $VM_LOCK after waiting $(( $(date +%s) - tw ))s"
+if [ "${VM_LOCK_HELD:-0}" != 1 ]; then
+  exec 8<>"$VM_LOCK" || die "cannot open the VM lock $VM_LOCK"
+  if ! flock -n 8; then
+    log "another VM is running ($(tr -d '\n' < "$VM_LOCK" 2>/dev/null)); waiting for $VM_LOCK"
+    tw=$(date +%s)
+    flock 8
+    log "got $VM_LOCK after waiting $(( $(date +%s) - tw ))s"
+  fi
+  echo "pid $$ $(basename "$GUEST") since $(date -u +%H:%M:%S)" > "$VM_LOCK"
 fi
-echo "pid $$ $(basename "$GUEST") since $(date -u +%H:%M:%S)" > "$VM_LOCK"
 rc=1
 for attempt in 1 2 3; do
   log "booting ($VM_ACCEL, ${VM_MEM} RAM, $VM_SMP CPUs), attempt $attempt"
@@ -313,8 +321,8 @@ for attempt in 1 2 3; do
     -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$VM_RESULTS",mount_tag=results,security_model=none,multidevs=remap \
-    </dev/null 2>&1 | tr -d '\r' | tee "$CONSOLE.$attempt" \
-    | sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g' | grep -av '^VM_GUEST_START\|^VM_INIT uptime'
+    </dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$CONSOLE.$attempt" \
+    | sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g' | grep --line-buffered -av '^VM_GUEST_START\|^VM_INIT uptime'
   rc=${PIPESTATUS[0]}
   set -e
   cp "$CONSOLE.$attempt" "$CONSOLE"
@@ -334,7 +342,7 @@ for attempt in 1 2 3; do
   fi
   log "guest died before /init (kept $CONSOLE.$attempt); retrying"
 done
-: > "$VM_LOCK"; flock -u 8; exec 8>&-
+if [ "${VM_LOCK_HELD:-0}" != 1 ]; then : > "$VM_LOCK"; flock -u 8; exec 8>&-; fi
 grep -aq '^VM_GUEST_START' "$CONSOLE" || die "guest did not start in 3 boots (qemu rc=$rc, see $CONSOLE)"
 extra=0
 [ "$rc" = 0 ] || extra=1

@@ -39,3 +39,12 @@ load_modules() {
   done
   return $rc
 }
+# e2fsck_clean DEV: `e2fsck -fn` that also fails on what -n lets through with exit 0: a
+# device still in use (mounted elsewhere, e.g. in a server's mount namespace) or counts to fix.
+e2fsck_clean() {
+  local out rc
+  out=$(e2fsck -fn "$1" 2>&1); rc=$?
+  printf '%s\n' "$out"
+  [ $rc = 0 ] || return $rc
+  ! printf '%s\n' "$out" | grep -qiE 'in use|Fix\?|count wrong|recovery'
+}

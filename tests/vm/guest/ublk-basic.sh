@@ -86,7 +86,7 @@ if check mount-ext4 mount -t ext4 $DEV $M; then
   (cd $M && find tree -type f -print0 | sort -z | xargs -0 sha256sum) > /tmp/sums
   echo "  wrote $(wc -l < /tmp/sums) files, $(du -sh $M/tree | cut -f1)"
   check umount-ext4 umount $M
-  check e2fsck-clean e2fsck -fn $DEV
+  check e2fsck-clean e2fsck_clean $DEV
   echo 3 > /proc/sys/vm/drop_caches
   if check remount-ext4 mount -t ext4 -o ro $DEV $M; then
     check ext4-sha256-verify bash -c "cd $M && sha256sum --quiet -c /tmp/sums"

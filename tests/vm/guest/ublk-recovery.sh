@@ -103,7 +103,7 @@ else ok kernel-no-io-error; fi
 
 step "verify"
 check rec-umount umount $M
-check rec-e2fsck-clean e2fsck -fn $DEV
+check rec-e2fsck-clean e2fsck_clean $DEV
 echo 3 > /proc/sys/vm/drop_caches
 if check rec-remount mount -t ext4 -o ro $DEV $M; then
   check fsynced-files-intact bash -c "cd $M && sha256sum --quiet -c /tmp/fsynced"

@@ -109,7 +109,7 @@ if start_server table:/tmp/striped.table --queues 2; then
     for i in $(seq 1 20); do head -c $(( i * 20000 )) /dev/urandom > $M/f$i; done
     (cd $M && sha256sum f*) > /tmp/ssums
     umount $M
-    check striped-e2fsck-clean e2fsck -fn $DEV
+    check striped-e2fsck-clean e2fsck_clean $DEV
     echo 3 > /proc/sys/vm/drop_caches
     mount -t ext4 -o ro $DEV $M && { check striped-ext4-verify bash -c "cd $M && sha256sum --quiet -c /tmp/ssums"; umount $M; }
   fi
