@@ -469,21 +469,14 @@ impl FileExtent {
                 // As for writes (see `write_loop`): a tmpfs read is a memcpy from RAM that
                 // io_uring would hand to an io-wq worker.
                 // SAFETY: pread into a live, exclusively borrowed slice on our descriptor.
-                let got = unsafe {
+                cqe_style(unsafe {
                     libc::pread(
                         self.raw(),
                         chunk.as_mut_ptr() as *mut libc::c_void,
                         n,
                         pos as libc::off_t,
                     )
-                };
-                if got < 0 {
-                    -std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO)
-                } else {
-                    got as i32
-                }
+                })
             } else {
                 let sqe = opcode::Read::new(types::Fd(self.raw()), chunk.as_mut_ptr(), n as u32)
                     .offset(pos)
@@ -546,21 +539,14 @@ impl FileExtent {
                 // memcpy into the page cache: doing it inline is cheaper and never waits on a
                 // disk. (RWF_DSYNC means nothing on tmpfs.)
                 // SAFETY: pwrite from a live slice on our own descriptor.
-                let w = unsafe {
+                cqe_style(unsafe {
                     libc::pwrite(
                         self.raw(),
                         chunk.as_ptr() as *const libc::c_void,
                         n,
                         pos as libc::off_t,
                     )
-                };
-                if w < 0 {
-                    -std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO)
-                } else {
-                    w as i32
-                }
+                })
             } else {
                 let sqe = opcode::Write::new(types::Fd(self.raw()), chunk.as_ptr(), n as u32)
                     .offset(pos)
@@ -910,6 +896,20 @@ impl BlockDevice for FileExtent {
             mode,
             if self.read_only { " ro" } else { "" }
         )
+    }
+}
+
+
+/// A `pread`/`pwrite` return value in io_uring's convention (bytes, or a negative errno), so
+/// the inline and ring paths share their result handling. Chunks are at most `MAX_CHUNK`, so
+/// the byte count fits an `i32`.
+fn cqe_style(r: isize) -> i32 {
+    if r < 0 {
+        -std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        r as i32
     }
 }
 
