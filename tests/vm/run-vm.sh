@@ -34,6 +34,10 @@
 #   VM_DIRECT   1: run on this host; 0: always boot the VM; unset: autodetect
 #   VM_KERNEL_SUITE  Debian suite the kernel comes from (default bookworm-backports: 6.12;
 #               trixie-backports gives 7.x, which has ublk's UPDATE_SIZE, Linux >= 6.16)
+#   VM_SHARE    extra host directories (colon-separated) to show the guest read-only at the same
+#               path. The guest's /tmp and /run are fresh tmpfs, so a checkout or a cargo target
+#               dir under /tmp (a CI clone) would be invisible: this repository and
+#               $CARGO_TARGET_DIR are added automatically when they live there.
 #   VM_LOCK     lock file serializing VM boots on this machine (default /var/lock/volmgr-vm.lock):
 #               one TCG guest at a time on our 2 cores; a second run waits and says so
 #               (VM_LOCK_HELD=1: the caller already holds it, for several boots in a row)
@@ -72,10 +76,33 @@ case "${VM_DIRECT:-auto}" in
   *) [ -c /dev/ublk-control ] && MODE=direct ;;
 esac
 
-# The guest mounts a fresh tmpfs on /tmp, hiding the host's /tmp: a guest script kept under
-# /tmp is copied (with a lib.sh next to it) into the shared results dir.
+# The guest mounts fresh tmpfs on /tmp and /run, hiding the host's: directories the guest needs
+# from there (this checkout, the cargo target dir, VM_SHARE) are shared read-only over 9p at the
+# same path.
+SHARES=()
 if [ "$MODE" = vm ]; then
-  case "$GUEST" in
+  REPO=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
+  for d in $(echo "${VM_SHARE:-}" | tr ':' ' ') "$REPO" "${CARGO_TARGET_DIR:-}"; do
+    [ -n "$d" ] && [ -d "$d" ] || continue
+    d=$(readlink -f "$d")
+    case "$d" in
+      /tmp/*|/run/*)
+        case " ${SHARES[*]-} " in *" $d "*) ;; *) SHARES+=("$d") ;; esac ;;
+    esac
+  done
+fi
+SHARE_ARGS=(); SHARE_LIST=""
+for i in "${!SHARES[@]}"; do
+  SHARE_ARGS+=(-virtfs "local,path=${SHARES[$i]},mount_tag=share$i,security_model=none,readonly=on,multidevs=remap")
+  SHARE_LIST="$SHARE_LIST${SHARE_LIST:+,}${SHARES[$i]}"
+done
+
+# A guest script kept under /tmp or /run outside the shared directories is copied (with a
+# lib.sh next to it) into the shared results dir.
+if [ "$MODE" = vm ]; then
+  shared=0
+  for d in "${SHARES[@]}"; do case "$GUEST" in "$d"/*) shared=1 ;; esac; done
+  [ "$shared" = 1 ] || case "$GUEST" in
     /tmp/*|/run/*)
       mkdir -p "$VM_RESULTS/guest-src"
       cp "$GUEST" "$VM_RESULTS/guest-src/"
@@ -249,6 +276,13 @@ mount -t tmpfs root /host/root 2>/dev/null
 mkdir -p /host/run/vm/lib/modules/$(uname -r) \
   && mount -o bind /lib/modules/$(uname -r) /host/run/vm/lib/modules/$(uname -r) \
   || echo "VM_INIT: cannot expose the guest's modules in the chroot"
+i=0
+for d in $(arg vm_share | tr , ' '); do
+  mkdir -p /host$d 2>/dev/null
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose share$i /host$d \
+    || echo "VM_INIT: 9p mount of $d failed"
+  i=$((i+1))
+done
 mkdir -p /host$R 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 results /host$R \
   || { echo "VM_INIT: 9p mount of the results dir failed"; poweroff -f; }
@@ -318,8 +352,9 @@ for attempt in 1 2 3; do
   timeout --foreground -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu max \
     -m "$VM_MEM" -smp "$VM_SMP" -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$KX/boot/vmlinuz-$KV" -initrd "$INITRD" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST vm_share=$SHARE_LIST" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    "${SHARE_ARGS[@]}" \
     -virtfs local,path="$VM_RESULTS",mount_tag=results,security_model=none,multidevs=remap \
     </dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$CONSOLE.$attempt" \
     | sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g' | grep --line-buffered -av '^VM_GUEST_START\|^VM_INIT uptime'
