@@ -4,7 +4,7 @@
 # BOOTS boots (default 3). Prints per row the medians and the median [min-max] of ours/kernel.
 #
 #   bash benches/vm-raid5.sh
-#   BOOTS=1 BENCH_RUNTIME=8 BENCH_LEG=256M bash benches/vm-raid5.sh
+#   BOOTS=2 BENCH_RUNTIME=4 BENCH_ROUNDS=2 BENCH_LEG=256M bash benches/vm-raid5.sh   (as in BENCHMARKS.md)
 set -euo pipefail
 . "$(dirname "$0")/vm/host.sh"
 export VM_PASS_ENV="$VM_PASS_ENV BENCH_LEG"

@@ -4,7 +4,8 @@
 # Prints per row the median of each target and the median [min-max] of the per-boot ratios.
 #
 #   bash benches/vm-ublk.sh
-#   BOOTS=5 BENCH_RUNTIME=10 BENCH_SIZE=512M BENCH_QUEUES=2 BENCH_DEPTH=128 bash benches/vm-ublk.sh
+#   BOOTS=5 BENCH_RUNTIME=8 BENCH_SIZE=512M BENCH_QUEUES=2 BENCH_DEPTH=128 BENCH_ROUNDS=1 bash benches/vm-ublk.sh
+#   (BENCH_ROUNDS=N: N passes over the rows per boot, averaged; OUT=DIR keeps the logs)
 #
 # rublk (a peer ublk server on libublk, crates.io) is installed once into
 # /var/cache/volmgr-vm/rublk (2-3.5 min).

@@ -8,6 +8,7 @@
 
 RUNTIME=${BENCH_RUNTIME:-10}
 SIZE=${BENCH_SIZE:-512M}
+ROUNDS=${BENCH_ROUNDS:-1}   # passes over the rows (scripts that can repeat rows honour it)
 
 # fio_row ROW TARGET DEV RW BS QD: one fio job on DEV, prints the BENCH line.
 # direct=1 + io_uring, time-based, 1 s ramp, same size on every target of a row.
@@ -67,4 +68,24 @@ fio_raw() {
     *)  v=$(printf '%s' "$out" | jq -r '.jobs[0] | ((.read.bw_bytes + .write.bw_bytes) / 1000000) | floor') ;;
   esac
   echo "BENCH $row $tgt $v"
+}
+
+# With BENCH_PERF=1, perf_start TAG PID samples PID (software cpu-clock: TCG has no PMU)
+# until perf_stop, which writes a flat report to $VM_RESULTS/perf-TAG.txt.
+perf_start() {
+  PERF_TAG=""
+  [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null || return 0
+  PERF_TAG=$1
+  perf record -e cpu-clock -F 999 -g -p "$2" -o "/tmp/perf-$1.data" >/dev/null 2>&1 &
+  PERF_PID=$!
+  sleep 1
+}
+perf_stop() {
+  [ -n "${PERF_TAG:-}" ] || return 0
+  kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null
+  perf report -i "/tmp/perf-$PERF_TAG.data" --no-children --percent-limit 0.5 --stdio -g none \
+    > "$VM_RESULTS/perf-$PERF_TAG.txt" 2>&1
+  perf report -i "/tmp/perf-$PERF_TAG.data" --children --percent-limit 2 --stdio -g none \
+    > "$VM_RESULTS/perf-$PERF_TAG.children.txt" 2>&1
+  PERF_TAG=""
 }

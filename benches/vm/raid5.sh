@@ -43,11 +43,13 @@ run_state() { # healthy|degraded
   sleep 1
   echo "  kernel: $(dmsetup status bench-r5)"
   ok "setup-$st"
-  for spec in "${ROWS[@]}"; do
-    set -- $spec
-    step "$st $1"
-    fio_row "$st-$1" ours "$OURS" "$2" "$3" "$4"
-    fio_row "$st-$1" kernel /dev/mapper/bench-r5 "$2" "$3" "$4"
+  for round in $(seq 1 "$ROUNDS"); do
+    for spec in "${ROWS[@]}"; do
+      set -- $spec
+      step "$st $1 (round $round)"
+      fio_row "$st-$1" ours "$OURS" "$2" "$3" "$4"
+      fio_row "$st-$1" kernel /dev/mapper/bench-r5 "$2" "$3" "$4"
+    done
   done
   echo "  kernel: $(dmsetup status bench-r5)"
   dmsetup remove bench-r5

@@ -1,7 +1,8 @@
 #!/bin/bash
 # summarize.sh OURS PEER1 [PEER2] -- LOG...: reads `BENCH row target value` lines from the
 # console logs of several boots and prints, per row, the median value of each target and the
-# median [min-max] of the per-boot ratios ours/peer (ratios are computed within one boot).
+# median [min-max] of the per-boot ratios ours/peer (ratios are computed within one boot;
+# several passes over a row in one boot are averaged first).
 ours=$1; shift
 peers=()
 while [ "$1" != -- ]; do peers+=("$1"); shift; done
@@ -14,12 +15,13 @@ function median(arr, n,   i, j, t, a) {
   return (a[n / 2] + a[n / 2 + 1]) / 2
 }
 FNR == 1 { boot++ }
-/^BENCH / { v[$2, $3, boot] = $4; if (!($2 in seen)) { seen[$2] = 1; rows[++nr] = $2 } }
+/^BENCH / { v[$2, $3, boot] = ($2, $3, boot) in v ? (v[$2, $3, boot] * c[$2, $3, boot] + $4) / (c[$2, $3, boot] + 1) : $4
+  c[$2, $3, boot]++; if (!($2 in seen)) { seen[$2] = 1; rows[++nr] = $2 } }
 END {
   np = split(peers, P, " ")
   printf "%-28s %5s %10s", "row", "boots", ours
   for (p = 1; p <= np; p++) printf " %10s", P[p]
-  for (p = 1; p <= np; p++) printf "  %-24s", "ours/" P[p] " median [min-max]"
+  for (p = 1; p <= np; p++) printf "  %-24s", ours "/" P[p] " median [min-max]"
   printf "\n"
   for (r = 1; r <= nr; r++) {
     row = rows[r]; n = 0

@@ -43,7 +43,9 @@ ok setup
 both() { # ROW BS ARGS...
   local row=$1 bs=$2; shift 2
   step "$row"
+  perf_start "thin-$row" "$OPID"
   fio_raw "$row" ours "$bs" --filename="$OURS" "$@"
+  perf_stop
   fio_raw "$row" kernel "$bs" --filename="$K" "$@"
 }
 both seqwrite-1m-unprov 1m --rw=write --iodepth=32 --offset=0 --size=256M

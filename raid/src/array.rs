@@ -1483,6 +1483,19 @@ impl Inner {
                 }
                 break 'plan Some(p);
             }
+            if (0..k).all(full) {
+                // Full-stripe write: parity straight from the caller's data; no reads, and no
+                // per-chunk buffers to allocate, zero and copy into (the general path below
+                // copies every chunk first).
+                let srcs: Vec<&[u8]> = w
+                    .iter()
+                    .flatten()
+                    .map(|&(lo, hi, doff)| &data[doff..doff + (hi - lo) as usize])
+                    .collect();
+                let mut p = vec![0u8; plen];
+                xor_many(&mut p, &srcs);
+                break 'plan Some(p);
+            }
             // Reconstruct-write: assemble every data chunk's new contents over [plo, phi).
             let mut cols: Vec<Vec<u8>> = vec![Vec::new(); k];
             let mut need: Vec<usize> = (0..k).filter(|&i| !full(i)).collect();

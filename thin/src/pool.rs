@@ -78,6 +78,29 @@ pub struct PoolStats {
 /// Largest piece a copy-on-write or zero-fill of one block handles at a time.
 const COPY_CHUNK: u64 = 1 << 20;
 
+/// Zeroes written from memory around a partial write to a fresh block; larger ranges go
+/// through the data device's `write_zeroes`.
+const ZERO_BUF: usize = 64 << 10;
+/// Page-aligned, so a direct-I/O data device takes it without a bounce buffer.
+#[repr(align(4096))]
+struct ZeroBuf([u8; ZERO_BUF]);
+static ZEROES: ZeroBuf = ZeroBuf([0; ZERO_BUF]);
+
+/// Zeroes `len` bytes of `data` at byte `at`: small ranges by writing from a shared zero
+/// buffer (stays on the ring, as dm-thin's zeroing writes), large ones with `write_zeroes`.
+async fn zero_range(data: &DeviceRef, at: u64, len: u64) -> IoResult<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if len <= ZERO_BUF as u64 {
+        return data
+            .write(Bytes(at), &ZEROES.0[..len as usize], WriteFlags::default())
+            .await;
+    }
+    data.write_zeroes(Bytes(at), Bytes(len), WriteFlags::default())
+        .await
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -662,10 +685,23 @@ impl Pool {
             if off == 0 && src.len() as u64 == bs {
                 return data.write(Bytes(at), src, WriteFlags::default()).await;
             }
-            if look.is_none() && t.origin.is_none() && self.options().skip_block_zeroing {
-                return data
-                    .write(Bytes(at + off as u64), src, WriteFlags::default())
-                    .await;
+            if look.is_none() && t.origin.is_none() {
+                if self.options().skip_block_zeroing {
+                    return data
+                        .write(Bytes(at + off as u64), src, WriteFlags::default())
+                        .await;
+                }
+                // A fresh block with nothing under it: the write as is, zeroes around it
+                // from a shared zero buffer, concurrently; no block-sized buffer to allocate,
+                // zero and copy into per write.
+                let (w0, w1) = (off as u64, (off + src.len()) as u64);
+                let (head, body, tail) = futures::future::join3(
+                    zero_range(&data, at, w0),
+                    data.write(Bytes(at + w0), src, WriteFlags::default()),
+                    zero_range(&data, at + w1, bs - w1),
+                )
+                .await;
+                return head.and(body).and(tail);
             }
             // Build the new block chunk by chunk (blocks may be up to 1 GiB): each chunk is
             // the old shared block, the origin or zeroes, with the write laid over it.
