@@ -899,7 +899,6 @@ impl BlockDevice for FileExtent {
     }
 }
 
-
 /// A `pread`/`pwrite` return value in io_uring's convention (bytes, or a negative errno), so
 /// the inline and ring paths share their result handling. Chunks are at most `MAX_CHUNK`, so
 /// the byte count fits an `i32`.
