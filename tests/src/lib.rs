@@ -274,6 +274,12 @@ impl FuseLoop {
 impl Drop for FuseLoop {
     fn drop(&mut self) {
         if !self.loopdev.is_empty() {
+            // A test that failed half way may have left its file system mounted here.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.loopdev)
+                .stderr(Stdio::null())
+                .status();
             let _ = Command::new("losetup")
                 .arg("-d")
                 .arg(&self.loopdev)
