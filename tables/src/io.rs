@@ -241,6 +241,17 @@ pub fn ready<'a, T: 'a>(r: IoResult<T>) -> IoFuture<'a, T> {
     Box::pin(std::future::ready(r))
 }
 
+/// Runs the pieces of a split request concurrently and completes when all have (the first
+/// error wins, but every piece is driven to the end so no buffer is abandoned mid-flight); a
+/// single piece runs directly, with no extra future around it.
+pub fn join_pieces(mut futs: Vec<IoFuture<'_>>) -> IoFuture<'_> {
+    match futs.len() {
+        0 => ready(Ok(())),
+        1 => futs.pop().unwrap_or_else(|| ready(Ok(()))),
+        _ => Box::pin(async move { iort::try_join_all(futs).await.map(|_| ()) }),
+    }
+}
+
 /// A shared zero-filled buffer for write-zeroes emulation and zero reads.
 pub static ZERO_BUF: [u8; 1 << 16] = [0u8; 1 << 16];
 

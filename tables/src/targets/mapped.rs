@@ -3,7 +3,7 @@
 //! and offset failed.
 
 use crate::io::{
-    check_range, ready, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
+    check_range, join_pieces, ready, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
 };
 use crate::units::{Bytes, Sectors};
 
@@ -137,15 +137,7 @@ impl Mapped {
                 Box::pin(async move { f.await.map_err(|e| self.ctx(i, within, e)) }) as IoFuture<'a>
             })
             .collect();
-        join(futs)
-    }
-}
-
-fn join(mut futs: Vec<IoFuture<'_>>) -> IoFuture<'_> {
-    match futs.len() {
-        0 => ready(Ok(())),
-        1 => futs.pop().unwrap_or_else(|| ready(Ok(()))),
-        _ => Box::pin(async move { iort::try_join_all(futs).await.map(|_| ()) }),
+        join_pieces(futs)
     }
 }
 
@@ -177,7 +169,7 @@ impl BlockDevice for Mapped {
                 f.await.map_err(|e| self.ctx(i, within, e))
             }));
         }
-        join(futs)
+        join_pieces(futs)
     }
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)) {
@@ -193,7 +185,7 @@ impl BlockDevice for Mapped {
                 f.await.map_err(|e| self.ctx(i, within, e))
             }));
         }
-        join(futs)
+        join_pieces(futs)
     }
     fn flush(&self) -> IoFuture<'_> {
         let futs: Vec<IoFuture<'_>> = self
@@ -205,7 +197,7 @@ impl BlockDevice for Mapped {
                 Box::pin(async move { f.await.map_err(|e| self.ctx(i, 0, e)) }) as IoFuture<'_>
             })
             .collect();
-        join(futs)
+        join_pieces(futs)
     }
     fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
         self.ranged(offset, len, |d, o, l| d.discard(o, l))

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::io::{
-    check_range, ready, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
+    check_range, join_pieces, ready, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
 };
 use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors, SECTOR_SIZE};
@@ -310,16 +310,7 @@ impl Striped {
                 ));
             }
         }
-        join(futs)
-    }
-}
-
-/// Runs pieces concurrently; a single piece runs directly.
-fn join(mut futs: Vec<IoFuture<'_>>) -> IoFuture<'_> {
-    match futs.len() {
-        0 => ready(Ok(())),
-        1 => futs.pop().unwrap_or_else(|| ready(Ok(()))),
-        _ => Box::pin(async move { iort::try_join_all(futs).await.map(|_| ()) }),
+        join_pieces(futs)
     }
 }
 
@@ -357,7 +348,7 @@ impl BlockDevice for Striped {
                 async move { f.await.map_err(|e| self.leg_err(i, e)) },
             ));
         }
-        join(futs)
+        join_pieces(futs)
     }
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)) {
@@ -377,7 +368,7 @@ impl BlockDevice for Striped {
                 async move { f.await.map_err(|e| self.leg_err(i, e)) },
             ));
         }
-        join(futs)
+        join_pieces(futs)
     }
     fn flush(&self) -> IoFuture<'_> {
         let futs: Vec<IoFuture<'_>> = self
@@ -389,7 +380,7 @@ impl BlockDevice for Striped {
                 Box::pin(async move { f.await.map_err(|e| self.leg_err(i, e)) }) as IoFuture<'_>
             })
             .collect();
-        join(futs)
+        join_pieces(futs)
     }
     fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
         self.ranged(offset, len, |d, o, l| d.discard(o, l))
