@@ -25,7 +25,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,11 @@ pub struct UblkOptions {
     /// survives the server's death and waits for a new server. Re-attaching to such a device
     /// is not implemented yet (see the crate's report); only the creation flag is wired.
     pub user_recovery: bool,
+    /// Keep each queue thread on the CPUs that submit to its queue (libublk's default).
+    /// Off by default: then the submitter and the thread serving its queue share one CPU
+    /// and take turns on it while the other CPUs idle; unpinned, the scheduler runs them
+    /// side by side (measured in BENCHMARKS.md, ublk section).
+    pub pin_queues: bool,
 }
 
 impl Default for UblkOptions {
@@ -76,6 +81,7 @@ impl Default for UblkOptions {
             depth: 128,
             max_io_bytes: 512 << 10,
             user_recovery: false,
+            pin_queues: false,
         }
     }
 }
@@ -173,7 +179,7 @@ impl UblkServer {
                 what: "add device",
                 detail: describe(&e),
             })?;
-        Self::launch(dev, name, ctrl, false)
+        Self::launch(dev, name, ctrl, false, opts.pin_queues)
     }
 
     /// Re-attaches to `/dev/ublkb<dev_id>`, left behind by a server that died while serving
@@ -252,7 +258,7 @@ impl UblkServer {
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
             .map_err(|e| fail(describe(&e)))?;
-        Self::launch(dev, name, ctrl, true)
+        Self::launch(dev, name, ctrl, true, opts.pin_queues)
     }
 
     /// Runs the control thread for an added (or recovering) device and waits until it serves.
@@ -261,6 +267,7 @@ impl UblkServer {
         name: String,
         ctrl: UblkCtrl,
         recovering: bool,
+        pin_queues: bool,
     ) -> Result<UblkServer, UblkTargetError> {
         let dev_id = ctrl.dev_info().dev_id;
         let ctrl = Arc::new(ctrl);
@@ -270,7 +277,7 @@ impl UblkServer {
             let dev = dev.clone();
             std::thread::Builder::new()
                 .name(format!("ublk{dev_id}-ctrl"))
-                .spawn(move || run_device(ctrl, dev, tx))
+                .spawn(move || run_device(ctrl, dev, tx, pin_queues))
         };
         let mut server = UblkServer {
             dev,
@@ -580,6 +587,7 @@ fn run_device(
     ctrl: Arc<UblkCtrl>,
     dev: DeviceRef,
     started: mpsc::Sender<Result<(), String>>,
+    pin_queues: bool,
 ) -> Result<(), String> {
     let name = dev.name();
     if let Err(e) = ensure_ctrl_ring() {
@@ -610,9 +618,26 @@ fn run_device(
         }
     };
     let qdev = dev.clone();
-    let q_fn = move |qid: u16, udev: &UblkDev| queue_thread(qid, udev, qdev);
+    // Queue thread ids, for undoing libublk's pinning once it is done (it pins every
+    // queue thread before starting the device, so after the start nothing re-pins them).
+    let tids = Arc::new(Mutex::new(Vec::new()));
+    let q_tids = tids.clone();
+    let dev_id = ctrl.dev_info().dev_id;
+    let q_fn = move |qid: u16, udev: &UblkDev| {
+        name_thread(&format!("ublk{dev_id}-q{qid}"));
+        if let Ok(mut t) = q_tids.lock() {
+            // SAFETY: gettid has no preconditions.
+            t.push(unsafe { libc::gettid() });
+        }
+        queue_thread(qid, udev, qdev)
+    };
     let tx = started.clone();
     let on_started = move |_: &UblkCtrl| {
+        if !pin_queues {
+            if let Ok(t) = tids.lock() {
+                unpin(&t);
+            }
+        }
         let _ = tx.send(Ok(()));
     };
     let r = ctrl.run_target(tgt_init, q_fn, on_started);
@@ -627,6 +652,35 @@ fn run_device(
             // Only read if the device never started; otherwise the error is the result.
             let _ = started.send(Err(msg.clone()));
             Err(msg)
+        }
+    }
+}
+
+/// Names the calling thread (shown by ps, top and perf; 15 bytes at most).
+fn name_thread(name: &str) {
+    let mut b = [0u8; 16];
+    let n = name.len().min(15);
+    b[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes; b is one.
+    unsafe { libc::prctl(libc::PR_SET_NAME, b.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Lets the threads `tids` run on every CPU this process may use.
+fn unpin(tids: &[libc::pid_t]) {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return;
+    }
+    // The control thread's own mask is the process's (libublk never pins it).
+    for &tid in tids {
+        // SAFETY: set is a valid cpu_set_t of `size` bytes; a stale tid only fails.
+        if unsafe { libc::sched_setaffinity(tid, size, &set) } != 0 {
+            log::debug!(
+                "unpinning queue thread {tid}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
