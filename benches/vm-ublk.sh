@@ -19,4 +19,4 @@ fi
 build_release
 boot_n ublk "$ROOT/benches/vm/ublk-linear.sh" "$TARGET/examples/ublk-serve" "$RUBLK_ROOT/bin/rublk"
 echo "vm-ublk: $(date -u +%F) rows: IOPS (4k) or MB/s (1M); ${BENCH_RUNTIME:-10}s per row; logs in $OUT"
-"$ROOT/benches/vm/summarize.sh" ours dm rublk -- "$OUT"/ublk.boot*.log
+"$ROOT/benches/vm/summarize.sh" ours dm rublk $([ -n "${BENCH_ALT_ARGS:-}${BENCH_ALT_ENV:-}" ] && echo alt) -- "$OUT"/ublk.boot*.log

@@ -9,7 +9,7 @@ BOOTS=${BOOTS:-3}
 OUT=${OUT:-$(mktemp -d /var/tmp/vm-bench.XXXXXX)}
 mkdir -p "$OUT"
 export VM_MEM=${VM_MEM:-6G}
-export VM_PASS_ENV="${VM_PASS_ENV:-} BENCH_RUNTIME BENCH_SIZE BENCH_QUEUES BENCH_DEPTH BENCH_PERF BENCH_ROUNDS"
+export VM_PASS_ENV="${VM_PASS_ENV:-} BENCH_RUNTIME BENCH_SIZE BENCH_QUEUES BENCH_DEPTH BENCH_PERF BENCH_ROUNDS BENCH_ROWS BENCH_ALT_ARGS BENCH_ALT_ENV"
 
 build_release() {
   (cd "$ROOT" && cargo build --release -q -p volmgr -p ublk-target --examples) >&2

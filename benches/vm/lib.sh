@@ -70,13 +70,16 @@ fio_raw() {
   echo "BENCH $row $tgt $v"
 }
 
-# With BENCH_PERF=1, perf_start TAG PID samples PID (software cpu-clock: TCG has no PMU)
+# With BENCH_PERF=1, perf_start TAG PID samples PID (BENCH_PERF=all: the whole guest) (software cpu-clock: TCG has no PMU)
 # until perf_stop, which writes a flat report to $VM_RESULTS/perf-TAG.txt.
 perf_start() {
   PERF_TAG=""
-  [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null || return 0
+  case "${BENCH_PERF:-0}" in 1|all) ;; *) return 0 ;; esac
+  command -v perf >/dev/null || return 0
   PERF_TAG=$1
-  perf record -e cpu-clock -F 999 -g -p "$2" -o "/tmp/perf-$1.data" >/dev/null 2>&1 &
+  local who=(-p "$2")
+  [ "$BENCH_PERF" = all ] && who=(-a)
+  perf record -e cpu-clock -F 999 -g "${who[@]}" -o "/tmp/perf-$1.data" >/dev/null 2>&1 &
   PERF_PID=$!
   sleep 1
 }
@@ -87,5 +90,7 @@ perf_stop() {
     > "$VM_RESULTS/perf-$PERF_TAG.txt" 2>&1
   perf report -i "/tmp/perf-$PERF_TAG.data" --children --percent-limit 2 --stdio -g none \
     > "$VM_RESULTS/perf-$PERF_TAG.children.txt" 2>&1
+  perf report -i "/tmp/perf-$PERF_TAG.data" --sort comm --stdio -g none \
+    > "$VM_RESULTS/perf-$PERF_TAG.comm.txt" 2>&1
   PERF_TAG=""
 }

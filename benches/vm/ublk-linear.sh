@@ -20,10 +20,21 @@ export RUST_LOG=warn
 SECT=$(( $(numfmt --from=iec "$SIZE") / 512 ))
 step "setup: 3 x $SIZE files on tmpfs, queues $QUEUES depth $DEPTH, ${RUNTIME}s per row"
 for f in ours dm rublk; do fill /tmp/$f.img "$SIZE"; done
+# A/B in one boot: BENCH_ALT_ARGS (extra server options, e.g. --pin-queues) and/or
+# BENCH_ALT_ENV (VAR=VALUE words for its environment) add target "alt": ours again, so changed.
+ALT=0; [ -n "${BENCH_ALT_ARGS:-}${BENCH_ALT_ENV:-}" ] && ALT=1
 
 echo "0 $SECT linear /tmp/ours.img 0" > /tmp/ours.table
 start_bg ours "$SERVE" table:/tmp/ours.table --queues "$QUEUES" --depth "$DEPTH" || exit 1
 OURS=$DEV OURS_PID=$BGPID
+if [ "$ALT" = 1 ]; then
+  fill /tmp/alt.img "$SIZE"
+  echo "0 $SECT linear /tmp/alt.img 0" > /tmp/alt.table
+  # shellcheck disable=SC2086 # word lists on purpose
+  start_bg alt env ${BENCH_ALT_ENV:-} "$SERVE" table:/tmp/alt.table --queues "$QUEUES" --depth "$DEPTH" ${BENCH_ALT_ARGS:-} || exit 1
+  ALT_DEV=$DEV ALT_PID=$BGPID
+  echo "  alt: env ${BENCH_ALT_ENV:-} args ${BENCH_ALT_ARGS:-}"
+fi
 L=$(loopdev /tmp/dm.img) || { fail setup losetup; exit 1; }
 dmsetup create bench-lin --table "0 $SECT linear $L 0" || { fail setup dmsetup; exit 1; }
 DM=/dev/mapper/bench-lin
@@ -43,14 +54,23 @@ for round in $(seq 1 "$ROUNDS"); do
               "seqread-1m-qd32 read 1m 32" "seqwrite-1m-qd32 write 1m 32"; do
     set -- $spec
     step "$1 (round $round)"
+    case " ${BENCH_ROWS:-$1} " in *" $1 "*) ;; *) continue ;; esac
+    perf_start "$1-ours" "$OURS_PID"
     fio_row "$1" ours "$OURS" "$2" "$3" "$4"
+    perf_stop
+    [ "$ALT" = 1 ] && fio_row "$1" alt "$ALT_DEV" "$2" "$3" "$4"
+    [ "${BENCH_PERF:-0}" = all ] && perf_start "$1-dm" 1
     fio_row "$1" dm "$DM" "$2" "$3" "$4"
+    perf_stop
+    perf_start "$1-rublk" "$(pgrep -o -f 'rublk add' || pgrep -o rublk)"
     fio_row "$1" rublk "$RU" "$2" "$3" "$4"
+    perf_stop
   done
 done
 
 step teardown
 stop_bg "$OURS_PID"
+[ "$ALT" = 1 ] && stop_bg "$ALT_PID"
 dmsetup remove bench-lin; losetup -d "$L"
 "$RUBLK" del -n 7 || fail teardown "rublk del"
 ok done

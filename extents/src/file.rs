@@ -29,7 +29,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use iort::io_uring::{opcode, types};
+use iort::io_uring::{opcode, squeue, types};
 use tables::io::{check_range, write_zeroes_by_writing};
 use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags};
 
@@ -38,6 +38,30 @@ use crate::sys;
 
 /// Largest transfer put in one SQE (the kernel caps one read/write at just under 2 GiB).
 const MAX_CHUNK: usize = 1 << 30;
+/// On a file in RAM, reads of at least this many bytes go through the ring, in pieces of
+/// this size marked async, so io-wq workers do the copies side by side and off the serving
+/// thread; smaller reads, and all writes, are copied inline (see `write_loop`).
+/// `VOLMGR_RAM_ASYNC_MIN` (bytes; 0 = always inline) overrides it. Writes stay inline because
+/// writes to one file serialize anyway (io-wq hashes buffered writes by inode, and the file
+/// system takes the inode lock): handing them to a worker measured 0.73-0.77x of inline
+/// for 1M sequential writes in the VM benchmark, while reads gained 1.08-1.35x.
+const RAM_ASYNC_MIN: usize = 64 << 10;
+
+/// The effective `RAM_ASYNC_MIN` (read from the environment once).
+fn ram_async_min() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        match std::env::var("VOLMGR_RAM_ASYNC_MIN")
+            .ok()
+            .and_then(|v| tables::units::parse_size(&v).ok())
+        {
+            Some(Bytes(0)) => usize::MAX,
+            Some(Bytes(n)) => usize::try_from(n).unwrap_or(usize::MAX).max(4096),
+            None => RAM_ASYNC_MIN,
+        }
+    })
+}
+
 /// How often an `EINTR`/`EAGAIN` completion is retried before it is reported.
 const MAX_RETRIES: u32 = 16;
 /// Alignment assumed for direct I/O on a file whose kernel does not report `STATX_DIOALIGN`:
@@ -197,8 +221,11 @@ pub struct FileExtent {
     zero_method: AtomicU8,
     discard_method: AtomicU8,
     locks: RangeLocks,
-    /// The file lives in RAM (tmpfs/ramfs): writes are done inline (see `write_loop`).
+    /// The file lives in RAM (tmpfs/ramfs): small requests are copied inline (see
+    /// `write_loop`), large ones in parallel pieces (see `ram_parallel`).
     ram_backed: bool,
+    /// Piece size and threshold for reads through `ram_parallel` (`usize::MAX`: never).
+    ram_async_min: usize,
 }
 
 impl std::fmt::Debug for FileExtent {
@@ -387,6 +414,7 @@ impl FileExtent {
             discard_method: AtomicU8::new(DISCARD_BY_URING),
             locks: RangeLocks::default(),
             ram_backed: kind == ExtentKind::File && sys::on_ram_fs(raw).unwrap_or(false),
+            ram_async_min: ram_async_min(),
         })
     }
 
@@ -460,6 +488,12 @@ impl FileExtent {
     /// Returns the bytes read.
     async fn read_loop(&self, off: u64, buf: &mut [u8]) -> IoResult<usize> {
         let mut done = 0usize;
+        if self.ram_backed && buf.len() >= self.ram_async_min {
+            let p = buf.as_mut_ptr();
+            // SAFETY: `buf` is exclusively borrowed for the whole call and the pieces are
+            // disjoint; the ring writes into them only until ram_parallel returns.
+            done = unsafe { self.ram_parallel(off, p, buf.len()) }.await;
+        }
         let mut retries = 0;
         while done < buf.len() {
             let n = (buf.len() - done).min(MAX_CHUNK);
@@ -501,6 +535,43 @@ impl FileExtent {
             }
         }
         Ok(done)
+    }
+
+    /// Reads `len` bytes into `ptr` as `ram_async_min`-sized pieces, all in flight
+    /// at once and marked `IOSQE_ASYNC` (a buffered tmpfs copy would be punted to io-wq
+    /// anyway; saying so up front skips the failed non-blocking try). Returns how many
+    /// leading bytes are done: anything short or failed is left to the caller's sequential
+    /// loop, which redoes it (rereading the same bytes is harmless) and reports
+    /// errors with the usual retries.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid and unaliased until the future completes.
+    async unsafe fn ram_parallel(&self, off: u64, ptr: *mut u8, len: usize) -> usize {
+        let piece = self.ram_async_min;
+        let mut ops = Vec::with_capacity(len.div_ceil(piece));
+        let mut at = 0usize;
+        while at < len {
+            let n = (len - at).min(piece);
+            let p = ptr.add(at);
+            let pos = off + at as u64;
+            let fd = types::Fd(self.raw());
+            let sqe = opcode::Read::new(fd, p, n as u32)
+                .offset(pos)
+                .build()
+                .flags(squeue::Flags::ASYNC);
+            // SAFETY: the caller keeps the memory alive until every op completes (join_all
+            // below drives them all to the end); the fd lives as long as `self`.
+            ops.push(async move { (n, iort::submit(sqe).await) });
+            at += n;
+        }
+        let mut done = 0usize;
+        for (n, r) in futures::future::join_all(ops).await {
+            if r != n as i32 {
+                break;
+            }
+            done += n;
+        }
+        done
     }
 
     /// What a read that stopped at `n` of `buf.len()` bytes means: the end of a file (zeroes
