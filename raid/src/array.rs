@@ -15,6 +15,7 @@ use crate::layout::{raid10_near, raid5_stripe, ChunkCopy, StripeMap};
 use crate::lock::LockTable;
 use crate::meta::{self, SbRead, Superblock, BITS_PER_PAGE, META_BLOCK};
 use crate::parse::{Level, RaidConfig, SyncMode};
+use crate::scratch::Scratch;
 use crate::xor::{xor_into, xor_many};
 use crate::RaidError;
 
@@ -1351,7 +1352,7 @@ impl Inner {
                 )));
             }
         }
-        let mut bufs: Vec<Vec<u8>> = others.iter().map(|_| vec![0u8; buf.len()]).collect();
+        let mut bufs: Vec<Scratch> = others.iter().map(|_| Scratch::new(buf.len())).collect();
         let futs = others
             .iter()
             .zip(bufs.iter_mut())
@@ -1371,7 +1372,7 @@ impl Inner {
         if let Some(e) = err {
             return Err(e);
         }
-        let srcs: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
+        let srcs: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
         xor_many(buf, &srcs);
         Ok(())
     }
@@ -1457,11 +1458,11 @@ impl Inner {
             let use_rmw = rmw_ok && (!rcw_ok || rmw_reads < rcw_reads);
             if use_rmw {
                 // New P = old P ^ old D ^ new D over each written range.
-                let mut p = vec![0u8; plen];
-                let mut olds: Vec<(usize, Vec<u8>)> = w
+                let mut p = Scratch::new(plen);
+                let mut olds: Vec<(usize, Scratch)> = w
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, x)| x.map(|(lo, hi, _)| (i, vec![0u8; (hi - lo) as usize])))
+                    .filter_map(|(i, x)| x.map(|(lo, hi, _)| (i, Scratch::new((hi - lo) as usize))))
                     .collect();
                 let pdev = self.legs[pleg].dev();
                 let pread = async { (pleg, pdev.read(Bytes(base + plo), &mut p).await) };
@@ -1492,37 +1493,36 @@ impl Inner {
                     .flatten()
                     .map(|&(lo, hi, doff)| &data[doff..doff + (hi - lo) as usize])
                     .collect();
-                let mut p = vec![0u8; plen];
+                let mut p = Scratch::new(plen);
                 xor_many(&mut p, &srcs);
                 break 'plan Some(p);
             }
             // Reconstruct-write: assemble every data chunk's new contents over [plo, phi).
-            let mut cols: Vec<Vec<u8>> = vec![Vec::new(); k];
+            let mut cols: Vec<Option<Scratch>> = (0..k).map(|_| None).collect();
             let mut need: Vec<usize> = (0..k).filter(|&i| !full(i)).collect();
-            let mut pbuf = Vec::new();
+            let mut pbuf: Option<Scratch> = None;
             let rebuild_missing = data_missing.filter(|&f| !full(f));
             if let Some(f) = rebuild_missing {
                 // Old contents of the missing chunk come from parity and the old contents of
                 // every other chunk (fully written ones included).
                 need = (0..k).filter(|&i| i != f).collect();
-                pbuf = vec![0u8; plen];
+                pbuf = Some(Scratch::new(plen));
             }
             for &i in &need {
-                cols[i] = vec![0u8; plen];
+                cols[i] = Some(Scratch::new(plen));
             }
             {
                 let pdev = self.legs[pleg].dev();
                 let pread = async {
-                    if pbuf.is_empty() {
-                        (pleg, Ok(()))
-                    } else {
-                        (pleg, pdev.read(Bytes(base + plo), &mut pbuf).await)
+                    match pbuf.as_mut() {
+                        None => (pleg, Ok(())),
+                        Some(b) => (pleg, pdev.read(Bytes(base + plo), b).await),
                     }
                 };
                 let dreads = cols
                     .iter_mut()
                     .enumerate()
-                    .filter(|(_, b)| !b.is_empty())
+                    .filter_map(|(i, b)| b.as_mut().map(|b| (i, b)))
                     .map(|(i, b)| {
                         let leg = map.data[i];
                         async move { (leg, self.legs[leg].dev().read(Bytes(base + plo), b).await) }
@@ -1532,26 +1532,36 @@ impl Inner {
                     continue 'plan;
                 }
             }
-            if let Some(f) = rebuild_missing {
-                let mut old = pbuf;
+            if let (Some(f), Some(mut old)) = (rebuild_missing, pbuf) {
                 for (i, c) in cols.iter().enumerate() {
-                    if i != f {
+                    if let (true, Some(c)) = (i != f, c) {
                         xor_into(&mut old, c);
                     }
                 }
-                cols[f] = old;
+                cols[f] = Some(old);
             }
+            // A fully written chunk is never read, so its column is the caller's data itself.
+            let mut srcs: Vec<&[u8]> = Vec::with_capacity(k);
             for (i, c) in cols.iter_mut().enumerate() {
-                if let Some((lo, hi, doff)) = w[i] {
-                    if c.is_empty() {
-                        *c = vec![0u8; plen];
+                match (w[i], c) {
+                    (Some((lo, hi, doff)), Some(c)) => {
+                        c[(lo - plo) as usize..(hi - plo) as usize]
+                            .copy_from_slice(&data[doff..doff + (hi - lo) as usize]);
+                        srcs.push(&c[..]);
                     }
-                    c[(lo - plo) as usize..(hi - plo) as usize]
-                        .copy_from_slice(&data[doff..doff + (hi - lo) as usize]);
+                    (Some((lo, hi, doff)), None) => {
+                        srcs.push(&data[doff..doff + (hi - lo) as usize]);
+                    }
+                    (None, Some(c)) => srcs.push(&c[..]),
+                    (None, None) => {
+                        return Err(IoError::eio(format!(
+                            "{}: stripe {stripe}: chunk {i} neither written nor read (bug)",
+                            self.name
+                        )))
+                    }
                 }
             }
-            let mut p = vec![0u8; plen];
-            let srcs: Vec<&[u8]> = cols.iter().map(|c| c.as_slice()).collect();
+            let mut p = Scratch::new(plen);
             xor_many(&mut p, &srcs);
             break 'plan Some(p);
         };

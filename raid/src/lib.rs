@@ -48,6 +48,7 @@ pub mod lock;
 pub mod meta;
 pub mod offset;
 pub mod parse;
+pub mod scratch;
 pub mod xor;
 
 use std::sync::Arc;
