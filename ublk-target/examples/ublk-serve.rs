@@ -3,7 +3,7 @@
 //! targets over files / block devices) as `/dev/ublkbN`.
 //!
 //! ```text
-//! ublk-serve FILE|mem:SIZE|table:TABLEFILE [--queues N] [--depth N] [--id N] [--max-io BYTES] [--pin-queues]
+//! ublk-serve FILE|mem:SIZE|table:TABLEFILE [--queues N] [--depth N] [--id N] [--max-io BYTES] [--pin-queues] [--no-prefault]
 //!            [--buffered] [--read-only] [--user-recovery] [--recover ID]
 //! ```
 //! Prints `/dev/ublkbN` on stdout once the device exists, serves until SIGTERM or SIGINT,
@@ -23,7 +23,7 @@ use ublk_target::{UblkOptions, UblkServer};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ublk-serve FILE|mem:SIZE|table:TABLEFILE [--queues N] [--depth N] [--id N] [--max-io BYTES] [--pin-queues] \
+        "usage: ublk-serve FILE|mem:SIZE|table:TABLEFILE [--queues N] [--depth N] [--id N] [--max-io BYTES] [--pin-queues] [--no-prefault] \
          [--buffered] [--read-only] [--user-recovery] [--recover ID]"
     );
     std::process::exit(2)
@@ -56,6 +56,7 @@ fn main() {
             "--read-only" => open.read_only = true,
             "--user-recovery" => opts.user_recovery = true,
             "--pin-queues" => opts.pin_queues = true,
+            "--no-prefault" => opts.prefault_buffers = false,
             "--recover" => recover = Some(num(&a, args.next())),
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => {

@@ -430,6 +430,22 @@ impl Daemon {
         let sw = self.switch_of(name)?;
         let (table, dev) = self.build_table(name, text)?;
         let new_size = dev.size();
+        let old_size = sw.size();
+        if new_size != old_size {
+            let fixed = self
+                .devs()
+                .get(name)
+                .and_then(|d| d.front.as_ref().map(|f| !f.can_resize()))
+                .unwrap_or(false);
+            if fixed {
+                // Swapping anyway would leave the table and the kernel's idea of the size
+                // apart (and `dev list` showing a size the block device does not have).
+                return Err(format!(
+                    "{name}: the new table is {} bytes and the device {} bytes, but this                      kernel's ublk driver cannot resize a live device (UBLK_U_CMD_UPDATE_SIZE                      needs Linux 6.16 or later); reload refused, the old table stays",
+                    new_size.0, old_size.0
+                ));
+            }
+        }
         sw.load(dev).map_err(|e| e.to_string())?;
         iort::block_on(sw.suspend())
             .map_err(|e| format!("{name}: suspend: {e}"))?

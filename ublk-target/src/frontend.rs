@@ -137,6 +137,15 @@ impl Frontend {
         }
     }
 
+    /// Whether [`Frontend::resize`] can work here: always for NBD; for ublk only on a kernel
+    /// with `UBLK_U_CMD_UPDATE_SIZE`.
+    pub fn can_resize(&self) -> bool {
+        match &self.inner {
+            Inner::Nbd(_) => true,
+            Inner::Ublk(_) => UblkServer::can_update_size(),
+        }
+    }
+
     /// Tells the front end the device's new size after a reload.
     pub fn resize(&self, size: Bytes) -> Result<(), FrontendError> {
         match &self.inner {

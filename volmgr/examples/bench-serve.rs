@@ -3,7 +3,7 @@
 //! pool messages, and serves the last device as `/dev/ublkbN`.
 //!
 //! ```text
-//! bench-serve [--queues N] [--depth N] [--pin-queues] NAME=TABLEFILE [--msg NAME WORDS]... [NAME=TABLEFILE]...
+//! bench-serve [--queues N] [--depth N] [--pin-queues] [--no-prefault] NAME=TABLEFILE [--msg NAME WORDS]... [NAME=TABLEFILE]...
 //! ```
 //! Example (a thin volume):
 //! `bench-serve pool=pool.table --msg pool "create_thin 0" thin0=thin.table` where
@@ -40,6 +40,7 @@ fn run() -> Result<(), String> {
             "--queues" => opts.queues = num(&a, args.next())?,
             "--depth" => opts.depth = num(&a, args.next())?,
             "--pin-queues" => opts.pin_queues = true,
+            "--no-prefault" => opts.prefault_buffers = false,
             "--msg" => {
                 let name = args.next().ok_or("--msg needs NAME WORDS")?;
                 let words: Vec<String> = args
