@@ -70,6 +70,9 @@ else
     [[ "$out" == *6.16* ]] && ok grow-refused-clearly || fail grow-refused-clearly "unclear error: $out"
   fi
   expect_eq grow-kernel-size-unchanged "$(blockdev --getsz "$DEV")" 131072
+  # The refused reload leaves the old table in place: daemon and kernel agree on the size.
+  expect_eq grow-table-unchanged "$(vm table vol)" "$(cat $W/small.t)"
+  expect_eq grow-list-size-unchanged "$(vm list --json | jq -r '.[] | select(.name == "vol") | .size')" 67108864
   check grow-still-works bash -c "head -c 1M /dev/urandom > $M/after && sync -f $M/after &&
     (cd $M && sha256sum after) >> $W/sums"
 fi
