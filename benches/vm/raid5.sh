@@ -47,7 +47,10 @@ run_state() { # healthy|degraded
     for spec in "${ROWS[@]}"; do
       set -- $spec
       step "$st $1 (round $round)"
+      case " ${BENCH_ROWS:-$st-$1} " in *" $st-$1 "*) ;; *) continue ;; esac
+      perf_start "$st-$1-ours" "$PID"
       fio_row "$st-$1" ours "$OURS" "$2" "$3" "$4"
+      perf_stop
       fio_row "$st-$1" kernel /dev/mapper/bench-r5 "$2" "$3" "$4"
     done
   done
