@@ -77,6 +77,11 @@ pub struct UblkOptions {
     /// of resident memory up front (128 MiB at 2 x 128 x 512 KiB), which a busy device
     /// reaches anyway.
     pub prefault_buffers: bool,
+    /// Microseconds a queue thread keeps polling its ring after the last completion before
+    /// it sleeps (0: never poll). Saves a sleep and a wakeup per batch under load, for at
+    /// most this much CPU after the last request; 4k random I/O gained 13-18% at 50 us in
+    /// the VM benchmark. `VOLMGR_UBLK_SPIN_US` in the environment overrides it.
+    pub poll_us: u32,
 }
 
 impl Default for UblkOptions {
@@ -90,6 +95,7 @@ impl Default for UblkOptions {
             user_recovery: false,
             pin_queues: false,
             prefault_buffers: true,
+            poll_us: 50,
         }
     }
 }
@@ -278,6 +284,7 @@ impl UblkServer {
         opts: &UblkOptions,
     ) -> Result<UblkServer, UblkTargetError> {
         let (pin_queues, prefault) = (opts.pin_queues, opts.prefault_buffers);
+        let spin = spin_budget(opts.poll_us);
         let dev_id = ctrl.dev_info().dev_id;
         let ctrl = Arc::new(ctrl);
         let (tx, rx) = mpsc::channel::<Result<(), String>>();
@@ -286,7 +293,7 @@ impl UblkServer {
             let dev = dev.clone();
             std::thread::Builder::new()
                 .name(format!("ublk{dev_id}-ctrl"))
-                .spawn(move || run_device(ctrl, dev, tx, pin_queues, prefault))
+                .spawn(move || run_device(ctrl, dev, tx, pin_queues, prefault, spin))
         };
         let mut server = UblkServer {
             dev,
@@ -607,6 +614,7 @@ fn run_device(
     started: mpsc::Sender<Result<(), String>>,
     pin_queues: bool,
     prefault: bool,
+    spin: Duration,
 ) -> Result<(), String> {
     let name = dev.name();
     if let Err(e) = ensure_ctrl_ring() {
@@ -648,7 +656,7 @@ fn run_device(
             // SAFETY: gettid has no preconditions.
             t.push(unsafe { libc::gettid() });
         }
-        queue_thread(qid, udev, qdev, prefault)
+        queue_thread(qid, udev, qdev, prefault, spin)
     };
     let tx = started.clone();
     let on_started = move |_: &UblkCtrl| {
@@ -737,7 +745,7 @@ impl iort::Backend for QueueRingBackend {
 }
 
 /// One hardware queue: a local task per tag, all driven by libublk's event loop.
-fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool) {
+fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool, spin: Duration) {
     let q = match UblkQueue::new(qid, udev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -774,7 +782,7 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool) {
     let res = smol::block_on(exe.run(async {
         let run_ops = || while ticker.try_tick() {};
         let done = || tasks.iter().all(|t| t.is_finished());
-        libublk::wait_and_handle_io_events(&q, Some(IDLE_SECS), run_ops, done).await
+        event_loop(&q, spin, run_ops, done).await
     }));
     if let Err(e) = res {
         log::error!(
@@ -784,6 +792,55 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool) {
         );
     }
     iort::set_backend(None);
+}
+
+/// How long a queue thread keeps polling its ring after the last completion before it
+/// sleeps in the kernel: `VOLMGR_UBLK_SPIN_US` if set, else `poll_us`.
+fn spin_budget(poll_us: u32) -> Duration {
+    let us = std::env::var("VOLMGR_UBLK_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(poll_us);
+    Duration::from_micros(u64::from(us))
+}
+
+/// libublk's `wait_and_handle_io_events`, plus optional polling: for `spin` after the
+/// last completion, the thread enters the kernel without waiting (which submits, runs the
+/// ublk driver's task work and returns), so a request arriving then is picked up without a
+/// sleep and a wakeup.
+async fn event_loop(
+    q: &UblkQueue<'_>,
+    spin: Duration,
+    run_ops: impl Fn(),
+    done: impl Fn() -> bool,
+) -> Result<(), UblkError> {
+    use libublk::uring_async::{
+        run_uring_tasks, ublk_reap_io_events_with_update_queue, ublk_wake_task, uring_poll_io_fn,
+    };
+    let last_busy = std::cell::Cell::new(Instant::now());
+    let poll_uring = || {
+        let polling = !spin.is_zero() && last_busy.get().elapsed() < spin;
+        async move {
+            if polling {
+                uring_poll_io_fn::<iort::io_uring::squeue::Entry>(q, None, 0)
+            } else {
+                let t = iort::io_uring::types::Timespec::new().sec(IDLE_SECS);
+                uring_poll_io_fn::<iort::io_uring::squeue::Entry>(q, Some(t), 1)
+            }
+        }
+    };
+    let reap = |timed_out| {
+        let mut n = 0u32;
+        let r = ublk_reap_io_events_with_update_queue(q, timed_out, None, |cqe| {
+            n += 1;
+            ublk_wake_task(cqe.user_data(), cqe)
+        });
+        if n > 0 {
+            last_busy.set(Instant::now());
+        }
+        r
+    };
+    run_uring_tasks(poll_uring, reap, run_ops, done).await
 }
 
 /// One tag: fetch a request, serve it from the tag's buffer, commit the result, repeat until
