@@ -9,6 +9,12 @@ BOOTS=${BOOTS:-3}
 OUT=${OUT:-$(mktemp -d /var/tmp/vm-bench.XXXXXX)}
 mkdir -p "$OUT"
 export VM_MEM=${VM_MEM:-6G}
+# The guest CPU hides ERMS (VM_CPU=max to keep it). With ERMS the kernel copies to and from
+# user memory with `rep movsb`, which TCG emulates one byte per step, while its own
+# kernel-to-kernel memcpy (what dm and loop use) takes an unrolled 8-byte loop: that penalizes
+# only the userspace servers (ours, rublk), by 2-3x on 1M rows. On hardware `rep movsb` is
+# the fast path; without ERMS user copies use `rep movsq`. See BENCHMARKS.md.
+export VM_CPU=${VM_CPU:-max,-erms}
 export VM_PASS_ENV="${VM_PASS_ENV:-} BENCH_RUNTIME BENCH_SIZE BENCH_QUEUES BENCH_DEPTH BENCH_PERF BENCH_ROUNDS BENCH_ROWS BENCH_ALT_ARGS BENCH_ALT_ENV"
 
 build_release() {

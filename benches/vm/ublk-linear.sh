@@ -18,6 +18,8 @@ export RUST_LOG=warn
 [ -x "$SERVE" ] || { fail setup "ublk-serve '$SERVE' not executable"; exit 1; }
 [ -x "$RUBLK" ] || { fail setup "rublk '$RUBLK' not executable"; exit 1; }
 SECT=$(( $(numfmt --from=iec "$SIZE") / 512 ))
+echo "  cpu: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2-); string-copy flags:" \
+  "$(grep -m1 '^flags' /proc/cpuinfo | grep -ow 'erms\|fsrm' | tr '\n' ' ')"
 step "setup: 3 x $SIZE files on tmpfs, queues $QUEUES depth $DEPTH, ${RUNTIME}s per row"
 for f in ours dm rublk; do fill /tmp/$f.img "$SIZE"; done
 # A/B in one boot: BENCH_ALT_ARGS (extra server options, e.g. --pin-queues) and/or

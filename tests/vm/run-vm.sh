@@ -29,6 +29,9 @@
 #   VM_MEM      guest RAM (default 3G)      VM_SMP  guest CPUs (default: host CPUs, max 4)
 #   VM_TIMEOUT  seconds for one boot (default 900)
 #   VM_ACCEL    QEMU accelerator (default tcg,thread=multi)
+#   VM_CPU      QEMU CPU model (default max). Benchmarks may pass max,-erms: TCG emulates
+#               `rep movsb` a byte per step, which the kernel uses for every copy to or from
+#               user memory when the CPU has ERMS (see BENCHMARKS.md)
 #   VM_PASS_ENV space-separated names of host variables to pass to the guest script
 #   VM_MODULES  extra modules to load at boot (space or comma separated)
 #   VM_DIRECT   1: run on this host; 0: always boot the VM; unset: autodetect
@@ -349,7 +352,7 @@ rc=1
 for attempt in 1 2 3; do
   log "booting ($VM_ACCEL, ${VM_MEM} RAM, $VM_SMP CPUs), attempt $attempt"
   set +e
-  timeout --foreground -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu max \
+  timeout --foreground -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu "${VM_CPU:-max}" \
     -m "$VM_MEM" -smp "$VM_SMP" -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$KX/boot/vmlinuz-$KV" -initrd "$INITRD" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST vm_share=$SHARE_LIST" \
