@@ -489,10 +489,7 @@ impl FileExtent {
     async fn read_loop(&self, off: u64, buf: &mut [u8]) -> IoResult<usize> {
         let mut done = 0usize;
         if self.ram_backed && buf.len() >= self.ram_async_min {
-            let p = buf.as_mut_ptr();
-            // SAFETY: `buf` is exclusively borrowed for the whole call and the pieces are
-            // disjoint; the ring writes into them only until ram_parallel returns.
-            done = unsafe { self.ram_parallel(off, p, buf.len()) }.await;
+            done = self.ram_parallel(off, buf).await;
         }
         let mut retries = 0;
         while done < buf.len() {
@@ -537,33 +534,27 @@ impl FileExtent {
         Ok(done)
     }
 
-    /// Reads `len` bytes into `ptr` as `ram_async_min`-sized pieces, all in flight
-    /// at once and marked `IOSQE_ASYNC` (a buffered tmpfs copy would be punted to io-wq
-    /// anyway; saying so up front skips the failed non-blocking try). Returns how many
-    /// leading bytes are done: anything short or failed is left to the caller's sequential
-    /// loop, which redoes it (rereading the same bytes is harmless) and reports
-    /// errors with the usual retries.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` must stay valid and unaliased until the future completes.
-    async unsafe fn ram_parallel(&self, off: u64, ptr: *mut u8, len: usize) -> usize {
+    /// Reads `buf` as `ram_async_min`-sized pieces, all in flight at once and marked
+    /// `IOSQE_ASYNC` (a buffered tmpfs copy would be punted to io-wq anyway; saying so up
+    /// front skips the failed non-blocking try). Returns how many leading bytes are done:
+    /// anything short or failed is left to the caller's sequential loop, which redoes it
+    /// (rereading the same bytes is harmless) and reports errors with the usual retries.
+    async fn ram_parallel(&self, off: u64, buf: &mut [u8]) -> usize {
         let piece = self.ram_async_min;
-        let mut ops = Vec::with_capacity(len.div_ceil(piece));
-        let mut at = 0usize;
-        while at < len {
-            let n = (len - at).min(piece);
-            let p = ptr.add(at);
-            let pos = off + at as u64;
-            let fd = types::Fd(self.raw());
-            let sqe = opcode::Read::new(fd, p, n as u32)
-                .offset(pos)
+        let ops = buf.chunks_mut(piece).enumerate().map(|(i, c)| {
+            let n = c.len();
+            let sqe = opcode::Read::new(types::Fd(self.raw()), c.as_mut_ptr(), n as u32)
+                .offset(off + (i * piece) as u64)
                 .build()
                 .flags(squeue::Flags::ASYNC);
-            // SAFETY: the caller keeps the memory alive until every op completes (join_all
-            // below drives them all to the end); the fd lives as long as `self`.
-            ops.push(async move { (n, iort::submit(sqe).await) });
-            at += n;
-        }
+            async move {
+                // SAFETY: this future holds the piece's borrow until the op completes
+                // (join_all drives every op to the end; dropping one in flight waits for
+                // the kernel); the fd lives as long as `self`.
+                let _piece = c;
+                (n, unsafe { iort::submit(sqe) }.await)
+            }
+        });
         let mut done = 0usize;
         for (n, r) in futures::future::join_all(ops).await {
             if r != n as i32 {
