@@ -74,6 +74,9 @@ fn pool_and_volume(env: &Env) -> u16 {
     env.create("vol", "0 2097152 thin /dev/volmgr/pool 0\n")
 }
 
+/// Files of 64 KiB the background writer may write: 40 MiB, well inside the 256 MiB pool.
+const MAX_WRITER_FILES: u64 = 640;
+
 #[test]
 fn snapshot_of_a_mounted_ext4_under_writes_then_fstrim_and_metadata_tools() {
     require_root();
@@ -124,10 +127,15 @@ fn snapshot_of_a_mounted_ext4_under_writes_then_fstrim_and_metadata_tools() {
     let writer = std::thread::spawn(move || {
         let b = mnt2.join("b");
         std::fs::create_dir(&b).unwrap();
+        // Bounded (the pool holds 256 MiB): unthrottled, a fast host writes hundreds of
+        // MiB through the page cache in the ~0.6 s this runs and fills the pool, whose
+        // queue_if_no_space then stalls the file system. Paced so it is still writing
+        // while the snapshot is taken.
         let mut i = 0u64;
-        while !stop2.load(Ordering::SeqCst) {
+        while !stop2.load(Ordering::SeqCst) && i < MAX_WRITER_FILES {
             std::fs::write(b.join(format!("g{i}")), pseudo_random(64 << 10, 1000 + i)).unwrap();
             i += 1;
+            std::thread::sleep(Duration::from_millis(1));
         }
         i
     });
