@@ -32,7 +32,9 @@ pub struct PoolOptions {
     pub error_if_no_space: bool,
     /// Background commit period (`None`: only on FLUSH/FUA and explicit commits).
     pub commit_interval: Option<Duration>,
-    /// How long a write waits for data space before failing with ENOSPC.
+    /// How long writes wait for data space before failing with ENOSPC, counted from when
+    /// the pool ran out: after that, writes that need a block fail at once until space
+    /// comes back (dm-thin's `no_space_timeout`).
     pub no_space_timeout: Duration,
 }
 
@@ -119,6 +121,10 @@ pub struct Pool {
     open_thins: Mutex<HashMap<ThinId, usize>>,
     failed: Mutex<Option<String>>,
     out_of_space: AtomicBool,
+    /// When the pool last ran out of data space (None while it has space). Once it has
+    /// been out for `no_space_timeout`, writes needing a block fail at once, as dm-thin's
+    /// error mode does, instead of each waiting the whole timeout again.
+    no_space_since: Mutex<Option<Instant>>,
     low_water_armed: AtomicBool,
     low_water_events: AtomicU64,
     commits: AtomicU64,
@@ -227,6 +233,7 @@ impl Pool {
             open_thins: Mutex::new(HashMap::new()),
             failed: Mutex::new(None),
             out_of_space: AtomicBool::new(false),
+            no_space_since: Mutex::new(None),
             low_water_armed: AtomicBool::new(true),
             low_water_events: AtomicU64::new(0),
             commits: AtomicU64::new(0),
@@ -581,7 +588,6 @@ impl Pool {
 
     /// Waits for a free data block, as the no-space policy says.
     async fn alloc_data(&self) -> IoResult<DataBlock> {
-        let start = Instant::now();
         loop {
             let (got, pending) = {
                 let mut m = self.meta();
@@ -589,6 +595,7 @@ impl Pool {
             };
             if let Some(d) = got {
                 self.out_of_space.store(false, Ordering::Relaxed);
+                *lock(&self.no_space_since) = None;
                 return Ok(d);
             }
             if pending > 0 {
@@ -597,8 +604,10 @@ impl Pool {
                 continue;
             }
             self.out_of_space.store(true, Ordering::Relaxed);
+            // The wait counts from when the pool ran out, not from this write.
+            let since = *lock(&self.no_space_since).get_or_insert_with(Instant::now);
             let o = self.options();
-            if o.error_if_no_space || start.elapsed() >= o.no_space_timeout {
+            if o.error_if_no_space || since.elapsed() >= o.no_space_timeout {
                 return Err(IoError::nospc(format!("{}: out of data space", self.name)));
             }
             iort::sleep(Duration::from_millis(50)).await;
