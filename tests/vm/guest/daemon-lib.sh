@@ -20,11 +20,6 @@ daemon_start() {
   return 1
 }
 
-# gone PID SECONDS: waits for a process to exit.
-gone() {
-  for _ in $(seq 1 $(( $2 * 10 ))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-  return 1
-}
 
 # dev_path NAME: the device's /dev/ublkbN from `dev list --json`.
 dev_path() { vm list --json | jq -r --arg n "$1" '.[] | select(.name == $n) | .path'; }

@@ -48,3 +48,27 @@ e2fsck_clean() {
   [ $rc = 0 ] || return $rc
   ! printf '%s\n' "$out" | grep -qiE 'in use|Fix\?|count wrong|recovery'
 }
+
+# serve_bg OUT ERR CMD...: runs CMD in the background (stdout to OUT, stderr to ERR), PID in
+# SPID; succeeds once CMD has printed its first line (a device path) into DEV, fails if CMD
+# exits first or prints nothing for 90 s.
+serve_bg() {
+  local out=$1 err=$2; shift 2
+  : > "$out"
+  "$@" > "$out" 2> "$err" &
+  SPID=$!
+  DEV=""
+  for _ in $(seq 1 900); do
+    DEV=$(head -n1 "$out")
+    [ -n "$DEV" ] && return 0
+    kill -0 $SPID 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+# gone PID SECONDS: waits for a process to exit.
+gone() {
+  for _ in $(seq 1 $(( $2 * 10 ))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  return 1
+}

@@ -21,18 +21,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 # start_server TARGET ARGS...: starts ublk-serve, sets SPID and DEV (the /dev/ublkbN it printed).
 start_server() {
-  local out=/tmp/serve.$$.out
-  : > $out
-  "$SERVE" "$@" > $out 2> /tmp/serve.err &
-  SPID=$!
-  DEV=""
-  for _ in $(seq 1 600); do
-    DEV=$(head -n1 $out)
-    [ -n "$DEV" ] && break
-    kill -0 $SPID 2>/dev/null || break
-    sleep 0.1
-  done
-  [ -n "$DEV" ]
+  serve_bg /tmp/serve.$$.out /tmp/serve.err "$SERVE" "$@"
 }
 # stop_server: SIGTERM, wait; OK if it exits 0 and the device nodes are gone.
 stop_server() {

@@ -17,22 +17,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 # serve OUT ERR ARGS...: starts ublk-serve in the background; SPID; DEV when it printed one.
 serve() {
   local out=$1 err=$2; shift 2
-  : > "$out"
-  "$SERVE" "$@" > "$out" 2> "$err" &
-  SPID=$!
-  DEV=""
-  for _ in $(seq 1 900); do
-    DEV=$(head -n1 "$out")
-    [ -n "$DEV" ] && return 0
-    kill -0 $SPID 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-# gone PID SECONDS: waits for a process to exit.
-gone() {
-  for _ in $(seq 1 $(( $2 * 10 ))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-  return 1
+  serve_bg "$out" "$err" "$SERVE" "$@"
 }
 
 step "start with user recovery"

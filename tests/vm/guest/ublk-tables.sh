@@ -15,17 +15,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 load_modules dm-mod loop || exit 1
 
 start_server() {
-  local out=/tmp/serve.$$.out
-  : > $out
-  "$SERVE" "$@" > $out 2> /tmp/serve.err &
-  SPID=$!
-  DEV=""
-  for _ in $(seq 1 600); do
-    DEV=$(head -n1 $out); [ -n "$DEV" ] && return 0
-    kill -0 $SPID 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
+  serve_bg /tmp/serve.$$.out /tmp/serve.err "$SERVE" "$@"
 }
 stop_server() {
   kill -TERM $SPID
