@@ -29,6 +29,11 @@ pub fn volmgr_bin() -> PathBuf {
     bin
 }
 
+/// [`require_tool`] for each of `tools`.
+pub fn require_tools(tools: &[&str]) {
+    tools.iter().for_each(|t| require_tool(t));
+}
+
 /// Fails the test (with the tool's name) if a required external tool is not installed.
 pub fn require_tool(tool: &str) {
     let ok = Command::new("sh")

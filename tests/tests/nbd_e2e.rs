@@ -214,15 +214,13 @@ fn fio_verify_crc32c_with_several_jobs() {
 #[test]
 fn ext4_mkfs_mount_fsck_remount_through_the_export() {
     require_root();
-    for t in [
+    require_tools(&[
         "qemu-storage-daemon",
         "losetup",
         "mkfs.ext4",
         "e2fsck",
         "mount",
-    ] {
-        require_tool(t);
-    }
+    ]);
     let fx = striped_fixture();
     let srv = Served::start(&fx.table, "vol", &[], fx.dir.path()).unwrap();
     let mnt = fx.dir.path().join("mnt");

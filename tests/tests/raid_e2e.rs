@@ -23,15 +23,13 @@ fn write_tree(root: &Path, tag: &str, n: usize) {
 #[test]
 fn raid5_survives_a_failed_leg_and_rebuilds_under_a_mounted_ext4() {
     require_root();
-    for t in [
+    require_tools(&[
         "qemu-storage-daemon",
         "losetup",
         "mkfs.ext4",
         "e2fsck",
         "mount",
-    ] {
-        require_tool(t);
-    }
+    ]);
     let dir = tempfile::Builder::new()
         .prefix("raid-e2e-")
         .tempdir_in("/var/tmp")

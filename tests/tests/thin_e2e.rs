@@ -80,7 +80,7 @@ const MAX_WRITER_FILES: u64 = 640;
 #[test]
 fn snapshot_of_a_mounted_ext4_under_writes_then_fstrim_and_metadata_tools() {
     require_root();
-    for t in [
+    require_tools(&[
         "qemu-storage-daemon",
         "losetup",
         "mkfs.ext4",
@@ -88,9 +88,7 @@ fn snapshot_of_a_mounted_ext4_under_writes_then_fstrim_and_metadata_tools() {
         "mount",
         "fstrim",
         "tune2fs",
-    ] {
-        require_tool(t);
-    }
+    ]);
     let mut env = Env::new();
     let port = pool_and_volume(&env);
     let mnt = env.p().join("mnt");
@@ -291,9 +289,7 @@ impl TapMkdir for PathBuf {
 #[test]
 fn ten_thin_clones_of_one_image_share_it() {
     require_root();
-    for t in ["mkfs.ext4", "nbdcopy"] {
-        require_tool(t);
-    }
+    require_tools(&["mkfs.ext4", "nbdcopy"]);
     let env = Env::new();
     let meta = env.p().join("meta.img");
     let data = env.p().join("data.img");
