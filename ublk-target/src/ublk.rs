@@ -283,8 +283,7 @@ impl UblkServer {
         recovering: bool,
         opts: &UblkOptions,
     ) -> Result<UblkServer, UblkTargetError> {
-        let (pin_queues, prefault) = (opts.pin_queues, opts.prefault_buffers);
-        let spin = spin_budget(opts.poll_us);
+        let setup = QueueSetup::from(opts);
         let dev_id = ctrl.dev_info().dev_id;
         let ctrl = Arc::new(ctrl);
         let (tx, rx) = mpsc::channel::<Result<(), String>>();
@@ -293,7 +292,7 @@ impl UblkServer {
             let dev = dev.clone();
             std::thread::Builder::new()
                 .name(format!("ublk{dev_id}-ctrl"))
-                .spawn(move || run_device(ctrl, dev, tx, pin_queues, prefault, spin))
+                .spawn(move || run_device(ctrl, dev, tx, setup))
         };
         let mut server = UblkServer {
             dev,
@@ -612,9 +611,7 @@ fn run_device(
     ctrl: Arc<UblkCtrl>,
     dev: DeviceRef,
     started: mpsc::Sender<Result<(), String>>,
-    pin_queues: bool,
-    prefault: bool,
-    spin: Duration,
+    setup: QueueSetup,
 ) -> Result<(), String> {
     let name = dev.name();
     if let Err(e) = ensure_ctrl_ring() {
@@ -656,11 +653,11 @@ fn run_device(
             // SAFETY: gettid has no preconditions.
             t.push(unsafe { libc::gettid() });
         }
-        queue_thread(qid, udev, qdev, prefault, spin)
+        queue_thread(qid, udev, qdev, setup)
     };
     let tx = started.clone();
     let on_started = move |_: &UblkCtrl| {
-        if !pin_queues {
+        if !setup.pin_queues {
             if let Ok(t) = tids.lock() {
                 unpin(&t);
             }
@@ -745,7 +742,7 @@ impl iort::Backend for QueueRingBackend {
 }
 
 /// One hardware queue: a local task per tag, all driven by libublk's event loop.
-fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool, spin: Duration) {
+fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: QueueSetup) {
     let q = match UblkQueue::new(qid, udev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -768,7 +765,7 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool, spin: 
         let q = q.clone();
         let dev = dev.clone();
         tasks.push(exe.spawn(async move {
-            match tag_task(&q, tag, &*dev, buf_bytes, prefault).await {
+            match tag_task(&q, tag, &*dev, buf_bytes, setup.prefault).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => log::error!(
                     "{}: ublk queue {qid} tag {tag} failed: {}",
@@ -782,7 +779,7 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool, spin: 
     let res = smol::block_on(exe.run(async {
         let run_ops = || while ticker.try_tick() {};
         let done = || tasks.iter().all(|t| t.is_finished());
-        event_loop(&q, spin, run_ops, done).await
+        event_loop(&q, setup.spin, run_ops, done).await
     }));
     if let Err(e) = res {
         log::error!(
@@ -794,14 +791,28 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, prefault: bool, spin: 
     iort::set_backend(None);
 }
 
-/// How long a queue thread keeps polling its ring after the last completion before it
-/// sleeps in the kernel: `VOLMGR_UBLK_SPIN_US` if set, else `poll_us`.
-fn spin_budget(poll_us: u32) -> Duration {
-    let us = std::env::var("VOLMGR_UBLK_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(poll_us);
-    Duration::from_micros(u64::from(us))
+/// The [`UblkOptions`] the queue threads act on.
+#[derive(Clone, Copy)]
+struct QueueSetup {
+    pin_queues: bool,
+    prefault: bool,
+    /// How long a queue thread keeps polling after its last completion before it sleeps.
+    spin: Duration,
+}
+
+impl From<&UblkOptions> for QueueSetup {
+    fn from(o: &UblkOptions) -> QueueSetup {
+        // VOLMGR_UBLK_SPIN_US, if set, overrides poll_us (benchmark A/B runs).
+        let us = std::env::var("VOLMGR_UBLK_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(o.poll_us);
+        QueueSetup {
+            pin_queues: o.pin_queues,
+            prefault: o.prefault_buffers,
+            spin: Duration::from_micros(u64::from(us)),
+        }
+    }
 }
 
 /// libublk's `wait_and_handle_io_events`, plus optional polling: for `spin` after the
