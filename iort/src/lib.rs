@@ -184,6 +184,16 @@ impl Runtime {
         })
     }
 
+    /// Registers `bufs` as this ring's fixed buffers (indices 0..), replacing none: for
+    /// exercising `READ_FIXED`/`WRITE_FIXED` paths outside a ublk queue (tests, tools).
+    ///
+    /// # Safety
+    /// The memory must stay valid and unmoved for as long as the runtime lives.
+    pub unsafe fn register_buffers(&self, bufs: &[libc::iovec]) -> io::Result<()> {
+        // SAFETY: the caller keeps the memory alive for the ring's lifetime.
+        unsafe { self.inner.ring.borrow().submitter().register_buffers(bufs) }
+    }
+
     /// Runs `fut` to completion on this thread, driving spawned tasks and the ring meanwhile.
     pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
         let prev = CURRENT.with(|c| c.borrow_mut().replace(self.inner.clone()));

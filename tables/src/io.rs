@@ -112,6 +112,275 @@ impl WriteFlags {
     pub const FUA: WriteFlags = WriteFlags { fua: true };
 }
 
+/// Request data that lives in a buffer registered with the current thread's io_uring (ublk
+/// zero copy: the kernel lends the request's own pages to the ring), not in our address
+/// space. Only `READ_FIXED`/`WRITE_FIXED` operations on this thread's ring can reach it, so
+/// only devices that end in such operations serve it (see [`BlockDevice::read_fixed`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FixedBuf {
+    /// Index in the ring's registered-buffer table.
+    pub index: u16,
+    /// The address the ring knows byte 0 of the registration by: 0 for a buffer the kernel
+    /// registered (ublk), the user address for memory registered from userspace.
+    pub base: u64,
+    /// Where this request's bytes start inside the registration.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl FixedBuf {
+    /// The `len` bytes starting `at` bytes into this buffer (a piece of a split request).
+    pub fn slice(self, at: usize, len: usize) -> FixedBuf {
+        debug_assert!(at + len <= self.len, "fixed buffer slice out of range");
+        FixedBuf {
+            offset: self.offset + at as u64,
+            len,
+            ..self
+        }
+    }
+
+    /// The address to put in an SQE for the byte `at` bytes into this buffer.
+    pub fn addr(self, at: usize) -> u64 {
+        self.base + self.offset + at as u64
+    }
+}
+
+/// A kernel-side copy between a device's mapped bytes and a request, for
+/// [`BlockDevice::copy_mapped`]: called with the address of the device's bytes, where they
+/// start in the request, and how many. It must move them with a system call (which reports a
+/// page that vanished, say a file that shrank, as `EFAULT`), never by touching the address
+/// itself (that would kill the process with `SIGBUS`).
+pub type MappedCopy<'a> = &'a dyn Fn(*mut u8, usize, usize) -> IoResult<()>;
+
+/// How a [`FixedBuf`] request ended when it returned `Ok`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// The data moved between the device and the registered buffer.
+    Done,
+    /// Some layer needs the bytes in memory (parity, checksums, a network socket, a target
+    /// without a fixed path): the caller must redo the request with `read`/`write` and a
+    /// buffer of its own. Parts may already have been transferred; redoing a read or a
+    /// write of the same bytes over them is harmless.
+    NeedsMemory,
+}
+
+/// A request that moves by kernel copies to or from mapped device bytes
+/// ([`BlockDevice::copy_mapped`]): its copy function, and where this part starts in it.
+#[derive(Clone, Copy)]
+pub struct MappedReq<'a> {
+    /// The request's copy function.
+    pub copy: MappedCopy<'a>,
+    /// Where this part starts in the request.
+    pub at: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl std::fmt::Debug for MappedReq<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedReq {{ at: {}, len: {} }}", self.at, self.len)
+    }
+}
+
+impl<'a> MappedReq<'a> {
+    fn piece(self, at: usize, len: usize) -> MappedReq<'a> {
+        debug_assert!(at + len <= self.len, "mapped request piece out of range");
+        MappedReq {
+            at: self.at + at,
+            len,
+            ..self
+        }
+    }
+
+    /// `copy_mapped` of this part on `dev` at `off`.
+    fn run<'d>(
+        self,
+        dev: &'d dyn BlockDevice,
+        off: Bytes,
+        write: Option<WriteFlags>,
+    ) -> IoFuture<'d, Served>
+    where
+        'a: 'd,
+    {
+        Box::pin(async move {
+            let sub = move |p: *mut u8, a: usize, k: usize| (self.copy)(p, self.at + a, k);
+            dev.copy_mapped(off, self.len, write, &sub).await
+        })
+    }
+}
+
+/// Where a write's bytes are: our memory, a registered buffer that only fixed-buffer
+/// operations reach, or a request that kernel copies reach. Lets a stacking target (mirror,
+/// thin) run one code path for all three.
+#[derive(Clone, Copy, Debug)]
+pub enum Src<'a> {
+    /// Bytes in memory.
+    Mem(&'a [u8]),
+    /// A registered buffer.
+    Fixed(FixedBuf),
+    /// A request reached by [`BlockDevice::copy_mapped`].
+    Mapped(MappedReq<'a>),
+}
+
+impl<'a> Src<'a> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Src::Mem(b) => b.len(),
+            Src::Fixed(f) => f.len,
+            Src::Mapped(m) => m.len,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `len` bytes starting `at` bytes in.
+    pub fn piece(self, at: usize, len: usize) -> Src<'a> {
+        match self {
+            Src::Mem(b) => Src::Mem(&b[at..at + len]),
+            Src::Fixed(f) => Src::Fixed(f.slice(at, len)),
+            Src::Mapped(m) => Src::Mapped(m.piece(at, len)),
+        }
+    }
+
+    /// Writes these bytes to `dev` at `off` (`write`, `write_fixed` or `copy_mapped`).
+    pub fn write_to<'d>(
+        self,
+        dev: &'d dyn BlockDevice,
+        off: Bytes,
+        flags: WriteFlags,
+    ) -> IoFuture<'d, Served>
+    where
+        'a: 'd,
+    {
+        match self {
+            Src::Mem(b) => {
+                let f = dev.write(off, b, flags);
+                Box::pin(async move { f.await.map(|()| Served::Done) })
+            }
+            Src::Fixed(fb) => dev.write_fixed(off, fb, flags),
+            Src::Mapped(m) => m.run(dev, off, Some(flags)),
+        }
+    }
+}
+
+/// Where a read's bytes go; as [`Src`].
+#[derive(Debug)]
+pub enum Dst<'a> {
+    /// Memory.
+    Mem(&'a mut [u8]),
+    /// A registered buffer.
+    Fixed(FixedBuf),
+    /// A request reached by [`BlockDevice::copy_mapped`].
+    Mapped(MappedReq<'a>),
+}
+
+impl<'a> Dst<'a> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Dst::Mem(b) => b.len(),
+            Dst::Fixed(f) => f.len,
+            Dst::Mapped(m) => m.len,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Splits into consecutive pieces of `lens` bytes (which must add up to at most the
+    /// length).
+    pub fn split(self, lens: &[usize]) -> Vec<Dst<'a>> {
+        let mut at = 0usize;
+        match self {
+            Dst::Mem(mut b) => lens
+                .iter()
+                .map(|&l| {
+                    let (head, tail) = std::mem::take(&mut b).split_at_mut(l);
+                    b = tail;
+                    Dst::Mem(head)
+                })
+                .collect(),
+            Dst::Fixed(f) => lens
+                .iter()
+                .map(|&l| {
+                    at += l;
+                    Dst::Fixed(f.slice(at - l, l))
+                })
+                .collect(),
+            Dst::Mapped(m) => lens
+                .iter()
+                .map(|&l| {
+                    at += l;
+                    Dst::Mapped(m.piece(at - l, l))
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads `dev` at `off` into these bytes (`read`, `read_fixed` or `copy_mapped`).
+    pub async fn read_from(&mut self, dev: &dyn BlockDevice, off: Bytes) -> IoResult<Served> {
+        match self {
+            Dst::Mem(b) => dev.read(off, b).await.map(|()| Served::Done),
+            Dst::Fixed(f) => dev.read_fixed(off, *f).await,
+            Dst::Mapped(m) => m.run(dev, off, None).await,
+        }
+    }
+}
+
+/// `Done` only if every part was.
+pub fn all_done(parts: impl IntoIterator<Item = Served>) -> Served {
+    if parts.into_iter().all(|s| s == Served::Done) {
+        Served::Done
+    } else {
+        Served::NeedsMemory
+    }
+}
+
+/// [`BlockDevice::copy_mapped`] over the consecutive pieces of a split request, given as
+/// (piece index, device, offset on it, length); `ctx` adds the piece's place to an error. The
+/// pieces run one after another (each is a memory copy, nothing to overlap); the first that
+/// needs memory ends it.
+pub async fn copy_mapped_pieces<'a>(
+    pieces: Vec<(usize, &'a DeviceRef, Bytes, usize)>,
+    write: Option<WriteFlags>,
+    copy: MappedCopy<'a>,
+    ctx: impl Fn(usize, Bytes, IoError) -> IoError,
+) -> IoResult<Served> {
+    let mut at = 0usize;
+    for (i, dev, off, n) in pieces {
+        let base = at;
+        let sub = move |p: *mut u8, a: usize, k: usize| copy(p, base + a, k);
+        let s = dev
+            .copy_mapped(off, n, write, &sub)
+            .await
+            .map_err(|e| ctx(i, off, e))?;
+        if s == Served::NeedsMemory {
+            return Ok(s);
+        }
+        at += n;
+    }
+    Ok(Served::Done)
+}
+
+/// Joins the pieces of a split fixed-buffer request: `Done` only if every piece was.
+pub fn join_served(futs: Vec<IoFuture<'_, Served>>) -> IoFuture<'_, Served> {
+    match futs.len() {
+        0 => ready(Ok(Served::Done)),
+        1 => futs
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| ready(Ok(Served::Done))),
+        _ => Box::pin(async move { iort::try_join_all(futs).await.map(all_done) }),
+    }
+}
+
 /// What a device promises and prefers; front ends advertise these (ublk parameters, NBD block
 /// size info). Stacking layers combine their legs' limits.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -194,6 +463,33 @@ pub trait BlockDevice: Send + Sync {
     fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a>;
     /// Writes `buf` at `offset`.
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a>;
+    /// Reads into a registered buffer ([`FixedBuf`]), when every layer down to the extents
+    /// can move the bytes with fixed-buffer operations; otherwise resolves to
+    /// [`Served::NeedsMemory`] (the default) and the caller falls back to [`read`](Self::read).
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        let _ = (offset, buf);
+        ready(Ok(Served::NeedsMemory))
+    }
+    /// Writes from a registered buffer; as [`read_fixed`](Self::read_fixed).
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        let _ = (offset, buf, flags);
+        ready(Ok(Served::NeedsMemory))
+    }
+    /// Moves `len` bytes at `offset` between the device and a request with one kernel copy,
+    /// when the bytes sit in memory this process maps (a file in RAM): `copy` gets their
+    /// address (`write`: the request's bytes go there). The ublk zero-copy front end uses it
+    /// where a fixed-buffer operation would be slow. Resolves to [`Served::NeedsMemory`] (the
+    /// default) where the bytes are not mapped.
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        let _ = (offset, len, write, copy);
+        ready(Ok(Served::NeedsMemory))
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> IoFuture<'_>;
     /// Unmaps a range (a hint unless `limits().discard_zeroes`).

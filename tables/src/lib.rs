@@ -18,5 +18,8 @@ pub mod table;
 pub mod targets;
 pub mod units;
 
-pub use io::{BlockDevice, DeviceRef, IoError, IoFuture, IoResult, Limits, WriteFlags};
+pub use io::{
+    BlockDevice, DeviceRef, FixedBuf, IoError, IoFuture, IoResult, Limits, MappedCopy, Served,
+    WriteFlags,
+};
 pub use units::{Bytes, Sectors};

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::io::{BlockDevice, DeviceRef, IoError, IoFuture, IoResult, Limits, WriteFlags};
+use crate::io::{
+    BlockDevice, DeviceRef, FixedBuf, IoError, IoFuture, IoResult, Limits, MappedCopy, Served,
+    WriteFlags,
+};
 use crate::units::Bytes;
 
 struct GateState {
@@ -49,7 +52,7 @@ pub struct IoStats {
 }
 
 impl IoStats {
-    fn count(&self, ctr: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, r: &IoResult<()>) {
+    fn count<T>(&self, ctr: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, r: &IoResult<T>) {
         if r.is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -235,6 +238,56 @@ impl BlockDevice for Switchable {
                 Some((&self.stats.write_bytes, buf.len() as u64)),
                 &r,
             );
+            r
+        })
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        Box::pin(async move {
+            let (_slot, dev) = self.admit().await;
+            let r = dev.read_fixed(offset, buf).await;
+            // A fallback is counted when the caller redoes the read through `read`.
+            if !matches!(r, Ok(Served::NeedsMemory)) {
+                self.stats.count(
+                    &self.stats.reads,
+                    Some((&self.stats.read_bytes, buf.len as u64)),
+                    &r,
+                );
+            }
+            r
+        })
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        Box::pin(async move {
+            let (_slot, dev) = self.admit().await;
+            let r = dev.write_fixed(offset, buf, flags).await;
+            if !matches!(r, Ok(Served::NeedsMemory)) {
+                self.stats.count(
+                    &self.stats.writes,
+                    Some((&self.stats.write_bytes, buf.len as u64)),
+                    &r,
+                );
+            }
+            r
+        })
+    }
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        Box::pin(async move {
+            let (_slot, dev) = self.admit().await;
+            let r = dev.copy_mapped(offset, len, write, copy).await;
+            if !matches!(r, Ok(Served::NeedsMemory)) {
+                let (ctr, bytes) = if write.is_some() {
+                    (&self.stats.writes, &self.stats.write_bytes)
+                } else {
+                    (&self.stats.reads, &self.stats.read_bytes)
+                };
+                self.stats.count(ctr, Some((bytes, len as u64)), &r);
+            }
             r
         })
     }

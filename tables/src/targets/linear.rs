@@ -1,6 +1,9 @@
 //! `linear <dev> <offset>`: maps the segment onto `dev` starting at sector `offset`.
 
-use crate::io::{check_range, ready, BlockDevice, DeviceRef, IoFuture, Limits, WriteFlags};
+use crate::io::{
+    check_range, ready, BlockDevice, DeviceRef, FixedBuf, IoFuture, Limits, MappedCopy, Served,
+    WriteFlags,
+};
 use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors};
 
@@ -96,6 +99,30 @@ impl BlockDevice for Linear {
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         match self.map(offset, buf.len() as u64) {
             Ok(o) => self.dev.write(o, buf, flags),
+            Err(e) => ready(Err(e)),
+        }
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        match self.map(offset, buf.len as u64) {
+            Ok(o) => self.dev.read_fixed(o, buf),
+            Err(e) => ready(Err(e)),
+        }
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        match self.map(offset, buf.len as u64) {
+            Ok(o) => self.dev.write_fixed(o, buf, flags),
+            Err(e) => ready(Err(e)),
+        }
+    }
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        match self.map(offset, len as u64) {
+            Ok(o) => self.dev.copy_mapped(o, len, write, copy),
             Err(e) => ready(Err(e)),
         }
     }

@@ -3,7 +3,8 @@
 //! and offset failed.
 
 use crate::io::{
-    check_range, join_pieces, ready, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
+    check_range, copy_mapped_pieces, join_pieces, join_served, ready, BlockDevice, DeviceRef,
+    FixedBuf, IoError, IoFuture, Limits, MappedCopy, Served, WriteFlags,
 };
 use crate::units::{Bytes, Sectors};
 
@@ -141,6 +142,32 @@ impl Mapped {
     }
 }
 
+impl Mapped {
+    /// A fixed-buffer read or write split at segment boundaries.
+    fn fixed<'a>(
+        &'a self,
+        offset: Bytes,
+        buf: FixedBuf,
+        op: impl Fn(&'a DeviceRef, Bytes, FixedBuf) -> IoFuture<'a, Served>,
+    ) -> IoFuture<'a, Served> {
+        if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len as u64)) {
+            return ready(Err(e));
+        }
+        let mut at = 0usize;
+        let futs = self
+            .pieces(offset.0, buf.len as u64)
+            .into_iter()
+            .map(|(i, within, n)| {
+                let f = op(&self.segs[i].dev, Bytes(within), buf.slice(at, n as usize));
+                at += n as usize;
+                Box::pin(async move { f.await.map_err(|e| self.ctx(i, within, e)) })
+                    as IoFuture<'a, Served>
+            })
+            .collect();
+        join_served(futs)
+    }
+}
+
 impl BlockDevice for Mapped {
     fn name(&self) -> String {
         self.name.clone()
@@ -186,6 +213,29 @@ impl BlockDevice for Mapped {
             }));
         }
         join_pieces(futs)
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        self.fixed(offset, buf, |d, o, b| d.read_fixed(o, b))
+    }
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        Box::pin(async move {
+            check_range(&self.name, self.size, offset, Bytes(len as u64))?;
+            let pieces = self
+                .pieces(offset.0, len as u64)
+                .into_iter()
+                .map(|(i, within, n)| (i, &self.segs[i].dev, Bytes(within), n as usize))
+                .collect();
+            copy_mapped_pieces(pieces, write, copy, |i, o, e| self.ctx(i, o.0, e)).await
+        })
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        self.fixed(offset, buf, move |d, o, b| d.write_fixed(o, b, flags))
     }
     fn flush(&self) -> IoFuture<'_> {
         let futs: Vec<IoFuture<'_>> = self

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::io::{
-    check_range, join_pieces, ready, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
+    check_range, copy_mapped_pieces, join_pieces, join_served, ready, BlockDevice, DeviceRef,
+    FixedBuf, IoError, IoFuture, Limits, MappedCopy, Served, WriteFlags,
 };
 use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors, SECTOR_SIZE};
@@ -314,6 +315,32 @@ impl Striped {
     }
 }
 
+impl Striped {
+    /// A fixed-buffer read or write split into chunk pieces, as `read` and `write` split.
+    fn fixed<'a>(
+        &'a self,
+        offset: Bytes,
+        buf: FixedBuf,
+        op: impl Fn(&'a DeviceRef, Bytes, FixedBuf) -> IoFuture<'a, Served>,
+    ) -> IoFuture<'a, Served> {
+        if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len as u64)) {
+            return ready(Err(e));
+        }
+        let mut futs: Vec<IoFuture<'a, Served>> = Vec::new();
+        let mut at = 0usize;
+        while at < buf.len {
+            let (i, dev_off, room) = self.locate(offset.0 + at as u64);
+            let n = room.min((buf.len - at) as u64) as usize;
+            let f = op(&self.legs[i].dev, Bytes(dev_off), buf.slice(at, n));
+            at += n;
+            futs.push(Box::pin(
+                async move { f.await.map_err(|e| self.leg_err(i, e)) },
+            ));
+        }
+        join_served(futs)
+    }
+}
+
 impl BlockDevice for Striped {
     fn name(&self) -> String {
         self.name.clone()
@@ -369,6 +396,32 @@ impl BlockDevice for Striped {
             ));
         }
         join_pieces(futs)
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        self.fixed(offset, buf, |d, o, b| d.read_fixed(o, b))
+    }
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        Box::pin(async move {
+            check_range(&self.name, self.size, offset, Bytes(len as u64))?;
+            let mut pieces = Vec::new();
+            let mut at = 0usize;
+            while at < len {
+                let (i, dev_off, room) = self.locate(offset.0 + at as u64);
+                let n = room.min((len - at) as u64) as usize;
+                pieces.push((i, &self.legs[i].dev, Bytes(dev_off), n));
+                at += n;
+            }
+            copy_mapped_pieces(pieces, write, copy, |i, _, e| self.leg_err(i, e)).await
+        })
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        self.fixed(offset, buf, move |d, o, b| d.write_fixed(o, b, flags))
     }
     fn flush(&self) -> IoFuture<'_> {
         let futs: Vec<IoFuture<'_>> = self
