@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use iort::io_uring::{opcode, squeue, types};
 use tables::io::{check_range, write_zeroes_by_writing};
-use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags};
+use tables::{
+    BlockDevice, Bytes, FixedBuf, IoError, IoFuture, IoResult, Limits, Served, WriteFlags,
+};
 
 use crate::bounce::{AlignedBuf, RangeLocks};
 use crate::sys;
@@ -64,6 +66,20 @@ fn ram_async_min() -> usize {
 
 /// How often an `EINTR`/`EAGAIN` completion is retried before it is reported.
 const MAX_RETRIES: u32 = 16;
+
+/// Alignment the block layer guarantees for a request's memory (its default DMA alignment,
+/// 512 bytes, which ublk keeps): direct I/O into a registered request buffer works when the
+/// file needs no more than this.
+const REQUEST_MEM_ALIGN: usize = 512;
+
+/// `/dev/zero`, opened once: the source that zero-fills a registered buffer past the end of a
+/// file (the bytes are not in our address space, so they cannot be cleared in place).
+fn dev_zero() -> Option<RawFd> {
+    static ZERO: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    ZERO.get_or_init(|| std::fs::File::open("/dev/zero").ok().map(OwnedFd::from))
+        .as_ref()
+        .map(|f| f.as_raw_fd())
+}
 /// Alignment assumed for direct I/O on a file whose kernel does not report `STATX_DIOALIGN`:
 /// a multiple of every logical block size in use.
 const FALLBACK_DIO_ALIGN: u32 = 4096;
@@ -226,6 +242,52 @@ pub struct FileExtent {
     ram_backed: bool,
     /// Piece size and threshold for reads through `ram_parallel` (`usize::MAX`: never).
     ram_async_min: usize,
+    /// A file in RAM mapped whole, for `copy_mapped` (kernel-side copies only).
+    map: Option<Mapping>,
+}
+
+/// A shared mapping of a whole file in RAM. Its bytes are only ever handed to system calls
+/// (`copy_mapped`): if the file shrinks, those report `EFAULT`, where a load or store here
+/// would raise `SIGBUS`.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is only an address passed to system calls; nothing here dereferences
+// it, so sharing it between threads cannot race in this process.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` (best effort: `None` if the kernel refuses, and the extent
+    /// then copies through memory as before).
+    fn new(fd: RawFd, len: u64, read_only: bool) -> Option<Mapping> {
+        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+        let prot = if read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: a fresh shared mapping of our own descriptor; the kernel picks the address.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if p == libc::MAP_FAILED {
+            log::debug!(
+                "mapping a {len}-byte file in RAM: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(Mapping { ptr: p.cast(), len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl std::fmt::Debug for FileExtent {
@@ -398,6 +460,12 @@ impl FileExtent {
             }
         }
         let blk_unit = u64::from(lbs).max(off_align);
+        let ram_backed = kind == ExtentKind::File && sys::on_ram_fs(raw).unwrap_or(false);
+        let map = if ram_backed {
+            Mapping::new(raw, size, opts.read_only)
+        } else {
+            None
+        };
         Ok(FileExtent {
             name,
             path,
@@ -413,8 +481,9 @@ impl FileExtent {
             zero_method: AtomicU8::new(ZERO_BY_ZERO_RANGE),
             discard_method: AtomicU8::new(DISCARD_BY_URING),
             locks: RangeLocks::default(),
-            ram_backed: kind == ExtentKind::File && sys::on_ram_fs(raw).unwrap_or(false),
+            ram_backed,
             ram_async_min: ram_async_min(),
+            map,
         })
     }
 
@@ -636,6 +705,120 @@ impl FileExtent {
             }
         }
         Ok(done)
+    }
+
+    /// Whether a fixed-buffer transfer of `len` bytes at `off` can go to the kernel as is (no
+    /// bounce buffer: that would need the bytes in our memory).
+    fn fixed_ok(&self, off: u64, len: usize) -> bool {
+        // A file in RAM copies small requests inline with pread/pwrite (see `write_loop`);
+        // a fixed-buffer op cannot be done inline and would go to an io-wq worker.
+        if self.ram_backed {
+            // io_uring sends every tmpfs operation to an io-wq worker. Copying through the
+            // file's mapping (`copy_mapped`) beat that at every size in the VM benchmark
+            // (1M reads 1.34x, writes 1.36x; 4k 1.03-1.06x, Linux 7.3); without a mapping,
+            // requests of 64 KiB and more still gain from going fixed.
+            if self.map.is_some() || len < RAM_ASYNC_MIN {
+                return false;
+            }
+        }
+        !self.direct()
+            || (self.mem_align <= REQUEST_MEM_ALIGN
+                && off.is_multiple_of(self.off_align)
+                && (len as u64).is_multiple_of(self.off_align))
+    }
+
+    /// Moves `buf` to or from the file at `off` with fixed-buffer operations, as
+    /// `read_loop`/`write_loop` do with memory, one SQE per request: unlike reads into memory,
+    /// a large fixed-buffer request to a file in RAM measured faster whole than as parallel
+    /// async pieces (1M reads 1.23x, writes 1.47x in the VM benchmark, Linux 7.3). Returns the bytes done; a read stops early only
+    /// at the end of the file, a direct write only after a short write that left an unaligned
+    /// remainder.
+    async fn fixed_loop(
+        &self,
+        write: bool,
+        off: u64,
+        buf: FixedBuf,
+        rw_flags: i32,
+    ) -> IoResult<usize> {
+        let mut done = 0usize;
+        let mut retries = 0;
+        while done < buf.len {
+            let n = (buf.len - done).min(MAX_CHUNK);
+            let pos = off + done as u64;
+            let sqe = fixed_sqe(write, self.raw(), buf.slice(done, n), pos, rw_flags);
+            // SAFETY: the registered buffer belongs to a request this thread owns until it
+            // commits it, which is after this op completes (and the ring holds its own
+            // reference on a registered buffer while an op uses it); the fd lives with `self`.
+            let r = unsafe { iort::submit(sqe) }.await;
+            if r < 0 {
+                if (r == -libc::EINTR || r == -libc::EAGAIN) && retries < MAX_RETRIES {
+                    retries += 1;
+                    continue;
+                }
+                let what = if write { "write" } else { "read" };
+                return Err(self.os_err(what, pos, n as u64, -r));
+            }
+            if r == 0 {
+                if write {
+                    return Err(IoError::eio(format!(
+                        "{}: write at byte {pos} length {n}: the kernel wrote nothing",
+                        self.name
+                    )));
+                }
+                break;
+            }
+            done += r as usize;
+            if self.direct() && !(off + done as u64).is_multiple_of(self.off_align) {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    async fn do_read_fixed(&self, off: u64, buf: FixedBuf) -> IoResult<Served> {
+        if !self.fixed_ok(off, buf.len) {
+            return Ok(Served::NeedsMemory);
+        }
+        let n = self.fixed_loop(false, off, buf, 0).await?;
+        if n == buf.len {
+            return Ok(Served::Done);
+        }
+        match self.kind {
+            // Past the end of a file reads as zeroes (as `finish_short_read`).
+            ExtentKind::File => {
+                let Some(zero) = dev_zero() else {
+                    return Ok(Served::NeedsMemory);
+                };
+                let rest = buf.slice(n, buf.len - n);
+                let sqe = fixed_sqe(false, zero, rest, 0, 0);
+                // SAFETY: as in `fixed_loop`; /dev/zero stays open for the process.
+                let r = unsafe { iort::submit(sqe) }.await;
+                Ok(if r == rest.len as i32 {
+                    Served::Done
+                } else {
+                    Served::NeedsMemory
+                })
+            }
+            ExtentKind::BlockDevice { .. } => Err(IoError::eio(format!(
+                "{}: read at byte {off} length {}: device ended at byte {}",
+                self.name,
+                buf.len,
+                off + n as u64
+            ))),
+        }
+    }
+
+    async fn do_write_fixed(&self, off: u64, buf: FixedBuf, rw_flags: i32) -> IoResult<Served> {
+        if !self.fixed_ok(off, buf.len) {
+            return Ok(Served::NeedsMemory);
+        }
+        let n = self.fixed_loop(true, off, buf, rw_flags).await?;
+        // A direct write cut short at an unaligned point needs the bounce path: redone whole.
+        Ok(if n == buf.len {
+            Served::Done
+        } else {
+            Served::NeedsMemory
+        })
     }
 
     async fn do_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
@@ -910,6 +1093,58 @@ impl BlockDevice for FileExtent {
         })
     }
 
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        Box::pin(async move {
+            check_range(&self.name, self.size, offset, Bytes(buf.len as u64))?;
+            if buf.len == 0 {
+                return Ok(Served::Done);
+            }
+            self.do_read_fixed(offset.0, buf).await
+        })
+    }
+
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        Box::pin(async move {
+            self.check_write("write", offset, Bytes(buf.len as u64))?;
+            if buf.len == 0 {
+                return Ok(Served::Done);
+            }
+            let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
+            self.do_write_fixed(offset.0, buf, rw_flags).await
+        })
+    }
+
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: tables::MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        Box::pin(async move {
+            // Durability needs nothing more: the file is in RAM, so FUA is moot.
+            if write.is_some() {
+                self.check_write("write", offset, Bytes(len as u64))?;
+            } else {
+                check_range(&self.name, self.size, offset, Bytes(len as u64))?;
+            }
+            let Some(m) = &self.map else {
+                return Ok(Served::NeedsMemory);
+            };
+            let off = offset.0 as usize;
+            if off + len > m.len {
+                return Ok(Served::NeedsMemory);
+            }
+            // The address is only passed on to the kernel (see `MappedCopy`).
+            match copy(m.ptr.wrapping_add(off), 0, len) {
+                Ok(()) => Ok(Served::Done),
+                // The file shrank under its mapping: the plain path handles its end.
+                Err(e) if e.errno == libc::EFAULT => Ok(Served::NeedsMemory),
+                Err(e) => Err(e.context(format_args!("{} at byte {off}", self.name))),
+            }
+        })
+    }
+
     fn flush(&self) -> IoFuture<'_> {
         Box::pin(async move {
             if self.read_only {
@@ -961,6 +1196,21 @@ impl BlockDevice for FileExtent {
     }
 }
 
+/// One `READ_FIXED` or `WRITE_FIXED` of all of `buf` at file offset `pos` on `fd`.
+fn fixed_sqe(write: bool, fd: RawFd, buf: FixedBuf, pos: u64, rw_flags: i32) -> squeue::Entry {
+    let addr = buf.addr(0);
+    if write {
+        opcode::WriteFixed::new(types::Fd(fd), addr as *const u8, buf.len as u32, buf.index)
+            .offset(pos)
+            .rw_flags(rw_flags)
+            .build()
+    } else {
+        opcode::ReadFixed::new(types::Fd(fd), addr as *mut u8, buf.len as u32, buf.index)
+            .offset(pos)
+            .build()
+    }
+}
+
 /// A `pread`/`pwrite` return value in io_uring's convention (bytes, or a negative errno), so
 /// the inline and ring paths share their result handling. Chunks are at most `MAX_CHUNK`, so
 /// the byte count fits an `i32`.
@@ -977,12 +1227,161 @@ fn cqe_style(r: isize) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
     use std::process::Command;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    /// Fixed-buffer reads and writes (ublk zero copy) move the same bytes as plain ones, on
+    /// a disk file (direct I/O) and a file in RAM; what they cannot do inline they decline.
+    #[test]
+    fn fixed_buffer_io_matches_plain_io() {
+        for dir in ["/var/tmp", "/dev/shm"] {
+            let d = tempfile::tempdir_in(dir).unwrap();
+            let p = d.path().join("x");
+            std::fs::write(&p, pattern(1 << 20, 3)).unwrap();
+            let e = FileExtent::open(&p, OpenOptions::default()).unwrap();
+            let rt = iort::Runtime::new(64).unwrap();
+            let mut reg = AlignedBuf::zeroed(2 << 20, 4096).unwrap();
+            let base = reg.as_mut_ptr() as u64;
+            let iov = libc::iovec {
+                iov_base: reg.as_mut_ptr().cast(),
+                iov_len: reg.len(),
+            };
+            // SAFETY: `reg` outlives `rt` (declared before it is dropped below).
+            unsafe { rt.register_buffers(&[iov]) }.unwrap();
+            let fixed = |offset: u64, len: usize| FixedBuf {
+                index: 0,
+                base,
+                offset,
+                len,
+            };
+            let data = pattern(256 << 10, 9);
+            reg[4096..4096 + data.len()].copy_from_slice(&data);
+            rt.block_on(async {
+                let w = e.write_fixed(Bytes(64 << 10), fixed(4096, data.len()), WriteFlags::FUA);
+                assert_eq!(w.await.unwrap(), Served::Done, "{dir}");
+                let mut back = vec![0u8; data.len()];
+                e.read(Bytes(64 << 10), &mut back).await.unwrap();
+                assert!(back == data, "{dir}: fixed write differs");
+
+                let r = e.read_fixed(Bytes(0), fixed(1 << 20, 512 << 10));
+                assert_eq!(r.await.unwrap(), Served::Done, "{dir}");
+                let mut plain = vec![0u8; 512 << 10];
+                e.read(Bytes(0), &mut plain).await.unwrap();
+                assert!(reg[1 << 20..(1 << 20) + (512 << 10)] == plain[..], "{dir}");
+
+                // A 4 KiB request: inline pread/pwrite beats io-wq for a file in RAM.
+                let small = e.read_fixed(Bytes(8192), fixed(0, 4096)).await.unwrap();
+                let want = if dir == "/dev/shm" {
+                    Served::NeedsMemory
+                } else {
+                    Served::Done
+                };
+                assert_eq!(small, want, "{dir}");
+                if e.is_direct() {
+                    let odd = e.read_fixed(Bytes(100), fixed(0, 64 << 10)).await.unwrap();
+                    assert_eq!(odd, Served::NeedsMemory, "{dir}: unaligned direct");
+                }
+                // Past the end of a file that shrank: zeroes, as plain reads give.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(512 << 10)
+                    .unwrap();
+                reg[..256 << 10].fill(0xee);
+                let r = e.read_fixed(Bytes(384 << 10), fixed(0, 256 << 10));
+                assert_eq!(r.await.unwrap(), Served::Done, "{dir}");
+                e.read(Bytes(384 << 10), &mut plain[..256 << 10])
+                    .await
+                    .unwrap();
+                assert!(reg[..256 << 10] == plain[..256 << 10], "{dir}: tail");
+                assert!(reg[128 << 10..256 << 10].iter().all(|&b| b == 0), "{dir}");
+            });
+            drop(rt);
+            drop(reg);
+        }
+    }
+
+    /// A file in RAM hands its mapped bytes to a kernel copy; a file on disk declines; a
+    /// mapping past the end of a file that shrank reports EFAULT and is declined too.
+    #[test]
+    fn files_in_ram_copy_through_their_mapping() {
+        let d = tempfile::tempdir_in("/dev/shm").unwrap();
+        let p = d.path().join("x");
+        std::fs::write(&p, pattern(1 << 20, 5)).unwrap();
+        let e = FileExtent::open(&p, OpenOptions::default()).unwrap();
+        // The "request": a file on disk, copied to and from with pread/pwrite as the ublk
+        // front end does with /dev/ublkcN.
+        let r = tempfile::tempfile_in("/var/tmp").unwrap();
+        let rfd = r.as_raw_fd();
+        let to_req = move |ptr: *mut u8, at: usize, k: usize| -> IoResult<()> {
+            // SAFETY: the kernel reads the mapping (or reports EFAULT).
+            let n = unsafe { libc::pwrite(rfd, ptr.cast_const().cast(), k, at as i64) };
+            match n {
+                n if n == k as isize => Ok(()),
+                _ => Err(IoError::from(std::io::Error::last_os_error())),
+            }
+        };
+        let from_req = move |ptr: *mut u8, at: usize, k: usize| -> IoResult<()> {
+            // SAFETY: the kernel writes the mapping (or reports EFAULT).
+            let n = unsafe { libc::pread(rfd, ptr.cast(), k, at as i64) };
+            match n {
+                n if n == k as isize => Ok(()),
+                _ => Err(IoError::from(std::io::Error::last_os_error())),
+            }
+        };
+        iort::block_on(async {
+            let s = e
+                .copy_mapped(Bytes(8192), 12288, None, &to_req)
+                .await
+                .unwrap();
+            assert_eq!(s, Served::Done);
+            let mut got = vec![0u8; 12288];
+            assert_eq!(r.read_at(&mut got, 0).unwrap(), 12288);
+            assert!(got[..] == pattern(1 << 20, 5)[8192..8192 + 12288]);
+
+            let data = pattern(4096, 77);
+            r.write_at(&data, 100).unwrap();
+            let s = e
+                .copy_mapped(Bytes(65536), 4096, Some(WriteFlags::default()), &from_req)
+                .await
+                .unwrap();
+            assert_eq!(s, Served::Done);
+            let mut back = vec![0u8; 4096];
+            e.read(Bytes(65536), &mut back).await.unwrap();
+            // The mapping got the request's first 4096 bytes (`at` counts from 0).
+            let mut want = vec![0u8; 4096];
+            r.read_at(&mut want, 0).unwrap();
+            assert!(back == want);
+
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(256 << 10)
+                .unwrap();
+            let s = e
+                .copy_mapped(Bytes(512 << 10), 4096, None, &to_req)
+                .await
+                .unwrap();
+            assert_eq!(s, Served::NeedsMemory, "a page past the new end");
+        })
+        .unwrap();
+
+        let dd = tempfile::tempdir_in("/var/tmp").unwrap();
+        let q = dd.path().join("y");
+        std::fs::write(&q, pattern(1 << 20, 6)).unwrap();
+        let disk = FileExtent::open(&q, OpenOptions::default()).unwrap();
+        let s = iort::block_on(disk.copy_mapped(Bytes(0), 4096, None, &to_req))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s, Served::NeedsMemory);
     }
 
     #[test]
