@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tables::io::{
-    check_range, BlockDevice, DeviceRef, IoError, IoFuture, IoResult, Limits, WriteFlags,
+    all_done, check_range, BlockDevice, DeviceRef, Dst, FixedBuf, IoError, IoFuture, IoResult,
+    Limits, MappedCopy, MappedReq, Served, Src, WriteFlags,
 };
 use tables::{Bytes, Sectors};
 
@@ -511,17 +512,6 @@ fn background_loop(weak: Weak<Inner>) {
         };
         *g = false;
     }
-}
-
-/// Splits `buf` into consecutive pieces of the given lengths.
-fn split_mut<'a>(mut buf: &'a mut [u8], lens: &[usize]) -> Vec<&'a mut [u8]> {
-    let mut out = Vec::with_capacity(lens.len());
-    for &l in lens {
-        let (a, b) = std::mem::take(&mut buf).split_at_mut(l);
-        out.push(a);
-        buf = b;
-    }
-    out
 }
 
 /// One piece of a mirror request: `len` bytes at array `off`, stored at `copies`.
@@ -1142,7 +1132,7 @@ impl Inner {
         }
     }
 
-    async fn mirror_read_piece(&self, p: &MirrorPiece, buf: &mut [u8]) -> IoResult<()> {
+    async fn mirror_read_piece(&self, p: &MirrorPiece, mut buf: Dst<'_>) -> IoResult<Served> {
         let region = self.region_of(p.off);
         let last_region = self.region_of(p.off + p.len as u64 - 1);
         // In a region that still awaits resync the copies may differ: read the copy resync
@@ -1182,8 +1172,8 @@ impl Inner {
             };
             tried.push(pick.0);
             let dev = self.legs[pick.0].dev();
-            match dev.read(Bytes(pick.1), buf).await {
-                Ok(()) => return Ok(()),
+            match buf.read_from(&*dev, Bytes(pick.1)).await {
+                Ok(s) => return Ok(s),
                 Err(e) => {
                     self.fail_leg(pick.0, &e.context(format!("leg {} read", pick.0)))
                         .await
@@ -1192,51 +1182,72 @@ impl Inner {
         }
     }
 
-    async fn mirror_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
+    async fn mirror_read(&self, off: u64, buf: Dst<'_>) -> IoResult<Served> {
         let pieces = self.mirror_pieces(off, buf.len() as u64);
         let lens: Vec<usize> = pieces.iter().map(|p| p.len).collect();
-        let bufs = split_mut(buf, &lens);
+        let bufs = buf.split(&lens);
         let futs = pieces
             .iter()
             .zip(bufs)
             .map(|(p, b)| self.mirror_read_piece(p, b));
-        iort::try_join_all(futs.collect()).await.map(|_| ())
+        iort::try_join_all(futs.collect()).await.map(all_done)
     }
 
-    async fn mirror_write(&self, off: u64, buf: &[u8], flags: WriteFlags) -> IoResult<()> {
+    async fn mirror_write(
+        &self,
+        off: u64,
+        len: usize,
+        buf: Src<'_>,
+        flags: WriteFlags,
+    ) -> IoResult<Served> {
         let first = self.region_of(off);
-        let last = self.region_of(off + buf.len() as u64 - 1);
+        let last = self.region_of(off + len as u64 - 1);
         let keys: Vec<u64> = (first..=last).collect();
         let _locks = self.locks.lock_many(&keys, false).await;
         self.start_write(first, last).await?;
-        let r = self.mirror_write_locked(off, buf, flags).await;
+        let r = self.mirror_write_locked(off, len, buf, flags).await;
         self.end_write(first, last);
         r
     }
 
-    async fn mirror_write_locked(&self, off: u64, buf: &[u8], flags: WriteFlags) -> IoResult<()> {
-        let pieces = self.mirror_pieces(off, buf.len() as u64);
+    async fn mirror_write_locked(
+        &self,
+        off: u64,
+        len: usize,
+        buf: Src<'_>,
+        flags: WriteFlags,
+    ) -> IoResult<Served> {
+        let pieces = self.mirror_pieces(off, len as u64);
         let mut pos = 0usize;
         let mut jobs = Vec::new();
         for p in &pieces {
-            let data = &buf[pos..pos + p.len];
+            let data = buf.piece(pos, p.len);
             pos += p.len;
             for &(i, loff) in &p.copies {
                 if self.legs[i].state() == LegState::Failed {
                     continue;
                 }
                 let dev = self.legs[i].dev();
-                jobs.push(async move { (i, dev.write(Bytes(loff), data, flags).await) });
+                jobs.push(async move { (i, data.write_to(&*dev, Bytes(loff), flags).await) });
             }
         }
         let results = join_all(jobs).await;
+        let mut served = Served::Done;
         for (i, r) in &results {
-            if let Err(e) = r {
-                self.fail_leg(*i, &e.clone().context(format!("leg {i} write")))
-                    .await;
+            match r {
+                Err(e) => {
+                    self.fail_leg(*i, &e.clone().context(format!("leg {i} write")))
+                        .await
+                }
+                Ok(Served::NeedsMemory) => served = Served::NeedsMemory,
+                Ok(Served::Done) => {}
             }
         }
         self.ensure_failures_persisted().await?;
+        if served == Served::NeedsMemory {
+            // Some copy needs the bytes in memory: the caller redoes the whole write.
+            return Ok(served);
+        }
         // Every piece must have landed on at least one copy that is valid for it.
         for p in &pieces {
             let region = self.region_of(p.off);
@@ -1248,7 +1259,7 @@ impl Inner {
                 )));
             }
         }
-        Ok(())
+        Ok(Served::Done)
     }
 
     // ---------------------------------------------------------------- parity I/O
@@ -1286,7 +1297,7 @@ impl Inner {
             .collect()
     }
 
-    async fn parity_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
+    async fn parity_read(&self, off: u64, buf: Dst<'_>) -> IoResult<Served> {
         let (_, chunk) = self.parity_geo();
         let k = self.n() as u64 - 1;
         let width = chunk * k;
@@ -1306,22 +1317,22 @@ impl Inner {
             pos += l;
         }
         let lens: Vec<usize> = pieces.iter().map(|p| p.len).collect();
-        let bufs = split_mut(buf, &lens);
+        let bufs = buf.split(&lens);
         let futs = pieces
             .iter()
             .zip(bufs)
             .map(|(p, b)| self.parity_read_piece(p, b));
-        iort::try_join_all(futs.collect()).await.map(|_| ())
+        iort::try_join_all(futs.collect()).await.map(all_done)
     }
 
-    async fn parity_read_piece(&self, p: &ParityPiece, buf: &mut [u8]) -> IoResult<()> {
+    async fn parity_read_piece(&self, p: &ParityPiece, mut buf: Dst<'_>) -> IoResult<Served> {
         let (_, chunk) = self.parity_geo();
         let map = self.stripe_map(p.stripe);
         let leg = map.data[p.data_idx];
         let loff = p.stripe * chunk + p.in_chunk;
         if self.parity_readable(leg, p.stripe) {
-            match self.legs[leg].dev().read(Bytes(loff), buf).await {
-                Ok(()) => return Ok(()),
+            match buf.read_from(&*self.legs[leg].dev(), Bytes(loff)).await {
+                Ok(s) => return Ok(s),
                 Err(e) => {
                     self.fail_leg(leg, &e.context(format!("leg {leg} read")))
                         .await
@@ -1329,9 +1340,14 @@ impl Inner {
             }
         }
         // Degraded: rebuild the piece from the other legs under the stripe lock, so a write
-        // to the same stripe cannot change parity halfway through.
+        // to the same stripe cannot change parity halfway through. The XOR needs memory.
+        let Dst::Mem(buf) = buf else {
+            return Ok(Served::NeedsMemory);
+        };
         let _g = self.locks.lock(p.stripe, true).await;
-        self.reconstruct(p.stripe, leg, loff, buf).await
+        self.reconstruct(p.stripe, leg, loff, buf)
+            .await
+            .map(|()| Served::Done)
     }
 
     /// Rebuilds leg `missing`'s bytes at leg offset `loff` of `stripe` by XOR of every other
@@ -2161,6 +2177,49 @@ fn count_diff_sectors(a: &[u8], b: &[u8]) -> u64 {
         .count() as u64
 }
 
+impl RaidDevice {
+    /// A read into a registered buffer or a mapped copy (`read_fixed`, `copy_mapped`).
+    async fn read_direct(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
+        let inner = &self.inner;
+        check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
+        if buf.is_empty() {
+            return Ok(Served::Done);
+        }
+        let r = match inner.geo {
+            Geo::Mirror { .. } => inner.mirror_read(offset.0, buf).await,
+            Geo::Parity { .. } => inner.parity_read(offset.0, buf).await,
+        };
+        // A fallback is counted when the caller redoes the read.
+        if !matches!(r, Ok(Served::NeedsMemory)) {
+            inner.client_ios.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// A write from a registered buffer or a mapped copy: mirrors only, since parity is
+    /// computed from the bytes.
+    async fn write_direct(
+        &self,
+        offset: Bytes,
+        buf: Src<'_>,
+        flags: WriteFlags,
+    ) -> IoResult<Served> {
+        let inner = &self.inner;
+        check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
+        if buf.is_empty() {
+            return Ok(Served::Done);
+        }
+        let Geo::Mirror { .. } = inner.geo else {
+            return Ok(Served::NeedsMemory);
+        };
+        let r = inner.mirror_write(offset.0, buf.len(), buf, flags).await;
+        if !matches!(r, Ok(Served::NeedsMemory)) {
+            inner.client_ios.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 impl BlockDevice for RaidDevice {
     fn name(&self) -> String {
         self.inner.name.clone()
@@ -2180,9 +2239,10 @@ impl BlockDevice for RaidDevice {
             }
             inner.client_ios.fetch_add(1, Ordering::Relaxed);
             match inner.geo {
-                Geo::Mirror { .. } => inner.mirror_read(offset.0, buf).await,
-                Geo::Parity { .. } => inner.parity_read(offset.0, buf).await,
+                Geo::Mirror { .. } => inner.mirror_read(offset.0, Dst::Mem(buf)).await,
+                Geo::Parity { .. } => inner.parity_read(offset.0, Dst::Mem(buf)).await,
             }
+            .map(|_| ())
         })
     }
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
@@ -2194,10 +2254,32 @@ impl BlockDevice for RaidDevice {
             }
             inner.client_ios.fetch_add(1, Ordering::Relaxed);
             match inner.geo {
-                Geo::Mirror { .. } => inner.mirror_write(offset.0, buf, flags).await,
+                Geo::Mirror { .. } => inner
+                    .mirror_write(offset.0, buf.len(), Src::Mem(buf), flags)
+                    .await
+                    .map(|_| ()),
                 Geo::Parity { .. } => inner.parity_write(offset.0, buf, flags).await,
             }
         })
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        Box::pin(self.read_direct(offset, Dst::Fixed(buf)))
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        Box::pin(self.write_direct(offset, Src::Fixed(buf), flags))
+    }
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        let req = MappedReq { copy, at: 0, len };
+        match write {
+            Some(flags) => Box::pin(self.write_direct(offset, Src::Mapped(req), flags)),
+            None => Box::pin(self.read_direct(offset, Dst::Mapped(req))),
+        }
     }
     fn flush(&self) -> IoFuture<'_> {
         Box::pin(self.inner.flush_all())

@@ -1,6 +1,8 @@
 //! A window of a device starting at an offset: the `<dev> <offset>` legs of a `mirror` line.
 
-use tables::io::{check_range, BlockDevice, DeviceRef, IoFuture, Limits, WriteFlags};
+use tables::io::{
+    check_range, BlockDevice, DeviceRef, FixedBuf, IoFuture, Limits, Served, WriteFlags,
+};
 use tables::Bytes;
 
 /// `len` bytes of `dev` starting at `start`.
@@ -37,6 +39,18 @@ impl BlockDevice for OffsetDevice {
         Box::pin(async move {
             check_range(&self.name(), self.len, offset, Bytes(buf.len() as u64))?;
             self.dev.write(self.start + offset, buf, flags).await
+        })
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        Box::pin(async move {
+            check_range(&self.name(), self.len, offset, Bytes(buf.len as u64))?;
+            self.dev.read_fixed(self.start + offset, buf).await
+        })
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        Box::pin(async move {
+            check_range(&self.name(), self.len, offset, Bytes(buf.len as u64))?;
+            self.dev.write_fixed(self.start + offset, buf, flags).await
         })
     }
     fn flush(&self) -> IoFuture<'_> {
