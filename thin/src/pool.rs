@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use tables::io::{BlockDevice, IoFuture, Limits};
+use tables::io::{
+    all_done, BlockDevice, Dst, FixedBuf, IoFuture, Limits, MappedCopy, MappedReq, Served, Src,
+};
 use tables::{Bytes, DeviceRef, IoError, IoResult, Sectors, WriteFlags};
 
 use crate::error::{MetaError, MetaResult};
@@ -647,27 +649,34 @@ impl Pool {
         t: &ThinDevice,
         v: VBlock,
         off: usize,
-        buf: &mut [u8],
-    ) -> IoResult<()> {
+        mut buf: Dst<'_>,
+    ) -> IoResult<Served> {
         let _cell = self.cells.lock((t.id.0, v.0)).await;
         let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
-        match look {
-            Some(l) => {
-                let data = self.data_dev();
-                data.read(Bytes(self.block_off(l.block) + off as u64), buf)
-                    .await
-            }
-            None => match &t.origin {
-                Some(o) => Self::read_origin(o, v.0 * self.block_bytes + off as u64, buf).await,
-                None => {
-                    buf.fill(0);
-                    Ok(())
-                }
-            },
+        if let Some(l) = look {
+            let data = self.data_dev();
+            return buf
+                .read_from(&*data, Bytes(self.block_off(l.block) + off as u64))
+                .await;
         }
+        // Zeroes and the origin's short tail are filled in memory.
+        let Dst::Mem(buf) = buf else {
+            return Ok(Served::NeedsMemory);
+        };
+        match &t.origin {
+            Some(o) => Self::read_origin(o, v.0 * self.block_bytes + off as u64, buf).await?,
+            None => buf.fill(0),
+        }
+        Ok(Served::Done)
     }
 
-    async fn write_block(&self, t: &ThinDevice, v: VBlock, off: usize, src: &[u8]) -> IoResult<()> {
+    async fn write_block(
+        &self,
+        t: &ThinDevice,
+        v: VBlock,
+        off: usize,
+        src: Src<'_>,
+    ) -> IoResult<Served> {
         let _cell = self.cells.lock((t.id.0, v.0)).await;
         let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
         let data = self.data_dev();
@@ -677,28 +686,28 @@ impl Pool {
         }) = look
         {
             if lock(&self.failed).is_none() {
-                return data
-                    .write(
-                        Bytes(self.block_off(block) + off as u64),
-                        src,
-                        WriteFlags::default(),
-                    )
-                    .await;
+                let at = Bytes(self.block_off(block) + off as u64);
+                return src.write_to(&*data, at, WriteFlags::default()).await;
             }
+        }
+        let bs = self.block_bytes;
+        let whole = off == 0 && src.len() as u64 == bs;
+        let copies = !whole && (look.is_some() || t.origin.is_some());
+        if copies && !matches!(src, Src::Mem(_)) {
+            // Copy-on-write merges old bytes with the write's in memory.
+            return Ok(Served::NeedsMemory);
         }
         self.writable()?;
         let d = self.alloc_data().await?;
-        let bs = self.block_bytes;
         let res = async {
             let at = self.block_off(d);
-            if off == 0 && src.len() as u64 == bs {
-                return data.write(Bytes(at), src, WriteFlags::default()).await;
+            if whole {
+                return src.write_to(&*data, Bytes(at), WriteFlags::default()).await;
             }
-            if look.is_none() && t.origin.is_none() {
+            if !copies {
+                let body_at = Bytes(at + off as u64);
                 if self.options().skip_block_zeroing {
-                    return data
-                        .write(Bytes(at + off as u64), src, WriteFlags::default())
-                        .await;
+                    return src.write_to(&*data, body_at, WriteFlags::default()).await;
                 }
                 // A fresh block with nothing under it: the write as is, zeroes around it
                 // from a shared zero buffer, concurrently; no block-sized buffer to allocate,
@@ -706,12 +715,15 @@ impl Pool {
                 let (w0, w1) = (off as u64, (off + src.len()) as u64);
                 let (head, body, tail) = futures::future::join3(
                     zero_range(&data, at, w0),
-                    data.write(Bytes(at + w0), src, WriteFlags::default()),
+                    src.write_to(&*data, body_at, WriteFlags::default()),
                     zero_range(&data, at + w1, bs - w1),
                 )
                 .await;
-                return head.and(body).and(tail);
+                return head.and(tail).and(body);
             }
+            let Src::Mem(src) = src else {
+                return Ok(Served::NeedsMemory);
+            };
             // Build the new block chunk by chunk (blocks may be up to 1 GiB): each chunk is
             // the old shared block, the origin or zeroes, with the write laid over it.
             let (w0, w1) = (off as u64, (off + src.len()) as u64);
@@ -746,12 +758,20 @@ impl Pool {
                     .await?;
                 c0 = c1;
             }
-            Ok(())
+            Ok(Served::Done)
         }
         .await;
-        if let Err(e) = res {
-            self.meta().unreserve(d);
-            return Err(e);
+        match res {
+            Ok(Served::Done) => {}
+            // The caller redoes the write from memory; the block goes back unused.
+            Ok(Served::NeedsMemory) => {
+                self.meta().unreserve(d);
+                return Ok(Served::NeedsMemory);
+            }
+            Err(e) => {
+                self.meta().unreserve(d);
+                return Err(e);
+            }
         }
         let mut r = self.mutate(|m| m.map_insert(t.id, v, d));
         if matches!(&r, Err(e) if e.errno == libc::ENOSPC) && self.meta().meta_pending() > 0 {
@@ -765,7 +785,7 @@ impl Pool {
             return Err(e);
         }
         self.low_water_check();
-        Ok(())
+        Ok(Served::Done)
     }
 
     /// Unmaps the whole blocks of `[first, end)` of device `id`.
@@ -865,42 +885,42 @@ impl ThinDevice {
         out
     }
 
-    async fn do_write(&self, offset: Bytes, buf: &[u8], flags: WriteFlags) -> IoResult<()> {
+    async fn do_write(&self, offset: Bytes, buf: Src<'_>, flags: WriteFlags) -> IoResult<Served> {
         tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
         let _g = self.gate.shared().await;
         let pieces = self.pieces(offset.0, buf.len());
         let r = if let [(v, in_b, at, n)] = pieces[..] {
-            self.pool.write_block(self, v, in_b, &buf[at..at + n]).await
+            self.pool.write_block(self, v, in_b, buf.piece(at, n)).await
         } else {
             // Blocks of one request go to the data device concurrently (distinct cells).
             let futs: Vec<_> = pieces
                 .into_iter()
-                .map(|(v, in_b, at, n)| self.pool.write_block(self, v, in_b, &buf[at..at + n]))
+                .map(|(v, in_b, at, n)| self.pool.write_block(self, v, in_b, buf.piece(at, n)))
                 .collect();
-            iort::try_join_all(futs).await.map(|_| ())
+            iort::try_join_all(futs).await.map(all_done)
         };
-        r.map_err(|e| e.context(format!("{} at byte {}", self.name, offset.0)))?;
+        let served = r.map_err(|e| e.context(format!("{} at byte {}", self.name, offset.0)))?;
         drop(_g);
-        if flags.fua {
+        // A write redone from memory commits then.
+        if flags.fua && served == Served::Done {
             self.pool.commit().await?;
         }
-        Ok(())
+        Ok(served)
     }
 
-    async fn do_read(&self, offset: Bytes, buf: &mut [u8]) -> IoResult<()> {
+    async fn do_read(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
         tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
         let pieces = self.pieces(offset.0, buf.len());
         let r = if let [(v, in_b, _, _)] = pieces[..] {
             self.pool.read_block(self, v, in_b, buf).await
         } else {
-            let mut rest: &mut [u8] = buf;
-            let mut futs = Vec::new();
-            for (v, in_b, _, n) in pieces {
-                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n);
-                rest = tail;
-                futs.push(self.pool.read_block(self, v, in_b, piece));
-            }
-            iort::try_join_all(futs).await.map(|_| ())
+            let lens: Vec<usize> = pieces.iter().map(|p| p.3).collect();
+            let futs: Vec<_> = pieces
+                .into_iter()
+                .zip(buf.split(&lens))
+                .map(|((v, in_b, _, _), piece)| self.pool.read_block(self, v, in_b, piece))
+                .collect();
+            iort::try_join_all(futs).await.map(all_done)
         };
         r.map_err(|e| e.context(format!("{} at byte {}", self.name, offset.0)))
     }
@@ -979,10 +999,33 @@ impl BlockDevice for ThinDevice {
         }
     }
     fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
-        Box::pin(self.do_read(offset, buf))
+        Box::pin(async move { self.do_read(offset, Dst::Mem(buf)).await.map(|_| ()) })
     }
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
-        Box::pin(self.do_write(offset, buf, flags))
+        Box::pin(async move {
+            self.do_write(offset, Src::Mem(buf), flags)
+                .await
+                .map(|_| ())
+        })
+    }
+    fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
+        Box::pin(self.do_read(offset, Dst::Fixed(buf)))
+    }
+    fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
+        Box::pin(self.do_write(offset, Src::Fixed(buf), flags))
+    }
+    fn copy_mapped<'a>(
+        &'a self,
+        offset: Bytes,
+        len: usize,
+        write: Option<WriteFlags>,
+        copy: MappedCopy<'a>,
+    ) -> IoFuture<'a, Served> {
+        let req = MappedReq { copy, at: 0, len };
+        match write {
+            Some(flags) => Box::pin(self.do_write(offset, Src::Mapped(req), flags)),
+            None => Box::pin(self.do_read(offset, Dst::Mapped(req))),
+        }
     }
     fn flush(&self) -> IoFuture<'_> {
         Box::pin(self.pool.commit())
