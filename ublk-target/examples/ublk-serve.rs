@@ -131,6 +131,15 @@ fn main() {
             std::process::exit(1)
         }
     };
+    eprintln!(
+        "ublk-serve: {}: data path: {}",
+        server.bdev_path(),
+        if server.zero_copy() {
+            "zero copy"
+        } else {
+            "copy"
+        }
+    );
     println!("{}", server.bdev_path());
     let _ = std::io::stdout().flush();
 

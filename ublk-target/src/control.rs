@@ -97,6 +97,10 @@ pub struct DeviceInfo {
     pub write_bytes: u64,
     /// Failed requests.
     pub errors: u64,
+    /// How request data moves: `zero-copy` (ublk with `UBLK_F_AUTO_BUF_REG`), `copy` (ublk,
+    /// the driver copies), `nbd`; empty while the device has no front end.
+    #[serde(default)]
+    pub data_path: String,
 }
 
 /// A reply.

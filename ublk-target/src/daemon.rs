@@ -401,6 +401,11 @@ impl Daemon {
             read_bytes: ld(&st.read_bytes),
             write_bytes: ld(&st.write_bytes),
             errors: ld(&st.errors),
+            data_path: d
+                .front
+                .as_ref()
+                .map(|f| f.data_path().to_string())
+                .unwrap_or_default(),
         }
     }
 

@@ -112,6 +112,15 @@ impl Frontend {
         }
     }
 
+    /// How request data moves: `zero-copy`, `copy` (ublk) or `nbd`.
+    pub fn data_path(&self) -> &'static str {
+        match &self.inner {
+            Inner::Ublk(s) if s.zero_copy() => "zero-copy",
+            Inner::Ublk(_) => "copy",
+            Inner::Nbd(_) => "nbd",
+        }
+    }
+
     /// Why the device should not be removed now (mounted, open, clients connected), if so.
     pub fn busy(&self) -> Option<String> {
         match &self.inner {

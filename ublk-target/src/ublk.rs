@@ -35,7 +35,7 @@ use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
-use tables::io::{BlockDevice, DeviceRef, IoError, WriteFlags};
+use tables::io::{BlockDevice, DeviceRef, FixedBuf, IoError, Served, WriteFlags};
 use tables::Bytes;
 
 use crate::ublk_params::{self, ParamError};
@@ -82,6 +82,14 @@ pub struct UblkOptions {
     /// most this much CPU after the last request; 4k random I/O gained 13-18% at 50 us in
     /// the VM benchmark. `VOLMGR_UBLK_SPIN_US` in the environment overrides it.
     pub poll_us: u32,
+    /// Serve without copying request data where the kernel can (`UBLK_F_AUTO_BUF_REG`,
+    /// Linux 6.16+): the driver lends each request's pages to the queue's io_uring, and
+    /// tables whose every layer ends in file extents read and write them there directly
+    /// (`READ_FIXED`/`WRITE_FIXED`). Anything that needs the bytes in memory (parity, thin
+    /// zeroing, NBD, small requests to files in RAM) copies them in or out itself through
+    /// `/dev/ublkcN` (`UBLK_F_USER_COPY`). Ignored where the driver lacks the feature;
+    /// `VOLMGR_UBLK_ZERO_COPY=0|1` in the environment overrides it.
+    pub zero_copy: bool,
 }
 
 impl Default for UblkOptions {
@@ -96,6 +104,7 @@ impl Default for UblkOptions {
             pin_queues: false,
             prefault_buffers: true,
             poll_us: 50,
+            zero_copy: true,
         }
     }
 }
@@ -179,6 +188,9 @@ impl UblkServer {
         if opts.user_recovery {
             ctrl_flags |= u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
         }
+        if want_zero_copy(opts) && Self::can_zero_copy() {
+            ctrl_flags |= ZERO_COPY_FLAGS;
+        }
         let ctrl = UblkCtrlBuilder::default()
             .name("volmgr")
             .id(id)
@@ -261,13 +273,14 @@ impl UblkServer {
             .nr_queues(info.nr_hw_queues)
             .depth(info.queue_depth)
             .io_buf_bytes(info.max_io_buf_bytes)
+            // The device keeps the data path it was created with.
             .ctrl_flags(
                 info.flags
-                    & u64::from(
+                    & (u64::from(
                         sys::UBLK_F_USER_RECOVERY
                             | sys::UBLK_F_USER_RECOVERY_REISSUE
                             | sys::UBLK_F_USER_RECOVERY_FAIL_IO,
-                    ),
+                    ) | ZERO_COPY_FLAGS),
             )
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
@@ -384,6 +397,23 @@ impl UblkServer {
         *V.get_or_init(|| {
             UblkCtrl::get_features().is_some_and(|f| f & u64::from(sys::UBLK_F_UPDATE_SIZE) != 0)
         })
+    }
+
+    /// Whether the loaded ublk driver can lend request pages to the server's ring
+    /// (`UBLK_F_AUTO_BUF_REG`, Linux 6.16+) and let it copy the rest itself
+    /// (`UBLK_F_USER_COPY`); asked once per process.
+    pub fn can_zero_copy() -> bool {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| {
+            UblkCtrl::get_features().is_some_and(|f| f & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS)
+        })
+    }
+
+    /// Whether this device was created with the zero-copy data path.
+    pub fn zero_copy(&self) -> bool {
+        self.ctrl
+            .as_ref()
+            .is_some_and(|c| c.dev_info().flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS)
     }
 
     /// Tells the kernel the device's new size (after a table reload that grew it). Needs
@@ -520,6 +550,18 @@ impl UblkServer {
             }
             Some(e) => Err(e),
         }
+    }
+}
+
+/// The creation flags of the zero-copy data path ([`UblkOptions::zero_copy`]).
+const ZERO_COPY_FLAGS: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
+
+/// [`UblkOptions::zero_copy`], unless `VOLMGR_UBLK_ZERO_COPY` says otherwise.
+fn want_zero_copy(opts: &UblkOptions) -> bool {
+    match std::env::var("VOLMGR_UBLK_ZERO_COPY").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => opts.zero_copy,
     }
 }
 
@@ -759,13 +801,18 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: QueueSetup) {
     };
     iort::set_backend(Some(Rc::new(QueueRingBackend)));
     let buf_bytes = udev.dev_info.max_io_buf_bytes as usize;
+    // The device's own flags decide (a recovered device keeps the path it was created with).
+    let zc = (udev.dev_info.flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS).then(|| ZeroCopy {
+        cdev: udev.tgt.fds[0],
+        qid,
+    });
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
     for tag in q.tags() {
         let q = q.clone();
         let dev = dev.clone();
         tasks.push(exe.spawn(async move {
-            match tag_task(&q, tag, &*dev, buf_bytes, setup.prefault).await {
+            match tag_task(&q, tag, &*dev, buf_bytes, setup.prefault, zc).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => log::error!(
                     "{}: ublk queue {qid} tag {tag} failed: {}",
@@ -854,6 +901,115 @@ async fn event_loop(
     run_uring_tasks(poll_uring, reap, run_ops, done).await
 }
 
+/// A zero-copy queue's way to the request data: the request's pages are registered in the
+/// queue ring's buffer table at the tag's index, and `/dev/ublkcN` reads and writes them for
+/// the fallback copy.
+#[derive(Clone, Copy)]
+struct ZeroCopy {
+    cdev: std::os::fd::RawFd,
+    qid: u16,
+}
+
+/// The request of one tag on a zero-copy queue.
+#[derive(Clone, Copy)]
+struct ZcRequest {
+    zc: ZeroCopy,
+    tag: u16,
+}
+
+impl ZcRequest {
+    /// The request's pages as a registered buffer (the kernel registers it at index `tag`,
+    /// addressed from 0).
+    fn fixed(self, len: usize) -> FixedBuf {
+        FixedBuf {
+            index: self.tag,
+            base: 0,
+            offset: 0,
+            len,
+        }
+    }
+
+    /// Copies between `buf` and the request's pages through `/dev/ublkcN` (`to_request`:
+    /// a read's data going out; otherwise a write's data coming in). Inline: these are the
+    /// requests a target needs in memory, and the copy costs what the driver's own would.
+    fn copy(self, buf: &mut [u8], to_request: bool) -> Result<(), IoError> {
+        self.copy_raw(buf.as_mut_ptr(), 0, buf.len(), to_request)
+    }
+
+    /// Copies `len` bytes between `ptr` and the request from byte `at` on, with pread/pwrite
+    /// on `/dev/ublkcN`. `ptr` is only handed to the kernel: it may be a mapping whose pages
+    /// are gone (then the error is `EFAULT`).
+    fn copy_raw(
+        self,
+        ptr: *mut u8,
+        at: usize,
+        len: usize,
+        to_request: bool,
+    ) -> Result<(), IoError> {
+        let mut done = 0usize;
+        while done < len {
+            let pos = libublk::io::UblkIOCtx::ublk_user_copy_pos(
+                self.zc.qid,
+                self.tag,
+                (at + done) as u32,
+            );
+            let p = ptr.wrapping_add(done);
+            // SAFETY: pread/pwrite between caller-provided memory (live, or a mapping the
+            // kernel checks) and the driver's descriptor, which lives as long as the queue.
+            let r = unsafe {
+                if to_request {
+                    libc::pwrite(self.zc.cdev, p.cast_const().cast(), len - done, pos as i64)
+                } else {
+                    libc::pread(self.zc.cdev, p.cast(), len - done, pos as i64)
+                }
+            };
+            if r <= 0 {
+                let e = if r == 0 {
+                    std::io::Error::from_raw_os_error(libc::EIO)
+                } else {
+                    std::io::Error::last_os_error()
+                };
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(IoError::new(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!(
+                        "copying {len} bytes {} the request at byte {at} through /dev/ublkc: {e}",
+                        if to_request { "into" } else { "out of" }
+                    ),
+                ));
+            }
+            done += r as usize;
+        }
+        Ok(())
+    }
+
+    /// Moves the request's `n` bytes between the device and the request's pages without a
+    /// buffer of ours: a fixed-buffer operation, or a single copy to or from a file in RAM.
+    async fn direct(
+        self,
+        dev: &dyn BlockDevice,
+        off: u64,
+        n: usize,
+        write: bool,
+        flags: WriteFlags,
+    ) -> Result<Served, IoError> {
+        let fixed = if write {
+            dev.write_fixed(Bytes(off), self.fixed(n), flags).await?
+        } else {
+            dev.read_fixed(Bytes(off), self.fixed(n)).await?
+        };
+        if fixed == Served::Done {
+            return Ok(fixed);
+        }
+        // A write's bytes go from the request into the mapping, a read's the other way.
+        let copy = move |p: *mut u8, at: usize, k: usize| self.copy_raw(p, at, k, !write);
+        dev.copy_mapped(Bytes(off), n, write.then_some(flags), &copy)
+            .await
+    }
+}
+
 /// One tag: fetch a request, serve it from the tag's buffer, commit the result, repeat until
 /// the queue goes down.
 async fn tag_task(
@@ -862,25 +1018,49 @@ async fn tag_task(
     dev: &dyn BlockDevice,
     buf_bytes: usize,
     prefault: bool,
+    zc: Option<ZeroCopy>,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(buf_bytes);
     if prefault {
         populate(buf.as_mut_slice());
     }
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+    let Some(zc) = zc else {
+        q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+            .await?;
+        loop {
+            let iod = *q.get_iod(tag);
+            let res = serve(dev, &iod, buf.as_mut_slice(), None).await;
+            q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+                .await?;
+        }
+    };
+    // The driver registers each request's pages at index `tag` before handing it over, and
+    // unregisters them at the commit.
+    let reg = sys::ublk_auto_buf_reg {
+        index: tag,
+        ..Default::default()
+    };
+    let req = ZcRequest { zc, tag };
+    q.submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None)
         .await?;
     loop {
         let iod = *q.get_iod(tag);
-        let res = serve(dev, &iod, buf.as_mut_slice()).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+        let res = serve(dev, &iod, buf.as_mut_slice(), Some(req)).await;
+        q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res)
             .await?;
     }
 }
 
 /// Serves one request: the ublk result (bytes for reads and writes, 0 otherwise, or a
-/// negative errno). A target error or panic fails only this request.
-async fn serve(dev: &dyn BlockDevice, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
-    match AssertUnwindSafe(execute(dev, iod, buf))
+/// negative errno). A target error or panic fails only this request. `buf` holds the data
+/// (copy mode) or is scratch for the fallback (zero-copy mode, `zc` set).
+async fn serve(
+    dev: &dyn BlockDevice,
+    iod: &sys::ublksrv_io_desc,
+    buf: &mut [u8],
+    zc: Option<ZcRequest>,
+) -> i32 {
+    match AssertUnwindSafe(execute(dev, iod, buf, zc))
         .catch_unwind()
         .await
     {
@@ -911,6 +1091,7 @@ async fn execute(
     dev: &dyn BlockDevice,
     iod: &sys::ublksrv_io_desc,
     buf: &mut [u8],
+    zc: Option<ZcRequest>,
 ) -> Result<i32, IoError> {
     let op = iod.op_flags & 0xff;
     if op == sys::UBLK_IO_OP_FLUSH {
@@ -942,11 +1123,27 @@ async fn execute(
     match op {
         sys::UBLK_IO_OP_READ => {
             let n = data_len()?;
+            if let Some(z) = zc {
+                if z.direct(dev, off, n, false, flags).await? == Served::Done {
+                    return Ok(n as i32);
+                }
+            }
             dev.read(Bytes(off), &mut buf[..n]).await?;
+            if let Some(z) = zc {
+                z.copy(&mut buf[..n], true)
+                    .map_err(|e| e.context(format_args!("read at byte {off}")))?;
+            }
             Ok(n as i32)
         }
         sys::UBLK_IO_OP_WRITE => {
             let n = data_len()?;
+            if let Some(z) = zc {
+                if z.direct(dev, off, n, true, flags).await? == Served::Done {
+                    return Ok(n as i32);
+                }
+                z.copy(&mut buf[..n], false)
+                    .map_err(|e| e.context(format_args!("write at byte {off}")))?;
+            }
             dev.write(Bytes(off), &buf[..n], flags).await?;
             Ok(n as i32)
         }
@@ -991,27 +1188,33 @@ mod tests {
         iort::block_on(async {
             buf[..4096].fill(7);
             let w = iod(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 8, 8);
-            assert_eq!(serve(&dev, &w, &mut buf).await, 4096);
+            assert_eq!(serve(&dev, &w, &mut buf, None).await, 4096);
             buf.fill(0);
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf).await,
+                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf, None).await,
                 4096
             );
             assert!(buf[..4096].iter().all(|&b| b == 7));
             // The kernel's flushes carry sector -1.
             let f = iod(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0);
-            assert_eq!(serve(&dev, &f, &mut buf).await, 0);
+            assert_eq!(serve(&dev, &f, &mut buf, None).await, 0);
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_WRITE_ZEROES, 8, 8), &mut buf).await,
+                serve(
+                    &dev,
+                    &iod(sys::UBLK_IO_OP_WRITE_ZEROES, 8, 8),
+                    &mut buf,
+                    None
+                )
+                .await,
                 0
             );
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf).await,
+                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf, None).await,
                 4096
             );
             assert!(buf[..4096].iter().all(|&b| b == 0));
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_DISCARD, 0, 16), &mut buf).await,
+                serve(&dev, &iod(sys::UBLK_IO_OP_DISCARD, 0, 16), &mut buf, None).await,
                 0
             );
         })
@@ -1024,13 +1227,19 @@ mod tests {
         let mut buf = vec![0u8; 8192];
         iort::block_on(async {
             // Past the end: the device's ENOSPC.
-            let r = serve(&dev, &iod(sys::UBLK_IO_OP_READ, 2048, 8), &mut buf).await;
+            let r = serve(&dev, &iod(sys::UBLK_IO_OP_READ, 2048, 8), &mut buf, None).await;
             assert_eq!(r, -libc::ENOSPC);
             // Larger than the tag buffer.
-            let r = serve(&dev, &iod(sys::UBLK_IO_OP_READ, 0, 64), &mut buf).await;
+            let r = serve(&dev, &iod(sys::UBLK_IO_OP_READ, 0, 64), &mut buf, None).await;
             assert_eq!(r, -libc::EINVAL);
             // Unknown operation.
-            let r = serve(&dev, &iod(sys::UBLK_IO_OP_ZONE_APPEND, 0, 8), &mut buf).await;
+            let r = serve(
+                &dev,
+                &iod(sys::UBLK_IO_OP_ZONE_APPEND, 0, 8),
+                &mut buf,
+                None,
+            )
+            .await;
             assert_eq!(r, -libc::EOPNOTSUPP);
         })
         .unwrap();
@@ -1065,8 +1274,13 @@ mod tests {
     #[test]
     fn a_panicking_target_fails_the_request() {
         let mut buf = vec![0u8; 4096];
-        let r =
-            iort::block_on(serve(&Panicky, &iod(sys::UBLK_IO_OP_READ, 0, 8), &mut buf)).unwrap();
+        let r = iort::block_on(serve(
+            &Panicky,
+            &iod(sys::UBLK_IO_OP_READ, 0, 8),
+            &mut buf,
+            None,
+        ))
+        .unwrap();
         assert_eq!(r, -libc::EIO);
     }
 

@@ -387,12 +387,12 @@ fn print_devices(devs: &[DeviceInfo], json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6}",
+        "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6} Data",
         "Name", "Device", "Size", "State", "Targets", "Read", "Written", "Errors"
     );
     for d in devs {
         println!(
-            "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6}",
+            "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6} {}",
             d.name,
             d.path,
             tables::units::human(tables::Bytes(d.size)),
@@ -400,7 +400,8 @@ fn print_devices(devs: &[DeviceInfo], json: bool) -> Result<()> {
             d.targets,
             tables::units::human(tables::Bytes(d.read_bytes)),
             tables::units::human(tables::Bytes(d.write_bytes)),
-            d.errors
+            d.errors,
+            d.data_path
         );
     }
     Ok(())
