@@ -55,6 +55,9 @@ echo "$J" | jq -c '.[] | {name, path, size, state, targets}' | sed 's/^/  | /'
 expect_eq dmn-list-json \
   "$(echo "$J" | jq -r '[.[] | "\(.name)=\(.path)=\(.size)=\(.targets)=\(.state)"] | join(" ")')" \
   "lin=$LIN=67108864=linear=active str=$STR=150994944=striped=active"
+# Zero copy where the driver has UBLK_F_AUTO_BUF_REG (Linux 6.16+), the driver's copy before.
+want_path=copy; kernel_at_least 6 16 && want_path=zero-copy
+expect_eq dmn-data-path "$(echo "$J" | jq -r '[.[].data_path] | unique | join(",")')" "$want_path"
 expect_eq dmn-striped-size "$(blockdev --getsz "$STR" 2>&1)" 294912
 expect_eq dmn-table-roundtrip "$(vm table str)" "$(cat $W/str.t)"
 

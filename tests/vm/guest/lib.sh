@@ -19,6 +19,12 @@ expect_eq() {
   if [ "$2" = "$3" ]; then ok "$1"; else fail "$1" "got '$2', want '$3'"; fi
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# kernel_at_least MAJOR MINOR: whether the running kernel is at least MAJOR.MINOR.
+kernel_at_least() {
+  local v; v=$(uname -r)
+  local ma=${v%%.*} rest=${v#*.}; local mi=${rest%%[!0-9]*}
+  [ "$ma" -gt "$1" ] || { [ "$ma" -eq "$1" ] && [ "$mi" -ge "$2" ]; }
+}
 step() { echo "----- $* (uptime $(uptime_s)s)"; }
 # wait_for PATH-TEST SECONDS: waits until `test $1` holds.
 wait_for() {

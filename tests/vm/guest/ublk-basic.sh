@@ -49,6 +49,9 @@ if start_server $IMG --queues 2; then ok start; else
 echo "  device $DEV, server pid $SPID"
 sed 's/^/  serve: /' /tmp/serve.err
 [ -b "$DEV" ] && ok bdev-node || fail bdev-node "$DEV is not a block device"
+# Zero copy (UBLK_F_AUTO_BUF_REG) from Linux 6.16; the server falls back to copying before.
+want_path=copy; kernel_at_least 6 16 && want_path="zero copy"
+expect_eq data-path "$(sed -n 's/.*data path: //p' /tmp/serve.err | head -n1)" "$want_path"
 expect_eq device-size "$(blockdev --getsize64 $DEV)" $SIZE
 Q=/sys/block/$(basename $DEV)/queue
 for f in logical_block_size physical_block_size minimum_io_size optimal_io_size max_sectors_kb \
