@@ -67,6 +67,8 @@ impl FileResolver {
         let id = file_id(&canon)?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ext) = cache.get(&id).and_then(Weak::upgrade) {
+            // A reload after the file or device grew must see its new size.
+            ext.refresh_size()?;
             return Ok(ext);
         }
         let ext = Arc::new(FileExtent::open(&canon, self.opts)?);

@@ -390,3 +390,90 @@ fn ten_thin_clones_of_one_image_share_it() {
     let mut env = env;
     env.stop_daemon();
 }
+
+/// The pool's data and metadata totals (blocks) from its status line.
+fn totals(env: &Env) -> (u64, u64) {
+    let st = env.vm(&["dev", "status", "pool"]);
+    let f: Vec<&str> = st.split_whitespace().collect();
+    let total = |i: usize| -> u64 {
+        f.get(i)
+            .and_then(|x| x.split('/').nth(1))
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("bad pool status: {st}"))
+    };
+    (total(5), total(4))
+}
+
+/// `volmgr pool resize` grows a live pool's data and metadata files; the pool takes the space
+/// at once (a volume fills past the old capacity), data written before reads back, and a
+/// shrink is refused with the device named.
+#[test]
+fn pool_resize_grows_a_live_pool() {
+    require_root();
+    require_tools(&["qemu-io"]);
+    let env = Env::new();
+    let meta = env.p().join("meta.img");
+    let data = env.p().join("data.img");
+    sparse_file(&meta, 4 << 20).unwrap();
+    sparse_file(&data, 16 << 20).unwrap();
+    env.create(
+        "pool",
+        &format!(
+            "0 32768 thin-pool {} {} 128 0 1 error_if_no_space\n",
+            meta.display(),
+            data.display()
+        ),
+    );
+    env.vm(&["dev", "message", "pool", "create_thin", "0"]);
+    let port = env.create("vol", "0 131072 thin /dev/volmgr/pool 0\n");
+    let uri = format!("nbd://127.0.0.1:{port}/vol");
+    let qemu_io = |cmd: &str| {
+        let o = run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(&uri))
+        .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let (data0, meta0) = totals(&env);
+    assert_eq!(data0, 256, "16 MiB of 64 KiB blocks");
+
+    // 16 MiB fits; the pool is then full and the next block fails (error_if_no_space).
+    let out = qemu_io("write -P 0xa1 0 16M");
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    let out = qemu_io("write -P 0xa2 16M 1M");
+    assert!(
+        out.contains("error") || out.contains("failed"),
+        "a full pool took more: {out}"
+    );
+
+    let out = env.vm(&[
+        "pool",
+        "resize",
+        "pool",
+        "--data-size",
+        "32M",
+        "--metadata-size",
+        "8M",
+    ]);
+    assert!(
+        out.contains("data device") && out.contains("metadata device"),
+        "resize said: {out}"
+    );
+    let (data1, meta1) = totals(&env);
+    assert_eq!(data1, 512, "data total after growing to 32 MiB");
+    assert!(meta1 > meta0, "metadata total {meta0} -> {meta1}");
+
+    let out = qemu_io("write -P 0xa2 16M 12M");
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    let out = qemu_io("read -P 0xa1 0 16M");
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    let out = qemu_io("read -P 0xa2 16M 12M");
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+
+    let e = env.d.err(&["pool", "resize", "pool", "--data-size", "8M"]);
+    assert!(
+        e.contains("cannot shrink") && e.contains("data.img"),
+        "shrink refused with the device named: {e}"
+    );
+    assert_eq!(totals(&env).0, 512);
+}

@@ -75,6 +75,21 @@ enum PoolCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Grow a live pool: its data and/or metadata device (a file is extended here; a block
+    /// device must have been grown first, with lvextend or the like), then its table is
+    /// reloaded so the pool takes the new space. Shrinking is refused.
+    Resize {
+        /// The pool's device name in the daemon.
+        name: String,
+        /// New data device size (`512M`, `2G`, ...).
+        #[arg(long)]
+        data_size: Option<String>,
+        /// New metadata device size.
+        #[arg(long)]
+        metadata_size: Option<String>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
     /// Rebuild what can be found in damaged metadata into a new metadata device.
     Repair {
         /// Damaged metadata (read only).
@@ -499,8 +514,120 @@ fn block<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T> {
     iort::block_on(f).with_context(|| format!("{what}: starting the I/O runtime"))
 }
 
+/// Grows one of a pool's devices to `want` bytes: extends a regular file, checks that a
+/// block device is already that large. Returns the size before.
+fn grow_pool_device(pool: &str, what: &str, dev: &str, want: u64) -> Result<u64> {
+    let path = extents::FileResolver::locate(dev)
+        .map_err(|e| anyhow::anyhow!("pool {pool}: {what} device {dev}: {e}"))?;
+    let md = std::fs::metadata(&path)
+        .with_context(|| format!("pool {pool}: {what} device {}", path.display()))?;
+    let human = |b: u64| tables::units::human(tables::Bytes(b));
+    if md.is_file() {
+        let cur = md.len();
+        if want < cur {
+            bail!(
+                "pool {pool}: {what} device {} is {} and cannot shrink to {}",
+                path.display(),
+                human(cur),
+                human(want)
+            );
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(want))
+            .with_context(|| format!("pool {pool}: extending {}", path.display()))?;
+        return Ok(cur);
+    }
+    // A block device: its size is what it is; say how to grow it.
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("pool {pool}: opening {}", path.display()))?;
+    let cur = std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0))
+        .with_context(|| format!("pool {pool}: size of {}", path.display()))?;
+    if cur < want {
+        bail!(
+            "pool {pool}: {what} device {} is a block device of {}: grow it to {} first \
+             (lvextend, or the storage it comes from), then run this again",
+            path.display(),
+            human(cur),
+            human(want)
+        );
+    }
+    Ok(cur)
+}
+
+fn pool_resize(
+    name: &str,
+    data_size: Option<String>,
+    metadata_size: Option<String>,
+    sd: &StateDir,
+) -> Result<()> {
+    if data_size.is_none() && metadata_size.is_none() {
+        bail!("pool resize {name}: give --data-size and/or --metadata-size");
+    }
+    let size = |s: &str| -> Result<u64> {
+        tables::units::parse_size(s)
+            .map(|b| b.0)
+            .map_err(|e| anyhow::anyhow!("'{s}': {e}"))
+    };
+    let text = expect_text(call(sd, Request::Table { name: name.into() })?)?;
+    let table = Table::parse(&text, &volmgr::registry())
+        .map_err(|e| anyhow::anyhow!("{name}: its table does not parse: {e}"))?;
+    // The table is reloaded as it is: the pool finds its grown devices when the reload opens
+    // them. Its length stays, so the pool device's own size does not change (its thin
+    // volumes carry the I/O), and a kernel without ublk UPDATE_SIZE does not refuse it.
+    let [seg] = &table.segments[..] else {
+        bail!(
+            "{name}: not a pool (its table has {} lines)",
+            table.segments.len()
+        );
+    };
+    if seg.target != "thin-pool" || seg.args.len() < 2 {
+        bail!("{name}: not a pool (its table is a {} line)", seg.target);
+    }
+    let (meta, data) = (seg.args[0].clone(), seg.args[1].clone());
+    let human = |b: u64| tables::units::human(tables::Bytes(b));
+    if let Some(s) = &metadata_size {
+        let want = size(s)?;
+        let before = grow_pool_device(name, "metadata", &meta, want)?;
+        println!(
+            "{name}: metadata device {meta}: {} -> {}",
+            human(before),
+            human(want)
+        );
+    }
+    if let Some(s) = &data_size {
+        let want = size(s)?;
+        let before = grow_pool_device(name, "data", &data, want)?;
+        println!(
+            "{name}: data device {data}: {} -> {}",
+            human(before),
+            human(want)
+        );
+    }
+    let r = call(
+        sd,
+        Request::Reload {
+            name: name.into(),
+            table: table.to_string(),
+        },
+    )?;
+    println!("{}", expect_text(r)?);
+    println!(
+        "{}",
+        expect_text(call(sd, Request::Status { name: name.into() })?)?
+    );
+    Ok(())
+}
+
 fn pool(cmd: PoolCmd) -> Result<()> {
     match cmd {
+        PoolCmd::Resize {
+            name,
+            data_size,
+            metadata_size,
+            sd,
+        } => pool_resize(&name, data_size, metadata_size, &sd)?,
         PoolCmd::Check { metadata, json } => {
             let dev = open_meta(&metadata, false)?;
             let r = block("pool check", thin::tools::check(&dev))?
