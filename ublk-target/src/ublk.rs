@@ -901,6 +901,27 @@ async fn event_loop(
     run_uring_tasks(poll_uring, reap, run_ops, done).await
 }
 
+/// The steps of a zero-copy request, in the order they are tried.
+const STEP_FIXED: u8 = 0;
+const STEP_MAPPED: u8 = 1;
+const STEP_MEMORY: u8 = 2;
+/// Every this many requests a queue thread tries the fixed step first again.
+const REPROBE: u32 = 64;
+
+/// Which step last served a request on this queue thread, per direction (read, write), so
+/// the next request starts there. A table over files in RAM then skips the fixed attempt,
+/// and thin writes to new blocks skip both (instead of allocating a block for an attempt that
+/// hands it back). The periodic re-probe notices a reloaded table or a different workload.
+#[derive(Default)]
+struct Steps {
+    first: [std::cell::Cell<u8>; 2],
+    count: std::cell::Cell<u32>,
+}
+
+thread_local! {
+    static STEPS: Steps = Steps::default();
+}
+
 /// A zero-copy queue's way to the request data: the request's pages are registered in the
 /// queue ring's buffer table at the tag's index, and `/dev/ublkcN` reads and writes them for
 /// the fallback copy.
@@ -987,6 +1008,8 @@ impl ZcRequest {
 
     /// Moves the request's `n` bytes between the device and the request's pages without a
     /// buffer of ours: a fixed-buffer operation, or a single copy to or from a file in RAM.
+    /// Starts at the step that served the last request in this direction on this queue
+    /// thread ([`STEPS`]).
     async fn direct(
         self,
         dev: &dyn BlockDevice,
@@ -995,18 +1018,41 @@ impl ZcRequest {
         write: bool,
         flags: WriteFlags,
     ) -> Result<Served, IoError> {
-        let fixed = if write {
-            dev.write_fixed(Bytes(off), self.fixed(n), flags).await?
-        } else {
-            dev.read_fixed(Bytes(off), self.fixed(n)).await?
-        };
-        if fixed == Served::Done {
-            return Ok(fixed);
+        let dir = usize::from(write);
+        let first = STEPS.with(|s| {
+            let c = s.count.get().wrapping_add(1);
+            s.count.set(c);
+            if c % REPROBE == 0 {
+                STEP_FIXED
+            } else {
+                s.first[dir].get()
+            }
+        });
+        let record = |step: u8| STEPS.with(|s| s.first[dir].set(step));
+        if first == STEP_FIXED {
+            let fixed = if write {
+                dev.write_fixed(Bytes(off), self.fixed(n), flags).await?
+            } else {
+                dev.read_fixed(Bytes(off), self.fixed(n)).await?
+            };
+            if fixed == Served::Done {
+                record(STEP_FIXED);
+                return Ok(fixed);
+            }
         }
-        // A write's bytes go from the request into the mapping, a read's the other way.
-        let copy = move |p: *mut u8, at: usize, k: usize| self.copy_raw(p, at, k, !write);
-        dev.copy_mapped(Bytes(off), n, write.then_some(flags), &copy)
-            .await
+        if first <= STEP_MAPPED {
+            // A write's bytes go from the request into the mapping, a read's the other way.
+            let copy = move |p: *mut u8, at: usize, k: usize| self.copy_raw(p, at, k, !write);
+            let mapped = dev
+                .copy_mapped(Bytes(off), n, write.then_some(flags), &copy)
+                .await?;
+            if mapped == Served::Done {
+                record(STEP_MAPPED);
+                return Ok(mapped);
+            }
+        }
+        record(STEP_MEMORY);
+        Ok(Served::NeedsMemory)
     }
 }
 
