@@ -9,6 +9,9 @@ BOOTS=${BOOTS:-3}
 OUT=${OUT:-$(mktemp -d /var/tmp/vm-bench.XXXXXX)}
 mkdir -p "$OUT"
 export VM_MEM=${VM_MEM:-6G}
+# Linux 7.x (trixie-backports): ublk zero copy (UBLK_F_AUTO_BUF_REG, 6.16+) is the data path
+# a current kernel gives; VM_KERNEL_SUITE=bookworm-backports measures 6.12's copy mode.
+export VM_KERNEL_SUITE=${VM_KERNEL_SUITE:-trixie-backports}
 # The guest CPU hides ERMS (VM_CPU=max to keep it). With ERMS the kernel copies to and from
 # user memory with `rep movsb`, which TCG emulates one byte per step, while its own
 # kernel-to-kernel memcpy (what dm and loop use) takes an unrolled 8-byte loop: that penalizes
