@@ -18,7 +18,7 @@ export VM_KERNEL_SUITE=${VM_KERNEL_SUITE:-trixie-backports}
 # only the userspace servers (ours, rublk), by 2-3x on 1M rows. On hardware `rep movsb` is
 # the fast path; without ERMS user copies use `rep movsq`. See BENCHMARKS.md.
 export VM_CPU=${VM_CPU:-max,-erms}
-export VM_PASS_ENV="${VM_PASS_ENV:-} BENCH_RUNTIME BENCH_SIZE BENCH_QUEUES BENCH_DEPTH BENCH_PERF BENCH_ROUNDS BENCH_ROWS BENCH_ALT_ARGS BENCH_ALT_ENV"
+export VM_PASS_ENV="${VM_PASS_ENV:-} BENCH_RUNTIME BENCH_SIZE BENCH_QUEUES BENCH_DEPTH BENCH_PERF BENCH_ROUNDS BENCH_ROWS BENCH_ALT_ARGS BENCH_ALT_ENV VOLMGR_UBLK_ZERO_COPY"
 
 build_release() {
   (cd "$ROOT" && cargo build --release -q -p volmgr -p ublk-target --examples) >&2
