@@ -1258,76 +1258,81 @@ mod tests {
             .collect()
     }
 
-    /// Fixed-buffer reads and writes (ublk zero copy) move the same bytes as plain ones, on
-    /// a disk file (direct I/O) and a file in RAM; what they cannot do inline they decline.
+    /// Fixed-buffer reads and writes (ublk zero copy) move the same bytes as plain ones on a
+    /// disk file (direct I/O); what they cannot do as is they decline. A file in RAM declines
+    /// them all: its mapping serves instead (`copy_mapped`, tested below).
     #[test]
     fn fixed_buffer_io_matches_plain_io() {
-        for dir in ["/var/tmp", "/dev/shm"] {
-            let d = tempfile::tempdir_in(dir).unwrap();
-            let p = d.path().join("x");
-            std::fs::write(&p, pattern(1 << 20, 3)).unwrap();
-            let e = FileExtent::open(&p, OpenOptions::default()).unwrap();
-            let rt = iort::Runtime::new(64).unwrap();
-            let mut reg = AlignedBuf::zeroed(2 << 20, 4096).unwrap();
-            let base = reg.as_mut_ptr() as u64;
-            let iov = libc::iovec {
-                iov_base: reg.as_mut_ptr().cast(),
-                iov_len: reg.len(),
-            };
-            // SAFETY: `reg` outlives `rt` (declared before it is dropped below).
-            unsafe { rt.register_buffers(&[iov]) }.unwrap();
-            let fixed = |offset: u64, len: usize| FixedBuf {
-                index: 0,
-                base,
-                offset,
-                len,
-            };
-            let data = pattern(256 << 10, 9);
-            reg[4096..4096 + data.len()].copy_from_slice(&data);
-            rt.block_on(async {
-                let w = e.write_fixed(Bytes(64 << 10), fixed(4096, data.len()), WriteFlags::FUA);
-                assert_eq!(w.await.unwrap(), Served::Done, "{dir}");
-                let mut back = vec![0u8; data.len()];
-                e.read(Bytes(64 << 10), &mut back).await.unwrap();
-                assert!(back == data, "{dir}: fixed write differs");
+        let rt = iort::Runtime::new(64).unwrap();
+        let mut reg = AlignedBuf::zeroed(2 << 20, 4096).unwrap();
+        let base = reg.as_mut_ptr() as u64;
+        let iov = libc::iovec {
+            iov_base: reg.as_mut_ptr().cast(),
+            iov_len: reg.len(),
+        };
+        // SAFETY: `reg` outlives `rt` (dropped explicitly before it below).
+        unsafe { rt.register_buffers(&[iov]) }.unwrap();
+        let fixed = |offset: u64, len: usize| FixedBuf {
+            index: 0,
+            base,
+            offset,
+            len,
+        };
 
-                let r = e.read_fixed(Bytes(0), fixed(1 << 20, 512 << 10));
-                assert_eq!(r.await.unwrap(), Served::Done, "{dir}");
-                let mut plain = vec![0u8; 512 << 10];
-                e.read(Bytes(0), &mut plain).await.unwrap();
-                assert!(reg[1 << 20..(1 << 20) + (512 << 10)] == plain[..], "{dir}");
+        let ram = tempfile::tempdir_in("/dev/shm").unwrap();
+        let rp = ram.path().join("x");
+        std::fs::write(&rp, pattern(1 << 20, 3)).unwrap();
+        let in_ram = FileExtent::open(&rp, OpenOptions::default()).unwrap();
+        rt.block_on(async {
+            let w = in_ram.write_fixed(Bytes(0), fixed(0, 256 << 10), WriteFlags::default());
+            assert_eq!(w.await.unwrap(), Served::NeedsMemory);
+            let r = in_ram.read_fixed(Bytes(0), fixed(0, 4096));
+            assert_eq!(r.await.unwrap(), Served::NeedsMemory);
+        });
 
-                // A 4 KiB request: inline pread/pwrite beats io-wq for a file in RAM.
-                let small = e.read_fixed(Bytes(8192), fixed(0, 4096)).await.unwrap();
-                let want = if dir == "/dev/shm" {
-                    Served::NeedsMemory
-                } else {
-                    Served::Done
-                };
-                assert_eq!(small, want, "{dir}");
-                if e.is_direct() {
-                    let odd = e.read_fixed(Bytes(100), fixed(0, 64 << 10)).await.unwrap();
-                    assert_eq!(odd, Served::NeedsMemory, "{dir}: unaligned direct");
-                }
-                // Past the end of a file that shrank: zeroes, as plain reads give.
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .unwrap()
-                    .set_len(512 << 10)
-                    .unwrap();
-                reg[..256 << 10].fill(0xee);
-                let r = e.read_fixed(Bytes(384 << 10), fixed(0, 256 << 10));
-                assert_eq!(r.await.unwrap(), Served::Done, "{dir}");
-                e.read(Bytes(384 << 10), &mut plain[..256 << 10])
-                    .await
-                    .unwrap();
-                assert!(reg[..256 << 10] == plain[..256 << 10], "{dir}: tail");
-                assert!(reg[128 << 10..256 << 10].iter().all(|&b| b == 0), "{dir}");
-            });
-            drop(rt);
-            drop(reg);
-        }
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = d.path().join("x");
+        std::fs::write(&p, pattern(1 << 20, 3)).unwrap();
+        let e = FileExtent::open(&p, OpenOptions::default()).unwrap();
+        let data = pattern(256 << 10, 9);
+        reg[4096..4096 + data.len()].copy_from_slice(&data);
+        rt.block_on(async {
+            let w = e.write_fixed(Bytes(64 << 10), fixed(4096, data.len()), WriteFlags::FUA);
+            assert_eq!(w.await.unwrap(), Served::Done);
+            let mut back = vec![0u8; data.len()];
+            e.read(Bytes(64 << 10), &mut back).await.unwrap();
+            assert!(back == data, "fixed write differs");
+
+            let r = e.read_fixed(Bytes(0), fixed(1 << 20, 512 << 10));
+            assert_eq!(r.await.unwrap(), Served::Done);
+            let mut plain = vec![0u8; 512 << 10];
+            e.read(Bytes(0), &mut plain).await.unwrap();
+            assert!(reg[1 << 20..(1 << 20) + (512 << 10)] == plain[..]);
+
+            let small = e.read_fixed(Bytes(8192), fixed(0, 4096)).await.unwrap();
+            assert_eq!(small, Served::Done);
+            if e.is_direct() {
+                let odd = e.read_fixed(Bytes(100), fixed(0, 64 << 10)).await.unwrap();
+                assert_eq!(odd, Served::NeedsMemory, "unaligned direct");
+            }
+            // Past the end of a file that shrank: zeroes, as plain reads give.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(512 << 10)
+                .unwrap();
+            reg[..256 << 10].fill(0xee);
+            let r = e.read_fixed(Bytes(384 << 10), fixed(0, 256 << 10));
+            assert_eq!(r.await.unwrap(), Served::Done);
+            e.read(Bytes(384 << 10), &mut plain[..256 << 10])
+                .await
+                .unwrap();
+            assert!(reg[..256 << 10] == plain[..256 << 10], "tail");
+            assert!(reg[128 << 10..256 << 10].iter().all(|&b| b == 0));
+        });
+        drop(rt);
+        drop(reg);
     }
 
     /// A file in RAM hands its mapped bytes to a kernel copy; a file on disk declines; a
