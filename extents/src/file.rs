@@ -27,7 +27,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use iort::io_uring::{opcode, squeue, types};
 use tables::io::{check_range, write_zeroes_by_writing};
@@ -245,6 +245,9 @@ pub struct FileExtent {
     ram_async_min: usize,
     /// A file in RAM mapped whole, for `copy_mapped` (kernel-side copies only).
     map: Option<Mapping>,
+    /// The mapped file had no holes when last looked at (see `copy_mapped`): cleared by
+    /// anything that may punch one (fallocate) or add one (growth).
+    dense: AtomicBool,
 }
 
 /// A shared mapping of a whole file in RAM. Its bytes are only ever handed to system calls
@@ -484,6 +487,7 @@ impl FileExtent {
             locks: RangeLocks::default(),
             ram_backed,
             ram_async_min: ram_async_min(),
+            dense: AtomicBool::new(map.is_some() && no_hole(raw, 0, size)),
             map,
         })
     }
@@ -506,7 +510,9 @@ impl FileExtent {
                 sys::blk_size(raw).map_err(|e| ExtentError::io(&self.name, "BLKGETSIZE64", e))?
             }
         };
-        self.size.store(size, Ordering::Relaxed);
+        if self.size.swap(size, Ordering::Relaxed) != size {
+            self.dense.store(false, Ordering::Relaxed);
+        }
         Ok(Bytes(size))
     }
 
@@ -923,6 +929,8 @@ impl FileExtent {
     }
 
     async fn fallocate(&self, what: &str, mode: i32, off: u64, len: u64) -> IoResult<()> {
+        // Punching or zeroing may leave holes, which mapped reads must not touch.
+        self.dense.store(false, Ordering::Relaxed);
         iort::fallocate(self.raw(), mode, off, len)
             .await
             .map_err(|e| self.os_err(what, off, len, e.raw_os_error().unwrap_or(libc::EIO)))
@@ -1157,6 +1165,14 @@ impl BlockDevice for FileExtent {
             if off + len > m.len {
                 return Ok(Served::NeedsMemory);
             }
+            // Reading a hole through a shared tmpfs mapping allocates a page for it (pread
+            // does not): a sparse range is read the plain way.
+            if write.is_none()
+                && !self.dense.load(Ordering::Relaxed)
+                && !no_hole(self.raw(), offset.0, len as u64)
+            {
+                return Ok(Served::NeedsMemory);
+            }
             // The address is only passed on to the kernel (see `MappedCopy`).
             match copy(m.ptr.wrapping_add(off), 0, len) {
                 Ok(()) => Ok(Served::Done),
@@ -1218,6 +1234,17 @@ impl BlockDevice for FileExtent {
     }
 }
 
+/// Whether `[off, off+len)` of `fd` has no hole (`SEEK_HOLE`; false if it cannot tell).
+fn no_hole(fd: RawFd, off: u64, len: u64) -> bool {
+    let Ok(at) = libc::off_t::try_from(off) else {
+        return false;
+    };
+    // SAFETY: lseek on our own descriptor; SEEK_HOLE only reports, it moves nothing we use
+    // (all our I/O is positional).
+    let h = unsafe { libc::lseek(fd, at, libc::SEEK_HOLE) };
+    h >= 0 && h as u64 >= off + len
+}
+
 /// One `READ_FIXED` or `WRITE_FIXED` of all of `buf` at file offset `pos` on `fd`.
 fn fixed_sqe(write: bool, fd: RawFd, buf: FixedBuf, pos: u64, rw_flags: i32) -> squeue::Entry {
     let addr = buf.addr(0);
@@ -1249,7 +1276,7 @@ fn cqe_style(r: isize) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, MetadataExt};
     use std::process::Command;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -1398,6 +1425,38 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(s, Served::NeedsMemory, "a page past the new end");
+        })
+        .unwrap();
+
+        // A sparse file in RAM: holes are read the plain way (a mapped read would allocate
+        // them); once written, the range goes mapped.
+        let sp = d.path().join("sparse");
+        std::fs::File::create(&sp)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let se = FileExtent::open(&sp, OpenOptions::default()).unwrap();
+        let blocks = || std::fs::metadata(&sp).unwrap().blocks();
+        iort::block_on(async {
+            let s = se
+                .copy_mapped(Bytes(0), 4 << 20, None, &to_req)
+                .await
+                .unwrap();
+            assert_eq!(s, Served::NeedsMemory, "a hole");
+            assert_eq!(blocks(), 0, "nothing allocated");
+            se.write(Bytes(0), &pattern(65536, 1), WriteFlags::default())
+                .await
+                .unwrap();
+            let s = se
+                .copy_mapped(Bytes(0), 65536, None, &to_req)
+                .await
+                .unwrap();
+            assert_eq!(s, Served::Done, "written range");
+            let s = se
+                .copy_mapped(Bytes(0), 131072, None, &to_req)
+                .await
+                .unwrap();
+            assert_eq!(s, Served::NeedsMemory, "half written, half hole");
         })
         .unwrap();
 
