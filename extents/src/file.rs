@@ -287,6 +287,29 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Maps every page of the (hole-free) file now, in one call: otherwise each page's first
+    /// use through the mapping is a page fault inside a kernel copy (half the throughput of
+    /// 1M writes to new thin blocks in the VM). Costs page tables only: the pages exist.
+    fn populate(&self, read_only: bool) {
+        const MADV_POPULATE_READ: libc::c_int = 22;
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let advice = if read_only {
+            MADV_POPULATE_READ
+        } else {
+            MADV_POPULATE_WRITE
+        };
+        // SAFETY: our own mapping; populating changes no contents.
+        if unsafe { libc::madvise(self.ptr.cast(), self.len, advice) } != 0 {
+            log::debug!(
+                "prefaulting a {}-byte mapping: {}",
+                self.len,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped.
@@ -470,6 +493,10 @@ impl FileExtent {
         } else {
             None
         };
+        let dense = map.is_some() && no_hole(raw, 0, size);
+        if let (Some(m), true) = (&map, dense) {
+            m.populate(opts.read_only);
+        }
         Ok(FileExtent {
             name,
             path,
@@ -487,7 +514,7 @@ impl FileExtent {
             locks: RangeLocks::default(),
             ram_backed,
             ram_async_min: ram_async_min(),
-            dense: AtomicBool::new(map.is_some() && no_hole(raw, 0, size)),
+            dense: AtomicBool::new(dense),
             map,
         })
     }
@@ -1165,12 +1192,10 @@ impl BlockDevice for FileExtent {
             if off + len > m.len {
                 return Ok(Served::NeedsMemory);
             }
-            // Reading a hole through a shared tmpfs mapping allocates a page for it (pread
-            // does not): a sparse range is read the plain way.
-            if write.is_none()
-                && !self.dense.load(Ordering::Relaxed)
-                && !no_hole(self.raw(), offset.0, len as u64)
-            {
+            // A hole is read and written the plain way: a read fault on a tmpfs hole
+            // allocates a page (pread does not), and filling holes through the mapping takes a
+            // page fault per page (pwrite allocates them in one go).
+            if !self.dense.load(Ordering::Relaxed) && !no_hole(self.raw(), offset.0, len as u64) {
                 return Ok(Served::NeedsMemory);
             }
             // The address is only passed on to the kernel (see `MappedCopy`).
@@ -1443,6 +1468,13 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(s, Served::NeedsMemory, "a hole");
+            let w = se.copy_mapped(
+                Bytes(1 << 20),
+                65536,
+                Some(WriteFlags::default()),
+                &from_req,
+            );
+            assert_eq!(w.await.unwrap(), Served::NeedsMemory, "a write into a hole");
             assert_eq!(blocks(), 0, "nothing allocated");
             se.write(Bytes(0), &pattern(65536, 1), WriteFlags::default())
                 .await

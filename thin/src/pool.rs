@@ -697,12 +697,6 @@ impl Pool {
             // Copy-on-write merges old bytes with the write's in memory.
             return Ok(Served::NeedsMemory);
         }
-        if matches!(src, Src::Mapped(_)) {
-            // A new block is fresh pages of the data file: a mapped copy into them takes a
-            // page fault per 4 KiB, which cost half the throughput of writing them
-            // (1M sequential writes to new blocks, VM benchmark, Linux 7.3).
-            return Ok(Served::NeedsMemory);
-        }
         self.writable()?;
         let d = self.alloc_data().await?;
         let res = async {
