@@ -285,9 +285,7 @@ impl Mapping {
         }
         Some(Mapping { ptr: p.cast(), len })
     }
-}
 
-impl Mapping {
     /// Maps every page of the (hole-free) file now, in one call: otherwise each page's first
     /// use through the mapping is a page fault inside a kernel copy (half the throughput of
     /// 1M writes to new thin blocks in the VM). Costs page tables only: the pages exist.
@@ -783,10 +781,10 @@ impl FileExtent {
     }
 
     /// Moves `buf` to or from the file at `off` with fixed-buffer operations, as
-    /// `read_loop`/`write_loop` do with memory, one SQE per request: unlike reads into memory,
-    /// a large fixed-buffer request to a file in RAM measured faster whole than as parallel
-    /// async pieces (1M reads 1.23x, writes 1.47x in the VM benchmark, Linux 7.3). Returns the bytes done; a read stops early only
-    /// at the end of the file, a direct write only after a short write that left an unaligned
+    /// `read_loop`/`write_loop` do with memory, one SQE per request (for an unmapped file in
+    /// RAM, one SQE measured faster than parallel async pieces: 1M reads 1.23x, writes 1.47x
+    /// in the VM benchmark, Linux 7.3). Returns the bytes done; a read stops early only at the
+    /// end of the file, a direct write only after a short write that left an unaligned
     /// remainder.
     async fn fixed_loop(
         &self,

@@ -62,6 +62,20 @@ impl IoStats {
             }
         }
     }
+
+    /// Counts a zero-copy read or write; one that needs memory is not, since the caller
+    /// redoes it through `read`/`write`, which count it then.
+    fn count_served(&self, write: bool, len: usize, r: &IoResult<Served>) {
+        if matches!(r, Ok(Served::NeedsMemory)) {
+            return;
+        }
+        let (ctr, bytes) = if write {
+            (&self.writes, &self.write_bytes)
+        } else {
+            (&self.reads, &self.read_bytes)
+        };
+        self.count(ctr, Some((bytes, len as u64)), r);
+    }
 }
 
 /// A device with a swappable inner device and a suspend gate.
@@ -245,14 +259,7 @@ impl BlockDevice for Switchable {
         Box::pin(async move {
             let (_slot, dev) = self.admit().await;
             let r = dev.read_fixed(offset, buf).await;
-            // A fallback is counted when the caller redoes the read through `read`.
-            if !matches!(r, Ok(Served::NeedsMemory)) {
-                self.stats.count(
-                    &self.stats.reads,
-                    Some((&self.stats.read_bytes, buf.len as u64)),
-                    &r,
-                );
-            }
+            self.stats.count_served(false, buf.len, &r);
             r
         })
     }
@@ -260,13 +267,7 @@ impl BlockDevice for Switchable {
         Box::pin(async move {
             let (_slot, dev) = self.admit().await;
             let r = dev.write_fixed(offset, buf, flags).await;
-            if !matches!(r, Ok(Served::NeedsMemory)) {
-                self.stats.count(
-                    &self.stats.writes,
-                    Some((&self.stats.write_bytes, buf.len as u64)),
-                    &r,
-                );
-            }
+            self.stats.count_served(true, buf.len, &r);
             r
         })
     }
@@ -280,14 +281,7 @@ impl BlockDevice for Switchable {
         Box::pin(async move {
             let (_slot, dev) = self.admit().await;
             let r = dev.copy_mapped(offset, len, write, copy).await;
-            if !matches!(r, Ok(Served::NeedsMemory)) {
-                let (ctr, bytes) = if write.is_some() {
-                    (&self.stats.writes, &self.stats.write_bytes)
-                } else {
-                    (&self.stats.reads, &self.stats.read_bytes)
-                };
-                self.stats.count(ctr, Some((bytes, len as u64)), &r);
-            }
+            self.stats.count_served(write.is_some(), len, &r);
             r
         })
     }
