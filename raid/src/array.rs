@@ -16,9 +16,12 @@ use crate::layout::{raid10_near, raid5_stripe, ChunkCopy, StripeMap};
 use crate::lock::LockTable;
 use crate::meta::{self, SbRead, Superblock, BITS_PER_PAGE, META_BLOCK};
 use crate::parse::{Level, RaidConfig, SyncMode};
+use crate::ppl;
 use crate::scratch::Scratch;
 use crate::xor::{xor_into, xor_many};
 use crate::RaidError;
+
+mod ppl_io;
 
 /// Leg health.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -108,9 +111,10 @@ struct SyncState {
     scrub: Option<SyncAction>,
     /// Why recovery cannot proceed (too many missing legs), shown in status.
     stuck: Option<String>,
-    /// Set when a parity array starts unclean while a leg is missing: the dirty stripes'
-    /// parity may not match their data, so the missing leg's data there may be wrong (the
-    /// write hole a journal would close). Shown in status.
+    /// Set when a parity array starts unclean while a leg is missing and the partial parity
+    /// log was not being kept (the leg went missing across the restart, or failed with
+    /// unlogged writes not yet durable): the dirty stripes' parity may not match their data,
+    /// so the missing leg's data there may be wrong. Shown in status.
     dirty_degraded: u64,
 }
 
@@ -121,6 +125,40 @@ struct BmState {
     dirty_pages: Vec<bool>,
     mem_gen: u64,
     disk_gen: u64,
+}
+
+/// The partial parity log's run-time state (see [`crate::ppl`]).
+#[derive(Default)]
+struct PplState {
+    /// Where the log lives; `None` without one (mirror, no metadata, too small).
+    geo: Option<ppl::Geometry>,
+    /// Why there is no log, for status.
+    why_none: Option<&'static str>,
+    /// Leg whose metadata device holds the active log; `None` while no log is kept (every
+    /// leg in sync).
+    log_leg: Option<usize>,
+    /// Generation and key of each segment (generation 0 = nothing valid).
+    gens: [u64; ppl::SEGMENTS],
+    keys: [u64; ppl::SEGMENTS],
+    /// Segment being filled and the offset of its free space.
+    cur: usize,
+    next_off: u64,
+    /// Highest generation on any leg, so a new one is always newer.
+    max_gen: u64,
+    next_seq: u64,
+    /// Set while the log is being started: no write may go unlogged meanwhile.
+    activating: bool,
+    /// Stripes whose last logged write completed after the flush numbered by the value
+    /// started (a later entry for such a stripe would assume data that a cut can still lose).
+    unflushed: std::collections::HashMap<u64, u64>,
+    /// Flushes of every leg: the number of the last one started and the highest completed.
+    flush_started: u64,
+    flush_done: u64,
+    /// Stripe writes in flight per generation they were logged in (0: not logged).
+    inflight: std::collections::HashMap<u64, usize>,
+    /// Entries written in this run and replayed at assembly (status).
+    written: u64,
+    replayed: u64,
 }
 
 /// Geometry of the array.
@@ -178,6 +216,9 @@ struct Inner {
     bm: Mutex<BmState>,
     bm_lock: Arc<LockTable>,
     locks: Arc<LockTable>,
+    ppl: Mutex<PplState>,
+    /// Serialises activation, half switches and deactivation of the log.
+    ppl_lock: Arc<LockTable>,
     sync: Mutex<SyncState>,
     /// Recovery progress: stripes (parity) or regions (mirror) below this are rebuilt.
     recover_pos: AtomicU64,
@@ -344,6 +385,8 @@ impl RaidDevice {
             }),
             bm_lock: Arc::new(LockTable::default()),
             locks: Arc::new(LockTable::default()),
+            ppl: Mutex::new(PplState::default()),
+            ppl_lock: Arc::new(LockTable::default()),
             sync: Mutex::new(SyncState {
                 pending: vec![false; regions as usize],
                 ..SyncState::default()
@@ -702,6 +745,8 @@ impl Inner {
             self.legs[r].set(LegState::Recovering);
         }
         self.check_assemblable().map_err(RaidError::Assemble)?;
+        // A parity array that stopped while degraded: parity first follows the log.
+        let log_covered = self.ppl_replay().await?;
         // Initial sync work.
         {
             let mut bm = self.bm.lock().unwrap_or_else(|e| e.into_inner());
@@ -722,7 +767,7 @@ impl Inner {
             }
             bm.mem_gen += 1;
             let degraded = self.legs.iter().any(|l| l.state() != LegState::InSync);
-            if matches!(self.geo, Geo::Parity { .. }) && degraded {
+            if matches!(self.geo, Geo::Parity { .. }) && degraded && !log_covered {
                 st.dirty_degraded = from_bitmap;
             }
         }
@@ -1035,23 +1080,7 @@ impl Inner {
         } else {
             Vec::new()
         };
-        let live: Vec<usize> = (0..self.n())
-            .filter(|&i| self.legs[i].state() != LegState::Failed)
-            .collect();
-        let futs = live.iter().map(|&i| async move {
-            let d = self.legs[i].dev();
-            let r = d.flush().await;
-            let r2 = match &self.legs[i].meta {
-                Some(m) => m.flush().await,
-                None => Ok(()),
-            };
-            (i, r.and(r2))
-        });
-        for (i, r) in join_all(futs).await {
-            if let Err(e) = r {
-                self.fail_leg(i, &e.context("flush")).await;
-            }
-        }
+        self.flush_live_legs("flush").await;
         if !self.legs.iter().any(|l| l.state() == LegState::InSync) {
             return Err(IoError::eio(format!(
                 "{}: flush failed on every leg",
@@ -1582,6 +1611,15 @@ impl Inner {
             break 'plan Some(p);
         };
 
+        // While a leg is not in sync, the stripe's parity log entry is durable before any
+        // data or parity moves (this closes the write hole of the degraded array).
+        let _hold = match &parity {
+            Some(p) => {
+                self.ppl_begin(stripe, &map, &w, (plo, phi), p, data)
+                    .await?
+            }
+            None => None,
+        };
         // Write data and parity concurrently.
         let mut jobs = Vec::new();
         for (i, wi) in w.iter().enumerate() {
@@ -2046,6 +2084,9 @@ impl Inner {
             self.mismatches.load(Ordering::Relaxed),
             bitmap
         );
+        if self.has_meta && matches!(self.geo, Geo::Parity { .. }) {
+            s.push_str(&self.ppl_status());
+        }
         let st = self.sync_state();
         if let Some(why) = &st.stuck {
             s.push_str(&format!(" stuck:{}", why.replace(' ', "_")));

@@ -19,18 +19,16 @@
 //!   an older event count (a superblock round cut short by a crash) cannot have missed an
 //!   acknowledged write, so it is kept, but the whole array is resynced with that leg never
 //!   used as the source.
-//! - **Write hole: write-intent bitmap + resync of dirty regions, not a journal.** Before any
-//!   data of a write moves, the bits of the regions it touches are set and written with FUA to
-//!   every in-sync metadata device; bits are cleared lazily after a flush completes with no
-//!   write in flight to the region. After an unclean stop, every region whose bit is set is
-//!   resynced (mirrors copied from the first in-sync copy, parity recomputed from the data).
-//!   Reads in a region awaiting resync use that same first copy, so they never flip. Why not a
-//!   journal: with a healthy array this gives the same guarantee (every write acknowledged
-//!   before the last completed flush survives, parity is consistent after resync) at the cost
-//!   of one FUA bitmap write per newly-dirtied region instead of writing every byte twice. What
-//!   it does not cover (and a journal would): a power cut during a partial-stripe write while
-//!   the array is already degraded can corrupt the missing leg's reconstructed data in that
-//!   stripe — md has the same hole without a journal. See the RAID section of ARCHITECTURE.md.
+//! - **Write hole: write-intent bitmap + resync of dirty regions on a healthy array; a
+//!   partial parity log while a raid4/5 leg is missing.** Before any data of a write moves,
+//!   the bits of the regions it touches are set and written with FUA to every in-sync metadata
+//!   device; bits are cleared lazily after a flush completes with no write in flight to the
+//!   region. After an unclean stop, every region whose bit is set is resynced (mirrors copied
+//!   from the first in-sync copy, parity recomputed from the data). Reads in a region awaiting
+//!   resync use that same first copy, so they never flip. With a leg missing, parity cannot be
+//!   recomputed, so each raid4/5 stripe write first logs its partial parity (and any chunk only
+//!   parity will hold) to a metadata device ([`ppl`]); assembly replays the log into parity.
+//!   See the RAID section of ARCHITECTURE.md.
 //! - Without metadata devices (`-`, or a `mirror` line) there is no bitmap: every start is
 //!   treated as unclean and does a full resync unless `nosync`; `status` shows
 //!   `bitmap:none(full-resync-on-start)`.
@@ -48,6 +46,7 @@ pub mod lock;
 pub mod meta;
 pub mod offset;
 pub mod parse;
+pub mod ppl;
 pub mod scratch;
 pub mod xor;
 

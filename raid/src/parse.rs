@@ -212,7 +212,8 @@ pub fn parse_raid(args: &[String]) -> Result<RaidConfig, ArgError> {
                 return Err(ArgError::at(
                     i + 1,
                     "journal_dev is not supported: this raid closes the write hole with the \
-                     write-intent bitmap and a resync of dirty stripes (see ARCHITECTURE.md, RAID)",
+                     write-intent bitmap, and while degraded with a partial parity log on the \
+                     metadata devices (see ARCHITECTURE.md, RAID)",
                 ))
             }
             "data_offset" | "delta_disks" => {

@@ -61,7 +61,7 @@ impl Harness {
             let w = Leg::new(mem(&format!("d{i}"), LEG));
             w.yield_first.store(true, Ordering::Relaxed);
             devs.add(&format!("d{i}"), w.clone());
-            devs.add(&format!("m{i}"), mem(&format!("m{i}"), 16 << 10));
+            devs.add(&format!("m{i}"), mem(&format!("m{i}"), 128 << 10));
             line.push_str(&format!(" m{i} d{i}"));
             wraps.push(w);
         }
