@@ -3,6 +3,7 @@
 pub mod control;
 pub mod daemon;
 pub mod frontend;
+mod kick;
 pub mod signals;
 pub mod ublk;
 pub mod ublk_params;

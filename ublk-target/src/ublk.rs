@@ -807,11 +807,26 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: QueueSetup) {
         qid,
     });
     let exe = Rc::new(smol::LocalExecutor::new());
+    // Wakes from other threads (locks the other queue released) must end the ring's wait.
+    let kick = match crate::kick::Kick::new() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            log::warn!(
+                "{}: ublk queue {qid}: no eventfd for cross-thread wakeups ({e}); \
+                 a request waiting on the other queue may wait for the next completion",
+                dev.name()
+            );
+            None
+        }
+    };
+    if let Some(k) = &kick {
+        exe.spawn(k.clone().serve()).detach();
+    }
     let mut tasks = Vec::new();
     for tag in q.tags() {
         let q = q.clone();
         let dev = dev.clone();
-        tasks.push(exe.spawn(async move {
+        let task = async move {
             match tag_task(&q, tag, &*dev, buf_bytes, setup.prefault, zc).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => log::error!(
@@ -820,7 +835,11 @@ fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: QueueSetup) {
                     describe(&e)
                 ),
             }
-        }));
+        };
+        tasks.push(match &kick {
+            Some(k) => exe.spawn(crate::kick::Kicked::new(task, k.clone()).boxed_local()),
+            None => exe.spawn(task.boxed_local()),
+        });
     }
     let ticker = exe.clone();
     let res = smol::block_on(exe.run(async {
