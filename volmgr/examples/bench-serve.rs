@@ -83,6 +83,7 @@ fn run() -> Result<(), String> {
     let _ = std::io::stdout().flush();
     let sig = ublk_target::signals::wait_termination_signal();
     eprintln!("bench-serve: {sig}: stopping {}", server.bdev_path());
+    eprintln!("bench-serve: status: {}", dev.status());
     server.stop().map_err(|e| format!("stop: {e}"))?;
     drop(named);
     Ok(())
