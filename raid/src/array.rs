@@ -148,8 +148,9 @@ struct PplState {
     next_seq: u64,
     /// Set while the log is being started: no write may go unlogged meanwhile.
     activating: bool,
-    /// Stripes whose last logged write completed after the flush numbered by the value
-    /// started (a later entry for such a stripe would assume data that a cut can still lose).
+    /// Stripe -> number of the last flush started when its last logged write completed. That
+    /// write is durable once a higher-numbered flush completes; until then a new partial
+    /// entry for the stripe would assume data a cut can still take back.
     unflushed: std::collections::HashMap<u64, u64>,
     /// Flushes of every leg: the number of the last one started and the highest completed.
     flush_started: u64,
@@ -217,7 +218,7 @@ struct Inner {
     bm_lock: Arc<LockTable>,
     locks: Arc<LockTable>,
     ppl: Mutex<PplState>,
-    /// Serialises activation, half switches and deactivation of the log.
+    /// Serialises starting, moving, segment switches and dropping of the log.
     ppl_lock: Arc<LockTable>,
     sync: Mutex<SyncState>,
     /// Recovery progress: stripes (parity) or regions (mirror) below this are rebuilt.

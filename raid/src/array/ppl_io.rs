@@ -1,5 +1,5 @@
 //! The partial parity log on the I/O path: logging stripe writes while a leg is not in sync,
-//! switching halves, dropping the log once every leg is in sync again, and replay at
+//! moving to the next segment, dropping the log once every leg is in sync again, and replay at
 //! assembly. The on-disk format and the replay arithmetic are in [`crate::ppl`].
 
 use std::borrow::Cow;
@@ -9,7 +9,7 @@ use super::*;
 use crate::ppl::{Checkpoint, ChunkSource, Entry, Geometry};
 
 /// A stripe write's hold on the log: counted in flight under the generation it was logged in
-/// (0: not logged) until dropped, so a half is not reused and the log is not (re)started
+/// (0: not logged) until dropped, so a segment is not reused and the log is not (re)started
 /// while a write it does not cover may still be in a volatile cache.
 pub(super) struct PplHold<'a> {
     inner: &'a Inner,
