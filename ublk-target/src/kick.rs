@@ -15,12 +15,21 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::ThreadId;
+
+thread_local! {
+    /// Its address tells threads apart, for the price of a TLS access (no `Arc` traffic, as
+    /// `std::thread::current()` would cost on every wake).
+    static MARK: u8 = const { 0 };
+}
+
+fn thread_mark() -> usize {
+    MARK.with(|m| m as *const u8 as usize)
+}
 
 /// One queue thread's eventfd.
 pub(crate) struct Kick {
     efd: OwnedFd,
-    owner: ThreadId,
+    owner: usize,
 }
 
 impl Kick {
@@ -34,7 +43,7 @@ impl Kick {
         Ok(Arc::new(Kick {
             // SAFETY: `fd` is a new descriptor nobody else owns.
             efd: unsafe { OwnedFd::from_raw_fd(fd) },
-            owner: std::thread::current().id(),
+            owner: thread_mark(),
         }))
     }
 
@@ -81,7 +90,7 @@ impl Wake for KickWaker {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.inner.wake_by_ref();
-        if std::thread::current().id() != self.kick.owner {
+        if thread_mark() != self.kick.owner {
             self.kick.ring();
         }
     }
@@ -123,8 +132,7 @@ impl<F: Future> Future for Kicked<F> {
         let Some((_, w)) = &this.cached else {
             return Poll::Pending; // not reached: set just above
         };
-        let w = w.clone();
-        this.fut.as_mut().poll(&mut Context::from_waker(&w))
+        this.fut.as_mut().poll(&mut Context::from_waker(w))
     }
 }
 
