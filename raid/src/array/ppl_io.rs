@@ -62,8 +62,17 @@ impl Inner {
         let partial = w
             .iter()
             .any(|x| !matches!(x, Some((lo, hi, _)) if *lo == plo && *hi == phi));
-        let Some(geo) = self.ppl_state().geo else {
-            return Ok(None);
+        let geo = {
+            let mut s = self.ppl_state();
+            let Some(geo) = s.geo else {
+                return Ok(None);
+            };
+            // The common case, every leg in sync and no log kept: count the write and go,
+            // without building an entry nobody writes.
+            if s.log_leg.is_none() && !s.activating && self.all_in_sync() {
+                return Ok(Some(self.unlogged(&mut s, stripe)));
+            }
+            geo
         };
         let mut entry = self.ppl_entry(stripe, map, w, (plo, phi), partial, p, data);
         let need = ppl::aligned(entry.encoded_len());
@@ -73,12 +82,7 @@ impl Inner {
                 let degraded = !self.all_in_sync();
                 match s.log_leg {
                     None if !degraded && !s.activating => {
-                        *s.inflight.entry(0).or_default() += 1;
-                        return Ok(Some(PplHold {
-                            inner: self,
-                            gen: 0,
-                            stripe,
-                        }));
+                        return Ok(Some(self.unlogged(&mut s, stripe)));
                     }
                     Some(l)
                         if degraded
@@ -136,6 +140,16 @@ impl Inner {
             "{}: stripe {stripe}: the partial parity log could not be written to any leg",
             self.name
         )))
+    }
+
+    /// Counts a write that goes unlogged (every leg in sync, no log kept).
+    fn unlogged(&self, s: &mut PplState, stripe: u64) -> PplHold<'_> {
+        *s.inflight.entry(0).or_default() += 1;
+        PplHold {
+            inner: self,
+            gen: 0,
+            stripe,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
