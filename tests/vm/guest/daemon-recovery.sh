@@ -11,6 +11,26 @@
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 
+# fsync_writer DIR PREFIX BS COUNT STOP SUMS ERRS: in the background, writes files
+# DIR/PREFIX1, 2, ... (COUNT blocks of BS, fsynced) until STOP exists; each fsynced file's
+# checksum goes to SUMS, each failure to ERRS. Its pid is in $!.
+fsync_writer() {
+  local dir=$1 pre=$2 bs=$3 count=$4 stop=$5 sums=$6 errs=$7
+  rm -f "$stop" "$sums" "$errs"
+  (
+    i=0
+    while [ ! -e "$stop" ]; do
+      i=$((i + 1))
+      if dd if=/dev/urandom of="$dir/$pre$i" bs="$bs" count="$count" conv=fsync status=none \
+        2>>"$errs"; then
+        (cd "$dir" && sha256sum "$pre$i") >> "$sums"
+      else
+        echo "write of $pre$i failed" >> "$errs"
+      fi
+    done
+  ) &
+}
+
 VOLMGR=${1:-${VOLMGR:-}}
 [ -x "$VOLMGR" ] || { fail drec-setup "volmgr binary '$VOLMGR' not executable"; exit 1; }
 export VOLMGR_STATE_DIR=/tmp/volmgr-rec-state
@@ -32,18 +52,7 @@ check drec-mount mount -t ext4 "$DEV" $M || exit 1
 dmesg -c > /dev/null
 
 step "write load: files written with fsync, one after another"
-rm -f $W/stop $W/fsynced $W/writer.err
-(
-  i=0
-  while [ ! -e $W/stop ]; do
-    i=$((i + 1))
-    if dd if=/dev/urandom of=$M/f$i bs=64k count=4 conv=fsync status=none 2>>$W/writer.err; then
-      (cd $M && sha256sum f$i) >> $W/fsynced
-    else
-      echo "write of f$i failed" >> $W/writer.err
-    fi
-  done
-) &
+fsync_writer $M f 64k 4 $W/stop $W/fsynced $W/writer.err
 WP=$!
 sleep 3
 before=$(wc -l < $W/fsynced)
@@ -107,18 +116,7 @@ if [ -n "$R5" ]; then
   check drec-r5-mkfs mkfs.ext4 -F -q "$R5"
   M5=/tmp/mnt5; mkdir -p $M5
   check drec-r5-mount mount -t ext4 "$R5" $M5
-  rm -f $W/stop5 $W/fsynced5 $W/writer5.err
-  (
-    i=0
-    while [ ! -e $W/stop5 ]; do
-      i=$((i + 1))
-      if dd if=/dev/urandom of=$M5/g$i bs=12k count=5 conv=fsync status=none 2>>$W/writer5.err; then
-        (cd $M5 && sha256sum g$i) >> $W/fsynced5
-      else
-        echo "write of g$i failed" >> $W/writer5.err
-      fi
-    done
-  ) &
+  fsync_writer $M5 g 12k 5 $W/stop5 $W/fsynced5 $W/writer5.err
   WP5=$!
   sleep 3
   echo "  status before the kill: $(vm status r5)"
