@@ -1,0 +1,205 @@
+//! `volmgr dev`: the daemon's devices (dmsetup-like verbs).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+use tables::table::Table;
+use ublk_target::control::{DeviceInfo, Reply, Request};
+
+use crate::client::{call, expect_text, StateDir};
+use crate::table_cmd::read_table_text;
+
+#[derive(Subcommand)]
+pub enum DevCmd {
+    /// Create a device from a table; prints /dev/ublkbN (or the NBD URI).
+    Create {
+        /// Device name.
+        name: String,
+        /// Table file ('-' for standard input).
+        #[arg(long)]
+        table: PathBuf,
+        /// ublk device id to use.
+        #[arg(long)]
+        ublk_id: Option<u32>,
+        /// Export over NBD at HOST:PORT instead of ublk.
+        #[arg(long)]
+        nbd: Option<String>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// List devices (name, path, size, targets, state, I/O counters).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Print a device's table.
+    Table {
+        /// Device name.
+        name: String,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Load a new table and swap it in (suspend, swap, resume). The size may grow.
+    Reload {
+        /// Device name.
+        name: String,
+        /// New table file.
+        #[arg(long)]
+        table: PathBuf,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Flush and remove a device (refused while open or mounted unless --force).
+    Remove {
+        /// Device name.
+        name: String,
+        /// Remove even if it is open or mounted.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Stop admitting I/O, drain in-flight requests, flush.
+    Suspend {
+        /// Device name.
+        name: String,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Admit I/O again.
+    Resume {
+        /// Device name.
+        name: String,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Send a message to the device's target (as dmsetup message).
+    Message {
+        /// Device name.
+        name: String,
+        /// Message words.
+        #[arg(trailing_var_arg = true, required = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Print the device's status line(s).
+    Status {
+        /// Device name.
+        name: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+}
+
+fn print_devices(devs: &[DeviceInfo], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devs)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6} Data",
+        "Name", "Device", "Size", "State", "Targets", "Read", "Written", "Errors"
+    );
+    for d in devs {
+        println!(
+            "{:<16} {:<28} {:>10} {:<10} {:<20} {:>10} {:>10} {:>6} {}",
+            d.name,
+            d.path,
+            tables::units::human(tables::Bytes(d.size)),
+            d.state,
+            d.targets,
+            tables::units::human(tables::Bytes(d.read_bytes)),
+            tables::units::human(tables::Bytes(d.write_bytes)),
+            d.errors,
+            d.data_path
+        );
+    }
+    Ok(())
+}
+
+/// Runs a `dev` verb.
+pub fn run(cmd: DevCmd) -> Result<()> {
+    match cmd {
+        DevCmd::Create {
+            name,
+            table,
+            ublk_id,
+            nbd,
+            sd,
+        } => {
+            let text = read_table_text(&table)?;
+            // Validate locally first so errors name the file.
+            Table::parse(&text, &volmgr::registry())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            let r = call(
+                &sd,
+                Request::Create {
+                    name,
+                    table: text,
+                    ublk_id,
+                    nbd,
+                },
+            )?;
+            println!("{}", expect_text(r)?);
+        }
+        DevCmd::List { json, sd } => match call(&sd, Request::List)? {
+            Reply::Devices { devices } => print_devices(&devices, json)?,
+            other => {
+                expect_text(other)?;
+            }
+        },
+        DevCmd::Table { name, sd } => {
+            print!("{}", expect_text(call(&sd, Request::Table { name })?)?)
+        }
+        DevCmd::Reload { name, table, sd } => {
+            let text = read_table_text(&table)?;
+            Table::parse(&text, &volmgr::registry())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            println!(
+                "{}",
+                expect_text(call(&sd, Request::Reload { name, table: text })?)?
+            );
+        }
+        DevCmd::Remove { name, force, sd } => {
+            println!(
+                "{}",
+                expect_text(call(&sd, Request::Remove { name, force })?)?
+            )
+        }
+        DevCmd::Suspend { name, sd } => {
+            println!("{}", expect_text(call(&sd, Request::Suspend { name })?)?)
+        }
+        DevCmd::Resume { name, sd } => {
+            println!("{}", expect_text(call(&sd, Request::Resume { name })?)?)
+        }
+        DevCmd::Message { name, args, sd } => {
+            let t = expect_text(call(&sd, Request::Message { name, args })?)?;
+            if !t.is_empty() {
+                println!("{t}");
+            }
+        }
+        DevCmd::Status { name, json, sd } => {
+            let t = expect_text(call(&sd, Request::Status { name: name.clone() })?)?;
+            if json {
+                let lines: Vec<&str> = t.lines().collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"name": name, "status": lines})
+                    )?
+                );
+            } else {
+                println!("{t}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! `volmgr pool`: thin-pool metadata tools and online resize.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use tables::table::Table;
+use tables::DeviceRef;
+use ublk_target::control::Request;
+
+use crate::client::{call, expect_text, StateDir};
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Verify every metadata structure and recount every reference (as thin_check).
+    Check {
+        /// Metadata device or file.
+        metadata: PathBuf,
+        /// JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the metadata as a readable dump (text, or JSON that `pool restore` reads).
+    Dump {
+        /// Metadata device or file.
+        metadata: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Dump the held metadata snapshot (reserve_metadata_snap) instead of the live root.
+        #[arg(long)]
+        metadata_snap: bool,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Write metadata rebuilt from a JSON dump onto a metadata device (overwrites it).
+    Restore {
+        /// JSON dump (from `pool dump --json`).
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Metadata device or file to overwrite.
+        metadata: PathBuf,
+        /// Confirm overwriting the metadata device.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Grow a live pool: its data and/or metadata device (a file is extended here; a block
+    /// device must have been grown first, with lvextend or the like), then its table is
+    /// reloaded so the pool takes the new space. Shrinking is refused.
+    Resize {
+        /// The pool's device name in the daemon.
+        name: String,
+        /// New data device size (`512M`, `2G`, ...).
+        #[arg(long)]
+        data_size: Option<String>,
+        /// New metadata device size.
+        #[arg(long)]
+        metadata_size: Option<String>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Rebuild what can be found in damaged metadata into a new metadata device.
+    Repair {
+        /// Damaged metadata (read only).
+        input: PathBuf,
+        /// New metadata device or file (overwritten).
+        output: PathBuf,
+        /// Confirm overwriting the output device.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn open_meta(path: &Path, writable: bool) -> Result<DeviceRef> {
+    let opts = extents::OpenOptions {
+        read_only: !writable,
+        ..extents::OpenOptions::default()
+    };
+    let e = extents::FileExtent::open(path, opts)
+        .with_context(|| format!("opening metadata device {}", path.display()))?;
+    Ok(Arc::new(e))
+}
+
+fn block<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T> {
+    iort::block_on(f).with_context(|| format!("{what}: starting the I/O runtime"))
+}
+
+/// Grows one of a pool's devices to `want` bytes: extends a regular file, checks that a
+/// block device is already that large. Returns the size before.
+fn grow_pool_device(pool: &str, what: &str, dev: &str, want: u64) -> Result<u64> {
+    let path = extents::FileResolver::locate(dev)
+        .map_err(|e| anyhow::anyhow!("pool {pool}: {what} device {dev}: {e}"))?;
+    let md = std::fs::metadata(&path)
+        .with_context(|| format!("pool {pool}: {what} device {}", path.display()))?;
+    let human = |b: u64| tables::units::human(tables::Bytes(b));
+    if md.is_file() {
+        let cur = md.len();
+        if want < cur {
+            bail!(
+                "pool {pool}: {what} device {} is {} and cannot shrink to {}",
+                path.display(),
+                human(cur),
+                human(want)
+            );
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(want))
+            .with_context(|| format!("pool {pool}: extending {}", path.display()))?;
+        return Ok(cur);
+    }
+    // A block device: its size is what it is; say how to grow it.
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("pool {pool}: opening {}", path.display()))?;
+    let cur = std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0))
+        .with_context(|| format!("pool {pool}: size of {}", path.display()))?;
+    if cur < want {
+        bail!(
+            "pool {pool}: {what} device {} is a block device of {}: grow it to {} first \
+             (lvextend, or the storage it comes from), then run this again",
+            path.display(),
+            human(cur),
+            human(want)
+        );
+    }
+    Ok(cur)
+}
+
+fn pool_resize(
+    name: &str,
+    data_size: Option<String>,
+    metadata_size: Option<String>,
+    sd: &StateDir,
+) -> Result<()> {
+    if data_size.is_none() && metadata_size.is_none() {
+        bail!("pool resize {name}: give --data-size and/or --metadata-size");
+    }
+    let size = |s: &str| -> Result<u64> {
+        tables::units::parse_size(s)
+            .map(|b| b.0)
+            .map_err(|e| anyhow::anyhow!("'{s}': {e}"))
+    };
+    let text = expect_text(call(sd, Request::Table { name: name.into() })?)?;
+    let table = Table::parse(&text, &volmgr::registry())
+        .map_err(|e| anyhow::anyhow!("{name}: its table does not parse: {e}"))?;
+    // The table is reloaded as it is: the pool finds its grown devices when the reload opens
+    // them. Its length stays, so the pool device's own size does not change (its thin
+    // volumes carry the I/O), and a kernel without ublk UPDATE_SIZE does not refuse it.
+    let [seg] = &table.segments[..] else {
+        bail!(
+            "{name}: not a pool (its table has {} lines)",
+            table.segments.len()
+        );
+    };
+    if seg.target != "thin-pool" || seg.args.len() < 2 {
+        bail!("{name}: not a pool (its table is a {} line)", seg.target);
+    }
+    let (meta, data) = (seg.args[0].clone(), seg.args[1].clone());
+    let human = |b: u64| tables::units::human(tables::Bytes(b));
+    if let Some(s) = &metadata_size {
+        let want = size(s)?;
+        let before = grow_pool_device(name, "metadata", &meta, want)?;
+        println!(
+            "{name}: metadata device {meta}: {} -> {}",
+            human(before),
+            human(want)
+        );
+    }
+    if let Some(s) = &data_size {
+        let want = size(s)?;
+        let before = grow_pool_device(name, "data", &data, want)?;
+        println!(
+            "{name}: data device {data}: {} -> {}",
+            human(before),
+            human(want)
+        );
+    }
+    let r = call(
+        sd,
+        Request::Reload {
+            name: name.into(),
+            table: table.to_string(),
+        },
+    )?;
+    println!("{}", expect_text(r)?);
+    println!(
+        "{}",
+        expect_text(call(sd, Request::Status { name: name.into() })?)?
+    );
+    Ok(())
+}
+
+/// Runs a `pool` verb.
+pub fn run(cmd: PoolCmd) -> Result<()> {
+    match cmd {
+        PoolCmd::Resize {
+            name,
+            data_size,
+            metadata_size,
+            sd,
+        } => pool_resize(&name, data_size, metadata_size, &sd)?,
+        PoolCmd::Check { metadata, json } => {
+            let dev = open_meta(&metadata, false)?;
+            let r = block("pool check", thin::tools::check(&dev))?
+                .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: transaction {} generation {}; {} thin device(s), {} mapped block(s); data {}/{} blocks, metadata {}/{} blocks",
+                    metadata.display(),
+                    r.transaction_id,
+                    r.generation,
+                    r.devices,
+                    r.mapped_blocks,
+                    r.data_used,
+                    r.data_total,
+                    r.meta_used,
+                    r.meta_total
+                );
+                for e in &r.errors {
+                    println!("error: {e}");
+                }
+            }
+            if !r.clean {
+                bail!(
+                    "{}: {} metadata error(s)",
+                    metadata.display(),
+                    r.errors.len()
+                );
+            }
+        }
+        PoolCmd::Dump {
+            metadata,
+            json,
+            metadata_snap,
+            output,
+        } => {
+            let dev = open_meta(&metadata, false)?;
+            let d = if metadata_snap {
+                block("pool dump", thin::tools::dump_metadata_snap(&dev))?
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?
+                    .with_context(|| {
+                        format!("{}: no metadata snapshot is held", metadata.display())
+                    })?
+            } else {
+                block("pool dump", thin::tools::dump(&dev))?
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?
+            };
+            let text = if json {
+                serde_json::to_string_pretty(&d)? + "\n"
+            } else {
+                d.to_string()
+            };
+            match output {
+                Some(p) => {
+                    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => print!("{text}"),
+            }
+        }
+        PoolCmd::Restore {
+            input,
+            metadata,
+            yes,
+        } => {
+            if !yes {
+                bail!(
+                    "pool restore overwrites {}: add --yes to confirm",
+                    metadata.display()
+                );
+            }
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let d: thin::tools::Dump = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a JSON pool dump", input.display()))?;
+            let dev = open_meta(&metadata, true)?;
+            block("pool restore", thin::tools::restore(&d, &dev))?
+                .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?;
+            println!(
+                "restored {} device(s) into {}",
+                d.devices.len(),
+                metadata.display()
+            );
+        }
+        PoolCmd::Repair { input, output, yes } => {
+            if !yes {
+                bail!(
+                    "pool repair overwrites {}: add --yes to confirm",
+                    output.display()
+                );
+            }
+            let src = open_meta(&input, false)?;
+            let dst = open_meta(&output, true)?;
+            let r = block("pool repair", thin::tools::repair(&src, &dst))?
+                .map_err(|e| anyhow::anyhow!("{} -> {}: {e}", input.display(), output.display()))?;
+            println!(
+                "recovered {} device(s), {} mapping(s) into {}",
+                r.devices,
+                r.mappings,
+                output.display()
+            );
+            for p in &r.problems {
+                println!("skipped: {p}");
+            }
+        }
+    }
+    Ok(())
+}
