@@ -177,6 +177,26 @@ impl TargetKind for RaidKind {
             "raid"
         }
     }
+    fn device_args(&self, args: &[String]) -> Vec<usize> {
+        let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
+        // raid: `<type> <#params> <params>... <#devs> (<meta> <data>)...`;
+        // mirror: `core <#log args> <log args>... <#devs> (<dev> <offset>)...`.
+        let Some(first) = num(1).and_then(|n| n.checked_add(2)) else {
+            return Vec::new();
+        };
+        let Some(devs) = num(first) else {
+            return Vec::new();
+        };
+        let (per_leg, names) = if self.mirror { (2, 1) } else { (2, 2) };
+        (0..devs)
+            .flat_map(|leg| (0..names).map(move |k| (leg, k)))
+            .map_while(|(leg, k)| {
+                let i = leg.checked_mul(per_leg)?.checked_add(first + 1 + k)?;
+                (i < args.len()).then_some(i)
+            })
+            .filter(|&i| args[i] != "-")
+            .collect()
+    }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
         if len.0 == 0 {
             return Err(ArgError::whole("segment length must be positive"));

@@ -79,6 +79,11 @@ pub trait TargetKind: Send + Sync {
         let _ = (args, arg);
         None
     }
+    /// Which arguments name devices (0-based indices into `args`), in the order the target
+    /// opens them. The daemon uses this to see how tables stack (and refuse cycles), the CLI to
+    /// make relative paths absolute before a table leaves it. Called only on arguments that
+    /// passed `validate`; a `-` placeholder (a missing device) is not listed.
+    fn device_args(&self, args: &[String]) -> Vec<usize>;
     /// Builds the device for one segment of `ctx.len` sectors.
     fn build(&self, ctx: &BuildCtx<'_>, args: &[String]) -> Result<DeviceRef, ArgError>;
 }

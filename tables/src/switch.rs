@@ -30,6 +30,12 @@ struct GateState {
     drain_waiters: Vec<Waker>,
     current: DeviceRef,
     staged: Option<DeviceRef>,
+    /// Set by [`Switchable::kill`]: the device is going away; every request fails.
+    dead: Option<String>,
+    /// A suspend drained and flushed the device and nothing was admitted since.
+    flushed_suspended: bool,
+    /// Killed while `flushed_suspended`: a flush has nothing left to do and succeeds.
+    dead_clean: bool,
 }
 
 /// Per-device I/O statistics for reports.
@@ -115,6 +121,9 @@ impl Switchable {
                 drain_waiters: Vec::new(),
                 current: dev,
                 staged: None,
+                dead: None,
+                flushed_suspended: false,
+                dead_clean: false,
             }),
             stats: IoStats::default(),
         }
@@ -161,6 +170,35 @@ impl Switchable {
         self.lock().staged.is_some()
     }
 
+    /// Drops the staged table, if any (a reload that failed after staging): the next resume
+    /// keeps the current one.
+    pub fn unstage(&self) -> Option<DeviceRef> {
+        self.lock().staged.take()
+    }
+
+    /// Makes the device fail every request from now on with `ENODEV` and `reason`, including
+    /// the ones waiting at a suspended gate, so a device being removed or shut down while
+    /// suspended (or stuck) lets its front end drain instead of hanging on them.
+    ///
+    /// A device killed while suspended (drained and flushed, nothing admitted since) still
+    /// answers flushes with success: there is nothing left to write back, and a front end's
+    /// last flush on its way out should say so rather than fail.
+    pub fn kill(&self, reason: impl Into<String>) {
+        let mut st = self.lock();
+        if st.dead.is_none() {
+            st.dead_clean = st.flushed_suspended;
+        }
+        st.dead = Some(reason.into());
+        for w in st.admit_waiters.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Why the device was killed, if it was.
+    pub fn killed(&self) -> Option<String> {
+        self.lock().dead.clone()
+    }
+
     /// Stops admitting requests, waits for in-flight ones, then flushes the current device.
     pub async fn suspend(&self) -> IoResult<()> {
         {
@@ -178,7 +216,12 @@ impl Switchable {
         })
         .await;
         let dev = self.current();
-        dev.flush().await
+        let r = dev.flush().await;
+        if r.is_ok() {
+            let mut st = self.lock();
+            st.flushed_suspended = st.suspended;
+        }
+        r
     }
 
     /// Swaps in the staged device (if any) and admits requests again. Returns whether the
@@ -192,6 +235,7 @@ impl Switchable {
             false
         };
         st.suspended = false;
+        st.flushed_suspended = false;
         for w in st.admit_waiters.drain(..) {
             w.wake();
         }
@@ -209,17 +253,23 @@ struct AdmitFuture<'a> {
 }
 
 impl<'a> Future for AdmitFuture<'a> {
-    type Output = (Admitted<'a>, DeviceRef);
+    type Output = IoResult<(Admitted<'a>, DeviceRef)>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let sw = self.sw;
         let mut st = sw.lock();
+        if let Some(why) = &st.dead {
+            return Poll::Ready(Err(IoError::new(
+                libc::ENODEV,
+                format!("{}: {why}", sw.name),
+            )));
+        }
         if st.suspended {
             st.admit_waiters.push(cx.waker().clone());
             return Poll::Pending;
         }
         st.inflight += 1;
         let dev = st.current.clone();
-        Poll::Ready((Admitted { sw }, dev))
+        Poll::Ready(Ok((Admitted { sw }, dev)))
     }
 }
 
@@ -235,7 +285,7 @@ impl BlockDevice for Switchable {
     }
     fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let n = buf.len() as u64;
             let r = dev.read(offset, buf).await;
             self.stats
@@ -245,7 +295,7 @@ impl BlockDevice for Switchable {
     }
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let r = dev.write(offset, buf, flags).await;
             self.stats.count(
                 &self.stats.writes,
@@ -257,7 +307,7 @@ impl BlockDevice for Switchable {
     }
     fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let r = dev.read_fixed(offset, buf).await;
             self.stats.count_served(false, buf.len, &r);
             r
@@ -265,7 +315,7 @@ impl BlockDevice for Switchable {
     }
     fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let r = dev.write_fixed(offset, buf, flags).await;
             self.stats.count_served(true, buf.len, &r);
             r
@@ -279,7 +329,7 @@ impl BlockDevice for Switchable {
         copy: MappedCopy<'a>,
     ) -> IoFuture<'a, Served> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let r = dev.copy_mapped(offset, len, write, copy).await;
             self.stats.count_served(write.is_some(), len, &r);
             r
@@ -287,7 +337,10 @@ impl BlockDevice for Switchable {
     }
     fn flush(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            if self.lock().dead_clean {
+                return Ok(());
+            }
+            let (_slot, dev) = self.admit().await?;
             let r = dev.flush().await;
             self.stats.count(&self.stats.flushes, None, &r);
             r
@@ -295,7 +348,7 @@ impl BlockDevice for Switchable {
     }
     fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let r = dev.discard(offset, len).await;
             self.stats.count(&self.stats.discards, None, &r);
             r
@@ -303,7 +356,7 @@ impl BlockDevice for Switchable {
     }
     fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
         Box::pin(async move {
-            let (_slot, dev) = self.admit().await;
+            let (_slot, dev) = self.admit().await?;
             let r = dev.write_zeroes(offset, len, flags).await;
             self.stats.count(&self.stats.discards, None, &r);
             r
@@ -376,5 +429,38 @@ mod tests {
         sw.resume();
         t.join().unwrap();
         assert!(done.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn kill_fails_waiting_and_new_requests_and_unstage_keeps_the_old_table() {
+        let a: DeviceRef = Arc::new(MemDevice::new("a", Bytes(1 << 20)));
+        let sw = Arc::new(Switchable::new("vol", a));
+        let b: DeviceRef = Arc::new(MemDevice::new("b", Bytes(2 << 20)));
+        sw.load(b).unwrap();
+        assert!(sw.unstage().is_some());
+        futures::executor::block_on(sw.suspend()).unwrap();
+        assert!(!sw.resume(), "an unstaged table must not be swapped in");
+        assert_eq!(sw.size(), Bytes(1 << 20));
+
+        futures::executor::block_on(sw.suspend()).unwrap();
+        let sw2 = sw.clone();
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            futures::executor::block_on(sw2.read(Bytes(0), &mut b))
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        sw.kill("removed");
+        let r = t.join().unwrap();
+        let e = r.expect_err("a request parked at a killed gate must fail");
+        assert_eq!(e.errno, libc::ENODEV);
+        assert!(e.msg.contains("vol: removed"), "{e}");
+        let mut b = [0u8; 512];
+        assert!(futures::executor::block_on(sw.read(Bytes(0), &mut b)).is_err());
+        // Killed after a suspend that flushed: nothing is left to flush.
+        futures::executor::block_on(sw.flush()).unwrap();
+        // Killed while active: a flush cannot be taken any more.
+        let live = Switchable::new("live", Arc::new(MemDevice::new("c", Bytes(4096))));
+        live.kill("gone");
+        assert!(futures::executor::block_on(live.flush()).is_err());
     }
 }

@@ -37,6 +37,17 @@ impl Segment {
     }
 }
 
+/// A device named by a table line ([`Table::devices`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceArg {
+    /// 1-based line of the table text.
+    pub line: usize,
+    /// 0-based index into that line's target arguments.
+    pub arg: usize,
+    /// The device as the table names it.
+    pub name: String,
+}
+
 /// A parsed, validated table.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Table {
@@ -281,6 +292,47 @@ impl Table {
             ));
         }
         Ok(Table { segments })
+    }
+
+    /// Every device the table names, in line order: where (line, 0-based argument index) and
+    /// the name as written. A line whose target `reg` does not know names none.
+    pub fn devices(&self, reg: &Registry) -> Vec<DeviceArg> {
+        let mut out = Vec::new();
+        for s in &self.segments {
+            let Some(kind) = reg.get(&s.target) else {
+                continue;
+            };
+            for arg in kind.device_args(&s.args) {
+                if let Some(name) = s.args.get(arg) {
+                    out.push(DeviceArg {
+                        line: s.line,
+                        arg,
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Rewrites every device name through `f` (which may fail, naming the device), leaving
+    /// every other argument as it is: relative paths made absolute, aliases made canonical.
+    pub fn map_devices<E>(
+        &mut self,
+        reg: &Registry,
+        mut f: impl FnMut(&str) -> Result<String, E>,
+    ) -> Result<(), E> {
+        for s in &mut self.segments {
+            let Some(kind) = reg.get(&s.target) else {
+                continue;
+            };
+            for arg in kind.device_args(&s.args) {
+                if let Some(a) = s.args.get_mut(arg) {
+                    *a = f(a)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Total size: one past the last mapped sector.

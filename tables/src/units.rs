@@ -102,9 +102,18 @@ unit!(
 );
 
 impl Sectors {
-    /// This many sectors in bytes.
+    /// This many sectors in bytes, saturating at `u64::MAX`: it never wraps to a small size.
+    /// Sizes from tables and from disk are bounded when they are validated; use
+    /// [`Sectors::checked_bytes`] where a value has not been.
     pub const fn bytes(self) -> Bytes {
-        Bytes(self.0 * SECTOR_SIZE)
+        Bytes(self.0.saturating_mul(SECTOR_SIZE))
+    }
+    /// This many sectors in bytes, or `None` if that does not fit in 64 bits.
+    pub const fn checked_bytes(self) -> Option<Bytes> {
+        match self.0.checked_mul(SECTOR_SIZE) {
+            Some(b) => Some(Bytes(b)),
+            None => None,
+        }
     }
 }
 

@@ -159,3 +159,42 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn devices_lists_every_device_argument_and_map_devices_rewrites_only_those() {
+    let reg = tables::targets::builtin_registry();
+    let text = "0 100 linear a 0\n\
+                100 208 striped 2 8 b 0 c 16\n\
+                308 10 zero\n\
+                318 10 flakey d 0 1 1\n\
+                328 10 delay e 0 5 f 0 0 g 0 1\n";
+    let mut t = tables::table::Table::parse(text, &reg).unwrap();
+    let names: Vec<(usize, usize, String)> = t
+        .devices(&reg)
+        .into_iter()
+        .map(|d| (d.line, d.arg, d.name))
+        .collect();
+    let want: Vec<(usize, usize, String)> = [
+        (1, 0, "a"),
+        (2, 2, "b"),
+        (2, 4, "c"),
+        (4, 0, "d"),
+        (5, 0, "e"),
+        (5, 3, "f"),
+        (5, 6, "g"),
+    ]
+    .into_iter()
+    .map(|(l, a, n)| (l, a, n.to_string()))
+    .collect();
+    assert_eq!(names, want);
+    t.map_devices(&reg, |d| Ok::<_, ()>(format!("/abs/{d}")))
+        .unwrap();
+    assert_eq!(
+        t.to_string(),
+        "0 100 linear /abs/a 0\n\
+         100 208 striped 2 8 /abs/b 0 /abs/c 16\n\
+         308 10 zero\n\
+         318 10 flakey /abs/d 0 1 1 2 error_reads error_writes\n\
+         328 10 delay /abs/e 0 5 /abs/f 0 0 /abs/g 0 1\n"
+    );
+}

@@ -248,6 +248,9 @@ impl TargetKind for ThinPoolKind {
     fn name(&self) -> &'static str {
         "thin-pool"
     }
+    fn device_args(&self, _args: &[String]) -> Vec<usize> {
+        vec![0, 1]
+    }
     fn validate(&self, _len: Sectors, args: &[String]) -> Result<(), ArgError> {
         parse_pool_args(args).map(|_| ())
     }
@@ -314,6 +317,14 @@ fn parse_thin_id(s: &str) -> Result<ThinId, ArgError> {
 impl TargetKind for ThinKind {
     fn name(&self) -> &'static str {
         "thin"
+    }
+    fn device_args(&self, args: &[String]) -> Vec<usize> {
+        // `<pool dev> <id> [<external origin>]`
+        if args.len() > 2 {
+            vec![0, 2]
+        } else {
+            vec![0]
+        }
     }
     fn validate(&self, _len: Sectors, args: &[String]) -> Result<(), ArgError> {
         if !(2..=3).contains(&args.len()) {

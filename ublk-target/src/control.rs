@@ -68,8 +68,32 @@ pub enum Request {
         /// Device name.
         name: String,
     },
+    /// Build a failed device again from its recorded table.
+    Retry {
+        /// Device name.
+        name: String,
+    },
     /// Ask the daemon to stop (as SIGTERM).
     Shutdown,
+}
+
+impl Request {
+    /// The operation's name as it travels (`create`, `list`...), for messages.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Request::Create { .. } => "create",
+            Request::List => "list",
+            Request::Table { .. } => "table",
+            Request::Reload { .. } => "reload",
+            Request::Suspend { .. } => "suspend",
+            Request::Resume { .. } => "resume",
+            Request::Remove { .. } => "remove",
+            Request::Message { .. } => "message",
+            Request::Status { .. } => "status",
+            Request::Retry { .. } => "retry",
+            Request::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// One device in a listing.
@@ -81,7 +105,8 @@ pub struct DeviceInfo {
     pub path: String,
     /// Size in bytes.
     pub size: u64,
-    /// `active`, `suspended`.
+    /// `active`, `suspended`, `failed` (see `error`), `pending` (not restored yet),
+    /// `building`, `stopping`.
     pub state: String,
     /// Number of table lines.
     pub segments: usize,
@@ -101,6 +126,9 @@ pub struct DeviceInfo {
     /// the driver copies), `nbd`; empty while the device has no front end.
     #[serde(default)]
     pub data_path: String,
+    /// Why the device is failed (could not be built or restored, or its front end died).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A reply.

@@ -146,6 +146,14 @@ impl Frontend {
         }
     }
 
+    /// Why the front end stopped serving on its own, if it did (a ublk queue thread died).
+    pub fn failed(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Nbd(_) => None,
+            Inner::Ublk(_) => None,
+        }
+    }
+
     /// Whether [`Frontend::resize`] can work here: always for NBD; for ublk only on a kernel
     /// with `UBLK_U_CMD_UPDATE_SIZE`.
     pub fn can_resize(&self) -> bool {

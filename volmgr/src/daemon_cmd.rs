@@ -1,10 +1,12 @@
 //! `volmgr daemon`: run the volume daemon.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use ublk_target::daemon::{Daemon, DaemonConfig};
 
 #[derive(Args)]
 pub struct DaemonArgs {
@@ -17,31 +19,36 @@ pub struct DaemonArgs {
     /// Never use ublk (export devices over NBD only).
     #[arg(long)]
     no_ublk: bool,
+    /// Longest a control command waits for a device's I/O (suspend, the final flush of a
+    /// remove, a message) before it fails with an error naming the device.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    io_timeout: u64,
 }
 
+/// Runs the daemon until SIGTERM/SIGINT or a shutdown request. Exits non-zero when a device
+/// could not be restored (and is still failed at exit) or did not stop cleanly.
 pub fn run(a: DaemonArgs) -> Result<()> {
     if a.detach {
         ublk_target::signals::detach().context("detaching")?;
     }
+    // Before any thread starts: SIGINT/SIGTERM are taken synchronously by the signal thread
+    // below, even one that arrives during start-up (it stays pending until then).
     ublk_target::signals::block_termination_signals().context("blocking signals")?;
-    let ublk_available = !a.no_ublk && Path::new("/dev/ublk-control").exists();
-    let cfg = ublk_target::daemon::DaemonConfig {
-        state_dir: a.state_dir.clone(),
-        ublk_available,
-        private_mount_ns: true,
-    };
+    let mut cfg = DaemonConfig::new(&a.state_dir);
+    cfg.ublk_available &= !a.no_ublk;
+    cfg.io_timeout = Duration::from_secs(a.io_timeout.max(1));
+    let ublk_available = cfg.ublk_available;
     ublk_target::daemon::enter_private_mount_ns().context("entering a private mount namespace")?;
     let d = Arc::new(
-        ublk_target::daemon::Daemon::open(
+        Daemon::open(
             cfg,
             volmgr::registry(),
             Arc::new(extents::FileResolver::default()),
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))?,
+        .with_context(|| format!("starting the daemon on {}", a.state_dir.display()))?,
     );
-    for p in d.restore().map_err(|e| anyhow::anyhow!("{e}"))? {
-        eprintln!("volmgr daemon: could not restore {p}");
-    }
+    // The signal thread exists before restore, so a stop during a long restore is honoured
+    // between two devices.
     let d2 = d.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -51,23 +58,44 @@ pub fn run(a: DaemonArgs) -> Result<()> {
             d2.request_stop();
         })
         .context("starting the signal thread")?;
-    eprintln!(
-        "volmgr daemon: ready; control socket {} (ublk {})",
-        d.socket_path().display(),
-        if ublk_available {
-            "available"
-        } else {
-            "not available: NBD only"
-        }
-    );
-    d.serve_control().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let problems = d.shutdown();
+    let problems = d.restore().context("restoring devices")?;
     for p in &problems {
+        eprintln!("volmgr daemon: could not restore {p}");
+    }
+    if !d.stopping() {
+        eprintln!(
+            "volmgr daemon: ready; control socket {} (ublk {}){}",
+            d.socket_path().display(),
+            if ublk_available {
+                "available"
+            } else {
+                "not available: NBD only"
+            },
+            if problems.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} device(s) failed to come up: see `volmgr dev list`",
+                    problems.len()
+                )
+            }
+        );
+    }
+    d.serve_control().context("serving the control socket")?;
+    let stop_problems = d.shutdown();
+    for p in &stop_problems {
         eprintln!("volmgr daemon: {p}");
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        bail!("{} device(s) did not stop cleanly", problems.len())
+    let failed = d.failed_devices();
+    for (n, why) in &failed {
+        eprintln!("volmgr daemon: {n} is still failed: {why}");
     }
+    if !stop_problems.is_empty() || !failed.is_empty() {
+        bail!(
+            "{} device(s) did not stop cleanly, {} device(s) left failed",
+            stop_problems.len(),
+            failed.len()
+        );
+    }
+    Ok(())
 }

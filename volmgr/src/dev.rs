@@ -4,11 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use tables::table::Table;
 use ublk_target::control::{DeviceInfo, Reply, Request};
 
 use crate::client::{call, expect_text, StateDir};
-use crate::table_cmd::read_table_text;
+use crate::table_cmd::table_for_daemon;
 
 #[derive(Subcommand)]
 pub enum DevCmd {
@@ -60,6 +59,14 @@ pub enum DevCmd {
         /// Remove even if it is open or mounted.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Build a failed device again from its recorded table (after fixing what made it fail:
+    /// a missing backing file, a port in use...).
+    Retry {
+        /// Device name.
+        name: String,
         #[command(flatten)]
         sd: StateDir,
     },
@@ -121,6 +128,9 @@ fn print_devices(devs: &[DeviceInfo], json: bool) -> Result<()> {
             d.errors,
             d.data_path
         );
+        if let Some(e) = &d.error {
+            println!("{:<16} error: {e}", "");
+        }
     }
     Ok(())
 }
@@ -135,10 +145,7 @@ pub fn run(cmd: DevCmd) -> Result<()> {
             nbd,
             sd,
         } => {
-            let text = read_table_text(&table)?;
-            // Validate locally first so errors name the file.
-            Table::parse(&text, &volmgr::registry())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            let text = table_for_daemon(&table)?;
             let r = call(
                 &sd,
                 Request::Create {
@@ -160,9 +167,7 @@ pub fn run(cmd: DevCmd) -> Result<()> {
             print!("{}", expect_text(call(&sd, Request::Table { name })?)?)
         }
         DevCmd::Reload { name, table, sd } => {
-            let text = read_table_text(&table)?;
-            Table::parse(&text, &volmgr::registry())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            let text = table_for_daemon(&table)?;
             println!(
                 "{}",
                 expect_text(call(&sd, Request::Reload { name, table: text })?)?
@@ -173,6 +178,9 @@ pub fn run(cmd: DevCmd) -> Result<()> {
                 "{}",
                 expect_text(call(&sd, Request::Remove { name, force })?)?
             )
+        }
+        DevCmd::Retry { name, sd } => {
+            println!("{}", expect_text(call(&sd, Request::Retry { name })?)?)
         }
         DevCmd::Suspend { name, sd } => {
             println!("{}", expect_text(call(&sd, Request::Suspend { name })?)?)

@@ -36,6 +36,16 @@ pub fn parse_table(file: &Path) -> Result<Table> {
     Table::parse(&text, &volmgr::registry()).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
+/// The table of `file` as the daemon should get it: validated here (errors name the file),
+/// relative paths made absolute against our working directory, normalized.
+pub fn table_for_daemon(file: &Path) -> Result<String> {
+    let reg = volmgr::registry();
+    let mut t = parse_table(file)?;
+    let cwd = std::env::current_dir().context("finding the working directory")?;
+    volmgr::absolute_paths(&mut t, &reg, &cwd);
+    Ok(t.to_string())
+}
+
 pub fn table_check(file: &Path, json: bool) -> Result<()> {
     let t = parse_table(file)?;
     if json {

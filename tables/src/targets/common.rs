@@ -114,12 +114,6 @@ pub(crate) fn instance_name(kind: &str, line: usize) -> String {
     format!("{kind}@line{line}")
 }
 
-/// Sectors to bytes, saturating (constructors take any value; the I/O path then fails
-/// cleanly instead of overflowing).
-pub(crate) fn bytes_sat(s: Sectors) -> Bytes {
-    Bytes(s.0.saturating_mul(crate::units::SECTOR_SIZE))
-}
-
 /// `base + off` on a lower device, or an error naming `name` if it does not fit in 64 bits.
 pub(crate) fn shift(name: &str, base: Bytes, off: Bytes) -> IoResult<Bytes> {
     base.checked_add(off).ok_or_else(|| {

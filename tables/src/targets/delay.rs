@@ -16,9 +16,7 @@ use crate::io::{
 use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors};
 
-use super::common::{
-    arg_offset, arg_range, bytes_sat, check_fits, instance_name, norm_num, open, shift,
-};
+use super::common::{arg_offset, arg_range, check_fits, instance_name, norm_num, open, shift};
 
 const USAGE: &str = "delay <device> <offset> <delay_ms> [<write_device> <write_offset> <write_delay_ms> [<flush_device> <flush_offset> <flush_delay_ms>]]";
 
@@ -54,6 +52,9 @@ fn check(len: Sectors, args: &[String]) -> Result<Vec<(Sectors, u32)>, ArgError>
 impl TargetKind for DelayKind {
     fn name(&self) -> &'static str {
         "delay"
+    }
+    fn device_args(&self, args: &[String]) -> Vec<usize> {
+        (0..args.len()).step_by(3).collect()
     }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
         check(len, args).map(|_| ())
@@ -151,7 +152,7 @@ impl Delay {
         let flush = flush.unwrap_or_else(|| write.clone());
         Delay {
             name: name.into(),
-            size: bytes_sat(len),
+            size: len.bytes(),
             read,
             write,
             flush,
@@ -194,7 +195,7 @@ impl BlockDevice for Delay {
         Box::pin(async move {
             let _g = self.wait(0, self.read.delay).await;
             let c = &self.read;
-            let at = shift(&self.name, bytes_sat(c.offset), offset)?;
+            let at = shift(&self.name, c.offset.bytes(), offset)?;
             c.dev.read(at, buf).await
         })
     }
@@ -205,7 +206,7 @@ impl BlockDevice for Delay {
         Box::pin(async move {
             let _g = self.wait(1, self.write.delay).await;
             let c = &self.write;
-            let at = shift(&self.name, bytes_sat(c.offset), offset)?;
+            let at = shift(&self.name, c.offset.bytes(), offset)?;
             c.dev.write(at, buf, flags).await
         })
     }
@@ -222,7 +223,7 @@ impl BlockDevice for Delay {
         Box::pin(async move {
             let _g = self.wait(1, self.write.delay).await;
             let c = &self.write;
-            let at = shift(&self.name, bytes_sat(c.offset), offset)?;
+            let at = shift(&self.name, c.offset.bytes(), offset)?;
             c.dev.discard(at, len).await
         })
     }
@@ -233,7 +234,7 @@ impl BlockDevice for Delay {
         Box::pin(async move {
             let _g = self.wait(1, self.write.delay).await;
             let c = &self.write;
-            let at = shift(&self.name, bytes_sat(c.offset), offset)?;
+            let at = shift(&self.name, c.offset.bytes(), offset)?;
             c.dev.write_zeroes(at, len, flags).await
         })
     }

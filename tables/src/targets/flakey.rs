@@ -26,9 +26,7 @@ use crate::io::{
 use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors};
 
-use super::common::{
-    arg, arg_offset, arg_range, at_least, bytes_sat, check_fits, instance_name, open, shift,
-};
+use super::common::{arg, arg_offset, arg_range, at_least, check_fits, instance_name, open, shift};
 
 const USAGE: &str =
     "flakey <device> <offset> <up interval> <down interval> [<num_features> [<feature arguments>]]";
@@ -319,6 +317,9 @@ impl TargetKind for FlakeyKind {
     fn name(&self) -> &'static str {
         "flakey"
     }
+    fn device_args(&self, _args: &[String]) -> Vec<usize> {
+        vec![0]
+    }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
         FlakeyConfig::parse(len, args).map(|_| ())
     }
@@ -400,9 +401,9 @@ impl Flakey {
         Flakey {
             name: name.into(),
             dev,
-            offset: bytes_sat(cfg.offset),
+            offset: cfg.offset.bytes(),
             cfg,
-            size: bytes_sat(len),
+            size: len.bytes(),
             start: Instant::now(),
             rng: AtomicU64::new(seed),
         }

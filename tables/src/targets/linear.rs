@@ -8,7 +8,7 @@ use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors};
 
 use super::common::{
-    arg_offset, at_least, bytes_sat, check_fits, instance_name, no_more, norm_num, open, shift,
+    arg_offset, at_least, check_fits, instance_name, no_more, norm_num, open, shift,
 };
 
 const USAGE: &str = "linear <device> <offset>";
@@ -19,6 +19,9 @@ pub struct LinearKind;
 impl TargetKind for LinearKind {
     fn name(&self) -> &'static str {
         "linear"
+    }
+    fn device_args(&self, _args: &[String]) -> Vec<usize> {
+        vec![0]
     }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
         at_least(args, 2, USAGE)?;
@@ -69,8 +72,8 @@ impl Linear {
         Linear {
             name: name.into(),
             dev,
-            offset: bytes_sat(offset),
-            size: bytes_sat(len),
+            offset: offset.bytes(),
+            size: len.bytes(),
         }
     }
 

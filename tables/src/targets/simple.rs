@@ -8,7 +8,7 @@ use crate::io::{
 use crate::registry::{ArgError, BuildCtx, TargetKind};
 use crate::units::{Bytes, Sectors};
 
-use super::common::{bytes_sat, instance_name, no_more};
+use super::common::{instance_name, no_more};
 
 /// The `zero` target kind (no arguments).
 pub struct ZeroKind;
@@ -16,6 +16,9 @@ pub struct ZeroKind;
 impl TargetKind for ZeroKind {
     fn name(&self) -> &'static str {
         "zero"
+    }
+    fn device_args(&self, _args: &[String]) -> Vec<usize> {
+        Vec::new()
     }
     fn validate(&self, _len: Sectors, args: &[String]) -> Result<(), ArgError> {
         no_more(args, 0, "zero (no arguments)")
@@ -40,7 +43,7 @@ impl Zero {
     pub fn new(name: impl Into<String>, len: Sectors) -> Zero {
         Zero {
             name: name.into(),
-            size: bytes_sat(len),
+            size: len.bytes(),
         }
     }
 }
@@ -92,6 +95,9 @@ impl TargetKind for ErrorKind {
     fn name(&self) -> &'static str {
         "error"
     }
+    fn device_args(&self, _args: &[String]) -> Vec<usize> {
+        Vec::new()
+    }
     fn validate(&self, _len: Sectors, args: &[String]) -> Result<(), ArgError> {
         no_more(args, 0, "error (no arguments)")
     }
@@ -117,7 +123,7 @@ impl ErrorTarget {
     pub fn new(name: impl Into<String>, len: Sectors) -> ErrorTarget {
         ErrorTarget {
             name: name.into(),
-            size: bytes_sat(len),
+            size: len.bytes(),
         }
     }
 

@@ -107,6 +107,10 @@ impl TargetKind for StripedKind {
     fn name(&self) -> &'static str {
         "striped"
     }
+    fn device_args(&self, args: &[String]) -> Vec<usize> {
+        // `#stripes chunk dev0 off0 dev1 off1 ...`
+        (2..args.len()).step_by(2).collect()
+    }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
         parse(len, args).map(|_| ())
     }
