@@ -91,7 +91,7 @@ fn block<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T> {
 /// block device is already that large. Returns the size before.
 fn grow_pool_device(pool: &str, what: &str, dev: &str, want: u64) -> Result<u64> {
     let path = extents::FileResolver::locate(dev)
-        .map_err(|e| anyhow::anyhow!("pool {pool}: {what} device {dev}: {e}"))?;
+        .with_context(|| format!("pool {pool}: {what} device {dev}"))?;
     let md = std::fs::metadata(&path)
         .with_context(|| format!("pool {pool}: {what} device {}", path.display()))?;
     let human = |b: u64| tables::units::human(tables::Bytes(b));
@@ -141,11 +141,11 @@ fn pool_resize(
     let size = |s: &str| -> Result<u64> {
         tables::units::parse_size(s)
             .map(|b| b.0)
-            .map_err(|e| anyhow::anyhow!("'{s}': {e}"))
+            .with_context(|| format!("'{s}'"))
     };
     let text = expect_text(call(sd, Request::Table { name: name.into() })?)?;
     let table = Table::parse(&text, &volmgr::registry())
-        .map_err(|e| anyhow::anyhow!("{name}: its table does not parse: {e}"))?;
+        .with_context(|| format!("{name}: its table does not parse"))?;
     // The table is reloaded as it is: the pool finds its grown devices when the reload opens
     // them. Its length stays, so the pool device's own size does not change (its thin
     // volumes carry the I/O), and a kernel without ublk UPDATE_SIZE does not refuse it.
@@ -205,7 +205,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
         PoolCmd::Check { metadata, json } => {
             let dev = open_meta(&metadata, false)?;
             let r = block("pool check", thin::tools::check(&dev))?
-                .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?;
+                .with_context(|| metadata.display().to_string())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -242,13 +242,13 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             let dev = open_meta(&metadata, false)?;
             let d = if metadata_snap {
                 block("pool dump", thin::tools::dump_metadata_snap(&dev))?
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?
+                    .with_context(|| metadata.display().to_string())?
                     .with_context(|| {
                         format!("{}: no metadata snapshot is held", metadata.display())
                     })?
             } else {
                 block("pool dump", thin::tools::dump(&dev))?
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?
+                    .with_context(|| metadata.display().to_string())?
             };
             let text = if json {
                 serde_json::to_string_pretty(&d)? + "\n"
@@ -279,7 +279,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
                 .with_context(|| format!("{}: not a JSON pool dump", input.display()))?;
             let dev = open_meta(&metadata, true)?;
             block("pool restore", thin::tools::restore(&d, &dev))?
-                .map_err(|e| anyhow::anyhow!("{}: {e}", metadata.display()))?;
+                .with_context(|| metadata.display().to_string())?;
             println!(
                 "restored {} device(s) into {}",
                 d.devices.len(),
@@ -296,7 +296,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             let src = open_meta(&input, false)?;
             let dst = open_meta(&output, true)?;
             let r = block("pool repair", thin::tools::repair(&src, &dst))?
-                .map_err(|e| anyhow::anyhow!("{} -> {}: {e}", input.display(), output.display()))?;
+                .with_context(|| format!("{} -> {}", input.display(), output.display()))?;
             println!(
                 "recovered {} device(s), {} mapping(s) into {}",
                 r.devices,
@@ -305,6 +305,16 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             );
             for p in &r.problems {
                 println!("skipped: {p}");
+            }
+            // Exit non-zero when anything was left behind, so scripts do not mistake a lossy
+            // repair for a clean one.
+            if !r.problems.is_empty() {
+                bail!(
+                    "{}: repair skipped {} damaged part(s); the mappings under them are lost                      (the new metadata in {} is consistent)",
+                    input.display(),
+                    r.problems.len(),
+                    output.display()
+                );
             }
         }
     }

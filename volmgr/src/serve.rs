@@ -34,7 +34,7 @@ fn build_device(file: &Path) -> Result<DeviceRef> {
     let t = parse_table(file)?;
     let resolver = extents::FileResolver::default();
     t.build(&volmgr::registry(), &resolver)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+        .with_context(|| file.display().to_string())
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -56,7 +56,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         FrontendKind::Ublk(a.ublk_id)
     };
     let front =
-        Frontend::start(&a.export, dev.clone(), kind, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Frontend::start(&a.export, dev.clone(), kind, false).context("starting the front end")?;
     eprintln!(
         "volmgr: serving {} ({} bytes) at {}",
         a.file.display(),
@@ -66,7 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     println!("{}", front.path());
     let sig = ublk_target::signals::wait_termination_signal();
     eprintln!("volmgr: signal {sig}: flushing and stopping");
-    front.stop().map_err(|e| anyhow::anyhow!("{e}"))?;
+    front.stop().context("stopping the front end")?;
     match iort::block_on(dev.flush()) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => bail!("final flush failed: {e}"),

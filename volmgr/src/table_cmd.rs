@@ -33,7 +33,7 @@ pub fn read_table_text(file: &Path) -> Result<String> {
 
 pub fn parse_table(file: &Path) -> Result<Table> {
     let text = read_table_text(file)?;
-    Table::parse(&text, &volmgr::registry()).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+    Table::parse(&text, &volmgr::registry()).with_context(|| file.display().to_string())
 }
 
 /// The table of `file` as the daemon should get it: validated here (errors name the file),
