@@ -59,6 +59,23 @@ pub fn require_root() {
     );
 }
 
+/// Runs `qemu-io -f raw -c CMD... URI` and asserts that every command worked; returns its
+/// output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let o = run(c.arg(uri)).expect("running qemu-io");
+    let s = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !s.contains("failed") && !s.contains("error"),
+        "qemu-io {cmds:?} {uri}: {s}"
+    );
+    s
+}
+
 /// A free TCP port on 127.0.0.1 (racy by nature; tests retry on bind failure).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -337,22 +354,38 @@ pub struct DaemonProc {
 }
 
 impl DaemonProc {
-    /// Starts the daemon and waits for its control socket.
-    pub fn start(state: &Path) -> DaemonProc {
+    /// Starts the daemon (with `extra` arguments) without waiting for anything.
+    pub fn spawn(state: &Path, extra: &[&str]) -> DaemonProc {
         let log = state.with_extension("log");
-        let errf = std::fs::File::create(&log).expect("daemon log");
+        let errf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("daemon log");
         let child = Command::new(volmgr_bin())
             .args(["daemon", "--no-ublk"])
+            .args(extra)
             .env("VOLMGR_STATE_DIR", state)
             .stdout(Stdio::null())
             .stderr(errf)
             .spawn()
             .expect("spawning volmgr daemon");
-        let d = DaemonProc {
+        DaemonProc {
             child: Some(child),
             state: state.to_path_buf(),
             log,
-        };
+        }
+    }
+
+    /// Starts the daemon and waits for its control socket.
+    pub fn start(state: &Path) -> DaemonProc {
+        Self::start_with(state, &[])
+    }
+
+    /// [`DaemonProc::start`] with extra daemon arguments.
+    pub fn start_with(state: &Path, extra: &[&str]) -> DaemonProc {
+        let _ = std::fs::remove_file(state.join("control.sock"));
+        let d = Self::spawn(state, extra);
         let t0 = Instant::now();
         while !state.join("control.sock").exists() {
             assert!(
@@ -413,6 +446,19 @@ impl DaemonProc {
             &format!("127.0.0.1:{port}"),
         ]);
         port
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL (a crash) and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// SIGTERM, wait; returns the exit code.

@@ -8,21 +8,6 @@ use e2e::*;
 
 use e2e::DaemonProc as Daemon;
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    let o = run(c.arg(uri)).unwrap();
-    let s = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && !s.contains("failed") && !s.contains("error"),
-        "{s}"
-    );
-    s
-}
-
 #[test]
 fn daemon_devices_lifecycle_reload_stacking_and_restart() {
     require_root();

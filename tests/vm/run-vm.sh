@@ -169,6 +169,7 @@ if [ "$MODE" = direct ]; then
   set +e
   bash "$LAUNCH" 2>&1 | tee "$VM_RESULTS/console.log"
   set -e
+  echo "vm: ran on this host's kernel $(uname -r) (direct mode: no suite)"
   verdict "$VM_RESULTS/console.log" 0
   exit $?
 fi
@@ -355,7 +356,7 @@ for attempt in 1 2 3; do
   timeout --foreground -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel "$VM_ACCEL" -cpu "${VM_CPU:-max}" \
     -m "$VM_MEM" -smp "$VM_SMP" -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$KX/boot/vmlinuz-$KV" -initrd "$INITRD" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST vm_share=$SHARE_LIST" \
+    -append "console=ttyS0 panic=-1 loglevel=5 vm_results=$VM_RESULTS vm_tmp=$MEMT vm_modules=$MODLIST vm_share=$SHARE_LIST" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     "${SHARE_ARGS[@]}" \
     -virtfs local,path="$VM_RESULTS",mount_tag=results,security_model=none,multidevs=remap \
@@ -384,8 +385,22 @@ if [ "${VM_LOCK_HELD:-0}" != 1 ]; then : > "$VM_LOCK"; flock -u 8; exec 8>&-; fi
 grep -aq '^VM_GUEST_START' "$CONSOLE" || die "guest did not start in 3 boots (qemu rc=$rc, see $CONSOLE)"
 extra=0
 [ "$rc" = 0 ] || extra=1
-grep -aqE '^\[ *[0-9.]+\] (Kernel panic|BUG:|Oops|WARNING:)' "$CONSOLE" \
-  && { echo "vm: kernel oops/panic/warning in the guest"; extra=$((extra + 1)); }
+# No `quiet`: loglevel=5 lets KERN_WARNING through, so a WARN_ON splat reaches the console
+# and fails the boot like an oops does.
+SPLAT='(Kernel panic|BUG:|kernel BUG|Oops|WARNING:|general protection fault|UBSAN:|KASAN:|INFO: task .* blocked for more than|watchdog: BUG: soft lockup)'
+if grep -aqE "^\[ *[0-9.]+\] $SPLAT" "$CONSOLE"; then
+  echo "vm: kernel oops/panic/warning in the guest:"
+  grep -aE "^\[ *[0-9.]+\] $SPLAT" "$CONSOLE" | head -n 5 | sed 's/^/vm:   /'
+  extra=$((extra + 1))
+fi
+# The kernel that booted must be the one this suite resolved to (never a stale cache's).
+BOOTED=$(grep -a '^VM_INIT uptime' "$CONSOLE" | head -n1 | sed -n 's/.*kernel=\([^ ]*\).*/\1/p')
+if [ "$BOOTED" = "$KV" ]; then
+  echo "vm: booted kernel $KV (suite $SUITE)"
+else
+  echo "vm: the guest booted kernel '$BOOTED', not $KV of suite $SUITE"
+  extra=$((extra + 1))
+fi
 if verdict "$CONSOLE" "$extra"; then
   # A results dir we made ourselves is only worth keeping when something failed.
   [ -z "${VM_KEEP:-}" ] && [ "$RESULTS_OWNED" = 1 ] && rm -rf "$VM_RESULTS"
