@@ -22,6 +22,15 @@ for s in $SCRIPTS; do
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   declared=$(sed -n 's/^# *vm-checks: *\([0-9][0-9]*\).*/\1/p' "$D/$s" | head -n1)
+  # `# vm-checks-below-X.Y: M`: a script whose checks depend on the kernel declares both.
+  below=$(sed -n 's/^# *vm-checks-below-\([0-9]*\.[0-9]*\): *\([0-9][0-9]*\).*/\1 \2/p' "$D/$s" | head -n1)
+  if [ -n "$below" ]; then
+    kv=$(uname -r); kmaj=${kv%%.*}; kr=${kv#*.}; kmin=${kr%%[!0-9]*}
+    want=${below% *}; wmaj=${want%.*}; wmin=${want#*.}
+    if [ "$kmaj" -lt "$wmaj" ] || { [ "$kmaj" -eq "$wmaj" ] && [ "$kmin" -lt "$wmin" ]; }; then
+      declared=${below#* }
+    fi
+  fi
   ran=$(grep -acE '^CHECK_(OK|FAIL|SKIP) ' "$OUT")
   if [ -z "$declared" ]; then
     echo "CHECK_FAIL vm-checks-$s: the script has no '# vm-checks: N' header"; rc=1

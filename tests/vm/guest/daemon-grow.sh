@@ -8,6 +8,8 @@
 # Usage: daemon-grow.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh;
 #        VM_KERNEL_SUITE=trixie-backports gives a kernel that has UPDATE_SIZE)
 # vm-modules: ublk_drv ext4
+# vm-checks: 16
+# vm-checks-below-6.16: 14
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 

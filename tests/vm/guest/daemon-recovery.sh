@@ -8,6 +8,7 @@
 #
 # Usage: daemon-recovery.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh)
 # vm-modules: ublk_drv ext4
+# vm-checks: 31
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 

@@ -6,6 +6,7 @@
 #
 # Usage: daemon.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh)
 # vm-modules: ublk_drv ext4
+# vm-checks: 45
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 

@@ -2,6 +2,7 @@
 # smoke.sh - the harness itself: boot, 9p, writable dirs, and every kernel module the other
 # guest scripts rely on loads (timed: module loading is the biggest part of boot under TCG).
 # vm-modules: ublk_drv
+# vm-checks: 14
 . "$(dirname "$0")/lib.sh"
 step "kernel $(uname -r)"
 [ -c /dev/ublk-control ] && ok ublk-control || fail ublk-control "no /dev/ublk-control"

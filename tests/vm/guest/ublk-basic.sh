@@ -9,6 +9,7 @@
 # zeroes, data reaches the backing file, and stop deletes the device. Also a RAM-disk run
 # created with the user-recovery flag (start, read back, stop; no crash/re-attach yet).
 # vm-modules: ublk_drv ext4 xfs
+# vm-checks: 34
 . "$(dirname "$0")/lib.sh"
 
 SERVE=${1:-${UBLK_SERVE:-}}

@@ -5,6 +5,7 @@
 #
 # Usage: ublk-recovery.sh UBLK_SERVE_BINARY   (run by tests/vm/run-vm.sh)
 # vm-modules: ublk_drv ext4
+# vm-checks: 17
 . "$(dirname "$0")/lib.sh"
 
 SERVE=${1:-${UBLK_SERVE:-}}
