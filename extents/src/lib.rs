@@ -9,7 +9,6 @@
 
 #![warn(missing_docs)]
 
-mod bounce;
 mod file;
 mod resolver;
 mod sys;
