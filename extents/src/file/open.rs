@@ -33,12 +33,30 @@ pub enum DirectMode {
 }
 
 /// How to open an extent.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
     /// Open read-only: writes, discards and write-zeroes fail with `EROFS`.
     pub read_only: bool,
     /// Direct or buffered I/O.
     pub direct: DirectMode,
+    /// Claim a block device exclusively (`O_EXCL`, the default): a disk that holds a mounted
+    /// file system, or that md, dm, a loop device, another volume or any other exclusive
+    /// opener holds, is refused with `EBUSY` naming it, and while the extent is open nobody
+    /// else can claim the device either. `false` forces sharing it (two writers that know
+    /// nothing of each other corrupt it). One extent shared through a
+    /// [`crate::FileResolver`] counts once, however many table lines name it. Regular files
+    /// are never claimed.
+    pub exclusive: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions {
+            read_only: false,
+            direct: DirectMode::default(),
+            exclusive: true,
+        }
+    }
 }
 
 /// The I/O mode an extent ended up with.
@@ -141,18 +159,28 @@ pub fn create_sparse(path: impl AsRef<Path>, size: Bytes) -> Result<(), ExtentEr
         .map_err(|e| ExtentError::io(&name, format!("set length to {} bytes", size.0), e))
 }
 
-fn open_fd(path: &Path, read_only: bool, direct: bool) -> std::io::Result<OwnedFd> {
+/// What an exclusive open that found the block device busy says.
+const EXCL_BUSY: &str = "open exclusively: the device is mounted, or held by md, dm, a loop \
+     device or another volume (OpenOptions::exclusive = false shares it)";
+
+/// Whether `path` names a block device (false if it cannot be looked at: the open then
+/// reports why).
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Opens `path` with `extra` flags (`O_DIRECT`, `O_EXCL`) on top of the access mode.
+fn open_fd(path: &Path, read_only: bool, extra: libc::c_int) -> std::io::Result<OwnedFd> {
     let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut flags = libc::O_CLOEXEC
+    let flags = libc::O_CLOEXEC
+        | extra
         | if read_only {
             libc::O_RDONLY
         } else {
             libc::O_RDWR
         };
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
     // SAFETY: valid C string; open returns a new fd or -1.
     let fd = unsafe { libc::open(cpath.as_ptr(), flags) };
     if fd < 0 {
@@ -168,14 +196,28 @@ impl FileExtent {
         let path = path.as_ref().to_path_buf();
         let name = path.display().to_string();
         let want_direct = opts.direct != DirectMode::Never;
-        let (fd, mut refused) = match open_fd(&path, opts.read_only, want_direct) {
+        // O_EXCL without O_CREAT only means something for block devices (elsewhere it is
+        // undefined): ask for it only where the path is one.
+        let excl = if opts.exclusive && is_block_device(&path) {
+            libc::O_EXCL
+        } else {
+            0
+        };
+        let open_err = |e: std::io::Error| {
+            if excl != 0 && e.raw_os_error() == Some(libc::EBUSY) {
+                ExtentError::io(&name, EXCL_BUSY, e)
+            } else {
+                ExtentError::io(&name, "open", e)
+            }
+        };
+        let direct_flag = if want_direct { libc::O_DIRECT } else { 0 };
+        let (fd, mut refused) = match open_fd(&path, opts.read_only, excl | direct_flag) {
             Ok(fd) => (fd, None),
             Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                let fd = open_fd(&path, opts.read_only, false)
-                    .map_err(|e| ExtentError::io(&name, "open", e))?;
+                let fd = open_fd(&path, opts.read_only, excl).map_err(open_err)?;
                 (fd, Some("the file system refused O_DIRECT".to_string()))
             }
-            Err(e) => return Err(ExtentError::io(&name, "open", e)),
+            Err(e) => return Err(open_err(e)),
         };
         let raw = fd.as_raw_fd();
         let st = sys::statx_fd(raw).map_err(|e| ExtentError::io(&name, "statx", e))?;
