@@ -131,6 +131,64 @@ impl FileExtent {
         Ok(())
     }
 
+    /// The error for a request that found the data ending at byte `end`, before its own end:
+    /// a block device that ended early, or a file that shrank under the extent. Nothing of a
+    /// file past its end is made up as zeroes: its size is the size it had when opened (or
+    /// refreshed), so a request within it that meets the end means the file was cut behind
+    /// our back and that data is gone.
+    fn past_end(&self, what: &str, off: u64, len: u64, end: u64) -> IoError {
+        match self.kind {
+            ExtentKind::File => {
+                let now = match sys::file_len(self.raw()) {
+                    Ok(l) => format!("is now {l} bytes"),
+                    Err(_) => format!("ends at byte {end}"),
+                };
+                IoError::eio(format!(
+                    "{}: {what} at byte {off} length {len}: the file {now}, shorter than the {} \
+                     bytes it had when opened (it shrank under the device)",
+                    self.name,
+                    self.size_now().0
+                ))
+            }
+            ExtentKind::BlockDevice { .. } => IoError::eio(format!(
+                "{}: {what} at byte {off} length {len}: device ended at byte {end}",
+                self.name
+            )),
+        }
+    }
+
+    /// A read of `len` bytes at `off` that got `n`: an error unless it got them all.
+    fn short_read(&self, what: &str, off: u64, len: usize, n: usize) -> IoResult<()> {
+        if n >= len {
+            return Ok(());
+        }
+        Err(self.past_end(what, off, len as u64, off.saturating_add(n as u64)))
+    }
+
+    /// Before a write to a regular file: the file must still reach the end of the range. A
+    /// file that shrank under the device is not grown back by a write (that would bring back
+    /// its cut-off tail as zeroes, and undo an administrator's truncation) but refused with
+    /// EIO. Costs one `lseek` per write to a file; block devices cannot be cut that way.
+    fn check_eof(&self, what: &str, off: u64, len: u64) -> IoResult<()> {
+        if self.kind != ExtentKind::File {
+            return Ok(());
+        }
+        let eof = sys::file_len(self.raw()).map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            self.os_err(
+                &format!("{what} (finding the end of the file)"),
+                off,
+                len,
+                errno,
+            )
+        })?;
+        let end = off.saturating_add(len);
+        if eof < end {
+            return Err(self.past_end(what, off, len, eof));
+        }
+        Ok(())
+    }
+
     /// Whether a transfer at `ptr`/`off` of `len` bytes may go to the kernel as is.
     fn aligned(&self, ptr: usize, off: u64, len: usize) -> bool {
         ptr.is_multiple_of(self.mem_align)
@@ -149,7 +207,7 @@ impl FileExtent {
     async fn do_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
         if self.aligned(buf.as_ptr() as usize, off, buf.len()) {
             let n = self.read_loop(off, buf).await?;
-            return self.finish_short_read(off, buf, n);
+            return self.short_read("read", off, buf.len(), n);
         }
         // Unaligned in direct mode: read the covering aligned span into a bounce buffer.
         self.bounce_read(off, buf).await
@@ -202,6 +260,7 @@ impl BlockDevice for FileExtent {
             if buf.is_empty() {
                 return Ok(());
             }
+            self.check_eof("write", offset.0, buf.len() as u64)?;
             let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
             self.do_write(offset.0, buf, rw_flags).await
         })
@@ -242,7 +301,8 @@ impl BlockDevice for FileExtent {
             } else {
                 check_range(&self.name, self.size_now(), offset, Bytes(len as u64))?;
             }
-            self.do_copy_mapped(offset, len, copy).await
+            self.do_copy_mapped(offset, len, write.is_some(), copy)
+                .await
         })
     }
 
@@ -263,6 +323,7 @@ impl BlockDevice for FileExtent {
             if len.0 == 0 {
                 return Ok(());
             }
+            self.check_eof("discard", offset.0, len.0)?;
             self.do_discard(offset.0, len.0).await
         })
     }
@@ -273,6 +334,7 @@ impl BlockDevice for FileExtent {
             if len.0 == 0 {
                 return Ok(());
             }
+            self.check_eof("write-zeroes", offset.0, len.0)?;
             self.do_write_zeroes(offset.0, len.0, flags).await
         })
     }

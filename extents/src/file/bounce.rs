@@ -145,16 +145,24 @@ impl FileExtent {
         let (a0, a1) = (self.align_down(off), self.align_up(end));
         let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
         let n = self.read_loop(a0, &mut b).await?;
-        self.finish_short_read(a0, &mut b, n)?;
+        // Only the requested bytes must exist: the span's tail past them may be cut off.
+        let got = (a0 + n as u64).saturating_sub(off);
+        self.short_read(
+            "read",
+            off,
+            buf.len(),
+            usize::try_from(got).unwrap_or(usize::MAX),
+        )?;
         let s = (off - a0) as usize;
         buf.copy_from_slice(&b[s..s + buf.len()]);
         Ok(())
     }
 
-    /// Reads one aligned block for a read-modify-write (zeroes past the end of a file).
+    /// Reads one aligned block for a read-modify-write (an error if the file no longer holds
+    /// all of it: writing it back would grow the file again).
     async fn read_block(&self, pos: u64, blk: &mut [u8]) -> IoResult<()> {
         let n = self.read_loop(pos, blk).await?;
-        self.finish_short_read(pos, blk, n)
+        self.short_read("read-modify-write", pos, blk.len(), n)
     }
 
     /// Writes an unaligned range in direct mode through an aligned bounce buffer.

@@ -9,8 +9,8 @@ use tables::{Bytes, IoResult, Served};
 use super::FileExtent;
 
 /// A shared mapping of a whole file in RAM. Its bytes are only ever handed to system calls
-/// (`copy_mapped`): if the file shrinks, those report `EFAULT`, where a load or store here
-/// would raise `SIGBUS`.
+/// (`copy_mapped`): if the file shrinks, those report `EFAULT` (turned into EIO), where a
+/// load or store here would raise `SIGBUS`.
 pub(super) struct Mapping {
     ptr: *mut u8,
     len: usize,
@@ -80,6 +80,7 @@ impl FileExtent {
         &self,
         offset: Bytes,
         len: usize,
+        write: bool,
         copy: tables::MappedCopy<'_>,
     ) -> IoResult<Served> {
         let Some(m) = &self.map else {
@@ -96,10 +97,21 @@ impl FileExtent {
             return Ok(Served::NeedsMemory);
         }
         // The address is only passed on to the kernel (see `MappedCopy`).
+        let what = if write { "write" } else { "read" };
         match copy(m.ptr.wrapping_add(off), 0, len) {
-            Ok(()) => Ok(Served::Done),
-            // The file shrank under its mapping: the plain path handles its end.
-            Err(e) if e.errno == libc::EFAULT => Ok(Served::NeedsMemory),
+            // A file that shrank still has the page holding its new end mapped: past the end
+            // in that page a read sees zeroes and a write is lost, with no EFAULT. So the
+            // length is checked after every copy (one lseek, a fraction of a 4 KiB copy).
+            Ok(()) => {
+                self.check_eof(what, offset.0, len as u64)?;
+                Ok(Served::Done)
+            }
+            // Pages wholly past the end of a file that shrank: EIO saying so. Any other
+            // EFAULT is left to the plain path.
+            Err(e) if e.errno == libc::EFAULT => {
+                self.check_eof(what, offset.0, len as u64)?;
+                Ok(Served::NeedsMemory)
+            }
             Err(e) => Err(e.context(format_args!("{} at byte {off}", self.name))),
         }
     }
@@ -125,8 +137,8 @@ mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
     use tables::{BlockDevice, IoError, WriteFlags};
 
-    /// A file in RAM hands its mapped bytes to a kernel copy; a file on disk declines; a
-    /// mapping past the end of a file that shrank reports EFAULT and is declined too.
+    /// A file in RAM hands its mapped bytes to a kernel copy; a file on disk declines; a copy
+    /// past the end of a file that shrank is an error.
     #[test]
     fn files_in_ram_copy_through_their_mapping() {
         let d = tempfile::tempdir_in("/dev/shm").unwrap();
@@ -177,17 +189,48 @@ mod tests {
             r.read_at(&mut want, 0).unwrap();
             assert!(back == want);
 
+            // The file shrinks to a length inside a page: pages past it give EFAULT, the
+            // rest of the page holding the end reads as zeroes through the mapping. Both are
+            // EIO naming the path, the offset and the new length; the data before the end
+            // still copies, and a write past the end neither succeeds nor grows the file.
+            let cut = (256 << 10) + 100;
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&p)
                 .unwrap()
-                .set_len(256 << 10)
+                .set_len(cut)
                 .unwrap();
-            let s = e
+            let err = e
                 .copy_mapped(Bytes(512 << 10), 4096, None, &to_req)
                 .await
+                .unwrap_err();
+            assert_eq!(err.errno, libc::EIO, "a page past the new end: {err}");
+            for want in [
+                p.to_str().unwrap(),
+                "read at byte 524288",
+                "is now 262244 bytes",
+            ] {
+                assert!(err.msg.contains(want), "{want}: {err}");
+            }
+            let err = e
+                .copy_mapped(Bytes(256 << 10), 4096, None, &to_req)
+                .await
+                .unwrap_err();
+            assert_eq!(err.errno, libc::EIO, "the page holding the end: {err}");
+            let w = e.copy_mapped(
+                Bytes(256 << 10),
+                4096,
+                Some(WriteFlags::default()),
+                &from_req,
+            );
+            let err = w.await.unwrap_err();
+            assert_eq!(err.errno, libc::EIO, "a write past the end: {err}");
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), cut);
+            let s = e
+                .copy_mapped(Bytes(8192), 12288, None, &to_req)
+                .await
                 .unwrap();
-            assert_eq!(s, Served::NeedsMemory, "a page past the new end");
+            assert_eq!(s, Served::Done, "before the end");
         })
         .unwrap();
 

@@ -79,7 +79,9 @@ pub enum IoMode {
 /// What the path is.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum ExtentKind {
-    /// A regular file: size is its length; reads past its end return zeroes.
+    /// A regular file: size is its length when opened (or refreshed). If it shrinks under the
+    /// extent, reads and writes that reach past its new end fail with EIO; writes do not
+    /// grow it back.
     File,
     /// A block device.
     BlockDevice {

@@ -2,12 +2,12 @@
 //! for files in RAM, parallel async pieces for their large reads), fixed-buffer reads and
 //! writes (ublk zero copy), short transfers, retries, and `fdatasync`.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 use iort::io_uring::{opcode, squeue, types};
 use tables::{Bytes, FixedBuf, IoError, IoResult, Served};
 
-use super::{ExtentKind, FileExtent};
+use super::FileExtent;
 use crate::sys;
 
 /// Largest transfer put in one SQE (the kernel caps one read/write at just under 2 GiB).
@@ -43,15 +43,6 @@ const MAX_RETRIES: u32 = 16;
 /// 512 bytes, which ublk keeps): direct I/O into a registered request buffer works when the
 /// file needs no more than this.
 const REQUEST_MEM_ALIGN: usize = 512;
-
-/// `/dev/zero`, opened once: the source that zero-fills a registered buffer past the end of a
-/// file (the bytes are not in our address space, so they cannot be cleared in place).
-fn dev_zero() -> Option<RawFd> {
-    static ZERO: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    ZERO.get_or_init(|| std::fs::File::open("/dev/zero").ok().map(OwnedFd::from))
-        .as_ref()
-        .map(|f| f.as_raw_fd())
-}
 
 impl FileExtent {
     /// Reads until `buf` is full or the file ends. In direct mode it also stops after a short
@@ -134,26 +125,6 @@ impl FileExtent {
             done += n;
         }
         done
-    }
-
-    /// What a read that stopped at `n` of `buf.len()` bytes means: the end of a file (zeroes
-    /// follow), or a block device that ended early (an error).
-    pub(super) fn finish_short_read(&self, off: u64, buf: &mut [u8], n: usize) -> IoResult<()> {
-        if n == buf.len() {
-            return Ok(());
-        }
-        match self.kind {
-            ExtentKind::File => {
-                buf[n..].fill(0);
-                Ok(())
-            }
-            ExtentKind::BlockDevice { .. } => Err(IoError::eio(format!(
-                "{}: read at byte {off} length {}: device ended at byte {}",
-                self.name,
-                buf.len(),
-                off + n as u64
-            ))),
-        }
     }
 
     /// Writes until done. In direct mode it stops after a short write that leaves an unaligned
@@ -284,29 +255,7 @@ impl FileExtent {
         if n == buf.len {
             return Ok(Served::Done);
         }
-        match self.kind {
-            // Past the end of a file reads as zeroes (as `finish_short_read`).
-            ExtentKind::File => {
-                let Some(zero) = dev_zero() else {
-                    return Ok(Served::NeedsMemory);
-                };
-                let rest = buf.slice(n, buf.len - n);
-                let sqe = fixed_sqe(false, zero, rest, 0, 0);
-                // SAFETY: as in `fixed_loop`; /dev/zero stays open for the process.
-                let r = unsafe { iort::submit(sqe) }.await;
-                Ok(if r == rest.len as i32 {
-                    Served::Done
-                } else {
-                    Served::NeedsMemory
-                })
-            }
-            ExtentKind::BlockDevice { .. } => Err(IoError::eio(format!(
-                "{}: read at byte {off} length {}: device ended at byte {}",
-                self.name,
-                buf.len,
-                off + n as u64
-            ))),
-        }
+        Err(self.past_end("read", off, buf.len as u64, off.saturating_add(n as u64)))
     }
 
     pub(super) async fn do_write_fixed(
@@ -318,6 +267,7 @@ impl FileExtent {
         if !self.fixed_ok(off, buf.len) {
             return Ok(Served::NeedsMemory);
         }
+        self.check_eof("write", off, buf.len as u64)?;
         let n = self.fixed_loop(true, off, buf, rw_flags).await?;
         // A direct write cut short at an unaligned point needs the bounce path: redone whole.
         Ok(if n == buf.len {
@@ -431,21 +381,38 @@ mod tests {
                 let odd = e.read_fixed(Bytes(100), fixed(0, 64 << 10)).await.unwrap();
                 assert_eq!(odd, Served::NeedsMemory, "unaligned direct");
             }
-            // Past the end of a file that shrank: zeroes, as plain reads give.
+            // Past the end of a file that shrank: EIO naming the path, the offset and the
+            // new size, as plain reads give; within it, the data. Writes do not grow it back.
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&p)
                 .unwrap()
                 .set_len(512 << 10)
                 .unwrap();
-            reg[..256 << 10].fill(0xee);
-            let r = e.read_fixed(Bytes(384 << 10), fixed(0, 256 << 10));
+            let err = e
+                .read_fixed(Bytes(384 << 10), fixed(0, 256 << 10))
+                .await
+                .unwrap_err();
+            assert_eq!(err.errno, libc::EIO, "{err}");
+            let name = p.to_str().unwrap();
+            for want in [name, "read at byte 393216", "is now 524288 bytes"] {
+                assert!(err.msg.contains(want), "{want}: {err}");
+            }
+            let err = e
+                .read(Bytes(384 << 10), &mut plain[..256 << 10])
+                .await
+                .unwrap_err();
+            assert_eq!(err.errno, libc::EIO, "{err}");
+            let r = e.read_fixed(Bytes(256 << 10), fixed(0, 256 << 10));
             assert_eq!(r.await.unwrap(), Served::Done);
-            e.read(Bytes(384 << 10), &mut plain[..256 << 10])
+            e.read(Bytes(256 << 10), &mut plain[..256 << 10])
                 .await
                 .unwrap();
-            assert!(reg[..256 << 10] == plain[..256 << 10], "tail");
-            assert!(reg[128 << 10..256 << 10].iter().all(|&b| b == 0));
+            assert!(reg[..256 << 10] == plain[..256 << 10], "within the new end");
+            let w = e.write_fixed(Bytes(768 << 10), fixed(0, 4096), WriteFlags::default());
+            let err = w.await.unwrap_err();
+            assert_eq!(err.errno, libc::EIO, "{err}");
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 512 << 10, "not grown");
         });
         drop(rt);
         drop(reg);
