@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{pattern, st_blocks, TestBuf};
 use extents::{
     create_sparse, DirectMode, ExtentError, ExtentKind, FileExtent, FileResolver, IoMode,
-    OpenOptions,
+    OpenOptions, RelativePaths,
 };
 use tables::registry::Resolver;
 use tables::{BlockDevice, Bytes, WriteFlags};
@@ -486,6 +486,54 @@ fn resolver_shares_one_extent_per_file() {
     let _ = addr;
     let err = r.open("/nonexistent/dev.img").err().unwrap();
     assert!(err.contains("/nonexistent/dev.img"), "{err}");
+}
+
+/// A daemon's working directory means nothing to the tables it is sent: a resolver told to
+/// refuse relative paths names the path and asks for an absolute one; one given a base
+/// directory takes them from there; absolute paths and device numbers are unaffected.
+#[test]
+fn resolver_refuses_or_bases_relative_paths() {
+    let d = common::direct_dir();
+    let a = d.path().join("a.img");
+    create_sparse(&a, Bytes(1 << 20)).unwrap();
+    let abs = a.to_str().unwrap();
+
+    let refusing = FileResolver::default().relative_paths(RelativePaths::Refuse);
+    for rel in ["a.img", "./a.img", "sub/../a.img"] {
+        let err = refusing.open_extent(rel).unwrap_err();
+        assert!(matches!(err, ExtentError::RelativePath { .. }), "{err}");
+        assert_eq!(err.errno(), libc::EINVAL);
+        let want = format!("table names relative path '{rel}': give an absolute path");
+        assert_eq!(err.to_string(), want);
+        let err = refusing.open(rel).err().unwrap();
+        assert_eq!(err, want, "through the Resolver trait");
+    }
+    assert_eq!(refusing.open_extent(abs).unwrap().size(), Bytes(1 << 20));
+    // A device number is not a path: it is looked up, not refused.
+    let err = refusing
+        .open_extent("4095:1048575")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("find block device 4095:1048575"), "{err}");
+
+    let based = FileResolver::default().relative_paths(RelativePaths::Base(d.path().into()));
+    let x = based.open_extent("a.img").unwrap();
+    let y = based.open_extent(abs).unwrap();
+    assert!(
+        Arc::ptr_eq(&x, &y),
+        "the base-relative name is the same file"
+    );
+    let err = based.open_extent("missing.img").unwrap_err().to_string();
+    let missing = d.path().join("missing.img");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+
+    let bad_base = FileResolver::default().relative_paths(RelativePaths::Base("rel/dir".into()));
+    let err = bad_base.open_extent("a.img").unwrap_err().to_string();
+    assert!(
+        err.contains("relative path 'a.img'") && err.contains("'rel/dir' is not absolute"),
+        "{err}"
+    );
+    assert!(bad_base.open_extent(abs).is_ok());
 }
 
 /// Large requests on a file in RAM go out as parallel async pieces (`ram_parallel`); a

@@ -114,6 +114,23 @@ pub enum ExtentError {
         /// Why.
         msg: String,
     },
+    /// A table names a relative path where relative paths are refused (see
+    /// [`crate::RelativePaths`]).
+    #[error("table names relative path '{path}': give an absolute path{}", base_text(.base))]
+    RelativePath {
+        /// The path as the table gave it.
+        path: String,
+        /// The base directory it would have been taken from, if that was not absolute.
+        base: Option<String>,
+    },
+}
+
+/// How a refused relative path explains itself when a base directory was given.
+fn base_text(base: &Option<String>) -> String {
+    match base {
+        Some(b) => format!(" (the base directory '{b}' is not absolute either)"),
+        None => String::new(),
+    }
 }
 
 /// An OS error as its `strerror` text (std adds " (os error N)", which our messages avoid).
@@ -136,7 +153,7 @@ impl ExtentError {
     pub fn errno(&self) -> i32 {
         match self {
             ExtentError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            ExtentError::Unsupported { .. } => libc::EINVAL,
+            ExtentError::Unsupported { .. } | ExtentError::RelativePath { .. } => libc::EINVAL,
         }
     }
 }
