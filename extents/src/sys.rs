@@ -47,7 +47,14 @@ pub(crate) fn blk_block_sizes(fd: RawFd) -> io::Result<(u32, u32)> {
     // SAFETY: BLKSSZGET writes an int, BLKPBSZGET an unsigned int.
     cvt(unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut lbs as *mut libc::c_int) })?;
     cvt(unsafe { libc::ioctl(fd, libc::BLKPBSZGET, &mut pbs as *mut libc::c_uint) })?;
-    Ok((lbs.max(512) as u32, pbs.max(lbs as u32)))
+    Ok(block_sizes(lbs, pbs))
+}
+
+/// Logical and physical block sizes from what the ioctls wrote: at least 512, the physical
+/// at least the logical (a negative logical size, which no kernel reports, counts as 0).
+fn block_sizes(lbs: libc::c_int, pbs: libc::c_uint) -> (u32, u32) {
+    let l = u32::try_from(lbs).unwrap_or(0).max(512);
+    (l, pbs.max(l))
 }
 
 /// `BLKDISCARD` or `BLKZEROOUT` over `[start, start+len)` (synchronous: the fallbacks for
@@ -154,5 +161,19 @@ pub(crate) fn errno_text(errno: i32) -> String {
     match s.rfind(" (os error") {
         Some(i) => s[..i].to_string(),
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_are_sane_whatever_the_ioctls_wrote() {
+        assert_eq!(block_sizes(512, 4096), (512, 4096));
+        assert_eq!(block_sizes(4096, 512), (4096, 4096));
+        assert_eq!(block_sizes(0, 0), (512, 512));
+        // A negative logical size must not turn into a physical size of 4 GiB - 1.
+        assert_eq!(block_sizes(-1, 0), (512, 512));
     }
 }

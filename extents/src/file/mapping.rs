@@ -86,10 +86,12 @@ impl FileExtent {
         let Some(m) = &self.map else {
             return Ok(Served::NeedsMemory);
         };
-        let off = offset.0 as usize;
-        if off + len > m.len {
+        let Some(off) = usize::try_from(offset.0)
+            .ok()
+            .filter(|&o| o <= m.len && len <= m.len - o)
+        else {
             return Ok(Served::NeedsMemory);
-        }
+        };
         // A hole is read and written the plain way: a read fault on a tmpfs hole
         // allocates a page (pread does not), and filling holes through the mapping takes a
         // page fault per page (pwrite allocates them in one go).

@@ -178,6 +178,18 @@ pub fn create_sparse(path: impl AsRef<Path>, size: Bytes) -> Result<(), ExtentEr
         .map_err(|e| ExtentError::io(&name, format!("set length to {} bytes", size.0), e))
 }
 
+/// A block device's discard granularity for [`Limits`] from its sysfs queue attributes: 0
+/// if it cannot discard, at least the logical block size, and the logical block size where
+/// sysfs says nothing usable (a value that does not fit a `u32` is not one).
+fn discard_granularity(max_bytes: Option<u64>, granularity: Option<u64>, lbs: u32) -> u32 {
+    match max_bytes {
+        Some(0) => 0,
+        _ => granularity
+            .and_then(|g| u32::try_from(g).ok())
+            .map_or(lbs, |g| g.max(lbs)),
+    }
+}
+
 /// What an exclusive open that found the block device busy says.
 const EXCL_BUSY: &str = "open exclusively: the device is mounted, or held by md, dm, a loop \
      device or another volume (OpenOptions::exclusive = false shares it)";
@@ -343,13 +355,11 @@ impl FileExtent {
         if let ExtentKind::BlockDevice { major, minor } = kind {
             // Discard on a block device is a hint: nothing promises zeroes afterwards.
             limits.discard_zeroes = false;
-            limits.discard_granularity = match sys::queue_num(major, minor, "discard_max_bytes") {
-                Some(0) => 0,
-                Some(_) => sys::queue_num(major, minor, "discard_granularity")
-                    .map(|g| (g as u32).max(lbs))
-                    .unwrap_or(lbs),
-                None => lbs,
-            };
+            limits.discard_granularity = discard_granularity(
+                sys::queue_num(major, minor, "discard_max_bytes"),
+                sys::queue_num(major, minor, "discard_granularity"),
+                lbs,
+            );
             limits.io_opt = sys::queue_num(major, minor, "optimal_io_size")
                 .and_then(|v| u32::try_from(v).ok())
                 .unwrap_or(0);
@@ -410,5 +420,29 @@ impl FileExtent {
             self.dense.store(false, Ordering::Relaxed);
         }
         Ok(Bytes(size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discard_granularity_from_sysfs_values() {
+        assert_eq!(
+            discard_granularity(Some(0), Some(4096), 512),
+            0,
+            "no discard"
+        );
+        assert_eq!(discard_granularity(Some(1 << 30), Some(4096), 512), 4096);
+        assert_eq!(discard_granularity(Some(1 << 30), Some(0), 512), 512);
+        assert_eq!(discard_granularity(None, None, 4096), 4096);
+        assert_eq!(discard_granularity(Some(1 << 30), None, 512), 512);
+        // Too large for the limits' u32: not read as its low 32 bits (which are 0 here).
+        assert_eq!(discard_granularity(Some(1 << 30), Some(1 << 32), 512), 512);
+        assert_eq!(
+            discard_granularity(Some(1 << 30), Some((1 << 32) + 8192), 512),
+            512
+        );
     }
 }
