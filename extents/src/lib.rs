@@ -4,12 +4,12 @@
 //!   submitted on the calling thread's io_uring runtime (`iort`), direct I/O where the file
 //!   system allows it.
 //! - [`FileResolver`]: the [`tables::registry::Resolver`] that opens the paths and
-//!   `major:minor` numbers of table lines, sharing one extent per underlying file.
+//!   `major:minor` numbers of table lines, sharing one extent per underlying file; what a
+//!   relative path means to it is a [`RelativePaths`] (a daemon refuses them).
 //! - [`create_sparse`]: makes a sparse backing file for tests and the CLI.
 
 #![warn(missing_docs)]
 
-mod bounce;
 mod file;
 mod resolver;
 mod sys;
@@ -17,4 +17,4 @@ mod sys;
 pub use file::{
     create_sparse, DirectMode, ExtentError, ExtentKind, FileExtent, IoMode, OpenOptions,
 };
-pub use resolver::FileResolver;
+pub use resolver::{FileResolver, RelativePaths};

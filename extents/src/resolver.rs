@@ -18,26 +18,70 @@ enum FileId {
     Block { rdev: (u32, u32) },
 }
 
+/// What a relative path in a table means to a [`FileResolver`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RelativePaths {
+    /// Relative to the process's working directory: right for a command that reads a table
+    /// file given on its own command line.
+    #[default]
+    WorkingDir,
+    /// Refused with [`ExtentError::RelativePath`]: a daemon's working directory has nothing to
+    /// do with the tables it is sent, so its clients must send absolute paths.
+    Refuse,
+    /// Relative to this directory, which must itself be absolute (a relative one makes every
+    /// relative path refused).
+    Base(PathBuf),
+}
+
 /// Opens paths and `major:minor` device numbers as extents.
 ///
 /// The same file or device named twice (by the same path, another path, a symlink, or its
 /// device number) returns the same `Arc` while the first is alive, so a table whose lines share
-/// a device shares one fd, one flush and one set of range locks.
+/// a device shares one fd, one flush and one set of range locks (and, for a block device, one
+/// exclusive claim: see [`OpenOptions::exclusive`]).
 pub struct FileResolver {
     opts: OpenOptions,
+    relative: RelativePaths,
     cache: Mutex<HashMap<FileId, Weak<FileExtent>>>,
 }
 
 impl FileResolver {
-    /// A resolver opening every extent with `opts`.
+    /// A resolver opening every extent with `opts`, taking relative paths from the working
+    /// directory.
     pub fn new(opts: OpenOptions) -> FileResolver {
         FileResolver {
             opts,
+            relative: RelativePaths::default(),
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Where `dev` points: a path, or `/dev/...` for a `major:minor` pair.
+    /// The same resolver, with relative paths taken as `relative` says.
+    pub fn relative_paths(mut self, relative: RelativePaths) -> FileResolver {
+        self.relative = relative;
+        self
+    }
+
+    /// Where `dev` points, with relative paths dealt with as this resolver was told.
+    pub fn resolve(&self, dev: &str) -> Result<PathBuf, ExtentError> {
+        let path = Self::locate(dev)?;
+        if path.is_absolute() {
+            return Ok(path);
+        }
+        let refused = |base: Option<&Path>| ExtentError::RelativePath {
+            path: dev.to_string(),
+            base: base.map(|b| b.display().to_string()),
+        };
+        match &self.relative {
+            RelativePaths::WorkingDir => Ok(path),
+            RelativePaths::Refuse => Err(refused(None)),
+            RelativePaths::Base(b) if b.is_absolute() => Ok(b.join(path)),
+            RelativePaths::Base(b) => Err(refused(Some(b))),
+        }
+    }
+
+    /// Where `dev` points: a path (as given, relative or not), or `/dev/...` for a
+    /// `major:minor` pair. [`FileResolver::resolve`] also applies [`RelativePaths`].
     pub fn locate(dev: &str) -> Result<PathBuf, ExtentError> {
         if let Some((maj, min)) = parse_devnum(dev) {
             let node = sys::devnode(maj, min).map_err(|e| ExtentError::Io {
@@ -58,7 +102,7 @@ impl FileResolver {
 
     /// Opens (or finds already open) the extent `dev` names.
     pub fn open_extent(&self, dev: &str) -> Result<Arc<FileExtent>, ExtentError> {
-        let path = Self::locate(dev)?;
+        let path = self.resolve(dev)?;
         let canon = std::fs::canonicalize(&path).map_err(|e| ExtentError::Io {
             path: path.display().to_string(),
             what: "resolve path".into(),

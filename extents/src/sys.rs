@@ -47,7 +47,14 @@ pub(crate) fn blk_block_sizes(fd: RawFd) -> io::Result<(u32, u32)> {
     // SAFETY: BLKSSZGET writes an int, BLKPBSZGET an unsigned int.
     cvt(unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut lbs as *mut libc::c_int) })?;
     cvt(unsafe { libc::ioctl(fd, libc::BLKPBSZGET, &mut pbs as *mut libc::c_uint) })?;
-    Ok((lbs.max(512) as u32, pbs.max(lbs as u32)))
+    Ok(block_sizes(lbs, pbs))
+}
+
+/// Logical and physical block sizes from what the ioctls wrote: at least 512, the physical
+/// at least the logical (a negative logical size, which no kernel reports, counts as 0).
+fn block_sizes(lbs: libc::c_int, pbs: libc::c_uint) -> (u32, u32) {
+    let l = u32::try_from(lbs).unwrap_or(0).max(512);
+    (l, pbs.max(l))
 }
 
 /// `BLKDISCARD` or `BLKZEROOUT` over `[start, start+len)` (synchronous: the fallbacks for
@@ -92,6 +99,15 @@ pub(crate) fn statx_fd(fd: RawFd) -> io::Result<StatX> {
         rdev: (st.stx_rdev_major, st.stx_rdev_minor),
         dioalign,
     })
+}
+
+/// The current length of an open regular file: `lseek(SEEK_END)`, the cheapest way to ask
+/// (about a bare system call; `statx` costs twice that).
+pub(crate) fn file_len(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: lseek on an fd the caller owns. It moves only the file offset, which none of
+    // our I/O uses (it is all positional).
+    let r = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+    u64::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 /// Whether the fd lives on a RAM filesystem, where O_DIRECT is accepted but means nothing.
@@ -145,5 +161,19 @@ pub(crate) fn errno_text(errno: i32) -> String {
     match s.rfind(" (os error") {
         Some(i) => s[..i].to_string(),
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_are_sane_whatever_the_ioctls_wrote() {
+        assert_eq!(block_sizes(512, 4096), (512, 4096));
+        assert_eq!(block_sizes(4096, 512), (4096, 4096));
+        assert_eq!(block_sizes(0, 0), (512, 512));
+        // A negative logical size must not turn into a physical size of 4 GiB - 1.
+        assert_eq!(block_sizes(-1, 0), (512, 512));
     }
 }

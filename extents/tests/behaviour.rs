@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{pattern, st_blocks, TestBuf};
 use extents::{
     create_sparse, DirectMode, ExtentError, ExtentKind, FileExtent, FileResolver, IoMode,
-    OpenOptions,
+    OpenOptions, RelativePaths,
 };
 use tables::registry::Resolver;
 use tables::{BlockDevice, Bytes, WriteFlags};
@@ -271,13 +271,18 @@ fn out_of_range_is_enospc_naming_the_path() {
     .unwrap();
 }
 
+/// A file cut shorter behind a live extent: what is still there reads back, anything that
+/// reaches past the new end fails with EIO naming the path, the offset and the new length
+/// (not zeroes: that data is gone), and writes do not grow the file back.
 #[test]
-fn reads_past_the_end_of_a_shrunken_file_return_zeroes() {
+fn io_past_the_end_of_a_shrunken_file_fails() {
     for dir in [common::direct_dir(), common::tmpfs_dir()] {
         let e = open_new(dir.path(), "s.img", 64 * 1024, OpenOptions::default());
         let p = e.path().to_path_buf();
+        let name = p.to_str().unwrap().to_string();
+        let data = pattern(6, 64 * 1024);
         iort::block_on(async {
-            e.write(Bytes(0), &pattern(6, 64 * 1024), WriteFlags::default())
+            e.write(Bytes(0), &data, WriteFlags::default())
                 .await
                 .unwrap();
         })
@@ -290,29 +295,47 @@ fn reads_past_the_end_of_a_shrunken_file_return_zeroes() {
             .set_len(1000)
             .unwrap();
         iort::block_on(async {
-            let want: Vec<u8> = pattern(6, 1000)
-                .into_iter()
-                .chain([0u8; 63 * 1024 + 24])
-                .collect();
-            let mut all = TestBuf::new(64 * 1024, 0);
-            all.as_mut().fill(7);
-            e.read(Bytes(0), all.as_mut()).await.unwrap();
-            assert!(
-                all.as_ref() == &want[..],
-                "aligned read across EOF ({:?})",
-                e.io_mode()
-            );
-            let mut part = vec![7u8; 3000];
+            let mode = e.io_mode();
+            let expect_eio = |err: tables::IoError, at: u64| {
+                assert_eq!(err.errno, libc::EIO, "{mode:?}: {err}");
+                let s = err.to_string();
+                let at = format!("at byte {at} ");
+                for want in [name.as_str(), at.as_str(), "is now 1000 bytes", "shrank"] {
+                    assert!(s.contains(want), "{mode:?}: no {want:?} in {s}");
+                }
+            };
+            // Within the new end: the data, aligned or not.
+            let mut head = TestBuf::new(512, 0);
+            e.read(Bytes(0), head.as_mut()).await.unwrap();
+            assert_eq!(head.as_ref(), &data[..512], "{mode:?}");
+            let mut part = vec![7u8; 500];
             e.read(Bytes(500), &mut part).await.unwrap();
-            assert_eq!(part, want[500..3500]);
-            // Writing past the end grows the file again; reads follow.
-            e.write(Bytes(8192), &[9u8; 100], WriteFlags::default())
+            assert_eq!(part, data[500..1000], "{mode:?}");
+            // Past it: aligned, unaligned, and wholly beyond.
+            let mut all = TestBuf::new(64 * 1024, 0);
+            expect_eio(e.read(Bytes(0), all.as_mut()).await.unwrap_err(), 0);
+            let mut part = vec![7u8; 3000];
+            expect_eio(e.read(Bytes(500), &mut part).await.unwrap_err(), 500);
+            let mut far = TestBuf::new(4096, 0);
+            expect_eio(e.read(Bytes(8192), far.as_mut()).await.unwrap_err(), 8192);
+            // Writes past the end fail and leave the length alone.
+            let blk = TestBuf::filled(&[9u8; 4096], 0);
+            let err = e.write(Bytes(8192), blk.as_ref(), WriteFlags::default());
+            expect_eio(err.await.unwrap_err(), 8192);
+            let err = e.write(Bytes(900), &[9u8; 200], WriteFlags::default());
+            expect_eio(err.await.unwrap_err(), 900);
+            let err = e.write_zeroes(Bytes(4096), Bytes(4096), WriteFlags::default());
+            expect_eio(err.await.unwrap_err(), 4096);
+            let err = e.discard(Bytes(4096), Bytes(4096)).await.unwrap_err();
+            expect_eio(err, 4096);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 1000, "{mode:?}");
+            // A write within the new end still lands.
+            let w = TestBuf::filled(&[3u8; 512], 0);
+            e.write(Bytes(0), w.as_ref(), WriteFlags::default())
                 .await
                 .unwrap();
-            let mut b = vec![0u8; 200];
-            e.read(Bytes(8142), &mut b).await.unwrap();
-            assert!(b[..50].iter().all(|&x| x == 0) && b[50..150].iter().all(|&x| x == 9));
-            assert!(b[150..].iter().all(|&x| x == 0));
+            e.read(Bytes(0), head.as_mut()).await.unwrap();
+            assert_eq!(head.as_ref(), &[3u8; 512][..]);
         })
         .unwrap();
     }
@@ -465,9 +488,57 @@ fn resolver_shares_one_extent_per_file() {
     assert!(err.contains("/nonexistent/dev.img"), "{err}");
 }
 
+/// A daemon's working directory means nothing to the tables it is sent: a resolver told to
+/// refuse relative paths names the path and asks for an absolute one; one given a base
+/// directory takes them from there; absolute paths and device numbers are unaffected.
+#[test]
+fn resolver_refuses_or_bases_relative_paths() {
+    let d = common::direct_dir();
+    let a = d.path().join("a.img");
+    create_sparse(&a, Bytes(1 << 20)).unwrap();
+    let abs = a.to_str().unwrap();
+
+    let refusing = FileResolver::default().relative_paths(RelativePaths::Refuse);
+    for rel in ["a.img", "./a.img", "sub/../a.img"] {
+        let err = refusing.open_extent(rel).unwrap_err();
+        assert!(matches!(err, ExtentError::RelativePath { .. }), "{err}");
+        assert_eq!(err.errno(), libc::EINVAL);
+        let want = format!("table names relative path '{rel}': give an absolute path");
+        assert_eq!(err.to_string(), want);
+        let err = refusing.open(rel).err().unwrap();
+        assert_eq!(err, want, "through the Resolver trait");
+    }
+    assert_eq!(refusing.open_extent(abs).unwrap().size(), Bytes(1 << 20));
+    // A device number is not a path: it is looked up, not refused.
+    let err = refusing
+        .open_extent("4095:1048575")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("find block device 4095:1048575"), "{err}");
+
+    let based = FileResolver::default().relative_paths(RelativePaths::Base(d.path().into()));
+    let x = based.open_extent("a.img").unwrap();
+    let y = based.open_extent(abs).unwrap();
+    assert!(
+        Arc::ptr_eq(&x, &y),
+        "the base-relative name is the same file"
+    );
+    let err = based.open_extent("missing.img").unwrap_err().to_string();
+    let missing = d.path().join("missing.img");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+
+    let bad_base = FileResolver::default().relative_paths(RelativePaths::Base("rel/dir".into()));
+    let err = bad_base.open_extent("a.img").unwrap_err().to_string();
+    assert!(
+        err.contains("relative path 'a.img'") && err.contains("'rel/dir' is not absolute"),
+        "{err}"
+    );
+    assert!(bad_base.open_extent(abs).is_ok());
+}
+
 /// Large requests on a file in RAM go out as parallel async pieces (`ram_parallel`); a
-/// request that is unaligned, crosses many pieces, or ends short at a shrunken end of file
-/// must read back exactly as the sequential path would.
+/// request that is unaligned or crosses many pieces must read back exactly as the sequential
+/// path would, and one that meets a shrunken end of file must fail as it does.
 #[test]
 fn large_requests_in_ram_round_trip_across_pieces() {
     let dir = common::tmpfs_dir();
@@ -482,8 +553,8 @@ fn large_requests_in_ram_round_trip_across_pieces() {
         assert!(back[..500].iter().all(|&b| b == 0));
         assert!(back[500..500 + data.len()] == data[..]);
         assert!(back[500 + data.len()..].iter().all(|&b| b == 0));
-        // Someone truncates the file under us: the pieces past the new end read nothing,
-        // and the read returns the bytes that exist followed by zeroes.
+        // Someone truncates the file under us: the pieces past the new end read nothing, and
+        // the read is an error; one that stays within the new end reads the data.
         std::fs::OpenOptions::new()
             .write(true)
             .open(e.path())
@@ -491,10 +562,13 @@ fn large_requests_in_ram_round_trip_across_pieces() {
             .set_len(300_000)
             .unwrap();
         let mut back = vec![1u8; 1 << 20];
+        let err = e.read(Bytes(0), &mut back).await.unwrap_err();
+        assert_eq!(err.errno, libc::EIO, "{err}");
+        assert!(err.msg.contains("is now 300000 bytes"), "{err}");
+        let mut back = vec![1u8; 300_000];
         e.read(Bytes(0), &mut back).await.unwrap();
         assert!(back[..777].iter().all(|&b| b == 0));
         assert!(back[777..300_000] == data[..300_000 - 777]);
-        assert!(back[300_000..].iter().all(|&b| b == 0));
     })
     .unwrap();
 }

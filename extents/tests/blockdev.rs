@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use common::{pattern, st_blocks, LoopDev, TestBuf};
 use extents::{create_sparse, ExtentKind, FileExtent, FileResolver, IoMode, OpenOptions};
+use tables::registry::Resolver;
 use tables::{BlockDevice, Bytes, WriteFlags};
 
 const SIZE: u64 = 16 << 20;
@@ -25,7 +26,10 @@ fn loop_device_extent() {
         .file_type()
         .is_block_device());
 
-    let e = Arc::new(FileExtent::open(&lo.dev, OpenOptions::default()).unwrap());
+    // Through the resolver: the extent holds the device exclusively, so the resolver's other
+    // names for it below must come back to this same extent.
+    let r = FileResolver::default();
+    let e = r.open_extent(lo.dev.to_str().unwrap()).unwrap();
     let (major, minor) = match e.kind() {
         ExtentKind::BlockDevice { major, minor } => (major, minor),
         k => panic!("{} should be a block device, got {k:?}", lo.dev.display()),
@@ -49,7 +53,6 @@ fn loop_device_extent() {
 
     // The resolver finds it by device number (how dmsetup prints devices), sharing the extent
     // with the path form.
-    let r = FileResolver::default();
     let by_path = r.open_extent(lo.dev.to_str().unwrap()).unwrap();
     let by_num = r.open_extent(&format!("{major}:{minor}")).unwrap();
     assert!(Arc::ptr_eq(&by_path, &by_num));
@@ -154,4 +157,69 @@ fn failing_block_device_returns_errors_not_panics() {
     assert!(s.contains(&name), "{s}");
     assert!(s.contains("at byte") || s.contains("fdatasync"), "{s}");
     eprintln!("failing device reported: {s}");
+}
+
+/// Block devices are claimed `O_EXCL`: a mounted one is refused with EBUSY naming it unless
+/// forced; unmounted it opens, and then nobody else (another extent not shared through the
+/// resolver, or `mount`) can claim it. Regular files are not claimed.
+#[test]
+fn block_devices_are_opened_exclusively() {
+    let d = common::direct_dir();
+    let backing = d.path().join("fs.img");
+    create_sparse(&backing, Bytes(SIZE)).unwrap();
+    let lo = LoopDev::attach(&backing);
+    let dev = lo.dev.to_str().unwrap().to_string();
+    common::mkfs_ext4(&lo.dev);
+    let mnt = common::Mount::new(&lo.dev, d.path().join("mnt"));
+
+    let err = FileExtent::open(&lo.dev, OpenOptions::default()).unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY, "{err}");
+    let s = err.to_string();
+    assert!(s.contains(&dev) && s.contains("mounted"), "{s}");
+    let read_only = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let err = FileExtent::open(&lo.dev, read_only).unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY, "read-only is claimed too: {err}");
+    let err = FileResolver::default().open(&dev).err().unwrap();
+    assert!(err.contains(&dev) && err.contains("mounted"), "{err}");
+
+    // Forced: opens, and reads the file system's superblock magic (0xEF53 at 1080).
+    let forced = OpenOptions {
+        exclusive: false,
+        ..OpenOptions::default()
+    };
+    let shared = FileExtent::open(&lo.dev, forced).unwrap();
+    let mut sb = TestBuf::new(4096, 0);
+    iort::block_on(shared.read(Bytes(0), sb.as_mut()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(sb.as_ref()[1080..1082], [0x53, 0xef]);
+    drop(shared);
+
+    drop(mnt);
+    let e = FileExtent::open(&lo.dev, OpenOptions::default()).unwrap();
+    // Held by us: a second exclusive opener is refused; a shared one still opens.
+    let err = FileExtent::open(&lo.dev, OpenOptions::default()).unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY, "{err}");
+    FileExtent::open(&lo.dev, forced).unwrap();
+    let mnt_dir = d.path().join("mnt2");
+    std::fs::create_dir(&mnt_dir).unwrap();
+    let st = std::process::Command::new("mount")
+        .arg(&lo.dev)
+        .arg(&mnt_dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("mount must be available");
+    assert!(
+        !st.success(),
+        "mount must fail while the extent holds the device"
+    );
+    drop(e);
+    FileExtent::open(&lo.dev, OpenOptions::default()).unwrap();
+
+    // A regular file is never claimed: two extents on one file open side by side.
+    let _a = FileExtent::open(&backing, OpenOptions::default()).unwrap();
+    let _b = FileExtent::open(&backing, OpenOptions::default()).unwrap();
 }

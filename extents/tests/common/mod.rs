@@ -113,6 +113,56 @@ impl Drop for LoopDev {
     }
 }
 
+/// Makes an ext4 file system on `dev`; panics (fails the test loudly) if mkfs.ext4 is missing
+/// or fails.
+pub fn mkfs_ext4(dev: &Path) {
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(dev)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed; this test does not skip silently");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 {} failed: {}",
+        dev.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A file system mounted from a block device, unmounted on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    /// Mounts `dev` on `dir` (created); panics if that fails.
+    pub fn new(dev: &Path, dir: PathBuf) -> Mount {
+        assert!(
+            is_root(),
+            "mount needs root; this test does not skip silently"
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .arg(dev)
+            .arg(&dir)
+            .output()
+            .expect("mount must be available");
+        assert!(
+            out.status.success(),
+            "mount {} failed: {}",
+            dev.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount { dir }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
 /// A size-limited tmpfs mount, unmounted on drop.
 pub struct SmallTmpfs {
     pub dir: TempDir,

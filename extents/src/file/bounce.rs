@@ -1,5 +1,29 @@
-//! Helpers for the unaligned path of direct I/O: aligned bounce buffers and a range lock that
-//! serialises read-modify-write of partially covered blocks.
+//! The unaligned path of direct I/O: aligned bounce buffers, a range lock that serialises
+//! read-modify-write of partially covered blocks, and the bounce reads and writes themselves.
+//!
+//! # Direct I/O and unaligned requests
+//!
+//! The extent prefers `O_DIRECT` (no double caching under a guest's own cache, and writes
+//! reach the device's cache at once). `O_DIRECT` needs the buffer address, offset and length
+//! aligned (`statx` `STATX_DIOALIGN`, else the logical block size). A request that is aligned
+//! goes to the kernel as one SQE straight from the caller's buffer. One that is not goes
+//! through an aligned **bounce buffer** over the covering aligned span; a write that only
+//! partly covers its first or last block reads those blocks first (read-modify-write) while
+//! holding an in-process range lock over the span, so two unaligned writes that share a block
+//! cannot lose each other's bytes.
+//!
+//! Why a bounce buffer and not a second, buffered fd for the unaligned requests: Linux keeps
+//! direct and buffered I/O coherent only by flushing the page cache before a direct I/O and
+//! invalidating it afterwards. A buffered write does not wait for direct I/O in flight, so a
+//! buffered write that fills a page from disk while a direct write to another part of that
+//! page is in flight leaves a dirty page holding the old bytes; the invalidation after the
+//! direct write then fails (the kernel logs "Page cache invalidation failure on direct I/O")
+//! and writeback later puts the old bytes back. Block devices do not even take an inode lock.
+//! The bounce path never mixes the two, at the price of a copy for unaligned requests only.
+//!
+//! The lock is only needed against other read-modify-writes (and the file `fallocate`s that
+//! touch partial blocks): an aligned request never shares a block with a request whose bytes it
+//! does not overlap, and concurrent overlapping writes have no defined result on any device.
 
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
@@ -7,7 +31,9 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
 
-use tables::IoError;
+use tables::{IoError, IoResult};
+
+use super::FileExtent;
 
 /// A zero-initialised heap buffer aligned for O_DIRECT.
 pub(crate) struct AlignedBuf {
@@ -108,6 +134,71 @@ impl Drop for RangeGuard<'_> {
         for w in waiters {
             w.wake();
         }
+    }
+}
+
+impl FileExtent {
+    /// Reads an unaligned range in direct mode through an aligned bounce buffer over the
+    /// covering aligned span.
+    pub(super) async fn bounce_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
+        let end = off + buf.len() as u64;
+        let (a0, a1) = (self.align_down(off), self.align_up(end));
+        let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
+        let n = self.read_loop(a0, &mut b).await?;
+        // Only the requested bytes must exist: the span's tail past them may be cut off.
+        let got = (a0 + n as u64).saturating_sub(off);
+        self.short_read(
+            "read",
+            off,
+            buf.len(),
+            usize::try_from(got).unwrap_or(usize::MAX),
+        )?;
+        let s = (off - a0) as usize;
+        buf.copy_from_slice(&b[s..s + buf.len()]);
+        Ok(())
+    }
+
+    /// Reads one aligned block for a read-modify-write (an error if the file no longer holds
+    /// all of it: writing it back would grow the file again).
+    async fn read_block(&self, pos: u64, blk: &mut [u8]) -> IoResult<()> {
+        let n = self.read_loop(pos, blk).await?;
+        self.short_read("read-modify-write", pos, blk.len(), n)
+    }
+
+    /// Writes an unaligned range in direct mode through an aligned bounce buffer.
+    pub(super) async fn bounce_write(&self, off: u64, data: &[u8], rw_flags: i32) -> IoResult<()> {
+        let end = off + data.len() as u64;
+        let (a0, a1) = (self.align_down(off), self.align_up(end));
+        let partial = off != a0 || end != a1;
+        // Partial blocks are read-modify-written: no other RMW of them may interleave.
+        let _guard = if partial {
+            Some(self.locks.lock(a0, a1).await)
+        } else {
+            None
+        };
+        let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
+        let blk = self.off_align as usize;
+        if off != a0 {
+            self.read_block(a0, &mut b[..blk]).await?;
+        }
+        let tail_is_head = off != a0 && a1 - a0 == self.off_align;
+        if end != a1 && !tail_is_head {
+            let t = b.len() - blk;
+            self.read_block(a1 - self.off_align, &mut b[t..]).await?;
+        }
+        let s = (off - a0) as usize;
+        b[s..s + data.len()].copy_from_slice(data);
+        let n = self.write_loop(a0, &b, rw_flags).await?;
+        if n != b.len() {
+            return Err(IoError::eio(format!(
+                "{}: write at byte {} length {}: direct write stopped at an unaligned {} bytes",
+                self.name,
+                a0,
+                b.len(),
+                n
+            )));
+        }
+        Ok(())
     }
 }
 
