@@ -118,7 +118,7 @@ pub struct Pool {
     block_bytes: u64,
     meta: Mutex<Metadata>,
     commit_lock: futures::lock::Mutex<()>,
-    cells: CellLocks<(u32, u64)>,
+    cells: CellLocks<(ThinId, VBlock)>,
     gates: Mutex<HashMap<ThinId, Gate>>,
     open_thins: Mutex<HashMap<ThinId, usize>>,
     failed: Mutex<Option<String>>,
@@ -532,18 +532,19 @@ impl Pool {
         *lock(&self.last_commit) = Instant::now();
         let o = self.options();
         if !o.no_discard_passdown && !o.ignore_discard && !freed.is_empty() {
-            let mut runs: Vec<(u64, u64)> = Vec::new();
-            let mut sorted: Vec<u64> = freed.iter().map(|d| d.0).collect();
+            // (first block, number of blocks)
+            let mut runs: Vec<(DataBlock, u64)> = Vec::new();
+            let mut sorted = freed.clone();
             sorted.sort_unstable();
             for d in sorted {
                 match runs.last_mut() {
-                    Some((s, n)) if *s + *n == d => *n += 1,
+                    Some((s, n)) if s.0 + *n == d.0 => *n += 1,
                     _ => runs.push((d, 1)),
                 }
             }
             for (s, n) in runs {
                 if let Err(e) = data
-                    .discard(Bytes(s * self.block_bytes), Bytes(n * self.block_bytes))
+                    .discard(Bytes(self.block_off(s)), Bytes(n * self.block_bytes))
                     .await
                 {
                     log::debug!("{}: discard passdown failed: {e}", self.name);
@@ -651,7 +652,7 @@ impl Pool {
         off: usize,
         mut buf: Dst<'_>,
     ) -> IoResult<Served> {
-        let _cell = self.cells.lock((t.id.0, v.0)).await;
+        let _cell = self.cells.lock((t.id, v)).await;
         let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
         if let Some(l) = look {
             let data = self.data_dev();
@@ -677,7 +678,7 @@ impl Pool {
         off: usize,
         src: Src<'_>,
     ) -> IoResult<Served> {
-        let _cell = self.cells.lock((t.id.0, v.0)).await;
+        let _cell = self.cells.lock((t.id, v)).await;
         let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
         let data = self.data_dev();
         if let Some(Lookup {
@@ -798,7 +799,7 @@ impl Pool {
                 return Ok(());
             };
             for (v, _) in batch {
-                let _cell = self.cells.lock((id.0, v.0)).await;
+                let _cell = self.cells.lock((id, v)).await;
                 let mut r = self.mutate(|m| m.map_remove(id, v));
                 if matches!(&r, Err(e) if e.errno == libc::ENOSPC) && self.meta().meta_pending() > 0
                 {

@@ -240,17 +240,17 @@ pub struct RepairReport {
     pub problems: Vec<String>,
 }
 
-async fn read_node(dev: &DeviceRef, b: u64, kind: TreeKind) -> MetaResult<Node> {
+async fn read_node(dev: &DeviceRef, b: MetaBlock, kind: TreeKind) -> MetaResult<Node> {
     let mut buf = vec![0u8; META_BLOCK_SIZE];
-    dev.read(Bytes(b * META_BLOCK_SIZE as u64), &mut buf)
+    dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf)
         .await?;
-    Node::unpack(&buf, MetaBlock(b), kind)
+    Node::unpack(&buf, b, kind)
 }
 
 /// Walks a tree, skipping unreadable or inconsistent subtrees; returns entries in `[lo, hi)`.
 async fn salvage_tree(
     dev: &DeviceRef,
-    root: u64,
+    root: MetaBlock,
     kind: TreeKind,
     nr_meta: u64,
     problems: &mut Vec<String>,
@@ -259,8 +259,8 @@ async fn salvage_tree(
     let mut visited = HashSet::new();
     let mut stack = vec![(root, 0u64, u64::MAX, 0usize)];
     while let Some((b, lo, hi, depth)) = stack.pop() {
-        if b == 0 || b >= nr_meta || depth > 16 || !visited.insert(b) {
-            problems.push(format!("{kind:?} tree: reference to block {b} skipped"));
+        if b.0 == 0 || b.0 >= nr_meta || depth > 16 || !visited.insert(b) {
+            problems.push(format!("{kind:?} tree: reference to block {} skipped", b.0));
             continue;
         }
         let n = match read_node(dev, b, kind).await {
@@ -275,7 +275,8 @@ async fn salvage_tree(
                 let k = n.keys[i];
                 if k < lo || k >= hi {
                     problems.push(format!(
-                        "{kind:?} leaf {b}: key {k} out of its parent's range, dropped"
+                        "{kind:?} leaf {}: key {k} out of its parent's range, dropped",
+                        b.0
                     ));
                     continue;
                 }
@@ -287,7 +288,7 @@ async fn salvage_tree(
             for i in 0..n.len() {
                 let clo = n.keys[i].max(lo);
                 let chi = n.keys.get(i + 1).copied().unwrap_or(hi).min(hi);
-                stack.push((n.vals[i], clo, chi, depth + 1));
+                stack.push((n.child(i), clo, chi, depth + 1));
             }
         }
     }
@@ -307,7 +308,7 @@ pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<Rep
     let mut report = RepairReport::default();
     let devs = salvage_tree(
         meta_in,
-        sb.device_root.0,
+        sb.device_root,
         TreeKind::Devices,
         nr_meta,
         &mut report.problems,
@@ -329,7 +330,7 @@ pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<Rep
         }
         let maps = salvage_tree(
             meta_in,
-            v[0],
+            MetaBlock(v[0]),
             TreeKind::Mapping,
             nr_meta,
             &mut report.problems,

@@ -4,32 +4,33 @@
 
 use crate::disk::node::Node;
 use crate::error::{MetaError, MetaResult};
+use crate::types::MetaBlock;
 
 use super::{Metadata, Val};
 
 impl Metadata {
-    pub(super) fn node(&self, b: u64) -> MetaResult<&Node> {
-        self.nodes.get(&b).ok_or_else(|| {
-            MetaError::Internal(format!("metadata block {b} is not a resident tree node"))
-        })
+    pub(super) fn node(&self, b: MetaBlock) -> MetaResult<&Node> {
+        self.nodes
+            .get(&b)
+            .ok_or_else(|| MetaError::Internal(format!("{b} is not a resident tree node")))
     }
 
-    fn node_mut(&mut self, b: u64) -> MetaResult<&mut Node> {
-        self.nodes.get_mut(&b).ok_or_else(|| {
-            MetaError::Internal(format!("metadata block {b} is not a resident tree node"))
-        })
+    fn node_mut(&mut self, b: MetaBlock) -> MetaResult<&mut Node> {
+        self.nodes
+            .get_mut(&b)
+            .ok_or_else(|| MetaError::Internal(format!("{b} is not a resident tree node")))
     }
 
     /// Frees a node whose entries were moved elsewhere (its references go with them).
-    fn free_shallow(&mut self, b: u64) {
-        self.mcount[b as usize] = 0;
+    fn free_shallow(&mut self, b: MetaBlock) {
+        self.mcount[b] = 0;
         self.release_meta_block(b);
     }
 
     /// Makes node `b` writable in this transaction: returns `b` itself if it is new and
     /// unshared, else a fresh copy (the caller re-points the parent).
-    fn shadow(&mut self, b: u64) -> MetaResult<u64> {
-        let count = self.mcount[b as usize];
+    fn shadow(&mut self, b: MetaBlock) -> MetaResult<MetaBlock> {
+        let count = self.mcount[b];
         if count == 1 && self.new_nodes.contains(&b) {
             return Ok(b);
         }
@@ -37,15 +38,16 @@ impl Metadata {
         let nb = self.alloc_meta()?;
         if count > 1 {
             self.inc_children(&node)?;
-            self.mcount[b as usize] -= 1;
+            self.mcount[b] -= 1;
         } else {
-            self.mcount[b as usize] = 0;
+            self.mcount[b] = 0;
             self.release_meta_block(b);
         }
         self.nodes.insert(nb, node);
         self.new_nodes.insert(nb);
         Ok(nb)
     }
+
     fn child_index(node: &Node, key: u64) -> usize {
         match node.keys.binary_search(&key) {
             Ok(i) => i,
@@ -56,11 +58,11 @@ impl Metadata {
 
     /// Looks `key` up in the tree at `root`; also says whether every node on the path has a
     /// single reference.
-    pub(super) fn lookup_path(&self, root: u64, key: u64) -> MetaResult<Option<(Val, bool)>> {
+    pub(super) fn lookup_path(&self, root: MetaBlock, key: u64) -> MetaResult<Option<(Val, bool)>> {
         let mut cur = root;
         let mut exclusive = true;
         loop {
-            exclusive &= self.mcount[cur as usize] == 1;
+            exclusive &= self.mcount[cur] == 1;
             let n = self.node(cur)?;
             if n.is_leaf() {
                 return Ok(n.keys.binary_search(&key).ok().map(|i| {
@@ -71,12 +73,12 @@ impl Metadata {
             if n.is_empty() || key < n.keys[0] {
                 return Ok(None);
             }
-            cur = n.vals[Self::child_index(n, key)];
+            cur = n.child(Self::child_index(n, key));
         }
     }
 
-    fn split_child(&mut self, parent: u64, i: usize) -> MetaResult<()> {
-        let child = self.node(parent)?.vals[i];
+    fn split_child(&mut self, parent: MetaBlock, i: usize) -> MetaResult<()> {
+        let child = self.node(parent)?.child(i);
         let right = self.alloc_meta()?;
         let c = self.node_mut(child)?;
         let w = c.words();
@@ -94,17 +96,17 @@ impl Metadata {
         self.new_nodes.insert(right);
         let p = self.node_mut(parent)?;
         p.keys.insert(i + 1, first);
-        p.vals.insert(i + 1, right);
+        p.vals.insert(i + 1, right.0);
         Ok(())
     }
 
     /// Inserts or replaces `key`; returns the new root and the replaced value.
     pub(super) fn insert(
         &mut self,
-        root: u64,
+        root: MetaBlock,
         key: u64,
         val: Val,
-    ) -> MetaResult<(u64, Option<Val>)> {
+    ) -> MetaResult<(MetaBlock, Option<Val>)> {
         if !self.commit_mode {
             self.ensure_meta(&[root])?;
         }
@@ -118,10 +120,10 @@ impl Metadata {
                 kind,
                 level: level + 1,
                 keys: vec![first.unwrap_or(0)],
-                vals: vec![root],
+                vals: vec![root.0],
             })?;
-            self.split_child(nr.0, 0)?;
-            root = nr.0;
+            self.split_child(nr, 0)?;
+            root = nr;
         }
         let mut cur = root;
         loop {
@@ -154,9 +156,9 @@ impl Metadata {
                 n.keys[0] = key;
             }
             let mut i = Self::child_index(n, key);
-            let child = n.vals[i];
+            let child = n.child(i);
             let c2 = self.shadow(child)?;
-            self.node_mut(cur)?.vals[i] = c2;
+            self.node_mut(cur)?.set_child(i, c2);
             let cfull = {
                 let c = self.node(c2)?;
                 c.len() >= c.cap()
@@ -167,12 +169,16 @@ impl Metadata {
                     i += 1;
                 }
             }
-            cur = self.node(cur)?.vals[i];
+            cur = self.node(cur)?.child(i);
         }
     }
 
     /// Removes `key`; returns the new root and the removed value.
-    pub(super) fn remove(&mut self, root: u64, key: u64) -> MetaResult<(u64, Option<Val>)> {
+    pub(super) fn remove(
+        &mut self,
+        root: MetaBlock,
+        key: u64,
+    ) -> MetaResult<(MetaBlock, Option<Val>)> {
         if self.lookup_path(root, key)?.is_none() {
             return Ok((root, None));
         }
@@ -187,13 +193,13 @@ impl Metadata {
                 break;
             }
             if n.len() == 1 {
-                let child = n.vals[0];
+                let child = n.child(0);
                 self.free_shallow(root);
                 root = child;
             } else if n.is_empty() {
                 let kind = n.kind;
                 self.free_shallow(root);
-                root = self.new_node(Node::empty_leaf(kind))?.0;
+                root = self.new_node(Node::empty_leaf(kind))?;
             } else {
                 break;
             }
@@ -201,7 +207,7 @@ impl Metadata {
         Ok((root, old))
     }
 
-    fn remove_rec(&mut self, cur: u64, key: u64) -> MetaResult<Option<Val>> {
+    fn remove_rec(&mut self, cur: MetaBlock, key: u64) -> MetaResult<Option<Val>> {
         let n = self.node_mut(cur)?;
         let w = n.words();
         if n.is_leaf() {
@@ -221,9 +227,9 @@ impl Metadata {
             return Ok(None);
         }
         let i = Self::child_index(n, key);
-        let child = n.vals[i];
+        let child = n.child(i);
         let c2 = self.shadow(child)?;
-        self.node_mut(cur)?.vals[i] = c2;
+        self.node_mut(cur)?.set_child(i, c2);
         let old = self.remove_rec(c2, key)?;
         let (clen, ccap) = {
             let c = self.node(c2)?;
@@ -241,7 +247,7 @@ impl Metadata {
     }
 
     /// Merges child `i` of `parent` with a neighbour when both fit comfortably in one node.
-    fn maybe_merge(&mut self, parent: u64, i: usize) -> MetaResult<()> {
+    fn maybe_merge(&mut self, parent: MetaBlock, i: usize) -> MetaResult<()> {
         let p = self.node(parent)?;
         if p.len() < 2 {
             return Ok(());
@@ -251,7 +257,7 @@ impl Metadata {
         } else {
             (i - 1, i)
         };
-        let (lb, rb) = (p.vals[l], p.vals[r]);
+        let (lb, rb) = (p.child(l), p.child(r));
         let (ll, rl, cap) = {
             let a = self.node(lb)?;
             (a.len(), self.node(rb)?.len(), a.cap())
@@ -260,9 +266,9 @@ impl Metadata {
             return Ok(());
         }
         let lb2 = self.shadow(lb)?;
-        self.node_mut(parent)?.vals[l] = lb2;
+        self.node_mut(parent)?.set_child(l, lb2);
         let rb2 = self.shadow(rb)?;
-        self.node_mut(parent)?.vals[r] = rb2;
+        self.node_mut(parent)?.set_child(r, rb2);
         let rnode = self.node(rb2)?.clone();
         let ln = self.node_mut(lb2)?;
         ln.keys.extend_from_slice(&rnode.keys);
@@ -277,7 +283,7 @@ impl Metadata {
     /// Entries with keys in `[lo, hi)`, in order, at most `limit`.
     pub(super) fn range(
         &self,
-        root: u64,
+        root: MetaBlock,
         lo: u64,
         hi: u64,
         limit: usize,
@@ -304,7 +310,7 @@ impl Metadata {
             if end <= lo || start >= hi {
                 continue;
             }
-            self.range(n.vals[i], lo, hi, limit, out)?;
+            self.range(n.child(i), lo, hi, limit, out)?;
             if out.len() >= limit {
                 break;
             }

@@ -17,9 +17,9 @@ pub struct Prepared {
     /// The new superblock image.
     pub superblock: Vec<u8>,
     /// Metadata blocks freed by this transaction (reusable once it is durable).
-    pub freed_meta: Vec<u64>,
+    pub freed_meta: Vec<MetaBlock>,
     /// Data blocks freed by this transaction.
-    pub freed_data: Vec<u64>,
+    pub freed_data: Vec<DataBlock>,
 }
 
 impl Metadata {
@@ -40,7 +40,7 @@ impl Metadata {
         self.fold_space_map(&mut blocks)?;
         for &b in &self.new_nodes {
             if let Some(n) = self.nodes.get(&b) {
-                blocks.push((MetaBlock(b), n.pack(MetaBlock(b))));
+                blocks.push((b, n.pack(b)));
             }
         }
         blocks.append(&mut self.unwritten);
@@ -65,21 +65,20 @@ impl Metadata {
         self.frozen_decremented.clear();
         self.frozen_deleted = false;
         for b in p.freed_meta {
-            if self.meta_pending.remove(&b) && self.mcount[b as usize] == 0 {
+            if self.meta_pending.remove(&b) && self.mcount[b] == 0 {
                 self.meta_free += 1;
             }
         }
         p.freed_data
             .into_iter()
-            .filter(|&d| self.data_pending.contains(&d))
-            .map(DataBlock)
+            .filter(|d| self.data_pending.contains(d))
             .collect()
     }
 
     /// Makes data blocks freed by a durable commit allocatable.
     pub fn release_data(&mut self, blocks: &[DataBlock]) {
         for d in blocks {
-            if self.data_pending.remove(&d.0) && self.data_count(*d) == 0 {
+            if self.data_pending.remove(d) && self.data_count(*d) == 0 {
                 self.data_free += 1;
             }
         }

@@ -5,17 +5,24 @@ use crate::disk::node::{Node, TreeKind};
 use crate::error::{MetaError, MetaResult};
 use crate::types::{DataBlock, MetaBlock, ThinId, VBlock};
 
-use super::{DeviceInfo, Lookup, Metadata};
+use super::{DeviceInfo, Lookup, Metadata, Val};
+
+impl DeviceInfo {
+    /// Details from a device tree leaf value `[root, mapped]`.
+    fn from_val(v: Val) -> DeviceInfo {
+        DeviceInfo {
+            root: MetaBlock(v[0]),
+            mapped: v[1],
+        }
+    }
+}
 
 impl Metadata {
     /// Details of device `id`, if it exists.
     pub fn device(&self, id: ThinId) -> MetaResult<Option<DeviceInfo>> {
         Ok(self
-            .lookup_path(self.sb.device_root.0, id.0 as u64)?
-            .map(|(v, _)| DeviceInfo {
-                root: MetaBlock(v[0]),
-                mapped: v[1],
-            }))
+            .lookup_path(self.sb.device_root, id.0 as u64)?
+            .map(|(v, _)| DeviceInfo::from_val(v)))
     }
 
     fn device_or_err(&self, id: ThinId) -> MetaResult<DeviceInfo> {
@@ -29,7 +36,7 @@ impl Metadata {
     /// snapshot.
     fn device_for_write(&mut self, id: ThinId, info: DeviceInfo) -> MetaResult<DeviceInfo> {
         let exclusive = self
-            .lookup_path(self.sb.device_root.0, id.0 as u64)?
+            .lookup_path(self.sb.device_root, id.0 as u64)?
             .map(|(_, e)| e)
             .unwrap_or(true);
         if !exclusive {
@@ -39,32 +46,41 @@ impl Metadata {
     }
 
     fn set_device(&mut self, id: ThinId, info: DeviceInfo) -> MetaResult<()> {
-        let (r, _) = self.insert(
-            self.sb.device_root.0,
-            id.0 as u64,
-            [info.root.0, info.mapped],
-        )?;
-        self.sb.device_root = MetaBlock(r);
+        let (r, _) = self.insert(self.sb.device_root, id.0 as u64, [info.root.0, info.mapped])?;
+        self.sb.device_root = r;
         self.dirty = true;
         Ok(())
     }
 
-    /// All device ids with their details.
-    pub fn devices(&self) -> MetaResult<Vec<(ThinId, DeviceInfo)>> {
+    /// Every device of the device tree at `root` with its details.
+    fn device_entries(&self, root: MetaBlock) -> MetaResult<Vec<(ThinId, DeviceInfo)>> {
         let mut out = Vec::new();
-        self.range(self.sb.device_root.0, 0, u64::MAX, usize::MAX, &mut out)?;
+        self.range(root, 0, u64::MAX, usize::MAX, &mut out)?;
         Ok(out
             .into_iter()
-            .map(|(k, v)| {
-                (
-                    ThinId(k as u32),
-                    DeviceInfo {
-                        root: MetaBlock(v[0]),
-                        mapped: v[1],
-                    },
-                )
-            })
+            .map(|(k, v)| (ThinId(k as u32), DeviceInfo::from_val(v)))
             .collect())
+    }
+
+    /// Mappings in `[lo, hi)` of the mapping tree at `root`, at most `limit`.
+    fn mappings(
+        &self,
+        root: MetaBlock,
+        lo: VBlock,
+        hi: VBlock,
+        limit: usize,
+    ) -> MetaResult<Vec<(VBlock, DataBlock)>> {
+        let mut out = Vec::new();
+        self.range(root, lo.0, hi.0, limit, &mut out)?;
+        Ok(out
+            .into_iter()
+            .map(|(k, v)| (VBlock(k), DataBlock(v[0])))
+            .collect())
+    }
+
+    /// All device ids with their details.
+    pub fn devices(&self) -> MetaResult<Vec<(ThinId, DeviceInfo)>> {
+        self.device_entries(self.sb.device_root)
     }
 
     /// `create_thin`: a new empty device.
@@ -72,7 +88,8 @@ impl Metadata {
         if self.device(id)?.is_some() {
             return Err(MetaError::Invalid(format!("{id} already exists")));
         }
-        self.ensure_meta(&[self.sb.device_root.0, 0])?;
+        // The new mapping tree is one leaf (no root yet: block 0 stands for "none").
+        self.ensure_meta(&[self.sb.device_root, MetaBlock(0)])?;
         let root = self.new_node(Node::empty_leaf(TreeKind::Mapping))?;
         self.set_device(id, DeviceInfo { root, mapped: 0 })
     }
@@ -83,10 +100,10 @@ impl Metadata {
             return Err(MetaError::Invalid(format!("{id} already exists")));
         }
         let o = self.device_or_err(origin)?;
-        self.ensure_meta(&[self.sb.device_root.0])?;
-        self.mcount[o.root.0 as usize] += 1;
+        self.ensure_meta(&[self.sb.device_root])?;
+        self.mcount[o.root] += 1;
         if let Err(e) = self.set_device(id, o) {
-            self.mcount[o.root.0 as usize] -= 1;
+            self.mcount[o.root] -= 1;
             return Err(e);
         }
         Ok(())
@@ -95,10 +112,10 @@ impl Metadata {
     /// `delete`: drops the device; frees every block nothing else references.
     pub fn delete(&mut self, id: ThinId) -> MetaResult<()> {
         self.deleted = true;
-        let (r, old) = self.remove(self.sb.device_root.0, id.0 as u64)?;
-        self.sb.device_root = MetaBlock(r);
+        let (r, old) = self.remove(self.sb.device_root, id.0 as u64)?;
+        self.sb.device_root = r;
         match old {
-            Some(v) => self.dec_meta(v[0]),
+            Some(v) => self.dec_meta(DeviceInfo::from_val(v).root),
             None => Err(MetaError::Invalid(format!("{id} does not exist"))),
         }
     }
@@ -109,21 +126,18 @@ impl Metadata {
     /// bring that sharing back).
     pub fn map_lookup(&self, id: ThinId, v: VBlock) -> MetaResult<Option<Lookup>> {
         let (val, dev_path_excl) = self
-            .lookup_path(self.sb.device_root.0, id.0 as u64)?
+            .lookup_path(self.sb.device_root, id.0 as u64)?
             .ok_or_else(|| MetaError::Invalid(format!("{id} does not exist")))?;
-        let dev = DeviceInfo {
-            root: MetaBlock(val[0]),
-            mapped: val[1],
-        };
+        let dev = DeviceInfo::from_val(val);
         // A held metadata snapshot shares the device tree: then every mapping is shared.
         let quiet = !self.deleted && !self.frozen_deleted && dev_path_excl;
-        Ok(self.lookup_path(dev.root.0, v.0)?.map(|(val, path_excl)| {
-            let d = val[0];
+        Ok(self.lookup_path(dev.root, v.0)?.map(|(val, path_excl)| {
+            let d = DataBlock(val[0]);
             Lookup {
-                block: DataBlock(d),
+                block: d,
                 exclusive: path_excl
                     && quiet
-                    && self.data_count(DataBlock(d)) == 1
+                    && self.data_count(d) == 1
                     && !self.decremented.contains(&d)
                     && !self.frozen_decremented.contains(&d),
             }
@@ -134,15 +148,15 @@ impl Metadata {
     /// to share it), dropping the reference of the block it replaces.
     pub fn map_insert(&mut self, id: ThinId, v: VBlock, d: DataBlock) -> MetaResult<()> {
         let dev = self.device_or_err(id)?;
-        self.check_data(d.0, "map")?;
-        let dr = self.sb.device_root.0;
-        self.ensure_meta(&[dev.root.0, dr, dr])?;
+        self.check_data(d, "map")?;
+        let dr = self.sb.device_root;
+        self.ensure_meta(&[dev.root, dr, dr])?;
         let mut dev = self.device_for_write(id, dev)?;
-        let (root, old) = self.insert(dev.root.0, v.0, [d.0, 0])?;
-        self.inc_data(d.0)?;
-        dev.root = MetaBlock(root);
+        let (root, old) = self.insert(dev.root, v.0, [d.0, 0])?;
+        self.inc_data(d)?;
+        dev.root = root;
         match old {
-            Some(o) => self.dec_data(o[0])?,
+            Some(o) => self.dec_data(DataBlock(o[0]))?,
             None => dev.mapped += 1,
         }
         self.set_device(id, dev)
@@ -151,17 +165,17 @@ impl Metadata {
     /// Unmaps `v` of device `id`; returns the block it was mapped to.
     pub fn map_remove(&mut self, id: ThinId, v: VBlock) -> MetaResult<Option<DataBlock>> {
         let dev = self.device_or_err(id)?;
-        if self.lookup_path(dev.root.0, v.0)?.is_none() {
+        if self.lookup_path(dev.root, v.0)?.is_none() {
             return Ok(None);
         }
-        let dr = self.sb.device_root.0;
-        self.ensure_meta(&[dev.root.0, dr, dr])?;
+        let dr = self.sb.device_root;
+        self.ensure_meta(&[dev.root, dr, dr])?;
         let mut dev = self.device_for_write(id, dev)?;
-        let (root, old) = self.remove(dev.root.0, v.0)?;
-        dev.root = MetaBlock(root);
+        let (root, old) = self.remove(dev.root, v.0)?;
+        dev.root = root;
         if let Some(o) = old {
             dev.mapped -= 1;
-            self.dec_data(o[0])?;
+            self.dec_data(DataBlock(o[0]))?;
             self.set_device(id, dev)?;
         }
         Ok(old.map(|o| DataBlock(o[0])))
@@ -176,25 +190,20 @@ impl Metadata {
         limit: usize,
     ) -> MetaResult<Vec<(VBlock, DataBlock)>> {
         let dev = self.device_or_err(id)?;
-        let mut out = Vec::new();
-        self.range(dev.root.0, lo.0, hi.0, limit, &mut out)?;
-        Ok(out
-            .into_iter()
-            .map(|(k, v)| (VBlock(k), DataBlock(v[0])))
-            .collect())
+        self.mappings(dev.root, lo, hi, limit)
     }
 
     /// Highest mapped virtual block of device `id`.
     pub fn highest_mapped(&self, id: ThinId) -> MetaResult<Option<VBlock>> {
         let dev = self.device_or_err(id)?;
-        let mut cur = dev.root.0;
+        let mut cur = dev.root;
         loop {
             let n = self.node(cur)?;
             if n.is_leaf() {
                 return Ok(n.keys.last().map(|&k| VBlock(k)));
             }
-            match n.vals.last() {
-                Some(&c) => cur = c,
+            match n.len().checked_sub(1) {
+                Some(last) => cur = n.child(last),
                 None => return Ok(None),
             }
         }
@@ -206,13 +215,13 @@ impl Metadata {
     pub fn reserve_metadata_snap(&mut self) -> MetaResult<MetaBlock> {
         if self.sb.held_root.0 != 0 {
             return Err(MetaError::Invalid(format!(
-                "a metadata snapshot is already held at block {}",
-                self.sb.held_root.0
+                "a metadata snapshot is already held at {}",
+                self.sb.held_root
             )));
         }
-        self.ensure_meta(&[self.sb.device_root.0])?;
+        self.ensure_meta(&[self.sb.device_root])?;
         let r = self.sb.device_root;
-        self.mcount[r.0 as usize] += 1;
+        self.mcount[r] += 1;
         self.sb.held_root = r;
         self.dirty = true;
         Ok(r)
@@ -228,30 +237,16 @@ impl Metadata {
         self.deleted = true;
         self.sb.held_root = MetaBlock(0);
         self.dirty = true;
-        self.dec_meta(r.0)
+        self.dec_meta(r)
     }
 
     /// The held metadata snapshot's devices, if one is held.
     pub fn held_devices(&self) -> MetaResult<Option<Vec<(ThinId, DeviceInfo)>>> {
-        let r = self.sb.held_root.0;
-        if r == 0 {
+        let r = self.sb.held_root;
+        if r.0 == 0 {
             return Ok(None);
         }
-        let mut out = Vec::new();
-        self.range(r, 0, u64::MAX, usize::MAX, &mut out)?;
-        Ok(Some(
-            out.into_iter()
-                .map(|(k, v)| {
-                    (
-                        ThinId(k as u32),
-                        DeviceInfo {
-                            root: MetaBlock(v[0]),
-                            mapped: v[1],
-                        },
-                    )
-                })
-                .collect(),
-        ))
+        self.device_entries(r).map(Some)
     }
 
     /// Mappings in `[lo, hi)` of the tree rooted at `root` (a root from [`DeviceInfo`]).
@@ -261,11 +256,6 @@ impl Metadata {
         lo: VBlock,
         hi: VBlock,
     ) -> MetaResult<Vec<(VBlock, DataBlock)>> {
-        let mut out = Vec::new();
-        self.range(root.0, lo.0, hi.0, usize::MAX, &mut out)?;
-        Ok(out
-            .into_iter()
-            .map(|(k, v)| (VBlock(k), DataBlock(v[0])))
-            .collect())
+        self.mappings(root, lo, hi, usize::MAX)
     }
 }

@@ -10,7 +10,7 @@ use crate::disk::bitmap::{self, OVERFLOW, PER_BITMAP};
 use crate::disk::node::{Node, TreeKind};
 use crate::disk::superblock::Superblock;
 use crate::error::{MetaError, MetaResult, Structure};
-use crate::types::{DataBlock, MetaBlock, ThinId, META_BLOCK_SIZE};
+use crate::types::{DataBlock, MetaBlock, PerBlock, ThinId, META_BLOCK_SIZE};
 
 use super::Metadata;
 
@@ -23,18 +23,18 @@ pub struct LoadReport {
     pub bad_mapped_counts: Vec<(ThinId, u64, u64)>,
 }
 
-async fn read_block(dev: &dyn BlockDevice, b: u64) -> MetaResult<Vec<u8>> {
+async fn read_block(dev: &dyn BlockDevice, b: MetaBlock) -> MetaResult<Vec<u8>> {
     let mut buf = vec![0u8; META_BLOCK_SIZE];
-    dev.read(Bytes(b * META_BLOCK_SIZE as u64), &mut buf)
+    dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf)
         .await
-        .map_err(|e| e.context(format!("reading metadata block {b}")))?;
+        .map_err(|e| e.context(format!("reading metadata {b}")))?;
     Ok(buf)
 }
 
 /// Reads and validates the superblock of `dev`; `Ok(None)` if block 0 is all zeroes (a
 /// never-formatted metadata device).
 pub async fn read_superblock(dev: &dyn BlockDevice) -> MetaResult<Option<Superblock>> {
-    let buf = read_block(dev, 0).await?;
+    let buf = read_block(dev, MetaBlock(0)).await?;
     if buf.iter().all(|&x| x == 0) {
         return Ok(None);
     }
@@ -66,78 +66,81 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
     let mut m = Metadata::empty(sb.clone());
     let nr_meta = sb.nr_meta_blocks;
     let nr_data = sb.nr_data_blocks;
-    let mut kinds: HashMap<u64, TreeKind> = HashMap::new();
-    let mut recount: Vec<u32> = vec![0; nr_data as usize];
-    let mut bitmaps: Vec<(u64, u64, MetaBlock)> = Vec::new(); // (index, block, referenced from)
-                                                              // Work item: (block, tree, expected level, lower bound, upper bound, referenced from).
-    let mut stack: Vec<(u64, TreeKind, Option<u8>, u64, u64, u64)> = vec![
-        (sb.device_root.0, TreeKind::Devices, None, 0, u64::MAX, 0),
-        (sb.sm_index_root.0, TreeKind::SmIndex, None, 0, u64::MAX, 0),
-        (sb.overflow_root.0, TreeKind::Overflow, None, 0, u64::MAX, 0),
+    let mut kinds: HashMap<MetaBlock, TreeKind> = HashMap::new();
+    let mut recount: PerBlock<DataBlock, u32> = PerBlock::new(nr_data as usize, 0);
+    // (bitmap number, bitmap block, referenced from)
+    let mut bitmaps: Vec<(u64, MetaBlock, MetaBlock)> = Vec::new();
+    // Work item: (block, tree, expected level, lower bound, upper bound, referenced from).
+    let sbb = MetaBlock(0);
+    let mut stack: Vec<(MetaBlock, TreeKind, Option<u8>, u64, u64, MetaBlock)> = vec![
+        (sb.device_root, TreeKind::Devices, None, 0, u64::MAX, sbb),
+        (sb.sm_index_root, TreeKind::SmIndex, None, 0, u64::MAX, sbb),
+        (sb.overflow_root, TreeKind::Overflow, None, 0, u64::MAX, sbb),
     ];
     if sb.held_root.0 != 0 {
-        stack.push((sb.held_root.0, TreeKind::Devices, None, 0, u64::MAX, 0));
+        stack.push((sb.held_root, TreeKind::Devices, None, 0, u64::MAX, sbb));
     }
     while let Some((b, kind, level, lo, hi, from)) = stack.pop() {
         let st = kind.structure();
-        if b == 0 || b >= nr_meta {
+        if b.0 == 0 || b.0 >= nr_meta {
             return Err(MetaError::corrupt(
-                MetaBlock(from),
+                from,
                 m.nodes
                     .get(&from)
                     .map(|n| n.kind.structure())
                     .unwrap_or(Structure::Superblock),
-                format!("refers to block {b}, outside 1..{nr_meta}"),
+                format!("refers to block {}, outside 1..{nr_meta}", b.0),
             ));
         }
-        let node = if m.mcount[b as usize] > 0 {
+        let node = if m.mcount[b] > 0 {
             if kinds.get(&b) != Some(&kind) {
                 return Err(MetaError::corrupt(
-                    MetaBlock(b),
+                    b,
                     st,
                     format!(
-                        "block is referenced as two different structures (also from block {from})"
+                        "block is referenced as two different structures (also from block {})",
+                        from.0
                     ),
                 ));
             }
-            m.mcount[b as usize] += 1;
+            m.mcount[b] += 1;
             m.node(b)?.clone()
         } else {
             let buf = read_block(dev, b).await?;
-            let node = Node::unpack(&buf, MetaBlock(b), kind)?;
-            m.mcount[b as usize] = 1;
+            let node = Node::unpack(&buf, b, kind)?;
+            m.mcount[b] = 1;
             kinds.insert(b, kind);
             m.nodes.insert(b, node.clone());
             if node.is_leaf() {
                 match kind {
                     TreeKind::Mapping => {
-                        for &d in &node.vals {
-                            if d >= nr_data {
+                        for d in node.data_refs() {
+                            if d.0 >= nr_data {
                                 return Err(MetaError::corrupt(
-                                    MetaBlock(b),
+                                    b,
                                     st,
-                                    format!("maps to data block {d}, beyond the pool's {nr_data}"),
+                                    format!("maps to {d}, beyond the pool's {nr_data}"),
                                 ));
                             }
-                            recount[d as usize] += 1;
+                            recount[d] += 1;
                         }
                     }
                     TreeKind::Devices => {
                         for i in 0..node.len() {
-                            let v = node.val(i);
+                            let root = MetaBlock(node.val(i)[0]);
                             if node.keys[i] > u32::MAX as u64 {
                                 return Err(MetaError::corrupt(
-                                    MetaBlock(b),
+                                    b,
                                     st,
                                     format!("device id {} out of range", node.keys[i]),
                                 ));
                             }
-                            stack.push((v[0], TreeKind::Mapping, None, 0, u64::MAX, b));
+                            stack.push((root, TreeKind::Mapping, None, 0, u64::MAX, b));
                         }
                     }
                     TreeKind::SmIndex => {
                         for i in 0..node.len() {
-                            bitmaps.push((node.keys[i], node.vals[i], MetaBlock(b)));
+                            bitmaps.push((node.keys[i], MetaBlock(node.vals[i]), b));
                         }
                     }
                     TreeKind::Overflow => {}
@@ -146,14 +149,10 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
                 for i in 0..node.len() {
                     let clo = node.keys[i];
                     let chi = node.keys.get(i + 1).copied().unwrap_or(hi);
-                    stack.push((node.vals[i], kind, Some(node.level - 1), clo, chi, b));
+                    stack.push((node.child(i), kind, Some(node.level - 1), clo, chi, b));
                 }
                 if node.is_empty() {
-                    return Err(MetaError::corrupt(
-                        MetaBlock(b),
-                        st,
-                        "internal node has no entries",
-                    ));
+                    return Err(MetaError::corrupt(b, st, "internal node has no entries"));
                 }
             }
             node
@@ -161,29 +160,32 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
         if let Some(l) = level {
             if node.level != l {
                 return Err(MetaError::corrupt(
-                    MetaBlock(b),
+                    b,
                     st,
-                    format!("level {} where block {from} expects {l}", node.level),
+                    format!("level {} where block {} expects {l}", node.level, from.0),
                 ));
             }
         }
         if let (Some(&f), Some(&l)) = (node.keys.first(), node.keys.last()) {
             if f < lo || l >= hi {
                 return Err(MetaError::corrupt(
-                    MetaBlock(b),
+                    b,
                     st,
-                    format!("keys {f}..={l} outside the range [{lo}, {hi}) its parent block {from} gives"),
+                    format!(
+                        "keys {f}..={l} outside the range [{lo}, {hi}) its parent block {} gives",
+                        from.0
+                    ),
                 ));
             }
         }
     }
     let nr_bitmaps = nr_data.div_ceil(PER_BITMAP as u64);
     for (index, b, from) in bitmaps {
-        if b == 0 || b >= nr_meta {
+        if b.0 == 0 || b.0 >= nr_meta {
             return Err(MetaError::corrupt(
                 from,
                 Structure::SpaceMapIndex,
-                format!("bitmap at block {b}, outside 1..{nr_meta}"),
+                format!("bitmap at block {}, outside 1..{nr_meta}", b.0),
             ));
         }
         if index >= nr_bitmaps {
@@ -193,64 +195,65 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
                 format!("bitmap number {index} but the pool needs only {nr_bitmaps}"),
             ));
         }
-        if m.mcount[b as usize] > 0 {
+        if m.mcount[b] > 0 {
             return Err(MetaError::corrupt(
-                MetaBlock(b),
+                b,
                 Structure::Bitmap,
                 "bitmap block is referenced twice or is also a tree node",
             ));
         }
-        m.mcount[b as usize] = 1;
+        m.mcount[b] = 1;
         let buf = read_block(dev, b).await?;
-        let counts = bitmap::unpack(&buf, MetaBlock(b), index)?;
+        let counts = bitmap::unpack(&buf, b, index)?;
         let lo = index as usize * PER_BITMAP;
         let hi = (lo + PER_BITMAP).min(nr_data as usize);
-        m.dcount[lo..hi].copy_from_slice(&counts[..hi - lo]);
+        m.dcount.as_mut_slice()[lo..hi].copy_from_slice(&counts[..hi - lo]);
         if counts[hi - lo..].iter().any(|&c| c != 0) {
             return Err(MetaError::corrupt(
-                MetaBlock(b),
+                b,
                 Structure::Bitmap,
                 "counts for blocks beyond the pool",
             ));
         }
     }
     let mut ov = Vec::new();
-    m.range(sb.overflow_root.0, 0, u64::MAX, usize::MAX, &mut ov)?;
+    m.range(sb.overflow_root, 0, u64::MAX, usize::MAX, &mut ov)?;
     for (d, v) in ov {
-        if d >= nr_data
-            || m.dcount[d as usize] != OVERFLOW
+        let d = DataBlock(d);
+        if d.0 >= nr_data
+            || m.dcount[d] != OVERFLOW
             || v[0] < OVERFLOW as u64
             || v[0] > u32::MAX as u64
         {
             return Err(MetaError::Invalid(format!(
-                "refcount overflow tree: entry for data block {d} (count {}) does not match the bitmap",
+                "refcount overflow tree: entry for {d} (count {}) does not match the bitmap",
                 v[0]
             )));
         }
         m.overflow.insert(d, v[0] as u32);
     }
     let mut report = LoadReport::default();
-    for d in 0..nr_data {
-        let stored = m.data_count(DataBlock(d));
-        let found = recount[d as usize];
+    for d in (0..nr_data).map(DataBlock) {
+        let stored = m.data_count(d);
+        let found = recount[d];
         if stored == OVERFLOW as u32 && !m.overflow.contains_key(&d) {
             return Err(MetaError::Invalid(format!(
-                "data block {d}: bitmap says overflow but the overflow tree has no entry"
+                "{d}: bitmap says overflow but the overflow tree has no entry"
             )));
         }
         if found > stored {
             return Err(MetaError::Invalid(format!(
-                "data block {d} is referenced by {found} mapping leaves but its stored count is {stored} (the block could be handed out twice)"
+                "{d} is referenced by {found} mapping leaves but its stored count is {stored} (the block could be handed out twice)"
             )));
         }
         if found < stored {
-            report.leaked.push((DataBlock(d), stored, found));
+            report.leaked.push((d, stored, found));
         }
     }
     // Mapped counts per device, memoized over shared subtrees.
-    let mut memo: HashMap<u64, u64> = HashMap::new();
+    let mut memo: HashMap<MetaBlock, u64> = HashMap::new();
     for (id, info) in m.devices()? {
-        let n = count_entries(&m, info.root.0, &mut memo)?;
+        let n = count_entries(&m, info.root, &mut memo)?;
         if n != info.mapped {
             report.bad_mapped_counts.push((id, info.mapped, n));
         }
@@ -260,7 +263,11 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
     Ok((m, report))
 }
 
-fn count_entries(m: &Metadata, b: u64, memo: &mut HashMap<u64, u64>) -> MetaResult<u64> {
+fn count_entries(
+    m: &Metadata,
+    b: MetaBlock,
+    memo: &mut HashMap<MetaBlock, u64>,
+) -> MetaResult<u64> {
     if let Some(&n) = memo.get(&b) {
         return Ok(n);
     }
@@ -269,7 +276,7 @@ fn count_entries(m: &Metadata, b: u64, memo: &mut HashMap<u64, u64>) -> MetaResu
         node.len() as u64
     } else {
         let mut s = 0;
-        for &c in &node.vals.clone() {
+        for c in node.meta_refs() {
             s += count_entries(m, c, memo)?;
         }
         s

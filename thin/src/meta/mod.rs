@@ -35,7 +35,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use crate::disk::node::{Node, TreeKind};
 use crate::disk::superblock::Superblock;
 use crate::error::{MetaError, MetaResult};
-use crate::types::{DataBlock, MetaBlock};
+use crate::types::{DataBlock, MetaBlock, PerBlock};
 
 pub use commit::{commit_offline, write_block, Prepared};
 pub use load::{load, read_superblock, LoadReport};
@@ -65,32 +65,33 @@ pub struct Lookup {
 pub struct Metadata {
     /// Header fields (roots are kept current; written at commit).
     pub sb: Superblock,
-    nodes: HashMap<u64, Node>,
-    mcount: Vec<u32>,
-    new_nodes: HashSet<u64>,
-    meta_pending: HashSet<u64>,
-    meta_pending_list: Vec<u64>,
+    nodes: HashMap<MetaBlock, Node>,
+    mcount: PerBlock<MetaBlock, u32>,
+    new_nodes: HashSet<MetaBlock>,
+    meta_pending: HashSet<MetaBlock>,
+    meta_pending_list: Vec<MetaBlock>,
     meta_free: u64,
     meta_used: u64,
-    meta_cursor: u64,
-    dcount: Vec<u8>,
-    overflow: HashMap<u64, u32>,
-    data_pending: HashSet<u64>,
-    data_pending_list: Vec<u64>,
-    data_reserved: HashSet<u64>,
+    meta_cursor: MetaBlock,
+    dcount: PerBlock<DataBlock, u8>,
+    overflow: HashMap<DataBlock, u32>,
+    data_pending: HashSet<DataBlock>,
+    data_pending_list: Vec<DataBlock>,
+    data_reserved: HashSet<DataBlock>,
     data_free: u64,
     data_used: u64,
-    data_cursor: u64,
+    data_cursor: DataBlock,
+    /// Numbers of the bitmaps (not blocks) changed in this transaction.
     dirty_bitmaps: BTreeSet<u64>,
-    dirty_overflow: BTreeSet<u64>,
+    dirty_overflow: BTreeSet<DataBlock>,
     unwritten: Vec<(MetaBlock, Vec<u8>)>,
     dirty: bool,
     commit_mode: bool,
     /// Data blocks whose count dropped in this transaction / in the one being committed.
     /// The last durable metadata may share them with another device, so a write must not
     /// go in place into them until a commit is durable.
-    decremented: HashSet<u64>,
-    frozen_decremented: HashSet<u64>,
+    decremented: HashSet<DataBlock>,
+    frozen_decremented: HashSet<DataBlock>,
     /// A device was deleted in this transaction / in the one being committed: sharing of
     /// whole subtrees may have dropped without any data count dropping, so no write goes in
     /// place until a commit is durable.
@@ -102,8 +103,8 @@ impl Metadata {
     fn empty(sb: Superblock) -> Metadata {
         let nr_meta = sb.nr_meta_blocks as usize;
         let nr_data = sb.nr_data_blocks as usize;
-        let mut mcount = vec![0u32; nr_meta];
-        mcount[0] = 1;
+        let mut mcount = PerBlock::new(nr_meta, 0u32);
+        mcount[MetaBlock(0)] = 1;
         Metadata {
             sb,
             nodes: HashMap::new(),
@@ -113,15 +114,15 @@ impl Metadata {
             meta_pending_list: Vec::new(),
             meta_free: 0,
             meta_used: 0,
-            meta_cursor: 1,
-            dcount: vec![0u8; nr_data],
+            meta_cursor: MetaBlock(1),
+            dcount: PerBlock::new(nr_data, 0u8),
             overflow: HashMap::new(),
             data_pending: HashSet::new(),
             data_pending_list: Vec::new(),
             data_reserved: HashSet::new(),
             data_free: 0,
             data_used: 0,
-            data_cursor: 0,
+            data_cursor: DataBlock(0),
             dirty_bitmaps: BTreeSet::new(),
             dirty_overflow: BTreeSet::new(),
             unwritten: Vec::new(),

@@ -4,7 +4,7 @@
 //! blocks, index tree and overflow tree when a commit is prepared.
 
 use crate::disk::bitmap::{self, OVERFLOW, PER_BITMAP};
-use crate::disk::node::{Node, TreeKind};
+use crate::disk::node::Node;
 use crate::error::{MetaError, MetaResult};
 use crate::types::{DataBlock, MetaBlock};
 
@@ -17,9 +17,9 @@ fn meta_reserve(nr_meta: u64) -> u64 {
 
 impl Metadata {
     pub(super) fn recount_free(&mut self) {
-        self.meta_used = self.mcount.iter().filter(|&&c| c > 0).count() as u64;
+        self.meta_used = self.mcount.as_slice().iter().filter(|&&c| c > 0).count() as u64;
         self.meta_free = self.sb.nr_meta_blocks - self.meta_used;
-        self.data_used = self.dcount.iter().filter(|&&c| c > 0).count() as u64;
+        self.data_used = self.dcount.as_slice().iter().filter(|&&c| c > 0).count() as u64;
         self.data_free = self.sb.nr_data_blocks - self.data_used;
     }
 
@@ -43,9 +43,9 @@ impl Metadata {
     }
     /// Metadata blocks with a reference (the superblock, tree nodes, bitmaps).
     pub fn live_blocks(&self) -> Vec<MetaBlock> {
-        (0..self.mcount.len() as u64)
-            .filter(|&b| self.mcount[b as usize] > 0)
+        (0..self.mcount.as_slice().len() as u64)
             .map(MetaBlock)
+            .filter(|&b| self.mcount[b] > 0)
             .collect()
     }
     /// Whether anything changed since the last commit.
@@ -54,43 +54,43 @@ impl Metadata {
     }
     /// Stored reference count of a data block.
     pub fn data_count(&self, d: DataBlock) -> u32 {
-        match self.dcount.get(d.0 as usize) {
-            Some(&OVERFLOW) => self.overflow.get(&d.0).copied().unwrap_or(OVERFLOW as u32),
+        match self.dcount.get(d) {
+            Some(&OVERFLOW) => self.overflow.get(&d).copied().unwrap_or(OVERFLOW as u32),
             Some(&c) => c as u32,
             None => 0,
         }
     }
 
-    fn set_data_count(&mut self, d: u64, n: u32) {
-        let was_overflow = self.dcount[d as usize] == OVERFLOW;
+    fn set_data_count(&mut self, d: DataBlock, n: u32) {
+        let was_overflow = self.dcount[d] == OVERFLOW;
         if n >= OVERFLOW as u32 {
-            self.dcount[d as usize] = OVERFLOW;
+            self.dcount[d] = OVERFLOW;
             self.overflow.insert(d, n);
             self.dirty_overflow.insert(d);
         } else {
-            self.dcount[d as usize] = n as u8;
+            self.dcount[d] = n as u8;
             if was_overflow {
                 self.overflow.remove(&d);
                 self.dirty_overflow.insert(d);
             }
         }
-        self.dirty_bitmaps.insert(d / PER_BITMAP as u64);
+        self.dirty_bitmaps.insert(d.0 / PER_BITMAP as u64);
         self.dirty = true;
     }
 
-    pub(super) fn check_data(&self, d: u64, what: &str) -> MetaResult<()> {
-        if d >= self.sb.nr_data_blocks {
+    pub(super) fn check_data(&self, d: DataBlock, what: &str) -> MetaResult<()> {
+        if d.0 >= self.sb.nr_data_blocks {
             return Err(MetaError::Invalid(format!(
-                "{what}: data block {d} is beyond the pool's {} blocks",
+                "{what}: {d} is beyond the pool's {} blocks",
                 self.sb.nr_data_blocks
             )));
         }
         Ok(())
     }
 
-    pub(super) fn inc_data(&mut self, d: u64) -> MetaResult<()> {
+    pub(super) fn inc_data(&mut self, d: DataBlock) -> MetaResult<()> {
         self.check_data(d, "increment")?;
-        let c = self.data_count(DataBlock(d));
+        let c = self.data_count(d);
         if c == 0 {
             self.data_used += 1;
             if !self.data_reserved.remove(&d) && !self.data_pending.contains(&d) {
@@ -101,12 +101,12 @@ impl Metadata {
         Ok(())
     }
 
-    pub(super) fn dec_data(&mut self, d: u64) -> MetaResult<()> {
+    pub(super) fn dec_data(&mut self, d: DataBlock) -> MetaResult<()> {
         self.check_data(d, "decrement")?;
-        let c = self.data_count(DataBlock(d));
+        let c = self.data_count(d);
         if c == 0 {
             return Err(MetaError::Internal(format!(
-                "reference count of data block {d} would drop below zero"
+                "reference count of {d} would drop below zero"
             )));
         }
         self.set_data_count(d, c - 1);
@@ -128,15 +128,15 @@ impl Metadata {
         }
         let n = self.sb.nr_data_blocks;
         for step in 0..n {
-            let d = (self.data_cursor + step) % n;
-            if self.dcount[d as usize] == 0
+            let d = DataBlock((self.data_cursor.0 + step) % n);
+            if self.dcount[d] == 0
                 && !self.data_pending.contains(&d)
                 && !self.data_reserved.contains(&d)
             {
                 self.data_reserved.insert(d);
                 self.data_free -= 1;
-                self.data_cursor = (d + 1) % n;
-                return Some(DataBlock(d));
+                self.data_cursor = DataBlock((d.0 + 1) % n);
+                return Some(d);
             }
         }
         None
@@ -144,7 +144,7 @@ impl Metadata {
 
     /// Returns a reserved block that was not used.
     pub fn unreserve(&mut self, d: DataBlock) {
-        if self.data_reserved.remove(&d.0) {
+        if self.data_reserved.remove(&d) {
             self.data_free += 1;
         }
     }
@@ -159,7 +159,7 @@ impl Metadata {
         }
     }
 
-    pub(super) fn alloc_meta(&mut self) -> MetaResult<u64> {
+    pub(super) fn alloc_meta(&mut self) -> MetaResult<MetaBlock> {
         let reserve = self.reserve();
         if self.meta_free <= reserve {
             return Err(MetaError::NoSpace(format!(
@@ -169,12 +169,12 @@ impl Metadata {
         }
         let n = self.sb.nr_meta_blocks;
         for step in 0..n {
-            let b = (self.meta_cursor + step) % n;
-            if b != 0 && self.mcount[b as usize] == 0 && !self.meta_pending.contains(&b) {
-                self.mcount[b as usize] = 1;
+            let b = MetaBlock((self.meta_cursor.0 + step) % n);
+            if b.0 != 0 && self.mcount[b] == 0 && !self.meta_pending.contains(&b) {
+                self.mcount[b] = 1;
                 self.meta_free -= 1;
                 self.meta_used += 1;
-                self.meta_cursor = b + 1;
+                self.meta_cursor = MetaBlock(b.0 + 1);
                 self.dirty = true;
                 return Ok(b);
             }
@@ -186,11 +186,11 @@ impl Metadata {
         let b = self.alloc_meta()?;
         self.nodes.insert(b, node);
         self.new_nodes.insert(b);
-        Ok(MetaBlock(b))
+        Ok(b)
     }
 
     /// Called when a metadata block's count reached 0.
-    pub(super) fn release_meta_block(&mut self, b: u64) {
+    pub(super) fn release_meta_block(&mut self, b: MetaBlock) {
         self.meta_used -= 1;
         self.nodes.remove(&b);
         if self.new_nodes.remove(&b) {
@@ -204,70 +204,34 @@ impl Metadata {
 
     /// Increments what a node references (it is being copied while shared).
     pub(super) fn inc_children(&mut self, node: &Node) -> MetaResult<()> {
-        if !node.is_leaf() {
-            for &c in &node.vals {
-                self.mcount[c as usize] += 1;
-            }
-            return Ok(());
+        for b in node.meta_refs() {
+            self.mcount[b] += 1;
         }
-        match node.kind {
-            TreeKind::Mapping => {
-                for &d in &node.vals {
-                    self.inc_data(d)?;
-                }
-            }
-            TreeKind::Devices => {
-                for i in 0..node.len() {
-                    self.mcount[node.val(i)[0] as usize] += 1;
-                }
-            }
-            TreeKind::SmIndex => {
-                for &b in &node.vals {
-                    self.mcount[b as usize] += 1;
-                }
-            }
-            TreeKind::Overflow => {}
+        for d in node.data_refs() {
+            self.inc_data(d)?;
         }
         Ok(())
     }
 
     /// Drops one reference to metadata block `b` (a node or a bitmap), freeing it and what
     /// it references when the count reaches zero.
-    pub(super) fn dec_meta(&mut self, b: u64) -> MetaResult<()> {
-        let c = self.mcount.get(b as usize).copied().unwrap_or(0);
+    pub(super) fn dec_meta(&mut self, b: MetaBlock) -> MetaResult<()> {
+        let c = self.mcount.get(b).copied().unwrap_or(0);
         if c == 0 {
             return Err(MetaError::Internal(format!(
-                "reference count of metadata block {b} would drop below zero"
+                "reference count of {b} would drop below zero"
             )));
         }
-        self.mcount[b as usize] = c - 1;
+        self.mcount[b] = c - 1;
         if c > 1 {
             return Ok(());
         }
         if let Some(node) = self.nodes.get(&b).cloned() {
-            if !node.is_leaf() {
-                for &c in &node.vals {
-                    self.dec_meta(c)?;
-                }
-            } else {
-                match node.kind {
-                    TreeKind::Mapping => {
-                        for &d in &node.vals {
-                            self.dec_data(d)?;
-                        }
-                    }
-                    TreeKind::Devices => {
-                        for i in 0..node.len() {
-                            self.dec_meta(node.val(i)[0])?;
-                        }
-                    }
-                    TreeKind::SmIndex => {
-                        for &c in &node.vals {
-                            self.dec_meta(c)?;
-                        }
-                    }
-                    TreeKind::Overflow => {}
-                }
+            for c in node.meta_refs() {
+                self.dec_meta(c)?;
+            }
+            for d in node.data_refs() {
+                self.dec_data(d)?;
             }
         }
         self.release_meta_block(b);
@@ -277,7 +241,7 @@ impl Metadata {
     /// Fails with `NoSpace` unless one tree operation on each of the trees at `roots` (plus
     /// what the next commit needs for the space map) can complete: an operation must never
     /// run out of blocks half way.
-    pub(super) fn ensure_meta(&self, roots: &[u64]) -> MetaResult<()> {
+    pub(super) fn ensure_meta(&self, roots: &[MetaBlock]) -> MetaResult<()> {
         let mut need =
             self.reserve() + self.dirty_bitmaps.len() as u64 + 2 * self.dirty_overflow.len() as u64;
         for r in roots {
@@ -331,35 +295,33 @@ impl Metadata {
         blocks: &mut Vec<(MetaBlock, Vec<u8>)>,
     ) -> MetaResult<()> {
         for d in std::mem::take(&mut self.dirty_overflow) {
-            let c = self.data_count(DataBlock(d));
-            let root = self.sb.overflow_root.0;
+            let c = self.data_count(d);
+            let root = self.sb.overflow_root;
             let (r, _) = if c >= OVERFLOW as u32 {
-                self.insert(root, d, [c as u64, 0])?
+                self.insert(root, d.0, [c as u64, 0])?
             } else {
-                self.remove(root, d)?
+                self.remove(root, d.0)?
             };
-            self.sb.overflow_root = MetaBlock(r);
+            self.sb.overflow_root = r;
         }
         for i in std::mem::take(&mut self.dirty_bitmaps) {
             let lo = i as usize * PER_BITMAP;
-            let hi = (lo + PER_BITMAP).min(self.dcount.len());
-            let root = self.sb.sm_index_root.0;
-            if lo >= hi || self.dcount[lo..hi].iter().all(|&c| c == 0) {
+            let counts = self.dcount.as_slice();
+            let hi = (lo + PER_BITMAP).min(counts.len());
+            let root = self.sb.sm_index_root;
+            if lo >= hi || counts[lo..hi].iter().all(|&c| c == 0) {
                 let (r, old) = self.remove(root, i)?;
-                self.sb.sm_index_root = MetaBlock(r);
+                self.sb.sm_index_root = r;
                 if let Some(o) = old {
-                    self.dec_meta(o[0])?;
+                    self.dec_meta(MetaBlock(o[0]))?;
                 }
             } else {
                 let nb = self.alloc_meta()?;
-                blocks.push((
-                    MetaBlock(nb),
-                    bitmap::pack(i, &self.dcount[lo..hi], MetaBlock(nb)),
-                ));
-                let (r, old) = self.insert(root, i, [nb, 0])?;
-                self.sb.sm_index_root = MetaBlock(r);
+                blocks.push((nb, bitmap::pack(i, &self.dcount.as_slice()[lo..hi], nb)));
+                let (r, old) = self.insert(root, i, [nb.0, 0])?;
+                self.sb.sm_index_root = r;
                 if let Some(o) = old {
-                    self.dec_meta(o[0])?;
+                    self.dec_meta(MetaBlock(o[0]))?;
                 }
             }
         }
