@@ -192,22 +192,24 @@ impl Pool {
                 }
                 (Metadata::format(dbs, nr_data, nr_meta)?, true)
             }
-            Some(_) => {
-                let (mut m, report) = meta::load(&*meta_dev).await?;
-                if m.sb.data_block_sectors != dbs {
+            Some(sb) => {
+                // Against the table and the data device before anything is sized from the
+                // superblock (load checks it against the metadata device).
+                if sb.data_block_sectors != dbs {
                     return Err(MetaError::Invalid(format!(
                         "{}: pool was created with data block size {} sectors, table says {dbs}",
                         meta_dev.name(),
-                        m.sb.data_block_sectors
+                        sb.data_block_sectors
                     )));
                 }
-                if nr_data < m.sb.nr_data_blocks {
+                if nr_data < sb.nr_data_blocks {
                     return Err(MetaError::Invalid(format!(
                         "{}: data device holds {nr_data} blocks but the pool has {} (shrinking is not supported)",
                         data_dev.name(),
-                        m.sb.nr_data_blocks
+                        sb.nr_data_blocks
                     )));
                 }
+                let (mut m, report) = meta::load(&*meta_dev).await?;
                 if !report.leaked.is_empty() {
                     log::warn!(
                         "{}: {} data blocks have a higher reference count than references (leaked space; run check/repair)",
@@ -216,8 +218,8 @@ impl Pool {
                     );
                 }
                 if !opts.read_only {
-                    m.grow_data(nr_data);
                     m.grow_meta(nr_meta);
+                    m.grow_data(nr_data);
                 }
                 (m, false)
             }
@@ -288,8 +290,8 @@ impl Pool {
             return Err("the data block size of a live pool cannot change".into());
         }
         if !opts.read_only {
-            m.grow_data(nr_data);
             m.grow_meta(self.meta_dev.size().0 / META_BLOCK_SIZE as u64);
+            m.grow_data(nr_data);
         }
         drop(m);
         *lock(&self.data_dev) = data_dev;
@@ -307,8 +309,8 @@ impl Pool {
         let nr_meta = self.meta_dev.size().0 / META_BLOCK_SIZE as u64;
         {
             let mut m = self.meta();
-            m.grow_data(nr_data);
             m.grow_meta(nr_meta);
+            m.grow_data(nr_data);
         }
         self.low_water_check();
         Ok(self.stats())
@@ -1040,8 +1042,13 @@ impl BlockDevice for ThinDevice {
     fn status(&self) -> String {
         let sectors = self.pool.block_bytes / 512;
         match self.mapping_stats() {
-            Ok((mapped, Some(h))) => format!("{} {}", mapped * sectors, (h.0 + 1) * sectors - 1),
-            Ok((mapped, None)) => format!("{} -", mapped * sectors),
+            // Counts and keys come from disk: saturate rather than overflow.
+            Ok((mapped, Some(h))) => format!(
+                "{} {}",
+                mapped.saturating_mul(sectors),
+                h.0.saturating_add(1).saturating_mul(sectors) - 1
+            ),
+            Ok((mapped, None)) => format!("{} -", mapped.saturating_mul(sectors)),
             Err(_) => "Fail".into(),
         }
     }

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 use tables::{Bytes, DeviceRef};
 
-use crate::disk::node::{Node, TreeKind};
-use crate::error::{MetaError, MetaResult};
+use crate::disk::node::{capacity, Node, TreeKind};
+use crate::disk::superblock::{max_data_blocks, vblock_limit};
+use crate::error::{MetaError, MetaResult, Structure};
 use crate::meta::{self, Metadata};
 use crate::types::{DataBlock, MetaBlock, ThinId, VBlock, META_BLOCK_SIZE};
 
@@ -53,7 +54,9 @@ pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
     };
     let devs = m.devices()?;
     r.devices = devs.len();
-    r.mapped_blocks = devs.iter().map(|(_, i)| i.mapped).sum();
+    r.mapped_blocks = devs
+        .iter()
+        .fold(0u64, |s, (_, i)| s.saturating_add(i.mapped));
     for (d, stored, found) in report.leaked {
         r.errors.push(format!(
             "{d}: stored reference count {stored}, found {found} references (leaked)"
@@ -62,6 +65,11 @@ pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
     for (id, stored, found) in report.bad_mapped_counts {
         r.errors.push(format!(
             "{id}: device details say {stored} mapped blocks, its tree has {found}"
+        ));
+    }
+    for (id, stored, found) in report.bad_held_mapped_counts {
+        r.errors.push(format!(
+            "held metadata snapshot, {id}: device details say {stored} mapped blocks, its tree has {found}"
         ));
     }
     r.clean = r.errors.is_empty();
@@ -214,15 +222,19 @@ pub async fn restore(dump: &Dump, meta_out: &DeviceRef) -> MetaResult<()> {
         }
         m.create_thin(d.id)?;
         for r in &d.mappings {
+            // Checked before the loop: a run must end inside the pool, and its virtual
+            // blocks must have byte offsets (as the loader requires).
+            let (v_end, d_end) = (r.vblock.0.checked_add(r.len), r.dblock.0.checked_add(r.len));
+            if v_end.is_none_or(|e| e > vblock_limit(dbs))
+                || d_end.is_none_or(|e| e > dump.nr_data_blocks)
+            {
+                return Err(MetaError::Invalid(format!(
+                    "dump: {} maps {} blocks from {} to {}, beyond the pool's {} blocks",
+                    d.id, r.len, r.vblock, r.dblock, dump.nr_data_blocks
+                )));
+            }
             for i in 0..r.len {
-                let (v, b) = (VBlock(r.vblock.0 + i), DataBlock(r.dblock.0 + i));
-                if b.0 >= dump.nr_data_blocks {
-                    return Err(MetaError::Invalid(format!(
-                        "dump: {} maps {v} to {b}, beyond the pool's {} blocks",
-                        d.id, dump.nr_data_blocks
-                    )));
-                }
-                m.map_insert(d.id, v, b)?;
+                m.map_insert(d.id, VBlock(r.vblock.0 + i), DataBlock(r.dblock.0 + i))?;
             }
         }
     }
@@ -305,6 +317,22 @@ pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<Rep
     let nr_meta = sb
         .nr_meta_blocks
         .min(meta_in.size().0 / META_BLOCK_SIZE as u64);
+    if sb.nr_data_blocks > max_data_blocks(nr_meta) {
+        return Err(MetaError::corrupt(
+            MetaBlock(0),
+            Structure::Superblock,
+            format!(
+                "{} data blocks, but the {nr_meta} metadata blocks on the device describe at most {}",
+                sb.nr_data_blocks,
+                max_data_blocks(nr_meta)
+            ),
+        ));
+    }
+    // What the output can hold at most (one leaf entry per mapping): salvaging stops there
+    // rather than collecting a dump that could never be restored.
+    let out_blocks = meta_out.size().0 / META_BLOCK_SIZE as u64;
+    let max_mappings = out_blocks.saturating_mul(capacity(1) as u64);
+    let vblock_limit = vblock_limit(sb.data_block_sectors);
     let mut report = RepairReport::default();
     let devs = salvage_tree(
         meta_in,
@@ -338,15 +366,24 @@ pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<Rep
         .await;
         let mut good = Vec::new();
         for (k, val) in maps {
-            if val[0] < sb.nr_data_blocks {
-                good.push((VBlock(k), DataBlock(val[0])));
-            } else {
+            if val[0] >= sb.nr_data_blocks {
                 report
                     .problems
                     .push(format!("thin {id}: {k} maps beyond the pool, dropped"));
+            } else if k >= vblock_limit {
+                report.problems.push(format!(
+                    "thin {id}: virtual block {k} is beyond any device size, dropped"
+                ));
+            } else {
+                good.push((VBlock(k), DataBlock(val[0])));
             }
         }
         report.mappings += good.len() as u64;
+        if report.mappings > max_mappings {
+            return Err(MetaError::NoSpace(format!(
+                "repair: more than {max_mappings} mappings found, more than the output metadata device ({out_blocks} blocks) can hold"
+            )));
+        }
         dump.devices.push(DumpDevice {
             id: ThinId(id as u32),
             mapped_blocks: good.len() as u64,

@@ -14,14 +14,6 @@ use thin::{tools, Pool, ThinId};
 
 const META: u64 = 2 * MIB;
 
-fn rng(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// A pool with several devices, snapshots and enough mappings for multi-level trees.
 fn build() -> (Arc<MemDevice>, Arc<MemDevice>) {
     let meta = mem("meta", META);
@@ -54,9 +46,7 @@ fn build() -> (Arc<MemDevice>, Arc<MemDevice>) {
 }
 
 fn copy(src: &MemDevice) -> Arc<MemDevice> {
-    let d = Arc::new(MemDevice::new("meta-copy", Bytes(META)));
-    d.fill(0, &src.snapshot(0, META as usize));
-    d
+    copy_mem("meta-copy", src, META)
 }
 
 #[test]

@@ -46,7 +46,8 @@ impl Metadata {
         blocks.append(&mut self.unwritten);
         self.frozen_decremented = std::mem::take(&mut self.decremented);
         self.frozen_deleted = std::mem::take(&mut self.deleted);
-        self.sb.generation += 1;
+        // Only a commit counter: a crafted u64::MAX wraps rather than panics.
+        self.sb.generation = self.sb.generation.wrapping_add(1);
         let superblock = self.sb.pack();
         self.new_nodes.clear();
         self.dirty = false;
@@ -93,7 +94,7 @@ impl Metadata {
         self.unwritten = p.blocks;
         self.meta_pending_list.extend(p.freed_meta);
         self.data_pending_list.extend(p.freed_data);
-        self.sb.generation -= 1;
+        self.sb.generation = self.sb.generation.wrapping_sub(1);
     }
 }
 

@@ -7,6 +7,12 @@ use crate::types::{DataBlock, MetaBlock, ThinId, VBlock};
 
 use super::{DeviceInfo, Lookup, Metadata, Val};
 
+/// A device's mapped count after a change; `None` (it would wrap) means the stored count
+/// contradicts the tree.
+fn mapped_count(id: ThinId, n: Option<u64>) -> MetaResult<u64> {
+    n.ok_or_else(|| MetaError::Internal(format!("mapped block count of {id} is out of range")))
+}
+
 impl DeviceInfo {
     /// Details from a device tree leaf value `[root, mapped]`.
     fn from_val(v: Val) -> DeviceInfo {
@@ -157,7 +163,7 @@ impl Metadata {
         dev.root = root;
         match old {
             Some(o) => self.dec_data(DataBlock(o[0]))?,
-            None => dev.mapped += 1,
+            None => dev.mapped = mapped_count(id, dev.mapped.checked_add(1))?,
         }
         self.set_device(id, dev)
     }
@@ -168,13 +174,14 @@ impl Metadata {
         if self.lookup_path(dev.root, v.0)?.is_none() {
             return Ok(None);
         }
+        let mapped = mapped_count(id, dev.mapped.checked_sub(1))?;
         let dr = self.sb.device_root;
         self.ensure_meta(&[dev.root, dr, dr])?;
         let mut dev = self.device_for_write(id, dev)?;
         let (root, old) = self.remove(dev.root, v.0)?;
         dev.root = root;
         if let Some(o) = old {
-            dev.mapped -= 1;
+            dev.mapped = mapped;
             self.dec_data(DataBlock(o[0]))?;
             self.set_device(id, dev)?;
         }

@@ -33,7 +33,7 @@ mod space_map;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::disk::node::{Node, TreeKind};
-use crate::disk::superblock::Superblock;
+use crate::disk::superblock::{max_data_blocks, Superblock, MAX_DATA_BLOCKS, MIN_META_BLOCKS};
 use crate::error::{MetaError, MetaResult};
 use crate::types::{DataBlock, MetaBlock, PerBlock};
 
@@ -142,15 +142,20 @@ impl Metadata {
         nr_data_blocks: u64,
         nr_meta_blocks: u64,
     ) -> MetaResult<Metadata> {
-        if nr_data_blocks > crate::disk::superblock::MAX_DATA_BLOCKS {
+        if nr_data_blocks > MAX_DATA_BLOCKS {
             return Err(MetaError::Invalid(format!(
-                "{nr_data_blocks} data blocks: at most {} are supported (use a larger block size)",
-                crate::disk::superblock::MAX_DATA_BLOCKS
+                "{nr_data_blocks} data blocks: at most {MAX_DATA_BLOCKS} are supported (use a larger block size)"
             )));
         }
-        if nr_meta_blocks < 64 {
+        if nr_meta_blocks < MIN_META_BLOCKS {
             return Err(MetaError::NoSpace(format!(
-                "metadata device holds {nr_meta_blocks} blocks of 4 KiB, need at least 64"
+                "metadata device holds {nr_meta_blocks} blocks of 4 KiB, need at least {MIN_META_BLOCKS}"
+            )));
+        }
+        let max_data = max_data_blocks(nr_meta_blocks);
+        if nr_data_blocks > max_data {
+            return Err(MetaError::NoSpace(format!(
+                "a metadata device of {nr_meta_blocks} blocks of 4 KiB describes at most {max_data} data blocks, not {nr_data_blocks} (use a larger metadata device or block size)"
             )));
         }
         let sb = Superblock {

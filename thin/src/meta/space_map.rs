@@ -5,6 +5,7 @@
 
 use crate::disk::bitmap::{self, OVERFLOW, PER_BITMAP};
 use crate::disk::node::Node;
+use crate::disk::superblock::max_data_blocks;
 use crate::error::{MetaError, MetaResult};
 use crate::types::{DataBlock, MetaBlock};
 
@@ -264,9 +265,17 @@ impl Metadata {
         self.meta_pending.len()
     }
 
-    /// Grows the data space map (the data device grew).
+    /// Grows the data space map (the data device grew), as far as the metadata device can
+    /// describe (grow the metadata first).
     pub fn grow_data(&mut self, nr_data_blocks: u64) {
-        let nr_data_blocks = nr_data_blocks.min(crate::disk::superblock::MAX_DATA_BLOCKS);
+        let max = max_data_blocks(self.sb.nr_meta_blocks);
+        if nr_data_blocks > max {
+            log::warn!(
+                "{nr_data_blocks} data blocks: the metadata device ({} blocks) describes only {max}; using {max}",
+                self.sb.nr_meta_blocks
+            );
+        }
+        let nr_data_blocks = nr_data_blocks.min(max);
         if nr_data_blocks > self.sb.nr_data_blocks {
             let extra = nr_data_blocks - self.sb.nr_data_blocks;
             self.dcount.resize(nr_data_blocks as usize, 0);
