@@ -117,6 +117,9 @@ pub struct Pool {
     opts: Mutex<PoolOptions>,
     block_bytes: u64,
     meta: Mutex<Metadata>,
+    /// A panic happened while `meta` was locked: the metadata may be half changed, so it is
+    /// neither committed nor used for I/O again.
+    poisoned: AtomicBool,
     commit_lock: futures::lock::Mutex<()>,
     cells: CellLocks<(ThinId, VBlock)>,
     gates: Mutex<HashMap<ThinId, Gate>>,
@@ -139,9 +142,9 @@ impl Drop for Pool {
     /// on a helper thread with its own runtime, since drop may run inside one).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let due = lock(&self.meta).is_dirty()
-            && lock(&self.failed).is_none()
-            && !lock(&self.opts).read_only;
+        // Locking first: a poisoned lock fails the pool before `failed` is read.
+        let dirty = self.meta().is_dirty();
+        let due = dirty && lock(&self.failed).is_none() && !lock(&self.opts).read_only;
         if !due {
             return;
         }
@@ -231,6 +234,7 @@ impl Pool {
             opts: Mutex::new(opts.clone()),
             block_bytes,
             meta: Mutex::new(m),
+            poisoned: AtomicBool::new(false),
             commit_lock: futures::lock::Mutex::new(()),
             cells: CellLocks::default(),
             gates: Mutex::new(HashMap::new()),
@@ -244,7 +248,7 @@ impl Pool {
             last_commit: Mutex::new(Instant::now()),
             stop: Arc::new(AtomicBool::new(false)),
         });
-        if fresh || lock(&pool.meta).is_dirty() {
+        if fresh || pool.meta().is_dirty() {
             pool.commit().await.map_err(MetaError::Io)?;
         }
         if let Some(iv) = opts.commit_interval {
@@ -278,7 +282,7 @@ impl Pool {
     /// may have grown (it must be at least as large as the pool).
     pub fn reconfigure(&self, data_dev: DeviceRef, opts: PoolOptions) -> Result<(), String> {
         let nr_data = data_dev.size().0 / self.block_bytes;
-        let mut m = lock(&self.meta);
+        let mut m = self.meta_for_io().map_err(|e| e.to_string())?;
         if nr_data < m.sb.nr_data_blocks {
             return Err(format!(
                 "data device {} holds {nr_data} blocks but the pool has {} (shrinking is not supported)",
@@ -304,11 +308,11 @@ impl Pool {
     /// was opened (`pool resize` after the devices were extended). Committed with the next
     /// commit.
     pub fn grow_to_devices(&self) -> IoResult<PoolStats> {
-        self.writable()?;
         let nr_data = self.data_dev().size().0 / self.block_bytes;
         let nr_meta = self.meta_dev.size().0 / META_BLOCK_SIZE as u64;
         {
-            let mut m = self.meta();
+            let mut m = self.meta_for_io()?;
+            self.writable()?;
             m.grow_meta(nr_meta);
             m.grow_data(nr_data);
         }
@@ -316,8 +320,29 @@ impl Pool {
         Ok(self.stats())
     }
 
+    /// The metadata, locked. A poisoned lock (a panic while it was held, e.g. half way
+    /// through a tree change) puts the pool in fail mode, so none of it is committed; the
+    /// guard is still returned for status and bookkeeping.
     fn meta(&self) -> MutexGuard<'_, Metadata> {
-        lock(&self.meta)
+        self.meta.lock().unwrap_or_else(|e| {
+            if !self.poisoned.swap(true, Ordering::Relaxed) {
+                self.fail("a panic while the metadata lock was held may have left the metadata half changed".into());
+            }
+            e.into_inner()
+        })
+    }
+
+    /// The metadata for I/O and changes: refused with EIO once a panic may have left it half
+    /// changed (even a lookup could then follow a half-split node).
+    fn meta_for_io(&self) -> IoResult<MutexGuard<'_, Metadata>> {
+        let m = self.meta();
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(IoError::eio(format!(
+                "{}: pool failed (a panic left the metadata possibly half changed; run check)",
+                self.name
+            )));
+        }
+        Ok(m)
     }
 
     fn gate(&self, id: ThinId) -> Gate {
@@ -351,8 +376,11 @@ impl Pool {
     /// Runs a metadata mutation; an error that means the in-memory state may be damaged
     /// (anything but space and argument errors) fails the pool.
     fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> MetaResult<T>) -> IoResult<T> {
+        // Locked before `writable`: taking a poisoned lock is what fails the pool.
+        let mut m = self.meta_for_io()?;
         self.writable()?;
-        let r = f(&mut self.meta());
+        let r = f(&mut m);
+        drop(m);
         match r {
             Ok(v) => Ok(v),
             Err(e @ MetaError::NoSpace(_)) => Err(meta_io(e)),
@@ -430,7 +458,7 @@ impl Pool {
     /// Device ids and their mapped block counts.
     pub fn devices(&self) -> IoResult<Vec<(ThinId, u64)>> {
         Ok(self
-            .meta()
+            .meta_for_io()?
             .devices()
             .map_err(meta_io)?
             .into_iter()
@@ -469,7 +497,9 @@ impl Pool {
 
     /// Whether a periodic commit is due.
     fn commit_due(&self, interval: Duration) -> bool {
-        self.meta().is_dirty() && lock(&self.last_commit).elapsed() >= interval
+        self.meta().is_dirty()
+            && lock(&self.failed).is_none()
+            && lock(&self.last_commit).elapsed() >= interval
     }
 
     /// Makes every completed write durable: flushes the data device, writes the metadata
@@ -481,7 +511,15 @@ impl Pool {
         let data = self.data_dev();
         let prepared = {
             let mut m = self.meta();
-            if m.is_dirty() && lock(&self.failed).is_none() && !lock(&self.opts).read_only {
+            let failed = lock(&self.failed).clone();
+            if let (Some(why), true) = (failed.as_ref(), m.is_dirty()) {
+                // What changed since the last commit cannot be made durable.
+                return Err(IoError::eio(format!(
+                    "{}: pool failed ({why}); changes since the last commit are not committed",
+                    self.name
+                )));
+            }
+            if m.is_dirty() && failed.is_none() && !lock(&self.opts).read_only {
                 match m.prepare_commit() {
                     Ok(p) => Some(p),
                     Err(e) => {
@@ -570,7 +608,7 @@ impl Pool {
         size: Bytes,
         origin: Option<DeviceRef>,
     ) -> IoResult<Arc<ThinDevice>> {
-        if self.meta().device(id).map_err(meta_io)?.is_none() {
+        if self.meta_for_io()?.device(id).map_err(meta_io)?.is_none() {
             return Err(IoError::new(
                 libc::ENODEV,
                 format!("{}: {id} does not exist (create_thin first)", self.name),
@@ -595,7 +633,7 @@ impl Pool {
     async fn alloc_data(&self) -> IoResult<DataBlock> {
         loop {
             let (got, pending) = {
-                let mut m = self.meta();
+                let mut m = self.meta_for_io()?;
                 (m.reserve_data(), m.data_pending())
             };
             if let Some(d) = got {
@@ -655,7 +693,7 @@ impl Pool {
         mut buf: Dst<'_>,
     ) -> IoResult<Served> {
         let _cell = self.cells.lock((t.id, v)).await;
-        let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
+        let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
         if let Some(l) = look {
             let data = self.data_dev();
             return buf
@@ -681,7 +719,7 @@ impl Pool {
         src: Src<'_>,
     ) -> IoResult<Served> {
         let _cell = self.cells.lock((t.id, v)).await;
-        let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
+        let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
         let data = self.data_dev();
         if let Some(Lookup {
             block,
@@ -796,7 +834,10 @@ impl Pool {
         self.writable()?;
         let mut lo = first;
         loop {
-            let batch = self.meta().map_range(id, lo, end, 1024).map_err(meta_io)?;
+            let batch = self
+                .meta_for_io()?
+                .map_range(id, lo, end, 1024)
+                .map_err(meta_io)?;
             let Some(&(last, _)) = batch.last() else {
                 return Ok(());
             };
@@ -973,7 +1014,7 @@ impl ThinDevice {
 
     /// Mapped blocks and the highest mapped block.
     pub fn mapping_stats(&self) -> IoResult<(u64, Option<VBlock>)> {
-        let m = self.pool.meta();
+        let m = self.pool.meta_for_io()?;
         let info = m
             .device(self.id)
             .map_err(meta_io)?

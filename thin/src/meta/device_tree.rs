@@ -160,6 +160,8 @@ impl Metadata {
         let mut dev = self.device_for_write(id, dev)?;
         let (root, old) = self.insert(dev.root, v.0, [d.0, 0])?;
         self.inc_data(d)?;
+        #[cfg(test)]
+        crate::fault::map_insert_point();
         dev.root = root;
         match old {
             Some(o) => self.dec_data(DataBlock(o[0]))?,
