@@ -631,8 +631,9 @@ struct Outcome {
     check: Result<(bool, Vec<String>), String>,
     dump: Result<(), String>,
     open: Result<(), String>,
-    /// `Err`: the repaired metadata is wrong; `Ok(Err)`: repair refused, with this error.
-    repair: Result<Result<(), String>, String>,
+    /// `Err`: the repaired metadata is wrong; `Ok(Err)`: repair refused, with this error;
+    /// `Ok(Ok(complete))`: repaired, and whether the report says nothing was lost.
+    repair: Result<Result<bool, String>, String>,
     after_use: Result<(), String>,
     largest: usize,
 }
@@ -680,7 +681,7 @@ fn run_case(base: &MemDevice, c: &Case) -> Outcome {
     let repair = match run(tools::repair(&cd, &out)) {
         Ok(rep) => match run(tools::check(&out)) {
             Ok(r) if r.clean && r.devices == rep.devices && r.mapped_blocks == rep.mappings => {
-                Ok(Ok(()))
+                Ok(Ok(rep.is_complete()))
             }
             Ok(r) => Err(format!("repaired metadata: {r:?} after {rep:?}")),
             Err(e) => Err(format!("repaired metadata does not load: {e}")),
@@ -864,12 +865,15 @@ fn crafted_fields_with_valid_checksums_are_refused_cleanly() {
                 fail(format!("open error names no block: {e}"));
             }
         }
-        match &o.repair {
-            Err(e) => fail(e.clone()),
-            Ok(Err(e)) if !names_a_block(e) && !e.contains("metadata device") => {
+        match (&o.repair, &o.check) {
+            (Err(e), _) => fail(e.clone()),
+            (Ok(Err(e)), _) if !names_a_block(e) && !e.contains("metadata device") => {
                 fail(format!("repair error names no block: {e}"))
             }
-            Ok(_) => {}
+            (Ok(Ok(false)), Ok((true, _))) => {
+                fail("repair of metadata check calls clean reports a loss".into())
+            }
+            _ => {}
         }
         if let (Err(e), Ok((true, _))) = (&o.after_use, &o.check) {
             fail(format!("pool on clean metadata failed: {e}"));
