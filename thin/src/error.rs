@@ -69,6 +69,15 @@ pub enum MetaError {
         /// What is wrong.
         what: String,
     },
+    /// A block reached through a reference is wrong (so the referencing block may be the
+    /// damaged one: a pointer into another structure or out of its tree).
+    #[error("{source}, referenced from {from}")]
+    Referenced {
+        /// The block holding the reference (block 0: the superblock).
+        from: MetaBlock,
+        /// What is wrong with the referenced block.
+        source: Box<MetaError>,
+    },
     /// The metadata device could not be read or written.
     #[error("metadata I/O: {0}")]
     Io(#[from] IoError),
@@ -91,6 +100,19 @@ impl MetaError {
             block,
             structure,
             what: what.into(),
+        }
+    }
+
+    /// Names `from` as the block whose reference led here (I/O errors stay as they are).
+    pub fn referenced_from(self, from: MetaBlock) -> MetaError {
+        match self {
+            e @ (MetaError::Checksum { .. }
+            | MetaError::BadMagic { .. }
+            | MetaError::Corrupt { .. }) => MetaError::Referenced {
+                from,
+                source: Box::new(e),
+            },
+            e => e,
         }
     }
 }

@@ -21,6 +21,11 @@ pub mod target;
 pub mod tools;
 pub mod types;
 
+#[cfg(test)]
+mod fail_mode_tests;
+#[cfg(test)]
+pub(crate) mod fault;
+
 pub use error::{MetaError, MetaResult, Structure};
 pub use pool::{Pool, PoolOptions, PoolStats, ThinDevice};
 pub use target::register;

@@ -117,8 +117,11 @@ pub struct Pool {
     opts: Mutex<PoolOptions>,
     block_bytes: u64,
     meta: Mutex<Metadata>,
+    /// A panic happened while `meta` was locked: the metadata may be half changed, so it is
+    /// neither committed nor used for I/O again.
+    poisoned: AtomicBool,
     commit_lock: futures::lock::Mutex<()>,
-    cells: CellLocks<(u32, u64)>,
+    cells: CellLocks<(ThinId, VBlock)>,
     gates: Mutex<HashMap<ThinId, Gate>>,
     open_thins: Mutex<HashMap<ThinId, usize>>,
     failed: Mutex<Option<String>>,
@@ -139,9 +142,9 @@ impl Drop for Pool {
     /// on a helper thread with its own runtime, since drop may run inside one).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let due = lock(&self.meta).is_dirty()
-            && lock(&self.failed).is_none()
-            && !lock(&self.opts).read_only;
+        // Locking first: a poisoned lock fails the pool before `failed` is read.
+        let dirty = self.meta().is_dirty();
+        let due = dirty && lock(&self.failed).is_none() && !lock(&self.opts).read_only;
         if !due {
             return;
         }
@@ -192,22 +195,24 @@ impl Pool {
                 }
                 (Metadata::format(dbs, nr_data, nr_meta)?, true)
             }
-            Some(_) => {
-                let (mut m, report) = meta::load(&*meta_dev).await?;
-                if m.sb.data_block_sectors != dbs {
+            Some(sb) => {
+                // Against the table and the data device before anything is sized from the
+                // superblock (load checks it against the metadata device).
+                if sb.data_block_sectors != dbs {
                     return Err(MetaError::Invalid(format!(
                         "{}: pool was created with data block size {} sectors, table says {dbs}",
                         meta_dev.name(),
-                        m.sb.data_block_sectors
+                        sb.data_block_sectors
                     )));
                 }
-                if nr_data < m.sb.nr_data_blocks {
+                if nr_data < sb.nr_data_blocks {
                     return Err(MetaError::Invalid(format!(
                         "{}: data device holds {nr_data} blocks but the pool has {} (shrinking is not supported)",
                         data_dev.name(),
-                        m.sb.nr_data_blocks
+                        sb.nr_data_blocks
                     )));
                 }
+                let (mut m, report) = meta::load(&*meta_dev).await?;
                 if !report.leaked.is_empty() {
                     log::warn!(
                         "{}: {} data blocks have a higher reference count than references (leaked space; run check/repair)",
@@ -216,8 +221,8 @@ impl Pool {
                     );
                 }
                 if !opts.read_only {
-                    m.grow_data(nr_data);
                     m.grow_meta(nr_meta);
+                    m.grow_data(nr_data);
                 }
                 (m, false)
             }
@@ -229,6 +234,7 @@ impl Pool {
             opts: Mutex::new(opts.clone()),
             block_bytes,
             meta: Mutex::new(m),
+            poisoned: AtomicBool::new(false),
             commit_lock: futures::lock::Mutex::new(()),
             cells: CellLocks::default(),
             gates: Mutex::new(HashMap::new()),
@@ -242,7 +248,7 @@ impl Pool {
             last_commit: Mutex::new(Instant::now()),
             stop: Arc::new(AtomicBool::new(false)),
         });
-        if fresh || lock(&pool.meta).is_dirty() {
+        if fresh || pool.meta().is_dirty() {
             pool.commit().await.map_err(MetaError::Io)?;
         }
         if let Some(iv) = opts.commit_interval {
@@ -276,7 +282,7 @@ impl Pool {
     /// may have grown (it must be at least as large as the pool).
     pub fn reconfigure(&self, data_dev: DeviceRef, opts: PoolOptions) -> Result<(), String> {
         let nr_data = data_dev.size().0 / self.block_bytes;
-        let mut m = lock(&self.meta);
+        let mut m = self.meta_for_io().map_err(|e| e.to_string())?;
         if nr_data < m.sb.nr_data_blocks {
             return Err(format!(
                 "data device {} holds {nr_data} blocks but the pool has {} (shrinking is not supported)",
@@ -288,8 +294,8 @@ impl Pool {
             return Err("the data block size of a live pool cannot change".into());
         }
         if !opts.read_only {
-            m.grow_data(nr_data);
             m.grow_meta(self.meta_dev.size().0 / META_BLOCK_SIZE as u64);
+            m.grow_data(nr_data);
         }
         drop(m);
         *lock(&self.data_dev) = data_dev;
@@ -302,20 +308,41 @@ impl Pool {
     /// was opened (`pool resize` after the devices were extended). Committed with the next
     /// commit.
     pub fn grow_to_devices(&self) -> IoResult<PoolStats> {
-        self.writable()?;
         let nr_data = self.data_dev().size().0 / self.block_bytes;
         let nr_meta = self.meta_dev.size().0 / META_BLOCK_SIZE as u64;
         {
-            let mut m = self.meta();
-            m.grow_data(nr_data);
+            let mut m = self.meta_for_io()?;
+            self.writable()?;
             m.grow_meta(nr_meta);
+            m.grow_data(nr_data);
         }
         self.low_water_check();
         Ok(self.stats())
     }
 
+    /// The metadata, locked. A poisoned lock (a panic while it was held, e.g. half way
+    /// through a tree change) puts the pool in fail mode, so none of it is committed; the
+    /// guard is still returned for status and bookkeeping.
     fn meta(&self) -> MutexGuard<'_, Metadata> {
-        lock(&self.meta)
+        self.meta.lock().unwrap_or_else(|e| {
+            if !self.poisoned.swap(true, Ordering::Relaxed) {
+                self.fail("a panic while the metadata lock was held may have left the metadata half changed".into());
+            }
+            e.into_inner()
+        })
+    }
+
+    /// The metadata for I/O and changes: refused with EIO once a panic may have left it half
+    /// changed (even a lookup could then follow a half-split node).
+    fn meta_for_io(&self) -> IoResult<MutexGuard<'_, Metadata>> {
+        let m = self.meta();
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(IoError::eio(format!(
+                "{}: pool failed (a panic left the metadata possibly half changed; run check)",
+                self.name
+            )));
+        }
+        Ok(m)
     }
 
     fn gate(&self, id: ThinId) -> Gate {
@@ -349,8 +376,11 @@ impl Pool {
     /// Runs a metadata mutation; an error that means the in-memory state may be damaged
     /// (anything but space and argument errors) fails the pool.
     fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> MetaResult<T>) -> IoResult<T> {
+        // Locked before `writable`: taking a poisoned lock is what fails the pool.
+        let mut m = self.meta_for_io()?;
         self.writable()?;
-        let r = f(&mut self.meta());
+        let r = f(&mut m);
+        drop(m);
         match r {
             Ok(v) => Ok(v),
             Err(e @ MetaError::NoSpace(_)) => Err(meta_io(e)),
@@ -428,7 +458,7 @@ impl Pool {
     /// Device ids and their mapped block counts.
     pub fn devices(&self) -> IoResult<Vec<(ThinId, u64)>> {
         Ok(self
-            .meta()
+            .meta_for_io()?
             .devices()
             .map_err(meta_io)?
             .into_iter()
@@ -467,7 +497,9 @@ impl Pool {
 
     /// Whether a periodic commit is due.
     fn commit_due(&self, interval: Duration) -> bool {
-        self.meta().is_dirty() && lock(&self.last_commit).elapsed() >= interval
+        self.meta().is_dirty()
+            && lock(&self.failed).is_none()
+            && lock(&self.last_commit).elapsed() >= interval
     }
 
     /// Makes every completed write durable: flushes the data device, writes the metadata
@@ -479,7 +511,15 @@ impl Pool {
         let data = self.data_dev();
         let prepared = {
             let mut m = self.meta();
-            if m.is_dirty() && lock(&self.failed).is_none() && !lock(&self.opts).read_only {
+            let failed = lock(&self.failed).clone();
+            if let (Some(why), true) = (failed.as_ref(), m.is_dirty()) {
+                // What changed since the last commit cannot be made durable.
+                return Err(IoError::eio(format!(
+                    "{}: pool failed ({why}); changes since the last commit are not committed",
+                    self.name
+                )));
+            }
+            if m.is_dirty() && failed.is_none() && !lock(&self.opts).read_only {
                 match m.prepare_commit() {
                     Ok(p) => Some(p),
                     Err(e) => {
@@ -532,18 +572,19 @@ impl Pool {
         *lock(&self.last_commit) = Instant::now();
         let o = self.options();
         if !o.no_discard_passdown && !o.ignore_discard && !freed.is_empty() {
-            let mut runs: Vec<(u64, u64)> = Vec::new();
-            let mut sorted: Vec<u64> = freed.iter().map(|d| d.0).collect();
+            // (first block, number of blocks)
+            let mut runs: Vec<(DataBlock, u64)> = Vec::new();
+            let mut sorted = freed.clone();
             sorted.sort_unstable();
             for d in sorted {
                 match runs.last_mut() {
-                    Some((s, n)) if *s + *n == d => *n += 1,
+                    Some((s, n)) if s.0 + *n == d.0 => *n += 1,
                     _ => runs.push((d, 1)),
                 }
             }
             for (s, n) in runs {
                 if let Err(e) = data
-                    .discard(Bytes(s * self.block_bytes), Bytes(n * self.block_bytes))
+                    .discard(Bytes(self.block_off(s)), Bytes(n * self.block_bytes))
                     .await
                 {
                     log::debug!("{}: discard passdown failed: {e}", self.name);
@@ -567,7 +608,7 @@ impl Pool {
         size: Bytes,
         origin: Option<DeviceRef>,
     ) -> IoResult<Arc<ThinDevice>> {
-        if self.meta().device(id).map_err(meta_io)?.is_none() {
+        if self.meta_for_io()?.device(id).map_err(meta_io)?.is_none() {
             return Err(IoError::new(
                 libc::ENODEV,
                 format!("{}: {id} does not exist (create_thin first)", self.name),
@@ -592,7 +633,7 @@ impl Pool {
     async fn alloc_data(&self) -> IoResult<DataBlock> {
         loop {
             let (got, pending) = {
-                let mut m = self.meta();
+                let mut m = self.meta_for_io()?;
                 (m.reserve_data(), m.data_pending())
             };
             if let Some(d) = got {
@@ -651,8 +692,8 @@ impl Pool {
         off: usize,
         mut buf: Dst<'_>,
     ) -> IoResult<Served> {
-        let _cell = self.cells.lock((t.id.0, v.0)).await;
-        let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
+        let _cell = self.cells.lock((t.id, v)).await;
+        let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
         if let Some(l) = look {
             let data = self.data_dev();
             return buf
@@ -677,8 +718,8 @@ impl Pool {
         off: usize,
         src: Src<'_>,
     ) -> IoResult<Served> {
-        let _cell = self.cells.lock((t.id.0, v.0)).await;
-        let look = self.meta().map_lookup(t.id, v).map_err(meta_io)?;
+        let _cell = self.cells.lock((t.id, v)).await;
+        let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
         let data = self.data_dev();
         if let Some(Lookup {
             block,
@@ -793,12 +834,15 @@ impl Pool {
         self.writable()?;
         let mut lo = first;
         loop {
-            let batch = self.meta().map_range(id, lo, end, 1024).map_err(meta_io)?;
+            let batch = self
+                .meta_for_io()?
+                .map_range(id, lo, end, 1024)
+                .map_err(meta_io)?;
             let Some(&(last, _)) = batch.last() else {
                 return Ok(());
             };
             for (v, _) in batch {
-                let _cell = self.cells.lock((id.0, v.0)).await;
+                let _cell = self.cells.lock((id, v)).await;
                 let mut r = self.mutate(|m| m.map_remove(id, v));
                 if matches!(&r, Err(e) if e.errno == libc::ENOSPC) && self.meta().meta_pending() > 0
                 {
@@ -970,7 +1014,7 @@ impl ThinDevice {
 
     /// Mapped blocks and the highest mapped block.
     pub fn mapping_stats(&self) -> IoResult<(u64, Option<VBlock>)> {
-        let m = self.pool.meta();
+        let m = self.pool.meta_for_io()?;
         let info = m
             .device(self.id)
             .map_err(meta_io)?
@@ -1039,8 +1083,13 @@ impl BlockDevice for ThinDevice {
     fn status(&self) -> String {
         let sectors = self.pool.block_bytes / 512;
         match self.mapping_stats() {
-            Ok((mapped, Some(h))) => format!("{} {}", mapped * sectors, (h.0 + 1) * sectors - 1),
-            Ok((mapped, None)) => format!("{} -", mapped * sectors),
+            // Counts and keys come from disk: saturate rather than overflow.
+            Ok((mapped, Some(h))) => format!(
+                "{} {}",
+                mapped.saturating_mul(sectors),
+                h.0.saturating_add(1).saturating_mul(sectors) - 1
+            ),
+            Ok((mapped, None)) => format!("{} -", mapped.saturating_mul(sectors)),
             Err(_) => "Fail".into(),
         }
     }

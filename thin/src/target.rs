@@ -207,7 +207,8 @@ pub fn parse_pool_args(args: &[String]) -> Result<PoolOptions, ArgError> {
         let n: usize = args[4]
             .parse()
             .map_err(|_| ArgError::at(5, format!("'{}' is not a feature count", args[4])))?;
-        if args.len() != 5 + n {
+        // `args.len() > 4` here; `5 + n` could overflow for a huge count.
+        if args.len() - 5 != n {
             return Err(ArgError::at(
                 5,
                 format!("says {n} feature arguments but {} follow", args.len() - 5),
@@ -232,6 +233,19 @@ pub fn parse_pool_args(args: &[String]) -> Result<PoolOptions, ArgError> {
     Ok(o)
 }
 
+/// The segment's size in bytes: the table parser only passes lengths whose byte size fits
+/// in 64 bits, but a kind may be called directly with any length.
+fn segment_bytes(len: Sectors) -> Result<Bytes, ArgError> {
+    len.0
+        .checked_mul(tables::units::SECTOR_SIZE)
+        .map(Bytes)
+        .ok_or_else(|| {
+            ArgError::whole(format!(
+                "segment of {len} sectors: its byte size overflows 64 bits"
+            ))
+        })
+}
+
 /// Runs an async open on a helper thread with its own io_uring runtime: `build` is
 /// synchronous and may itself be called from inside a runtime.
 fn run_blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
@@ -251,7 +265,8 @@ impl TargetKind for ThinPoolKind {
     fn device_args(&self, _args: &[String]) -> Vec<usize> {
         vec![0, 1]
     }
-    fn validate(&self, _len: Sectors, args: &[String]) -> Result<(), ArgError> {
+    fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
+        segment_bytes(len)?;
         parse_pool_args(args).map(|_| ())
     }
     fn normalize(&self, args: &[String]) -> Vec<String> {
@@ -266,6 +281,8 @@ impl TargetKind for ThinPoolKind {
         out
     }
     fn build(&self, ctx: &BuildCtx<'_>, args: &[String]) -> Result<DeviceRef, ArgError> {
+        self.validate(ctx.len, args)?;
+        let size = segment_bytes(ctx.len)?;
         let opts = parse_pool_args(args)?;
         let meta = ctx
             .resolver
@@ -283,6 +300,16 @@ impl TargetKind for ThinPoolKind {
             .and_then(|e| e.pool.upgrade());
         let pool = match live {
             Some(p) => {
+                let bs = p.block_bytes().0;
+                if opts.data_block_sectors as u64 * 512 != bs {
+                    return Err(ArgError::at(
+                        3,
+                        format!(
+                            "the live pool on {meta_name} has blocks of {} sectors; a reload cannot change that",
+                            bs / 512
+                        ),
+                    ));
+                }
                 p.reconfigure(data, opts).map_err(|e| ArgError::at(2, e))?;
                 p
             }
@@ -299,7 +326,7 @@ impl TargetKind for ThinPoolKind {
                 r.map_err(|e| ArgError::at(1, format!("{meta_name}: {e}")))?
             }
         };
-        Ok(PoolDevice::register(pool, ctx.len.bytes()))
+        Ok(PoolDevice::register(pool, size))
     }
 }
 
@@ -326,7 +353,8 @@ impl TargetKind for ThinKind {
             vec![0]
         }
     }
-    fn validate(&self, _len: Sectors, args: &[String]) -> Result<(), ArgError> {
+    fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
+        segment_bytes(len)?;
         if !(2..=3).contains(&args.len()) {
             return Err(ArgError::whole(
                 "thin takes <pool dev> <dev id> [<external origin dev>]",
@@ -348,7 +376,7 @@ impl TargetKind for ThinKind {
             None => None,
         };
         let t = pool
-            .thin(id, ctx.len.bytes(), origin)
+            .thin(id, segment_bytes(ctx.len)?, origin)
             .map_err(|e| ArgError::at(2, e.to_string()))?;
         Ok(t)
     }

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 use tables::{Bytes, DeviceRef};
 
-use crate::disk::node::{Node, TreeKind};
-use crate::error::{MetaError, MetaResult};
+use crate::disk::node::{capacity, Node, TreeKind};
+use crate::disk::superblock::{max_data_blocks, vblock_limit};
+use crate::error::{MetaError, MetaResult, Structure};
 use crate::meta::{self, Metadata};
 use crate::types::{DataBlock, MetaBlock, ThinId, VBlock, META_BLOCK_SIZE};
 
@@ -53,7 +54,9 @@ pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
     };
     let devs = m.devices()?;
     r.devices = devs.len();
-    r.mapped_blocks = devs.iter().map(|(_, i)| i.mapped).sum();
+    r.mapped_blocks = devs
+        .iter()
+        .fold(0u64, |s, (_, i)| s.saturating_add(i.mapped));
     for (d, stored, found) in report.leaked {
         r.errors.push(format!(
             "{d}: stored reference count {stored}, found {found} references (leaked)"
@@ -62,6 +65,11 @@ pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
     for (id, stored, found) in report.bad_mapped_counts {
         r.errors.push(format!(
             "{id}: device details say {stored} mapped blocks, its tree has {found}"
+        ));
+    }
+    for (id, stored, found) in report.bad_held_mapped_counts {
+        r.errors.push(format!(
+            "held metadata snapshot, {id}: device details say {stored} mapped blocks, its tree has {found}"
         ));
     }
     r.clean = r.errors.is_empty();
@@ -214,59 +222,114 @@ pub async fn restore(dump: &Dump, meta_out: &DeviceRef) -> MetaResult<()> {
         }
         m.create_thin(d.id)?;
         for r in &d.mappings {
+            // Checked before the loop: a run must end inside the pool, and its virtual
+            // blocks must have byte offsets (as the loader requires).
+            let (v_end, d_end) = (r.vblock.0.checked_add(r.len), r.dblock.0.checked_add(r.len));
+            if v_end.is_none_or(|e| e > vblock_limit(dbs))
+                || d_end.is_none_or(|e| e > dump.nr_data_blocks)
+            {
+                return Err(MetaError::Invalid(format!(
+                    "dump: {} maps {} blocks from {} to {}, beyond the pool's {} blocks",
+                    d.id, r.len, r.vblock, r.dblock, dump.nr_data_blocks
+                )));
+            }
             for i in 0..r.len {
-                let (v, b) = (VBlock(r.vblock.0 + i), DataBlock(r.dblock.0 + i));
-                if b.0 >= dump.nr_data_blocks {
-                    return Err(MetaError::Invalid(format!(
-                        "dump: {} maps {v} to {b}, beyond the pool's {} blocks",
-                        d.id, dump.nr_data_blocks
-                    )));
-                }
-                m.map_insert(d.id, v, b)?;
+                m.map_insert(d.id, VBlock(r.vblock.0 + i), DataBlock(r.dblock.0 + i))?;
             }
         }
     }
     meta::commit_offline(&**meta_out, &mut m).await
 }
 
-/// What `repair` salvaged.
+/// What `repair` salvaged, and what it could not.
+///
+/// Repair keeps every device and mapping it can read; everything else is counted here and
+/// described in `problems`. Use [`RepairReport::lost_anything`] (or
+/// [`RepairReport::is_complete`]) to tell whether the repaired metadata is missing anything
+/// the damaged one held, e.g. to exit non-zero.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RepairReport {
     /// Devices recovered.
     pub devices: usize,
     /// Mappings recovered.
     pub mappings: u64,
-    /// What was unreadable and skipped.
+    /// Devices known to be lost: device tree entries that were found but dropped (an id out
+    /// of range, a key outside its node's range). Devices inside an unreadable device tree
+    /// subtree are not counted here (nobody knows how many): see `unreadable_subtrees`.
+    pub devices_lost: usize,
+    /// Mappings known to be lost: entries found but dropped (mapping beyond the pool or
+    /// beyond any device size, a key outside its node's range), those of dropped devices,
+    /// and for a device whose tree had unreadable parts, how many fewer mappings were found
+    /// than its details counted. A lower bound when the damage also hit those details.
+    pub mappings_lost: u64,
+    /// Subtrees (of the device tree or of mapping trees) that could not be read or were
+    /// reached through a bad pointer (out of range, a cycle): their contents are lost.
+    pub unreadable_subtrees: usize,
+    /// A held metadata snapshot (`reserve_metadata_snap`) was dropped: it is not carried
+    /// over. Not counted as a loss: the live devices' mappings do not depend on it.
+    pub held_snapshot_dropped: bool,
+    /// What was unreadable or dropped, one line each.
     pub problems: Vec<String>,
 }
 
-async fn read_node(dev: &DeviceRef, b: u64, kind: TreeKind) -> MetaResult<Node> {
-    let mut buf = vec![0u8; META_BLOCK_SIZE];
-    dev.read(Bytes(b * META_BLOCK_SIZE as u64), &mut buf)
-        .await?;
-    Node::unpack(&buf, MetaBlock(b), kind)
+impl RepairReport {
+    /// Whether the repaired metadata may be missing devices or mappings the damaged one
+    /// held (anything dropped or unreadable). `false` means every device and mapping was
+    /// carried over.
+    pub fn lost_anything(&self) -> bool {
+        self.devices_lost > 0 || self.mappings_lost > 0 || self.unreadable_subtrees > 0
+    }
+
+    /// Whether every device and mapping was carried over (`!lost_anything()`).
+    pub fn is_complete(&self) -> bool {
+        !self.lost_anything()
+    }
 }
 
-/// Walks a tree, skipping unreadable or inconsistent subtrees; returns entries in `[lo, hi)`.
+/// What a tree walk that skips damage found.
+struct Salvaged {
+    /// Entries with keys in their nodes' ranges.
+    entries: BTreeMap<u64, [u64; 2]>,
+    /// Subtrees not read (unreadable, or a bad pointer).
+    skipped: usize,
+    /// Entries read but dropped (key outside its parent's range).
+    dropped: u64,
+}
+
+async fn read_node(dev: &DeviceRef, b: MetaBlock, kind: TreeKind) -> MetaResult<Node> {
+    let mut buf = vec![0u8; META_BLOCK_SIZE];
+    dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf)
+        .await?;
+    Node::unpack(&buf, b, kind)
+}
+
+/// Walks a tree, skipping unreadable or inconsistent subtrees (a block reached twice in
+/// one tree is a cycle or a bad pointer: skipped, so the walk ends).
 async fn salvage_tree(
     dev: &DeviceRef,
-    root: u64,
+    root: MetaBlock,
     kind: TreeKind,
     nr_meta: u64,
     problems: &mut Vec<String>,
-) -> BTreeMap<u64, [u64; 2]> {
-    let mut out = BTreeMap::new();
+) -> Salvaged {
+    let mut out = Salvaged {
+        entries: BTreeMap::new(),
+        skipped: 0,
+        dropped: 0,
+    };
     let mut visited = HashSet::new();
     let mut stack = vec![(root, 0u64, u64::MAX, 0usize)];
     while let Some((b, lo, hi, depth)) = stack.pop() {
-        if b == 0 || b >= nr_meta || depth > 16 || !visited.insert(b) {
-            problems.push(format!("{kind:?} tree: reference to block {b} skipped"));
+        if b.0 == 0 || b.0 >= nr_meta || depth > 16 || !visited.insert(b) {
+            problems.push(format!("{kind:?} tree: reference to block {} skipped", b.0));
+            out.skipped += 1;
             continue;
         }
         let n = match read_node(dev, b, kind).await {
             Ok(n) => n,
             Err(e) => {
                 problems.push(format!("{e} (subtree skipped)"));
+                out.skipped += 1;
                 continue;
             }
         };
@@ -275,19 +338,22 @@ async fn salvage_tree(
                 let k = n.keys[i];
                 if k < lo || k >= hi {
                     problems.push(format!(
-                        "{kind:?} leaf {b}: key {k} out of its parent's range, dropped"
+                        "{kind:?} leaf {}: key {k} out of its parent's range, dropped",
+                        b.0
                     ));
+                    out.dropped += 1;
                     continue;
                 }
                 let v = n.val(i);
-                out.entry(k)
+                out.entries
+                    .entry(k)
                     .or_insert([v[0], v.get(1).copied().unwrap_or(0)]);
             }
         } else {
             for i in 0..n.len() {
                 let clo = n.keys[i].max(lo);
                 let chi = n.keys.get(i + 1).copied().unwrap_or(hi).min(hi);
-                stack.push((n.vals[i], clo, chi, depth + 1));
+                stack.push((n.child(i), clo, chi, depth + 1));
             }
         }
     }
@@ -296,7 +362,8 @@ async fn salvage_tree(
 
 /// Rebuilds what can be found in `meta_in` into fresh metadata on `meta_out`: every
 /// readable device and mapping, with reference counts recomputed from the mappings.
-/// Needs a readable superblock.
+/// Needs a readable superblock. The report says what was lost
+/// ([`RepairReport::lost_anything`]).
 pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<RepairReport> {
     let sb = meta::read_superblock(&**meta_in)
         .await?
@@ -304,15 +371,36 @@ pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<Rep
     let nr_meta = sb
         .nr_meta_blocks
         .min(meta_in.size().0 / META_BLOCK_SIZE as u64);
-    let mut report = RepairReport::default();
+    if sb.nr_data_blocks > max_data_blocks(nr_meta) {
+        return Err(MetaError::corrupt(
+            MetaBlock(0),
+            Structure::Superblock,
+            format!(
+                "{} data blocks, but the {nr_meta} metadata blocks on the device describe at most {}",
+                sb.nr_data_blocks,
+                max_data_blocks(nr_meta)
+            ),
+        ));
+    }
+    // What the output can hold at most (one leaf entry per mapping): salvaging stops there
+    // rather than collecting a dump that could never be restored.
+    let out_blocks = meta_out.size().0 / META_BLOCK_SIZE as u64;
+    let max_mappings = out_blocks.saturating_mul(capacity(1) as u64);
+    let vblock_limit = vblock_limit(sb.data_block_sectors);
+    let mut report = RepairReport {
+        held_snapshot_dropped: sb.held_root.0 != 0,
+        ..RepairReport::default()
+    };
     let devs = salvage_tree(
         meta_in,
-        sb.device_root.0,
+        sb.device_root,
         TreeKind::Devices,
         nr_meta,
         &mut report.problems,
     )
     .await;
+    report.unreadable_subtrees += devs.skipped;
+    report.devices_lost += devs.dropped as usize;
     let mut dump = Dump {
         version: 1,
         data_block_sectors: sb.data_block_sectors,
@@ -320,32 +408,54 @@ pub async fn repair(meta_in: &DeviceRef, meta_out: &DeviceRef) -> MetaResult<Rep
         transaction_id: sb.transaction_id,
         devices: Vec::new(),
     };
-    for (id, v) in devs {
+    for (id, v) in devs.entries {
+        let stored_mapped = v[1];
         if id >= 1 << 24 {
             report
                 .problems
                 .push(format!("device id {id} is out of range, dropped"));
+            report.devices_lost += 1;
+            report.mappings_lost = report.mappings_lost.saturating_add(stored_mapped);
             continue;
         }
         let maps = salvage_tree(
             meta_in,
-            v[0],
+            MetaBlock(v[0]),
             TreeKind::Mapping,
             nr_meta,
             &mut report.problems,
         )
         .await;
+        report.unreadable_subtrees += maps.skipped;
+        let mut lost = maps.dropped;
+        if maps.skipped > 0 {
+            // What the unreadable parts held, as far as the device details tell.
+            let found = maps.entries.len() as u64 + maps.dropped;
+            lost = lost.saturating_add(stored_mapped.saturating_sub(found));
+        }
         let mut good = Vec::new();
-        for (k, val) in maps {
-            if val[0] < sb.nr_data_blocks {
-                good.push((VBlock(k), DataBlock(val[0])));
-            } else {
+        for (k, val) in maps.entries {
+            if val[0] >= sb.nr_data_blocks {
                 report
                     .problems
                     .push(format!("thin {id}: {k} maps beyond the pool, dropped"));
+                lost += 1;
+            } else if k >= vblock_limit {
+                report.problems.push(format!(
+                    "thin {id}: virtual block {k} is beyond any device size, dropped"
+                ));
+                lost += 1;
+            } else {
+                good.push((VBlock(k), DataBlock(val[0])));
             }
         }
+        report.mappings_lost = report.mappings_lost.saturating_add(lost);
         report.mappings += good.len() as u64;
+        if report.mappings > max_mappings {
+            return Err(MetaError::NoSpace(format!(
+                "repair: more than {max_mappings} mappings found, more than the output metadata device ({out_blocks} blocks) can hold"
+            )));
+        }
         dump.devices.push(DumpDevice {
             id: ThinId(id as u32),
             mapped_blocks: good.len() as u64,

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tables::io::BlockDevice;
 use tables::{Bytes, DeviceRef, WriteFlags};
-use thin::{tools, ThinId};
+use thin::{tools, DataBlock, ThinId, VBlock};
 
 #[test]
 fn provision_read_snapshot_discard_reopen() {
@@ -279,6 +279,61 @@ fn data_device_growth_is_taken_on_reopen() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("shrinking"), "{e}");
+}
+
+#[test]
+fn restore_refuses_hostile_runs_without_overflow() {
+    use tools::{Dump, DumpDevice, DumpRun};
+    let hostile = [
+        (0, u64::MAX - 1, 5),    // data blocks past u64::MAX
+        (u64::MAX - 1, 0, 5),    // virtual blocks past u64::MAX
+        (0, 0, u64::MAX),        // a run that would loop for ever
+        (u64::MAX / 4096, 0, 1), // a virtual block whose byte offset overflows
+        (0, 1000, 25),           // past the pool's 1024 blocks
+    ];
+    for (v, d, len) in hostile {
+        let dump = Dump {
+            version: 1,
+            data_block_sectors: 8,
+            nr_data_blocks: 1024,
+            transaction_id: 0,
+            devices: vec![DumpDevice {
+                id: ThinId(1),
+                mapped_blocks: len,
+                mappings: vec![DumpRun {
+                    vblock: VBlock(v),
+                    dblock: DataBlock(d),
+                    len,
+                }],
+            }],
+        };
+        let out: DeviceRef = mem("out", 4 * MIB);
+        let e = run(tools::restore(&dump, &out)).expect_err("hostile run restored");
+        assert!(e.to_string().contains("beyond"), "{e}");
+    }
+}
+
+#[test]
+fn data_blocks_are_bounded_by_what_the_metadata_device_describes() {
+    // 64 metadata blocks hold the superblock and at most 63 bitmaps of 4064 counts.
+    let max = 63 * 4064u64;
+    let meta = mem("meta", 64 * 4096);
+    let too_big = mem("data", (max + 1) * 4096);
+    let e = iort::block_on(thin::Pool::open(meta.clone(), too_big, opts(8)))
+        .unwrap()
+        .err()
+        .expect("a data device the metadata cannot describe is refused");
+    assert!(e.to_string().contains("describes at most"), "{e}");
+    // Growing past the bound takes only what the metadata describes, and stays loadable.
+    let data = mem("data", 4096 * 4096);
+    let pool = open(meta.clone(), data, opts(8));
+    drop(pool);
+    let grown = mem("data", 2 * max * 4096);
+    let pool = open(meta.clone(), grown, opts(8));
+    assert_eq!(pool.stats().data_total, max);
+    drop(pool);
+    let r = run(tools::check(&(meta as DeviceRef))).unwrap();
+    assert!(r.clean && r.data_total == max, "{r:?}");
 }
 
 #[test]

@@ -10,17 +10,10 @@ use common::*;
 use tables::io::BlockDevice;
 use tables::mem::MemDevice;
 use tables::{Bytes, DeviceRef, WriteFlags};
+use thin::disk::node::TreeKind;
 use thin::{tools, Pool, ThinId};
 
 const META: u64 = 2 * MIB;
-
-fn rng(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// A pool with several devices, snapshots and enough mappings for multi-level trees.
 fn build() -> (Arc<MemDevice>, Arc<MemDevice>) {
@@ -54,9 +47,7 @@ fn build() -> (Arc<MemDevice>, Arc<MemDevice>) {
 }
 
 fn copy(src: &MemDevice) -> Arc<MemDevice> {
-    let d = Arc::new(MemDevice::new("meta-copy", Bytes(META)));
-    d.fill(0, &src.snapshot(0, META as usize));
-    d
+    copy_mem("meta-copy", src, META)
 }
 
 #[test]
@@ -137,6 +128,7 @@ fn repair_of_a_damaged_leaf_keeps_the_rest() {
     let out: DeviceRef = mem("meta-out", META);
     let rep = run(tools::repair(&cd, &out)).unwrap();
     assert!(!rep.problems.is_empty());
+    assert!(rep.lost_anything(), "{rep:?}");
     assert!(
         rep.mappings <= total && rep.mappings > total / 2,
         "{} of {total}",
@@ -147,4 +139,40 @@ fn repair_of_a_damaged_leaf_keeps_the_rest() {
     // The repaired pool opens and serves.
     let p = run(Pool::open(out, data, opts(8))).unwrap();
     assert_eq!(p.devices().unwrap().len(), 3);
+}
+
+#[test]
+fn repair_report_says_what_was_lost() {
+    let (meta, _data) = build();
+    let md: DeviceRef = meta.clone();
+    let before = run(tools::dump(&md)).unwrap();
+    let total: u64 = before.devices.iter().map(|d| d.mapped_blocks).sum();
+    // Undamaged metadata: nothing lost.
+    let out: DeviceRef = mem("meta-out", META);
+    let rep = run(tools::repair(&md, &out)).unwrap();
+    assert!(rep.is_complete() && !rep.lost_anything(), "{rep:?}");
+    assert_eq!(
+        (rep.devices, rep.mappings, rep.mappings_lost),
+        (3, total, 0)
+    );
+    // A damaged mapping leaf: its subtree is lost, and the device details (intact) say
+    // exactly how many mappings it held.
+    let leaf = run(tools::live_blocks(&md))
+        .unwrap()
+        .into_iter()
+        .find(|b| {
+            let h = meta.snapshot(b.0 * 4096, 32);
+            h[4..8] == TreeKind::Mapping.magic().to_le_bytes() && h[21] == 0
+        })
+        .expect("a mapping leaf");
+    let c = copy(&meta);
+    c.fill(leaf.0 * 4096 + 100, &[0xAA; 8]);
+    let cd: DeviceRef = c.clone();
+    let out: DeviceRef = mem("meta-out", META);
+    let rep = run(tools::repair(&cd, &out)).unwrap();
+    assert!(rep.lost_anything() && !rep.is_complete(), "{rep:?}");
+    assert!(rep.unreadable_subtrees >= 1, "{rep:?}");
+    assert!(rep.mappings_lost > 0, "{rep:?}");
+    assert_eq!(rep.mappings + rep.mappings_lost, total, "{rep:?}");
+    assert_eq!((rep.devices, rep.devices_lost), (3, 0));
 }

@@ -23,14 +23,6 @@ use thin::{tools, Pool, ThinId};
 const BS: u64 = 4096;
 const VOL: u64 = 32 * BS;
 
-fn rng(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Forwards to a CrashDevice; the mutating I/O that exhausts the shared budget kills every
 /// device of the test first (so it and everything after it fails).
 struct Cut {

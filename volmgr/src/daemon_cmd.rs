@@ -43,7 +43,11 @@ pub fn run(a: DaemonArgs) -> Result<()> {
         Daemon::open(
             cfg,
             volmgr::registry(),
-            Arc::new(extents::FileResolver::default()),
+            // The daemon's working directory means nothing to a table: relative paths are
+            // refused (the CLI makes them absolute before sending a table).
+            Arc::new(
+                extents::FileResolver::default().relative_paths(extents::RelativePaths::Refuse),
+            ),
         )
         .with_context(|| format!("starting the daemon on {}", a.state_dir.display()))?,
     );

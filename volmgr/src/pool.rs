@@ -308,11 +308,14 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             }
             // Exit non-zero when anything was left behind, so scripts do not mistake a lossy
             // repair for a clean one.
-            if !r.problems.is_empty() {
+            if r.lost_anything() {
                 bail!(
-                    "{}: repair skipped {} damaged part(s); the mappings under them are lost                      (the new metadata in {} is consistent)",
+                    "{}: repair lost {} device(s) and at least {} mapping(s) under {} \
+                     unreadable part(s) (the new metadata in {} is consistent)",
                     input.display(),
-                    r.problems.len(),
+                    r.devices_lost,
+                    r.mappings_lost,
+                    r.unreadable_subtrees,
                     output.display()
                 );
             }

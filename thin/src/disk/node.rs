@@ -8,7 +8,7 @@
 
 use super::{get_u32, get_u64, put_u32, put_u64, seal, verify};
 use crate::error::{MetaError, MetaResult, Structure};
-use crate::types::{MetaBlock, META_BLOCK_SIZE};
+use crate::types::{DataBlock, MetaBlock, META_BLOCK_SIZE};
 
 /// Bytes before the keys.
 pub const NODE_HEADER: usize = 32;
@@ -110,6 +110,33 @@ impl Node {
     pub fn val(&self, i: usize) -> &[u64] {
         let w = self.words();
         &self.vals[i * w..(i + 1) * w]
+    }
+    /// Child `i` of an internal node.
+    pub fn child(&self, i: usize) -> MetaBlock {
+        MetaBlock(self.vals[i])
+    }
+    /// Re-points child `i` of an internal node.
+    pub fn set_child(&mut self, i: usize, b: MetaBlock) {
+        self.vals[i] = b.0;
+    }
+    /// The metadata blocks this node references: its children, or from a leaf the mapping
+    /// roots (device tree) or bitmap blocks (space map index).
+    pub fn meta_refs(&self) -> Vec<MetaBlock> {
+        if !self.is_leaf() {
+            return self.vals.iter().map(|&b| MetaBlock(b)).collect();
+        }
+        match self.kind {
+            TreeKind::Devices => (0..self.len()).map(|i| MetaBlock(self.val(i)[0])).collect(),
+            TreeKind::SmIndex => self.vals.iter().map(|&b| MetaBlock(b)).collect(),
+            TreeKind::Mapping | TreeKind::Overflow => Vec::new(),
+        }
+    }
+    /// The data blocks this node references (the values of a mapping tree leaf).
+    pub fn data_refs(&self) -> Vec<DataBlock> {
+        match (self.is_leaf(), self.kind) {
+            (true, TreeKind::Mapping) => self.vals.iter().map(|&d| DataBlock(d)).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Packs into a 4 KiB block at `block`.

@@ -2,9 +2,16 @@
 //! flush, with FUA). Everything it needs fits in the first 512-byte sector and the rest of the
 //! block is zero, so a write torn at a sector boundary leaves either the old or the new one.
 
+use super::bitmap::PER_BITMAP;
 use super::{get_u32, get_u64, put_u32, put_u64, seal, verify};
 use crate::error::{MetaError, MetaResult, Structure};
 use crate::types::{MetaBlock, META_BLOCK_SIZE};
+
+/// Virtual blocks of a pool with blocks of `data_block_sectors` must be below this: the
+/// byte offset of a block's end must fit in 64 bits.
+pub fn vblock_limit(data_block_sectors: u32) -> u64 {
+    u64::MAX / (data_block_sectors.max(1) as u64 * 512)
+}
 
 /// Magic of the superblock ("THSB").
 pub const SB_MAGIC: u32 = 0x4253_4854;
@@ -13,6 +20,19 @@ pub const VERSION: u32 = 1;
 /// Most data blocks a pool may have: the space map keeps one byte per block in RAM, so this
 /// bounds it at 4 GiB (256 TiB of 64 KiB blocks).
 pub const MAX_DATA_BLOCKS: u64 = 1 << 32;
+/// Fewest metadata blocks a pool may have.
+pub const MIN_META_BLOCKS: u64 = 64;
+
+/// Most data blocks a metadata device of `nr_meta_blocks` can describe: its space map needs
+/// one bitmap block per `PER_BITMAP` data blocks besides the superblock (a device too
+/// small for that could never map its whole data device anyway). Bounding the data block
+/// count by the metadata device also bounds the space map kept in RAM by it.
+pub fn max_data_blocks(nr_meta_blocks: u64) -> u64 {
+    nr_meta_blocks
+        .saturating_sub(1)
+        .saturating_mul(PER_BITMAP as u64)
+        .min(MAX_DATA_BLOCKS)
+}
 
 /// Decoded superblock.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +109,29 @@ impl Superblock {
             overflow_root: MetaBlock(get_u64(b, 80)),
             held_root: MetaBlock(get_u64(b, 88)),
         };
+        // Sizes first: everything below is checked against them, and the loader sizes its
+        // tables from them.
+        if sb.nr_meta_blocks < MIN_META_BLOCKS {
+            return Err(MetaError::corrupt(
+                blk,
+                st,
+                format!(
+                    "{} metadata blocks, fewer than the minimum {MIN_META_BLOCKS}",
+                    sb.nr_meta_blocks
+                ),
+            ));
+        }
+        let max_data = max_data_blocks(sb.nr_meta_blocks);
+        if sb.nr_data_blocks > max_data {
+            return Err(MetaError::corrupt(
+                blk,
+                st,
+                format!(
+                    "{} data blocks, but {} metadata blocks describe at most {max_data}",
+                    sb.nr_data_blocks, sb.nr_meta_blocks
+                ),
+            ));
+        }
         if sb.held_root.0 >= sb.nr_meta_blocks {
             return Err(MetaError::corrupt(
                 blk,
@@ -96,16 +139,6 @@ impl Superblock {
                 format!(
                     "held root {} outside 0..{}",
                     sb.held_root.0, sb.nr_meta_blocks
-                ),
-            ));
-        }
-        if sb.nr_data_blocks > MAX_DATA_BLOCKS {
-            return Err(MetaError::corrupt(
-                blk,
-                st,
-                format!(
-                    "{} data blocks, more than the supported {MAX_DATA_BLOCKS}",
-                    sb.nr_data_blocks
                 ),
             ));
         }

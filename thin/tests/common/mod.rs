@@ -30,3 +30,19 @@ pub fn open(meta: DeviceRef, data: DeviceRef, o: PoolOptions) -> Arc<Pool> {
 pub fn run<T>(f: impl std::future::Future<Output = T>) -> T {
     iort::block_on(f).unwrap()
 }
+
+/// A seeded splitmix64 step: reproducible pseudo-random numbers for workloads.
+pub fn rng(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A copy of the first `size` bytes of `src`, named `name`.
+pub fn copy_mem(name: &str, src: &MemDevice, size: u64) -> Arc<MemDevice> {
+    let d = Arc::new(MemDevice::new(name, Bytes(size)));
+    d.fill(0, &src.snapshot(0, size as usize));
+    d
+}
