@@ -66,9 +66,12 @@
 
 mod conn;
 mod handshake;
+mod limits;
 pub mod proto;
 mod server;
 mod sock;
+mod supervisor;
 
 pub use conn::{MAX_INFLIGHT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD};
+pub use limits::{Limits, DEFAULT_MEMORY_BUDGET};
 pub use server::{Listener, NbdError, Server, ServerBuilder, ServerHandle, Stopper};
