@@ -198,8 +198,8 @@ fn max_connections_refuses_the_next_one_until_one_closes() {
 }
 
 /// A device with traps: reads of MiB 1 panic when called (or, with `block_for`, block
-/// the calling thread that long), writes of MiB 2 panic inside their future, flushes
-/// panic while `flush_panics`.
+/// the calling thread that long), writes of MiB 2 panic inside their future, reads from
+/// MiB 64 on take 30 s (without blocking the thread), flushes panic while `flush_panics`.
 struct TrapDevice {
     inner: MemDevice,
     block_for: Option<Duration>,
@@ -209,7 +209,7 @@ struct TrapDevice {
 impl TrapDevice {
     fn new(block_for: Option<Duration>) -> Arc<TrapDevice> {
         Arc::new(TrapDevice {
-            inner: MemDevice::new("trap", Bytes(8 * MIB)),
+            inner: MemDevice::new("trap", Bytes(128 * MIB)),
             block_for,
             flush_panics: Default::default(),
         })
@@ -236,6 +236,12 @@ impl BlockDevice for TrapDevice {
                 Some(d) => std::thread::sleep(d),
                 None => panic!("injected read panic at {}", offset.0),
             }
+        }
+        if offset.0 >= 64 * MIB {
+            return Box::pin(async move {
+                iort::sleep(Duration::from_secs(30)).await;
+                self.inner.read(offset, buf).await
+            });
         }
         self.inner.read(offset, buf)
     }
@@ -423,4 +429,39 @@ fn shutdown_returns_promptly_with_clients_that_do_not_read() {
             }
         }
     }
+}
+
+#[test]
+fn shutdown_is_bounded_even_with_a_device_request_that_never_completes() {
+    let dev = TrapDevice::new(None);
+    let h = serve_with(
+        as_dev(&dev),
+        Limits {
+            memory_budget_bytes: 64 * MIB,
+            ..Limits::default()
+        },
+    );
+    // a's read sits in the device holding all of the probation share; b's read waits for
+    // budget that will not come back in time.
+    let mut a = Client::go(tcp(addr(&h)), "disk");
+    a.send(CMD_READ, 0, 64 * MIB, 32 << 20, &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut b = Client::go(tcp(addr(&h)), "disk");
+    b.send(CMD_READ, 0, 0, 32 << 20, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let r = h.shutdown();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?}");
+    // Only the connection whose request is on the device is left behind; b gave up its
+    // wait for memory when it was cut off.
+    assert!(
+        matches!(
+            r,
+            Err(nbd::NbdError::ShutdownTimedOut { connections: 1, .. })
+        ),
+        "{r:?}"
+    );
+    assert_closed(&mut a.s);
+    assert_closed(&mut b.s);
 }
