@@ -246,6 +246,8 @@ impl Conn {
             match grant.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Ok(())),
                 Poll::Pending => {
+                    // Woken by a grant, the supervisor's kill or a failed send.
+                    self.st.borrow_mut().reader = Some(cx.waker().clone());
                     self.entry.park(cx.waker());
                     Poll::Pending
                 }

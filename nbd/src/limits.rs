@@ -476,6 +476,21 @@ mod tests {
     }
 
     #[test]
+    fn limits_read_from_json_with_defaults_for_missing_fields() {
+        let l: Limits = serde_json::from_str(r#"{"idle_timeout_ms": 5000}"#).unwrap();
+        assert_eq!(
+            l,
+            Limits {
+                idle_timeout_ms: 5000,
+                ..Limits::default()
+            }
+        );
+        assert!(serde_json::from_str::<Limits>(r#"{"idle_timeout": 5}"#).is_err());
+        let back: Limits = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back, l);
+    }
+
+    #[test]
     fn limits_validate_names_the_field() {
         assert!(Limits::default().validate().is_ok());
         let l = Limits {
