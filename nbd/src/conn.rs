@@ -4,9 +4,11 @@
 //! starts one local task per request, so requests run concurrently on the device. Replies go
 //! through a queue to one writer task, which sends everything queued with a single
 //! `sendmsg` (reply header and read data together, several replies per call when the
-//! client pipelines). At most [`MAX_INFLIGHT`] requests and [`MAX_INFLIGHT_BYTES`] of
-//! buffers are outstanding per connection (queued replies included); past that the reader
-//! stops reading and TCP pushes back on the client.
+//! client pipelines). At most [`crate::Limits::max_requests_per_connection`] requests and
+//! [`crate::Limits::max_bytes_per_connection`] of buffers are outstanding per connection
+//! (queued replies included), and every payload buffer is first taken from the server's
+//! memory budget; past either the reader stops reading and TCP pushes back on the client.
+//! Device calls run under `catch_unwind`: a target that panics fails that request (`EIO`).
 //!
 //! Big requests (at least 128 KiB) spread over the worker threads so one connection's
 //! large transfers use every core: a big read runs round robin on any worker, which also
@@ -15,71 +17,83 @@
 //! socket stays owned by this connection, which waits for every such request before
 //! closing it.
 
-use std::cell::RefCell;
-use std::future::poll_fn;
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::RawFd;
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use futures::channel::oneshot;
+use futures::FutureExt;
 
 use tables::io::{BlockDevice, IoError, IoResult, WriteFlags};
 use tables::units::Bytes;
 use tables::DeviceRef;
 
 use crate::proto::*;
-use crate::server::{Job, Shared};
+use crate::server::{ConnEntry, Job, Shared};
 use crate::sock::{send_vectored_all, shutdown, AlignedBuf, RecvBuf};
 
 /// Largest read or write payload (also advertised as the maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
-/// Requests outstanding per connection.
+/// Default of [`crate::Limits::max_requests_per_connection`].
 pub const MAX_INFLIGHT: usize = 64;
-/// Payload buffer bytes outstanding per connection.
+/// Default of [`crate::Limits::max_bytes_per_connection`].
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// Oversized write payloads up to this size are read and dropped to keep the stream in
 /// sync; beyond it the connection is closed (after the error reply is sent).
 const MAX_SKIP: u32 = 64 << 20;
 /// Idle buffers kept per worker thread for reuse (shared by its connections, so idle
-/// connections pin no memory).
+/// connections pin no memory); the server lowers it to a share of its memory budget.
 const POOL_BYTES: usize = 64 << 20;
 const POOL_COUNT: usize = 256;
 /// Reads and writes at least this large are spread over the worker threads.
 const OFFLOAD_MIN: usize = 128 << 10;
 
+/// The size of the buffer a payload of `len` bytes gets, which is also what it costs in
+/// the memory budget: a power of two of at least a page, so buffers are reusable for
+/// nearby sizes and a reused buffer is never bigger than what was paid for.
+pub(crate) fn buf_size(len: usize) -> usize {
+    len.max(4096).next_power_of_two()
+}
+
 /// Reusable payload buffers of one worker thread.
-#[derive(Default)]
 struct Pool {
     bufs: Vec<AlignedBuf>,
     bytes: usize,
+    limit: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            bufs: Vec::new(),
+            bytes: 0,
+            limit: POOL_BYTES,
+        }
+    }
 }
 
 impl Pool {
-    /// The smallest pooled buffer of at least `len` bytes (and not wastefully larger), or a
-    /// new one rounded up to a power of two so it is reusable for nearby sizes.
+    /// A pooled buffer of exactly [`buf_size`]`(len)` bytes, or a new one.
     fn take(&mut self, len: usize) -> AlignedBuf {
-        let limit = (len * 4).max(128 << 10);
-        let best = self
-            .bufs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= len && b.len() <= limit)
-            .min_by_key(|(_, b)| b.len())
-            .map(|(i, _)| i);
-        match best {
+        let size = buf_size(len);
+        match self.bufs.iter().position(|b| b.len() == size) {
             Some(i) => {
                 let b = self.bufs.swap_remove(i);
                 self.bytes -= b.len();
                 b
             }
-            None => AlignedBuf::new(len.max(4096).next_power_of_two()),
+            None => AlignedBuf::new(size),
         }
     }
 
     fn put(&mut self, b: AlignedBuf) {
-        if self.bufs.len() < POOL_COUNT && self.bytes + b.len() <= POOL_BYTES {
+        if self.bufs.len() < POOL_COUNT && self.bytes + b.len() <= self.limit {
             self.bytes += b.len();
             self.bufs.push(b);
         }
@@ -88,6 +102,38 @@ impl Pool {
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// Caps this worker thread's idle buffer pool at `bytes` (at most the built-in maximum).
+pub(crate) fn set_pool_limit(bytes: usize) {
+    POOL.with(|p| p.borrow_mut().limit = bytes.min(POOL_BYTES));
+}
+
+/// Runs a device call; a panic in the target becomes an `EIO` for this request only.
+async fn caught(
+    export: &str,
+    op: &str,
+    offset: u64,
+    len: usize,
+    f: impl Future<Output = IoResult>,
+) -> IoResult {
+    match AssertUnwindSafe(f).catch_unwind().await {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            log::error!(
+                "nbd: export '{export}': target panicked in {op} at byte {offset} length \
+                 {len}: {what}; failing the request"
+            );
+            Err(IoError::eio(format!(
+                "export '{export}': target panicked in {op} at byte {offset}"
+            )))
+        }
+    }
 }
 
 /// What transmission needs to know about the export.
@@ -128,6 +174,10 @@ struct Conn {
     ex: ExportView,
     st: RefCell<State>,
     shared: Arc<Shared>,
+    /// This connection in the server's registry: progress clock and kill switch.
+    entry: Arc<ConnEntry>,
+    /// Budget bytes this connection holds from the probation share (given back first).
+    probation_held: Cell<usize>,
     /// The worker this connection lives on.
     home: usize,
     /// Whether the client negotiated structured replies (used for reads).
@@ -143,27 +193,96 @@ fn wake(w: &mut Option<Waker>) {
 }
 
 impl Conn {
-    /// Waits for room for one more request costing `cost` bytes of buffer.
+    /// Why the reader must stop, if it must: a failed send or the supervisor's kill.
+    fn stopped(&self, st: &State) -> Option<io::Error> {
+        if st.broken {
+            Some(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "sending replies failed",
+            ))
+        } else if self.entry.is_killed() {
+            Some(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "closed by the server (timeout or memory pressure)",
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Waits for room for one more request costing `cost` bytes of buffer: first on this
+    /// connection, then in the server's memory budget (connections on probation, with no
+    /// reply delivered yet or a stalled send, draw from its smaller share).
     async fn acquire(&self, cost: usize) -> io::Result<()> {
+        let sh = &self.shared;
         poll_fn(|cx| {
             let mut st = self.st.borrow_mut();
-            if st.broken {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "sending replies failed",
-                )));
+            if let Some(e) = self.stopped(&st) {
+                return Poll::Ready(Err(e));
             }
-            let fits = st.inflight == 0 || st.inflight_bytes + cost <= MAX_INFLIGHT_BYTES;
-            if st.inflight < MAX_INFLIGHT && fits {
+            let fits = st.inflight == 0
+                || st.inflight_bytes.saturating_add(cost) <= sh.max_bytes_per_connection;
+            if st.inflight < sh.max_requests_per_connection && fits {
                 st.inflight += 1;
                 st.inflight_bytes += cost;
+                self.entry.watch.add_inflight(1);
                 Poll::Ready(Ok(()))
             } else {
                 st.reader = Some(cx.waker().clone());
+                self.entry.park(cx.waker());
                 Poll::Pending
             }
         })
-        .await
+        .await?;
+        if cost == 0 {
+            return Ok(());
+        }
+        let probation = self.entry.watch.on_probation();
+        let mut grant = pin!(self.shared.budget.acquire(cost, probation));
+        let r = poll_fn(|cx| {
+            if let Some(e) = self.stopped(&self.st.borrow()) {
+                return Poll::Ready(Err(e));
+            }
+            match grant.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    // Woken by a grant, the supervisor's kill or a failed send.
+                    self.st.borrow_mut().reader = Some(cx.waker().clone());
+                    self.entry.park(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        match r {
+            Ok(()) => {
+                if probation {
+                    self.probation_held.set(self.probation_held.get() + cost);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Not granted (or granted and dropped above): only this connection's slot
+                // is given back.
+                let mut st = self.st.borrow_mut();
+                st.inflight -= 1;
+                st.inflight_bytes -= cost;
+                self.entry.watch.sub_inflight(1);
+                wake(&mut st.writer);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives `cost` bytes back to the server's budget.
+    fn unbudget(&self, cost: usize) {
+        if cost == 0 {
+            return;
+        }
+        let probation = self.probation_held.get().min(cost);
+        self.probation_held
+            .set(self.probation_held.get() - probation);
+        self.shared.budget.release(cost, probation);
     }
 
     /// Marks the connection failed: replies are dropped, the reader is unblocked.
@@ -178,8 +297,11 @@ impl Conn {
         let mut st = self.st.borrow_mut();
         st.inflight -= 1;
         st.inflight_bytes -= cost;
+        self.entry.watch.sub_inflight(1);
         wake(&mut st.reader);
         wake(&mut st.writer);
+        drop(st);
+        self.unbudget(cost);
     }
 
     /// A buffer of at least `len` bytes, from this worker's pool when one fits.
@@ -272,6 +394,7 @@ pub(crate) async fn transmit(
     fd: RawFd,
     ex: ExportView,
     shared: Arc<Shared>,
+    entry: Arc<ConnEntry>,
     home: usize,
     structured: bool,
     mut rb: RecvBuf,
@@ -281,12 +404,22 @@ pub(crate) async fn transmit(
         ex,
         st: RefCell::new(State::default()),
         shared,
+        entry,
+        probation_held: Cell::new(0),
         home,
         structured,
         send_lock: Arc::new(futures::lock::Mutex::new(())),
     });
     iort::spawn(writer(conn.clone())).map_err(io::Error::other)?;
-    let res = reader(&conn, &mut rb).await;
+    // A bug of ours in the reader must not leave the writer and the request tasks behind
+    // with a closed descriptor: treat a panic as a protocol error and wind down as usual.
+    let res = match AssertUnwindSafe(reader(&conn, &mut rb))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::other("the request reader panicked")),
+    };
     {
         let mut st = conn.st.borrow_mut();
         st.closing = true;
@@ -337,34 +470,36 @@ async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
                     rb.skip(req.len as u64).await?;
                     continue;
                 }
-                conn.acquire(len).await?;
+                let cost = buf_size(len);
+                conn.acquire(cost).await?;
                 let mut buf = conn.take_buf(len);
-                if let Err(e) = rb.read_exact(&mut buf[..len]).await {
+                let watch = &conn.entry.watch;
+                watch.payload(true);
+                let r = rb.read_exact(&mut buf[..len]).await;
+                watch.payload(false);
+                if let Err(e) = r {
                     conn.put_buf(buf);
-                    conn.release(len);
+                    conn.release(cost);
                     return Err(e);
                 }
                 match err {
                     Some(code) => {
                         conn.put_buf(buf);
-                        conn.reply(conn.hdr_err(&req, code), None, len);
+                        conn.reply(conn.hdr_err(&req, code), None, cost);
                     }
                     None => start_write(conn, req, buf)?,
                 }
             }
-            CMD_READ => {
-                let len = req.len as usize;
-                match conn.validate(&req) {
-                    Some(code) => {
-                        conn.acquire(0).await?;
-                        conn.reply(conn.hdr_err(&req, code), None, 0);
-                    }
-                    None => {
-                        conn.acquire(len).await?;
-                        start_read(conn, req)?;
-                    }
+            CMD_READ => match conn.validate(&req) {
+                Some(code) => {
+                    conn.acquire(0).await?;
+                    conn.reply(conn.hdr_err(&req, code), None, 0);
                 }
-            }
+                None => {
+                    conn.acquire(buf_size(req.len as usize)).await?;
+                    start_read(conn, req)?;
+                }
+            },
             CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => {
                 conn.acquire(0).await?;
                 match conn.validate(&req) {
@@ -384,35 +519,59 @@ fn spawn(f: impl std::future::Future<Output = ()> + 'static) -> io::Result<()> {
     iort::spawn(f).map_err(io::Error::other)
 }
 
-/// Device I/O split into `max_io` pieces that run concurrently.
-async fn dev_read(dev: &dyn BlockDevice, max_io: usize, off: u64, buf: &mut [u8]) -> IoResult {
-    if buf.len() <= max_io {
-        return dev.read(Bytes(off), buf).await;
-    }
-    let futs = buf
-        .chunks_mut(max_io)
-        .enumerate()
-        .map(|(i, c)| dev.read(Bytes(off + (i * max_io) as u64), c))
-        .collect();
-    iort::try_join_all(futs).await.map(|_| ())
-}
-
-async fn dev_write(
+/// Device I/O split into `max_io` pieces that run concurrently; a panic in the target is
+/// this request's `EIO`.
+async fn dev_read(
+    export: &str,
     dev: &dyn BlockDevice,
     max_io: usize,
     off: u64,
-    buf: &[u8],
-    flags: WriteFlags,
+    buf: &mut [u8],
 ) -> IoResult {
-    if buf.len() <= max_io {
-        return dev.write(Bytes(off), buf, flags).await;
-    }
-    let futs = buf
-        .chunks(max_io)
-        .enumerate()
-        .map(|(i, c)| dev.write(Bytes(off + (i * max_io) as u64), c, flags))
-        .collect();
-    iort::try_join_all(futs).await.map(|_| ())
+    let len = buf.len();
+    caught(export, "read", off, len, async {
+        if buf.len() <= max_io {
+            return dev.read(Bytes(off), buf).await;
+        }
+        let futs = buf
+            .chunks_mut(max_io)
+            .enumerate()
+            .map(|(i, c)| dev.read(Bytes(off + (i * max_io) as u64), c))
+            .collect();
+        iort::try_join_all(futs).await.map(|_| ())
+    })
+    .await
+}
+
+/// A write (split like [`dev_read`]), followed by a flush when FUA is asked for and the
+/// device does not make FUA writes durable by itself.
+async fn dev_write(
+    export: &str,
+    dev: &dyn BlockDevice,
+    max_io: usize,
+    native_fua: bool,
+    req: &Request,
+    buf: &[u8],
+) -> IoResult {
+    let off = req.offset;
+    let flags = fua_flags(req);
+    caught(export, "write", off, buf.len(), async {
+        let r = if buf.len() <= max_io {
+            dev.write(Bytes(off), buf, flags).await
+        } else {
+            let futs = buf
+                .chunks(max_io)
+                .enumerate()
+                .map(|(i, c)| dev.write(Bytes(off + (i * max_io) as u64), c, flags))
+                .collect();
+            iort::try_join_all(futs).await.map(|_| ())
+        };
+        if r.is_ok() && flags.fua && !native_fua {
+            return dev.flush().await;
+        }
+        r
+    })
+    .await
 }
 
 /// Another worker for a big write's device I/O, or `None` to run it here (the payload was
@@ -441,16 +600,21 @@ fn offload_write(
     }
     let conn = conn.clone();
     spawn(async move {
-        let len = req.len as usize;
+        let cost = buf_size(req.len as usize);
         match rx.await {
             Ok((buf, r)) => {
                 conn.put_buf(buf);
                 match r {
-                    Ok(()) => conn.reply(conn.hdr_ok(&req), None, len),
-                    Err(e) => conn.fail("write", &req, &e, len),
+                    Ok(()) => conn.reply(conn.hdr_ok(&req), None, cost),
+                    Err(e) => conn.fail("write", &req, &e, cost),
                 }
             }
-            Err(_) => conn.fail("write", &req, &IoError::eio("worker thread went away"), len),
+            Err(_) => conn.fail(
+                "write",
+                &req,
+                &IoError::eio("worker thread went away"),
+                cost,
+            ),
         }
     })
 }
@@ -470,6 +634,7 @@ enum ReadDone {
 /// copy of one connection's big reads spread over all cores.
 fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
     let len = req.len as usize;
+    let cost = buf_size(len);
     let n = conn.shared.worker_count();
     if len < OFFLOAD_MIN || n < 2 {
         return spawn(do_read(conn.clone(), req));
@@ -477,17 +642,23 @@ fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
     let w = conn.shared.next_worker();
     let (tx, rx) = oneshot::channel();
     let (dev, max_io, fd) = (conn.ex.dev.clone(), conn.ex.max_io, conn.fd);
+    let export = conn.ex.name.clone();
+    let entry = conn.entry.clone();
     let lock = conn.send_lock.clone();
     let hdr = conn.hdr_ok(&req);
     let mut buf = conn.take_buf(len);
     let job: Job = Box::new(move || {
         let _ = iort::spawn(async move {
-            let done = match dev_read(&*dev, max_io, req.offset, &mut buf[..len]).await {
+            let done = match dev_read(&export, &*dev, max_io, req.offset, &mut buf[..len]).await {
                 Err(e) => ReadDone::Device(e),
                 Ok(()) => {
                     let _guard = lock.lock().await;
-                    match send_vectored_all(fd, &[hdr.as_bytes(), &buf[..len]]).await {
-                        Ok(()) => ReadDone::Sent,
+                    let watch = &entry.watch;
+                    match send_vectored_all(fd, &[hdr.as_bytes(), &buf[..len]], watch).await {
+                        Ok(()) => {
+                            watch.replied();
+                            ReadDone::Sent
+                        }
                         Err(e) => ReadDone::Send(e),
                     }
                 }
@@ -506,15 +677,15 @@ fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
             Ok((buf, done)) => {
                 conn.put_buf(buf);
                 match done {
-                    ReadDone::Sent => conn.release(len),
-                    ReadDone::Device(e) => conn.fail("read", &req, &e, len),
+                    ReadDone::Sent => conn.release(cost),
+                    ReadDone::Device(e) => conn.fail("read", &req, &e, cost),
                     ReadDone::Send(e) => {
                         conn.broken(&e);
-                        conn.release(len);
+                        conn.release(cost);
                     }
                 }
             }
-            Err(_) => conn.fail("read", &req, &IoError::eio("worker thread went away"), len),
+            Err(_) => conn.fail("read", &req, &IoError::eio("worker thread went away"), cost),
         }
     })
 }
@@ -526,13 +697,10 @@ fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()>
     };
     let (tx, rx) = oneshot::channel();
     let (dev, max_io, native_fua) = (conn.ex.dev.clone(), conn.ex.max_io, conn.ex.native_fua);
+    let export = conn.ex.name.clone();
     let job: Job = Box::new(move || {
         let _ = iort::spawn(async move {
-            let flags = fua_flags(&req);
-            let mut r = dev_write(&*dev, max_io, req.offset, &buf[..len], flags).await;
-            if r.is_ok() && flags.fua && !native_fua {
-                r = dev.flush().await;
-            }
+            let r = dev_write(&export, &*dev, max_io, native_fua, &req, &buf[..len]).await;
             let _ = tx.send((buf, r));
         });
     });
@@ -541,13 +709,14 @@ fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()>
 
 async fn do_read(conn: Rc<Conn>, req: Request) {
     let len = req.len as usize;
+    let cost = buf_size(len);
     let mut buf = conn.take_buf(len);
     let ex = &conn.ex;
-    match dev_read(&*ex.dev, ex.max_io, req.offset, &mut buf[..len]).await {
-        Ok(()) => conn.reply(conn.hdr_ok(&req), Some((buf, len)), len),
+    match dev_read(&ex.name, &*ex.dev, ex.max_io, req.offset, &mut buf[..len]).await {
+        Ok(()) => conn.reply(conn.hdr_ok(&req), Some((buf, len)), cost),
         Err(e) => {
             conn.put_buf(buf);
-            conn.fail("read", &req, &e, len);
+            conn.fail("read", &req, &e, cost);
         }
     }
 }
@@ -561,16 +730,19 @@ fn fua_flags(req: &Request) -> WriteFlags {
 async fn do_write(conn: Rc<Conn>, req: Request, buf: AlignedBuf) {
     let len = req.len as usize;
     let ex = &conn.ex;
-    let flags = fua_flags(&req);
-    let mut r = dev_write(&*ex.dev, ex.max_io, req.offset, &buf[..len], flags).await;
-    if r.is_ok() && flags.fua && !ex.native_fua {
-        // The device does not make FUA writes durable by itself.
-        r = ex.dev.flush().await;
-    }
+    let r = dev_write(
+        &ex.name,
+        &*ex.dev,
+        ex.max_io,
+        ex.native_fua,
+        &req,
+        &buf[..len],
+    )
+    .await;
     conn.put_buf(buf);
     match r {
-        Ok(()) => conn.reply(conn.hdr_ok(&req), None, len),
-        Err(e) => conn.fail("write", &req, &e, len),
+        Ok(()) => conn.reply(conn.hdr_ok(&req), None, buf_size(len)),
+        Err(e) => conn.fail("write", &req, &e, buf_size(len)),
     }
 }
 
@@ -580,27 +752,36 @@ async fn do_other(conn: Rc<Conn>, req: Request) {
     let dev = &*ex.dev;
     let flags = fua_flags(&req);
     let (off, len) = (Bytes(req.offset), Bytes(req.len as u64));
-    let (op, mut r) = match req.kind {
-        CMD_FLUSH => ("flush", dev.flush().await),
-        CMD_TRIM => ("trim", dev.discard(off, len).await),
-        _ => {
-            let mut r = dev.write_zeroes(off, len, flags).await;
-            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
-            if matches!(&r, Err(e) if e.errno == libc::EOPNOTSUPP) {
-                r = if fast {
-                    Err(IoError::unsupported("fast zeroing is not supported"))
-                } else {
-                    tables::io::write_zeroes_by_writing(dev, off, len, flags).await
-                };
-            }
-            ("write-zeroes", r)
-        }
+    let op = match req.kind {
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        _ => "write-zeroes",
     };
-    let needs_flush =
-        req.kind != CMD_FLUSH && flags.fua && (req.kind == CMD_TRIM || !ex.native_fua);
-    if r.is_ok() && needs_flush {
-        r = dev.flush().await;
-    }
+    let r = caught(&ex.name, op, req.offset, req.len as usize, async {
+        let mut r = match req.kind {
+            CMD_FLUSH => dev.flush().await,
+            CMD_TRIM => dev.discard(off, len).await,
+            _ => {
+                let mut r = dev.write_zeroes(off, len, flags).await;
+                let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+                if matches!(&r, Err(e) if e.errno == libc::EOPNOTSUPP) {
+                    r = if fast {
+                        Err(IoError::unsupported("fast zeroing is not supported"))
+                    } else {
+                        tables::io::write_zeroes_by_writing(dev, off, len, flags).await
+                    };
+                }
+                r
+            }
+        };
+        let needs_flush =
+            req.kind != CMD_FLUSH && flags.fua && (req.kind == CMD_TRIM || !ex.native_fua);
+        if r.is_ok() && needs_flush {
+            r = dev.flush().await;
+        }
+        r
+    })
+    .await;
     match r {
         Ok(()) => conn.reply(conn.hdr_ok(&req), None, 0),
         Err(e) if req.flags & CMD_FLAG_FAST_ZERO != 0 && e.errno == libc::EOPNOTSUPP => {
@@ -641,21 +822,27 @@ async fn writer(conn: Rc<Conn>) {
             }
             // Offloaded reads send from other threads: one reply train at a time.
             let guard = conn.send_lock.lock().await;
-            let r = send_vectored_all(conn.fd, &slices).await;
+            let r = send_vectored_all(conn.fd, &slices, &conn.entry.watch).await;
             drop(guard);
-            if let Err(e) = r {
-                conn.broken(&e);
+            match r {
+                Ok(()) => conn.entry.watch.replied(),
+                Err(e) => conn.broken(&e),
             }
         }
         let mut st = conn.st.borrow_mut();
+        let (n, mut cost) = (batch.len(), 0usize);
         for r in batch.drain(..) {
             st.inflight -= 1;
             st.inflight_bytes -= r.cost;
+            cost += r.cost;
             if let Some(b) = r.data {
                 POOL.with(|p| p.borrow_mut().put(b));
             }
         }
+        conn.entry.watch.sub_inflight(n);
         wake(&mut st.reader);
+        drop(st);
+        conn.unbudget(cost);
     }
     let mut st = conn.st.borrow_mut();
     st.writer_done = true;
@@ -667,20 +854,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pool_reuses_fitting_buffers_and_stays_bounded() {
+    fn pool_reuses_buffers_of_the_same_size_and_stays_bounded() {
         let mut p = Pool::default();
         let b = p.take(5000);
         assert_eq!(b.len(), 8192);
+        assert_eq!(buf_size(5000), 8192);
         let ptr = b.as_ptr();
         p.put(b);
-        // Fits: reused.
-        assert_eq!(p.take(4096).as_ptr(), ptr);
-        // A 1 MiB buffer is not handed out for a 4 KiB request.
+        // Same size class: reused.
+        assert_eq!(p.take(6000).as_ptr(), ptr);
+        // A bigger buffer is never handed out: a buffer costs what its size class costs.
         p.put(AlignedBuf::new(1 << 20));
         assert_eq!(p.take(4096).len(), 4096);
         for _ in 0..2 * POOL_COUNT {
             p.put(AlignedBuf::new(1 << 20));
         }
         assert!(p.bytes <= POOL_BYTES && p.bufs.len() <= POOL_COUNT);
+        p.limit = 3 << 20;
+        p.bufs.clear();
+        p.bytes = 0;
+        for _ in 0..8 {
+            p.put(AlignedBuf::new(1 << 20));
+        }
+        assert_eq!(p.bytes, 3 << 20);
     }
 }

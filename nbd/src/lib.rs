@@ -13,20 +13,40 @@
 //!
 //! # Threads and I/O
 //!
-//! A small pool of worker threads each runs its own [`iort::Runtime`]; worker 0 also runs the
-//! accept loops and hands each connection to the least loaded worker. A connection lives on
-//! one worker: its reader task decodes requests and starts a local task per request (so
-//! pipelined requests run concurrently on the device); one writer task per connection
-//! sends all queued replies with one `sendmsg` (header and read data together, many
-//! replies per call under load). Requests of 128 KiB or more are spread over all workers
-//! (a big read's data is sent by the worker that read it, under a per-connection send
-//! lock), so a single connection's large transfers use every core. Each connection holds
-//! at most [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] of buffers in flight; past
-//! that it stops reading and TCP pushes back. Buffers are page-aligned (`O_DIRECT`-ready)
-//! and pooled per worker. Accepted TCP sockets get `TCP_NODELAY`. Handshakes must finish
-//! within [`ServerBuilder::handshake_timeout`]; at most
-//! [`ServerBuilder::max_connections`] connections are served at once.
+//! A small pool of worker threads each runs its own [`iort::Runtime`]; a separate accept
+//! thread accepts on every listener and hands each connection to the least loaded worker
+//! that is alive and beating (a worker stuck in a blocking device call gets no new
+//! connections). A connection lives on one worker: its reader task decodes requests and
+//! starts a local task per request (so pipelined requests run concurrently on the
+//! device); one writer task per connection sends all queued replies with one `sendmsg`
+//! (header and read data together, many replies per call under load). Requests of 128 KiB
+//! or more are spread over all workers (a big read's data is sent by the worker that read
+//! it, under a per-connection send lock), so a single connection's large transfers use
+//! every core. Buffers are page-aligned (`O_DIRECT`-ready) and pooled per worker. Accepted
+//! TCP sockets get `TCP_NODELAY`.
 //!
+//! # Limits
+//!
+//! [`Limits`] (set with [`ServerBuilder::limits`]; serde-friendly, every field defaulted)
+//! bounds what clients can take:
+//!
+//! - memory: payload buffers in flight across the server stay within
+//!   [`Limits::memory_budget_bytes`]; a request that does not fit waits, and its connection
+//!   stops reading (TCP pushes back). Connections on probation (no reply delivered yet, or
+//!   a send stalled right now) may hold at most half of it, so clients that never read
+//!   their replies cannot starve established ones. Per connection, at most
+//!   [`Limits::max_requests_per_connection`] requests and
+//!   [`Limits::max_bytes_per_connection`] of buffers are in flight.
+//! - connections: beyond [`Limits::max_connections`] a client is closed before the
+//!   handshake (logged, at most every 10 s with a count).
+//! - time: the handshake must finish within [`Limits::handshake_timeout_ms`]; an idle
+//!   connection is closed after [`Limits::idle_timeout_ms`] (off by default); a connection
+//!   whose reply sending or write-payload receiving makes no progress is closed after
+//!   [`Limits::stall_timeout_ms`], or after [`Limits::pressure_stall_timeout_ms`] while
+//!   requests wait for memory.
+//!
+//! A target that panics fails only that request (`EIO`), like a device error.
+
 //! # Errors on the wire
 //!
 //! Device errors become NBD errors (`EIO`, `ENOSPC`, `EPERM` for `EROFS`, `EINVAL`,
@@ -60,15 +80,20 @@
 //! Shutdown stops accepting, shuts the read side of every connection so clients get
 //! replies to everything they already sent, waits up to the grace period
 //! ([`ServerBuilder::shutdown_grace`]) before cutting connections off, joins the workers and
-//! flushes every export.
+//! flushes every export. It returns within the grace period plus a few seconds even when
+//! clients are stuck; connections whose device requests never complete are left behind
+//! and reported ([`NbdError::ShutdownTimedOut`]).
 
 #![warn(missing_docs)]
 
 mod conn;
 mod handshake;
+mod limits;
 pub mod proto;
 mod server;
 mod sock;
+mod supervisor;
 
 pub use conn::{MAX_INFLIGHT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD};
+pub use limits::{Limits, DEFAULT_MEMORY_BUDGET};
 pub use server::{Listener, NbdError, Server, ServerBuilder, ServerHandle, Stopper};

@@ -1,28 +1,32 @@
-//! Server configuration, worker threads, accepting, shutdown.
+//! Server configuration, worker threads, shutdown.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tables::{DeviceRef, IoError};
 
-use crate::conn::{transmit, ExportView, MAX_PAYLOAD};
+use crate::conn::{set_pool_limit, transmit, ExportView, MAX_PAYLOAD};
 use crate::handshake::{handshake, Outcome};
+use crate::limits::{Budget, Clock, Limits};
 use crate::proto::*;
-use crate::sock::{set_nodelay, shutdown, RecvBuf};
+use crate::sock::{shutdown, RecvBuf};
+use crate::supervisor::supervisor;
+pub(crate) use crate::supervisor::ConnEntry;
 
 /// Errors starting or stopping a server.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,21 @@ pub enum NbdError {
     /// A worker thread panicked.
     #[error("NBD worker thread {0} panicked")]
     WorkerPanicked(usize),
+    /// The resource limits are not usable.
+    #[error("bad NBD server limits: {0}")]
+    BadLimits(String),
+    /// Shutdown gave up waiting: connections whose device requests never completed, or
+    /// worker threads that did not stop, were left behind (their sockets are closed).
+    #[error(
+        "NBD shutdown timed out: {connections} connection(s) and {workers} worker thread(s) \
+         did not finish (a device request that never completes?)"
+    )]
+    ShutdownTimedOut {
+        /// Connections still registered.
+        connections: usize,
+        /// Worker threads still running.
+        workers: usize,
+    },
     /// Flushing an export at shutdown failed.
     #[error("flushing export '{export}' at shutdown: {source}")]
     Flush {
@@ -154,9 +173,8 @@ impl ExportEntry {
 pub struct ServerBuilder {
     exports: Vec<ExportEntry>,
     threads: usize,
-    handshake_timeout: Duration,
+    limits: Limits,
     shutdown_grace: Duration,
-    max_connections: usize,
 }
 
 impl ServerBuilder {
@@ -199,9 +217,23 @@ impl ServerBuilder {
         self
     }
 
-    /// How long a client may take to finish the handshake (default 30 s).
+    /// All resource limits at once (see [`Limits`] for the defaults).
+    pub fn limits(mut self, limits: Limits) -> ServerBuilder {
+        self.limits = limits;
+        self
+    }
+
+    /// How long a client may take to finish the handshake (default 30 s; zero: forever).
+    /// Sets [`Limits::handshake_timeout_ms`].
     pub fn handshake_timeout(mut self, d: Duration) -> ServerBuilder {
-        self.handshake_timeout = d;
+        self.limits.handshake_timeout_ms = millis(d);
+        self
+    }
+
+    /// Closes a connection with no request in flight that received nothing for `d`
+    /// (default: never). Sets [`Limits::idle_timeout_ms`].
+    pub fn idle_timeout(mut self, d: Duration) -> ServerBuilder {
+        self.limits.idle_timeout_ms = millis(d);
         self
     }
 
@@ -213,9 +245,9 @@ impl ServerBuilder {
     }
 
     /// Connections open at once; further clients are closed right after `accept` (default
-    /// 1024). Each connection may hold up to 64 MiB of request buffers.
+    /// 1024). Sets [`Limits::max_connections`].
     pub fn max_connections(mut self, n: usize) -> ServerBuilder {
-        self.max_connections = n.max(1);
+        self.limits.max_connections = n.max(1);
         self
     }
 
@@ -224,6 +256,7 @@ impl ServerBuilder {
         if self.exports.is_empty() {
             return Err(NbdError::NoExports);
         }
+        self.limits.validate().map_err(NbdError::BadLimits)?;
         let mut seen = std::collections::HashSet::new();
         for e in &self.exports {
             if !seen.insert(e.name.as_str()) {
@@ -247,10 +280,18 @@ impl ServerBuilder {
         Ok(Server {
             exports: self.exports,
             threads: self.threads,
-            handshake_timeout: self.handshake_timeout,
+            limits: self.limits,
             shutdown_grace: self.shutdown_grace,
-            max_connections: self.max_connections,
         })
+    }
+}
+
+/// A duration in whole milliseconds (a nonzero one is at least 1 ms).
+fn millis(d: Duration) -> u64 {
+    match u64::try_from(d.as_millis()) {
+        Ok(0) if !d.is_zero() => 1,
+        Ok(ms) => ms,
+        Err(_) => u64::MAX,
     }
 }
 
@@ -258,9 +299,8 @@ impl ServerBuilder {
 pub struct Server {
     exports: Vec<ExportEntry>,
     threads: usize,
-    handshake_timeout: Duration,
+    limits: Limits,
     shutdown_grace: Duration,
-    max_connections: usize,
 }
 
 /// A bound listening socket to serve on.
@@ -272,10 +312,27 @@ pub enum Listener {
 }
 
 impl Listener {
-    fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
             Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => p.display().to_string(),
         }
     }
 }
@@ -289,9 +346,8 @@ impl Server {
                 .map(|n| n.get())
                 .unwrap_or(2)
                 .min(4),
-            handshake_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
             shutdown_grace: Duration::from_secs(5),
-            max_connections: 1024,
         }
     }
 
@@ -336,10 +392,27 @@ impl Server {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "no listeners given"),
             });
         }
+        for l in &listeners {
+            l.set_nonblocking().map_err(|e| NbdError::Listen {
+                addr: l.describe(),
+                source: e,
+            })?;
+        }
         let local_addr = listeners.iter().find_map(|l| match l {
             Listener::Tcp(t) => t.local_addr().ok(),
             _ => None,
         });
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(NbdError::Worker {
+                index: usize::MAX,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: efd is a fresh descriptor that nothing else owns.
+        let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let clock = Clock::new();
         let mut workers = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..self.threads {
@@ -347,17 +420,27 @@ impl Server {
             workers.push(Slot {
                 tx,
                 load: AtomicUsize::new(0),
+                alive: AtomicBool::new(true),
+                beat: AtomicU64::new(clock.now()),
             });
             receivers.push(rx);
         }
+        let l = self.limits;
+        // `validate` checked that both fit in usize.
+        let budget = usize::try_from(l.memory_budget_bytes).unwrap_or(usize::MAX);
         let shared = Arc::new(Shared {
             exports: self.exports,
-            handshake_timeout: self.handshake_timeout,
-            max_connections: self.max_connections,
+            limits: l,
+            max_requests_per_connection: l.max_requests_per_connection,
+            max_bytes_per_connection: usize::try_from(l.max_bytes_per_connection)
+                .unwrap_or(usize::MAX),
+            budget: Arc::new(Budget::new(budget)),
+            clock,
             listeners,
             workers,
             next_worker: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            stop_fd,
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -367,16 +450,19 @@ impl Server {
         let mut handle = ServerHandle {
             shared: shared.clone(),
             threads: Vec::new(),
+            supervisor: None,
             local_addr,
             grace: self.shutdown_grace,
             done: false,
         };
+        // Idle buffers pooled by the workers stay within a quarter of the budget.
+        let pool = budget / 4 / self.threads.max(1);
         for (index, rx) in receivers.into_iter().enumerate() {
             let shared = shared.clone();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let t = std::thread::Builder::new()
                 .name(format!("nbd-worker-{index}"))
-                .spawn(move || worker(shared, index, rx, ready_tx))
+                .spawn(move || worker(shared, index, pool, rx, ready_tx))
                 .map_err(|e| NbdError::Worker { index, source: e })?;
             handle.threads.push(t);
             match ready_rx.recv() {
@@ -385,6 +471,15 @@ impl Server {
                 Err(_) => return Err(NbdError::WorkerPanicked(index)),
             }
         }
+        let sup = shared.clone();
+        let t = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || supervisor(sup))
+            .map_err(|e| NbdError::Worker {
+                index: usize::MAX,
+                source: e,
+            })?;
+        handle.supervisor = Some(t);
         Ok(handle)
     }
 }
@@ -402,28 +497,40 @@ pub(crate) enum Msg {
     Wake,
 }
 
-/// A worker's inbox and its number of connections.
-struct Slot {
-    tx: mpsc::UnboundedSender<Msg>,
-    load: AtomicUsize,
+/// A worker's inbox, its number of connections and whether it is alive and ticking.
+pub(crate) struct Slot {
+    pub(crate) tx: mpsc::UnboundedSender<Msg>,
+    pub(crate) load: AtomicUsize,
+    /// False once the thread has exited (or died).
+    pub(crate) alive: AtomicBool,
+    /// Last heartbeat ([`Clock`] milliseconds): a worker stuck in a blocking device call
+    /// stops beating and gets no new connections.
+    pub(crate) beat: AtomicU64,
 }
 
+/// A connection on its way to a worker.
 pub(crate) struct Accepted {
-    fd: Arc<OwnedFd>,
-    id: u64,
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) entry: Arc<ConnEntry>,
 }
 
-/// State shared by the handle and all workers.
+/// State shared by the handle, the supervisor and all workers.
 pub(crate) struct Shared {
     pub(crate) exports: Vec<ExportEntry>,
-    handshake_timeout: Duration,
-    max_connections: usize,
-    listeners: Vec<Listener>,
-    workers: Vec<Slot>,
+    pub(crate) limits: Limits,
+    pub(crate) max_requests_per_connection: usize,
+    pub(crate) max_bytes_per_connection: usize,
+    /// Payload buffers in flight across the server.
+    pub(crate) budget: Arc<Budget>,
+    pub(crate) clock: Clock,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) workers: Vec<Slot>,
     next_worker: AtomicUsize,
     stopping: AtomicBool,
-    /// Live connections, so shutdown can reach their sockets.
-    conns: Mutex<HashMap<u64, Weak<OwnedFd>>>,
+    /// An eventfd the supervisor polls: written once at stop.
+    pub(crate) stop_fd: OwnedFd,
+    /// Live connections, so the supervisor and shutdown can reach them.
+    conns: Mutex<HashMap<u64, Arc<ConnEntry>>>,
     next_id: AtomicU64,
     total: AtomicU64,
     stop_lock: Mutex<bool>,
@@ -464,26 +571,32 @@ impl Shared {
         }
     }
 
-    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<OwnedFd>>> {
+    pub(crate) fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnEntry>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, fd: &Arc<OwnedFd>) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.conns().insert(id, Arc::downgrade(fd));
-        self.total.fetch_add(1, Ordering::Relaxed);
-        id
+    /// A snapshot of the live connections.
+    pub(crate) fn entries(&self) -> Vec<Arc<ConnEntry>> {
+        self.conns().values().cloned().collect()
     }
 
-    fn unregister(&self, id: u64) {
+    /// Registers a just accepted connection.
+    pub(crate) fn register(&self, fd: &Arc<OwnedFd>, peer: String) -> Arc<ConnEntry> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(ConnEntry::new(id, fd, peer, self.clock));
+        self.conns().insert(id, entry.clone());
+        self.total.fetch_add(1, Ordering::Relaxed);
+        entry
+    }
+
+    pub(crate) fn unregister(&self, id: u64) {
         self.conns().remove(&id);
     }
 
-    /// `shutdown(how)` on every live connection.
-    fn sweep(&self, how: libc::c_int) {
-        let fds: Vec<Arc<OwnedFd>> = self.conns().values().filter_map(|w| w.upgrade()).collect();
-        for fd in fds {
-            shutdown(fd.as_raw_fd(), how);
+    /// `shutdown(SHUT_RD)` on every live connection.
+    fn sweep_read_side(&self) {
+        for e in self.entries() {
+            e.shutdown(libc::SHUT_RD);
         }
     }
 
@@ -492,8 +605,16 @@ impl Shared {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        // A listening socket that is shut down fails its pending accept with EINVAL, which
-        // ends the accept loops (TCP and Unix alike).
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe {
+            libc::write(
+                self.stop_fd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            );
+        }
+        // New clients are refused from now on rather than left in the backlog.
         for l in &self.listeners {
             shutdown(l.fd(), libc::SHUT_RDWR);
         }
@@ -520,9 +641,27 @@ impl Stopper {
 pub struct ServerHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    supervisor: Option<JoinHandle<()>>,
     local_addr: Option<SocketAddr>,
     grace: Duration,
     done: bool,
+}
+
+/// After the grace period and cutting every socket, how long shutdown still waits for
+/// connections and workers to wind down before it gives up on them.
+const FORCED_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Polls `done` every few milliseconds until it holds or `deadline` passes.
+fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 impl ServerHandle {
@@ -539,6 +678,11 @@ impl ServerHandle {
     /// Connections accepted since start.
     pub fn total_connections(&self) -> u64 {
         self.shared.total.load(Ordering::Relaxed)
+    }
+
+    /// The limits this server runs with.
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
     }
 
     /// A handle that can trigger the shutdown from another thread.
@@ -569,7 +713,9 @@ impl ServerHandle {
 
     /// Stops accepting, lets connections answer what they have read, closes them (waiting
     /// at most the shutdown grace before cutting them off), stops the workers, then
-    /// flushes every export.
+    /// flushes every export. Returns within the grace period plus a few seconds even when
+    /// clients are stuck; connections whose device requests never complete are then left
+    /// behind and reported as [`NbdError::ShutdownTimedOut`].
     pub fn shutdown(mut self) -> Result<(), NbdError> {
         self.finish()
     }
@@ -581,54 +727,74 @@ impl ServerHandle {
         self.done = true;
         let sh = &self.shared;
         sh.request_stop();
+        if let Some(t) = self.supervisor.take() {
+            // It polls the stop eventfd, so it ends at once.
+            let _ = t.join();
+        }
         // Reading side first: clients get replies to everything already sent.
-        sh.sweep(libc::SHUT_RD);
-        let deadline = Instant::now() + self.grace;
-        while !sh.conns().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !sh.conns().is_empty() {
-            // A client that does not read its replies: cut it off.
-            sh.sweep(libc::SHUT_RDWR);
-            // Requests still on a device are waited for (a device that never completes
-            // keeps the server from stopping).
-            while !sh.conns().is_empty() {
-                std::thread::sleep(Duration::from_millis(5));
+        sh.sweep_read_side();
+        let empty = || sh.conns().is_empty();
+        if !wait_until(Instant::now() + self.grace, empty) {
+            // A client that does not read its replies: cut it off. Requests still on a
+            // device are waited for a little longer, then left behind.
+            for e in sh.entries() {
+                e.kill("the server is shutting down");
             }
+            wait_until(Instant::now() + FORCED_STOP_WAIT, empty);
         }
-        // Every connection is gone, so no offloaded work remains: let the workers exit.
+        // Every connection is gone (or given up on): let the workers exit.
         for w in &sh.workers {
             let _ = w.tx.unbounded_send(Msg::Wake);
         }
+        let deadline = Instant::now() + FORCED_STOP_WAIT;
+        wait_until(deadline, || self.threads.iter().all(|t| t.is_finished()));
         let mut result = Ok(());
+        let mut stuck = 0;
         for (i, t) in self.threads.drain(..).enumerate() {
+            if !t.is_finished() {
+                // Left running: it exits by itself once its device requests complete.
+                stuck += 1;
+                continue;
+            }
             if t.join().is_err() && result.is_ok() {
                 result = Err(NbdError::WorkerPanicked(i));
             }
+        }
+        let left = sh.conns().len();
+        if (stuck > 0 || left > 0) && result.is_ok() {
+            log::error!("nbd: shutdown: {left} connection(s), {stuck} worker(s) left behind");
+            result = Err(NbdError::ShutdownTimedOut {
+                connections: left,
+                workers: stuck,
+            });
         }
         for l in &sh.listeners {
             if let Listener::Unix(_, path) = l {
                 let _ = std::fs::remove_file(path);
             }
         }
-        let flushed = iort::Runtime::new(8)
-            .map_err(|e| NbdError::Worker {
-                index: usize::MAX,
-                source: e,
-            })
-            .and_then(|rt| {
-                rt.block_on(async {
-                    for e in &sh.exports {
-                        e.dev.flush().await.map_err(|source| NbdError::Flush {
-                            export: e.name.clone(),
-                            source,
-                        })?;
-                    }
-                    Ok(())
-                })
-            });
-        result.and(flushed)
+        result.and(flush_exports(sh))
     }
+}
+
+/// Flushes every export on a temporary runtime; a panicking target is an error, not a
+/// crash of the caller.
+fn flush_exports(sh: &Shared) -> Result<(), NbdError> {
+    let rt = iort::Runtime::new(8).map_err(|e| NbdError::Worker {
+        index: usize::MAX,
+        source: e,
+    })?;
+    rt.block_on(async {
+        for e in &sh.exports {
+            let r = AssertUnwindSafe(e.dev.flush()).catch_unwind().await;
+            let r = r.unwrap_or_else(|_| Err(IoError::eio("the target panicked in flush")));
+            r.map_err(|source| NbdError::Flush {
+                export: e.name.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    })
 }
 
 impl Drop for ServerHandle {
@@ -639,25 +805,52 @@ impl Drop for ServerHandle {
     }
 }
 
-/// (deadline, finished flag, socket) of a connection still in its handshake.
-type PendingHandshake = (Instant, Rc<Cell<bool>>, Weak<OwnedFd>);
-
 /// Per-worker bookkeeping of its connections.
 #[derive(Default)]
 struct Local {
     live: Cell<usize>,
     /// Woken when `live` drops to zero.
     idle: RefCell<Option<Waker>>,
-    /// Connections still in the handshake: (deadline, finished flag, socket).
-    handshakes: RefCell<Vec<PendingHandshake>>,
+}
+
+/// How often a worker beats.
+const BEAT: Duration = Duration::from_millis(100);
+
+/// Marks the worker dead however its thread ends; if it dies (a panic escaped a task), its
+/// connections can never be served: close them so their clients see it.
+struct WorkerGuard {
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.shared.workers[self.index]
+            .alive
+            .store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            log::error!("nbd: worker thread {} died", self.index);
+            for e in self.shared.entries() {
+                if e.worker() == Some(self.index) {
+                    e.kill("its worker thread died");
+                    self.shared.unregister(e.id);
+                }
+            }
+        }
+    }
 }
 
 fn worker(
     shared: Arc<Shared>,
     index: usize,
+    pool: usize,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
+    let _guard = WorkerGuard {
+        shared: shared.clone(),
+        index,
+    };
     let rt = match iort::Runtime::new(1024) {
         Ok(rt) => rt,
         Err(e) => {
@@ -665,18 +858,11 @@ fn worker(
             return;
         }
     };
+    set_pool_limit(pool);
     let _ = ready.send(Ok(()));
     let local = Rc::new(Local::default());
     let intake_done = Rc::new(Cell::new(false));
     rt.block_on(async {
-        // Worker 0 also accepts; the accept loops end when shutdown shuts the listeners.
-        let accept_loops = futures::future::join_all(
-            shared
-                .listeners
-                .iter()
-                .filter(|_| index == 0)
-                .map(|l| acceptor(shared.clone(), l.fd(), matches!(l, Listener::Tcp(_)))),
-        );
         let intake = async {
             while let Some(msg) = rx.next().await {
                 match msg {
@@ -686,9 +872,9 @@ fn worker(
                             shared: shared.clone(),
                             local: local.clone(),
                             index,
-                            id: acc.id,
+                            id: acc.entry.id,
                         };
-                        let f = connection(shared.clone(), index, local.clone(), acc.fd, guard);
+                        let f = connection(shared.clone(), index, acc, guard);
                         if iort::spawn(f).is_err() {
                             log::error!("nbd: cannot spawn a connection task");
                         }
@@ -713,35 +899,15 @@ fn worker(
             .await;
             intake_done.set(true);
         };
-        futures::join!(accept_loops, intake, ticker(&shared, &local, &intake_done));
+        let heartbeat = async {
+            let slot = &shared.workers[index];
+            while !intake_done.get() {
+                slot.beat.store(shared.clock.now(), Ordering::Relaxed);
+                iort::sleep(BEAT).await;
+            }
+        };
+        futures::join!(intake, heartbeat);
     });
-}
-
-/// Enforces handshake deadlines; ends with the worker.
-async fn ticker(shared: &Shared, local: &Local, done: &Cell<bool>) {
-    let tick = Duration::from_millis(100)
-        .min(shared.handshake_timeout / 2)
-        .max(Duration::from_millis(1));
-    while !done.get() {
-        iort::sleep(tick).await;
-        let now = Instant::now();
-        local
-            .handshakes
-            .borrow_mut()
-            .retain(|(deadline, finished, fd)| {
-                if finished.get() {
-                    return false;
-                }
-                if now >= *deadline {
-                    if let Some(fd) = fd.upgrade() {
-                        log::info!("nbd: handshake timed out, closing the connection");
-                        shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-                    }
-                    return false;
-                }
-                true
-            });
-    }
 }
 
 struct ConnGuard {
@@ -767,106 +933,58 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Marks the handshake finished however the connection task ends.
-struct Finished(Rc<Cell<bool>>);
-impl Drop for Finished {
-    fn drop(&mut self) {
-        self.0.set(true);
-    }
-}
-
-async fn connection(
-    shared: Arc<Shared>,
-    index: usize,
-    local: Rc<Local>,
-    fd: Arc<OwnedFd>,
-    guard: ConnGuard,
-) {
+async fn connection(shared: Arc<Shared>, index: usize, acc: Accepted, guard: ConnGuard) {
     let _guard = guard;
+    let Accepted { fd, entry } = acc;
     if shared.is_stopping() {
         return;
     }
     let raw = fd.as_raw_fd();
-    let mut rb = RecvBuf::new(raw);
-    let finished = Finished(Rc::new(Cell::new(false)));
-    local.handshakes.borrow_mut().push((
-        Instant::now() + shared.handshake_timeout,
-        finished.0.clone(),
-        Arc::downgrade(&fd),
-    ));
-    let outcome = handshake(&shared, raw, &mut rb).await;
-    drop(finished);
-    let (idx, structured) = match outcome {
-        Ok(Outcome::Transmit(idx, structured)) => (idx, structured),
-        Ok(Outcome::Done) => return,
-        Err(e) => {
-            log::debug!("nbd: handshake ended: {e}");
+    let mut rb = RecvBuf::new(raw, entry.watch.clone());
+    // The handshake asks the device for its size and limits: a panic there ends this
+    // connection only.
+    let outcome = AssertUnwindSafe(async {
+        let r = handshake(&shared, raw, &mut rb).await;
+        r.map(|o| match o {
+            Outcome::Transmit(idx, structured) => {
+                Some((idx, structured, shared.exports[idx].view()))
+            }
+            Outcome::Done => None,
+        })
+    })
+    .catch_unwind()
+    .await;
+    let (idx, structured, view) = match outcome {
+        Ok(Ok(Some(t))) => t,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            log::debug!("nbd: {}: handshake ended: {e}", entry.peer);
+            return;
+        }
+        Err(_) => {
+            log::error!("nbd: {}: panic during the handshake; closing", entry.peer);
             return;
         }
     };
+    entry.transmitting();
     let ex = &shared.exports[idx];
-    if let Err(e) = transmit(raw, ex.view(), shared.clone(), index, structured, rb).await {
-        log::info!("nbd: export '{}': connection closed: {e}", ex.name);
+    let r = transmit(
+        raw,
+        view,
+        shared.clone(),
+        entry.clone(),
+        index,
+        structured,
+        rb,
+    )
+    .await;
+    if let Err(e) = r {
+        log::info!(
+            "nbd: export '{}': {}: connection closed: {e}",
+            ex.name,
+            entry.peer
+        );
     }
     // `fd` (and the socket) closes here, after every reply went out.
     drop(fd);
-}
-
-async fn acceptor(shared: Arc<Shared>, lfd: RawFd, is_tcp: bool) {
-    loop {
-        match iort::accept(lfd).await {
-            Ok(fd) => {
-                if shared.is_stopping() {
-                    break;
-                }
-                if shared.conns().len() >= shared.max_connections {
-                    log::warn!(
-                        "nbd: {} connections open (the limit): refusing a new one",
-                        shared.max_connections
-                    );
-                    continue;
-                }
-                if is_tcp {
-                    set_nodelay(fd.as_raw_fd());
-                }
-                let fd = Arc::new(fd);
-                let id = shared.register(&fd);
-                // The least loaded worker takes the connection.
-                let Some(slot) = shared
-                    .workers
-                    .iter()
-                    .min_by_key(|s| s.load.load(Ordering::Relaxed))
-                else {
-                    shared.unregister(id);
-                    break;
-                };
-                slot.load.fetch_add(1, Ordering::Relaxed);
-                if slot
-                    .tx
-                    .unbounded_send(Msg::Conn(Accepted { fd, id }))
-                    .is_err()
-                {
-                    slot.load.fetch_sub(1, Ordering::Relaxed);
-                    shared.unregister(id);
-                }
-            }
-            Err(e) => {
-                if shared.is_stopping() {
-                    break;
-                }
-                match e.raw_os_error() {
-                    Some(libc::ECONNABORTED) | Some(libc::EINTR) | Some(libc::EAGAIN) => {}
-                    Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS)
-                    | Some(libc::ENOMEM) => {
-                        log::warn!("nbd: accept: {e}; retrying shortly");
-                        iort::sleep(Duration::from_millis(100)).await;
-                    }
-                    _ => {
-                        log::error!("nbd: accept: {e}");
-                        iort::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }
-    }
 }

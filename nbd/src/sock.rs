@@ -4,11 +4,20 @@ use std::alloc::{self, Layout};
 use std::io;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use iort::io_uring::{opcode, types};
 
-/// Receive buffer size: large enough to pick up many pipelined request headers per `recv`.
-const RECV_BUF: usize = 64 * 1024;
+use crate::limits::Watch;
+
+/// Receive buffer size: large enough to pick up hundreds of pipelined request headers per
+/// `recv`, small enough that a thousand idle connections pin little memory.
+const RECV_BUF: usize = 16 * 1024;
+/// Big payloads are received in steps of at most this much, so a stalled sender is seen
+/// (each step is progress for [`Watch`]).
+const RECV_STEP: usize = 1 << 20;
+/// Sends through the ring wait for at most this much at a time, for the same reason.
+const SEND_STEP: usize = 1 << 20;
 
 /// Receives with `flags` (`MSG_WAITALL`...); 0 means the peer closed.
 async fn recv_flags(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
@@ -25,15 +34,17 @@ async fn recv_flags(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> 
 /// `recv` of up to 64 KiB; large payloads are received straight into the caller's buffer.
 pub(crate) struct RecvBuf {
     fd: RawFd,
+    watch: Arc<Watch>,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
 }
 
 impl RecvBuf {
-    pub(crate) fn new(fd: RawFd) -> RecvBuf {
+    pub(crate) fn new(fd: RawFd, watch: Arc<Watch>) -> RecvBuf {
         RecvBuf {
             fd,
+            watch,
             buf: vec![0u8; RECV_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -59,6 +70,7 @@ impl RecvBuf {
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        self.watch.received();
         self.end += n;
         Ok(())
     }
@@ -69,11 +81,13 @@ impl RecvBuf {
         while done < dst.len() {
             let rest = dst.len() - done;
             if rest >= RECV_BUF / 2 {
-                // Big payload: skip the copy and let the kernel wait for all of it.
-                let n = recv_flags(self.fd, &mut dst[done..], libc::MSG_WAITALL).await?;
+                // Big payload: skip the copy and let the kernel wait for a step of it.
+                let step = rest.min(RECV_STEP);
+                let n = recv_flags(self.fd, &mut dst[done..done + step], libc::MSG_WAITALL).await?;
                 if n == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
+                self.watch.received();
                 done += n;
             } else {
                 self.fill().await?;
@@ -105,8 +119,15 @@ impl RecvBuf {
 }
 
 /// Sends every byte of `bufs` with one `sendmsg` per round (more only on short sends), so a
-/// reply header and its data, or a batch of replies, leave in one segment train.
-pub(crate) async fn send_vectored_all(fd: RawFd, bufs: &[&[u8]]) -> io::Result<()> {
+/// reply header and its data, or a batch of replies, leave in one segment train. While it
+/// waits for the socket, `watch` sees each step of progress.
+pub(crate) async fn send_vectored_all(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Result<()> {
+    let r = send_vectored_steps(fd, bufs, watch).await;
+    watch.sending(false);
+    r
+}
+
+async fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = bufs
         .iter()
         .filter(|b| !b.is_empty())
@@ -139,18 +160,36 @@ pub(crate) async fn send_vectored_all(fd: RawFd, bufs: &[&[u8]]) -> io::Result<(
                 r as usize
             }
         } else {
+            // At most SEND_STEP bytes per op: the iovecs up to that much, the last one cut.
+            let mut step: Vec<libc::iovec> = Vec::with_capacity(cnt);
+            let mut total = 0usize;
+            for v in &iov[first..first + cnt] {
+                let take = v.iov_len.min(SEND_STEP - total);
+                step.push(libc::iovec {
+                    iov_base: v.iov_base,
+                    iov_len: take,
+                });
+                total += take;
+                if total == SEND_STEP {
+                    break;
+                }
+            }
+            msg.msg_iov = step.as_mut_ptr();
+            msg.msg_iovlen = step.len() as _;
             let sqe = opcode::SendMsg::new(types::Fd(fd), &msg as *const libc::msghdr)
-                // WAITALL: the ring finishes the whole send itself instead of returning
+                // WAITALL: the ring finishes the whole step itself instead of returning
                 // short counts whenever the socket buffer fills.
                 .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
                 .build();
-            // SAFETY: `msg`, `iov` and the buffers `iov` points into (borrowed through
+            watch.sending(true);
+            // SAFETY: `msg`, `step` and the buffers they point into (borrowed through
             // `bufs`) outlive the op: they live in this frame across the await, and dropping
             // the op waits for the kernel.
             let n = iort::cqe_result(unsafe { iort::submit(sqe) }.await)?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
+            watch.sending(true);
             n
         };
         // Advance past what was sent.

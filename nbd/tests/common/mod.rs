@@ -401,6 +401,19 @@ impl BlockDevice for FailDevice {
     }
 }
 
+/// A TCP server on a free port with two workers, `limits` and a short shutdown grace.
+pub fn serve_with(dev: DeviceRef, limits: nbd::Limits) -> nbd::ServerHandle {
+    nbd::Server::builder()
+        .export("disk", "", dev)
+        .threads(2)
+        .limits(limits)
+        .shutdown_grace(Duration::from_millis(200))
+        .build()
+        .unwrap()
+        .serve_tcp("127.0.0.1:0")
+        .unwrap()
+}
+
 pub fn mem(size: u64) -> Arc<MemDevice> {
     Arc::new(MemDevice::new("mem", Bytes(size)))
 }
