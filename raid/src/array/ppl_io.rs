@@ -4,9 +4,19 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
-use super::*;
-use crate::ppl::{Checkpoint, ChunkSource, Entry, Geometry};
+use futures::future::join_all;
+use tables::io::{IoError, IoResult, WriteFlags};
+use tables::Bytes;
+
+use crate::layout::StripeMap;
+use crate::meta::{self, META_BLOCK};
+use crate::ppl::{self, Checkpoint, ChunkSource, Entry, Geometry};
+use crate::xor::xor_into;
+use crate::RaidError;
+
+use super::{Geo, Inner, LegState, PplState};
 
 /// A stripe write's hold on the log: counted in flight under the generation it was logged in
 /// (0: not logged) until dropped, so a segment is not reused and the log is not (re)started

@@ -1,0 +1,407 @@
+//! Opening an array: sizing it from the table, reading every leg's superblock and deciding
+//! which legs to trust, loading the write-intent bitmap and picking the initial sync work.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use tables::io::{DeviceRef, IoError, Limits};
+use tables::{Bytes, Sectors};
+
+use crate::lock::LockTable;
+use crate::meta::{self, SbRead, Superblock, META_BLOCK};
+use crate::parse::{Level, RaidConfig, SyncMode};
+use crate::RaidError;
+
+use super::sync::background_loop;
+use super::{
+    BmState, Geo, Inner, Leg, LegState, OpenOptions, PplState, RaidDevice, SyncState, ST_INSYNC,
+};
+
+fn regions_for(span: u64, region: u64) -> u64 {
+    span.div_ceil(region).max(1)
+}
+
+/// Runs `f`'s future on a fresh thread with its own io_uring runtime: building may be called
+/// from inside another runtime's task, where blocking on the same ring would deadlock.
+fn run_on_io_thread<T: Send, Fut: std::future::Future<Output = T>>(
+    f: impl FnOnce() -> Fut + Send,
+) -> Result<T, RaidError> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T, RaidError> {
+            let rt = iort::Runtime::new(64).map_err(|e| RaidError::Io(IoError::from(e)))?;
+            Ok(rt.block_on(f()))
+        })
+        .join()
+        .map_err(|_| RaidError::Io(IoError::eio("raid assembly thread panicked")))?
+    })
+}
+
+impl RaidDevice {
+    /// Assembles an array from opened legs: `legs[i] = (metadata, data)`, data devices
+    /// already windowed (mirror offsets applied). `size` is the exposed size.
+    pub fn open(
+        name: String,
+        cfg: RaidConfig,
+        size: Bytes,
+        legs: Vec<(Option<DeviceRef>, DeviceRef)>,
+        opts: OpenOptions,
+    ) -> Result<RaidDevice, RaidError> {
+        let n = legs.len();
+        if n != cfg.legs.len() {
+            return Err(RaidError::Geometry(format!(
+                "{n} legs opened but the table names {}",
+                cfg.legs.len()
+            )));
+        }
+        if !size.is_sector_aligned() || size.0 == 0 {
+            return Err(RaidError::Geometry(format!(
+                "size {} bytes is not a positive whole number of sectors",
+                size.0
+            )));
+        }
+        let (geo, leg_bytes) = match cfg.level {
+            Level::Raid1 => (
+                Geo::Mirror {
+                    copies: n,
+                    chunk: 0,
+                    raid1: true,
+                },
+                size.0,
+            ),
+            Level::Raid10 { copies } => {
+                let c = cfg.chunk.bytes().0;
+                let array_chunks = size.0.div_ceil(c);
+                let dev_chunks = (array_chunks * copies as u64).div_ceil(n as u64);
+                (
+                    Geo::Mirror {
+                        copies,
+                        chunk: c,
+                        raid1: false,
+                    },
+                    dev_chunks * c,
+                )
+            }
+            Level::Raid5(layout) => {
+                let c = cfg.chunk.bytes().0;
+                let stripes = size.0.div_ceil(c * (n as u64 - 1));
+                (Geo::Parity { layout, chunk: c }, stripes * c)
+            }
+        };
+        // Regions: array space for mirrors, per-leg space (whole stripes) for parity.
+        let default_region = Sectors(4096).bytes().0; // 2 MiB
+        let mut region_bytes = cfg.region.map(|r| r.bytes().0).unwrap_or(default_region);
+        let span = match geo {
+            Geo::Mirror { .. } => size.0,
+            Geo::Parity { chunk, .. } => {
+                region_bytes = region_bytes.max(chunk).div_ceil(chunk) * chunk;
+                leg_bytes
+            }
+        };
+        let regions = regions_for(span, region_bytes);
+        let has_meta = legs.iter().all(|l| l.0.is_some());
+        let mut limits = Limits::default();
+        for (i, (m, d)) in legs.iter().enumerate() {
+            if d.size().0 < leg_bytes {
+                return Err(RaidError::Geometry(format!(
+                    "leg {i} ({}) has {} bytes; this array needs {leg_bytes} per leg",
+                    d.name(),
+                    d.size().0
+                )));
+            }
+            if let Some(m) = m {
+                let need = meta::meta_bytes(regions);
+                if m.size().0 < need {
+                    return Err(RaidError::Geometry(format!(
+                        "metadata device of leg {i} ({}) has {} bytes; needs {need} \
+                         (superblock + bitmap of {regions} regions)",
+                        m.name(),
+                        m.size().0
+                    )));
+                }
+            }
+            limits = limits.stack(&d.limits());
+        }
+        limits.discard_granularity = 0;
+        limits.discard_zeroes = false;
+        limits.write_zeroes = false;
+        limits.read_only = false;
+        if let Geo::Parity { chunk, .. } = geo {
+            limits.io_opt = (chunk * (n as u64 - 1)).min(u32::MAX as u64) as u32;
+        }
+        let words = (regions as usize).div_ceil(64);
+        let pages = meta::bitmap_pages(regions) as usize;
+        let inner = Inner {
+            name,
+            cfg,
+            geo,
+            size,
+            leg_bytes,
+            region_bytes,
+            regions,
+            legs: legs
+                .into_iter()
+                .map(|(m, d)| Leg {
+                    data: RwLock::new(d),
+                    meta: m,
+                    state: AtomicU8::new(ST_INSYNC),
+                    stale: AtomicBool::new(false),
+                    last_error: Mutex::new(None),
+                })
+                .collect(),
+            has_meta,
+            uuid: [0; 16],
+            events: AtomicU64::new(0),
+            fail_epoch: AtomicU64::new(0),
+            persisted_epoch: AtomicU64::new(0),
+            sb_lock: Arc::new(LockTable::default()),
+            rec_lock: Arc::new(LockTable::default()),
+            bm: Mutex::new(BmState {
+                words: vec![0; words],
+                inflight: vec![0; regions as usize],
+                seq: vec![0; regions as usize],
+                dirty_pages: vec![false; pages],
+                mem_gen: 0,
+                disk_gen: 0,
+            }),
+            bm_lock: Arc::new(LockTable::default()),
+            locks: Arc::new(LockTable::default()),
+            ppl: Mutex::new(PplState::default()),
+            ppl_lock: Arc::new(LockTable::default()),
+            sync: Mutex::new(SyncState {
+                pending: vec![false; regions as usize],
+                ..SyncState::default()
+            }),
+            recover_pos: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
+            rr: AtomicUsize::new(0),
+            client_ios: AtomicU64::new(0),
+            opener: Mutex::new(None),
+            wake: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
+            limits,
+        };
+        let mut inner = inner;
+        run_on_io_thread(|| inner.assemble())??;
+        let inner = Arc::new(inner);
+        let dev = RaidDevice {
+            inner: inner.clone(),
+            bg: Mutex::new(None),
+        };
+        if opts.background {
+            let weak = Arc::downgrade(&inner);
+            let h = std::thread::Builder::new()
+                .name(format!("raid-sync {}", inner.name))
+                .spawn(move || background_loop(weak))
+                .map_err(|e| RaidError::Io(IoError::from(e)))?;
+            *dev.bg.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        }
+        Ok(dev)
+    }
+}
+
+impl Inner {
+    /// Reads the superblocks, decides which legs are trusted, loads the bitmap and picks the
+    /// initial sync work; then writes fresh superblocks.
+    async fn assemble(&mut self) -> Result<(), RaidError> {
+        let n = self.n();
+        let mut pending_all = false;
+        let mut pending_from_bitmap = false;
+        if !self.has_meta {
+            self.uuid = meta::new_uuid();
+            pending_all = self.cfg.sync != SyncMode::Skip;
+        } else {
+            let mut sbs = Vec::with_capacity(n);
+            for (i, l) in self.legs.iter().enumerate() {
+                let Some(m) = &l.meta else { continue };
+                let mut b = vec![0u8; META_BLOCK];
+                let r = match m.read(Bytes(0), &mut b).await {
+                    Ok(()) => Superblock::decode(&b),
+                    Err(e) => SbRead::Invalid(format!("unreadable: {e}")),
+                };
+                if let SbRead::Invalid(why) = &r {
+                    *l.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(format!("leg {i} superblock: {why}"));
+                }
+                sbs.push(r);
+            }
+            let reference = sbs
+                .iter()
+                .filter_map(|s| match s {
+                    SbRead::Valid(sb) => Some(sb.clone()),
+                    _ => None,
+                })
+                .max_by_key(|sb| sb.events);
+            match reference {
+                None => {
+                    if sbs.iter().any(|s| matches!(s, SbRead::Invalid(_))) {
+                        let why: Vec<String> =
+                            self.leg_errors_now().into_iter().flatten().collect();
+                        return Err(RaidError::Metadata(format!(
+                            "no leg holds a valid superblock and not all are blank: {}",
+                            why.join("; ")
+                        )));
+                    }
+                    // A new array.
+                    self.uuid = meta::new_uuid();
+                    pending_all = self.cfg.sync != SyncMode::Skip;
+                }
+                Some(r) => {
+                    self.uuid = r.uuid;
+                    let mut want = self.want_sb(r.leg_index as usize);
+                    want.events = r.events;
+                    want.failed_mask = r.failed_mask;
+                    want.clean = r.clean;
+                    meta::check_geometry(&r, &want)?;
+                    self.events.store(r.events, Ordering::Release);
+                    for (i, s) in sbs.iter().enumerate() {
+                        let trusted = match s {
+                            SbRead::Valid(sb) => {
+                                sb.uuid == r.uuid
+                                    && sb.leg_index as usize == i
+                                    && sb.data_id == meta::data_id(&self.legs[i].dev().name())
+                                    && r.failed_mask & (1 << i) == 0
+                            }
+                            _ => false,
+                        };
+                        if let SbRead::Valid(sb) = s {
+                            if trusted && sb.events < r.events {
+                                // Not marked failed by the newest superblock, so it missed no
+                                // acknowledged write (failures are recorded before any write
+                                // that skipped the leg completes); only the superblock round
+                                // was cut short. Resync everything, never sourcing from it.
+                                self.legs[i].stale.store(true, Ordering::Release);
+                                *self.legs[i]
+                                    .last_error
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                                    "leg {i}: superblock events {} older than {}; full resync",
+                                    sb.events, r.events
+                                ));
+                                pending_all = true;
+                            }
+                        }
+                        if !trusted {
+                            let why = match s {
+                                SbRead::Valid(sb) if sb.uuid != r.uuid => format!(
+                                    "belongs to array {} (not {})",
+                                    meta::uuid_string(&sb.uuid),
+                                    meta::uuid_string(&r.uuid)
+                                ),
+                                SbRead::Valid(sb) if sb.leg_index as usize != i => {
+                                    format!("superblock says leg {}", sb.leg_index)
+                                }
+                                SbRead::Valid(sb)
+                                    if sb.data_id != meta::data_id(&self.legs[i].dev().name()) =>
+                                {
+                                    format!(
+                                        "metadata was written for another data device than {}",
+                                        self.legs[i].dev().name()
+                                    )
+                                }
+                                SbRead::Valid(sb) if sb.events != r.events => {
+                                    format!("stale (events {} < {})", sb.events, r.events)
+                                }
+                                SbRead::Valid(_) => "marked failed/not in sync".into(),
+                                SbRead::Blank => "blank metadata (new leg)".into(),
+                                SbRead::Invalid(w) => w.clone(),
+                            };
+                            *self.legs[i]
+                                .last_error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) =
+                                Some(format!("leg {i} not trusted: {why}; rebuilding"));
+                            self.legs[i].set(LegState::Recovering);
+                        }
+                    }
+                    // The bitmap: union over every trusted leg.
+                    let pages = meta::bitmap_pages(self.regions);
+                    let mut words = vec![0u64; (self.regions as usize).div_ceil(64)];
+                    for l in self.legs.iter().filter(|l| l.state() == LegState::InSync) {
+                        let Some(m) = &l.meta else { continue };
+                        for p in 0..pages {
+                            let mut b = vec![0u8; META_BLOCK];
+                            let off = Bytes((1 + p) * META_BLOCK as u64);
+                            if m.read(off, &mut b).await.is_err() {
+                                b.fill(0xff);
+                            }
+                            meta::decode_bitmap_page(p, &b, &mut words);
+                        }
+                    }
+                    self.bm_state().words = words;
+                    pending_from_bitmap = true;
+                    if self.cfg.sync == SyncMode::Force {
+                        pending_all = true;
+                    }
+                }
+            }
+        }
+        for &r in &self.cfg.rebuild {
+            self.legs[r].set(LegState::Recovering);
+        }
+        self.check_assemblable().map_err(RaidError::Assemble)?;
+        // A parity array that stopped while degraded: parity first follows the log.
+        let log_covered = self.ppl_replay().await?;
+        // Initial sync work.
+        {
+            let mut bm = self.bm.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+            let mut from_bitmap = 0u64;
+            for r in 0..self.regions as usize {
+                let in_bitmap = pending_from_bitmap && bm.words[r / 64] >> (r % 64) & 1 == 1;
+                from_bitmap += in_bitmap as u64;
+                let dirty = pending_all || in_bitmap;
+                if dirty {
+                    st.pending[r] = true;
+                    st.pending_count += 1;
+                    bm.words[r / 64] |= 1 << (r % 64);
+                }
+            }
+            for d in bm.dirty_pages.iter_mut() {
+                *d = true;
+            }
+            bm.mem_gen += 1;
+            let degraded = self.legs.iter().any(|l| l.state() != LegState::InSync);
+            if matches!(self.geo, Geo::Parity { .. }) && degraded && !log_covered {
+                st.dirty_degraded = from_bitmap;
+            }
+        }
+        if self.has_meta {
+            self.write_superblocks().await.map_err(RaidError::Io)?;
+            let g = self.bm_state().mem_gen;
+            self.persist_bitmap(g, true).await.map_err(RaidError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every piece of data still has a valid source.
+    pub(super) fn check_assemblable(&self) -> Result<(), String> {
+        let bad: Vec<usize> = (0..self.n())
+            .filter(|&i| self.legs[i].state() != LegState::InSync)
+            .collect();
+        let ok = match &self.geo {
+            Geo::Mirror { copies, .. } => {
+                let mut v = Vec::new();
+                (0..(self.n() * copies) as u64).all(|c| {
+                    self.copies_of_chunk(c, &mut v);
+                    v.iter().any(|cp| !bad.contains(&cp.leg))
+                })
+            }
+            Geo::Parity { .. } => bad.len() <= 1,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: too many legs missing or not in sync ({:?}) to assemble {}: {}",
+                self.name,
+                bad,
+                self.cfg.level.type_name(),
+                self.leg_errors_now()
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        }
+    }
+}
