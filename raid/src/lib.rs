@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod array;
+pub mod geometry;
 pub mod layout;
 pub mod lock;
 pub mod meta;
@@ -119,6 +120,24 @@ impl RaidKind {
         }
     }
 
+    /// Every check of a line that needs no device: the arguments, and the sizes they make
+    /// with the segment length `len`. Build runs it first, so a line `table check` accepts
+    /// fails to build only because of its devices.
+    fn check(&self, len: Sectors, args: &[String]) -> Result<(RaidConfig, Bytes), ArgError> {
+        let cfg = self.parse(args)?;
+        let size = match len.checked_bytes() {
+            Some(b) if len.0 != 0 => b,
+            _ => {
+                return Err(ArgError::whole(format!(
+                    "segment length {} sectors must be positive and fit in 64 bits as bytes",
+                    len.0
+                )))
+            }
+        };
+        geometry::sizing(&cfg, size).map_err(ArgError::whole)?;
+        Ok((cfg, size))
+    }
+
     /// Builds the device with its concrete type (for callers that want `sync_step`,
     /// `replace_leg`...).
     pub fn build_raid(
@@ -126,9 +145,8 @@ impl RaidKind {
         ctx: &BuildCtx<'_>,
         args: &[String],
     ) -> Result<Arc<RaidDevice>, ArgError> {
-        let cfg = self.parse(args)?;
+        let (cfg, size) = self.check(ctx.len, args)?;
         let name = format!("{}@line{}", self.name(), ctx.line);
-        let size = ctx.len.bytes();
         let mut legs = Vec::with_capacity(cfg.legs.len());
         for (i, l) in cfg.legs.iter().enumerate() {
             let meta = match &l.meta {
@@ -141,7 +159,8 @@ impl RaidKind {
                 ArgError::whole(format!("{name}: leg {i} data device '{}': {e}", l.data))
             })?;
             if self.mirror {
-                let start = l.offset.bytes();
+                // `check` made sure the offset fits in bytes.
+                let start = l.offset.checked_bytes().unwrap_or(Bytes(u64::MAX));
                 let avail = data.size().0.checked_sub(start.0).ok_or_else(|| {
                     ArgError::whole(format!(
                         "{name}: leg {i} offset {} sectors is past the end of '{}'",
@@ -178,10 +197,7 @@ impl TargetKind for RaidKind {
         }
     }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
-        if len.0 == 0 {
-            return Err(ArgError::whole("segment length must be positive"));
-        }
-        self.parse(args).map(|_| ())
+        self.check(len, args).map(|_| ())
     }
     fn normalize(&self, args: &[String]) -> Vec<String> {
         match self.parse(args) {

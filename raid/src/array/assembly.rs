@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use tables::io::{DeviceRef, IoError, Limits};
-use tables::{Bytes, Sectors};
+use tables::Bytes;
 
+use crate::geometry;
 use crate::lock::LockTable;
 use crate::meta::{self, SbRead, Superblock, META_BLOCK};
 use crate::parse::{Level, RaidConfig, SyncMode};
@@ -16,10 +17,6 @@ use super::sync::background_loop;
 use super::{
     BmState, Geo, Inner, Leg, LegState, OpenOptions, PplState, RaidDevice, SyncState, ST_INSYNC,
 };
-
-fn regions_for(span: u64, region: u64) -> u64 {
-    span.div_ceil(region).max(1)
-}
 
 /// Runs `f`'s future on a fresh thread with its own io_uring runtime: building may be called
 /// from inside another runtime's task, where blocking on the same ring would deadlock.
@@ -53,51 +50,26 @@ impl RaidDevice {
                 cfg.legs.len()
             )));
         }
-        if !size.is_sector_aligned() || size.0 == 0 {
-            return Err(RaidError::Geometry(format!(
-                "size {} bytes is not a positive whole number of sectors",
-                size.0
-            )));
-        }
-        let (geo, leg_bytes) = match cfg.level {
-            Level::Raid1 => (
-                Geo::Mirror {
-                    copies: n,
-                    chunk: 0,
-                    raid1: true,
-                },
-                size.0,
-            ),
-            Level::Raid10 { copies } => {
-                let c = cfg.chunk.bytes().0;
-                let array_chunks = size.0.div_ceil(c);
-                let dev_chunks = (array_chunks * copies as u64).div_ceil(n as u64);
-                (
-                    Geo::Mirror {
-                        copies,
-                        chunk: c,
-                        raid1: false,
-                    },
-                    dev_chunks * c,
-                )
-            }
-            Level::Raid5(layout) => {
-                let c = cfg.chunk.bytes().0;
-                let stripes = size.0.div_ceil(c * (n as u64 - 1));
-                (Geo::Parity { layout, chunk: c }, stripes * c)
-            }
+        // The same checks `table check` runs, for configurations built in code.
+        cfg.check()
+            .map_err(|e| RaidError::Geometry(format!("table: {}", e.msg)))?;
+        let sizing = geometry::sizing(&cfg, size).map_err(RaidError::Geometry)?;
+        let (leg_bytes, region_bytes, regions) =
+            (sizing.leg_bytes, sizing.region_bytes, sizing.regions);
+        let c = sizing.chunk_bytes;
+        let geo = match cfg.level {
+            Level::Raid1 => Geo::Mirror {
+                copies: n,
+                chunk: 0,
+                raid1: true,
+            },
+            Level::Raid10 { copies } => Geo::Mirror {
+                copies,
+                chunk: c,
+                raid1: false,
+            },
+            Level::Raid5(layout) => Geo::Parity { layout, chunk: c },
         };
-        // Regions: array space for mirrors, per-leg space (whole stripes) for parity.
-        let default_region = Sectors(4096).bytes().0; // 2 MiB
-        let mut region_bytes = cfg.region.map(|r| r.bytes().0).unwrap_or(default_region);
-        let span = match geo {
-            Geo::Mirror { .. } => size.0,
-            Geo::Parity { chunk, .. } => {
-                region_bytes = region_bytes.max(chunk).div_ceil(chunk) * chunk;
-                leg_bytes
-            }
-        };
-        let regions = regions_for(span, region_bytes);
         let has_meta = legs.iter().all(|l| l.0.is_some());
         let mut limits = Limits::default();
         for (i, (m, d)) in legs.iter().enumerate() {
@@ -109,7 +81,7 @@ impl RaidDevice {
                 )));
             }
             if let Some(m) = m {
-                let need = meta::meta_bytes(regions);
+                let need = sizing.meta_bytes;
                 if m.size().0 < need {
                     return Err(RaidError::Geometry(format!(
                         "metadata device of leg {i} ({}) has {} bytes; needs {need} \
@@ -126,7 +98,7 @@ impl RaidDevice {
         limits.write_zeroes = false;
         limits.read_only = false;
         if let Geo::Parity { chunk, .. } = geo {
-            limits.io_opt = (chunk * (n as u64 - 1)).min(u32::MAX as u64) as u32;
+            limits.io_opt = chunk.saturating_mul(n as u64 - 1).min(u32::MAX as u64) as u32;
         }
         let words = (regions as usize).div_ceil(64);
         let pages = meta::bitmap_pages(regions) as usize;
@@ -378,17 +350,7 @@ impl Inner {
         let bad: Vec<usize> = (0..self.n())
             .filter(|&i| self.legs[i].state() != LegState::InSync)
             .collect();
-        let ok = match &self.geo {
-            Geo::Mirror { copies, .. } => {
-                let mut v = Vec::new();
-                (0..(self.n() * copies) as u64).all(|c| {
-                    self.copies_of_chunk(c, &mut v);
-                    v.iter().any(|cp| !bad.contains(&cp.leg))
-                })
-            }
-            Geo::Parity { .. } => bad.len() <= 1,
-        };
-        if ok {
+        if self.cfg.level.tolerates(self.n(), |i| bad.contains(&i)) {
             Ok(())
         } else {
             Err(format!(

@@ -20,18 +20,23 @@ impl Inner {
             })
             .collect();
         let total = self.size.sectors_floor().0;
+        // total * part / whole, in 128 bits (total * part can pass 64).
+        let frac = |part: u64, whole: u64| -> u64 {
+            let whole = whole.max(1);
+            (total as u128 * part.min(whole) as u128 / whole as u128) as u64
+        };
         let done = match action {
-            SyncAction::Recover => {
-                let units = self.recover_units().max(1);
-                total * self.recover_pos.load(Ordering::Acquire).min(units) / units
-            }
+            SyncAction::Recover => frac(
+                self.recover_pos.load(Ordering::Acquire),
+                self.recover_units(),
+            ),
             SyncAction::Resync => {
                 let st = self.sync_state();
-                total - total * st.pending_count.min(self.regions) / self.regions
+                total - frac(st.pending_count, self.regions)
             }
             SyncAction::Check | SyncAction::Repair => {
                 let st = self.sync_state();
-                total * st.cursor.min(self.regions) / self.regions
+                frac(st.cursor, self.regions)
             }
             _ => total,
         };

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use tables::io::{DeviceRef, IoError, IoResult, WriteFlags};
@@ -33,7 +33,9 @@ pub(super) fn background_loop(weak: Weak<Inner>) {
                 Geo::Parity { chunk, .. } => chunk,
                 Geo::Mirror { .. } => inner.region_bytes,
             };
-            let rate_pause = (unit * 1_000_000 / 1024).checked_div(inner.cfg.max_recovery_kib);
+            let rate_pause = (unit as u128 * 1_000_000 / 1024)
+                .checked_div(inner.cfg.max_recovery_kib as u128)
+                .map(|us| u64::try_from(us).unwrap_or(u64::MAX));
             let pause = match rate_pause {
                 Some(us) => Duration::from_micros(us),
                 None if inner.client_ios.load(Ordering::Relaxed) != ios_before => {
@@ -41,9 +43,8 @@ pub(super) fn background_loop(weak: Weak<Inner>) {
                 }
                 None => Duration::ZERO,
             };
-            drop(inner);
             if !pause.is_zero() {
-                std::thread::sleep(pause);
+                inner.pause(pause);
             }
             continue;
         }
@@ -61,6 +62,28 @@ pub(super) fn background_loop(weak: Weak<Inner>) {
 }
 
 impl Inner {
+    /// Sleeps `d` between background steps, but returns as soon as the device is stopped: a
+    /// slow `max_recovery_rate` can ask for hours, and dropping the device must not wait.
+    fn pause(&self, d: Duration) {
+        let deadline = Instant::now().checked_add(d);
+        let mut g = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.stop.load(Ordering::Acquire) {
+            let left = match deadline {
+                Some(t) => t.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(3600),
+            };
+            if left.is_zero() {
+                break;
+            }
+            g = self
+                .wake
+                .1
+                .wait_timeout(g, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
     pub(super) async fn sync_step(&self) -> IoResult<bool> {
         let action = self.current_action();
         match action {
@@ -247,7 +270,7 @@ impl Inner {
             Geo::Mirror { .. } => {
                 let _g = self.locks.lock(r, true).await;
                 let start = r * self.region_bytes;
-                let end = ((r + 1) * self.region_bytes).min(self.size.0);
+                let end = (r + 1).saturating_mul(self.region_bytes).min(self.size.0);
                 if start < end {
                     for p in self.mirror_pieces(start, end - start) {
                         self.sync_mirror_piece(&p, r, mode).await?;
