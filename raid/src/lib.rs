@@ -45,6 +45,7 @@ pub mod geometry;
 pub mod layout;
 pub mod lock;
 pub mod meta;
+pub mod missing;
 pub mod offset;
 pub mod parse;
 pub mod ppl;
@@ -149,14 +150,19 @@ impl RaidKind {
         let name = format!("{}@line{}", self.name(), ctx.line);
         let mut legs = Vec::with_capacity(cfg.legs.len());
         for (i, l) in cfg.legs.iter().enumerate() {
+            let Some(data_name) = &l.data else {
+                // `- -`: the array assembles without it.
+                legs.push((None, Arc::new(missing::MissingLeg::new(i)) as DeviceRef));
+                continue;
+            };
             let meta = match &l.meta {
                 Some(m) => Some(ctx.resolver.open(m).map_err(|e| {
                     ArgError::whole(format!("{name}: leg {i} metadata device '{m}': {e}"))
                 })?),
                 None => None,
             };
-            let mut data: DeviceRef = ctx.resolver.open(&l.data).map_err(|e| {
-                ArgError::whole(format!("{name}: leg {i} data device '{}': {e}", l.data))
+            let mut data: DeviceRef = ctx.resolver.open(data_name).map_err(|e| {
+                ArgError::whole(format!("{name}: leg {i} data device '{data_name}': {e}"))
             })?;
             if self.mirror {
                 // `check` made sure the offset fits in bytes.
@@ -164,7 +170,7 @@ impl RaidKind {
                 let avail = data.size().0.checked_sub(start.0).ok_or_else(|| {
                     ArgError::whole(format!(
                         "{name}: leg {i} offset {} sectors is past the end of '{}'",
-                        l.offset.0, l.data
+                        l.offset.0, data_name
                     ))
                 })?;
                 data = Arc::new(offset::OffsetDevice::new(data, start, Bytes(avail)));

@@ -81,8 +81,9 @@ pub enum SyncMode {
 pub struct LegSpec {
     /// Metadata device, `None` for `-`.
     pub meta: Option<String>,
-    /// Data device.
-    pub data: String,
+    /// Data device; `None` for a leg given as `- -` (failed or missing at creation, as in
+    /// dm-raid): the array runs without it until `rebuild <idx> <device>` replaces it.
+    pub data: Option<String>,
     /// Start of the leg's area on the data device (`mirror` lines only).
     pub offset: Sectors,
 }
@@ -271,19 +272,28 @@ pub fn parse_raid(args: &[String]) -> Result<RaidConfig, ArgError> {
             ),
         ));
     }
-    for p in devs.chunks(2) {
+    let dash = |s: &String| (s != "-").then(|| s.clone());
+    for (i, p) in devs.chunks(2).enumerate() {
+        let (meta, data) = (dash(&p[0]), dash(&p[1]));
+        if meta.is_some() && data.is_none() {
+            return Err(ArgError::at(
+                pend + 3 + 2 * i,
+                format!(
+                    "leg {i}: a missing leg is given as '- -' (a metadata device needs its \
+                     data device)"
+                ),
+            ));
+        }
         cfg.legs.push(LegSpec {
-            meta: if p[0] == "-" {
-                None
-            } else {
-                Some(p[0].clone())
-            },
-            data: p[1].clone(),
+            meta,
+            data,
             offset: Sectors(0),
         });
     }
+    // Missing legs have neither; the others must agree.
+    let present = cfg.legs.iter().filter(|l| l.data.is_some()).count();
     let metas = cfg.legs.iter().filter(|l| l.meta.is_some()).count();
-    if metas != 0 && metas != cfg.legs.len() {
+    if metas != 0 && metas != present {
         return Err(ArgError::at(
             pend + 2,
             "either every leg has a metadata device or none has ('-')",
@@ -356,13 +366,38 @@ fn check_common(cfg: &RaidConfig, devs_arg: usize) -> Result<(), ArgError> {
                 "rebuild {r}: only {n} legs (0-based)"
             )));
         }
+        if cfg.legs[r].data.is_none() {
+            return Err(ArgError::whole(format!(
+                "rebuild {r}: leg {r} is missing ('- -'): there is no device to rebuild; \
+                 give one in the table, or send 'rebuild {r} <device>'"
+            )));
+        }
     }
-    if !cfg.level.tolerates(n, |i| cfg.rebuild.contains(&i)) {
+    let missing: Vec<usize> = (0..n).filter(|&i| cfg.legs[i].data.is_none()).collect();
+    if !cfg.level.tolerates(n, |i| missing.contains(&i)) {
+        return Err(ArgError::at(
+            devs_arg,
+            format!(
+                "legs {missing:?} are missing ('- -'): too many for a {n}-leg {}, some data \
+                 would have no copy",
+                cfg.level.type_name()
+            ),
+        ));
+    }
+    if !cfg
+        .level
+        .tolerates(n, |i| cfg.rebuild.contains(&i) || missing.contains(&i))
+    {
         return Err(ArgError::whole(format!(
-            "cannot rebuild legs {:?} of a {n}-leg {} at once: some data would have no \
+            "cannot rebuild legs {:?} of a {n}-leg {}{} at once: some data would have no \
              copy left to rebuild from",
             cfg.rebuild,
-            cfg.level.type_name()
+            cfg.level.type_name(),
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" with legs {missing:?} missing")
+            }
         )));
     }
     Ok(())
@@ -433,7 +468,7 @@ pub fn parse_mirror(args: &[String]) -> Result<RaidConfig, ArgError> {
         })?;
         legs.push(LegSpec {
             meta: None,
-            data: p[0].clone(),
+            data: Some(p[0].clone()),
             offset: Sectors(off),
         });
     }
@@ -491,7 +526,7 @@ impl RaidConfig {
             out.extend(log);
             out.push(self.legs.len().to_string());
             for l in &self.legs {
-                out.push(l.data.clone());
+                out.push(l.data.clone().unwrap_or_else(|| "-".into()));
                 out.push(l.offset.0.to_string());
             }
             return out;
@@ -526,7 +561,7 @@ impl RaidConfig {
         out.push(self.legs.len().to_string());
         for l in &self.legs {
             out.push(l.meta.clone().unwrap_or_else(|| "-".into()));
-            out.push(l.data.clone());
+            out.push(l.data.clone().unwrap_or_else(|| "-".into()));
         }
         out
     }

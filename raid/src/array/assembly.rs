@@ -10,12 +10,14 @@ use tables::Bytes;
 use crate::geometry;
 use crate::lock::LockTable;
 use crate::meta::{self, SbRead, Superblock, META_BLOCK};
+use crate::missing::MissingLeg;
 use crate::parse::{Level, RaidConfig, SyncMode};
 use crate::RaidError;
 
 use super::sync::background_loop;
 use super::{
-    BmState, Geo, Inner, Leg, LegState, OpenOptions, PplState, RaidDevice, SyncState, ST_INSYNC,
+    BmState, Geo, Inner, Leg, LegState, OpenOptions, PplState, RaidDevice, SyncState, ST_FAILED,
+    ST_INSYNC,
 };
 
 /// Runs `f`'s future on a fresh thread with its own io_uring runtime: building may be called
@@ -70,9 +72,25 @@ impl RaidDevice {
             },
             Level::Raid5(layout) => Geo::Parity { layout, chunk: c },
         };
-        let has_meta = legs.iter().all(|l| l.0.is_some());
+        // A leg given as `- -` has no device: it is failed from the start.
+        let missing: Vec<bool> = cfg.legs.iter().map(|l| l.data.is_none()).collect();
+        let legs: Vec<(Option<DeviceRef>, DeviceRef)> = legs
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| match missing[i] {
+                true => (None, Arc::new(MissingLeg::new(i)) as DeviceRef),
+                false => l,
+            })
+            .collect();
+        let has_meta = legs
+            .iter()
+            .zip(&missing)
+            .all(|(l, &gone)| gone || l.0.is_some());
         let mut limits = Limits::default();
         for (i, (m, d)) in legs.iter().enumerate() {
+            if missing[i] {
+                continue;
+            }
             if d.size().0 < leg_bytes {
                 return Err(RaidError::Geometry(format!(
                     "leg {i} ({}) has {} bytes; this array needs {leg_bytes} per leg",
@@ -112,12 +130,17 @@ impl RaidDevice {
             regions,
             legs: legs
                 .into_iter()
-                .map(|(m, d)| Leg {
+                .zip(missing)
+                .enumerate()
+                .map(|(i, ((m, d), gone))| Leg {
                     data: RwLock::new(d),
                     meta: m,
-                    state: AtomicU8::new(ST_INSYNC),
+                    state: AtomicU8::new(if gone { ST_FAILED } else { ST_INSYNC }),
                     stale: AtomicBool::new(false),
-                    last_error: Mutex::new(None),
+                    missing: AtomicBool::new(gone),
+                    last_error: Mutex::new(
+                        gone.then(|| format!("leg {i} is missing ('- -' in the table)")),
+                    ),
                 })
                 .collect(),
             has_meta,
@@ -182,9 +205,13 @@ impl Inner {
             self.uuid = meta::new_uuid();
             pending_all = self.cfg.sync != SyncMode::Skip;
         } else {
+            // Per leg; `None` for a missing leg (`- -`), which has no metadata to read.
             let mut sbs = Vec::with_capacity(n);
             for (i, l) in self.legs.iter().enumerate() {
-                let Some(m) = &l.meta else { continue };
+                let Some(m) = &l.meta else {
+                    sbs.push(None);
+                    continue;
+                };
                 let mut b = vec![0u8; META_BLOCK];
                 let r = match m.read(Bytes(0), &mut b).await {
                     Ok(()) => Superblock::decode(&b),
@@ -194,10 +221,11 @@ impl Inner {
                     *l.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(format!("leg {i} superblock: {why}"));
                 }
-                sbs.push(r);
+                sbs.push(Some(r));
             }
             let reference = sbs
                 .iter()
+                .flatten()
                 .filter_map(|s| match s {
                     SbRead::Valid(sb) => Some(sb.clone()),
                     _ => None,
@@ -205,7 +233,11 @@ impl Inner {
                 .max_by_key(|sb| sb.events);
             match reference {
                 None => {
-                    if sbs.iter().any(|s| matches!(s, SbRead::Invalid(_))) {
+                    if sbs
+                        .iter()
+                        .flatten()
+                        .any(|s| matches!(s, SbRead::Invalid(_)))
+                    {
                         let why: Vec<String> =
                             self.leg_errors_now().into_iter().flatten().collect();
                         return Err(RaidError::Metadata(format!(
@@ -226,6 +258,7 @@ impl Inner {
                     meta::check_geometry(&r, &want)?;
                     self.events.store(r.events, Ordering::Release);
                     for (i, s) in sbs.iter().enumerate() {
+                        let Some(s) = s else { continue };
                         let trusted = match s {
                             SbRead::Valid(sb) => {
                                 sb.uuid == r.uuid

@@ -51,6 +51,8 @@ struct Leg {
     /// Trusted, but its superblock missed the newest event (an interrupted superblock round):
     /// a full resync runs and this leg is never the source while it does.
     stale: AtomicBool,
+    /// Given as `- -` in the table and not replaced since: there is no device to rebuild.
+    missing: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 

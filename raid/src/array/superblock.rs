@@ -24,11 +24,14 @@ impl Inner {
             region_sectors: self.region_bytes / 512,
             leg_bytes: self.leg_bytes,
             events: self.events.load(Ordering::Acquire),
+            // A leg without a metadata device here (a `- -` leg, even once replaced and
+            // rebuilt) has no superblock of its own to vouch for its data: it stays marked, so
+            // whatever device is named for it at the next start is rebuilt.
             failed_mask: self
                 .legs
                 .iter()
                 .enumerate()
-                .filter(|(_, l)| l.state() != LegState::InSync)
+                .filter(|(_, l)| l.state() != LegState::InSync || l.meta.is_none())
                 .fold(0u64, |m, (i, _)| m | (1 << i)),
             clean: false,
             data_id: meta::data_id(&self.legs[idx].dev().name()),

@@ -412,6 +412,13 @@ impl Inner {
                 self.n()
             )));
         }
+        if dev.is_none() && self.legs[idx].missing.load(Ordering::Acquire) {
+            return Err(IoError::invalid(format!(
+                "{}: leg {idx} is missing ('- -' in the table): rebuild it onto a device with \
+                 'rebuild {idx} <device>'",
+                self.name
+            )));
+        }
         let st = self.legs[idx].state();
         if st == LegState::InSync {
             // Rebuilding an in-sync leg is allowed only if the array keeps a valid source.
@@ -438,6 +445,7 @@ impl Inner {
                 .data
                 .write()
                 .unwrap_or_else(|e| e.into_inner()) = d;
+            self.legs[idx].missing.store(false, Ordering::Release);
         }
         // Recovery restarts from the beginning for every recovering leg.
         let _g = self.rec_lock.lock(0, true).await;
