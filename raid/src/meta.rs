@@ -140,6 +140,45 @@ impl Superblock {
     }
 }
 
+/// Event counters at or above this were not written by this code (it bumps the counter by one
+/// per state change from 0): a superblock that carries one is forged or corrupt.
+pub const MAX_EVENTS: u64 = 1 << 62;
+
+impl Superblock {
+    /// Why this superblock, read from the metadata device of leg `leg` of a `legs`-leg
+    /// array, cannot be that leg's (whatever its checksum says), or `None`. Geometry is
+    /// compared separately ([`check_geometry`]).
+    pub fn problem(&self, leg: usize, legs: usize) -> Option<String> {
+        if self.leg_index as usize != leg {
+            return Some(format!("superblock says leg {}", self.leg_index));
+        }
+        if self.legs as usize != legs {
+            return Some(format!(
+                "superblock says {} legs, the table {legs}",
+                self.legs
+            ));
+        }
+        let beyond = self.failed_mask.checked_shr(legs as u32).unwrap_or(0);
+        if beyond != 0 {
+            return Some(format!(
+                "failed-legs mask {:#x} names legs beyond the {legs} there are",
+                self.failed_mask
+            ));
+        }
+        if self.failed_mask & 1u64.checked_shl(leg as u32).unwrap_or(0) != 0 {
+            // Superblocks are written only to legs in sync, so none marks its own leg.
+            return Some(format!(
+                "failed-legs mask {:#x} marks its own leg",
+                self.failed_mask
+            ));
+        }
+        if self.events >= MAX_EVENTS {
+            return Some(format!("event counter {} is impossibly large", self.events));
+        }
+        None
+    }
+}
+
 /// Number of bitmap pages for `regions` regions.
 pub fn bitmap_pages(regions: u64) -> u64 {
     regions.div_ceil(BITS_PER_PAGE as u64)

@@ -223,25 +223,59 @@ impl Inner {
                 }
                 sbs.push(Some(r));
             }
-            let reference = sbs
-                .iter()
-                .flatten()
-                .filter_map(|s| match s {
-                    SbRead::Valid(sb) => Some(sb.clone()),
-                    _ => None,
-                })
-                .max_by_key(|sb| sb.events);
+            // Screen every superblock whose checksums hold before trusting anything it says:
+            // a field no real array writes (a forged or colliding block) makes that leg's
+            // metadata unusable, that leg alone. Only a superblock that fits this leg and the
+            // table's geometry can be the reference.
+            let table = self.want_sb(0);
+            let mut usable: Vec<Option<&Superblock>> = vec![None; n];
+            let mut bad: Vec<Option<String>> = vec![None; n];
+            let mut mismatched: Vec<&Superblock> = Vec::new();
+            for (i, s) in sbs.iter().enumerate() {
+                let Some(SbRead::Valid(sb)) = s else { continue };
+                if let Some(p) = sb.problem(i, n) {
+                    bad[i] = Some(p);
+                } else if let Err(e) = meta::check_geometry(sb, &table) {
+                    bad[i] = Some(e.to_string());
+                    mismatched.push(sb);
+                } else {
+                    usable[i] = Some(sb);
+                }
+                if let Some(p) = &bad[i] {
+                    *self.legs[i]
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) =
+                        Some(format!("leg {i} superblock: {p}"));
+                }
+            }
+            // The array is the UUID most usable legs carry (a leg of another array cannot
+            // outvote the others); its newest superblock is the reference.
+            let reference = {
+                let cands: Vec<&Superblock> = usable.iter().flatten().copied().collect();
+                let votes = |u: &[u8; 16]| cands.iter().filter(|s| &s.uuid == u).count();
+                cands
+                    .iter()
+                    .max_by_key(|s| (votes(&s.uuid), s.events))
+                    .map(|s| (*s).clone())
+            };
             match reference {
                 None => {
-                    if sbs
-                        .iter()
-                        .flatten()
-                        .any(|s| matches!(s, SbRead::Invalid(_)))
+                    // Every leg with a superblock disagrees with the table: the table is wrong
+                    // (or the metadata belongs elsewhere); say how.
+                    if let Some(sb) = mismatched.iter().max_by_key(|s| s.events) {
+                        meta::check_geometry(sb, &table)?;
+                    }
+                    if bad.iter().any(Option::is_some)
+                        || sbs
+                            .iter()
+                            .flatten()
+                            .any(|s| matches!(s, SbRead::Invalid(_)))
                     {
                         let why: Vec<String> =
                             self.leg_errors_now().into_iter().flatten().collect();
                         return Err(RaidError::Metadata(format!(
-                            "no leg holds a valid superblock and not all are blank: {}",
+                            "no leg holds a usable superblock and not all are blank: {}",
                             why.join("; ")
                         )));
                     }
@@ -251,25 +285,16 @@ impl Inner {
                 }
                 Some(r) => {
                     self.uuid = r.uuid;
-                    let mut want = self.want_sb(r.leg_index as usize);
-                    want.events = r.events;
-                    want.failed_mask = r.failed_mask;
-                    want.clean = r.clean;
-                    meta::check_geometry(&r, &want)?;
                     self.events.store(r.events, Ordering::Release);
                     for (i, s) in sbs.iter().enumerate() {
                         let Some(s) = s else { continue };
-                        let trusted = match s {
-                            SbRead::Valid(sb) => {
-                                sb.uuid == r.uuid
-                                    && sb.leg_index as usize == i
-                                    && sb.data_id == meta::data_id(&self.legs[i].dev().name())
-                                    && r.failed_mask & (1 << i) == 0
-                            }
-                            _ => false,
-                        };
-                        if let SbRead::Valid(sb) = s {
-                            if trusted && sb.events < r.events {
+                        let trusted = usable[i].is_some_and(|sb| {
+                            sb.uuid == r.uuid
+                                && sb.data_id == meta::data_id(&self.legs[i].dev().name())
+                                && r.failed_mask & (1 << i) == 0
+                        });
+                        if let (true, Some(sb)) = (trusted, usable[i]) {
+                            if sb.events < r.events {
                                 // Not marked failed by the newest superblock, so it missed no
                                 // acknowledged write (failures are recorded before any write
                                 // that skipped the leg completes); only the superblock round
@@ -286,16 +311,14 @@ impl Inner {
                             }
                         }
                         if !trusted {
-                            let why = match s {
-                                SbRead::Valid(sb) if sb.uuid != r.uuid => format!(
+                            let why = match (s, &bad[i]) {
+                                (_, Some(p)) => p.clone(),
+                                (SbRead::Valid(sb), _) if sb.uuid != r.uuid => format!(
                                     "belongs to array {} (not {})",
                                     meta::uuid_string(&sb.uuid),
                                     meta::uuid_string(&r.uuid)
                                 ),
-                                SbRead::Valid(sb) if sb.leg_index as usize != i => {
-                                    format!("superblock says leg {}", sb.leg_index)
-                                }
-                                SbRead::Valid(sb)
+                                (SbRead::Valid(sb), _)
                                     if sb.data_id != meta::data_id(&self.legs[i].dev().name()) =>
                                 {
                                     format!(
@@ -303,12 +326,17 @@ impl Inner {
                                         self.legs[i].dev().name()
                                     )
                                 }
-                                SbRead::Valid(sb) if sb.events != r.events => {
-                                    format!("stale (events {} < {})", sb.events, r.events)
-                                }
-                                SbRead::Valid(_) => "marked failed/not in sync".into(),
-                                SbRead::Blank => "blank metadata (new leg)".into(),
-                                SbRead::Invalid(w) => w.clone(),
+                                (SbRead::Valid(sb), _) if sb.events != r.events => format!(
+                                    "stale (events {} < {} in leg {}'s superblock)",
+                                    sb.events, r.events, r.leg_index
+                                ),
+                                (SbRead::Valid(_), _) => format!(
+                                    "marked failed/not in sync in the failed-legs mask of leg \
+                                     {}'s superblock",
+                                    r.leg_index
+                                ),
+                                (SbRead::Blank, _) => "blank metadata (new leg)".into(),
+                                (SbRead::Invalid(w), _) => w.clone(),
                             };
                             *self.legs[i]
                                 .last_error
@@ -332,6 +360,11 @@ impl Inner {
                             meta::decode_bitmap_page(p, &b, &mut words);
                         }
                     }
+                    // A page may carry bits past the last region (a forged page): they name
+                    // no region, and would keep the bitmap from ever reading clean.
+                    if let (Some(w), tail @ 1..) = (words.last_mut(), self.regions % 64) {
+                        *w &= (1u64 << tail) - 1;
+                    }
                     self.bm_state().words = words;
                     pending_from_bitmap = true;
                     if self.cfg.sync == SyncMode::Force {
@@ -343,9 +376,10 @@ impl Inner {
         for &r in &self.cfg.rebuild {
             self.legs[r].set(LegState::Recovering);
         }
+        let log = self.ppl_scan().await;
         self.check_assemblable().map_err(RaidError::Assemble)?;
         // A parity array that stopped while degraded: parity first follows the log.
-        let log_covered = self.ppl_replay().await?;
+        let log_covered = self.ppl_replay(log).await?;
         // Initial sync work.
         {
             let mut bm = self.bm.lock().unwrap_or_else(|e| e.into_inner());
