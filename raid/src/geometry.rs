@@ -92,6 +92,27 @@ pub fn sizing(cfg: &RaidConfig, size: Bytes) -> Result<Sizing, String> {
             ));
         }
     }
+    // Mirror legs on one device must not overlap: each would hold the other's blocks.
+    for (i, a) in cfg.legs.iter().enumerate() {
+        for (j, b) in cfg.legs.iter().enumerate().take(i) {
+            if a.data.is_some() && a.data == b.data {
+                // Offsets fit in bytes (checked above); the areas are leg_bytes long.
+                let (x, y) = (
+                    a.offset.0.saturating_mul(512),
+                    b.offset.0.saturating_mul(512),
+                );
+                if x.abs_diff(y) < leg_bytes {
+                    return Err(format!(
+                        "legs {j} and {i} overlap on '{}' (offsets {} and {} sectors, \
+                         {leg_bytes} bytes each)",
+                        a.data.as_deref().unwrap_or("-"),
+                        b.offset.0,
+                        a.offset.0
+                    ));
+                }
+            }
+        }
+    }
     // Regions: array space for mirrors, per-leg space (whole stripes) for parity.
     let span = match cfg.level {
         Level::Raid5(_) => leg_bytes,

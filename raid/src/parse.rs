@@ -360,6 +360,23 @@ fn check_common(cfg: &RaidConfig, devs_arg: usize) -> Result<(), ArgError> {
             cfg.max_recovery_kib
         )));
     }
+    if !cfg.mirror {
+        // Two legs on one device would hold each other's blocks: no redundancy, and resync
+        // would copy over data. (Mirror legs may share a device at disjoint offsets; the
+        // sizing checks those.)
+        let mut seen: Vec<(&str, usize)> = Vec::new();
+        for (i, l) in cfg.legs.iter().enumerate() {
+            for name in [&l.meta, &l.data].into_iter().flatten() {
+                if let Some((_, j)) = seen.iter().find(|(s, _)| *s == name.as_str()) {
+                    return Err(ArgError::at(
+                        devs_arg,
+                        format!("leg {i} names '{name}', which leg {j} uses already"),
+                    ));
+                }
+                seen.push((name, i));
+            }
+        }
+    }
     for &r in &cfg.rebuild {
         if r >= n {
             return Err(ArgError::whole(format!(

@@ -145,6 +145,15 @@ fn hostile_values_are_refused_by_validate_and_build() {
             "segment length",
         ),
         (false, 0, "raid1 1 0 2 - d0 - d1", "segment length"),
+        // One device for two legs: no redundancy, and resync copies over data.
+        (false, 2048, "raid1 1 0 2 - d0 - d0", "leg 1 names 'd0'"),
+        (
+            false,
+            2048,
+            "raid5 1 8 3 m0 d0 m1 d1 m2 m0",
+            "leg 2 names 'm0'",
+        ),
+        (true, 2048, "core 1 64 2 d0 0 d0 1024", "overlap"),
     ];
     for &(mirror, len, line, why) in cases {
         refused(mirror, len, line, why);
@@ -153,6 +162,12 @@ fn hostile_values_are_refused_by_validate_and_build() {
     let ok = "raid10 5 8 rebuild 0 rebuild 2 4 - d0 - d1 - d2 - d3";
     RaidKind::raid().validate(Sectors(2048), &args(ok)).unwrap();
     build(&devs(4), false, false, Sectors(2048), ok).unwrap();
+    // Mirror legs may share a device at disjoint offsets.
+    let ok = "core 1 64 2 d0 0 d0 1024";
+    RaidKind::mirror()
+        .validate(Sectors(1024), &args(ok))
+        .unwrap();
+    build(&devs(1), true, false, Sectors(1024), ok).unwrap();
 }
 
 #[test]
