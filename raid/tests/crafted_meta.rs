@@ -10,7 +10,7 @@ use common::*;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 
 use raid::meta::{self, SbRead, Superblock, META_BLOCK};
 use raid::ppl::{self, Checkpoint};
@@ -50,22 +50,8 @@ static ALLOC: Counting = Counting;
 /// Larger than anything these small arrays need (a 16 MiB parity log segment at most).
 const ALLOC_LIMIT: usize = 64 << 20;
 
-static PANICS: AtomicUsize = AtomicUsize::new(0);
 /// The panic count is process-wide: the tests take turns so one's failure is not the other's.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Counts every panic, including those in the assembly thread (which `open` turns into an
-/// error).
-fn count_panics() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let prev = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |i| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
-            prev(i)
-        }));
-    });
-}
 
 const MIB: u64 = 1 << 20;
 const META: u64 = 256 << 10;
@@ -150,10 +136,10 @@ fn make(head: &'static str, size: u64, fail: Option<usize>) -> Array {
 /// Assembles `a` from `img`, where the metadata of leg `leg` was damaged, and checks the
 /// outcome; `what` names the damage.
 fn assemble(a: &Array, img: &Images, leg: usize, what: &str) {
-    let before = PANICS.load(Ordering::SeqCst);
+    let before = panics();
     let devs = devs_from(img);
     let r = build(&devs, false, false, Sectors(a.size / 512), &line(a.head));
-    assert_eq!(PANICS.load(Ordering::SeqCst), before, "{what}: panicked");
+    assert_eq!(panics(), before, "{what}: panicked");
     let dev = match r {
         Ok(d) => d,
         Err(e) => {
@@ -180,7 +166,7 @@ fn assemble(a: &Array, img: &Images, leg: usize, what: &str) {
         let st = dev.status();
         assert!(st.contains(" bitmap:0/"), "{what}: bitmap not clean: {st}");
     }
-    assert_eq!(PANICS.load(Ordering::SeqCst), before, "{what}: panicked");
+    assert_eq!(panics(), before, "{what}: panicked");
 }
 
 /// Every superblock field of leg `leg` set to hostile values, one at a time.
@@ -456,7 +442,6 @@ fn entry_cases(a: &Array) {
 #[test]
 fn crafted_superblocks_and_bitmaps_never_panic_and_keep_the_data() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    count_panics();
     for a in [
         make("raid5_ls 3 8 region_size 64", 2 * MIB, None),
         make("raid1 3 0 region_size 64", MIB, None),
@@ -474,7 +459,6 @@ fn crafted_superblocks_and_bitmaps_never_panic_and_keep_the_data() {
 #[test]
 fn crafted_parity_logs_never_panic_and_keep_the_data() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    count_panics();
     let a = make("raid5_ls 3 8 region_size 64", 2 * MIB, Some(2));
     checkpoint_cases(&a);
     entry_cases(&a);
