@@ -184,7 +184,8 @@ pub fn bitmap_pages(regions: u64) -> u64 {
     regions.div_ceil(BITS_PER_PAGE as u64)
 }
 
-/// Bytes a metadata device needs for `regions` regions.
+/// Bytes a metadata device needs for `regions` regions (cannot overflow: a page covers
+/// 32512 regions).
 pub fn meta_bytes(regions: u64) -> u64 {
     (1 + bitmap_pages(regions)) * META_BLOCK as u64
 }
@@ -326,6 +327,39 @@ mod tests {
         b[100] ^= 1;
         assert!(matches!(Superblock::decode(&b), SbRead::Invalid(_)));
         assert_eq!(Superblock::decode(&[0u8; META_BLOCK]), SbRead::Blank);
+    }
+
+    #[test]
+    fn superblock_problems_are_named() {
+        let sb = Superblock {
+            uuid: [1; 16],
+            leg_index: 1,
+            legs: 3,
+            level: 5,
+            layout: 2,
+            chunk_sectors: 8,
+            region_sectors: 64,
+            leg_bytes: 1 << 20,
+            events: 3,
+            failed_mask: 0b100,
+            clean: false,
+            data_id: 7,
+        };
+        assert_eq!(sb.problem(1, 3), None);
+        let with = |f: &dyn Fn(&mut Superblock)| {
+            let mut s = sb.clone();
+            f(&mut s);
+            s.problem(1, 3).unwrap_or_default()
+        };
+        assert!(with(&|s| s.leg_index = 2).contains("says leg 2"));
+        assert!(with(&|s| s.legs = 64).contains("64 legs"));
+        assert!(with(&|s| s.failed_mask = 1 << 3).contains("beyond"));
+        assert!(with(&|s| s.failed_mask = 0b10).contains("own leg"));
+        assert!(with(&|s| s.events = u64::MAX).contains("impossibly"));
+        assert_eq!(
+            sb.problem(64, 64).unwrap_or_default(),
+            "superblock says leg 1"
+        );
     }
 
     #[test]

@@ -92,12 +92,16 @@ impl Geometry {
 
     /// Byte offset of segment `seg`.
     pub fn seg_offset(&self, seg: usize) -> u64 {
-        self.base + META_BLOCK as u64 + seg as u64 * self.seg_bytes
+        // Saturating: a geometry from disk is checked (`Checkpoint::problem`) before use.
+        (seg as u64)
+            .saturating_mul(self.seg_bytes)
+            .saturating_add(self.base)
+            .saturating_add(META_BLOCK as u64)
     }
 
-    /// Bytes a metadata device needs for segments of `seg_bytes`.
+    /// Bytes a metadata device needs for segments of `seg_bytes` (saturating).
     pub fn bytes_for(base: u64, seg_bytes: u64) -> u64 {
-        base + META_BLOCK as u64 + SEGMENTS as u64 * seg_bytes
+        Geometry { base, seg_bytes }.seg_offset(SEGMENTS)
     }
 }
 
@@ -575,6 +579,8 @@ mod tests {
         assert_eq!(g.seg_bytes % 4096, 0);
         assert_eq!(Geometry::fit(8192, 512 << 10, chunk), None);
         assert_eq!(Geometry::fit(8192, 4096, chunk), None);
+        assert_eq!(Geometry::fit(u64::MAX, u64::MAX, chunk), None);
+        assert_eq!(Geometry::bytes_for(u64::MAX - 4096, 1 << 20), u64::MAX);
     }
 
     #[test]
