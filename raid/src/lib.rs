@@ -4,9 +4,11 @@
 //! ```text
 //! raid <raid_type> <#raid_params> <chunk_size> [sync|nosync] [rebuild <idx>]
 //!      [region_size <sectors>] [raid10_copies <n>] [raid10_format near]
-//!      [max_recovery_rate <KiB/s>] <#raid_devs> <metadata_dev|-> <data_dev> ...
+//!      [max_recovery_rate <KiB/s>] <#raid_devs> <metadata_dev|-> <data_dev|-> ...
 //! mirror core <#log_args> <region_size> [sync|nosync] <#devs> <dev> <offset> ...
 //! ```
+//!
+//! A leg given as `- -` is missing: the array runs without it until `rebuild <idx> <device>`.
 //!
 //! # Model
 //! - Legs are [`DeviceRef`]s. Each leg may have a metadata device holding a superblock
