@@ -54,8 +54,9 @@ impl Level {
             Level::Raid1 => (0..legs).any(|i| !bad(i)),
             Level::Raid5(_) => (0..legs).filter(|&i| bad(i)).count() <= 1,
             Level::Raid10 { copies } => {
+                // Which legs hold a chunk depends only on the chunk number modulo `legs`.
                 let mut v = Vec::new();
-                (0..(legs * copies) as u64).all(|c| {
+                (0..legs as u64).all(|c| {
                     raid10_near(legs, copies, c, &mut v);
                     v.iter().any(|cp| !bad(cp.leg))
                 })
