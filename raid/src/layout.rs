@@ -97,9 +97,13 @@ pub fn raid10_near(legs: usize, copies: usize, chunk: u64, out: &mut Vec<ChunkCo
     }
 }
 
-/// Array chunks of a raid10 near array whose legs hold `dev_chunks` chunks each.
+/// Array chunks of a raid10 near array whose legs hold `dev_chunks` chunks each (0 for no
+/// copies; saturating, as the inputs may come from a table).
 pub fn raid10_array_chunks(legs: usize, copies: usize, dev_chunks: u64) -> u64 {
-    dev_chunks * legs as u64 / copies as u64
+    dev_chunks
+        .saturating_mul(legs as u64)
+        .checked_div(copies as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -118,6 +122,13 @@ mod tests {
         assert_eq!(s1.data, vec![3, 0, 1]);
         let a1 = raid5_stripe(Raid5Layout::LeftAsymmetric, 4, 1);
         assert_eq!(a1.data, vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn array_chunks_never_panic() {
+        assert_eq!(raid10_array_chunks(3, 2, 4), 6);
+        assert_eq!(raid10_array_chunks(3, 0, 4), 0);
+        assert_eq!(raid10_array_chunks(64, 2, u64::MAX), u64::MAX / 2);
     }
 
     #[test]

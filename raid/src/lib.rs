@@ -4,9 +4,11 @@
 //! ```text
 //! raid <raid_type> <#raid_params> <chunk_size> [sync|nosync] [rebuild <idx>]
 //!      [region_size <sectors>] [raid10_copies <n>] [raid10_format near]
-//!      [max_recovery_rate <KiB/s>] <#raid_devs> <metadata_dev|-> <data_dev> ...
+//!      [max_recovery_rate <KiB/s>] <#raid_devs> <metadata_dev|-> <data_dev|-> ...
 //! mirror core <#log_args> <region_size> [sync|nosync] <#devs> <dev> <offset> ...
 //! ```
+//!
+//! A leg given as `- -` is missing: the array runs without it until `rebuild <idx> <device>`.
 //!
 //! # Model
 //! - Legs are [`DeviceRef`]s. Each leg may have a metadata device holding a superblock
@@ -41,9 +43,11 @@
 #![warn(missing_docs)]
 
 pub mod array;
+pub mod geometry;
 pub mod layout;
 pub mod lock;
 pub mod meta;
+pub mod missing;
 pub mod offset;
 pub mod parse;
 pub mod ppl;
@@ -119,6 +123,24 @@ impl RaidKind {
         }
     }
 
+    /// Every check of a line that needs no device: the arguments, and the sizes they make
+    /// with the segment length `len`. Build runs it first, so a line `table check` accepts
+    /// fails to build only because of its devices.
+    fn check(&self, len: Sectors, args: &[String]) -> Result<(RaidConfig, Bytes), ArgError> {
+        let cfg = self.parse(args)?;
+        let size = match len.checked_bytes() {
+            Some(b) if len.0 != 0 => b,
+            _ => {
+                return Err(ArgError::whole(format!(
+                    "segment length {} sectors must be positive and fit in 64 bits as bytes",
+                    len.0
+                )))
+            }
+        };
+        geometry::sizing(&cfg, size).map_err(ArgError::whole)?;
+        Ok((cfg, size))
+    }
+
     /// Builds the device with its concrete type (for callers that want `sync_step`,
     /// `replace_leg`...).
     pub fn build_raid(
@@ -126,26 +148,31 @@ impl RaidKind {
         ctx: &BuildCtx<'_>,
         args: &[String],
     ) -> Result<Arc<RaidDevice>, ArgError> {
-        let cfg = self.parse(args)?;
+        let (cfg, size) = self.check(ctx.len, args)?;
         let name = format!("{}@line{}", self.name(), ctx.line);
-        let size = ctx.len.bytes();
         let mut legs = Vec::with_capacity(cfg.legs.len());
         for (i, l) in cfg.legs.iter().enumerate() {
+            let Some(data_name) = &l.data else {
+                // `- -`: the array assembles without it.
+                legs.push((None, Arc::new(missing::MissingLeg::new(i)) as DeviceRef));
+                continue;
+            };
             let meta = match &l.meta {
                 Some(m) => Some(ctx.resolver.open(m).map_err(|e| {
                     ArgError::whole(format!("{name}: leg {i} metadata device '{m}': {e}"))
                 })?),
                 None => None,
             };
-            let mut data: DeviceRef = ctx.resolver.open(&l.data).map_err(|e| {
-                ArgError::whole(format!("{name}: leg {i} data device '{}': {e}", l.data))
+            let mut data: DeviceRef = ctx.resolver.open(data_name).map_err(|e| {
+                ArgError::whole(format!("{name}: leg {i} data device '{data_name}': {e}"))
             })?;
             if self.mirror {
-                let start = l.offset.bytes();
+                // `check` made sure the offset fits in bytes.
+                let start = l.offset.checked_bytes().unwrap_or(Bytes(u64::MAX));
                 let avail = data.size().0.checked_sub(start.0).ok_or_else(|| {
                     ArgError::whole(format!(
                         "{name}: leg {i} offset {} sectors is past the end of '{}'",
-                        l.offset.0, l.data
+                        l.offset.0, data_name
                     ))
                 })?;
                 data = Arc::new(offset::OffsetDevice::new(data, start, Bytes(avail)));
@@ -198,10 +225,7 @@ impl TargetKind for RaidKind {
             .collect()
     }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
-        if len.0 == 0 {
-            return Err(ArgError::whole("segment length must be positive"));
-        }
-        self.parse(args).map(|_| ())
+        self.check(len, args).map(|_| ())
     }
     fn normalize(&self, args: &[String]) -> Vec<String> {
         match self.parse(args) {

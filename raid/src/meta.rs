@@ -140,12 +140,52 @@ impl Superblock {
     }
 }
 
+/// Event counters at or above this were not written by this code (it bumps the counter by one
+/// per state change from 0): a superblock that carries one is forged or corrupt.
+pub const MAX_EVENTS: u64 = 1 << 62;
+
+impl Superblock {
+    /// Why this superblock, read from the metadata device of leg `leg` of a `legs`-leg
+    /// array, cannot be that leg's (whatever its checksum says), or `None`. Geometry is
+    /// compared separately ([`check_geometry`]).
+    pub fn problem(&self, leg: usize, legs: usize) -> Option<String> {
+        if self.leg_index as usize != leg {
+            return Some(format!("superblock says leg {}", self.leg_index));
+        }
+        if self.legs as usize != legs {
+            return Some(format!(
+                "superblock says {} legs, the table {legs}",
+                self.legs
+            ));
+        }
+        let beyond = self.failed_mask.checked_shr(legs as u32).unwrap_or(0);
+        if beyond != 0 {
+            return Some(format!(
+                "failed-legs mask {:#x} names legs beyond the {legs} there are",
+                self.failed_mask
+            ));
+        }
+        if self.failed_mask & 1u64.checked_shl(leg as u32).unwrap_or(0) != 0 {
+            // Superblocks are written only to legs in sync, so none marks its own leg.
+            return Some(format!(
+                "failed-legs mask {:#x} marks its own leg",
+                self.failed_mask
+            ));
+        }
+        if self.events >= MAX_EVENTS {
+            return Some(format!("event counter {} is impossibly large", self.events));
+        }
+        None
+    }
+}
+
 /// Number of bitmap pages for `regions` regions.
 pub fn bitmap_pages(regions: u64) -> u64 {
     regions.div_ceil(BITS_PER_PAGE as u64)
 }
 
-/// Bytes a metadata device needs for `regions` regions.
+/// Bytes a metadata device needs for `regions` regions (cannot overflow: a page covers
+/// 32512 regions).
 pub fn meta_bytes(regions: u64) -> u64 {
     (1 + bitmap_pages(regions)) * META_BLOCK as u64
 }
@@ -287,6 +327,39 @@ mod tests {
         b[100] ^= 1;
         assert!(matches!(Superblock::decode(&b), SbRead::Invalid(_)));
         assert_eq!(Superblock::decode(&[0u8; META_BLOCK]), SbRead::Blank);
+    }
+
+    #[test]
+    fn superblock_problems_are_named() {
+        let sb = Superblock {
+            uuid: [1; 16],
+            leg_index: 1,
+            legs: 3,
+            level: 5,
+            layout: 2,
+            chunk_sectors: 8,
+            region_sectors: 64,
+            leg_bytes: 1 << 20,
+            events: 3,
+            failed_mask: 0b100,
+            clean: false,
+            data_id: 7,
+        };
+        assert_eq!(sb.problem(1, 3), None);
+        let with = |f: &dyn Fn(&mut Superblock)| {
+            let mut s = sb.clone();
+            f(&mut s);
+            s.problem(1, 3).unwrap_or_default()
+        };
+        assert!(with(&|s| s.leg_index = 2).contains("says leg 2"));
+        assert!(with(&|s| s.legs = 64).contains("64 legs"));
+        assert!(with(&|s| s.failed_mask = 1 << 3).contains("beyond"));
+        assert!(with(&|s| s.failed_mask = 0b10).contains("own leg"));
+        assert!(with(&|s| s.events = u64::MAX).contains("impossibly"));
+        assert_eq!(
+            sb.problem(64, 64).unwrap_or_default(),
+            "superblock says leg 1"
+        );
     }
 
     #[test]

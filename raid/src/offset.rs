@@ -1,7 +1,8 @@
 //! A window of a device starting at an offset: the `<dev> <offset>` legs of a `mirror` line.
 
 use tables::io::{
-    check_range, BlockDevice, DeviceRef, FixedBuf, IoFuture, Limits, Served, WriteFlags,
+    check_range, BlockDevice, DeviceRef, FixedBuf, IoError, IoFuture, IoResult, Limits, Served,
+    WriteFlags,
 };
 use tables::Bytes;
 
@@ -19,6 +20,21 @@ impl OffsetDevice {
     }
 }
 
+impl OffsetDevice {
+    /// Checks `[offset, offset + len)` against the window and returns where it starts on the
+    /// device (checked, though `new`'s caller made sure the window fits the device).
+    fn at(&self, offset: Bytes, len: u64) -> IoResult<Bytes> {
+        check_range(&self.name(), self.len, offset, Bytes(len))?;
+        self.start.checked_add(offset).ok_or_else(|| {
+            IoError::invalid(format!(
+                "{}: byte {} of the window is past 64 bits",
+                self.name(),
+                offset.0
+            ))
+        })
+    }
+}
+
 impl BlockDevice for OffsetDevice {
     fn name(&self) -> String {
         format!("{}+{}", self.dev.name(), self.start.0)
@@ -31,26 +47,26 @@ impl BlockDevice for OffsetDevice {
     }
     fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
-            check_range(&self.name(), self.len, offset, Bytes(buf.len() as u64))?;
-            self.dev.read(self.start + offset, buf).await
+            let at = self.at(offset, buf.len() as u64)?;
+            self.dev.read(at, buf).await
         })
     }
     fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
-            check_range(&self.name(), self.len, offset, Bytes(buf.len() as u64))?;
-            self.dev.write(self.start + offset, buf, flags).await
+            let at = self.at(offset, buf.len() as u64)?;
+            self.dev.write(at, buf, flags).await
         })
     }
     fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
         Box::pin(async move {
-            check_range(&self.name(), self.len, offset, Bytes(buf.len as u64))?;
-            self.dev.read_fixed(self.start + offset, buf).await
+            let at = self.at(offset, buf.len as u64)?;
+            self.dev.read_fixed(at, buf).await
         })
     }
     fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
         Box::pin(async move {
-            check_range(&self.name(), self.len, offset, Bytes(buf.len as u64))?;
-            self.dev.write_fixed(self.start + offset, buf, flags).await
+            let at = self.at(offset, buf.len as u64)?;
+            self.dev.write_fixed(at, buf, flags).await
         })
     }
     fn flush(&self) -> IoFuture<'_> {
@@ -58,14 +74,14 @@ impl BlockDevice for OffsetDevice {
     }
     fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
         Box::pin(async move {
-            check_range(&self.name(), self.len, offset, len)?;
-            self.dev.discard(self.start + offset, len).await
+            let at = self.at(offset, len.0)?;
+            self.dev.discard(at, len).await
         })
     }
     fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
         Box::pin(async move {
-            check_range(&self.name(), self.len, offset, len)?;
-            self.dev.write_zeroes(self.start + offset, len, flags).await
+            let at = self.at(offset, len.0)?;
+            self.dev.write_zeroes(at, len, flags).await
         })
     }
 }

@@ -4,7 +4,8 @@
 use tables::registry::ArgError;
 use tables::Sectors;
 
-use crate::layout::Raid5Layout;
+use crate::geometry::MAX_CHUNK_SECTORS;
+use crate::layout::{raid10_near, Raid5Layout};
 
 /// RAID level and layout.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -46,6 +47,22 @@ impl Level {
             Level::Raid10 { copies } => (10, 0x100 | copies as u32),
         }
     }
+    /// Whether an array of `legs` legs still holds every piece of data when the legs for
+    /// which `bad` is true are gone.
+    pub fn tolerates(self, legs: usize, bad: impl Fn(usize) -> bool) -> bool {
+        match self {
+            Level::Raid1 => (0..legs).any(|i| !bad(i)),
+            Level::Raid5(_) => (0..legs).filter(|&i| bad(i)).count() <= 1,
+            Level::Raid10 { copies } => {
+                // Which legs hold a chunk depends only on the chunk number modulo `legs`.
+                let mut v = Vec::new();
+                (0..legs as u64).all(|c| {
+                    raid10_near(legs, copies, c, &mut v);
+                    v.iter().any(|cp| !bad(cp.leg))
+                })
+            }
+        }
+    }
 }
 
 /// Initial synchronisation requested by the table.
@@ -65,8 +82,9 @@ pub enum SyncMode {
 pub struct LegSpec {
     /// Metadata device, `None` for `-`.
     pub meta: Option<String>,
-    /// Data device.
-    pub data: String,
+    /// Data device; `None` for a leg given as `- -` (failed or missing at creation, as in
+    /// dm-raid): the array runs without it until `rebuild <idx> <device>` replaces it.
+    pub data: Option<String>,
     /// Start of the leg's area on the data device (`mirror` lines only).
     pub offset: Sectors,
 }
@@ -94,6 +112,9 @@ pub struct RaidConfig {
 
 /// Most legs an array may have (the failed-legs mask is a `u64`).
 pub const MAX_LEGS: usize = 64;
+
+/// Highest `max_recovery_rate` (KiB/s), as dm-raid (a C `int`).
+pub const MAX_RECOVERY_KIB: u64 = i32::MAX as u64;
 
 fn num(args: &[String], i: usize, what: &str) -> Result<u64, ArgError> {
     let s = args
@@ -130,19 +151,20 @@ pub fn parse_raid(args: &[String]) -> Result<RaidConfig, ArgError> {
             ),
         )
     })?;
-    let nparams = num(args, 1, "#raid_params")? as usize;
+    let nparams = num(args, 1, "#raid_params")?;
     if nparams == 0 {
         return Err(ArgError::at(
             2,
             "#raid_params must be at least 1 (the chunk size)",
         ));
     }
-    let pend = 2 + nparams;
-    if args.len() < pend + 1 {
+    // Parameters, then #raid_devs, must all be on the line.
+    if nparams >= args.len() as u64 - 2 {
         return Err(ArgError::whole(format!(
             "#raid_params says {nparams} parameters but the line ends early"
         )));
     }
+    let pend = 2 + nparams as usize;
     let chunk = Sectors(num(args, 2, "chunk_size")?);
     let mut cfg = RaidConfig {
         level,
@@ -238,32 +260,41 @@ pub fn parse_raid(args: &[String]) -> Result<RaidConfig, ArgError> {
         }
         cfg.level = level;
     }
-    let ndev = num(args, pend, "#raid_devs")? as usize;
+    let ndev = num(args, pend, "#raid_devs")?;
     let devs = &args[pend + 1..];
-    if devs.len() != ndev * 2 {
+    if Some(devs.len() as u64) != ndev.checked_mul(2) {
         return Err(ArgError::at(
             pend + 1,
             format!(
                 "#raid_devs is {ndev}, so {} device arguments (metadata and data pairs) are \
                  expected, found {}",
-                ndev * 2,
+                ndev as u128 * 2,
                 devs.len()
             ),
         ));
     }
-    for p in devs.chunks(2) {
+    let dash = |s: &String| (s != "-").then(|| s.clone());
+    for (i, p) in devs.chunks(2).enumerate() {
+        let (meta, data) = (dash(&p[0]), dash(&p[1]));
+        if meta.is_some() && data.is_none() {
+            return Err(ArgError::at(
+                pend + 3 + 2 * i,
+                format!(
+                    "leg {i}: a missing leg is given as '- -' (a metadata device needs its \
+                     data device)"
+                ),
+            ));
+        }
         cfg.legs.push(LegSpec {
-            meta: if p[0] == "-" {
-                None
-            } else {
-                Some(p[0].clone())
-            },
-            data: p[1].clone(),
+            meta,
+            data,
             offset: Sectors(0),
         });
     }
+    // Missing legs have neither; the others must agree.
+    let present = cfg.legs.iter().filter(|l| l.data.is_some()).count();
     let metas = cfg.legs.iter().filter(|l| l.meta.is_some()).count();
-    if metas != 0 && metas != cfg.legs.len() {
+    if metas != 0 && metas != present {
         return Err(ArgError::at(
             pend + 2,
             "either every leg has a metadata device or none has ('-')",
@@ -273,6 +304,8 @@ pub fn parse_raid(args: &[String]) -> Result<RaidConfig, ArgError> {
     Ok(cfg)
 }
 
+/// Checks of a parsed line that need no device: bounds of every value, and that the legs to
+/// rebuild leave a copy of every piece of data. `devs_arg` is the position of `#raid_devs`.
 fn check_common(cfg: &RaidConfig, devs_arg: usize) -> Result<(), ArgError> {
     let n = cfg.legs.len();
     if n > MAX_LEGS {
@@ -304,11 +337,45 @@ fn check_common(cfg: &RaidConfig, devs_arg: usize) -> Result<(), ArgError> {
     }
     if cfg.level != Level::Raid1 {
         let c = cfg.chunk.0;
-        if c < 8 || !c.is_power_of_two() {
+        if c < 8 || !c.is_power_of_two() || c > MAX_CHUNK_SECTORS {
             return Err(ArgError::at(
                 3,
-                format!("chunk_size {c} must be a power of two of at least 8 sectors"),
+                format!(
+                    "chunk_size {c} must be a power of two of at least 8 and at most \
+                     {MAX_CHUNK_SECTORS} sectors"
+                ),
             ));
+        }
+    }
+    if let Some(r) = cfg.region {
+        if r.0 == 0 || !r.0.is_power_of_two() {
+            return Err(ArgError::whole(format!(
+                "region_size {} must be a power of two number of sectors",
+                r.0
+            )));
+        }
+    }
+    if cfg.max_recovery_kib > MAX_RECOVERY_KIB {
+        return Err(ArgError::whole(format!(
+            "max_recovery_rate {} KiB/s is above {MAX_RECOVERY_KIB}",
+            cfg.max_recovery_kib
+        )));
+    }
+    if !cfg.mirror {
+        // Two legs on one device would hold each other's blocks: no redundancy, and resync
+        // would copy over data. (Mirror legs may share a device at disjoint offsets; the
+        // sizing checks those.)
+        let mut seen: Vec<(&str, usize)> = Vec::new();
+        for (i, l) in cfg.legs.iter().enumerate() {
+            for name in [&l.meta, &l.data].into_iter().flatten() {
+                if let Some((_, j)) = seen.iter().find(|(s, _)| *s == name.as_str()) {
+                    return Err(ArgError::at(
+                        devs_arg,
+                        format!("leg {i} names '{name}', which leg {j} uses already"),
+                    ));
+                }
+                seen.push((name, i));
+            }
         }
     }
     for &r in &cfg.rebuild {
@@ -317,17 +384,39 @@ fn check_common(cfg: &RaidConfig, devs_arg: usize) -> Result<(), ArgError> {
                 "rebuild {r}: only {n} legs (0-based)"
             )));
         }
-    }
-    if cfg.level == Level::Raid1 || matches!(cfg.level, Level::Raid5(_)) {
-        let limit = if cfg.level == Level::Raid1 { n - 1 } else { 1 };
-        if cfg.rebuild.len() > limit {
+        if cfg.legs[r].data.is_none() {
             return Err(ArgError::whole(format!(
-                "cannot rebuild {} legs of a {}-leg {} at once",
-                cfg.rebuild.len(),
-                n,
-                cfg.level.type_name()
+                "rebuild {r}: leg {r} is missing ('- -'): there is no device to rebuild; \
+                 give one in the table, or send 'rebuild {r} <device>'"
             )));
         }
+    }
+    let missing: Vec<usize> = (0..n).filter(|&i| cfg.legs[i].data.is_none()).collect();
+    if !cfg.level.tolerates(n, |i| missing.contains(&i)) {
+        return Err(ArgError::at(
+            devs_arg,
+            format!(
+                "legs {missing:?} are missing ('- -'): too many for a {n}-leg {}, some data \
+                 would have no copy",
+                cfg.level.type_name()
+            ),
+        ));
+    }
+    if !cfg
+        .level
+        .tolerates(n, |i| cfg.rebuild.contains(&i) || missing.contains(&i))
+    {
+        return Err(ArgError::whole(format!(
+            "cannot rebuild legs {:?} of a {n}-leg {}{} at once: some data would have no \
+             copy left to rebuild from",
+            cfg.rebuild,
+            cfg.level.type_name(),
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" with legs {missing:?} missing")
+            }
+        )));
     }
     Ok(())
 }
@@ -374,17 +463,22 @@ pub fn parse_mirror(args: &[String]) -> Result<RaidConfig, ArgError> {
         };
     }
     let di = 2 + nlog;
-    let ndev = num(args, di, "#devs")? as usize;
-    let end = di + 1 + ndev * 2;
-    if args.len() < end {
-        return Err(ArgError::at(
-            di + 1,
-            format!(
-                "#devs is {ndev} but fewer than {} device/offset arguments follow",
-                ndev * 2
-            ),
-        ));
-    }
+    let ndev = num(args, di, "#devs")?;
+    let end = match ndev
+        .checked_mul(2)
+        .and_then(|d| d.checked_add(di as u64 + 1))
+    {
+        Some(e) if e <= args.len() as u64 => e as usize,
+        _ => {
+            return Err(ArgError::at(
+                di + 1,
+                format!(
+                    "#devs is {ndev} but fewer than {} device/offset arguments follow",
+                    ndev as u128 * 2
+                ),
+            ))
+        }
+    };
     let mut legs = Vec::new();
     for (j, p) in args[di + 1..end].chunks(2).enumerate() {
         let off = p[1].parse::<u64>().map_err(|_| {
@@ -392,14 +486,14 @@ pub fn parse_mirror(args: &[String]) -> Result<RaidConfig, ArgError> {
         })?;
         legs.push(LegSpec {
             meta: None,
-            data: p[0].clone(),
+            data: Some(p[0].clone()),
             offset: Sectors(off),
         });
     }
     let rest = &args[end..];
     if !rest.is_empty() {
-        let nfeat = num(args, end, "#features")? as usize;
-        if rest.len() != 1 + nfeat {
+        let nfeat = num(args, end, "#features")?;
+        if rest.len() as u64 - 1 != nfeat {
             return Err(ArgError::at(
                 end + 1,
                 "feature count does not match the features given",
@@ -429,6 +523,12 @@ pub fn parse_mirror(args: &[String]) -> Result<RaidConfig, ArgError> {
 }
 
 impl RaidConfig {
+    /// Runs every check of the parsed values that needs no device (the parsers run it too);
+    /// for configurations built in code.
+    pub fn check(&self) -> Result<(), ArgError> {
+        check_common(self, 0).map_err(|e| ArgError::whole(e.msg))
+    }
+
     /// The canonical argument list (as `dmsetup table` would print it).
     pub fn to_args(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -444,7 +544,7 @@ impl RaidConfig {
             out.extend(log);
             out.push(self.legs.len().to_string());
             for l in &self.legs {
-                out.push(l.data.clone());
+                out.push(l.data.clone().unwrap_or_else(|| "-".into()));
                 out.push(l.offset.0.to_string());
             }
             return out;
@@ -479,7 +579,7 @@ impl RaidConfig {
         out.push(self.legs.len().to_string());
         for l in &self.legs {
             out.push(l.meta.clone().unwrap_or_else(|| "-".into()));
-            out.push(l.data.clone());
+            out.push(l.data.clone().unwrap_or_else(|| "-".into()));
         }
         out
     }

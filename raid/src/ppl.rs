@@ -50,6 +50,14 @@ const _: () = assert!(LOGGED_OFF + MAX_LOGGED * 4 <= HDR_CRC);
 /// Most chunks one entry logs in full (legs not in sync that a write touches).
 pub const MAX_LOGGED: usize = 2;
 
+/// Largest segment [`Geometry::fit`] makes.
+pub const MAX_SEG_BYTES: u64 = 16 << 20;
+
+/// Generations and sequence numbers count from 0 by one per segment switch or entry: one at
+/// or above this was not written by this code (a forged or corrupt block), and could not be
+/// counted on from.
+pub const MAX_COUNTER: u64 = 1 << 62;
+
 /// Segments in the ring. More than two, so the segment being reused was filled long enough
 /// ago that its writes have completed and reuse does not wait for them.
 pub const SEGMENTS: usize = 4;
@@ -72,10 +80,10 @@ pub struct Geometry {
 impl Geometry {
     /// The log that fits a metadata device of `dev_bytes` whose superblock and bitmap end at
     /// `base`; `None` if a segment could not hold the largest entry. Segments are capped at
-    /// 16 MiB.
+    /// [`MAX_SEG_BYTES`].
     pub fn fit(base: u64, dev_bytes: u64, chunk: u64) -> Option<Geometry> {
-        let room = dev_bytes.checked_sub(base + META_BLOCK as u64)?;
-        let seg = (room / SEGMENTS as u64 / ALIGN * ALIGN).min(16 << 20);
+        let room = dev_bytes.checked_sub(base.checked_add(META_BLOCK as u64)?)?;
+        let seg = (room / SEGMENTS as u64 / ALIGN * ALIGN).min(MAX_SEG_BYTES);
         (seg >= max_entry_bytes(chunk)).then_some(Geometry {
             base,
             seg_bytes: seg,
@@ -84,12 +92,16 @@ impl Geometry {
 
     /// Byte offset of segment `seg`.
     pub fn seg_offset(&self, seg: usize) -> u64 {
-        self.base + META_BLOCK as u64 + seg as u64 * self.seg_bytes
+        // Saturating: a geometry from disk is checked (`Checkpoint::problem`) before use.
+        (seg as u64)
+            .saturating_mul(self.seg_bytes)
+            .saturating_add(self.base)
+            .saturating_add(META_BLOCK as u64)
     }
 
-    /// Bytes a metadata device needs for segments of `seg_bytes`.
+    /// Bytes a metadata device needs for segments of `seg_bytes` (saturating).
     pub fn bytes_for(base: u64, seg_bytes: u64) -> u64 {
-        base + META_BLOCK as u64 + SEGMENTS as u64 * seg_bytes
+        Geometry { base, seg_bytes }.seg_offset(SEGMENTS)
     }
 }
 
@@ -157,6 +169,33 @@ impl Checkpoint {
     /// The newest generation named.
     pub fn max_gen(&self) -> u64 {
         self.gens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Why this checkpoint, read at `base` of a metadata device of `dev_bytes` bytes, cannot
+    /// be one this code wrote (whatever its checksum says), or `None`: its segments must be
+    /// whole 4 KiB blocks up to [`MAX_SEG_BYTES`] and fit the device, and its generations be
+    /// below [`MAX_COUNTER`].
+    pub fn problem(&self, base: u64, dev_bytes: u64) -> Option<String> {
+        let s = self.seg_bytes;
+        if s == 0 || !s.is_multiple_of(ALIGN) || s > MAX_SEG_BYTES {
+            return Some(format!(
+                "segment size {s} is not a multiple of {ALIGN} bytes up to {MAX_SEG_BYTES}"
+            ));
+        }
+        let end = s
+            .checked_mul(SEGMENTS as u64)
+            .and_then(|x| x.checked_add(base))
+            .and_then(|x| x.checked_add(META_BLOCK as u64));
+        if end.is_none_or(|e| e > dev_bytes) {
+            return Some(format!(
+                "{SEGMENTS} segments of {s} bytes after byte {base} do not fit the \
+                 {dev_bytes}-byte metadata device"
+            ));
+        }
+        if let Some(g) = self.gens.iter().find(|&&g| g >= MAX_COUNTER) {
+            return Some(format!("generation {g} is impossibly large"));
+        }
+        None
     }
 
     /// Whether any segment is valid (a log was being kept).
@@ -253,6 +292,9 @@ impl Entry<'_> {
         let k = get_u32(b, 48) as usize;
         let nlog = get_u32(b, 52) as usize;
         if k > MAX_DATA_CHUNKS || nlog > MAX_LOGGED || plo.checked_add(plen)? > chunk {
+            return None;
+        }
+        if get_u64(b, 8) >= MAX_COUNTER || get_u64(b, 16) >= MAX_COUNTER {
             return None;
         }
         let mut ranges = Vec::with_capacity(k);
@@ -504,9 +546,28 @@ mod tests {
             seg_bytes: 1 << 20,
         };
         let mut b = c.encode();
-        assert_eq!(Checkpoint::decode(&b), Some(c));
+        assert_eq!(Checkpoint::decode(&b), Some(c.clone()));
         b[70] ^= 1;
         assert_eq!(Checkpoint::decode(&b), None);
+        // Decodable, but not something this code writes.
+        assert_eq!(c.problem(8192, 8 << 20), None);
+        for (seg, why) in [(0, "multiple"), (4095, "multiple"), (32 << 20, "multiple")] {
+            let bad = Checkpoint {
+                seg_bytes: seg,
+                ..c.clone()
+            };
+            assert!(bad.problem(8192, 8 << 20).unwrap().contains(why), "{seg}");
+        }
+        assert!(c.problem(8192, 4 << 20).unwrap().contains("do not fit"));
+        assert!(c
+            .problem(u64::MAX - 4096, u64::MAX)
+            .unwrap()
+            .contains("do not fit"));
+        let bad = Checkpoint {
+            gens: [0, u64::MAX, 0, 0],
+            ..c.clone()
+        };
+        assert!(bad.problem(8192, 8 << 20).unwrap().contains("generation"));
     }
 
     #[test]
@@ -518,6 +579,8 @@ mod tests {
         assert_eq!(g.seg_bytes % 4096, 0);
         assert_eq!(Geometry::fit(8192, 512 << 10, chunk), None);
         assert_eq!(Geometry::fit(8192, 4096, chunk), None);
+        assert_eq!(Geometry::fit(u64::MAX, u64::MAX, chunk), None);
+        assert_eq!(Geometry::bytes_for(u64::MAX - 4096, 1 << 20), u64::MAX);
     }
 
     #[test]

@@ -115,6 +115,14 @@ impl Sectors {
             None => None,
         }
     }
+    /// This many sectors in bytes, or `None` if that does not fit in 64 bits (for counts that
+    /// come from tables or from disk, where [`bytes`](Self::bytes) could overflow).
+    pub const fn checked_bytes(self) -> Option<Bytes> {
+        match self.0.checked_mul(SECTOR_SIZE) {
+            Some(b) => Some(Bytes(b)),
+            None => None,
+        }
+    }
 }
 
 impl Bytes {
@@ -302,6 +310,8 @@ mod tests {
     #[test]
     fn sector_conversions() {
         assert_eq!(Sectors(8).bytes(), Bytes(4096));
+        assert_eq!(Sectors(8).checked_bytes(), Some(Bytes(4096)));
+        assert_eq!(Sectors(u64::MAX / 512 + 1).checked_bytes(), None);
         assert_eq!(Bytes(4097).sectors_floor(), Sectors(8));
         assert_eq!(Bytes(4097).sectors_ceil(), Sectors(9));
         assert!(Bytes(1024).is_sector_aligned());

@@ -4,9 +4,19 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
-use super::*;
-use crate::ppl::{Checkpoint, ChunkSource, Entry, Geometry};
+use futures::future::join_all;
+use tables::io::{IoError, IoResult, WriteFlags};
+use tables::Bytes;
+
+use crate::layout::StripeMap;
+use crate::meta::{self, META_BLOCK};
+use crate::ppl::{self, Checkpoint, ChunkSource, Entry, Geometry};
+use crate::xor::xor_into;
+use crate::RaidError;
+
+use super::{Geo, Inner, LegState, PplState};
 
 /// A stripe write's hold on the log: counted in flight under the generation it was logged in
 /// (0: not logged) until dropped, so a segment is not reused and the log is not (re)started
@@ -363,16 +373,16 @@ impl Inner {
         self.flush_done(ticket);
     }
 
-    /// At assembly, after the legs to trust are known: sizes the log, finds the newest
-    /// checkpoint on any leg, and if a leg is missing replays that checkpoint's entries into
-    /// parity (flushed before any client I/O). Returns whether a log was being kept when the
-    /// array stopped (then every write that might not have been durable is covered by it).
-    pub(super) async fn ppl_replay(&self) -> Result<bool, RaidError> {
+    /// At assembly, after the legs to trust are known: sizes the log and finds the newest
+    /// checkpoint of this array on any leg. A checkpoint whose checksum holds but whose
+    /// segments or generations this code could not have written makes its leg untrusted (to
+    /// be rebuilt, with the reason), as a bad superblock does.
+    pub(super) async fn ppl_scan(&self) -> Option<(usize, Checkpoint)> {
         let Geo::Parity { chunk, .. } = self.geo else {
-            return Ok(false);
+            return None;
         };
         if !self.has_meta {
-            return Ok(false);
+            return None;
         }
         let base = meta::meta_bytes(self.regions);
         let min_meta = self
@@ -406,17 +416,43 @@ impl Inner {
             let Some(cp) = Checkpoint::decode(&b) else {
                 continue;
             };
-            if cp.uuid == self.uuid
-                && best
-                    .as_ref()
-                    .is_none_or(|(_, c)| cp.max_gen() > c.max_gen())
+            if cp.uuid != self.uuid {
+                continue; // left by an earlier array on this device
+            }
+            if let Some(why) = cp.problem(base, m.size().0) {
+                if l.state() == LegState::InSync {
+                    *l.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                        "leg {i} not trusted: parity log checkpoint: {why}; rebuilding"
+                    ));
+                    l.set(LegState::Recovering);
+                }
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_none_or(|(_, c)| cp.max_gen() > c.max_gen())
             {
                 best = Some((i, cp));
             }
         }
+        best
+    }
+
+    /// At assembly, once the legs are settled: if a leg is missing, replays the entries of the
+    /// checkpoint [`ppl_scan`](Self::ppl_scan) found into parity (flushed before any client
+    /// I/O). Returns whether a log was being kept when the array stopped (then every write
+    /// that might not have been durable is covered by it).
+    pub(super) async fn ppl_replay(
+        &self,
+        best: Option<(usize, Checkpoint)>,
+    ) -> Result<bool, RaidError> {
+        let Geo::Parity { chunk, .. } = self.geo else {
+            return Ok(false);
+        };
         let Some((li, cp)) = best else {
             return Ok(false);
         };
+        let base = meta::meta_bytes(self.regions);
         let io = |what: String| move |e: IoError| RaidError::Io(e.context(what));
         self.ppl_state().max_gen = cp.max_gen();
         let active = cp.active();

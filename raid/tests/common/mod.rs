@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use raid::{RaidDevice, RaidKind};
 use tables::io::{BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags};
@@ -217,4 +217,19 @@ pub fn same(got: &[u8], want: &[u8], what: &str) {
             got[i], want[i]
         );
     }
+}
+
+/// Panics so far in this test binary, on any thread: the assembly thread's panics are turned
+/// into errors by `RaidDevice::open`, so only a hook sees them. The count is process-wide.
+pub fn panics() -> usize {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |i| {
+            COUNT.fetch_add(1, Ordering::SeqCst);
+            prev(i)
+        }));
+    });
+    COUNT.load(Ordering::SeqCst)
 }
