@@ -221,12 +221,18 @@ impl Watch {
     }
 }
 
+/// How many later, smaller requests may overtake a waiting one before it goes next
+/// whatever its size (see [`Budget::grant`]).
+const MAX_OVERTAKES: u32 = 64;
+
 /// One request waiting for budget.
 struct Ticket {
     cost: usize,
     probation: bool,
     granted: AtomicBool,
     waker: Mutex<Option<Waker>>,
+    /// Times a later request was granted before this one (under the state lock).
+    overtaken: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -285,8 +291,13 @@ impl Budget {
         }
     }
 
-    /// Hands out what fits, in order; a blocked established waiter also holds back the
-    /// probation queue (otherwise small probation requests could starve it).
+    /// Hands out what fits. Within each class the smallest request goes first: one client
+    /// queueing huge READs it never reads the replies of (each can hold the budget until
+    /// the stall timeout drops its connection) must not keep a small request of another
+    /// client waiting behind every one of them. A request overtaken [`MAX_OVERTAKES`]
+    /// times goes next whatever its size, so large requests are never starved. A blocked
+    /// established waiter also holds back the probation queue (otherwise small probation
+    /// requests could starve it).
     fn grant(&self, st: &mut BudgetState) {
         for probation in [false, true] {
             loop {
@@ -295,16 +306,30 @@ impl Budget {
                 } else {
                     &st.established
                 };
-                let Some(t) = q.front() else { break };
-                if !self.fits(st, t.cost, probation) {
+                let due = q
+                    .iter()
+                    .position(|t| t.overtaken.load(Ordering::Relaxed) >= MAX_OVERTAKES);
+                // The smallest waiter (the earliest of equals), unless one is due.
+                let pick = due.or_else(|| {
+                    q.iter()
+                        .enumerate()
+                        .min_by_key(|(i, t)| (t.cost, *i))
+                        .map(|(i, _)| i)
+                });
+                let Some(i) = pick else { break };
+                let cost = q[i].cost;
+                if !self.fits(st, cost, probation) {
                     return;
                 }
-                let t = t.clone();
-                if probation {
-                    st.probation.pop_front();
+                let q = if probation {
+                    &mut st.probation
                 } else {
-                    st.established.pop_front();
+                    &mut st.established
+                };
+                for earlier in q.iter().take(i) {
+                    earlier.overtaken.fetch_add(1, Ordering::Relaxed);
                 }
+                let Some(t) = q.remove(i) else { break };
                 Self::take(st, t.cost, probation);
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 t.granted.store(true, Ordering::Release);
@@ -367,11 +392,14 @@ impl Future for Acquire {
                     this.done = true;
                     return Poll::Ready(());
                 }
+                // Others wait: join them, and let the policy decide who goes first (a small
+                // request may go at once, ahead of larger ones).
                 let t = Arc::new(Ticket {
                     cost: this.cost,
                     probation: this.probation,
                     granted: AtomicBool::new(false),
                     waker: Mutex::new(Some(cx.waker().clone())),
+                    overtaken: std::sync::atomic::AtomicU32::new(0),
                 });
                 if this.probation {
                     st.probation.push_back(t.clone());
@@ -379,7 +407,12 @@ impl Future for Acquire {
                     st.established.push_back(t.clone());
                 }
                 b.waiting.fetch_add(1, Ordering::Relaxed);
-                this.ticket = Some(t);
+                b.grant(&mut st);
+                this.ticket = Some(t.clone());
+                if t.granted.load(Ordering::Acquire) {
+                    this.done = true;
+                    return Poll::Ready(());
+                }
                 Poll::Pending
             }
             Some(t) => {
@@ -473,6 +506,55 @@ mod tests {
         assert_eq!(b.used(), 60);
         b.release(60, 50);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn small_requests_overtake_huge_ones_but_not_forever() {
+        let b = Arc::new(Budget::new(200));
+        let w = Arc::new(Flag(AtomicBool::new(false)));
+        // A stalled client holds the whole probation half.
+        let mut held = b.acquire(100, true);
+        assert!(poll(&mut held, &w));
+        // Three huge waiters queue up, then a small one.
+        let mut huge: Vec<Acquire> = (0..3).map(|_| b.acquire(100, true)).collect();
+        for h in &mut huge {
+            assert!(!poll(h, &w));
+        }
+        let mut small = b.acquire(10, true);
+        assert!(!poll(&mut small, &w));
+        // The stalled holder is dropped: the small request goes before the huge ones.
+        b.release(100, 100);
+        assert!(poll(&mut small, &w));
+        assert!(!poll(&mut huge[0], &w));
+        b.release(10, 10);
+        assert!(poll(&mut huge[0], &w));
+        drop(huge);
+
+        // A huge waiter overtaken MAX_OVERTAKES times goes next, whatever waits behind it.
+        let b = Arc::new(Budget::new(200));
+        let mut held = b.acquire(30, true);
+        assert!(poll(&mut held, &w));
+        let mut big = b.acquire(100, true);
+        assert!(!poll(&mut big, &w));
+        let mut tiny = Vec::new();
+        for _ in 0..MAX_OVERTAKES {
+            let mut t = b.acquire(1, true);
+            assert!(
+                poll(&mut t, &w),
+                "small requests fit beside the waiting big one"
+            );
+            tiny.push(t);
+        }
+        let mut late = b.acquire(1, true);
+        assert!(
+            !poll(&mut late, &w),
+            "the overtaken waiter is due: it holds the line"
+        );
+        b.release(30 + MAX_OVERTAKES as usize, 30 + MAX_OVERTAKES as usize);
+        assert!(poll(&mut big, &w));
+        assert!(!poll(&mut late, &w), "the probation half is full again");
+        b.release(100, 100);
+        assert!(poll(&mut late, &w));
     }
 
     #[test]

@@ -115,14 +115,6 @@ impl Sectors {
             None => None,
         }
     }
-    /// This many sectors in bytes, or `None` if that does not fit in 64 bits (for counts that
-    /// come from tables or from disk, where [`bytes`](Self::bytes) could overflow).
-    pub const fn checked_bytes(self) -> Option<Bytes> {
-        match self.0.checked_mul(SECTOR_SIZE) {
-            Some(b) => Some(Bytes(b)),
-            None => None,
-        }
-    }
 }
 
 impl Bytes {

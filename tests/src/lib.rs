@@ -59,11 +59,12 @@ pub fn require_root() {
     );
 }
 
-/// Runs `qemu-io -f raw -c CMD... URI` and asserts that every command worked; returns its
-/// output.
+/// Runs `qemu-io -f raw -c CMD... URI` (for at most 120 s) and asserts that every command
+/// worked; returns its output.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
+    // Bounded: a server that never answers fails the test instead of hanging it.
+    let mut c = Command::new("timeout");
+    c.args(["120", "qemu-io", "-f", "raw"]);
     for x in cmds {
         c.arg("-c").arg(x);
     }

@@ -92,6 +92,7 @@ fn a_hostile_raid_table_is_refused_and_never_takes_the_daemon_down() {
             table: text,
             ublk_id: None,
             nbd: Some(format!("127.0.0.1:{}", free_port())),
+            nbd_limits: Default::default(),
         },
     )
     .unwrap();
@@ -471,4 +472,129 @@ fn a_pool_repair_that_skips_damage_exits_non_zero() {
         }
     }
     assert!(lossy > 0, "no damaged block made repair skip anything");
+}
+
+/// The daemon's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// An NBD client that does the fixed-newstyle handshake by hand (`NBD_OPT_EXPORT_NAME`),
+/// then sends `reads` READs of `len` bytes and never reads a reply.
+fn hostile_client(
+    port: u16,
+    export: &str,
+    reads: usize,
+    len: u32,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello)?;
+    s.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export.as_bytes());
+    s.write_all(&opt)?;
+    let mut info = [0u8; 10]; // size + transmission flags
+    s.read_exact(&mut info)?;
+    let mut reqs = Vec::new();
+    for i in 0..reads {
+        reqs.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        reqs.extend_from_slice(&0u16.to_be_bytes()); // flags
+        reqs.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+        reqs.extend_from_slice(&(i as u64).to_be_bytes()); // cookie
+        reqs.extend_from_slice(&0u64.to_be_bytes()); // offset
+        reqs.extend_from_slice(&len.to_be_bytes());
+    }
+    s.write_all(&reqs)?;
+    Ok(s)
+}
+
+fn raise_nofile(want: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        assert!(
+            r.rlim_max >= want,
+            "this test needs {want} file descriptors; the hard limit is {}",
+            r.rlim_max
+        );
+        r.rlim_cur = r.rlim_cur.max(want);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+#[test]
+fn a_thousand_clients_that_never_read_replies_stay_within_the_nbd_memory_budget() {
+    require_root();
+    require_tool("qemu-io");
+    raise_nofile(4096);
+    let dir = tempdir();
+    let mut d = DaemonProc::start_with(&dir.path().join("state"), &["--nbd-memory", "64M"]);
+    let img = dir.path().join("big.img");
+    sparse_file(&img, 256 << 20).unwrap();
+    let t = write_table(
+        dir.path(),
+        "big.table",
+        &format!("0 524288 linear {} 0\n", img.display()),
+    );
+    let port = d.create_nbd("big", Path::new(&t));
+    let uri = format!("nbd://127.0.0.1:{port}/big");
+    qemu_io(&uri, &["write -P 0x42 0 1M"]);
+    let pid = d.pid().unwrap();
+    let before = rss(pid);
+    // 1,000 connections x 8 READs of 32 MiB: 256 GiB asked for, never taken.
+    let mut hostile = Vec::new();
+    for _ in 0..1000 {
+        match hostile_client(port, "big", 8, 32 << 20) {
+            Ok(s) => hostile.push(s),
+            Err(e) => panic!("hostile client {}: {e}\n{}", hostile.len(), d.log()),
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let peak_attack = rss(pid);
+    // A well-behaved client still gets service while the others sit there.
+    let t0 = Instant::now();
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x42 0 1M",
+            "write -P 0x43 1M 64k",
+            "read -P 0x43 1M 64k",
+        ],
+    );
+    let served_in = t0.elapsed();
+    let after = rss(pid).max(peak_attack);
+    drop(hostile);
+    let budget = 64u64 << 20;
+    let slack = 96u64 << 20;
+    eprintln!(
+        "daemon RSS: {} MiB before, {} MiB under attack; well-behaved client served in {served_in:?}",
+        before >> 20,
+        after >> 20
+    );
+    assert!(
+        after <= before + budget + slack,
+        "RSS grew from {} to {} MiB (budget 64 MiB + 96 MiB slack)",
+        before >> 20,
+        after >> 20
+    );
+    assert!(served_in < Duration::from_secs(30), "{served_in:?}");
+    assert_eq!(list_json(&d).as_array().unwrap().len(), 1);
+    assert_eq!(d.terminate(), 0, "{}", d.log());
 }

@@ -24,6 +24,9 @@ pub enum Request {
         ublk_id: Option<u32>,
         /// Export over NBD at this address instead of (or where there is no) ublk.
         nbd: Option<String>,
+        /// NBD limits of this device over the daemon's defaults.
+        #[serde(default, skip_serializing_if = "NbdOverrides::is_empty")]
+        nbd_limits: NbdOverrides,
     },
     /// List devices.
     List,
@@ -93,6 +96,51 @@ impl Request {
             Request::Retry { .. } => "retry",
             Request::Shutdown => "shutdown",
         }
+    }
+}
+
+/// NBD server limits set for one device (or one `serve`), each over a default that comes
+/// from the daemon's configuration (see [`nbd::Limits`] for what each means).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NbdOverrides {
+    /// [`nbd::Limits::max_connections`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// [`nbd::Limits::memory_budget_bytes`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_budget_bytes: Option<u64>,
+    /// [`nbd::Limits::idle_timeout_ms`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// [`nbd::Limits::handshake_timeout_ms`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+impl NbdOverrides {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == NbdOverrides::default()
+    }
+
+    /// `base` with these values put over it; the result is validated, and the error names
+    /// the field.
+    pub fn apply(&self, base: &nbd::Limits) -> Result<nbd::Limits, String> {
+        let mut l = *base;
+        if let Some(v) = self.max_connections {
+            l.max_connections = v;
+        }
+        if let Some(v) = self.memory_budget_bytes {
+            l.memory_budget_bytes = v;
+        }
+        if let Some(v) = self.idle_timeout_ms {
+            l.idle_timeout_ms = v;
+        }
+        if let Some(v) = self.handshake_timeout_ms {
+            l.handshake_timeout_ms = v;
+        }
+        l.validate().map(|()| l)
     }
 }
 

@@ -44,16 +44,19 @@ pub enum FrontendError {
 impl Frontend {
     /// Starts a front end for `dev` named `name`. With `restoring`, a ublk device that still
     /// exists in the kernel (the daemon was killed) is re-attached through user recovery.
+    /// NBD exports get `limits` (memory budget, connections, timeouts).
     pub fn start(
         name: &str,
         dev: DeviceRef,
         kind: FrontendKind,
         restoring: bool,
+        limits: &nbd::Limits,
     ) -> Result<Frontend, FrontendError> {
         match kind {
             FrontendKind::Nbd(addr) => {
                 let h = nbd::Server::builder()
                     .export(name, "volmgr volume", dev)
+                    .limits(*limits)
                     .build()?
                     .serve_tcp(addr.as_str())?;
                 let shown = h
@@ -68,6 +71,7 @@ impl Frontend {
             FrontendKind::NbdUnix(p) => {
                 let h = nbd::Server::builder()
                     .export(name, "volmgr volume", dev)
+                    .limits(*limits)
                     .build()?
                     .serve_unix(&p)?;
                 Ok(Frontend {

@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ublk_target::daemon::{Daemon, DaemonConfig};
 
+use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs};
+
 #[derive(Args)]
 pub struct DaemonArgs {
     /// State directory: lock, control socket, persisted devices.
@@ -23,6 +25,9 @@ pub struct DaemonArgs {
     /// remove, a message) before it fails with an error naming the device.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     io_timeout: u64,
+    /// Limits of every NBD export (`dev create` may set its own over these).
+    #[command(flatten)]
+    nbd: NbdLimitArgs,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a shutdown request. Exits non-zero when a device
@@ -37,6 +42,8 @@ pub fn run(a: DaemonArgs) -> Result<()> {
     let mut cfg = DaemonConfig::new(&a.state_dir);
     cfg.ublk_available &= !a.no_ublk;
     cfg.io_timeout = Duration::from_secs(a.io_timeout.max(1));
+    cfg.nbd_limits = a.nbd.limits()?;
+    raise_fd_limit();
     let ublk_available = cfg.ublk_available;
     ublk_target::daemon::enter_private_mount_ns().context("entering a private mount namespace")?;
     let d = Arc::new(

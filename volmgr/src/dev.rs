@@ -7,6 +7,7 @@ use clap::Subcommand;
 use ublk_target::control::{DeviceInfo, Reply, Request};
 
 use crate::client::{call, expect_text, StateDir};
+use crate::nbd_opts::NbdLimitArgs;
 use crate::table_cmd::table_for_daemon;
 
 #[derive(Subcommand)]
@@ -24,6 +25,9 @@ pub enum DevCmd {
         /// Export over NBD at HOST:PORT instead of ublk.
         #[arg(long)]
         nbd: Option<String>,
+        /// This export's NBD limits (over the daemon's).
+        #[command(flatten)]
+        limits: NbdLimitArgs,
         #[command(flatten)]
         sd: StateDir,
     },
@@ -143,9 +147,14 @@ pub fn run(cmd: DevCmd) -> Result<()> {
             table,
             ublk_id,
             nbd,
+            limits,
             sd,
         } => {
             let text = table_for_daemon(&table)?;
+            let nbd_limits = limits.overrides()?;
+            if nbd.is_none() && !nbd_limits.is_empty() {
+                anyhow::bail!("--nbd-* limits apply to NBD exports: give --nbd ADDR too");
+            }
             let r = call(
                 &sd,
                 Request::Create {
@@ -153,6 +162,7 @@ pub fn run(cmd: DevCmd) -> Result<()> {
                     table: text,
                     ublk_id,
                     nbd,
+                    nbd_limits,
                 },
             )?;
             println!("{}", expect_text(r)?);

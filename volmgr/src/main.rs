@@ -3,6 +3,7 @@
 mod client;
 mod daemon_cmd;
 mod dev;
+mod nbd_opts;
 mod pool;
 mod serve;
 mod table_cmd;

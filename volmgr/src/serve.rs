@@ -7,6 +7,7 @@ use clap::Args;
 use tables::DeviceRef;
 use ublk_target::frontend::{Frontend, FrontendKind};
 
+use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs};
 use crate::table_cmd::parse_table;
 
 #[derive(Args)]
@@ -28,6 +29,8 @@ pub struct ServeArgs {
     /// NBD export name.
     #[arg(long, default_value = "volume")]
     export: String,
+    #[command(flatten)]
+    limits: NbdLimitArgs,
 }
 
 fn build_device(file: &Path) -> Result<DeviceRef> {
@@ -47,6 +50,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if kinds != 1 {
         bail!("give exactly one of --nbd ADDR, --unix PATH or --ublk");
     }
+    let limits = a.limits.limits()?;
+    raise_fd_limit();
     let dev = build_device(&a.file)?;
     let kind = if let Some(addr) = a.nbd {
         FrontendKind::Nbd(addr)
@@ -55,8 +60,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         FrontendKind::Ublk(a.ublk_id)
     };
-    let front =
-        Frontend::start(&a.export, dev.clone(), kind, false).context("starting the front end")?;
+    let front = Frontend::start(&a.export, dev.clone(), kind, false, &limits)
+        .context("starting the front end")?;
     eprintln!(
         "volmgr: serving {} ({} bytes) at {}",
         a.file.display(),

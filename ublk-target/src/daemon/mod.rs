@@ -89,6 +89,8 @@ pub struct DaemonConfig {
     /// the final flush of a remove, a target message) before it gives up with an error
     /// naming the device; the daemon and every other device keep serving meanwhile.
     pub io_timeout: Duration,
+    /// Limits of every NBD export (a device's own `nbd_limits` go over these).
+    pub nbd_limits: nbd::Limits,
 }
 
 impl DaemonConfig {
@@ -99,6 +101,7 @@ impl DaemonConfig {
             ublk_available: Path::new("/dev/ublk-control").exists(),
             private_mount_ns: true,
             io_timeout: Duration::from_secs(60),
+            nbd_limits: nbd::Limits::default(),
         }
     }
 }
@@ -382,11 +385,13 @@ impl Daemon {
                 table,
                 ublk_id,
                 nbd,
+                nbd_limits,
             } => self.create(PersistedDevice {
                 name,
                 table,
                 ublk_id,
                 nbd,
+                nbd_limits,
             }),
             Request::List => {
                 let d = self.devs();

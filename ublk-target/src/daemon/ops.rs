@@ -284,7 +284,11 @@ impl Daemon {
                 ))
             }
         };
-        let front = Frontend::start(&name, sw.clone() as DeviceRef, kind, restoring)
+        let limits = rec
+            .nbd_limits
+            .apply(&self.cfg.nbd_limits)
+            .map_err(|e| format!("{name}: NBD limits: {e}"))?;
+        let front = Frontend::start(&name, sw.clone() as DeviceRef, kind, restoring, &limits)
             .map_err(|e| format!("{name}: {e}"))?;
         if let Some(id) = front.ublk_id() {
             rec.ublk_id = Some(id);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::DaemonError;
+use crate::control::NbdOverrides;
 
 /// What the daemon persists about one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +25,9 @@ pub struct PersistedDevice {
     pub ublk_id: Option<u32>,
     /// NBD address, if exported over NBD.
     pub nbd: Option<String>,
+    /// This device's NBD limits over the daemon's defaults.
+    #[serde(default, skip_serializing_if = "NbdOverrides::is_empty")]
+    pub nbd_limits: NbdOverrides,
 }
 
 /// Reads the records; a missing file is an empty list.
@@ -70,6 +74,7 @@ mod tests {
             table: "0 8 zero\n".into(),
             ublk_id: None,
             nbd: Some("127.0.0.1:0".into()),
+            nbd_limits: NbdOverrides::default(),
         }
     }
 

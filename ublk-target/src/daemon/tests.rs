@@ -118,6 +118,7 @@ fn rec(name: &str, table: &str) -> PersistedDevice {
         table: table.into(),
         ublk_id: None,
         nbd: Some("127.0.0.1:0".into()),
+        nbd_limits: Default::default(),
     }
 }
 
@@ -156,6 +157,7 @@ fn create(d: &Daemon, name: &str, table: &str) -> Reply {
         table: table.into(),
         ublk_id: None,
         nbd: Some("127.0.0.1:0".into()),
+        nbd_limits: Default::default(),
     })
 }
 
