@@ -538,6 +538,43 @@ pub fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
     Ok(Runtime { inner: rt }.block_on(fut))
 }
 
+/// Why [`run_on_io_thread`] could not produce a value.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperThreadError {
+    /// The thread or its runtime could not be created.
+    #[error("starting an I/O helper thread: {0}")]
+    Start(#[from] io::Error),
+    /// The future panicked (the message, when it had one).
+    #[error("the I/O helper thread panicked: {0}")]
+    Panicked(String),
+}
+
+/// Runs the future `f` makes to completion on a fresh, scoped thread with its own runtime,
+/// and returns its output. For synchronous code that needs async I/O but may itself run
+/// inside a runtime's task (a table build, a device's drop), where blocking on the same ring
+/// would deadlock. A panic in the future comes back as an error, not a panic.
+pub fn run_on_io_thread<T: Send, Fut: Future<Output = T>>(
+    f: impl FnOnce() -> Fut + Send,
+) -> Result<T, HelperThreadError> {
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("io-helper".into())
+            .spawn_scoped(s, || -> Result<T, HelperThreadError> {
+                let rt = Runtime::new(64)?;
+                Ok(rt.block_on(f()))
+            })?;
+        match h.join() {
+            Ok(r) => r,
+            Err(p) => Err(HelperThreadError::Panicked(
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default(),
+            )),
+        }
+    })
+}
+
 /// Completes when every future in `futs` completes; returns the first error (all are still
 /// driven to completion so no buffer is abandoned mid-flight).
 pub async fn try_join_all<T, E, F>(futs: Vec<F>) -> Result<Vec<T>, E>
@@ -745,5 +782,24 @@ mod tests {
     fn submit_without_runtime_reports_enxio() {
         let r = futures::executor::block_on(unsafe { submit(opcode::Nop::new().build()) });
         assert_eq!(r, -libc::ENXIO);
+    }
+}
+
+#[cfg(test)]
+mod helper_thread_tests {
+    use super::*;
+
+    #[test]
+    fn runs_io_on_its_own_ring_even_from_inside_a_runtime() {
+        let rt = Runtime::new(8).unwrap();
+        let v = rt.block_on(async {
+            run_on_io_thread(|| async {
+                sleep(Duration::from_millis(5)).await;
+                7
+            })
+        });
+        assert_eq!(v.unwrap(), 7);
+        let e = run_on_io_thread(|| async { panic!("boom") as u8 }).unwrap_err();
+        assert!(e.to_string().contains("boom"), "{e}");
     }
 }

@@ -36,7 +36,8 @@ use tables::DeviceRef;
 
 use crate::proto::*;
 use crate::server::{ConnEntry, Job, Shared};
-use crate::sock::{send_vectored_all, shutdown, AlignedBuf, RecvBuf};
+use crate::sock::{send_vectored_all, shutdown, RecvBuf};
+use tables::buf::AlignedBuf;
 
 /// Largest read or write payload (also advertised as the maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -79,16 +80,17 @@ impl Default for Pool {
 }
 
 impl Pool {
-    /// A pooled buffer of exactly [`buf_size`]`(len)` bytes, or a new one.
-    fn take(&mut self, len: usize) -> AlignedBuf {
+    /// A pooled buffer of exactly [`buf_size`]`(len)` bytes, or a new one (`ENOMEM` if the
+    /// allocation fails: the budget bounds what is asked, so that is the machine's memory).
+    fn take(&mut self, len: usize) -> IoResult<AlignedBuf> {
         let size = buf_size(len);
         match self.bufs.iter().position(|b| b.len() == size) {
             Some(i) => {
                 let b = self.bufs.swap_remove(i);
                 self.bytes -= b.len();
-                b
+                Ok(b)
             }
-            None => AlignedBuf::new(size),
+            None => AlignedBuf::page_aligned(size),
         }
     }
 
@@ -305,7 +307,7 @@ impl Conn {
     }
 
     /// A buffer of at least `len` bytes, from this worker's pool when one fits.
-    fn take_buf(&self, len: usize) -> AlignedBuf {
+    fn take_buf(&self, len: usize) -> IoResult<AlignedBuf> {
         POOL.with(|p| p.borrow_mut().take(len))
     }
 
@@ -472,7 +474,13 @@ async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
                 }
                 let cost = buf_size(len);
                 conn.acquire(cost).await?;
-                let mut buf = conn.take_buf(len);
+                let mut buf = match conn.take_buf(len) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        conn.release(cost);
+                        return Err(io::Error::from_raw_os_error(e.errno));
+                    }
+                };
                 let watch = &conn.entry.watch;
                 watch.payload(true);
                 let r = rb.read_exact(&mut buf[..len]).await;
@@ -646,7 +654,13 @@ fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
     let entry = conn.entry.clone();
     let lock = conn.send_lock.clone();
     let hdr = conn.hdr_ok(&req);
-    let mut buf = conn.take_buf(len);
+    let mut buf = match conn.take_buf(len) {
+        Ok(b) => b,
+        Err(e) => {
+            conn.fail("read", &req, &e, cost);
+            return Ok(());
+        }
+    };
     let job: Job = Box::new(move || {
         let _ = iort::spawn(async move {
             let done = match dev_read(&export, &*dev, max_io, req.offset, &mut buf[..len]).await {
@@ -710,7 +724,10 @@ fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()>
 async fn do_read(conn: Rc<Conn>, req: Request) {
     let len = req.len as usize;
     let cost = buf_size(len);
-    let mut buf = conn.take_buf(len);
+    let mut buf = match conn.take_buf(len) {
+        Ok(b) => b,
+        Err(e) => return conn.fail("read", &req, &e, cost),
+    };
     let ex = &conn.ex;
     match dev_read(&ex.name, &*ex.dev, ex.max_io, req.offset, &mut buf[..len]).await {
         Ok(()) => conn.reply(conn.hdr_ok(&req), Some((buf, len)), cost),
@@ -856,25 +873,25 @@ mod tests {
     #[test]
     fn pool_reuses_buffers_of_the_same_size_and_stays_bounded() {
         let mut p = Pool::default();
-        let b = p.take(5000);
+        let b = p.take(5000).unwrap();
         assert_eq!(b.len(), 8192);
         assert_eq!(buf_size(5000), 8192);
         let ptr = b.as_ptr();
         p.put(b);
         // Same size class: reused.
-        assert_eq!(p.take(6000).as_ptr(), ptr);
+        assert_eq!(p.take(6000).unwrap().as_ptr(), ptr);
         // A bigger buffer is never handed out: a buffer costs what its size class costs.
-        p.put(AlignedBuf::new(1 << 20));
-        assert_eq!(p.take(4096).len(), 4096);
+        p.put(AlignedBuf::page_aligned(1 << 20).unwrap());
+        assert_eq!(p.take(4096).unwrap().len(), 4096);
         for _ in 0..2 * POOL_COUNT {
-            p.put(AlignedBuf::new(1 << 20));
+            p.put(AlignedBuf::page_aligned(1 << 20).unwrap());
         }
         assert!(p.bytes <= POOL_BYTES && p.bufs.len() <= POOL_COUNT);
         p.limit = 3 << 20;
         p.bufs.clear();
         p.bytes = 0;
         for _ in 0..8 {
-            p.put(AlignedBuf::new(1 << 20));
+            p.put(AlignedBuf::page_aligned(1 << 20).unwrap());
         }
         assert_eq!(p.bytes, 3 << 20);
     }

@@ -1,9 +1,7 @@
 //! Socket plumbing on the `iort` ring: a buffered receiver, vectored sends, aligned buffers.
 
-use std::alloc::{self, Layout};
 use std::io;
 use std::os::fd::RawFd;
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use iort::io_uring::{opcode, types};
@@ -214,67 +212,6 @@ pub(crate) async fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     iort::send_all(fd, buf, 0).await
 }
 
-/// Alignment of I/O buffers: page-aligned so devices doing `O_DIRECT` need no bounce copy.
-const ALIGN: usize = 4096;
-
-/// A zero-initialised, page-aligned byte buffer.
-pub(crate) struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    /// A buffer of `len` bytes (at least one page is allocated).
-    pub(crate) fn new(len: usize) -> AlignedBuf {
-        // Callers never ask for more than a few MiB; an impossible size yields an empty
-        // buffer (slicing it then fails loudly) rather than a buffer shorter than `len`.
-        let len = if Self::layout(len).is_some() { len } else { 0 };
-        let layout = Self::layout(len).unwrap_or(Layout::new::<[u8; ALIGN]>());
-        // SAFETY: layout has non-zero size.
-        let p = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(p) else {
-            alloc::handle_alloc_error(layout)
-        };
-        AlignedBuf { ptr, len }
-    }
-
-    fn layout(len: usize) -> Option<Layout> {
-        let size = len.max(1).checked_next_multiple_of(ALIGN)?;
-        Layout::from_size_align(size, ALIGN).ok()
-    }
-
-    /// Capacity in bytes.
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Self::layout(self.len).unwrap_or(Layout::new::<[u8; ALIGN]>());
-        // SAFETY: allocated in `new` with this same layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised bytes, owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in deref, and &mut self guarantees exclusivity.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
 /// Sets `TCP_NODELAY` (ignored for non-TCP sockets): replies must not wait for Nagle.
 pub(crate) fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
@@ -295,24 +232,5 @@ pub(crate) fn shutdown(fd: RawFd, how: libc::c_int) {
     // SAFETY: plain syscall on a descriptor the caller keeps open.
     unsafe {
         libc::shutdown(fd, how);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aligned_buf_is_aligned_and_zeroed() {
-        for len in [0usize, 1, 4095, 4096, 1 << 20] {
-            let mut b = AlignedBuf::new(len);
-            assert_eq!(b.len(), len);
-            assert_eq!(b.as_ptr() as usize % ALIGN, 0);
-            assert!(b.iter().all(|&x| x == 0));
-            if len > 0 {
-                b[len - 1] = 7;
-                assert_eq!(b[len - 1], 7);
-            }
-        }
     }
 }

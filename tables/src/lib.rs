@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod buf;
 pub mod io;
 pub mod mem;
 pub mod registry;

@@ -6,9 +6,9 @@
 //! `/dev/ublkcN`); failing that, with `read`/`write` from memory. Every read is checked against
 //! a byte model, and each table must take the path it promises to.
 
-use std::alloc::Layout;
 use std::path::Path;
 
+use tables::buf::AlignedBuf;
 use tables::io::{BlockDevice, FixedBuf, Served};
 use tables::registry::Resolver;
 use tables::table::Table;
@@ -16,36 +16,25 @@ use tables::{Bytes, DeviceRef, WriteFlags};
 
 /// Page-aligned memory registered as fixed buffer 0 of a runtime's ring.
 struct Registered {
-    ptr: *mut u8,
-    len: usize,
+    mem: AlignedBuf,
 }
 
 impl Registered {
     fn new(len: usize) -> Registered {
-        let layout = Layout::from_size_align(len, 4096).unwrap();
-        // SAFETY: non-zero size; freed with the same layout in Drop.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        Registered { ptr, len }
+        Registered {
+            mem: AlignedBuf::page_aligned(len).unwrap(),
+        }
     }
     fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: our allocation; no fixed-buffer operation is in flight when this is used.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+        &mut self.mem
     }
     fn fixed(&self, len: usize) -> FixedBuf {
         FixedBuf {
             index: 0,
-            base: self.ptr as u64,
+            base: self.mem.as_ptr() as u64,
             offset: 0,
             len,
         }
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, Layout::from_size_align(self.len, 4096).unwrap()) };
     }
 }
 
@@ -194,8 +183,8 @@ fn exercise(dev: &DeviceRef, model: &mut [u8], ops: usize, seed: u64) -> Paths {
     let rt = iort::Runtime::new(64).unwrap();
     let mut reg = Registered::new(256 << 10);
     let iov = libc::iovec {
-        iov_base: reg.ptr.cast(),
-        iov_len: reg.len,
+        iov_base: reg.mem.as_mut_ptr().cast(),
+        iov_len: reg.mem.len(),
     };
     // SAFETY: `reg` outlives `rt` (dropped after it, below).
     unsafe { rt.register_buffers(&[iov]) }.unwrap();

@@ -149,17 +149,11 @@ impl Drop for Pool {
             return;
         }
         let this: &Pool = self;
-        let r = std::thread::scope(|s| {
-            s.spawn(|| match iort::block_on(this.commit()) {
-                Ok(r) => r,
-                Err(_) => futures::executor::block_on(this.commit()),
-            })
-            .join()
-        });
-        match r {
+        // The last handle may go inside a runtime's task: commit on a thread of its own.
+        match iort::run_on_io_thread(|| this.commit()) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => log::error!("{}: final commit failed: {e}", self.name),
-            Err(_) => log::error!("{}: final commit panicked", self.name),
+            Err(e) => log::error!("{}: final commit: {e}", self.name),
         }
     }
 }

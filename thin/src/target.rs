@@ -246,15 +246,6 @@ fn segment_bytes(len: Sectors) -> Result<Bytes, ArgError> {
         })
 }
 
-/// Runs an async open on a helper thread with its own io_uring runtime: `build` is
-/// synchronous and may itself be called from inside a runtime.
-fn run_blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| match s.spawn(f).join() {
-        Ok(v) => v,
-        Err(p) => std::panic::resume_unwind(p),
-    })
-}
-
 /// The `thin-pool` target.
 pub struct ThinPoolKind;
 
@@ -314,15 +305,10 @@ impl TargetKind for ThinPoolKind {
                 p
             }
             None => {
-                let r = run_blocking(move || {
-                    let fut = Pool::open(meta, data, opts);
-                    match iort::block_on(fut) {
-                        Ok(r) => r,
-                        Err(_) => Err(crate::MetaError::Invalid(
-                            "cannot create an io_uring runtime to open the pool".into(),
-                        )),
-                    }
-                });
+                // `build` is synchronous and may run inside a runtime's task: open the pool
+                // on a thread of its own.
+                let r = iort::run_on_io_thread(move || Pool::open(meta, data, opts))
+                    .map_err(|e| ArgError::at(1, format!("{meta_name}: opening the pool: {e}")))?;
                 r.map_err(|e| ArgError::at(1, format!("{meta_name}: {e}")))?
             }
         };

@@ -25,56 +25,13 @@
 //! touch partial blocks): an aligned request never shares a block with a request whose bytes it
 //! does not overlap, and concurrent overlapping writes have no defined result on any device.
 
-use std::alloc::Layout;
-use std::ops::{Deref, DerefMut};
-use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
 
+pub(crate) use tables::buf::AlignedBuf;
 use tables::{IoError, IoResult};
 
 use super::FileExtent;
-
-/// A zero-initialised heap buffer aligned for O_DIRECT.
-pub(crate) struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    /// `len` bytes (> 0) aligned to `align` (a power of two).
-    pub(crate) fn zeroed(len: usize, align: usize) -> Result<AlignedBuf, IoError> {
-        let layout = Layout::from_size_align(len.max(1), align.max(1))
-            .map_err(|e| IoError::invalid(format!("bounce buffer of {len} bytes: {e}")))?;
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(p)
-            .ok_or_else(|| IoError::new(libc::ENOMEM, format!("bounce buffer of {len} bytes")))?;
-        Ok(AlignedBuf { ptr, layout })
-    }
-}
-
-impl Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is a live, initialised allocation of layout.size() bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
 
 #[derive(Default)]
 struct LockState {

@@ -20,21 +20,6 @@ use super::{
     ST_INSYNC,
 };
 
-/// Runs `f`'s future on a fresh thread with its own io_uring runtime: building may be called
-/// from inside another runtime's task, where blocking on the same ring would deadlock.
-fn run_on_io_thread<T: Send, Fut: std::future::Future<Output = T>>(
-    f: impl FnOnce() -> Fut + Send,
-) -> Result<T, RaidError> {
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<T, RaidError> {
-            let rt = iort::Runtime::new(64).map_err(|e| RaidError::Io(IoError::from(e)))?;
-            Ok(rt.block_on(f()))
-        })
-        .join()
-        .map_err(|_| RaidError::Io(IoError::eio("raid assembly thread panicked")))?
-    })
-}
-
 impl RaidDevice {
     /// Assembles an array from opened legs: `legs[i] = (metadata, data)`, data devices
     /// already windowed (mirror offsets applied). `size` is the exposed size.
@@ -176,7 +161,9 @@ impl RaidDevice {
             limits,
         };
         let mut inner = inner;
-        run_on_io_thread(|| inner.assemble())??;
+        // Building may run inside another runtime's task: assemble on a thread of its own.
+        iort::run_on_io_thread(|| inner.assemble())
+            .map_err(|e| RaidError::Io(IoError::eio(format!("raid assembly: {e}"))))??;
         let inner = Arc::new(inner);
         let dev = RaidDevice {
             inner: inner.clone(),
