@@ -13,12 +13,13 @@
 //!
 //! Limits of that arrangement, for target authors: on a queue thread there is no
 //! `iort::Runtime`, so `iort::spawn` returns `NoRuntime` and `iort::block_on` must not be
-//! called (it would wait on another ring). A target future dropped while one of its
-//! operations is in flight does not wait for the kernel (libublk's op futures do not), so
-//! targets must drive their operations to completion (`iort::try_join_all` does).
+//! called (it would wait on another ring). As on iort's own ring, an operation dropped while
+//! in flight (a target panic caught by `serve`, a queue torn down mid-request) is cancelled
+//! and waited for before its buffers are released (`ring`).
 //!
 //! Files: `options` (what to serve with, checks, errors), `server` (a device's lifecycle and
-//! its control thread), `queue` (a queue thread: tag tasks, event loop, ring backend),
+//! its control thread), `queue` (a queue thread: tag tasks, event loop), `ring` (the table's
+//! I/O on the queue ring, and dropped operations waited for),
 //! `dispatch` (one request onto [`BlockDevice`] calls), `zero_copy` (fixed buffers, mapped
 //! copies, the step memory).
 
@@ -30,6 +31,7 @@ use tables::io::BlockDevice;
 mod dispatch;
 mod options;
 mod queue;
+mod ring;
 mod server;
 mod zero_copy;
 

@@ -194,8 +194,12 @@ mod tests {
         .unwrap();
     }
 
-    /// A device whose reads panic: the request fails, the server does not.
-    struct Panicky;
+    /// A device whose reads panic: the request fails, the server does not. With a pipe, a
+    /// read first starts a read on it, then panics in the other branch of a join while that
+    /// read still waits for data.
+    struct Panicky {
+        pipe: Option<std::os::fd::RawFd>,
+    }
     impl BlockDevice for Panicky {
         fn name(&self) -> String {
             "panicky".into()
@@ -203,8 +207,25 @@ mod tests {
         fn size(&self) -> Bytes {
             Bytes(1 << 20)
         }
-        fn read<'a>(&'a self, _: Bytes, _: &'a mut [u8]) -> tables::IoFuture<'a> {
-            Box::pin(async { panic!("target bug") })
+        fn read<'a>(&'a self, _: Bytes, buf: &'a mut [u8]) -> tables::IoFuture<'a> {
+            let Some(pipe) = self.pipe else {
+                return Box::pin(async { panic!("target bug") });
+            };
+            Box::pin(async move {
+                use iort::io_uring::{opcode, types};
+                let len = u32::try_from(buf.len()).unwrap();
+                let sqe = opcode::Read::new(types::Fd(pipe), buf.as_mut_ptr(), len)
+                    .offset(u64::MAX)
+                    .build();
+                // SAFETY: `buf` is borrowed for as long as this future lives.
+                let read = async { unsafe { iort::submit(sqe) }.await };
+                let bug = async {
+                    iort::yield_now().await;
+                    panic!("target bug while a read is in flight");
+                };
+                futures::join!(read, bug);
+                Ok(())
+            })
         }
         fn write<'a>(&'a self, _: Bytes, _: &'a [u8], _: WriteFlags) -> tables::IoFuture<'a> {
             tables::io::ready(Ok(()))
@@ -224,12 +245,42 @@ mod tests {
     fn a_panicking_target_fails_the_request() {
         let mut buf = vec![0u8; 4096];
         let r = iort::block_on(serve(
-            &Panicky,
+            &Panicky { pipe: None },
             &iod(sys::UBLK_IO_OP_READ, 0, 8),
             &mut buf,
             None,
         ))
         .unwrap();
         assert_eq!(r, -libc::EIO);
+    }
+
+    /// On the queue ring (as on a ublk queue thread), a target that panics while one of its
+    /// reads is in flight fails the request, and the request's buffer is not written once
+    /// `serve` has returned it (the dropped read waited for its completion).
+    #[test]
+    fn a_panic_mid_read_on_the_queue_ring_leaves_no_write_into_the_buffer() {
+        use crate::ublk::ring::tests::{feed, pipe, run};
+        use std::os::fd::AsRawFd;
+        crate::ublk::ring::init_test_ring().unwrap();
+        iort::set_backend(Some(std::rc::Rc::new(crate::ublk::ring::QueueRingBackend)));
+        let (rd, wr) = pipe();
+        let dev = Panicky {
+            pipe: Some(rd.as_raw_fd()),
+        };
+        let mut buf = vec![0xAAu8; 4096];
+        let r = run(serve(
+            &dev,
+            &iod(sys::UBLK_IO_OP_READ, 0, 8),
+            &mut buf,
+            None,
+        ));
+        assert_eq!(r, -libc::EIO);
+        // The tag buffer now serves the next request: the old read must not land in it.
+        feed(&wr);
+        iort::set_backend(None);
+        assert!(
+            buf.iter().all(|&b| b == 0xAA),
+            "a read dropped with its request wrote into the tag buffer afterwards"
+        );
     }
 }

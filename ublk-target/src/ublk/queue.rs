@@ -1,20 +1,18 @@
 //! One hardware queue's thread: a task per tag on libublk's executor, the event loop that
 //! drives the queue ring, and the [`iort::Backend`] that puts the table's SQEs on that ring.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
-use libublk::uring_async::ublk_submit_sqe_async;
-use libublk::{sys, BufDesc, UblkError, UblkUringData};
+use libublk::{sys, BufDesc, UblkError};
 use tables::io::{BlockDevice, DeviceRef};
 
 use super::dispatch::serve;
 use super::options::{describe, ZERO_COPY_FLAGS};
+use super::ring::QueueRing;
 use super::zero_copy::{ZcRequest, ZeroCopy};
 use super::UblkOptions;
 
@@ -36,23 +34,6 @@ fn populate(buf: &mut [u8]) {
     }
 }
 
-/// Submits the table's SQEs onto libublk's ring for this queue thread.
-struct QueueRingBackend;
-
-impl iort::Backend for QueueRingBackend {
-    unsafe fn submit(
-        &self,
-        sqe: iort::io_uring::squeue::Entry,
-    ) -> Pin<Box<dyn Future<Output = i32>>> {
-        Box::pin(async move {
-            // The Target bit tells libublk this CQE is ours, not a ublk command's.
-            ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
-                .await
-                .unwrap_or(-libc::EIO)
-        })
-    }
-}
-
 /// One hardware queue: a local task per tag, all driven by libublk's event loop.
 pub(super) fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: QueueSetup) {
     let q = match UblkQueue::new(qid, udev) {
@@ -69,7 +50,10 @@ pub(super) fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: Queu
             return;
         }
     };
-    iort::set_backend(Some(Rc::new(QueueRingBackend)));
+    // The table's I/O goes onto this queue's ring. Declared before the executor, so dropped
+    // after it (locals drop in reverse order): operations its tasks drop in flight can still
+    // reap this queue's ring.
+    let _ring = QueueRing::enter(q.clone());
     let buf_bytes = udev.dev_info.max_io_buf_bytes as usize;
     // The device's own flags decide (a recovered device keeps the path it was created with).
     let zc = (udev.dev_info.flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS).then(|| ZeroCopy {
@@ -124,7 +108,6 @@ pub(super) fn queue_thread(qid: u16, udev: &UblkDev, dev: DeviceRef, setup: Queu
             describe(&e)
         );
     }
-    iort::set_backend(None);
 }
 
 /// The [`UblkOptions`] the queue threads act on.
