@@ -21,7 +21,9 @@
 //! its control thread), `queue` (a queue thread: tag tasks, event loop), `ring` (the table's
 //! I/O on the queue ring, and dropped operations waited for),
 //! `dispatch` (one request onto [`BlockDevice`] calls), `zero_copy` (fixed buffers, mapped
-//! copies, the step memory).
+//! copies, the step memory), `failure` (a dead queue thread fails and stops its device),
+//! `teardown` (how a queue thread lets go of its queue, also when it died), `fault`
+//! (test-only queue-thread faults, feature `fault-injection`).
 
 #![warn(missing_docs)]
 
@@ -29,10 +31,14 @@
 use tables::io::BlockDevice;
 
 mod dispatch;
+mod failure;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod options;
 mod queue;
 mod ring;
 mod server;
+mod teardown;
 mod zero_copy;
 
 pub use options::{UblkOptions, UblkTargetError};

@@ -9,7 +9,7 @@
 //! completion as the queue's event loop does, until the operation's own completion has
 //! arrived. That wait is bounded ([`GIVE_UP_AFTER`]) and logged.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::ptr::NonNull;
@@ -18,12 +18,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use iort::io_uring::{cqueue, opcode, squeue, types, IoUring};
-use libublk::io::UblkQueue;
+use libublk::io::{UblkIOCtx, UblkQueue};
 use libublk::uring_async::{
     ublk_reap_events_with_handler, ublk_reap_io_events_with_update_queue, ublk_wake_task,
     UblkUringOpFuture,
 };
-use libublk::UblkUringData;
+use libublk::{sys, UblkUringData};
 
 /// The longest a dropped operation's wait blocks in the kernel before it looks at its clock.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
@@ -43,7 +43,26 @@ const PUSH_TRIES: u32 = 64;
 thread_local! {
     /// The queue this thread serves, while a [`QueueRing`] guard is alive on it.
     static QUEUE: Cell<Option<NonNull<UblkQueue<'static>>>> = const { Cell::new(None) };
+    /// Per tag of that queue: where its commands stand (see [`TagState`]).
+    static TAGS: RefCell<Option<TagStates>> = const { RefCell::new(None) };
 }
+
+/// Where a tag's ublk commands stand, as far as the kernel is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TagState {
+    /// A command (FETCH or COMMIT_AND_FETCH) is queued or in flight, waiting for a request.
+    Armed,
+    /// The tag holds a request the server has not committed yet: from the completion that
+    /// fetched it (seen by [`handle_cqe`], whoever reaps it) until the tag queues its commit.
+    Held,
+    /// The kernel aborted the tag's command: the queue is down.
+    Down,
+    /// The tag's command failed.
+    Failed,
+}
+
+/// Per tag of a queue (indexed by tag): [`TagState`].
+pub(super) type TagStates = Rc<[Cell<TagState>]>;
 
 /// For the life of a queue thread's serving: installs [`QueueRingBackend`] as the thread's
 /// `iort` backend and makes the queue known to dropped [`RingOp`]s (which reap its commands'
@@ -55,12 +74,13 @@ pub(super) struct QueueRing<'a> {
 }
 
 impl<'a> QueueRing<'a> {
-    pub(super) fn enter(queue: Rc<UblkQueue<'a>>) -> QueueRing<'a> {
+    pub(super) fn enter(queue: Rc<UblkQueue<'a>>, tags: TagStates) -> QueueRing<'a> {
         // Lifetime erased for the thread-local: the address is only dereferenced on this
         // thread while this guard (which holds the Rc, so the queue and the device it borrows
         // outlive it) is alive, and the guard clears it when dropped.
         let ptr = NonNull::from(&*queue).cast::<UblkQueue<'static>>();
         QUEUE.with(|q| q.set(Some(ptr)));
+        TAGS.with(|t| *t.borrow_mut() = Some(tags));
         iort::set_backend(Some(Rc::new(QueueRingBackend)));
         QueueRing { _queue: queue }
     }
@@ -69,6 +89,7 @@ impl<'a> QueueRing<'a> {
 impl Drop for QueueRing<'_> {
     fn drop(&mut self) {
         iort::set_backend(None);
+        TAGS.with(|t| t.borrow_mut().take());
         QUEUE.with(|q| q.set(None));
     }
 }
@@ -185,7 +206,7 @@ fn reap() -> bool {
     if with_ring(|_| ()).is_none() {
         return false;
     }
-    let wake = |cqe: &cqueue::Entry| ublk_wake_task(cqe.user_data(), cqe);
+    let wake = |cqe: &cqueue::Entry| handle_cqe(cqe);
     match QUEUE.with(Cell::get) {
         Some(q) => {
             // SAFETY: QUEUE is only set while the QueueRing guard holding this queue lives on
@@ -199,6 +220,40 @@ fn reap() -> bool {
         }
     }
     true
+}
+
+/// What a queue thread does with each completion it reaps: a ublk command's (one without the
+/// Target bit) updates its tag's [`TagState`]; then the task waiting for it is woken.
+pub(super) fn handle_cqe(cqe: &cqueue::Entry) {
+    let data = cqe.user_data();
+    if data & UblkUringData::Target as u64 == 0 {
+        let res = cqe.result();
+        let state =
+            if res == sys::UBLK_IO_RES_OK as i32 || res == sys::UBLK_IO_RES_NEED_GET_DATA as i32 {
+                TagState::Held
+            } else if res == sys::UBLK_IO_RES_ABORT {
+                TagState::Down
+            } else {
+                TagState::Failed
+            };
+        let tag = UblkIOCtx::user_data_to_tag(data) as usize;
+        TAGS.with(|t| {
+            if let Some(cell) = t.borrow().as_ref().and_then(|t| t.get(tag)) {
+                cell.set(state);
+            }
+        });
+    }
+    ublk_wake_task(data, cqe);
+}
+
+/// Submits what is queued, waits up to `slice` for a completion, and reaps them all (as the
+/// event loop does). False if the ring cannot be used from here.
+pub(super) fn drive(slice: Duration) -> bool {
+    let ts = types::Timespec::from(slice);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    // ETIME (nothing within the slice), EINTR and EBUSY (reap first) only mean: go round.
+    let _ = with_ring(|r| r.submitter().submit_with_args(1, &args));
+    reap()
 }
 
 /// The result of `op` if its completion has been reaped (which retires its key).
@@ -267,10 +322,7 @@ fn finish_dropped(mut op: UblkUringOpFuture, opcode: u32) {
             );
             warn_at = warn_at.saturating_mul(2);
         }
-        let slice = types::Timespec::from(WAIT_SLICE);
-        let args = types::SubmitArgs::new().timespec(&slice);
-        // ETIME (nothing within the slice), EINTR and EBUSY (reap first) only mean: go round.
-        let _ = with_ring(|r| r.submitter().submit_with_args(1, &args));
+        drive(WAIT_SLICE);
     }
 }
 
@@ -283,7 +335,7 @@ pub(super) fn init_test_ring() -> Result<(), libublk::UblkError> {
             let ring = IoUring::builder()
                 .build(32)
                 .map_err(libublk::UblkError::IOError)?;
-            cell.set(std::cell::RefCell::new(ring))
+            cell.set(RefCell::new(ring))
                 .map_err(|_| libublk::UblkError::OtherError(-libc::EEXIST))?;
         }
         Ok(())

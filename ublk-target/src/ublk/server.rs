@@ -2,6 +2,7 @@
 //! thread, which runs libublk's `run_target`.
 
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,6 +13,7 @@ use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
 use tables::io::DeviceRef;
 
+use super::failure::{panic_message, DeviceFailure};
 use super::options::{check_options, describe, want_zero_copy, ZERO_COPY_FLAGS};
 use super::queue::{queue_thread, QueueSetup};
 use super::{UblkOptions, UblkTargetError};
@@ -32,6 +34,7 @@ pub struct UblkServer {
     dev_id: u32,
     ctrl: Option<Arc<UblkCtrl>>,
     thread: Option<JoinHandle<Result<(), String>>>,
+    failure: Arc<DeviceFailure>,
 }
 
 impl std::fmt::Debug for UblkServer {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for UblkServer {
             .field("name", &self.name)
             .field("dev_id", &self.dev_id)
             .field("running", &self.ctrl.is_some())
+            .field("failed", &self.failure.reason())
             .finish()
     }
 }
@@ -165,13 +169,15 @@ impl UblkServer {
         let setup = QueueSetup::from(opts);
         let dev_id = ctrl.dev_info().dev_id;
         let ctrl = Arc::new(ctrl);
+        let failure = Arc::new(DeviceFailure::new(name.clone(), Arc::downgrade(&ctrl)));
         let (tx, rx) = mpsc::channel::<Result<(), String>>();
         let thread = {
             let ctrl = ctrl.clone();
             let dev = dev.clone();
+            let failure = failure.clone();
             std::thread::Builder::new()
                 .name(format!("ublk{dev_id}-ctrl"))
-                .spawn(move || run_device(ctrl, dev, tx, setup))
+                .spawn(move || run_device(ctrl, dev, tx, setup, failure))
         };
         let mut server = UblkServer {
             dev,
@@ -179,6 +185,7 @@ impl UblkServer {
             dev_id,
             ctrl: Some(ctrl),
             thread: None,
+            failure,
         };
         match thread {
             Ok(t) => server.thread = Some(t),
@@ -249,6 +256,15 @@ impl UblkServer {
     /// The N of `/dev/ublkbN`.
     pub fn dev_id(&self) -> u32 {
         self.dev_id
+    }
+
+    /// Why the device failed while serving, if it did: one of its queue threads died (its
+    /// event loop or a tag's commands failed, or it panicked). The device is then stopped
+    /// (STOP_DEV, from a thread of its own) so that the kernel fails its outstanding and new
+    /// I/O, which nobody would serve; what is left is to [`stop`](UblkServer::stop) it, which
+    /// deletes it and returns this reason as its error.
+    pub fn failed(&self) -> Option<String> {
+        self.failure.reason()
     }
 
     /// `/dev/ublkbN`.
@@ -323,10 +339,21 @@ impl UblkServer {
             first.get_or_insert(e);
         };
         let bdev = self.bdev_path();
+        let failed = self.failure.reason();
+        if let Some(why) = &failed {
+            note(UblkTargetError::Failed {
+                dev: self.name.clone(),
+                msg: format!("{bdev} failed while serving: {why}"),
+            });
+        }
 
         // 1. Dirty pages of the block device, then a FLUSH through the queues to the table.
-        //    Only while the server still runs (a failed start has no serving queues).
-        if self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Path::new(&bdev).exists() {
+        //    Only while the server still runs (a failed start or a failed queue has no
+        //    serving queues).
+        if failed.is_none()
+            && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+            && Path::new(&bdev).exists()
+        {
             if let Err(e) = fsync_path(&bdev) {
                 note(UblkTargetError::Failed {
                     dev: self.name.clone(),
@@ -341,6 +368,7 @@ impl UblkServer {
                 detail: describe(&e),
             });
         }
+        self.failure.mark_stopping();
         // 2. STOP_DEV: the kernel removes the disk and aborts the queues' fetch commands,
         //    which ends every tag task and so every queue thread.
         if let Err(e) = ctrl.kill_dev() {
@@ -375,7 +403,17 @@ impl UblkServer {
                 }
             }
         }
-        // 4. DEL_DEV (the control thread has dropped its reference by now).
+        // 4. DEL_DEV (the control thread has dropped its reference by now, and so has the
+        //    thread that stopped a failed device once it is done).
+        if !self.failure.join_stopper(JOIN_TIMEOUT) {
+            note(UblkTargetError::Failed {
+                dev: self.name.clone(),
+                msg: format!(
+                    "stopping the failed device did not finish within {}s",
+                    JOIN_TIMEOUT.as_secs()
+                ),
+            });
+        }
         match Arc::try_unwrap(ctrl) {
             Ok(ctrl) => {
                 if let Err(e) = ctrl.del_dev() {
@@ -427,7 +465,7 @@ impl Drop for UblkServer {
     }
 }
 
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(super) fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
     loop {
         if cond() {
@@ -442,7 +480,7 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// libublk sends control commands through a thread-local ring that only its constructor
 /// sets up; every other thread that stops or deletes the device needs its own.
-fn ensure_ctrl_ring() -> Result<(), UblkError> {
+pub(super) fn ensure_ctrl_ring() -> Result<(), UblkError> {
     libublk::ublk_init_ctrl_task_ring(|ring| {
         if ring.is_none() {
             *ring = Some(
@@ -472,6 +510,7 @@ fn run_device(
     dev: DeviceRef,
     started: mpsc::Sender<Result<(), String>>,
     setup: QueueSetup,
+    failure: Arc<DeviceFailure>,
 ) -> Result<(), String> {
     let name = dev.name();
     if let Err(e) = ensure_ctrl_ring() {
@@ -507,16 +546,24 @@ fn run_device(
     let tids = Arc::new(Mutex::new(Vec::new()));
     let q_tids = tids.clone();
     let dev_id = ctrl.dev_info().dev_id;
+    let q_failure = failure.clone();
     let q_fn = move |qid: u16, udev: &UblkDev| {
         name_thread(&format!("ublk{dev_id}-q{qid}"));
         if let Ok(mut t) = q_tids.lock() {
             // SAFETY: gettid has no preconditions.
             t.push(unsafe { libc::gettid() });
         }
-        queue_thread(qid, udev, qdev, setup)
+        let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            queue_thread(qid, udev, qdev, setup, &q_failure)
+        }));
+        if let Err(panic) = served {
+            let why = format!("the thread panicked: {}", panic_message(&*panic));
+            q_failure.fail(&format!("ublk queue {qid}"), why);
+        }
     };
     let tx = started.clone();
     let on_started = move |_: &UblkCtrl| {
+        failure.mark_started();
         if !setup.pin_queues {
             if let Ok(t) = tids.lock() {
                 unpin(&t);
