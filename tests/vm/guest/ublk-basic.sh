@@ -7,7 +7,9 @@
 # limits, ext4 (tree of files with sha256, e2fsck -fn, remount and verify), xfs (xfs_repair
 # -n), fio randwrite with crc32c verify at QD 32, blkdiscard / write-zeroes read back as
 # zeroes, data reaches the backing file, and stop deletes the device. Also a RAM-disk run
-# created with the user-recovery flag (start, read back, stop; no crash/re-attach yet).
+# created with the user-recovery flag (start, read back, stop; no crash/re-attach yet), and
+# dead queue threads (VOLMGR_UBLK_FAULT, ublk-serve's test-only fault injection): the device
+# fails its I/O within seconds instead of hanging, goes away, and the server says why.
 # vm-modules: ublk_drv ext4 xfs
 # vm-checks: 34
 . "$(dirname "$0")/lib.sh"
@@ -134,4 +136,82 @@ if start_server mem:64M --queues 1 --depth 32 --user-recovery; then
 else
   fail mem-start "no device: $(tail -n 5 /tmp/serve.err | tr '\n' ' ')"
 fi
+
+# dead_queue NAME KIND SERVE_ARGS...: serves a RAM disk whose queue thread dies (KIND:
+# tag-error, tag-panic, loop-error, thread-panic; see ublk-target/src/ublk/fault.rs) at the
+# first request for sector FAULT_SECTOR, while fio writes below
+# it through one open descriptor. OK if the read that kills the queue does not hang, fio (its
+# I/O in flight then) fails within 20 s instead of running on or hanging, the device is
+# removed, and stopping the server fails with the reason.
+FAULT_SECTOR=65536
+# serve_diag: what the server said, and where each of its threads sleeps (after a failure).
+serve_diag() {
+  local t
+  sed 's/^/  serve: /' /tmp/serve.err | tail -n 20
+  for t in /proc/$SPID/task/*; do
+    [ -d "$t" ] || continue
+    echo "  thread $(cat $t/comm 2>/dev/null) state $(awk '{print $3}' $t/stat 2>/dev/null):" \
+      "$(head -n 4 $t/stack 2>/dev/null | awk '{print $2}' | tr '\n' ' ')"
+  done
+}
+dead_queue() {
+  local name=$1 kind=$2 fpid dpid t0 rc
+  shift 2
+  export VOLMGR_UBLK_FAULT=$kind@$FAULT_SECTOR
+  serve_bg /tmp/serve.$$.out /tmp/serve.err "$SERVE" mem:64M "$@"; rc=$?
+  unset VOLMGR_UBLK_FAULT
+  if [ $rc != 0 ]; then
+    fail $name-start "no device: $(tail -n 5 /tmp/serve.err | tr '\n' ' ')"; return; fi
+  [ -b "$DEV" ] || { fail $name-serves "$DEV is not a block device"; return; }
+  check $name-serves dd if=$DEV of=/dev/null bs=4k count=16 iflag=direct status=none
+  # allow_file_create=0: fio reopens its file between passes, and must not then create a
+  # regular file where the removed device node was.
+  fio --name=deadq --filename=$DEV --rw=randwrite --bs=4k --size=$((FAULT_SECTOR * 512)) \
+    --ioengine=psync --direct=1 --time_based --runtime=120 --allow_file_create=0 \
+    --eta=never > /tmp/deadq.fio 2>&1 &
+  fpid=$!
+  sleep 2
+  if kill -0 $fpid 2>/dev/null; then ok $name-fio-running; else
+    fail $name-fio-running "fio ended before the fault: $(tail -n 3 /tmp/deadq.fio | tr '\n' ' ')"; fi
+  t0=$(uptime_s)
+  # In the background: a read the kernel never completes sleeps uninterruptibly.
+  dd if=$DEV of=/dev/null bs=4k skip=$((FAULT_SECTOR / 8)) count=1 iflag=direct status=none &
+  dpid=$!
+  if gone $dpid 30; then wait $dpid; echo "  the read at the fault: exit $?"; ok $name-fault-read-returns
+  else fail $name-fault-read-returns "the read at the fault hung for 30 s"; serve_diag; kill -9 $dpid; fi
+  if gone $fpid 20; then
+    wait $fpid; rc=$?
+    echo "  fio ended $(awk -v a=$t0 -v b=$(uptime_s) 'BEGIN{print b-a}')s after the fault, exit $rc"
+    grep -m1 -iE 'error|err=' /tmp/deadq.fio | sed 's/^/  fio: /'
+    if [ $rc != 0 ]; then ok $name-io-fails; else fail $name-io-fails "fio exited 0"; fi
+  else
+    fail $name-io-fails "fio still running (I/O served or hanging) 20 s after the fault"
+    serve_diag; kill -9 $fpid
+  fi
+  for _ in $(seq 1 100); do [ -e $DEV ] || break; sleep 0.1; done
+  if [ ! -e $DEV ]; then ok $name-device-removed; else
+    fail $name-device-removed "$DEV still exists 10 s after fio ended"; fi
+  kill -TERM $SPID
+  if gone $SPID 60; then
+    wait $SPID; rc=$?
+    sed 's/^/  serve: /' /tmp/serve.err | grep -v '^  serve: *$' | tail -n 12
+    if [ $rc != 0 ] && grep -q 'failed while serving: ublk queue [0-9]* died' /tmp/serve.err; then
+      ok $name-stop-reports-failure
+    else fail $name-stop-reports-failure "ublk-serve exited $rc without naming the dead queue"; fi
+    [ -e /sys/class/ublk-char/ublkc${DEV#/dev/ublkb} ] &&
+      fail $name-deleted "ublkc${DEV#/dev/ublkb} still registered" || ok $name-deleted
+  else
+    fail $name-stop-reports-failure "ublk-serve still running 60 s after SIGTERM"
+    serve_diag; kill -9 $SPID
+  fi
+}
+
+step "a tag task fails (2 queues)"
+dead_queue deadq-tag tag-error --queues 2 --depth 16
+step "a tag task panics (1 queue, user recovery: no re-queueing for a server that lives)"
+dead_queue deadq-tag-panic tag-panic --queues 1 --depth 16 --user-recovery
+step "a queue's event loop fails (2 queues, user recovery)"
+dead_queue deadq-loop loop-error --queues 2 --depth 16 --user-recovery
+step "a queue thread panics (2 queues)"
+dead_queue deadq-thread-panic thread-panic --queues 2 --depth 16
 step "done"

@@ -29,6 +29,8 @@ S1=$SPID; ID=${DEV#/dev/ublkb}
 echo "  $DEV served by pid $S1"
 check rec-mkfs mkfs.ext4 -F -q $DEV || exit 1
 check rec-mount mount -t ext4 $DEV $M || exit 1
+# Only this run's kernel messages count below (ublk-basic.sh fails I/O on purpose).
+dmesg -c > /dev/null
 
 step "a second server must not take a live device"
 if serve /tmp/s2.out /tmp/s2.err $IMG --recover $ID; then
