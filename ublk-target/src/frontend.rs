@@ -154,7 +154,7 @@ impl Frontend {
     pub fn failed(&self) -> Option<String> {
         match &self.inner {
             Inner::Nbd(_) => None,
-            Inner::Ublk(_) => None,
+            Inner::Ublk(s) => s.failed(),
         }
     }
 

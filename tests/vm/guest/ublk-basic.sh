@@ -11,7 +11,7 @@
 # dead queue threads (VOLMGR_UBLK_FAULT, ublk-serve's test-only fault injection): the device
 # fails its I/O within seconds instead of hanging, goes away, and the server says why.
 # vm-modules: ublk_drv ext4 xfs
-# vm-checks: 34
+# vm-checks: 62
 . "$(dirname "$0")/lib.sh"
 
 SERVE=${1:-${UBLK_SERVE:-}}

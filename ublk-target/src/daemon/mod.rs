@@ -268,6 +268,7 @@ impl Daemon {
             .iter()
             .filter_map(|n| match d.map.get(n).map(|e| &e.state) {
                 Some(State::Failed(why)) => Some((n.clone(), why.clone())),
+                Some(State::Active(l)) => l.front.failed().map(|why| (n.clone(), why)),
                 _ => None,
             })
             .collect()

@@ -356,6 +356,29 @@ impl Daemon {
     /// Builds a failed (or never restored) device again from its record, or from `table`
     /// when given (which replaces the record only if the device then comes up).
     fn rebuild(&self, name: &str, table: Option<&str>) -> Result<String, String> {
+        // A device whose front end died (a ublk queue thread) is taken down first.
+        let dead = {
+            let mut d = self.devs();
+            match d.map.get_mut(name) {
+                Some(e) if matches!(&e.state, State::Active(l) if l.front.failed().is_some()) => {
+                    match std::mem::replace(&mut e.state, State::Stopping) {
+                        State::Active(l) => Some(l),
+                        other => {
+                            e.state = other;
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            }
+        };
+        if let Some(live) = dead {
+            let why = live.front.failed().unwrap_or_default();
+            if let Err(e) = self.stop_live(name, live, "front end failed") {
+                log::warn!("{e}");
+            }
+            self.set_state(name, State::Failed(why));
+        }
         let rec = {
             let mut d = self.devs();
             let e = d
@@ -411,6 +434,7 @@ impl Daemon {
         let op = self.op_of(name)?;
         let _g = lock(&op);
         let live = match self.devs().map.get(name).map(|e| &e.state) {
+            Some(State::Active(l)) if l.front.failed().is_some() => Ok(None),
             Some(State::Active(l)) => Ok(Some((l.sw.clone(), l.front.can_resize()))),
             Some(State::Failed(_) | State::Pending) => Ok(None),
             Some(s) => Err(format!("{name} is {}", s.word(false))),
