@@ -92,7 +92,16 @@ pub fn run(a: DaemonArgs) -> Result<()> {
             }
         );
     }
+    if !d.stopping() {
+        // Ready only now: every recorded device is up or known to have failed.
+        let failed_now = d.failed_devices().len();
+        crate::systemd::notify(&format!(
+            "READY=1\nSTATUS={} device(s) up, {failed_now} failed",
+            d.device_count().saturating_sub(failed_now)
+        ));
+    }
     d.serve_control().context("serving the control socket")?;
+    crate::systemd::notify("STOPPING=1");
     let stop_problems = d.shutdown();
     for p in &stop_problems {
         eprintln!("volmgr daemon: {p}");

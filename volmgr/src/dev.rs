@@ -74,6 +74,17 @@ pub enum DevCmd {
         #[command(flatten)]
         sd: StateDir,
     },
+    /// Wait until the device's background work (raid resync, rebuild, check) is done,
+    /// with a progress bar on a terminal (a line every 5 s otherwise).
+    Wait {
+        /// Device name.
+        name: String,
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        sd: StateDir,
+    },
     /// Stop admitting I/O, drain in-flight requests, flush.
     Suspend {
         /// Device name.
@@ -188,6 +199,21 @@ pub fn run(cmd: DevCmd) -> Result<()> {
                 "{}",
                 expect_text(call(&sd, Request::Remove { name, force })?)?
             )
+        }
+        DevCmd::Wait { name, timeout, sd } => {
+            let work = crate::progress::follow(
+                &name,
+                timeout.map(std::time::Duration::from_secs),
+                || {
+                    let st = expect_text(call(&sd, Request::Status { name: name.clone() })?)?;
+                    Ok(crate::progress::parse_work(&st))
+                },
+            )?;
+            if work.is_empty() {
+                println!("{name}: no background work to wait for");
+            } else {
+                println!("{}", expect_text(call(&sd, Request::Status { name })?)?);
+            }
         }
         DevCmd::Retry { name, sd } => {
             println!("{}", expect_text(call(&sd, Request::Retry { name })?)?)

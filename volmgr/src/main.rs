@@ -3,9 +3,12 @@
 mod client;
 mod daemon_cmd;
 mod dev;
+mod docs_cmd;
 mod nbd_opts;
 mod pool;
+mod progress;
 mod serve;
+mod systemd;
 mod table_cmd;
 
 use std::process::ExitCode;
@@ -18,7 +21,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Compose volumes from device-mapper tables and serve them as /dev/ublkbN or over NBD"
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -38,6 +41,10 @@ enum Cmd {
     /// Thin-pool metadata tools (the pool must not be in use).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Print a shell completion script (`volmgr completions bash > /etc/bash_completion.d/volmgr`).
+    Completions(docs_cmd::CompletionsArgs),
+    /// Write the manual pages (volmgr.8 and one per subcommand) into a directory.
+    Manpages(docs_cmd::ManpagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +55,8 @@ fn main() -> ExitCode {
         Cmd::Daemon(a) => daemon_cmd::run(a),
         Cmd::Dev(c) => dev::run(c),
         Cmd::Pool(c) => pool::run(c),
+        Cmd::Completions(a) => docs_cmd::completions(a),
+        Cmd::Manpages(a) => docs_cmd::manpages(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

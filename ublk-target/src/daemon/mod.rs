@@ -261,6 +261,11 @@ impl Daemon {
         let _ = std::os::unix::net::UnixStream::connect(self.socket_path());
     }
 
+    /// How many device records the daemon holds (whatever their state).
+    pub fn device_count(&self) -> usize {
+        self.devs().map.len()
+    }
+
     /// Names of the devices that are failed right now, with their reasons.
     pub fn failed_devices(&self) -> Vec<(String, String)> {
         let d = self.devs();
