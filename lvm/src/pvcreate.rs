@@ -1,0 +1,252 @@
+//! Formatting a device as a PV with LVM2's layout (`pvcreate`; `_text_pv_initialise` and
+//! `_text_pv_add_metadata_area` in `format-text.c`).
+//!
+//! Defaults, as LVM2 2.03 picks them on a device that reports no special alignment: the label
+//! in sector 1; one metadata area starting at 4 KiB, 1020 KiB long, so the first extent
+//! (`pe_start`) is at 1 MiB. A larger `metadata_size` is rounded up so that `pe_start` stays a
+//! multiple of the data alignment (1 MiB). A second metadata area (`--pvmetadatacopies 2`)
+//! takes the same size at the end of the device, its start aligned down to the alignment.
+
+use tables::{BlockDevice, Bytes, Sectors};
+
+use crate::io;
+use crate::label::{self, DiskArea, Label, PvExtension, LABEL_SCAN_SIZE, PV_HEADER_EXTENSION_VSN};
+use crate::mda::{self, MdaHeader};
+use crate::uuid::Uuid;
+use crate::Error;
+
+/// Page size LVM2 aligns the first metadata area to.
+const PAGE: u64 = 4096;
+/// Smallest metadata area LVM2 accepts (`MDA_SIZE_MIN`: 8 pages).
+pub const MDA_SIZE_MIN: u64 = 8 * PAGE;
+/// Default metadata area size: 1 MiB less a page, so `pe_start` is 1 MiB.
+pub const DEFAULT_METADATA_SIZE: Sectors = Sectors(2040);
+/// Default data alignment (`devices/default_data_alignment`, 1 MiB).
+pub const DEFAULT_DATA_ALIGNMENT: Sectors = Sectors(2048);
+/// Smallest device LVM2 makes a PV of (`devices/pv_min_size`, 2 MiB).
+pub const PV_MIN_SIZE: Bytes = Bytes(2 << 20);
+/// Bytes LVM2 zeroes at the start of a new metadata area.
+const MDA_WIPE: u64 = 8 * 512;
+
+/// How to lay out a new PV.
+#[derive(Clone, Debug)]
+pub struct PvCreateOptions {
+    /// The PV uuid (random if `None`).
+    pub uuid: Option<Uuid>,
+    /// Sector of the label (0 to 3; LVM2's default 1).
+    pub label_sector: u64,
+    /// Requested size of each metadata area (`--metadatasize`).
+    pub metadata_size: Sectors,
+    /// Metadata areas: 0, 1 (default) or 2 (`--pvmetadatacopies`).
+    pub metadata_copies: u32,
+    /// Alignment of `pe_start` (`--dataalignment`).
+    pub data_alignment: Sectors,
+}
+
+impl Default for PvCreateOptions {
+    fn default() -> PvCreateOptions {
+        PvCreateOptions {
+            uuid: None,
+            label_sector: 1,
+            metadata_size: DEFAULT_METADATA_SIZE,
+            metadata_copies: 1,
+            data_alignment: DEFAULT_DATA_ALIGNMENT,
+        }
+    }
+}
+
+/// Where a new PV's areas go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PvLayout {
+    /// Metadata areas (first after the label, second at the end).
+    pub metadata_areas: Vec<DiskArea>,
+    /// Start of the first extent.
+    pub pe_start: Bytes,
+}
+
+fn invalid(msg: String) -> Error {
+    Error::Invalid(msg)
+}
+
+/// The layout LVM2 2.03 gives a device of `size` bytes with `opts`.
+pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, Error> {
+    if size < PV_MIN_SIZE {
+        return Err(invalid(format!(
+            "device of {size} is smaller than the {PV_MIN_SIZE} LVM2 requires for a PV"
+        )));
+    }
+    if opts.metadata_copies > 2 {
+        return Err(invalid(format!(
+            "{} metadata copies asked, a PV has at most 2",
+            opts.metadata_copies
+        )));
+    }
+    let disk = size.0 - size.0 % 512;
+    let align = opts
+        .data_alignment
+        .checked_bytes()
+        .filter(|a| a.0 > 0 && a.0 <= disk)
+        .ok_or_else(|| {
+            invalid(format!(
+                "data alignment {} sectors does not fit the device",
+                opts.data_alignment
+            ))
+        })?
+        .0;
+    // Larger than the device is limited below anyway; clamping keeps the sums in range.
+    let want = opts
+        .metadata_size
+        .checked_bytes()
+        .map_or(disk, |b| b.0.min(disk));
+    let area = |which: &str, start: u64, len: u64| {
+        if len < MDA_SIZE_MIN {
+            return Err(invalid(format!(
+                "{which} metadata area would be {len} bytes, LVM2 needs at least {MDA_SIZE_MIN}"
+            )));
+        }
+        Ok(DiskArea {
+            offset: Bytes(start),
+            size: Bytes(len),
+        })
+    };
+    let mut areas = Vec::new();
+    // First area: after the label sectors, page aligned, its end on the data alignment.
+    let mut pe_start = align;
+    if opts.metadata_copies >= 1 {
+        let limit = disk;
+        let mut start = LABEL_SCAN_SIZE;
+        if limit - start >= MDA_SIZE_MIN {
+            start = start.next_multiple_of(PAGE);
+        }
+        let mut len = want;
+        // start <= 4096 and len <= disk, so these sums stay far from overflow.
+        let end = start + len;
+        if !end.is_multiple_of(align) {
+            let aligned = end.next_multiple_of(align) - start;
+            if start + aligned <= limit {
+                len = aligned;
+            }
+        }
+        if start + len > limit {
+            if limit - start > 2 * align {
+                len = limit - start - 2 * align;
+                len = (start + len).next_multiple_of(align) - start;
+            } else {
+                len = limit - start;
+            }
+        }
+        areas.push(area("first", start, len)?);
+        pe_start = start + len;
+    }
+    if opts.metadata_copies == 2 {
+        let limit = pe_start;
+        if limit >= disk {
+            return Err(invalid("no room for a second metadata area".into()));
+        }
+        let mut len = want.min(disk - limit);
+        let mut start = disk - len;
+        let adj = start % align;
+        if adj != 0 && len + adj < disk && disk - (len + adj) >= limit {
+            len += adj;
+            start = disk - len;
+        }
+        areas.push(area("second", start, len)?);
+    }
+    if pe_start >= disk {
+        return Err(invalid(format!(
+            "no room for data: the first extent would start at byte {pe_start} of {disk}"
+        )));
+    }
+    Ok(PvLayout {
+        metadata_areas: areas,
+        pe_start: Bytes(pe_start),
+    })
+}
+
+/// Formats `dev` as an orphan PV (in no VG) as `pvcreate` does: zeroes the label sectors,
+/// wipes the start of each metadata area and writes its empty header, then writes the label
+/// last, so an interrupted run leaves no PV behind. Returns the label written.
+pub fn pvcreate(dev: &dyn BlockDevice, opts: &PvCreateOptions) -> Result<Label, Error> {
+    let size = dev.size();
+    let lay = layout(size, opts)?;
+    let label = Label {
+        sector: opts.label_sector,
+        pv_uuid: opts.uuid.unwrap_or_else(Uuid::generate),
+        device_size: size,
+        data_areas: vec![DiskArea {
+            offset: lay.pe_start,
+            size: Bytes(0),
+        }],
+        metadata_areas: lay.metadata_areas.clone(),
+        extension: Some(PvExtension {
+            version: PV_HEADER_EXTENSION_VSN,
+            flags: 0,
+            bootloader_areas: Vec::new(),
+        }),
+    };
+    // Checked before anything is written.
+    label.to_sector().map_err(|problem| label::LabelError {
+        device: dev.name(),
+        field: "label".into(),
+        offset: opts.label_sector.saturating_mul(512),
+        problem,
+    })?;
+    io::write_at(dev, 0, &[0u8; LABEL_SCAN_SIZE as usize], false)?;
+    for area in &lay.metadata_areas {
+        io::write_at(dev, area.offset.0, &[0u8; MDA_WIPE as usize], false)?;
+        mda::write_header(dev, &MdaHeader::new(area), false)?;
+    }
+    io::flush(dev)?;
+    label::write(dev, &label)?;
+    Ok(label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_layout_puts_pe_start_at_1mib() {
+        let l = layout(Bytes(64 << 20), &PvCreateOptions::default()).unwrap();
+        assert_eq!(l.pe_start, Bytes(1 << 20));
+        assert_eq!(
+            l.metadata_areas,
+            vec![DiskArea {
+                offset: Bytes(4096),
+                size: Bytes(1044480)
+            }]
+        );
+    }
+
+    #[test]
+    fn bigger_metadata_rounds_pe_start_up() {
+        let opts = PvCreateOptions {
+            metadata_size: Sectors(4096),
+            ..PvCreateOptions::default()
+        };
+        let l = layout(Bytes(64 << 20), &opts).unwrap();
+        assert_eq!(l.pe_start, Bytes(3 << 20));
+        assert_eq!(l.metadata_areas[0].size, Bytes((3 << 20) - 4096));
+    }
+
+    #[test]
+    fn second_copy_at_the_end() {
+        let opts = PvCreateOptions {
+            metadata_copies: 2,
+            ..PvCreateOptions::default()
+        };
+        let l = layout(Bytes(64 << 20), &opts).unwrap();
+        assert_eq!(
+            l.metadata_areas[1],
+            DiskArea {
+                offset: Bytes(63 << 20),
+                size: Bytes(1 << 20)
+            }
+        );
+    }
+
+    #[test]
+    fn tiny_devices_are_refused() {
+        assert!(layout(Bytes(1 << 20), &PvCreateOptions::default()).is_err());
+    }
+}
