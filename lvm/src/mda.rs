@@ -362,7 +362,8 @@ impl MdaHeader {
             }
         };
         // LVM2's overlap check; with `size <= max` it cannot trigger, but it is what keeps
-        // the committed copy intact, so keep it.
+        // the committed copy intact, so keep it. (LVM2 compares a copy's first and last byte
+        // with `<`, which also refuses 1-byte copies; real texts are far larger, so `<=`.)
         let new = RawLocn {
             offset: new_start,
             size,
@@ -374,11 +375,11 @@ impl MdaHeader {
         let ok = match (wrap > 0, nw > 0) {
             (true, true) => false,
             (false, false) => {
-                (new_start > old_last && new_last > new_start)
+                (new_start > old_last && new_last >= new_start)
                     || (new_start < old_start && new_last < old_start)
             }
-            (true, false) => old_last < new_start && new_start < new_last && new_last < old_start,
-            (false, true) => new_last < old_start && old_start < old_last && old_last < new_start,
+            (true, false) => old_last < new_start && new_start <= new_last && new_last < old_start,
+            (false, true) => new_last < old_start && old_start <= old_last && old_last < new_start,
         };
         if !ok {
             return Err(MdaProblem::NoSpace { size, max });
@@ -522,6 +523,21 @@ mod tests {
             size,
             ..RawLocn::default()
         }
+    }
+
+    #[test]
+    fn one_byte_copies_are_not_overlaps() {
+        // LVM2's strict comparisons call a 1-byte copy an overlap with anything.
+        let mut h = MdaHeader::new(&DiskArea {
+            offset: Bytes(4096),
+            size: Bytes(21 * 512),
+        });
+        h.committed = locn(512, 1);
+        assert_eq!(h.next_offset(1), Ok(1024));
+        h.committed = locn(7680, 1);
+        assert_eq!(h.next_offset(2561), Ok(8192));
+        h.committed = locn(10240, 600);
+        assert_eq!(h.next_offset(1), Ok(1024));
     }
 
     #[test]
