@@ -210,7 +210,7 @@ impl Label {
         if &sector[..8] != LABEL_ID {
             return Ok(None);
         }
-        let base = found_in * LABEL_SIZE as u64;
+        let base = found_in.saturating_mul(LABEL_SIZE as u64);
         let err = |at: usize, field: &str, problem| LabelError {
             device: device.to_string(),
             field: field.to_string(),
@@ -457,8 +457,10 @@ pub fn find(dev: &dyn tables::BlockDevice) -> Result<Option<Label>, FindLabelErr
     }
 }
 
-/// Writes `label` to its sector of `dev` (durably, FUA), zeroing the other label sectors so
-/// no stale label can be found there.
+/// Writes `label` to its sector of `dev`, durably (FUA), and nothing else: the other sectors
+/// at the start of the device (a boot sector, say) stay as they are, as with LVM2's
+/// `label_write`. [`crate::pvcreate`] clears the four label sectors first, so no older label
+/// can come before the new one.
 pub fn write(dev: &dyn tables::BlockDevice, label: &Label) -> Result<(), crate::Error> {
     let sector = label.to_sector().map_err(|problem| LabelError {
         device: dev.name(),
@@ -466,11 +468,8 @@ pub fn write(dev: &dyn tables::BlockDevice, label: &Label) -> Result<(), crate::
         offset: label.sector.saturating_mul(LABEL_SIZE as u64),
         problem,
     })?;
-    let mut buf = vec![0u8; LABEL_SCAN_SIZE as usize];
-    // `to_sector` checked the sector number.
-    let at = label.sector as usize * LABEL_SIZE;
-    buf[at..at + LABEL_SIZE].copy_from_slice(&sector);
-    io::write_at(dev, 0, &buf, true)?;
+    // `to_sector` checked the sector number (0 to 3).
+    io::write_at(dev, label.sector * LABEL_SIZE as u64, &sector, true)?;
     Ok(())
 }
 
@@ -514,6 +513,24 @@ mod tests {
         );
         // Our writer produces the same bytes, crc included.
         assert_eq!(&l.to_sector().unwrap(), LVM2_SECTOR);
+    }
+
+    #[test]
+    fn writing_a_label_touches_only_its_sector() {
+        // Sector 0 may hold a boot sector: a label update (vgcreate marking the PV used)
+        // must leave it, like LVM2's label_write, which writes the label sector alone.
+        let dev = tables::mem::MemDevice::new("d", Bytes(1 << 20));
+        dev.fill(0, &[0xaa; LABEL_SCAN_SIZE as usize]);
+        let mut l = Label::from_sector(LVM2_SECTOR, 1, Bytes(64 << 20), "d")
+            .unwrap()
+            .unwrap();
+        l.metadata_areas.clear();
+        l.data_areas[0].offset = Bytes(4096);
+        write(&dev, &l).unwrap();
+        let after = dev.snapshot(0, LABEL_SCAN_SIZE as usize);
+        assert!(after[..512].iter().all(|&b| b == 0xaa));
+        assert!(after[1024..].iter().all(|&b| b == 0xaa));
+        assert_eq!(find(&dev).unwrap(), Some(l));
     }
 
     #[test]
