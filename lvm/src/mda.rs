@@ -187,11 +187,11 @@ fn put_slot(b: &mut [u8], at: usize, l: &RawLocn) {
 
 /// The pieces of a copy of text in the ring: `(offset in area, length)`, one or two.
 fn pieces(area_size: u64, l: &RawLocn) -> [(u64, u64); 2] {
-    // Callers checked `l` against the ring, so these do not overflow or underflow.
-    let end = l.offset + l.size;
-    if end > area_size {
-        let wrap = end - area_size;
-        [(l.offset, l.size - wrap), (HDR, wrap)]
+    // Callers checked `offset < area_size`. Comparing with the room left, rather than
+    // computing `offset + size`, cannot overflow even for an area near 2^64 bytes.
+    let room = area_size - l.offset;
+    if l.size > room {
+        [(l.offset, room), (HDR, l.size - room)]
     } else {
         [(l.offset, l.size), (HDR, 0)]
     }
@@ -354,7 +354,10 @@ impl MdaHeader {
         let new_start = if area - old_last < TEXT_ALIGN {
             HDR
         } else {
-            let s = (old_last + 1).next_multiple_of(TEXT_ALIGN);
+            // old_last < area, so +1 does not overflow; rounding up might, near 2^64.
+            let s = (old_last + 1)
+                .checked_next_multiple_of(TEXT_ALIGN)
+                .unwrap_or(u64::MAX);
             if s > area - TEXT_ALIGN {
                 HDR
             } else {

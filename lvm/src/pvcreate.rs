@@ -119,18 +119,19 @@ pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, Error> {
             start = start.next_multiple_of(PAGE);
         }
         let mut len = want;
-        // start <= 4096 and len <= disk, so these sums stay far from overflow.
-        let end = start + len;
-        if !end.is_multiple_of(align) {
-            let aligned = end.next_multiple_of(align) - start;
-            if start + aligned <= limit {
-                len = aligned;
+        // Sums are checked: a device near 2^64 bytes is absurd but must not overflow.
+        if let Some(end) = start.checked_add(len) {
+            if let Some(aligned_end) = end.checked_next_multiple_of(align) {
+                if aligned_end <= limit {
+                    len = aligned_end - start;
+                }
             }
         }
-        if start + len > limit {
-            if limit - start > 2 * align {
-                len = limit - start - 2 * align;
-                len = (start + len).next_multiple_of(align) - start;
+        if start.checked_add(len).is_none_or(|end| end > limit) {
+            // Too big: leave two alignments of data, as LVM2 does, if there is room.
+            if limit - start > align.saturating_mul(2) {
+                let end = limit - 2 * align;
+                len = end.checked_next_multiple_of(align).unwrap_or(limit) - start;
             } else {
                 len = limit - start;
             }
@@ -146,9 +147,11 @@ pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, Error> {
         let mut len = want.min(disk - limit);
         let mut start = disk - len;
         let adj = start % align;
-        if adj != 0 && len + adj < disk && disk - (len + adj) >= limit {
-            len += adj;
-            start = disk - len;
+        if let Some(bigger) = len.checked_add(adj) {
+            if adj != 0 && bigger < disk && disk - bigger >= limit {
+                len = bigger;
+                start = disk - len;
+            }
         }
         areas.push(area("second", start, len)?);
     }
@@ -243,6 +246,25 @@ mod tests {
                 size: Bytes(1 << 20)
             }
         );
+    }
+
+    #[test]
+    fn huge_sizes_do_not_overflow() {
+        // Metadata asked as large as a 2^64-byte device, with alignments of 2^62 and 2^63
+        // bytes: the sizing sums and the doubled alignment would overflow 64 bits.
+        for (shift, copies) in [(53, 1), (54, 1), (53, 2)] {
+            let opts = PvCreateOptions {
+                metadata_size: Sectors(u64::MAX / 512),
+                data_alignment: Sectors(1 << shift),
+                metadata_copies: copies,
+                ..PvCreateOptions::default()
+            };
+            match layout(Bytes(u64::MAX), &opts) {
+                Ok(l) => assert!(l.pe_start.0.is_multiple_of(512 << shift)),
+                // 2^63: no room for two alignments of data, as for LVM2.
+                Err(e) => assert_eq!(shift, 54, "{e}"),
+            }
+        }
     }
 
     #[test]

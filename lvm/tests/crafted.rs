@@ -556,3 +556,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn slot_at_the_end_of_a_huge_area() {
+    // A sparse device of 2^64-1 bytes with one metadata area covering it: slot 0 starts a
+    // sector before the area's end and claims 1 MiB, so it wraps, and offset + size does not
+    // fit 64 bits. The scan reads it as a wrapped copy (whose crc is wrong), no overflow.
+    let dev = Arc::new(MemDevice::new("huge", Bytes(u64::MAX)));
+    let size = (u64::MAX - MDA_AT) / 512 * 512;
+    let area = lvm::label::DiskArea {
+        offset: Bytes(MDA_AT),
+        size: Bytes(size),
+    };
+    let label = lvm::Label {
+        sector: 1,
+        pv_uuid: lvm::Uuid::generate(),
+        device_size: Bytes(u64::MAX),
+        data_areas: vec![lvm::label::DiskArea {
+            offset: Bytes(1 << 20),
+            size: Bytes(0),
+        }],
+        metadata_areas: vec![area],
+        extension: None,
+    };
+    dev.fill(LABEL_AT, &label.to_sector().unwrap());
+    let mut h = MdaHeader::new(&area);
+    h.committed = lvm::mda::RawLocn {
+        offset: size - 512,
+        size: MIB,
+        checksum: 0,
+        flags: 0,
+    };
+    dev.fill(MDA_AT, &h.to_sector());
+    let r = scan::scan(&[dev as DeviceRef]);
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    match &r.problems[0] {
+        Problem::BadMetadataArea(e) => {
+            assert_eq!((e.device.as_str(), e.field), ("huge", "text"), "{e}");
+            assert_eq!(e.offset, MDA_AT + size - 512);
+            assert!(
+                matches!(e.problem, MdaProblem::BadTextChecksum { .. }),
+                "{e}"
+            );
+        }
+        p => panic!("{p}"),
+    }
+}
