@@ -114,3 +114,17 @@ fn tree_round_trip_is_exact() {
         }
     }
 }
+
+#[test]
+fn a_second_top_level_section_is_kept() {
+    // LVM2 takes the first top-level section as the VG and ignores any other; we keep it.
+    let mut text = DISK[..DISK.len() - 1].to_vec();
+    text.extend_from_slice(b"later_tool {\nnote = \"kept\"\n}\n");
+    let md = Metadata::from_text(&text).unwrap();
+    check_vgx(&md);
+    assert_eq!(md.extra.len(), 1);
+    for style in [Style::Disk, Style::File] {
+        let out = md.to_text(style).unwrap();
+        assert_eq!(Metadata::from_text(out.as_bytes()).unwrap(), md, "{out}");
+    }
+}

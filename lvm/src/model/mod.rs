@@ -94,7 +94,8 @@ pub struct Metadata {
     pub creation_host: String,
     /// `creation_time`, seconds since the epoch.
     pub creation_time: u64,
-    /// Other top-level entries, in order.
+    /// Other top-level entries, in order (a [`Style::File`] text puts the values among them
+    /// before the VG and the sections after it).
     pub extra: Vec<(String, Item)>,
 }
 
@@ -292,22 +293,12 @@ impl Metadata {
                 });
             }
         }
-        // A section before the VG's would be read as the VG.
-        if self
-            .extra
-            .iter()
-            .any(|(_, i)| matches!(i, Item::Section(_)))
-        {
-            return Err(ModelError {
-                path: self.vg.name.clone(),
-                problem: "must be the only top-level section of a metadata text we write".into(),
-            });
-        }
         Ok(())
     }
 
     /// The tree LVM2 would write: on disk the VG section comes first and the header lines
-    /// after it, in files the header lines come first.
+    /// after it, in files the header lines come first. Extra top-level sections always
+    /// follow the VG's (the first section is the VG); extra values go with the header.
     pub fn to_tree(&self, style: Style) -> Result<Section, ModelError> {
         self.check_extra()?;
         let mut header = Section::new();
@@ -319,17 +310,24 @@ impl Metadata {
             "creation_time",
             int("", "creation_time", self.creation_time)?,
         );
-        header.entries.extend(self.extra.iter().cloned());
         let vg = (self.vg.name.clone(), Item::Section(self.vg.to_section()?));
         let mut root = Section::new();
         match style {
             Style::Disk => {
                 root.entries.push(vg);
                 root.entries.extend(header.entries);
+                root.entries.extend(self.extra.iter().cloned());
             }
             Style::File => {
+                let (sections, values): (Vec<_>, Vec<_>) = self
+                    .extra
+                    .iter()
+                    .cloned()
+                    .partition(|(_, i)| matches!(i, Item::Section(_)));
                 root.entries.extend(header.entries);
+                root.entries.extend(values);
                 root.entries.push(vg);
+                root.entries.extend(sections);
             }
         }
         Ok(root)
