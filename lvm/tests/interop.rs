@@ -10,6 +10,8 @@
 //!   alignment), and lvm2 uses them.
 //! - Our first version of a VG (vgcreate's on-disk half) is accepted by lvm2.
 //! - `vgcfgbackup` files parse; our file-style text restores with `vgcfgrestore`.
+//! - What only lvm2 uses (zero and error segments, tags, read_ahead, compatibility flags)
+//!   survives our commit: lvm2 reads back exactly the VG we wrote.
 //! - A commit torn between PVs: lvm2 and our scan both take the new seqno, and
 //!   `vgck --updatemetadata` repairs the stale PV.
 
@@ -507,4 +509,90 @@ fn commit_torn_between_pvs_is_read_as_new_and_repaired_by_lvm2() {
         .lv("new")
         .is_some());
     matches_lvm2(&env, &r, "lvmtest_torn");
+}
+
+#[test]
+fn what_only_lvm2_uses_survives_our_commit() {
+    // Segment types we do not type (zero, error), tags at every level, read_ahead,
+    // compatibility flags: we must carry all of it through our commit, and lvm2 must read
+    // back exactly the VG we wrote.
+    let env = Lvm2::new(&[40, 40]);
+    let (a, b) = (env.loops[0].as_str(), env.loops[1].as_str());
+    env.run(&["pvcreate", a, b]);
+    env.run(&["vgcreate", "lvmtest_keep", a, b]);
+    lvcreate(&env, &["-L", "8M", "-n", "lin", "lvmtest_keep"]);
+    lvcreate(
+        &env,
+        &["--type", "zero", "-L", "8M", "-n", "z", "lvmtest_keep"],
+    );
+    lvcreate(
+        &env,
+        &["--type", "error", "-L", "4M", "-n", "e", "lvmtest_keep"],
+    );
+    env.run(&[
+        "vgchange",
+        "--addtag",
+        "vgtag",
+        "--setautoactivation",
+        "n",
+        "lvmtest_keep",
+    ]);
+    env.run(&["pvchange", "--addtag", "pvtag", a]);
+    env.run(&[
+        "lvchange",
+        "--driverloaded",
+        "n",
+        "--addtag",
+        "lvtag",
+        "-r",
+        "256",
+        "--setactivationskip",
+        "y",
+        "lvmtest_keep/lin",
+    ]);
+
+    let devs = env.open(false);
+    let r = scan::scan(&devs);
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    let mut md = r.vg("lvmtest_keep").unwrap().metadata.clone();
+    let z = md.vg.lv("z").unwrap();
+    assert!(matches!(&z.segments[0].kind, SegmentKind::Other { segtype } if segtype == "zero"));
+    assert!(md.vg.flags.has("NOAUTOACTIVATE"));
+    assert!(md.vg.lv("lin").unwrap().flags.has("ACTIVATION_SKIP"));
+    let lv = linear_lv(&md.vg, "ours", "pv1", 2);
+    md.vg.logical_volumes.push(lv);
+    commit::commit(&r, &mut md).unwrap();
+    drop(devs);
+
+    vgck_clean(&env, "lvmtest_keep");
+    let file = env.path("keep.vg");
+    env.run(&["vgcfgbackup", "-f", file.to_str().unwrap(), "lvmtest_keep"]);
+    let backup = Metadata::from_text(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(backup.vg, md.vg, "lvm2 read back a different VG");
+    let rows = env.report(
+        &[
+            "lvs",
+            "-o",
+            "lv_name,segtype,lv_tags,lv_read_ahead",
+            "lvmtest_keep",
+        ],
+        "lv",
+    );
+    let seg: HashMap<String, (String, String)> = rows
+        .iter()
+        .map(|row| {
+            (
+                field(row, "lv_name"),
+                (field(row, "segtype"), field(row, "lv_tags")),
+            )
+        })
+        .collect();
+    assert_eq!(seg["z"].0, "zero");
+    assert_eq!(seg["e"].0, "error");
+    assert_eq!(seg["lin"].1, "lvtag");
+    assert_eq!(seg["ours"].0, "linear");
+    let rows = env.report(&["vgs", "-o", "vg_tags", "lvmtest_keep"], "vg");
+    assert_eq!(field(&rows[0], "vg_tags"), "vgtag");
+    let rows = env.report(&["pvs", "-o", "pv_name,pv_tags", a], "pv");
+    assert_eq!(field(&rows[0], "pv_tags"), "pvtag");
 }
