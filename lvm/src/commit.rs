@@ -20,6 +20,7 @@ use crate::mda::{self, MdaHeader, RawLocn};
 use crate::model::Metadata;
 use crate::scan::{Problem, ScanReport};
 use crate::text::Style;
+use crate::uuid::Uuid;
 use crate::Error;
 
 /// One copy of the text a commit wrote.
@@ -53,77 +54,188 @@ struct Target {
     areas: Vec<MdaHeader>,
 }
 
-fn invalid(msg: String) -> Error {
-    Error::Invalid(msg)
+/// Why a commit was refused; nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The scan did not find the VG.
+    #[error("VG {vg} ({id}) was not found by the scan")]
+    NotScanned {
+        /// VG name.
+        vg: String,
+        /// VG uuid.
+        id: Uuid,
+    },
+    /// The scan found the VG in a state no update may be written over.
+    #[error("VG {vg}: not updating: {problem}")]
+    Inconsistent {
+        /// VG name.
+        vg: String,
+        /// What the scan found.
+        problem: Box<Problem>,
+    },
+    /// The seqno is at its maximum.
+    #[error("VG {vg}: seqno cannot grow past {}", u32::MAX)]
+    SeqnoOverflow {
+        /// VG name.
+        vg: String,
+    },
+    /// The new version drops a PV (vgreduce is not done here).
+    #[error("VG {vg}: the new version drops PV {id} ({key}); removing PVs is not supported here")]
+    DropsPv {
+        /// VG name.
+        vg: String,
+        /// PV uuid.
+        id: Uuid,
+        /// PV key.
+        key: String,
+    },
+    /// A PV of the new version is on none of the devices.
+    #[error("VG {vg}: PV {id} ({key}) is not on any of the devices")]
+    PvNotFound {
+        /// VG name.
+        vg: String,
+        /// PV uuid.
+        id: Uuid,
+        /// PV key.
+        key: String,
+    },
+    /// A PV is on more than one device (or, for `create`, on none or several of the
+    /// devices given).
+    #[error("VG {vg}: PV {id} is on {count} devices, it must be on exactly one")]
+    PvCount {
+        /// VG name.
+        vg: String,
+        /// PV uuid.
+        id: Uuid,
+        /// Devices carrying it.
+        count: usize,
+    },
+    /// A PV being added already holds VG metadata.
+    #[error("{device}: PV {id} already holds VG metadata; it cannot go into VG {vg}")]
+    PvInUse {
+        /// Device name.
+        device: String,
+        /// PV uuid.
+        id: Uuid,
+        /// VG name.
+        vg: String,
+    },
+    /// A device given is not a PV.
+    #[error("{device}: not a PV (no label)")]
+    NotAPv {
+        /// Device name.
+        device: String,
+    },
+    /// A device given holds a PV the VG does not list.
+    #[error("{device}: PV {id} is not in VG {vg}")]
+    NotInVg {
+        /// Device name.
+        device: String,
+        /// PV uuid.
+        id: Uuid,
+        /// VG name.
+        vg: String,
+    },
+    /// A metadata area's committed copy is not the one the scan saw (another writer).
+    #[error("{device}: metadata area at byte {area} changed since it was scanned")]
+    Changed {
+        /// Device name.
+        device: String,
+        /// Byte offset of the area.
+        area: u64,
+    },
+    /// None of the PVs has a usable metadata area.
+    #[error("VG {vg}: no metadata area to write to")]
+    NoMetadataArea {
+        /// VG name.
+        vg: String,
+    },
 }
 
 /// Writes `md` as the next version of the VG the scan `report` found with its uuid: sets
-/// `md.vg.seqno` to the scanned seqno + 1 and writes it to every PV of `md.vg`.
+/// `md.vg.seqno` to the scanned seqno + 1 and writes it to every PV of `md.vg`. The header
+/// lines (`description`, `creation_host`, `creation_time`) are written as `md` has them:
+/// [`Metadata::stamp`] sets them for a new version.
 ///
-/// Refused when a PV is missing, is on two devices or carries another VG, when a PV of the
-/// old version is dropped (removing PVs is not done here), when a PV added to the VG already
-/// holds metadata, or when a metadata area changed since the scan.
+/// Refused ([`CommitError`]) when a PV is missing, is on two devices or carries another VG,
+/// when a PV of the old version is dropped (removing PVs is not done here), when a PV added
+/// to the VG already holds metadata, or when a metadata area changed since the scan.
 pub fn commit(report: &ScanReport, md: &mut Metadata) -> Result<Committed, Error> {
     let id = md.vg.id;
-    let old = report.vg_by_id(&id).ok_or_else(|| {
-        invalid(format!(
-            "VG {} ({id}) was not found by the scan",
-            md.vg.name
-        ))
-    })?;
+    let vg = md.vg.name.clone();
+    let old = report
+        .vg_by_id(&id)
+        .ok_or_else(|| CommitError::NotScanned { vg: vg.clone(), id })?;
     for p in &old.problems {
         if matches!(
             p,
             Problem::MissingPv { .. } | Problem::PvOfOtherVg { .. } | Problem::SeqnoConflict { .. }
         ) {
-            return Err(invalid(format!("VG {}: not updating: {p}", old.name())));
+            return Err(CommitError::Inconsistent {
+                vg: old.name().to_string(),
+                problem: Box::new(p.clone()),
+            }
+            .into());
         }
     }
-    md.vg.seqno = old.seqno().checked_add(1).ok_or_else(|| {
-        invalid(format!(
-            "VG {}: seqno cannot grow past {}",
-            old.name(),
-            u32::MAX
-        ))
-    })?;
+    md.vg.seqno = old
+        .seqno()
+        .checked_add(1)
+        .ok_or_else(|| CommitError::SeqnoOverflow { vg: vg.clone() })?;
     for pv in &old.metadata.vg.physical_volumes {
         if md.vg.pv_by_id(&pv.id).is_none() {
-            return Err(invalid(format!(
-                "VG {}: the new version drops PV {} ({}); removing PVs is not supported here",
-                md.vg.name, pv.id, pv.key
-            )));
+            return Err(CommitError::DropsPv {
+                vg,
+                id: pv.id,
+                key: pv.key.clone(),
+            }
+            .into());
         }
     }
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
     for pv in &md.vg.physical_volumes {
-        let i = report.device_of_pv(&pv.id).ok_or_else(|| {
-            invalid(format!(
-                "VG {}: PV {} ({}) is not on any scanned device",
-                md.vg.name, pv.id, pv.key
-            ))
-        })?;
-        let d = &report.devices[i];
-        let dups = report
-            .devices
-            .iter()
-            .filter(|x| x.label.as_ref().is_some_and(|l| l.pv_uuid == pv.id))
-            .count();
-        if dups > 1 {
-            return Err(invalid(format!(
-                "VG {}: PV {} is on {dups} devices",
-                md.vg.name, pv.id
-            )));
-        }
+        let on: Vec<usize> = (0..report.devices.len())
+            .filter(|&i| {
+                report.devices[i]
+                    .label
+                    .as_ref()
+                    .is_some_and(|l| l.pv_uuid == pv.id)
+            })
+            .collect();
+        let d = match on.as_slice() {
+            [] => {
+                return Err(CommitError::PvNotFound {
+                    vg,
+                    id: pv.id,
+                    key: pv.key.clone(),
+                }
+                .into())
+            }
+            [i] => &report.devices[*i],
+            _ => {
+                return Err(CommitError::PvCount {
+                    vg,
+                    id: pv.id,
+                    count: on.len(),
+                }
+                .into())
+            }
+        };
         let is_new = old.metadata.vg.pv_by_id(&pv.id).is_none();
         if is_new && d.mdas.iter().any(|m| m.text.is_some()) {
-            return Err(invalid(format!(
-                "{}: PV {} already holds VG metadata; it cannot be added to VG {}",
-                d.name, pv.id, md.vg.name
-            )));
+            return Err(CommitError::PvInUse {
+                device: d.name.clone(),
+                id: pv.id,
+                vg,
+            }
+            .into());
         }
         let Some(label) = d.label.clone() else {
-            return Err(invalid(format!("{}: no PV label", d.name)));
+            return Err(CommitError::NotAPv {
+                device: d.name.clone(),
+            }
+            .into());
         };
         let mut areas = Vec::new();
         for m in &d.mdas {
@@ -152,25 +264,31 @@ pub fn commit(report: &ScanReport, md: &mut Metadata) -> Result<Committed, Error
 /// `md.vg` lists. This is the on-disk half of `vgcreate`; choosing extents and seqno 1 is the
 /// caller's.
 pub fn create(devices: &[DeviceRef], md: &Metadata) -> Result<Committed, Error> {
+    let vg = &md.vg.name;
     let mut targets = Vec::new();
     for dev in devices {
-        let name = dev.name();
-        let label = label::find(dev.as_ref())?
-            .ok_or_else(|| invalid(format!("{name}: not a PV (no label)")))?;
+        let device = dev.name();
+        let Some(label) = label::find(dev.as_ref())? else {
+            return Err(CommitError::NotAPv { device }.into());
+        };
         if md.vg.pv_by_id(&label.pv_uuid).is_none() {
-            return Err(invalid(format!(
-                "{name}: PV {} is not in VG {}",
-                label.pv_uuid, md.vg.name
-            )));
+            return Err(CommitError::NotInVg {
+                device,
+                id: label.pv_uuid,
+                vg: vg.clone(),
+            }
+            .into());
         }
         let mut areas = Vec::new();
         for area in &label.metadata_areas {
             let h = mda::read_header(dev.as_ref(), area)?;
             if !h.committed.is_empty() {
-                return Err(invalid(format!(
-                    "{name}: metadata area at byte {} already holds metadata",
-                    area.offset.0
-                )));
+                return Err(CommitError::PvInUse {
+                    device,
+                    id: label.pv_uuid,
+                    vg: vg.clone(),
+                }
+                .into());
             }
             if !h.ignored() {
                 areas.push(h);
@@ -183,12 +301,14 @@ pub fn create(devices: &[DeviceRef], md: &Metadata) -> Result<Committed, Error> 
         });
     }
     for pv in &md.vg.physical_volumes {
-        let n = targets.iter().filter(|t| t.label.pv_uuid == pv.id).count();
-        if n != 1 {
-            return Err(invalid(format!(
-                "VG {}: PV {} ({}) is on {n} of the devices given, it must be on exactly one",
-                md.vg.name, pv.id, pv.key
-            )));
+        let count = targets.iter().filter(|t| t.label.pv_uuid == pv.id).count();
+        if count != 1 {
+            return Err(CommitError::PvCount {
+                vg: vg.clone(),
+                id: pv.id,
+                count,
+            }
+            .into());
         }
     }
     let copies = write_version(&targets, md)?;
@@ -207,11 +327,11 @@ fn unchanged(dev: &DeviceRef, seen: &MdaHeader) -> Result<MdaHeader, Error> {
     };
     let now = mda::read_header(dev.as_ref(), &area)?;
     if now.committed != seen.committed {
-        return Err(invalid(format!(
-            "{}: metadata area at byte {} changed since it was scanned",
-            dev.name(),
-            seen.start.0
-        )));
+        return Err(CommitError::Changed {
+            device: dev.name(),
+            area: seen.start.0,
+        }
+        .into());
     }
     Ok(now)
 }
@@ -221,10 +341,10 @@ fn write_version(targets: &[Target], md: &Metadata) -> Result<Vec<WrittenCopy>, 
     let mut text = md.to_text(Style::Disk)?.into_bytes();
     text.push(0);
     if targets.iter().all(|t| t.areas.is_empty()) {
-        return Err(invalid(format!(
-            "VG {}: no metadata area to write to",
-            md.vg.name
-        )));
+        return Err(CommitError::NoMetadataArea {
+            vg: md.vg.name.clone(),
+        }
+        .into());
     }
     let mut headers = Vec::new();
     for t in targets {

@@ -39,7 +39,7 @@ pub use units::Extents;
 pub use uuid::Uuid;
 
 /// Any failure of this crate's operations that touch devices.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A device failed.
     #[error(transparent)]
@@ -53,9 +53,20 @@ pub enum Error {
     /// Metadata text does not parse or is not a valid VG.
     #[error(transparent)]
     Metadata(#[from] model::MetadataError),
-    /// A request that cannot be carried out as asked (the message says why).
-    #[error("{0}")]
-    Invalid(String),
+    /// A commit was refused before anything was written.
+    #[error(transparent)]
+    Commit(#[from] commit::CommitError),
+    /// A device cannot be laid out as a PV.
+    #[error(transparent)]
+    Layout(#[from] pvcreate::LayoutError),
+    /// A device could not be opened.
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why (shared: the extent error is not `Clone`).
+        source: std::sync::Arc<extents::ExtentError>,
+    },
 }
 
 impl From<label::FindLabelError> for Error {

@@ -64,45 +64,59 @@ pub struct PvLayout {
     pub pe_start: Bytes,
 }
 
-fn invalid(msg: String) -> Error {
-    Error::Invalid(msg)
+/// Why a device cannot be laid out as a PV.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// Smaller than LVM2's minimum PV.
+    #[error("device of {0} is smaller than the {PV_MIN_SIZE} LVM2 requires for a PV")]
+    TooSmall(Bytes),
+    /// More than two metadata areas asked.
+    #[error("{0} metadata copies asked, a PV has at most 2")]
+    TooManyCopies(u32),
+    /// A data alignment of 0 or larger than the device.
+    #[error("data alignment of {0} sectors does not fit the device")]
+    BadAlignment(Sectors),
+    /// A metadata area would be smaller than LVM2's minimum.
+    #[error("the {which} metadata area would be {len} bytes, LVM2 needs at least {MDA_SIZE_MIN}")]
+    AreaTooSmall {
+        /// "first" or "second".
+        which: &'static str,
+        /// Its length.
+        len: u64,
+    },
+    /// Nothing left after the metadata areas.
+    #[error("no room for data: the first extent would start at byte {pe_start} of {size}")]
+    NoRoomForData {
+        /// Where the first extent would start.
+        pe_start: u64,
+        /// Usable device size.
+        size: u64,
+    },
 }
 
 /// The layout LVM2 2.03 gives a device of `size` bytes with `opts`.
-pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, Error> {
+pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, LayoutError> {
     if size < PV_MIN_SIZE {
-        return Err(invalid(format!(
-            "device of {size} is smaller than the {PV_MIN_SIZE} LVM2 requires for a PV"
-        )));
+        return Err(LayoutError::TooSmall(size));
     }
     if opts.metadata_copies > 2 {
-        return Err(invalid(format!(
-            "{} metadata copies asked, a PV has at most 2",
-            opts.metadata_copies
-        )));
+        return Err(LayoutError::TooManyCopies(opts.metadata_copies));
     }
     let disk = size.0 - size.0 % 512;
     let align = opts
         .data_alignment
         .checked_bytes()
         .filter(|a| a.0 > 0 && a.0 <= disk)
-        .ok_or_else(|| {
-            invalid(format!(
-                "data alignment {} sectors does not fit the device",
-                opts.data_alignment
-            ))
-        })?
+        .ok_or(LayoutError::BadAlignment(opts.data_alignment))?
         .0;
     // Larger than the device is limited below anyway; clamping keeps the sums in range.
     let want = opts
         .metadata_size
         .checked_bytes()
         .map_or(disk, |b| b.0.min(disk));
-    let area = |which: &str, start: u64, len: u64| {
+    let area = |which: &'static str, start: u64, len: u64| {
         if len < MDA_SIZE_MIN {
-            return Err(invalid(format!(
-                "{which} metadata area would be {len} bytes, LVM2 needs at least {MDA_SIZE_MIN}"
-            )));
+            return Err(LayoutError::AreaTooSmall { which, len });
         }
         Ok(DiskArea {
             offset: Bytes(start),
@@ -142,7 +156,10 @@ pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, Error> {
     if opts.metadata_copies == 2 {
         let limit = pe_start;
         if limit >= disk {
-            return Err(invalid("no room for a second metadata area".into()));
+            return Err(LayoutError::AreaTooSmall {
+                which: "second",
+                len: 0,
+            });
         }
         let mut len = want.min(disk - limit);
         let mut start = disk - len;
@@ -156,9 +173,10 @@ pub fn layout(size: Bytes, opts: &PvCreateOptions) -> Result<PvLayout, Error> {
         areas.push(area("second", start, len)?);
     }
     if pe_start >= disk {
-        return Err(invalid(format!(
-            "no room for data: the first extent would start at byte {pe_start} of {disk}"
-        )));
+        return Err(LayoutError::NoRoomForData {
+            pe_start,
+            size: disk,
+        });
     }
     Ok(PvLayout {
         metadata_areas: areas,

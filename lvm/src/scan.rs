@@ -642,8 +642,9 @@ pub fn open_paths<P: AsRef<Path>>(
             };
             extents::FileExtent::open(p.as_ref(), opts)
                 .map(|e| Arc::new(e) as DeviceRef)
-                .map_err(|e| {
-                    crate::Error::Invalid(format!("opening {}: {e}", p.as_ref().display()))
+                .map_err(|source| crate::Error::Open {
+                    path: p.as_ref().to_path_buf(),
+                    source: Arc::new(source),
                 })
         })
         .collect()

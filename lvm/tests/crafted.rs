@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
-use lvm::commit;
+use lvm::commit::{self, CommitError};
 use lvm::crc::crc;
 use lvm::label::{LabelProblem, LABEL_SIZE};
 use lvm::mda::{MdaHeader, MdaProblem, MDA_HEADER_SIZE};
@@ -601,4 +601,65 @@ fn slot_at_the_end_of_a_huge_area() {
         }
         p => panic!("{p}"),
     }
+}
+
+/// The commit refusal `e` is, or panics.
+fn refusal(e: lvm::Error) -> CommitError {
+    match e {
+        lvm::Error::Commit(c) => c,
+        e => panic!("expected a commit refusal, got {e}"),
+    }
+}
+
+#[test]
+fn commit_refuses_what_it_cannot_write_safely() {
+    // Dropping a PV.
+    let g = rig();
+    let r = g.scan();
+    let mut md = r.vg("vgc").unwrap().metadata.clone();
+    md.vg.logical_volumes.retain(|l| l.name != "b");
+    md.vg.physical_volumes.truncate(1);
+    let e = refusal(commit::commit(&r, &mut md).unwrap_err());
+    assert!(matches!(e, CommitError::DropsPv { .. }), "{e}");
+
+    // A PV missing from the scan.
+    let r = scan::scan(&g.devs()[..1]);
+    let mut md = r.vg("vgc").unwrap().metadata.clone();
+    let e = refusal(commit::commit(&r, &mut md).unwrap_err());
+    assert!(
+        matches!(&e, CommitError::Inconsistent { problem, .. } if matches!(**problem, Problem::MissingPv { .. })),
+        "{e}"
+    );
+
+    // Another writer got there between our scan and our commit.
+    let r = g.scan();
+    let mut first = r.vg("vgc").unwrap().metadata.clone();
+    let mut second = first.clone();
+    commit::commit(&r, &mut first).unwrap();
+    let e = refusal(commit::commit(&r, &mut second).unwrap_err());
+    assert!(
+        matches!(&e, CommitError::Changed { device, area } if device == "disk0" && *area == MDA_AT),
+        "{e}"
+    );
+
+    // The seqno cannot wrap.
+    let g = rig();
+    for d in 0..2 {
+        g.edit_text(d, |t| t.replace("seqno = 2", "seqno = 4294967295"));
+    }
+    let r = g.scan();
+    let mut md = r.vg("vgc").unwrap().metadata.clone();
+    let e = refusal(commit::commit(&r, &mut md).unwrap_err());
+    assert!(matches!(e, CommitError::SeqnoOverflow { .. }), "{e}");
+
+    // create: devices that already hold metadata, or hold a PV the VG does not list.
+    let g = rig_with(3, 2);
+    let r = g.scan();
+    let md = r.vg("vgc").unwrap().metadata.clone();
+    let e = refusal(commit::create(&g.devs()[..2], &md).unwrap_err());
+    assert!(matches!(e, CommitError::PvInUse { .. }), "{e}");
+    let e = refusal(commit::create(&g.devs()[2..], &md).unwrap_err());
+    assert!(matches!(e, CommitError::NotInVg { .. }), "{e}");
+    // Nothing was written: the scan is as before.
+    assert_eq!(g.scan().vg("vgc").unwrap().seqno(), 2);
 }

@@ -287,7 +287,10 @@ fn lvm2_vg_is_read_field_by_field_and_our_next_seqno_is_accepted() {
         .clone();
     let lv = linear_lv(&md.vg, "ours", &key, 3);
     md.vg.logical_volumes.push(lv);
-    md.description = "Write from the lvm crate's interop test.".into();
+    let before = md.creation_time;
+    md.stamp("Write from the lvm crate's interop test.");
+    assert!(md.creation_time >= before);
+    assert_eq!(md.creation_host, lvm::model::hostname());
     let done = commit::commit(&r, &mut md).unwrap();
     assert_eq!(done.seqno, old_seqno + 1);
     assert_eq!(done.copies.len(), 4);

@@ -229,11 +229,17 @@ impl Metadata {
             vg,
             description: description.into(),
             creation_host: hostname(),
-            creation_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            creation_time: now(),
             extra: Vec::new(),
         }
+    }
+
+    /// Sets the header lines for a new version about to be written, as LVM2 does on every
+    /// write: `description` (LVM2 puts the command line there), this host, the time now.
+    pub fn stamp(&mut self, description: impl Into<String>) {
+        self.description = description.into();
+        self.creation_host = hostname();
+        self.creation_time = now();
     }
 
     /// Reads a parsed text: checks `contents` and `version` as LVM2 does, takes the first
@@ -338,6 +344,13 @@ impl Metadata {
     pub fn to_text(&self, style: Style) -> Result<String, MetadataError> {
         Ok(text::write(&self.to_tree(style)?, style)?)
     }
+}
+
+/// Seconds since the epoch (0 if the clock is before it).
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// This machine's node name, as LVM2 records it in `creation_host`.
