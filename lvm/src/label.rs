@@ -214,7 +214,7 @@ impl Label {
         let err = |at: usize, field: &str, problem| LabelError {
             device: device.to_string(),
             field: field.to_string(),
-            offset: base + at as u64,
+            offset: base.saturating_add(at as u64),
             problem,
         };
         let recorded = u64_at(sector, 8);
@@ -549,6 +549,15 @@ mod tests {
         assert_eq!(e.field, "crc");
         assert_eq!(e.offset, 512 + 16);
         assert!(e.to_string().contains("loop0"), "{e}");
+    }
+
+    #[test]
+    fn any_sector_number_is_safe() {
+        // A caller's sector number (found_in) is not trusted either: the offsets in errors
+        // saturate instead of overflowing.
+        let e = Label::from_sector(LVM2_SECTOR, u64::MAX, Bytes(64 << 20), "d").unwrap_err();
+        assert!(matches!(e.problem, LabelProblem::WrongSector { .. }), "{e}");
+        assert_eq!(e.offset, u64::MAX);
     }
 
     #[test]
