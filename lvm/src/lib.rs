@@ -1,0 +1,94 @@
+//! LVM2's on-disk format, so that a volume group is readable and writable by both this
+//! project and the real lvm2 tools.
+//!
+//! - [`crc`]: LVM2's crc32 (its own initial value, no final inversion).
+//! - [`uuid`]: LVM identifiers (32 characters, printed 6-4-4-4-4-4-6).
+//! - [`units`]: [`Extents`](units::Extents), next to `tables`' sectors and bytes.
+//! - [`label`]: the PV label in one of sectors 0-3 (`LABELONE`, `LVM2 001`, PV header and
+//!   extension).
+//! - [`mda`]: metadata area headers and the ring buffer of metadata text.
+//! - [`text`]: LVM's config text format: lexer, parser, writer, tree.
+//! - [`model`]: typed VG / PV / LV / segment structures to and from the tree.
+//! - [`scan`]: find PVs on devices, read every metadata copy, group by VG, pick the newest
+//!   valid copy and report every other finding.
+//! - [`commit`]: write a new VG version to every PV (text, precommit, commit).
+//! - [`pvcreate`]: format a device as a PV with LVM2's default layout.
+//! - [`io`]: the one module that reads and writes devices.
+//!
+//! The API is synchronous: device I/O is driven with `iort::block_on` inside [`io`], so it
+//! must not be called from inside an `iort` task.
+
+#![warn(missing_docs)]
+
+pub mod commit;
+pub mod crc;
+pub mod io;
+pub mod label;
+mod le;
+pub mod mda;
+pub mod model;
+pub mod pvcreate;
+pub mod scan;
+pub mod text;
+pub mod units;
+pub mod uuid;
+
+pub use label::Label;
+pub use model::{LogicalVolume, Metadata, PhysicalVolume, Segment, SegmentKind, VolumeGroup};
+pub use units::Extents;
+pub use uuid::Uuid;
+
+/// Any failure of this crate's operations that touch devices.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A device failed.
+    #[error(transparent)]
+    Io(#[from] io::DevIoError),
+    /// A label is damaged or cannot be written.
+    #[error(transparent)]
+    Label(#[from] label::LabelError),
+    /// A metadata area is damaged or full.
+    #[error(transparent)]
+    Mda(#[from] mda::MdaError),
+    /// Metadata text does not parse or is not a valid VG.
+    #[error(transparent)]
+    Metadata(#[from] model::MetadataError),
+    /// A commit was refused before anything was written.
+    #[error(transparent)]
+    Commit(#[from] commit::CommitError),
+    /// A device cannot be laid out as a PV.
+    #[error(transparent)]
+    Layout(#[from] pvcreate::LayoutError),
+    /// A device could not be opened.
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why (shared: the extent error is not `Clone`).
+        source: std::sync::Arc<extents::ExtentError>,
+    },
+}
+
+impl From<label::FindLabelError> for Error {
+    fn from(e: label::FindLabelError) -> Error {
+        match e {
+            label::FindLabelError::Io(e) => Error::Io(e),
+            label::FindLabelError::Label(e) => Error::Label(e),
+        }
+    }
+}
+
+impl From<mda::MdaIoError> for Error {
+    fn from(e: mda::MdaIoError) -> Error {
+        match e {
+            mda::MdaIoError::Io(e) => Error::Io(e),
+            mda::MdaIoError::Mda(e) => Error::Mda(e),
+        }
+    }
+}
+
+impl From<model::ModelError> for Error {
+    fn from(e: model::ModelError) -> Error {
+        Error::Metadata(e.into())
+    }
+}
