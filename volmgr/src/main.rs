@@ -4,6 +4,7 @@ mod client;
 mod daemon_cmd;
 mod dev;
 mod docs_cmd;
+mod lvm_cli;
 mod nbd_opts;
 mod pool;
 mod progress;
