@@ -13,6 +13,7 @@
 //!   valid copy and report every other finding.
 //! - [`commit`]: write a new VG version to every PV (text, precommit, commit).
 //! - [`pvcreate`]: format a device as a PV with LVM2's default layout.
+//! - [`vgcreate`]: the first version of a VG (PV entries, defaults, LVM's name rules).
 //! - [`io`]: the one module that reads and writes devices.
 //!
 //! The API is synchronous: device I/O is driven with `iort::block_on` inside [`io`], so it
@@ -32,6 +33,7 @@ pub mod scan;
 pub mod text;
 pub mod units;
 pub mod uuid;
+pub mod vgcreate;
 
 pub use label::Label;
 pub use model::{LogicalVolume, Metadata, PhysicalVolume, Segment, SegmentKind, VolumeGroup};

@@ -237,25 +237,10 @@ pub fn new_vg(
     extent_size: tables::Sectors,
     pvs: Vec<lvm::PhysicalVolume>,
 ) -> lvm::VolumeGroup {
-    lvm::VolumeGroup {
-        name: name.into(),
-        id: lvm::Uuid::generate(),
-        seqno: 1,
-        format: Some("lvm2".into()),
-        status: lvm::model::Flags::of(&["RESIZEABLE", "READ", "WRITE"]),
-        flags: lvm::model::Flags::default(),
-        extent_size,
-        max_lv: 0,
-        max_pv: 0,
-        metadata_copies: Some(0),
-        physical_volumes: pvs,
-        logical_volumes: Vec::new(),
-        extra: Vec::new(),
-    }
+    lvm::vgcreate::new_vg(name, extent_size, pvs)
 }
 
-/// The VG entry for the PV `label` describes on a device of `size` bytes: whole extents from
-/// `pe_start` to the device's end (or to its second metadata area), as vgcreate counts them.
+/// The VG entry for the PV `label` describes (see [`lvm::vgcreate::pv_entry`]).
 pub fn pv_entry(
     key: &str,
     label: &lvm::Label,
@@ -263,20 +248,5 @@ pub fn pv_entry(
     extent_size: tables::Sectors,
     device: Option<String>,
 ) -> lvm::PhysicalVolume {
-    let pe_start = label.pe_start().expect("a data area");
-    let end = match label.metadata_areas.get(1) {
-        Some(second) => second.offset.0,
-        None => size.0,
-    };
-    lvm::PhysicalVolume {
-        key: key.into(),
-        id: label.pv_uuid,
-        device,
-        status: lvm::model::Flags::of(&["ALLOCATABLE"]),
-        flags: lvm::model::Flags::default(),
-        dev_size: Some(size.sectors_floor()),
-        pe_start: pe_start.sectors_floor(),
-        pe_count: lvm::Extents(((end - pe_start.0) / extent_size.bytes().0) as u32),
-        extra: Vec::new(),
-    }
+    lvm::vgcreate::pv_entry(key, label, size, extent_size, device).expect("a PV entry")
 }
