@@ -7,6 +7,7 @@
 //! - [`pool`]: the pool and thin volume devices (I/O path, commits, messages).
 //! - [`target`]: the `thin-pool` and `thin` table targets.
 //! - [`tools`]: check, dump, restore, repair.
+//! - [`xml`]: dumps in thin-provisioning-tools' XML format (`thin_dump`/`thin_restore`).
 //!
 //! See the "Thin provisioning" section of ARCHITECTURE.md for the design and its crash-safety argument.
 
@@ -20,6 +21,7 @@ pub mod sync;
 pub mod target;
 pub mod tools;
 pub mod types;
+pub mod xml;
 
 #[cfg(test)]
 mod fail_mode_tests;

@@ -21,12 +21,22 @@ pub enum PoolCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write the metadata as a readable dump (text, or JSON that `pool restore` reads).
+    /// Write the metadata as a readable dump: text, JSON, or thin_dump's XML.
+    ///
+    /// `--format xml` writes thin-provisioning-tools' format, as `thin_dump` writes it:
+    /// `thin_restore -i FILE -o METADATA` turns it into metadata kernel dm-thin opens over the
+    /// same data device (data block N is at byte N * block size on both sides). Our
+    /// metadata keeps no uuid, times, flags or per-device transaction ids: they are written
+    /// as 0 (uuid empty), as thin_dump writes them for a pool that never had them. JSON and
+    /// XML are what `pool restore` reads; the text form is for people.
     Dump {
         /// Metadata device or file.
         metadata: PathBuf,
-        /// JSON instead of text.
-        #[arg(long)]
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DumpFormat::Text)]
+        format: DumpFormat,
+        /// Same as `--format json`.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
         /// Dump the held metadata snapshot (reserve_metadata_snap) instead of the live root.
         #[arg(long)]
@@ -35,11 +45,25 @@ pub enum PoolCmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Write metadata rebuilt from a JSON dump onto a metadata device (overwrites it).
+    /// Write metadata rebuilt from a dump onto a metadata device (overwrites it).
+    ///
+    /// Reads JSON (`pool dump --format json`) or thin_dump's XML (`pool dump --format xml`,
+    /// or `thin_dump METADATA` of kernel dm-thin metadata), told apart by the first
+    /// character (`{` or `<`) unless `--format` says. From XML the superblock's transaction
+    /// id, block size and data block count, every device and every mapping are kept; uuid,
+    /// times, flags, per-device transaction ids and a held metadata snapshot are dropped.
+    /// Sharing between snapshots is not recorded in a dump: each mapping becomes its own
+    /// reference to its data block (a block two snapshots share gets a reference count of
+    /// 2), and the data device is used as it is. Malformed or inconsistent XML (unknown elements or
+    /// attributes, overlapping mappings, blocks beyond the pool, a device id twice) is
+    /// refused naming the line, element and attribute, before the metadata device is touched.
     Restore {
-        /// JSON dump (from `pool dump --json`).
+        /// Dump to read (JSON or XML).
         #[arg(short, long)]
         input: PathBuf,
+        /// Format of the input (default: from its first character).
+        #[arg(long, value_enum)]
+        format: Option<RestoreFormat>,
         /// Metadata device or file to overwrite.
         metadata: PathBuf,
         /// Confirm overwriting the metadata device.
@@ -71,6 +95,48 @@ pub enum PoolCmd {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Formats `pool dump` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DumpFormat {
+    /// For people (one line per run of mappings).
+    Text,
+    /// Our JSON dump.
+    Json,
+    /// thin-provisioning-tools' XML (thin_dump, thin_restore).
+    Xml,
+}
+
+/// Formats `pool restore` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreFormat {
+    /// Our JSON dump.
+    Json,
+    /// thin-provisioning-tools' XML.
+    Xml,
+}
+
+/// Reads a dump in `format`, or in the format its first character says (`<` XML, else JSON).
+fn parse_dump(
+    input: &Path,
+    text: &str,
+    format: Option<RestoreFormat>,
+) -> Result<thin::tools::Dump> {
+    let format = format.unwrap_or_else(|| {
+        let start = text.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+        if start.starts_with('<') {
+            RestoreFormat::Xml
+        } else {
+            RestoreFormat::Json
+        }
+    });
+    Ok(match format {
+        RestoreFormat::Json => serde_json::from_str(text)
+            .with_context(|| format!("{}: not a JSON pool dump", input.display()))?,
+        RestoreFormat::Xml => thin::xml::from_xml(text)
+            .with_context(|| format!("{}: not a usable thin_dump XML file", input.display()))?,
+    })
 }
 
 fn open_meta(path: &Path, writable: bool) -> Result<DeviceRef> {
@@ -235,6 +301,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
         }
         PoolCmd::Dump {
             metadata,
+            format,
             json,
             metadata_snap,
             output,
@@ -250,10 +317,11 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
                 block("pool dump", thin::tools::dump(&dev))?
                     .with_context(|| metadata.display().to_string())?
             };
-            let text = if json {
-                serde_json::to_string_pretty(&d)? + "\n"
-            } else {
-                d.to_string()
+            let format = if json { DumpFormat::Json } else { format };
+            let text = match format {
+                DumpFormat::Json => serde_json::to_string_pretty(&d)? + "\n",
+                DumpFormat::Xml => thin::xml::to_xml(&d),
+                DumpFormat::Text => d.to_string(),
             };
             match output {
                 Some(p) => {
@@ -264,6 +332,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
         }
         PoolCmd::Restore {
             input,
+            format,
             metadata,
             yes,
         } => {
@@ -275,8 +344,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             }
             let text = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
-            let d: thin::tools::Dump = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a JSON pool dump", input.display()))?;
+            let d = parse_dump(&input, &text, format)?;
             let dev = open_meta(&metadata, true)?;
             block("pool restore", thin::tools::restore(&d, &dev))?
                 .with_context(|| metadata.display().to_string())?;
