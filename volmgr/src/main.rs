@@ -42,6 +42,24 @@ enum Cmd {
     /// Thin-pool metadata tools (the pool must not be in use).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Initialize devices or files as LVM physical volumes (lvm2's format).
+    Pvcreate(lvm_cli::pv::PvcreateArgs),
+    /// Remove the PV label from devices that are in no VG.
+    Pvremove(lvm_cli::pv::PvremoveArgs),
+    /// Report physical volumes (lvm2's columns, units and JSON).
+    Pvs(lvm_cli::pv::PvsArgs),
+    /// Create a volume group from PVs.
+    Vgcreate(lvm_cli::vg::VgcreateArgs),
+    /// Remove volume groups (their PVs stay PVs).
+    Vgremove(lvm_cli::vg::VgremoveArgs),
+    /// Report volume groups.
+    Vgs(lvm_cli::vg::VgsArgs),
+    /// Check every copy of the VG metadata.
+    Vgck(lvm_cli::vg::VgckArgs),
+    /// Write a VG's metadata to a file in lvm2's backup format.
+    Vgcfgbackup(lvm_cli::vg::VgcfgbackupArgs),
+    /// Report logical volumes.
+    Lvs(lvm_cli::lv::LvsArgs),
     /// Print a shell completion script (`volmgr completions bash > /etc/bash_completion.d/volmgr`).
     Completions(docs_cmd::CompletionsArgs),
     /// Write the manual pages (volmgr.8 and one per subcommand) into a directory.
@@ -56,6 +74,15 @@ fn main() -> ExitCode {
         Cmd::Daemon(a) => daemon_cmd::run(a),
         Cmd::Dev(c) => dev::run(c),
         Cmd::Pool(c) => pool::run(c),
+        Cmd::Pvcreate(a) => lvm_cli::pv::pvcreate(a),
+        Cmd::Pvremove(a) => lvm_cli::pv::pvremove(a),
+        Cmd::Pvs(a) => lvm_cli::pv::pvs(a),
+        Cmd::Vgcreate(a) => lvm_cli::vg::vgcreate(a),
+        Cmd::Vgremove(a) => lvm_cli::vg::vgremove(a),
+        Cmd::Vgs(a) => lvm_cli::vg::vgs(a),
+        Cmd::Vgck(a) => lvm_cli::vg::vgck(a),
+        Cmd::Vgcfgbackup(a) => lvm_cli::vg::vgcfgbackup(a),
+        Cmd::Lvs(a) => lvm_cli::lv::lvs(a),
         Cmd::Completions(a) => docs_cmd::completions(a),
         Cmd::Manpages(a) => docs_cmd::manpages(a),
     };
@@ -65,5 +92,15 @@ fn main() -> ExitCode {
             eprintln!("volmgr: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -18,10 +18,20 @@ pub const DEVICES_FILE: &str = "/etc/volmgr/lvm-devices";
 #[derive(Args, Clone, Debug, Default)]
 pub struct DeviceArgs {
     /// Use only these devices (comma-separated, or the option repeated), as lvm2's --devices.
-    #[arg(long = "devices", value_name = "DEV[,DEV...]", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "devices",
+        value_name = "DEV[,DEV...]",
+        value_delimiter = ',',
+        global = true
+    )]
     pub devices: Vec<PathBuf>,
     /// The devices file to use instead of /etc/volmgr/lvm-devices.
-    #[arg(long = "devicesfile", value_name = "PATH", env = "VOLMGR_LVM_DEVICESFILE", global = true)]
+    #[arg(
+        long = "devicesfile",
+        value_name = "PATH",
+        env = "VOLMGR_LVM_DEVICESFILE",
+        global = true
+    )]
     pub devicesfile: Option<PathBuf>,
 }
 
@@ -166,7 +176,10 @@ mod tests {
     #[test]
     fn devices_file_lines_and_comments() {
         let l = parse_devices_file("# c\n/dev/sdb\n  /var/lib/pv.img  # a file\n\n");
-        assert_eq!(l, [PathBuf::from("/dev/sdb"), PathBuf::from("/var/lib/pv.img")]);
+        assert_eq!(
+            l,
+            [PathBuf::from("/dev/sdb"), PathBuf::from("/var/lib/pv.img")]
+        );
     }
 
     #[test]

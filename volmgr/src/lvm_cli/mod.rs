@@ -1,5 +1,157 @@
-//! LVM's verbs on LVM2's own on-disk format (`volmgr pvcreate`, `vgs`, `lvcreate`, ...).
+//! LVM's verbs on LVM2's own on-disk format, named as lvm2 names them and taking lvm2's flags
+//! (`volmgr pvcreate`, `volmgr vgs -o +vg_uuid`, ...), so an administrator's habits and
+//! scripts carry over. A VG written here is a VG lvm2 reads, and the other way round.
 
-#![allow(dead_code)] // The verbs land one by one; the report engine comes first.
-
+pub mod devices;
+pub mod lv;
+pub mod pv;
 pub mod report;
+pub mod scan;
+pub mod vg;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+pub use devices::DeviceArgs;
+
+/// The reporting options of `pvs`, `vgs` and `lvs` (lvm2's names).
+#[derive(Args, Clone, Debug, Default)]
+pub struct ReportArgs {
+    /// Columns: `a,b` replaces the default list, `+a,b` adds, `-a` removes (`-o help` lists
+    /// the fields).
+    #[arg(
+        short = 'o',
+        long = "options",
+        value_name = "FIELDS",
+        allow_hyphen_values = true
+    )]
+    pub options: Vec<String>,
+    /// Units for sizes: h (human, powers of 1024), H (powers of 1000), b, s (sectors),
+    /// k m g t p e (1024), K M G T P E (1000).
+    #[arg(long, value_name = "UNIT", default_value = "h")]
+    pub units: String,
+    /// No unit letter after sizes.
+    #[arg(long)]
+    pub nosuffix: bool,
+    /// No heading line.
+    #[arg(long)]
+    pub noheadings: bool,
+    /// Separate columns with this instead of padding them.
+    #[arg(long, value_name = "SEP")]
+    pub separator: Option<String>,
+    /// `basic` (columns) or `json` (lvm2's JSON layout).
+    #[arg(long, value_name = "FORMAT", default_value = "basic")]
+    pub reportformat: String,
+}
+
+impl ReportArgs {
+    /// The style these options ask for.
+    pub fn style(&self) -> Result<report::Style> {
+        let json = match self.reportformat.as_str() {
+            "basic" => false,
+            "json" => true,
+            other => anyhow::bail!("--reportformat '{other}': use basic or json"),
+        };
+        Ok(report::Style {
+            units: report::Units::parse(&self.units, self.nosuffix).map_err(anyhow::Error::msg)?,
+            headings: !self.noheadings,
+            separator: self.separator.clone(),
+            json,
+        })
+    }
+
+    /// Prints a report with `fields`, `default` columns and rows from `row`.
+    pub fn print<T>(
+        &self,
+        object: &str,
+        fields: &[report::Field],
+        default: &[&str],
+        items: &[T],
+        row: impl Fn(&T, &str) -> report::Value,
+    ) -> Result<()> {
+        if self.options.iter().any(|o| o == "help") {
+            for f in fields {
+                println!("  {:<24} {}", f.name, f.heading);
+            }
+            return Ok(());
+        }
+        let cols = report::columns(fields, default, &self.options).map_err(anyhow::Error::msg)?;
+        let rows: Vec<Vec<report::Value>> = items
+            .iter()
+            .map(|it| cols.iter().map(|c| row(it, c.name)).collect())
+            .collect();
+        print!("{}", report::render(object, &cols, &rows, &self.style()?));
+        Ok(())
+    }
+}
+
+/// `--yes`, `--force` as lvm2 takes them.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Confirm {
+    /// Answer yes to every question (destructive operations ask otherwise and refuse when
+    /// there is no terminal).
+    #[arg(short = 'y', long)]
+    pub yes: bool,
+    /// Override checks (given twice, `-ff`, for the ones lvm2 wants twice).
+    #[arg(short = 'f', long, action = clap::ArgAction::Count)]
+    pub force: u8,
+}
+
+/// Parses a size with units as lvm2 takes it: a number with an optional unit letter
+/// (b s k m g t p e, either case, powers of 1024; no letter means `default`), e.g. `4m`,
+/// `1.5G`, `8192s`.
+pub fn parse_lvm_size(s: &str, default: char) -> Result<tables::Bytes> {
+    let s = s.trim();
+    let (num, unit) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => (&s[..s.len() - 1], c.to_ascii_lowercase()),
+        _ => (s, default),
+    };
+    let mul: u64 = match unit {
+        'b' => 1,
+        's' => 512,
+        'k' => 1 << 10,
+        'm' => 1 << 20,
+        'g' => 1 << 30,
+        't' => 1 << 40,
+        'p' => 1 << 50,
+        'e' => 1 << 60,
+        _ => anyhow::bail!("size '{s}': unknown unit '{unit}' (b s k m g t p e)"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("size '{s}' is not a number with an optional unit"))?;
+    if !v.is_finite() || v < 0.0 {
+        anyhow::bail!("size '{s}' is not a positive number");
+    }
+    let bytes = v * mul as f64;
+    if bytes > u64::MAX as f64 {
+        anyhow::bail!("size '{s}' is too large");
+    }
+    Ok(tables::Bytes(bytes.round() as u64))
+}
+
+/// Absolute form of device paths given on the command line (scans name devices by path).
+pub fn absolute(paths: &[PathBuf]) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_as_lvm2_writes_them() {
+        assert_eq!(parse_lvm_size("4m", 'm').unwrap().0, 4 << 20);
+        assert_eq!(parse_lvm_size("4", 'm').unwrap().0, 4 << 20);
+        assert_eq!(parse_lvm_size("1.5G", 'm').unwrap().0, 3 << 29);
+        assert_eq!(parse_lvm_size("8192s", 'm').unwrap().0, 4 << 20);
+        assert!(parse_lvm_size("4x", 'm').is_err());
+        assert!(parse_lvm_size("-1m", 'm').is_err());
+        assert!(parse_lvm_size("m", 'm').is_err());
+    }
+}

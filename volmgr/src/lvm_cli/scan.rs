@@ -1,0 +1,100 @@
+//! One scan of the candidate devices, and what the verbs ask of it: which device carries a
+//! PV, which VG a PV belongs to, free extents, warnings about what the scan found wrong.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lvm::scan::{ScanReport, ScannedVg};
+use lvm::{SegmentKind, Uuid, VolumeGroup};
+
+use super::DeviceArgs;
+
+/// A scan and the paths of its devices (same order as `report.devices`).
+pub struct Scan {
+    /// The report.
+    pub report: ScanReport,
+    /// Device paths.
+    pub paths: Vec<PathBuf>,
+}
+
+impl Scan {
+    /// Scans what `args` says to scan, read-only. Devices that cannot be opened are skipped
+    /// with a warning (lvm2 does the same), unless they were named with `--devices`.
+    pub fn run(args: &DeviceArgs) -> Result<Scan> {
+        let candidates = args.candidates()?;
+        let mut paths = Vec::new();
+        for p in candidates {
+            match lvm::scan::open_paths(&[&p], true) {
+                Ok(_) => paths.push(p),
+                // A scanned device we may not open (a disk the sandbox or a driver holds) is
+                // skipped quietly, as lvm2 does; one named with --devices is an error.
+                Err(_) if args.devices.is_empty() => {}
+                Err(e) => return Err(e).with_context(|| format!("{}", p.display())),
+            }
+        }
+        let report = lvm::scan::scan_paths(&paths).context("scanning for PVs")?;
+        Ok(Scan { report, paths })
+    }
+
+    /// Prints the scan's findings as lvm2 prints warnings.
+    pub fn warn(&self) {
+        for p in &self.report.problems {
+            eprintln!("  WARNING: {p}");
+        }
+    }
+
+    /// The VG named `name`, or an error naming it.
+    pub fn vg(&self, name: &str) -> Result<&ScannedVg> {
+        self.report
+            .vg(name)
+            .ok_or_else(|| anyhow::anyhow!("Volume group \"{name}\" not found"))
+    }
+
+    /// The path of the device carrying the PV `id`.
+    pub fn pv_path(&self, id: &Uuid) -> Option<&PathBuf> {
+        self.report.device_of_pv(id).and_then(|i| self.paths.get(i))
+    }
+
+    /// The index of the device at `path` (by canonical path), if it was scanned.
+    pub fn device_index(&self, path: &std::path::Path) -> Option<usize> {
+        let want = std::fs::canonicalize(path).ok()?;
+        self.paths
+            .iter()
+            .position(|p| std::fs::canonicalize(p).ok().as_ref() == Some(&want))
+    }
+
+    /// The VG (name) whose metadata lists the PV `id`.
+    pub fn vg_of_pv(&self, id: &Uuid) -> Option<&ScannedVg> {
+        self.report
+            .vgs
+            .iter()
+            .find(|v| v.metadata.vg.pv_by_id(id).is_some())
+    }
+}
+
+/// Extents used on each PV (by key) of a VG: every striped area of every LV segment.
+pub fn used_extents(vg: &VolumeGroup) -> BTreeMap<String, u64> {
+    let mut used: BTreeMap<String, u64> = BTreeMap::new();
+    for lv in &vg.logical_volumes {
+        for seg in &lv.segments {
+            if let (SegmentKind::Striped { stripes, .. }, Some(len)) = (&seg.kind, seg.area_len()) {
+                for a in stripes {
+                    if vg.pv_by_key(&a.volume).is_some() {
+                        *used.entry(a.volume.clone()).or_default() += u64::from(len.0);
+                    }
+                }
+            }
+        }
+    }
+    used
+}
+
+/// Free extents of a VG.
+pub fn free_extents(vg: &VolumeGroup) -> u64 {
+    let used = used_extents(vg);
+    vg.physical_volumes
+        .iter()
+        .map(|p| u64::from(p.pe_count.0).saturating_sub(used.get(&p.key).copied().unwrap_or(0)))
+        .sum()
+}
