@@ -191,9 +191,9 @@ mod tests {
             devices: Vec::new(),
             devicesfile: Some(d.path().join("lvm-devices")),
         };
-        a.remember(&[f.clone()]).unwrap();
+        a.remember(std::slice::from_ref(&f)).unwrap();
         assert!(a.candidates().unwrap().contains(&f));
-        a.forget(&[f.clone()]).unwrap();
+        a.forget(std::slice::from_ref(&f)).unwrap();
         assert!(!a.candidates().unwrap().contains(&f));
     }
 }
