@@ -138,8 +138,8 @@ fn failing_block_device_returns_errors_not_panics() {
         let buf = TestBuf::filled(&vec![0xabu8; 1 << 20], 0);
         let mut first_err = None;
         for i in 0..8u64 {
-            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
             if let Err(err) =
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
                 unsafe { e.write(Bytes(i << 20), buf.as_ref(), WriteFlags::default()) }.await
             {
                 first_err = Some(err);
