@@ -204,7 +204,12 @@ impl FileExtent {
         v.div_ceil(self.off_align) * self.off_align
     }
 
-    async fn do_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
+    /// A checked, non-empty read: straight into `buf` when aligned, else bounced.
+    ///
+    /// # Safety
+    /// The kernel writes into `buf` until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn do_read(&self, off: u64, buf: &mut [u8]) -> IoResult<()> {
         if self.aligned(buf.as_ptr() as usize, off, buf.len()) {
             let n = self.read_loop(off, buf).await?;
             return self.short_read("read", off, buf.len(), n);
@@ -213,7 +218,12 @@ impl FileExtent {
         self.bounce_read(off, buf).await
     }
 
-    async fn do_write(&self, off: u64, buf: &[u8], rw_flags: i32) -> IoResult<()> {
+    /// A checked, non-empty write: straight from `buf` when aligned, else bounced.
+    ///
+    /// # Safety
+    /// The kernel reads `buf` until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn do_write(&self, off: u64, buf: &[u8], rw_flags: i32) -> IoResult<()> {
         if self.aligned(buf.as_ptr() as usize, off, buf.len()) {
             let n = self.write_loop(off, buf, rw_flags).await?;
             if n == buf.len() {
@@ -244,7 +254,7 @@ impl BlockDevice for FileExtent {
         self.limits
     }
 
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             check_range(&self.name, self.size_now(), offset, Bytes(buf.len() as u64))?;
             if buf.is_empty() {
@@ -254,7 +264,7 @@ impl BlockDevice for FileExtent {
         })
     }
 
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             self.check_write("write", offset, Bytes(buf.len() as u64))?;
             if buf.is_empty() {

@@ -9,6 +9,7 @@
 //! - [`create_sparse`]: makes a sparse backing file for tests and the CLI.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod file;
 mod resolver;

@@ -46,6 +46,7 @@ pub(crate) fn blk_block_sizes(fd: RawFd) -> io::Result<(u32, u32)> {
     let mut pbs: libc::c_uint = 0;
     // SAFETY: BLKSSZGET writes an int, BLKPBSZGET an unsigned int.
     cvt(unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut lbs as *mut libc::c_int) })?;
+    // SAFETY: as above, into `pbs`.
     cvt(unsafe { libc::ioctl(fd, libc::BLKPBSZGET, &mut pbs as *mut libc::c_uint) })?;
     Ok(block_sizes(lbs, pbs))
 }
@@ -114,6 +115,7 @@ pub(crate) fn file_len(fd: RawFd) -> io::Result<u64> {
 pub(crate) fn on_ram_fs(fd: RawFd) -> io::Result<bool> {
     // SAFETY: statfs is plain integers; fstatfs fills it.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into `st`, which is ours and writable.
     cvt(unsafe { libc::fstatfs(fd, &mut st) })?;
     let t = st.f_type as i64;
     Ok(t == TMPFS_MAGIC || t == RAMFS_MAGIC)
@@ -123,6 +125,7 @@ pub(crate) fn on_ram_fs(fd: RawFd) -> io::Result<bool> {
 pub(crate) fn clear_direct(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on an fd we own.
     let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above; no pointers involved.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_DIRECT) }).map(|_| ())
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use common::{pattern, st_blocks, LoopDev, TestBuf};
 use extents::{create_sparse, ExtentKind, FileExtent, FileResolver, IoMode, OpenOptions};
+use tables::io::read_blocking;
 use tables::registry::Resolver;
 use tables::{BlockDevice, Bytes, WriteFlags};
 
@@ -62,18 +63,22 @@ fn loop_device_extent() {
     iort::block_on(async {
         // Aligned and unaligned data round-trips.
         let data = TestBuf::filled(&pattern(10, 4 << 20), 0);
-        e.write(Bytes(0), data.as_ref(), WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { e.write(Bytes(0), data.as_ref(), WriteFlags::default()) }
             .await
             .unwrap();
-        e.write(Bytes(5_000_001), &pattern(11, 12_345), WriteFlags::FUA)
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { e.write(Bytes(5_000_001), &pattern(11, 12_345), WriteFlags::FUA) }
             .await
             .unwrap();
         e.flush().await.unwrap();
         let mut back = TestBuf::new(4 << 20, 0);
-        e.read(Bytes(0), back.as_mut()).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { e.read(Bytes(0), back.as_mut()) }.await.unwrap();
         assert!(back.as_ref() == data.as_ref());
         let mut odd = vec![0u8; 12_345];
-        e.read(Bytes(5_000_001), &mut odd).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { e.read(Bytes(5_000_001), &mut odd) }.await.unwrap();
         assert_eq!(odd, pattern(11, 12_345));
 
         // Write-zeroes (unaligned edges written, middle zeroed by the kernel).
@@ -81,7 +86,8 @@ fn loop_device_extent() {
             .await
             .unwrap();
         let mut back = vec![1u8; 2 << 20];
-        e.read(Bytes(0), &mut back).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { e.read(Bytes(0), &mut back) }.await.unwrap();
         let src = data.as_ref();
         assert_eq!(back[..1000], src[..1000]);
         assert!(back[1000..1000 + (1 << 20)].iter().all(|&b| b == 0));
@@ -97,7 +103,8 @@ fn loop_device_extent() {
         e.discard(Bytes(100), Bytes(700)).await.unwrap();
         e.flush().await.unwrap();
         let mut b = vec![0u8; 512];
-        e.read(Bytes(0), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { e.read(Bytes(0), &mut b) }.await.unwrap();
         assert_eq!(b[..], data_prefix()[..]);
     })
     .unwrap();
@@ -108,9 +115,7 @@ fn loop_device_extent() {
     );
 
     // Out of range names the device.
-    let err = iort::block_on(e.read(Bytes(SIZE), &mut [0u8; 512]))
-        .unwrap()
-        .unwrap_err();
+    let err = read_blocking(&*e, Bytes(SIZE), &mut [0u8; 512]).unwrap_err();
     assert_eq!(err.errno, libc::ENOSPC);
     assert!(err.msg.contains(lo.dev.to_str().unwrap()), "{err}");
 }
@@ -133,9 +138,9 @@ fn failing_block_device_returns_errors_not_panics() {
         let buf = TestBuf::filled(&vec![0xabu8; 1 << 20], 0);
         let mut first_err = None;
         for i in 0..8u64 {
-            if let Err(err) = e
-                .write(Bytes(i << 20), buf.as_ref(), WriteFlags::default())
-                .await
+            if let Err(err) =
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { e.write(Bytes(i << 20), buf.as_ref(), WriteFlags::default()) }.await
             {
                 first_err = Some(err);
                 break;
@@ -192,9 +197,7 @@ fn block_devices_are_opened_exclusively() {
     };
     let shared = FileExtent::open(&lo.dev, forced).unwrap();
     let mut sb = TestBuf::new(4096, 0);
-    iort::block_on(shared.read(Bytes(0), sb.as_mut()))
-        .unwrap()
-        .unwrap();
+    read_blocking(&shared, Bytes(0), sb.as_mut()).unwrap();
     assert_eq!(sb.as_ref()[1080..1082], [0x53, 0xef]);
     drop(shared);
 

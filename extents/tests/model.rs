@@ -116,7 +116,9 @@ fn run(dev: Arc<FileExtent>, batches: Vec<Vec<Op>>) {
                     let r = match o {
                         Op::Read { off, len, shift } => {
                             let mut b = TestBuf::new(len as usize, shift);
-                            dev.read(Bytes(off), b.as_mut())
+                            // SAFETY: the buffer belongs to this spawned task, which awaits the
+                            // call to its end.
+                            unsafe { dev.read(Bytes(off), b.as_mut()) }
                                 .await
                                 .map(|_| b.as_ref().to_vec())
                         }
@@ -133,7 +135,9 @@ fn run(dev: Arc<FileExtent>, batches: Vec<Vec<Op>>) {
                             } else {
                                 WriteFlags::default()
                             };
-                            dev.write(Bytes(off), b.as_ref(), flags)
+                            // SAFETY: the buffer belongs to this spawned task, which awaits the
+                            // call to its end.
+                            unsafe { dev.write(Bytes(off), b.as_ref(), flags) }
                                 .await
                                 .map(|_| Vec::new())
                         }
@@ -176,7 +180,8 @@ fn run(dev: Arc<FileExtent>, batches: Vec<Vec<Op>>) {
         }
         // Whole device, through the extent and through the page cache.
         let mut all = TestBuf::new(SIZE as usize, 0);
-        dev.read(Bytes(0), all.as_mut()).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { dev.read(Bytes(0), all.as_mut()) }.await.unwrap();
         assert!(
             all.as_ref() == &model[..],
             "final contents differ from the model"

@@ -8,12 +8,29 @@
 //! On a ublk queue thread the ring belongs to libublk; the front end installs a [`Backend`]
 //! with [`set_backend`] so the same target code submits onto that ring instead.
 //!
-//! Buffers: an SQE refers to memory the caller owns. The future returned by [`submit`] must
-//! therefore not release that memory before the kernel is done with it: if the future is
-//! dropped while the operation is in flight, its destructor drives the ring until the
-//! operation completes.
+//! # The lending contract
+//!
+//! An io_uring operation lends memory to the kernel from its submission until its completion
+//! arrives. The functions that put memory the caller *borrows* into an SQE ([`read_at`],
+//! [`write_at`], [`recv`], [`send`], [`recv_exact`], [`send_all`], and [`submit`] for any
+//! SQE) are `unsafe`, because a borrow can end while the kernel still writes into or reads
+//! from the memory: a leaked future never runs its destructor. Their callers promise:
+//!
+//! > The returned future is polled to completion or dropped, and never leaked
+//! > (`mem::forget`, an `Rc` cycle, a future polled and then abandoned without being
+//! > dropped) while the memory it borrows can still be freed or reused.
+//!
+//! Dropping is always fine, mid-flight and while unwinding from a panic: an [`Op`]'s
+//! destructor waits for the operation's completion before the borrow ends. The contract
+//! propagates: a future that awaits such a future is under the same contract. It holds by
+//! construction for a future awaited inside [`block_on`] or [`Runtime::block_on`] (the future
+//! never escapes the call; on a panic it is dropped), and for memory a `'static` task owns
+//! (leaking the task leaks the memory with it, so it is never reused). Operations that lend
+//! only memory they own ([`sleep`]'s timespec) or no memory at all ([`fsync`], [`accept`],
+//! [`readable`]...) are safe.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -39,7 +56,10 @@ pub trait Backend {
     /// Submits `sqe` and resolves to its CQE result.
     ///
     /// # Safety
-    /// The SQE's buffers must stay valid until the returned future completes.
+    /// The SQE's buffers and descriptors must stay valid until the operation completes. The
+    /// caller keeps the [lending contract](crate#the-lending-contract) for the returned
+    /// future; an implementation's future, like [`Op`], must wait for the completion when it
+    /// is dropped early.
     unsafe fn submit(&self, sqe: squeue::Entry) -> Pin<Box<dyn Future<Output = i32>>>;
 }
 
@@ -306,6 +326,9 @@ impl Inner {
 
     /// Pushes an SQE, submitting to make room if the queue is full. Returns false only if the
     /// ring refuses even after submitting (it then has no room at all).
+    ///
+    /// # Safety
+    /// As [`submit`]: whatever the SQE names stays valid until its completion is reaped.
     unsafe fn push(&self, sqe: &squeue::Entry) -> bool {
         for _ in 0..64 {
             {
@@ -436,7 +459,9 @@ impl Drop for Op {
 ///
 /// # Safety
 /// Every buffer and fd the SQE names must stay valid until the returned [`Op`] completes or is
-/// dropped (dropping waits for the kernel).
+/// dropped (dropping waits for the kernel), and the `Op` is under the
+/// [lending contract](crate#the-lending-contract): completed or dropped, never leaked while
+/// that memory can be freed or reused.
 pub unsafe fn submit(sqe: squeue::Entry) -> Op {
     if let Some(b) = BACKEND.with(|b| b.borrow().clone()) {
         return Op {
@@ -498,8 +523,8 @@ pub async fn sleep(d: Duration) {
             .nsec(d.subsec_nanos()),
     );
     let sqe = opcode::Timeout::new(&*ts as *const types::Timespec).build();
-    // SAFETY: `ts` lives until the op completes (it is owned by this async frame, and the
-    // Op's destructor waits for completion).
+    // SAFETY: this future owns `ts` (boxed, so it never moves): it is freed only after the op
+    // completes or is dropped (which waits for the kernel), and a leaked future leaks it.
     let r = unsafe { submit(sqe) }.await;
     drop(ts);
     if r == -libc::ENXIO {
@@ -610,22 +635,43 @@ pub fn cqe_result(res: i32) -> io::Result<usize> {
 }
 
 /// Reads into `buf` at `offset` (one `read`; may be short).
-pub async fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+///
+/// # Safety
+/// The kernel writes into `buf` until the operation completes: keep the
+/// [lending contract](crate#the-lending-contract) for the returned future.
+pub async unsafe fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), io_len(buf.len()))
         .offset(offset)
         .build();
-    // SAFETY: `buf` is borrowed mutably for the whole await.
+    // SAFETY: `buf` is borrowed for this future's life, and our caller keeps the lending
+    // contract for it: completed, or dropped (which waits for the kernel), never leaked.
     cqe_result(unsafe { submit(sqe) }.await)
 }
 
 /// Writes `buf` at `offset` with per-write flags (`RWF_DSYNC` for FUA); may be short.
-pub async fn write_at(fd: RawFd, buf: &[u8], offset: u64, rw_flags: i32) -> io::Result<usize> {
-    let sqe = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+///
+/// # Safety
+/// The kernel reads `buf` until the operation completes: keep the
+/// [lending contract](crate#the-lending-contract) for the returned future.
+pub async unsafe fn write_at(
+    fd: RawFd,
+    buf: &[u8],
+    offset: u64,
+    rw_flags: i32,
+) -> io::Result<usize> {
+    let sqe = opcode::Write::new(types::Fd(fd), buf.as_ptr(), io_len(buf.len()))
         .offset(offset)
         .rw_flags(rw_flags)
         .build();
-    // SAFETY: `buf` is borrowed for the whole await.
+    // SAFETY: as in `read_at`: `buf` is borrowed for this future's life, which our caller
+    // completes or drops.
     cqe_result(unsafe { submit(sqe) }.await)
+}
+
+/// An SQE length for a buffer: at most `u32::MAX` (the operation is then short, which every
+/// caller of these one-shot wrappers handles).
+fn io_len(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 /// `fdatasync` (or `fsync` when `datasync` is false) through the ring.
@@ -634,6 +680,7 @@ pub async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     if datasync {
         op = op.flags(types::FsyncFlags::DATASYNC);
     }
+    // SAFETY: the SQE names no memory; a stale fd only makes the op fail (EBADF).
     cqe_result(unsafe { submit(op.build()) }.await).map(|_| ())
 }
 
@@ -643,30 +690,46 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
         .offset(offset)
         .mode(mode)
         .build();
+    // SAFETY: the SQE names no memory; a stale fd only makes the op fail (EBADF).
     cqe_result(unsafe { submit(sqe) }.await).map(|_| ())
 }
 
 /// Receives into `buf` from a socket (may be short; 0 means the peer closed).
-pub async fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    let sqe = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32).build();
-    // SAFETY: `buf` is borrowed mutably for the whole await.
+///
+/// # Safety
+/// The kernel writes into `buf` until the operation completes: keep the
+/// [lending contract](crate#the-lending-contract) for the returned future.
+pub async unsafe fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let sqe = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), io_len(buf.len())).build();
+    // SAFETY: as in `read_at`: `buf` is borrowed for this future's life, which our caller
+    // completes or drops.
     cqe_result(unsafe { submit(sqe) }.await)
 }
 
 /// Sends from `buf` on a socket with `flags` (`MSG_MORE`...); may be short.
-pub async fn send(fd: RawFd, buf: &[u8], flags: i32) -> io::Result<usize> {
-    let sqe = opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+///
+/// # Safety
+/// The kernel reads `buf` until the operation completes: keep the
+/// [lending contract](crate#the-lending-contract) for the returned future.
+pub async unsafe fn send(fd: RawFd, buf: &[u8], flags: i32) -> io::Result<usize> {
+    let sqe = opcode::Send::new(types::Fd(fd), buf.as_ptr(), io_len(buf.len()))
         .flags(flags)
         .build();
-    // SAFETY: `buf` is borrowed for the whole await.
+    // SAFETY: as in `read_at`: `buf` is borrowed for this future's life, which our caller
+    // completes or drops.
     cqe_result(unsafe { submit(sqe) }.await)
 }
 
 /// Receives exactly `buf.len()` bytes; `UnexpectedEof` if the peer closes first.
-pub async fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
+///
+/// # Safety
+/// As [`recv`]: keep the [lending contract](crate#the-lending-contract) for the returned
+/// future.
+pub async unsafe fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let n = recv(fd, &mut buf[done..]).await?;
+        // SAFETY: each `recv` is awaited here, inside a future our caller completes or drops.
+        let n = unsafe { recv(fd, &mut buf[done..]) }.await?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
@@ -676,10 +739,15 @@ pub async fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
 }
 
 /// Sends all of `buf` (with `MSG_NOSIGNAL`, plus `flags`).
-pub async fn send_all(fd: RawFd, buf: &[u8], flags: i32) -> io::Result<()> {
+///
+/// # Safety
+/// As [`send`]: keep the [lending contract](crate#the-lending-contract) for the returned
+/// future.
+pub async unsafe fn send_all(fd: RawFd, buf: &[u8], flags: i32) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let n = send(fd, &buf[done..], flags | libc::MSG_NOSIGNAL).await?;
+        // SAFETY: each `send` is awaited here, inside a future our caller completes or drops.
+        let n = unsafe { send(fd, &buf[done..], flags | libc::MSG_NOSIGNAL) }.await?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
@@ -693,14 +761,17 @@ pub async fn accept(fd: RawFd) -> io::Result<OwnedFd> {
     let sqe = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
         .flags(libc::SOCK_CLOEXEC)
         .build();
+    // SAFETY: the SQE names no memory (null address pointers: the peer address is not
+    // wanted); a stale fd only makes the op fail.
     let r = cqe_result(unsafe { submit(sqe) }.await)?;
-    // SAFETY: accept returned a new descriptor we now own.
+    // SAFETY: accept returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
 /// Waits until `fd` is readable (poll), for fds the ring should not read itself.
 pub async fn readable(fd: RawFd) -> io::Result<()> {
     let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+    // SAFETY: the SQE names no memory; a stale fd only makes the op fail.
     cqe_result(unsafe { submit(sqe) }.await).map(|_| ())
 }
 
@@ -717,11 +788,15 @@ mod tests {
         let fd = f.as_raw_fd();
         let rt = Runtime::new(32).unwrap();
         rt.block_on(async {
-            let n = write_at(fd, &[5u8; 4096], 4096, 0).await.unwrap();
+            // SAFETY: awaited here, inside `block_on`, before the buffers go.
+            let n = unsafe { write_at(fd, &[5u8; 4096], 4096, 0) }
+                .await
+                .unwrap();
             assert_eq!(n, 4096);
             fsync(fd, true).await.unwrap();
             let mut b = vec![0u8; 8192];
-            let n = read_at(fd, &mut b, 0).await.unwrap();
+            // SAFETY: as above.
+            let n = unsafe { read_at(fd, &mut b, 0) }.await.unwrap();
             assert_eq!(n, 8192);
             assert!(b[..4096].iter().all(|&x| x == 0));
             assert!(b[4096..].iter().all(|&x| x == 5));
@@ -771,6 +846,7 @@ mod tests {
         let rt = Runtime::new(8).unwrap();
         rt.block_on(async {
             let ts = types::Timespec::new().nsec(20_000_000);
+            // SAFETY: `ts` outlives the op, which is dropped (waiting for the kernel) below.
             let op = unsafe { submit(opcode::Timeout::new(&ts).build()) };
             let t0 = Instant::now();
             drop(op);
@@ -780,6 +856,7 @@ mod tests {
 
     #[test]
     fn submit_without_runtime_reports_enxio() {
+        // SAFETY: a NOP names no memory.
         let r = futures::executor::block_on(unsafe { submit(opcode::Nop::new().build()) });
         assert_eq!(r, -libc::ENXIO);
     }

@@ -28,7 +28,7 @@ impl BlockDevice for FileDevice {
     fn size(&self) -> Bytes {
         self.size
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             let mut done = 0;
             while done < buf.len() {
@@ -42,7 +42,7 @@ impl BlockDevice for FileDevice {
             Ok(())
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         let rwf = if flags.fua { libc::RWF_DSYNC } else { 0 };
         Box::pin(async move {
             let mut done = 0;
@@ -77,10 +77,15 @@ impl BlockDevice for NullDevice {
     fn size(&self) -> Bytes {
         self.0
     }
-    fn read<'a>(&'a self, _offset: Bytes, _buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, _offset: Bytes, _buf: &'a mut [u8]) -> IoFuture<'a> {
         ready(Ok(()))
     }
-    fn write<'a>(&'a self, _offset: Bytes, _buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(
+        &'a self,
+        _offset: Bytes,
+        _buf: &'a [u8],
+        _flags: WriteFlags,
+    ) -> IoFuture<'a> {
         ready(Ok(()))
     }
     fn flush(&self) -> IoFuture<'_> {

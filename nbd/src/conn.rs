@@ -415,7 +415,9 @@ pub(crate) async fn transmit(
     iort::spawn(writer(conn.clone())).map_err(io::Error::other)?;
     // A bug of ours in the reader must not leave the writer and the request tasks behind
     // with a closed descriptor: treat a panic as a protocol error and wind down as usual.
-    let res = match AssertUnwindSafe(reader(&conn, &mut rb))
+    // SAFETY: `rb` belongs to this future and the reader is awaited here: completed or
+    // dropped before `rb` goes, and a leaked future leaks `rb` with it.
+    let res = match AssertUnwindSafe(unsafe { reader(&conn, &mut rb) })
         .catch_unwind()
         .await
     {
@@ -440,7 +442,13 @@ pub(crate) async fn transmit(
     res
 }
 
-async fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
+/// Reads requests until the client leaves; the request buffers it fills are its own until
+/// it hands them to a request task.
+///
+/// # Safety
+/// The kernel receives into `rb`: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+async unsafe fn reader(conn: &Rc<Conn>, rb: &mut RecvBuf) -> io::Result<()> {
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         match rb.read_exact(&mut hdr).await {
@@ -529,7 +537,11 @@ fn spawn(f: impl std::future::Future<Output = ()> + 'static) -> io::Result<()> {
 
 /// Device I/O split into `max_io` pieces that run concurrently; a panic in the target is
 /// this request's `EIO`.
-async fn dev_read(
+///
+/// # Safety
+/// The device may lend `buf` to the kernel: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+async unsafe fn dev_read(
     export: &str,
     dev: &dyn BlockDevice,
     max_io: usize,
@@ -553,7 +565,10 @@ async fn dev_read(
 
 /// A write (split like [`dev_read`]), followed by a flush when FUA is asked for and the
 /// device does not make FUA writes durable by itself.
-async fn dev_write(
+///
+/// # Safety
+/// As [`dev_read`].
+async unsafe fn dev_write(
     export: &str,
     dev: &dyn BlockDevice,
     max_io: usize,
@@ -663,12 +678,18 @@ fn start_read(conn: &Rc<Conn>, req: Request) -> io::Result<()> {
     };
     let job: Job = Box::new(move || {
         let _ = iort::spawn(async move {
-            let done = match dev_read(&export, &*dev, max_io, req.offset, &mut buf[..len]).await {
+            // SAFETY: `buf` and `hdr` belong to this spawned task, which awaits the read and
+            // the send: it completes, or is dropped (dropping them first, which waits for the
+            // kernel), or is leaked with them.
+            let read = unsafe { dev_read(&export, &*dev, max_io, req.offset, &mut buf[..len]) };
+            let done = match read.await {
                 Err(e) => ReadDone::Device(e),
                 Ok(()) => {
                     let _guard = lock.lock().await;
                     let watch = &entry.watch;
-                    match send_vectored_all(fd, &[hdr.as_bytes(), &buf[..len]], watch).await {
+                    let bufs = [hdr.as_bytes(), &buf[..len]];
+                    // SAFETY: as for the read above.
+                    match unsafe { send_vectored_all(fd, &bufs, watch) }.await {
                         Ok(()) => {
                             watch.replied();
                             ReadDone::Sent
@@ -714,7 +735,11 @@ fn start_write(conn: &Rc<Conn>, req: Request, buf: AlignedBuf) -> io::Result<()>
     let export = conn.ex.name.clone();
     let job: Job = Box::new(move || {
         let _ = iort::spawn(async move {
-            let r = dev_write(&export, &*dev, max_io, native_fua, &req, &buf[..len]).await;
+            // SAFETY: `buf` belongs to this spawned task and the write is awaited in it: the
+            // task completes, or is dropped (dropping this first, which waits for the
+            // kernel), or is leaked with `buf`.
+            let r =
+                unsafe { dev_write(&export, &*dev, max_io, native_fua, &req, &buf[..len]) }.await;
             let _ = tx.send((buf, r));
         });
     });
@@ -729,7 +754,9 @@ async fn do_read(conn: Rc<Conn>, req: Request) {
         Err(e) => return conn.fail("read", &req, &e, cost),
     };
     let ex = &conn.ex;
-    match dev_read(&ex.name, &*ex.dev, ex.max_io, req.offset, &mut buf[..len]).await {
+    // SAFETY: `buf` belongs to this request task, which awaits the read: it completes, or is
+    // dropped (dropping the read first, which waits for the kernel), or is leaked with `buf`.
+    match unsafe { dev_read(&ex.name, &*ex.dev, ex.max_io, req.offset, &mut buf[..len]) }.await {
         Ok(()) => conn.reply(conn.hdr_ok(&req), Some((buf, len)), cost),
         Err(e) => {
             conn.put_buf(buf);
@@ -747,14 +774,17 @@ fn fua_flags(req: &Request) -> WriteFlags {
 async fn do_write(conn: Rc<Conn>, req: Request, buf: AlignedBuf) {
     let len = req.len as usize;
     let ex = &conn.ex;
-    let r = dev_write(
-        &ex.name,
-        &*ex.dev,
-        ex.max_io,
-        ex.native_fua,
-        &req,
-        &buf[..len],
-    )
+    // SAFETY: as in `do_read`: `buf` belongs to this request task, which awaits the write.
+    let r = unsafe {
+        dev_write(
+            &ex.name,
+            &*ex.dev,
+            ex.max_io,
+            ex.native_fua,
+            &req,
+            &buf[..len],
+        )
+    }
     .await;
     conn.put_buf(buf);
     match r {
@@ -839,7 +869,10 @@ async fn writer(conn: Rc<Conn>) {
             }
             // Offloaded reads send from other threads: one reply train at a time.
             let guard = conn.send_lock.lock().await;
-            let r = send_vectored_all(conn.fd, &slices, &conn.entry.watch).await;
+            // SAFETY: `slices` point into `batch`, which this writer task owns and keeps
+            // until the send is over: the task completes, or is dropped (dropping the send
+            // first, which waits for the kernel), or is leaked with `batch`.
+            let r = unsafe { send_vectored_all(conn.fd, &slices, &conn.entry.watch) }.await;
             drop(guard);
             match r {
                 Ok(()) => conn.entry.watch.replied(),

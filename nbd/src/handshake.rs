@@ -39,7 +39,16 @@ fn opt_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
 }
 
 /// Runs the handshake on a fresh connection.
-pub(crate) async fn handshake(shared: &Shared, fd: RawFd, rb: &mut RecvBuf) -> io::Result<Outcome> {
+///
+/// # Safety
+/// The kernel receives into `rb` (and sends from this future's own buffers) until each
+/// operation completes: keep the [lending contract](tables::io#the-lending-contract) for the
+/// returned future.
+pub(crate) async unsafe fn handshake(
+    shared: &Shared,
+    fd: RawFd,
+    rb: &mut RecvBuf,
+) -> io::Result<Outcome> {
     let mut hello = [0u8; 18];
     hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());

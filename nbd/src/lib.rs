@@ -85,6 +85,7 @@
 //! and reported ([`NbdError::ShutdownTimedOut`]).
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod conn;
 mod handshake;

@@ -944,7 +944,10 @@ async fn connection(shared: Arc<Shared>, index: usize, acc: Accepted, guard: Con
     // The handshake asks the device for its size and limits: a panic there ends this
     // connection only.
     let outcome = AssertUnwindSafe(async {
-        let r = handshake(&shared, raw, &mut rb).await;
+        // SAFETY: `rb` lives in this task's frame and is awaited here: the task is completed
+        // or dropped (which drops this first, waiting for the kernel), and a leaked task
+        // leaks `rb` with it.
+        let r = unsafe { handshake(&shared, raw, &mut rb) }.await;
         r.map(|o| match o {
             Outcome::Transmit(idx, structured) => {
                 Some((idx, structured, shared.exports[idx].view()))

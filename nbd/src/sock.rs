@@ -18,13 +18,17 @@ const RECV_STEP: usize = 1 << 20;
 const SEND_STEP: usize = 1 << 20;
 
 /// Receives with `flags` (`MSG_WAITALL`...); 0 means the peer closed.
-async fn recv_flags(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+///
+/// # Safety
+/// The kernel uses the borrowed buffers until each operation completes: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+async unsafe fn recv_flags(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
     let len = buf.len().min(u32::MAX as usize) as u32;
     let sqe = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len)
         .flags(flags)
         .build();
-    // SAFETY: `buf` is borrowed mutably for the whole await; dropping the op waits for the
-    // kernel.
+    // SAFETY: `buf` is borrowed for this future's life, which our caller completes or drops
+    // (dropping the op waits for the kernel): the lending contract.
     iort::cqe_result(unsafe { iort::submit(sqe) }.await)
 }
 
@@ -55,7 +59,11 @@ impl RecvBuf {
     }
 
     /// Receives more data into the buffer; `UnexpectedEof` when the peer has closed.
-    async fn fill(&mut self) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// The kernel uses the borrowed buffers until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn fill(&mut self) -> io::Result<()> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -74,7 +82,11 @@ impl RecvBuf {
     }
 
     /// Fills `dst` completely.
-    pub(crate) async fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// The kernel uses the borrowed buffers until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(crate) async unsafe fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
         let mut done = self.take(dst);
         while done < dst.len() {
             let rest = dst.len() - done;
@@ -96,7 +108,11 @@ impl RecvBuf {
     }
 
     /// Discards `n` bytes of input (an option or payload we refuse) without allocating them.
-    pub(crate) async fn skip(&mut self, mut n: u64) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// The kernel uses the borrowed buffers until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(crate) async unsafe fn skip(&mut self, mut n: u64) -> io::Result<()> {
         loop {
             let take = (self.buffered() as u64).min(n);
             self.start += take as usize;
@@ -119,13 +135,26 @@ impl RecvBuf {
 /// Sends every byte of `bufs` with one `sendmsg` per round (more only on short sends), so a
 /// reply header and its data, or a batch of replies, leave in one segment train. While it
 /// waits for the socket, `watch` sees each step of progress.
-pub(crate) async fn send_vectored_all(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Result<()> {
+///
+/// # Safety
+/// The kernel uses the borrowed buffers until each operation completes: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+pub(crate) async unsafe fn send_vectored_all(
+    fd: RawFd,
+    bufs: &[&[u8]],
+    watch: &Watch,
+) -> io::Result<()> {
     let r = send_vectored_steps(fd, bufs, watch).await;
     watch.sending(false);
     r
 }
 
-async fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Result<()> {
+/// [`send_vectored_all`] without the final bookkeeping.
+///
+/// # Safety
+/// The kernel uses the borrowed buffers until each operation completes: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+async unsafe fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = bufs
         .iter()
         .filter(|b| !b.is_empty())
@@ -180,9 +209,9 @@ async fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Re
                 .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
                 .build();
             watch.sending(true);
-            // SAFETY: `msg`, `step` and the buffers they point into (borrowed through
-            // `bufs`) outlive the op: they live in this frame across the await, and dropping
-            // the op waits for the kernel.
+            // SAFETY: `msg` and `step` live in this frame across the await; the buffers they
+            // point into are borrowed through `bufs` for this future's life, which our caller
+            // completes or drops (the lending contract); dropping the op waits for the kernel.
             let n = iort::cqe_result(unsafe { iort::submit(sqe) }.await)?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -208,7 +237,11 @@ async fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Re
 }
 
 /// Sends all of `buf`.
-pub(crate) async fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+///
+/// # Safety
+/// The kernel uses the borrowed buffers until each operation completes: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+pub(crate) async unsafe fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     iort::send_all(fd, buf, 0).await
 }
 

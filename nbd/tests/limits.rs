@@ -230,7 +230,7 @@ impl BlockDevice for TrapDevice {
     fn limits(&self) -> DevLimits {
         self.inner.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         if in_mib(offset, 1) {
             match self.block_for {
                 Some(d) => std::thread::sleep(d),
@@ -245,7 +245,7 @@ impl BlockDevice for TrapDevice {
         }
         self.inner.read(offset, buf)
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             if in_mib(offset, 2) {
                 panic!("injected write panic at {}", offset.0);

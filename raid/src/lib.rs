@@ -41,6 +41,7 @@
 //!   [`RaidDevice::sync_step`] themselves.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod array;
 pub mod geometry;

@@ -26,10 +26,15 @@ impl BlockDevice for MissingLeg {
     fn size(&self) -> Bytes {
         Bytes(0)
     }
-    fn read<'a>(&'a self, _offset: Bytes, _buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, _offset: Bytes, _buf: &'a mut [u8]) -> IoFuture<'a> {
         ready(Err(self.err()))
     }
-    fn write<'a>(&'a self, _offset: Bytes, _buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(
+        &'a self,
+        _offset: Bytes,
+        _buf: &'a [u8],
+        _flags: WriteFlags,
+    ) -> IoFuture<'a> {
         ready(Err(self.err()))
     }
     fn flush(&self) -> IoFuture<'_> {

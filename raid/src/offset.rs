@@ -45,13 +45,13 @@ impl BlockDevice for OffsetDevice {
     fn limits(&self) -> Limits {
         self.dev.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             let at = self.at(offset, buf.len() as u64)?;
             self.dev.read(at, buf).await
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             let at = self.at(offset, buf.len() as u64)?;
             self.dev.write(at, buf, flags).await

@@ -339,7 +339,9 @@ fn threads_share_stripes_without_corrupting_parity() {
                         .collect();
                     let writes: Vec<_> = futs
                         .iter()
-                        .map(|(p, d)| dev.write(Bytes(p * 1024), d, Default::default()))
+                        // SAFETY: joined in block_on below: completed or dropped before the buffers
+                        // go.
+                        .map(|(p, d)| unsafe { dev.write(Bytes(p * 1024), d, Default::default()) })
                         .collect();
                     for r in iort::block_on(futures::future::join_all(writes)).unwrap() {
                         r.unwrap();

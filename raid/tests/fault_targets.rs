@@ -80,7 +80,8 @@ fn raid5_with_a_flakey_leg_keeps_every_write_and_marks_the_leg_failed() {
             let off = (i * 97 * 4096 + (i % 3) * 512) % (2 * LEG - 200_000);
             let len = 4096 + (i as usize % 5) * 30_000;
             let data = pattern(i, len);
-            raid.write(Bytes(off), &data, WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { raid.write(Bytes(off), &data, WriteFlags::default()) }
                 .await
                 .unwrap_or_else(|e| panic!("write {i} failed with a flakey leg: {e}"));
             model[off as usize..off as usize + len].copy_from_slice(&data);
@@ -88,7 +89,10 @@ fn raid5_with_a_flakey_leg_keeps_every_write_and_marks_the_leg_failed() {
         raid.flush().await.unwrap();
         let mut back = vec![0u8; model.len()];
         for (k, chunk) in back.chunks_mut(256 << 10).enumerate() {
-            raid.read(Bytes((k as u64) << 18), chunk).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { raid.read(Bytes((k as u64) << 18), chunk) }
+                .await
+                .unwrap();
         }
         assert!(
             back == model,
@@ -122,10 +126,12 @@ fn raid5_with_two_error_legs_returns_eio_never_garbage() {
     );
     iort::block_on(async {
         let mut buf = vec![0xAAu8; 256 << 10];
-        let r = raid.read(Bytes(0), &mut buf).await;
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let r = unsafe { raid.read(Bytes(0), &mut buf) }.await;
         let e = r.expect_err("two failed legs of three cannot serve data");
         assert_eq!(e.errno, libc::EIO, "{e}");
-        let w = raid.write(Bytes(0), &buf, WriteFlags::default()).await;
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let w = unsafe { raid.write(Bytes(0), &buf, WriteFlags::default()) }.await;
         assert!(w.is_err(), "writes must fail too");
     })
     .unwrap();

@@ -8,6 +8,29 @@
 //! Offsets and lengths are in [`Bytes`]. A front end (NBD, ublk) advertises the device's
 //! [`Limits`] and clients normally stay 512-byte aligned, but every device must still handle
 //! any byte range inside its size (bounds are checked with [`check_range`]).
+//!
+//! # The lending contract
+//!
+//! [`BlockDevice::read`] and [`BlockDevice::write`] are `unsafe`: the future they return may
+//! lend the caller's buffer to the kernel (an io_uring read or write in an extent at the
+//! bottom of the stack), which keeps using it until the operation's completion arrives. So the
+//! caller promises what [`iort`'s lending contract](iort#the-lending-contract) asks:
+//!
+//! > The returned future is polled to completion or dropped, and never leaked
+//! > (`mem::forget`, an `Rc` cycle, a future polled and then abandoned without being
+//! > dropped) while the buffer can still be freed or reused.
+//!
+//! Dropping is fine, mid-flight and while unwinding: the operations at the bottom wait for
+//! their completions in their destructors. The contract propagates down the stack: a device's
+//! `read` awaits its legs' `read`s inside its own future, so they are completed or dropped
+//! with it. Front ends keep it because a request's future lives in a task that completes or
+//! is dropped, never forgotten; tools and tests use the safe [`read_blocking`] and
+//! [`write_blocking`], which drive the future to completion before they return.
+//!
+//! The other methods lend no caller memory: [`read_fixed`](BlockDevice::read_fixed) and
+//! [`write_fixed`](BlockDevice::write_fixed) name a registered buffer (the ring holds the
+//! memory), and [`copy_mapped`](BlockDevice::copy_mapped) copies synchronously through
+//! [`MappedCopy::copy`], whose own contract covers the address it passes on.
 
 use std::fmt;
 use std::future::Future;
@@ -147,11 +170,60 @@ impl FixedBuf {
 }
 
 /// A kernel-side copy between a device's mapped bytes and a request, for
-/// [`BlockDevice::copy_mapped`]: called with the address of the device's bytes, where they
-/// start in the request, and how many. It must move them with a system call (which reports a
-/// page that vanished, say a file that shrank, as `EFAULT`), never by touching the address
-/// itself (that would kill the process with `SIGBUS`).
-pub type MappedCopy<'a> = &'a dyn Fn(*mut u8, usize, usize) -> IoResult<()>;
+/// [`BlockDevice::copy_mapped`]: the front end's copy function, called through
+/// [`copy`](Self::copy) with the address of the device's bytes, where they start in the
+/// request, and how many.
+///
+/// The function must move the bytes with a system call (which reports a page that vanished,
+/// say a file that shrank, as `EFAULT`), never by touching the address itself (that would
+/// kill the process with `SIGBUS`). It hands the address to the kernel, which writes there
+/// for a read, so only [`copy`](Self::copy), an `unsafe fn`, calls it: the function may rely
+/// on that method's contract for the address.
+#[derive(Clone, Copy)]
+pub struct MappedCopy<'a> {
+    f: &'a dyn Fn(*mut u8, usize, usize) -> IoResult<()>,
+    /// Where this copy's byte 0 is in the request (a piece of a split request); `None` if
+    /// that overflowed (every copy then fails).
+    base: Option<usize>,
+}
+
+impl<'a> MappedCopy<'a> {
+    /// Wraps a front end's copy function `f(addr, at, len)`: move `len` bytes between
+    /// `addr` and the request from its byte `at` on.
+    pub fn new(f: &'a dyn Fn(*mut u8, usize, usize) -> IoResult<()>) -> MappedCopy<'a> {
+        MappedCopy { f, base: Some(0) }
+    }
+
+    /// The same request seen from `at` bytes in: byte 0 of the result is byte `at` of this.
+    pub fn skip(self, at: usize) -> MappedCopy<'a> {
+        MappedCopy {
+            base: self.base.and_then(|b| b.checked_add(at)),
+            ..self
+        }
+    }
+
+    /// Moves `len` bytes between `addr` and the request from its byte `at` on (which way
+    /// was fixed when the function was made).
+    ///
+    /// # Safety
+    /// `addr..addr + len` must be memory the calling device maps for the device's own bytes
+    /// (a mapping of its file), and stay mapped for the duration of the call. Its pages may
+    /// be gone from the file (a file that shrank): the kernel reports that as `EFAULT`.
+    pub unsafe fn copy(&self, addr: *mut u8, at: usize, len: usize) -> IoResult<()> {
+        let at = self.base.and_then(|b| b.checked_add(at)).ok_or_else(|| {
+            IoError::invalid(format!(
+                "mapped copy of {len} bytes: the request offset overflows"
+            ))
+        })?;
+        (self.f)(addr, at, len)
+    }
+}
+
+impl fmt::Debug for MappedCopy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MappedCopy {{ base: {:?} }}", self.base)
+    }
+}
 
 /// How a [`FixedBuf`] request ended when it returned `Ok`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -203,10 +275,7 @@ impl<'a> MappedReq<'a> {
     where
         'a: 'd,
     {
-        Box::pin(async move {
-            let sub = move |p: *mut u8, a: usize, k: usize| (self.copy)(p, self.at + a, k);
-            dev.copy_mapped(off, self.len, write, &sub).await
-        })
+        dev.copy_mapped(off, self.len, write, self.copy.skip(self.at))
     }
 }
 
@@ -248,7 +317,11 @@ impl<'a> Src<'a> {
     }
 
     /// Writes these bytes to `dev` at `off` (`write`, `write_fixed` or `copy_mapped`).
-    pub fn write_to<'d>(
+    ///
+    /// # Safety
+    /// For [`Src::Mem`] this is [`BlockDevice::write`]: keep the
+    /// [lending contract](self#the-lending-contract) for the returned future.
+    pub unsafe fn write_to<'d>(
         self,
         dev: &'d dyn BlockDevice,
         off: Bytes,
@@ -259,7 +332,9 @@ impl<'a> Src<'a> {
     {
         match self {
             Src::Mem(b) => {
-                let f = dev.write(off, b, flags);
+                // SAFETY: awaited inside the returned future, which our caller keeps the
+                // lending contract for.
+                let f = unsafe { dev.write(off, b, flags) };
                 Box::pin(async move { f.await.map(|()| Served::Done) })
             }
             Src::Fixed(fb) => dev.write_fixed(off, fb, flags),
@@ -325,9 +400,18 @@ impl<'a> Dst<'a> {
     }
 
     /// Reads `dev` at `off` into these bytes (`read`, `read_fixed` or `copy_mapped`).
-    pub async fn read_from(&mut self, dev: &dyn BlockDevice, off: Bytes) -> IoResult<Served> {
+    ///
+    /// # Safety
+    /// For [`Dst::Mem`] this is [`BlockDevice::read`]: keep the
+    /// [lending contract](self#the-lending-contract) for the returned future.
+    pub async unsafe fn read_from(
+        &mut self,
+        dev: &dyn BlockDevice,
+        off: Bytes,
+    ) -> IoResult<Served> {
         match self {
-            Dst::Mem(b) => dev.read(off, b).await.map(|()| Served::Done),
+            // SAFETY: awaited here, in a future our caller keeps the lending contract for.
+            Dst::Mem(b) => unsafe { dev.read(off, b) }.await.map(|()| Served::Done),
             Dst::Fixed(f) => dev.read_fixed(off, *f).await,
             Dst::Mapped(m) => m.run(dev, off, None).await,
         }
@@ -355,10 +439,8 @@ pub async fn copy_mapped_pieces<'a>(
 ) -> IoResult<Served> {
     let mut at = 0usize;
     for (i, dev, off, n) in pieces {
-        let base = at;
-        let sub = move |p: *mut u8, a: usize, k: usize| copy(p, base + a, k);
         let s = dev
-            .copy_mapped(off, n, write, &sub)
+            .copy_mapped(off, n, write, copy.skip(at))
             .await
             .map_err(|e| ctx(i, off, e))?;
         if s == Served::NeedsMemory {
@@ -460,9 +542,17 @@ pub trait BlockDevice: Send + Sync {
         Limits::default()
     }
     /// Reads `buf.len()` bytes at `offset`.
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a>;
+    ///
+    /// # Safety
+    /// The returned future may lend `buf` to the kernel: keep the
+    /// [lending contract](self#the-lending-contract) (complete or drop it, never leak it
+    /// while `buf` can be freed or reused). [`read_blocking`] is the safe way to call it.
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a>;
     /// Writes `buf` at `offset`.
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a>;
+    ///
+    /// # Safety
+    /// As [`read`](Self::read); [`write_blocking`] is the safe way to call it.
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a>;
     /// Reads into a registered buffer ([`FixedBuf`]), when every layer down to the extents
     /// can move the bytes with fixed-buffer operations; otherwise resolves to
     /// [`Served::NeedsMemory`] (the default) and the caller falls back to [`read`](Self::read).
@@ -561,9 +651,105 @@ pub async fn write_zeroes_by_writing(
     let mut done = 0u64;
     while done < len.0 {
         let n = (len.0 - done).min(ZERO_BUF.len() as u64);
-        dev.write(Bytes(offset.0 + done), &ZERO_BUF[..n as usize], flags)
-            .await?;
+        // SAFETY: the buffer is a static: it is never freed or reused, whatever becomes of
+        // this future.
+        unsafe { dev.write(Bytes(offset.0 + done), &ZERO_BUF[..n as usize], flags) }.await?;
         done += n;
     }
     Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset` of `dev` and waits for the result: the sound way for
+/// tools, tests and examples to call [`BlockDevice::read`]. Drives the read to completion on
+/// this thread's cached `iort` runtime ([`iort::block_on`]), so it works for devices that need
+/// a ring (file extents) and those that do not (in-memory devices). It blocks the thread: not
+/// for use inside a runtime's tasks or on a ublk queue thread.
+pub fn read_blocking(dev: &dyn BlockDevice, offset: Bytes, buf: &mut [u8]) -> IoResult<()> {
+    let len = buf.len();
+    // SAFETY: the future never escapes this call: `block_on` polls it to completion, and on a
+    // panic it is dropped while unwinding (which waits for the kernel) before `buf` goes.
+    let fut = unsafe { dev.read(offset, buf) };
+    iort::block_on(fut).map_err(|e| runtime_error(dev, "read", offset, len, e))?
+}
+
+/// Writes `buf` at `offset` of `dev` and waits for the result; as [`read_blocking`].
+pub fn write_blocking(
+    dev: &dyn BlockDevice,
+    offset: Bytes,
+    buf: &[u8],
+    flags: WriteFlags,
+) -> IoResult<()> {
+    // SAFETY: as in `read_blocking`: the future is completed or dropped inside this call.
+    let fut = unsafe { dev.write(offset, buf, flags) };
+    iort::block_on(fut).map_err(|e| runtime_error(dev, "write", offset, buf.len(), e))?
+}
+
+/// The runtime for a blocking call could not be created.
+fn runtime_error(
+    dev: &dyn BlockDevice,
+    what: &str,
+    offset: Bytes,
+    len: usize,
+    e: std::io::Error,
+) -> IoError {
+    IoError::from(e).context(format_args!(
+        "{}: {what} of {len} bytes at byte {}: starting an I/O runtime",
+        dev.name(),
+        offset.0
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{CrashDevice, CutMode, MemDevice};
+    use std::cell::RefCell;
+
+    #[test]
+    fn blocking_helpers_move_data_and_report_errors() {
+        let m = MemDevice::new("m", Bytes(1 << 20));
+        write_blocking(&m, Bytes(4096), &[7u8; 1000], WriteFlags::default()).unwrap();
+        let mut b = vec![0u8; 1200];
+        read_blocking(&m, Bytes(4000), &mut b).unwrap();
+        assert!(b[..96].iter().all(|&x| x == 0));
+        assert!(b[96..1096].iter().all(|&x| x == 7));
+        assert!(b[1096..].iter().all(|&x| x == 0));
+        let e = read_blocking(&m, Bytes((1 << 20) - 1), &mut b).unwrap_err();
+        assert_eq!(e.errno, libc::ENOSPC, "{e}");
+
+        // A FUA write through the helper is durable across a power cut.
+        let c = CrashDevice::new("c", Bytes(1 << 20));
+        write_blocking(&c, Bytes(0), &[3u8; 512], WriteFlags::FUA).unwrap();
+        write_blocking(&c, Bytes(512), &[4u8; 512], WriteFlags::default()).unwrap();
+        c.power_cut(CutMode::DropAll);
+        let mut b = [9u8; 1024];
+        read_blocking(&c, Bytes(0), &mut b).unwrap();
+        assert_eq!(&b[..512], &[3u8; 512][..]);
+        assert_eq!(&b[512..], &[0u8; 512][..]);
+    }
+
+    #[test]
+    fn mapped_copy_pieces_see_their_place_in_the_request() {
+        let seen = RefCell::new(Vec::new());
+        let f = |p: *mut u8, at: usize, len: usize| {
+            seen.borrow_mut().push((p as usize, at, len));
+            Ok(())
+        };
+        let c = MappedCopy::new(&f);
+        let addr = 0x1000 as *mut u8;
+        // SAFETY: `f` only records its arguments; nothing touches or lends the address.
+        unsafe {
+            c.copy(addr, 5, 10).unwrap();
+            c.skip(100).copy(addr, 5, 10).unwrap();
+            c.skip(100).skip(20).copy(addr, 0, 1).unwrap();
+            let e = c.skip(usize::MAX).copy(addr, 1, 1).unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{e}");
+            let e = c.skip(usize::MAX).skip(1).copy(addr, 0, 1).unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{e}");
+        }
+        assert_eq!(
+            *seen.borrow(),
+            vec![(0x1000, 5, 10), (0x1000, 105, 10), (0x1000, 120, 1)]
+        );
+    }
 }

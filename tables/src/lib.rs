@@ -9,6 +9,7 @@
 //! - [`mem`]: in-memory devices for tests, including the simulated power cut.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod buf;
 pub mod io;

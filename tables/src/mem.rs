@@ -165,7 +165,7 @@ impl BlockDevice for MemDevice {
     fn limits(&self) -> Limits {
         self.limits
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         ready(
             check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)).map(|()| {
                 IoCounters::bump(&self.counters.reads, 1);
@@ -174,7 +174,12 @@ impl BlockDevice for MemDevice {
             }),
         )
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(
+        &'a self,
+        offset: Bytes,
+        buf: &'a [u8],
+        _flags: WriteFlags,
+    ) -> IoFuture<'a> {
         ready(
             check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)).map(|()| {
                 IoCounters::bump(&self.counters.writes, 1);
@@ -343,14 +348,14 @@ impl BlockDevice for CrashDevice {
             ..Limits::default()
         }
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         let st = self.lock();
         let r = self
             .check(&st, offset, Bytes(buf.len() as u64))
             .map(|()| st.current.read(offset.0, buf));
         ready(r)
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         let mut st = self.lock();
         let r = self.check(&st, offset, Bytes(buf.len() as u64)).map(|()| {
             st.current.write(offset.0, buf);
@@ -398,29 +403,30 @@ impl BlockDevice for CrashDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::{read_blocking, write_blocking};
     use futures::executor::block_on;
 
     #[test]
     fn mem_device_reads_back_and_zeroes() {
         let d = MemDevice::new("m", Bytes(1 << 20));
-        block_on(d.write(Bytes(1000), &[7u8; 5000], WriteFlags::default())).unwrap();
+        write_blocking(&d, Bytes(1000), &[7u8; 5000], WriteFlags::default()).unwrap();
         let mut b = vec![0u8; 6000];
-        block_on(d.read(Bytes(500), &mut b)).unwrap();
+        read_blocking(&d, Bytes(500), &mut b).unwrap();
         assert!(b[..500].iter().all(|&x| x == 0));
         assert!(b[500..5500].iter().all(|&x| x == 7));
         block_on(d.discard(Bytes(0), Bytes(8192))).unwrap();
         assert!(d.snapshot(0, 8192).iter().all(|&x| x == 0));
         assert_eq!(d.snapshot(8192, 1), vec![0]);
-        assert!(block_on(d.read(Bytes((1 << 20) - 1), &mut b)).is_err());
+        assert!(read_blocking(&d, Bytes((1 << 20) - 1), &mut b).is_err());
     }
 
     #[test]
     fn crash_device_keeps_only_flushed_or_fua() {
         let d = CrashDevice::new("c", Bytes(1 << 20));
-        block_on(d.write(Bytes(0), &[1u8; 512], WriteFlags::default())).unwrap();
+        write_blocking(&d, Bytes(0), &[1u8; 512], WriteFlags::default()).unwrap();
         block_on(d.flush()).unwrap();
-        block_on(d.write(Bytes(512), &[2u8; 512], WriteFlags::default())).unwrap();
-        block_on(d.write(Bytes(1024), &[3u8; 512], WriteFlags::FUA)).unwrap();
+        write_blocking(&d, Bytes(512), &[2u8; 512], WriteFlags::default()).unwrap();
+        write_blocking(&d, Bytes(1024), &[3u8; 512], WriteFlags::FUA).unwrap();
         d.power_cut(CutMode::DropAll);
         assert_eq!(d.snapshot(0, 1), vec![1]);
         assert_eq!(d.snapshot(512, 1), vec![0]);

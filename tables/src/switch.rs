@@ -283,7 +283,7 @@ impl BlockDevice for Switchable {
     fn limits(&self) -> Limits {
         self.lock().current.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             let (_slot, dev) = self.admit().await?;
             let n = buf.len() as u64;
@@ -293,7 +293,7 @@ impl BlockDevice for Switchable {
             r
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             let (_slot, dev) = self.admit().await?;
             let r = dev.write(offset, buf, flags).await;
@@ -382,6 +382,7 @@ pub type SwitchRef = Arc<Switchable>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::{read_blocking, write_blocking};
     use crate::mem::MemDevice;
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
@@ -391,20 +392,14 @@ mod tests {
         let a: DeviceRef = Arc::new(MemDevice::new("a", Bytes(1 << 20)));
         let b = Arc::new(MemDevice::new("b", Bytes(2 << 20)));
         let sw = Switchable::new("vol", a);
-        futures::executor::block_on(async {
-            sw.write(Bytes(0), &[1u8; 512], WriteFlags::default())
-                .await
-                .unwrap();
-            let small: DeviceRef = Arc::new(MemDevice::new("s", Bytes(4096)));
-            assert!(sw.load(small).is_err());
-            sw.load(b.clone()).unwrap();
-            sw.suspend().await.unwrap();
-            assert!(sw.resume());
-            assert_eq!(sw.size(), Bytes(2 << 20));
-            sw.write(Bytes(4096), &[2u8; 512], WriteFlags::default())
-                .await
-                .unwrap();
-        });
+        write_blocking(&sw, Bytes(0), &[1u8; 512], WriteFlags::default()).unwrap();
+        let small: DeviceRef = Arc::new(MemDevice::new("s", Bytes(4096)));
+        assert!(sw.load(small).is_err());
+        sw.load(b.clone()).unwrap();
+        futures::executor::block_on(sw.suspend()).unwrap();
+        assert!(sw.resume());
+        assert_eq!(sw.size(), Bytes(2 << 20));
+        write_blocking(&sw, Bytes(4096), &[2u8; 512], WriteFlags::default()).unwrap();
         assert_eq!(b.snapshot(4096, 1), vec![2]);
         assert_eq!(sw.stats.writes.load(Ordering::Relaxed), 2);
     }
@@ -418,7 +413,7 @@ mod tests {
         let (sw2, done2) = (sw.clone(), done.clone());
         let t = std::thread::spawn(move || {
             let mut b = [0u8; 512];
-            futures::executor::block_on(sw2.read(Bytes(0), &mut b)).unwrap();
+            read_blocking(&*sw2, Bytes(0), &mut b).unwrap();
             done2.store(true, Ordering::SeqCst);
         });
         std::thread::sleep(Duration::from_millis(50));
@@ -446,7 +441,7 @@ mod tests {
         let sw2 = sw.clone();
         let t = std::thread::spawn(move || {
             let mut b = [0u8; 512];
-            futures::executor::block_on(sw2.read(Bytes(0), &mut b))
+            read_blocking(&*sw2, Bytes(0), &mut b)
         });
         std::thread::sleep(Duration::from_millis(50));
         sw.kill("removed");
@@ -455,7 +450,7 @@ mod tests {
         assert_eq!(e.errno, libc::ENODEV);
         assert!(e.msg.contains("vol: removed"), "{e}");
         let mut b = [0u8; 512];
-        assert!(futures::executor::block_on(sw.read(Bytes(0), &mut b)).is_err());
+        assert!(read_blocking(&*sw, Bytes(0), &mut b).is_err());
         // Killed after a suspend that flushed: nothing is left to flush.
         futures::executor::block_on(sw.flush()).unwrap();
         // Killed while active: a flush cannot be taken any more.

@@ -3,6 +3,7 @@
 mod common;
 
 use common::Devices;
+use tables::io::write_blocking;
 use tables::table::Table;
 use tables::Bytes;
 
@@ -97,9 +98,13 @@ fn build_uses_resolver_for_dmsetup_style_names() {
         "0 2048 linear\n2048 4096 striped 2 7:1 7:2 1 AA"
     );
     // Data lands where dm would put it: table sector 2048 + 128 is chunk 1 -> leg 7:2 at 0.
-    iort::block_on(dev.write(Bytes((2048 + 128) * S), &[3u8; 512], Default::default()))
-        .unwrap()
-        .unwrap();
+    write_blocking(
+        &*dev,
+        Bytes((2048 + 128) * S),
+        &[3u8; 512],
+        Default::default(),
+    )
+    .unwrap();
     assert_eq!(d.mems["7:2"].snapshot(0, 512), vec![3u8; 512]);
     assert_eq!(d.mems["7:1"].snapshot(0, 512), vec![0u8; 512]);
 }

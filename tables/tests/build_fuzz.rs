@@ -7,6 +7,7 @@ mod common;
 
 use common::Devices;
 use proptest::prelude::*;
+use tables::io::{read_blocking, write_blocking};
 use tables::table::Table;
 use tables::{Bytes, WriteFlags};
 
@@ -124,9 +125,8 @@ proptest! {
                 let mut buf = vec![0u8; 4096];
                 let last = size.saturating_sub(4096);
                 for off in [0, last, size] {
-                    let _ = futures::executor::block_on(dev.read(Bytes(off), &mut buf));
-                    let _ = futures::executor::block_on(
-                        dev.write(Bytes(off), &buf, WriteFlags::default()));
+                    let _ = read_blocking(&*dev, Bytes(off), &mut buf);
+                    let _ = write_blocking(&*dev, Bytes(off), &buf, WriteFlags::default());
                 }
                 let _ = futures::executor::block_on(dev.flush());
                 let _ = futures::executor::block_on(dev.discard(Bytes(last), Bytes(size - last)));

@@ -5,6 +5,7 @@ mod common;
 
 use common::Devices;
 use proptest::prelude::*;
+use tables::io::read_blocking;
 use tables::{BlockDevice, Bytes, WriteFlags};
 
 const S: u64 = 512;
@@ -52,7 +53,8 @@ fn check_layout(
             let n = write_sizes[k % write_sizes.len()].min(len - pos);
             k += 1;
             let b = &data[(pos * S) as usize..((pos + n) * S) as usize];
-            dev.write(Bytes(pos * S), b, WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { dev.write(Bytes(pos * S), b, WriteFlags::default()) }
                 .await
                 .unwrap();
             pos += n;
@@ -99,9 +101,7 @@ fn check_layout(
     }
     // And reading back through the stack returns the data.
     let mut back = vec![0u8; (len * S) as usize];
-    iort::block_on(dev.read(Bytes(0), &mut back))
-        .unwrap()
-        .unwrap();
+    read_blocking(&*dev, Bytes(0), &mut back).unwrap();
     prop_assert!(back == data);
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use proptest::prelude::*;
+use tables::io::{read_blocking, write_blocking};
 use tables::mem::MemDevice;
 use tables::Bytes;
 
@@ -184,7 +185,8 @@ fn delay_sends_writes_to_the_write_device_after_the_delay() {
     let dev = d.build("0 64 delay a 8 0 b 16 200");
     iort::block_on(async {
         let t = std::time::Instant::now();
-        dev.write(Bytes(0), &[9u8; 512], Default::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { dev.write(Bytes(0), &[9u8; 512], Default::default()) }
             .await
             .unwrap();
         assert!(
@@ -194,7 +196,8 @@ fn delay_sends_writes_to_the_write_device_after_the_delay() {
         );
         let t = std::time::Instant::now();
         let mut buf = [0u8; 512];
-        dev.read(Bytes(0), &mut buf).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { dev.read(Bytes(0), &mut buf) }.await.unwrap();
         assert!(
             t.elapsed() < std::time::Duration::from_millis(150),
             "reads are not delayed"
@@ -221,7 +224,8 @@ fn striped_pieces_run_concurrently() {
     iort::block_on(async {
         let mut buf = vec![0u8; 32 * S as usize];
         let t = std::time::Instant::now();
-        dev.read(Bytes(0), &mut buf).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { dev.read(Bytes(0), &mut buf) }.await.unwrap();
         let el = t.elapsed();
         assert!(el >= std::time::Duration::from_millis(100), "{el:?}");
         assert!(
@@ -240,13 +244,15 @@ fn flakey_corrupt_bio_byte_on_reads_and_writes() {
     let r = d.build("0 32 flakey a 0 0 1 5 corrupt_bio_byte 3 r 200 0");
     iort::block_on(async {
         let mut buf = [0u8; 1024];
-        r.read(Bytes(512), &mut buf).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { r.read(Bytes(512), &mut buf) }.await.unwrap();
         let mut want = [7u8; 1024];
         want[2] = 200;
         assert_eq!(buf, want);
         // Requests shorter than N bytes are untouched.
         let mut small = [0u8; 2];
-        r.read(Bytes(0), &mut small).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { r.read(Bytes(0), &mut small) }.await.unwrap();
         assert_eq!(small, [7, 7]);
     })
     .unwrap();
@@ -258,9 +264,7 @@ fn flakey_corrupt_bio_byte_on_reads_and_writes() {
 
     let w = d.build("0 32 flakey a 0 0 1 5 corrupt_bio_byte 1 w 0 0");
     let data = [5u8; 512];
-    iort::block_on(w.write(Bytes(2048), &data, Default::default()))
-        .unwrap()
-        .unwrap();
+    write_blocking(&*w, Bytes(2048), &data, Default::default()).unwrap();
     assert_eq!(data, [5u8; 512], "the caller's buffer is not modified");
     let got = a.snapshot(2048, 512);
     assert_eq!(got[0], 0);
@@ -277,7 +281,8 @@ fn flakey_random_corrupt_with_certainty_changes_at_most_one_byte() {
     iort::block_on(async {
         for _ in 0..50 {
             let mut buf = vec![0u8; 4096];
-            dev.read(Bytes(0), &mut buf).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { dev.read(Bytes(0), &mut buf) }.await.unwrap();
             let diff = buf.iter().filter(|&&b| b != 0xAA).count();
             assert!(diff <= 1);
             changed += diff;
@@ -288,9 +293,7 @@ fn flakey_random_corrupt_with_certainty_changes_at_most_one_byte() {
     assert!(changed > 40, "{changed}");
     // Probability 0 never corrupts, and normalizes away (the kernel prints nothing for it).
     let dev = d.build("0 16 flakey a 0 1 0 2 random_write_corrupt 0");
-    iort::block_on(dev.write(Bytes(0), &[1u8; 4096], Default::default()))
-        .unwrap()
-        .unwrap();
+    write_blocking(&*dev, Bytes(0), &[1u8; 4096], Default::default()).unwrap();
     assert_eq!(a.snapshot(0, 4096), vec![1u8; 4096]);
 }
 
@@ -315,7 +318,8 @@ fn mapped_errors_name_line_and_offset() {
     let dev = d.build("# comment\n0 16 linear a 0\n16 16 error\n");
     let e = iort::block_on(async {
         let mut b = vec![0u8; 4096];
-        dev.read(Bytes(16 * S), &mut b).await
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { dev.read(Bytes(16 * S), &mut b) }.await
     })
     .unwrap()
     .unwrap_err();
@@ -323,9 +327,7 @@ fn mapped_errors_name_line_and_offset() {
     assert!(e.msg.contains("line 3"), "{e}");
     assert!(e.msg.contains("8192"), "{e}");
     // Past the end: ENOSPC naming the device.
-    let e = iort::block_on(dev.write(Bytes(31 * S), &[0u8; 1024], Default::default()))
-        .unwrap()
-        .unwrap_err();
+    let e = write_blocking(&*dev, Bytes(31 * S), &[0u8; 1024], Default::default()).unwrap_err();
     assert_eq!(e.errno, libc::ENOSPC);
 }
 
@@ -383,13 +385,15 @@ fn striped_concurrent_disjoint_requests() {
         let bufs: Vec<Vec<u8>> = (0..8)
             .map(|i| pattern(i as u8, i * 48 * S, 48 * S as usize))
             .collect();
+        // SAFETY: the writes are joined (every one driven to its end) before `bufs` goes.
         let futs = bufs
             .iter()
             .enumerate()
-            .map(|(i, b)| dev.write(Bytes(i as u64 * 48 * S), b, Default::default()));
+            .map(|(i, b)| unsafe { dev.write(Bytes(i as u64 * 48 * S), b, Default::default()) });
         iort::try_join_all(futs.collect()).await.unwrap();
         let mut all = vec![0u8; 384 * S as usize];
-        dev.read(Bytes(0), &mut all).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { dev.read(Bytes(0), &mut all) }.await.unwrap();
         assert_eq!(all, bufs.concat());
     })
     .unwrap();
@@ -424,8 +428,10 @@ proptest! {
         iort::block_on(async {
             let mut buf = vec![0u8; buf_len];
             for r in [
-                dev.read(Bytes(off), &mut buf).await,
-                dev.write(Bytes(off), &buf, Default::default()).await,
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { dev.read(Bytes(off), &mut buf) }.await,
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { dev.write(Bytes(off), &buf, Default::default()) }.await,
                 dev.discard(Bytes(off), Bytes(len)).await,
                 dev.write_zeroes(Bytes(off), Bytes(len), Default::default()).await,
             ] {
@@ -448,7 +454,8 @@ fn constructors_with_huge_offsets_fail_cleanly() {
     let l = Linear::new("l", a, Sectors(u64::MAX / 2), Sectors(64));
     let r = iort::block_on(async {
         let mut b = [0u8; 512];
-        l.read(Bytes(0), &mut b).await
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { l.read(Bytes(0), &mut b) }.await
     })
     .unwrap();
     assert!(r.is_err());
@@ -474,9 +481,8 @@ fn flakey_alternates_up_and_down() {
     .unwrap();
     assert!(f.error_writes && !f.error_reads);
     let t0 = std::time::Instant::now();
-    let w = |dev: &tables::DeviceRef| {
-        iort::block_on(dev.write(Bytes(0), &[1u8; 512], Default::default())).unwrap()
-    };
+    let w =
+        |dev: &tables::DeviceRef| write_blocking(&**dev, Bytes(0), &[1u8; 512], Default::default());
     assert!(w(&dev).is_ok());
     std::thread::sleep(std::time::Duration::from_millis(1100).saturating_sub(t0.elapsed()));
     let e = w(&dev).unwrap_err();
@@ -484,6 +490,6 @@ fn flakey_alternates_up_and_down() {
     assert!(e.msg.contains("down"), "{e}");
     // Reads still work (error_writes only).
     let mut b = [0u8; 512];
-    iort::block_on(dev.read(Bytes(0), &mut b)).unwrap().unwrap();
+    read_blocking(&*dev, Bytes(0), &mut b).unwrap();
     assert_eq!(b, [1u8; 512]);
 }

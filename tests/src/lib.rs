@@ -4,6 +4,8 @@
 //! A peer that is missing makes the test fail with a message naming it: these tests never pass
 //! silently on a machine that cannot run them (`scripts/setup.sh` installs everything).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use tables::buf::AlignedBuf;
-use tables::io::{BlockDevice, FixedBuf, Served};
+use tables::io::{BlockDevice, FixedBuf, MappedCopy, Served};
 use tables::registry::Resolver;
 use tables::table::Table;
 use tables::{Bytes, DeviceRef, WriteFlags};
@@ -68,7 +68,9 @@ impl Request {
     ) -> impl Fn(*mut u8, usize, usize) -> tables::IoResult<()> + '_ {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
         move |p: *mut u8, at: usize, k: usize| {
-            // SAFETY: the kernel copies to or from the mapping (EFAULT if it is gone).
+            // SAFETY: called only through `MappedCopy::copy`, whose caller (a device) vouches
+            // that `p..p + k` is its mapped memory; the kernel copies to or from it (EFAULT
+            // if its pages are gone).
             let n = unsafe {
                 if to_request {
                     libc::pwrite(fd, p.cast_const().cast(), k, at as i64)
@@ -100,7 +102,11 @@ impl Rng {
 }
 
 /// Writes `data` at `off` as the zero-copy queue does.
-async fn write(
+///
+/// # Safety
+/// The device may lend `data` to the kernel: the returned future must be completed or
+/// dropped, never leaked, while `data` can go (`tables::io`'s lending contract).
+async unsafe fn write(
     dev: &dyn BlockDevice,
     reg: &mut Registered,
     req: &Request,
@@ -124,7 +130,7 @@ async fn write(
         return;
     }
     let copy = req.copy(false);
-    let mapped = dev.copy_mapped(Bytes(off), data.len(), Some(flags), &copy);
+    let mapped = dev.copy_mapped(Bytes(off), data.len(), Some(flags), MappedCopy::new(&copy));
     if mapped.await.expect(&what) == Served::Done {
         p.mapped_writes += 1;
         return;
@@ -157,7 +163,7 @@ async fn read(
     req.0.write_all_at(&vec![0xa5; len], 0).unwrap();
     let copy = req.copy(true);
     if dev
-        .copy_mapped(Bytes(off), len, None, &copy)
+        .copy_mapped(Bytes(off), len, None, MappedCopy::new(&copy))
         .await
         .expect(&what)
         == Served::Done
@@ -169,7 +175,9 @@ async fn read(
     }
     p.memory_reads += 1;
     let mut v = vec![0u8; len];
-    dev.read(Bytes(off), &mut v).await.expect(&what);
+    // SAFETY: `v` belongs to this future and the read is awaited in it: completed, dropped
+    // first (waiting for the kernel), or leaked with it.
+    unsafe { dev.read(Bytes(off), &mut v) }.await.expect(&what);
     v
 }
 
@@ -200,7 +208,8 @@ fn exercise(dev: &DeviceRef, model: &mut [u8], ops: usize, seed: u64) -> Paths {
             let r = at as usize..at as usize + len;
             if rng.below(2) == 0 {
                 let data = pattern(len, rng.next());
-                write(&**dev, &mut reg, &req, at, &data, &mut p).await;
+                // SAFETY: awaited here, in block_on: completed or dropped before `data` goes.
+                unsafe { write(&**dev, &mut reg, &req, at, &data, &mut p) }.await;
                 model[r].copy_from_slice(&data);
             } else {
                 let got = read(&**dev, &mut reg, &req, at, len, &mut p).await;

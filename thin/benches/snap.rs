@@ -21,11 +21,11 @@ impl BlockDevice for Null {
     fn size(&self) -> Bytes {
         self.0
     }
-    fn read<'a>(&'a self, _o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, _o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
         b.fill(0);
         tables::io::ready(Ok(()))
     }
-    fn write<'a>(&'a self, _o: Bytes, _b: &'a [u8], _f: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, _o: Bytes, _b: &'a [u8], _f: WriteFlags) -> IoFuture<'a> {
         tables::io::ready(Ok(()))
     }
     fn flush(&self) -> IoFuture<'_> {
@@ -73,7 +73,9 @@ async fn provision(pool: &Pool, t: &dyn BlockDevice, vsize: u64, n: u64, every: 
     let blocks = vsize / BS;
     for i in 0..n {
         let v = rng(&mut s) % blocks;
-        t.write(Bytes(v * BS), &buf, WriteFlags::default())
+        // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+        // dropped first (waiting for the kernel), or leaked with it.
+        unsafe { t.write(Bytes(v * BS), &buf, WriteFlags::default()) }
             .await
             .expect("write");
         if (i + 1) % every == 0 {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tables::io::BlockDevice;
+use tables::io::{read_blocking, write_blocking, BlockDevice};
 use tables::mem::MemDevice;
 use tables::{Bytes, DeviceRef, WriteFlags};
 
@@ -50,7 +50,8 @@ fn panic_in_map_insert(commit_interval: Option<Duration>) -> Failed {
     pool.create_thin(ThinId(1)).unwrap();
     let thin = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     run(async {
-        thin.write(Bytes(0), &[1; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { thin.write(Bytes(0), &[1; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         pool.commit().await.unwrap();
@@ -59,7 +60,7 @@ fn panic_in_map_insert(commit_interval: Option<Duration>) -> Failed {
     let durable = meta.snapshot(0, META as usize);
     crate::fault::arm_map_insert_panic();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run(thin.write(Bytes(8192), &[2; 4096], WriteFlags::default()))
+        write_blocking(&*thin, Bytes(8192), &[2; 4096], WriteFlags::default())
     }));
     assert!(r.is_err(), "the fault point did not fire");
     Failed {
@@ -93,9 +94,9 @@ fn last_good_commit_survives(f: Failed) {
     let pool = run(Pool::open(md, data, opts(None))).unwrap();
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     let mut buf = [0u8; 4096];
-    run(t.read(Bytes(0), &mut buf)).unwrap();
+    read_blocking(&*t, Bytes(0), &mut buf).unwrap();
     assert_eq!(buf, [1; 4096]);
-    run(t.read(Bytes(8192), &mut buf)).unwrap();
+    read_blocking(&*t, Bytes(8192), &mut buf).unwrap();
     assert_eq!(
         buf, [0; 4096],
         "the write that panicked is not in the last commit"
@@ -114,9 +115,9 @@ fn panic_with_the_metadata_lock_held_fails_the_pool() {
         line.contains(" fail ") && line.contains("needs_check"),
         "{line}"
     );
-    let e = run(t.write(Bytes(16384), &[3; 4096], WriteFlags::default())).unwrap_err();
+    let e = write_blocking(&**t, Bytes(16384), &[3; 4096], WriteFlags::default()).unwrap_err();
     assert_eq!(e.errno, libc::EIO, "{e}");
-    let e = run(t.read(Bytes(0), &mut [0; 4096])).unwrap_err();
+    let e = read_blocking(&**t, Bytes(0), &mut [0; 4096]).unwrap_err();
     assert_eq!(e.errno, libc::EIO, "reads of half-changed metadata: {e}");
     assert!(pool.create_thin(ThinId(2)).is_err());
     assert!(pool.devices().is_err());

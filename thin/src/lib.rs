@@ -12,6 +12,7 @@
 //! See the "Thin provisioning" section of ARCHITECTURE.md for the design and its crash-safety argument.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod disk;
 pub mod error;

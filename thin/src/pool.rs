@@ -97,8 +97,9 @@ async fn zero_range(data: &DeviceRef, at: u64, len: u64) -> IoResult<()> {
         return Ok(());
     }
     if len <= ZERO_BUF as u64 {
-        return data
-            .write(Bytes(at), &ZEROES.0[..len as usize], WriteFlags::default())
+        // SAFETY: the buffer is a static: never freed or reused, whatever becomes of this
+        // future.
+        return unsafe { data.write(Bytes(at), &ZEROES.0[..len as usize], WriteFlags::default()) }
             .await;
     }
     data.write_zeroes(Bytes(at), Bytes(len), WriteFlags::default())
@@ -534,18 +535,24 @@ impl Pool {
                 return Ok(());
             };
             for chunk in p.blocks.chunks(64) {
+                // SAFETY: the block images belong to `prepared`, which this future holds
+                // until after the writes are joined here (completed, dropped first, which
+                // waits for the kernel, or leaked with it); so does the superblock below.
                 let futs = chunk
                     .iter()
-                    .map(|(b, buf)| meta::write_block(&*self.meta_dev, *b, buf, false));
+                    .map(|(b, buf)| unsafe { meta::write_block(&*self.meta_dev, *b, buf, false) });
                 iort::try_join_all(futs.collect()).await.map_err(meta_io)?;
             }
             self.meta_dev.flush().await?;
-            meta::write_block(
-                &*self.meta_dev,
-                crate::types::MetaBlock(0),
-                &p.superblock,
-                true,
-            )
+            // SAFETY: as for the blocks above.
+            unsafe {
+                meta::write_block(
+                    &*self.meta_dev,
+                    crate::types::MetaBlock(0),
+                    &p.superblock,
+                    true,
+                )
+            }
             .await
             .map_err(meta_io)?;
             if !self.meta_dev.limits().fua {
@@ -667,7 +674,10 @@ impl Pool {
         }
     }
 
-    async fn read_origin(origin: &DeviceRef, off: u64, buf: &mut [u8]) -> IoResult<()> {
+    /// # Safety
+    /// The origin may lend `buf` to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn read_origin(origin: &DeviceRef, off: u64, buf: &mut [u8]) -> IoResult<()> {
         let size = origin.size().0;
         if off >= size {
             buf.fill(0);
@@ -679,7 +689,10 @@ impl Pool {
         Ok(())
     }
 
-    async fn read_block(
+    /// # Safety
+    /// For `Dst::Mem` the data device may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn read_block(
         &self,
         t: &ThinDevice,
         v: VBlock,
@@ -705,7 +718,10 @@ impl Pool {
         Ok(Served::Done)
     }
 
-    async fn write_block(
+    /// # Safety
+    /// For `Src::Mem` the data device may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn write_block(
         &self,
         t: &ThinDevice,
         v: VBlock,
@@ -923,7 +939,15 @@ impl ThinDevice {
         out
     }
 
-    async fn do_write(&self, offset: Bytes, buf: Src<'_>, flags: WriteFlags) -> IoResult<Served> {
+    /// # Safety
+    /// For `Src::Mem` the data device may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn do_write(
+        &self,
+        offset: Bytes,
+        buf: Src<'_>,
+        flags: WriteFlags,
+    ) -> IoResult<Served> {
         tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
         let _g = self.gate.shared().await;
         let pieces = self.pieces(offset.0, buf.len());
@@ -946,7 +970,10 @@ impl ThinDevice {
         Ok(served)
     }
 
-    async fn do_read(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
+    /// # Safety
+    /// For `Dst::Mem` the data device may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn do_read(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
         tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
         let pieces = self.pieces(offset.0, buf.len());
         let r = if let [(v, in_b, _, _)] = pieces[..] {
@@ -1036,10 +1063,10 @@ impl BlockDevice for ThinDevice {
             ..Limits::default()
         }
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move { self.do_read(offset, Dst::Mem(buf)).await.map(|_| ()) })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             self.do_write(offset, Src::Mem(buf), flags)
                 .await
@@ -1047,10 +1074,12 @@ impl BlockDevice for ThinDevice {
         })
     }
     fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
-        Box::pin(self.do_read(offset, Dst::Fixed(buf)))
+        // SAFETY: a registered buffer lends no memory of ours.
+        Box::pin(unsafe { self.do_read(offset, Dst::Fixed(buf)) })
     }
     fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
-        Box::pin(self.do_write(offset, Src::Fixed(buf), flags))
+        // SAFETY: as in `read_fixed`.
+        Box::pin(unsafe { self.do_write(offset, Src::Fixed(buf), flags) })
     }
     fn copy_mapped<'a>(
         &'a self,
@@ -1060,9 +1089,12 @@ impl BlockDevice for ThinDevice {
         copy: MappedCopy<'a>,
     ) -> IoFuture<'a, Served> {
         let req = MappedReq { copy, at: 0, len };
-        match write {
-            Some(flags) => Box::pin(self.do_write(offset, Src::Mapped(req), flags)),
-            None => Box::pin(self.do_read(offset, Dst::Mapped(req))),
+        // SAFETY: a mapped request lends no memory of ours (its copies are synchronous).
+        unsafe {
+            match write {
+                Some(flags) => Box::pin(self.do_write(offset, Src::Mapped(req), flags)),
+                None => Box::pin(self.do_read(offset, Dst::Mapped(req))),
+            }
         }
     }
     fn flush(&self) -> IoFuture<'_> {

@@ -122,7 +122,7 @@ impl BlockDevice for PoolDevice {
             ..Limits::default()
         }
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             tables::io::check_range(&self.name(), self.size, offset, Bytes(buf.len() as u64))?;
             let data = self.pool.data_dev();
@@ -139,7 +139,7 @@ impl BlockDevice for PoolDevice {
             Ok(())
         })
     }
-    fn write<'a>(&'a self, _offset: Bytes, _buf: &'a [u8], _f: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, _offset: Bytes, _buf: &'a [u8], _f: WriteFlags) -> IoFuture<'a> {
         tables::io::ready(Err(IoError::unsupported(format!(
             "{}: a pool device is not writable; write to its thin volumes",
             self.name()

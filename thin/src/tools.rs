@@ -298,8 +298,9 @@ struct Salvaged {
 
 async fn read_node(dev: &DeviceRef, b: MetaBlock, kind: TreeKind) -> MetaResult<Node> {
     let mut buf = vec![0u8; META_BLOCK_SIZE];
-    dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf)
-        .await?;
+    // SAFETY: the buffer belongs to this future and the read is awaited in it: completed, dropped
+    // first (waiting for the kernel), or leaked with it.
+    unsafe { dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf) }.await?;
     Node::unpack(&buf, b, kind)
 }
 

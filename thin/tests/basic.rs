@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use tables::io::BlockDevice;
+use tables::io::{read_blocking, write_blocking, BlockDevice};
 use tables::{Bytes, DeviceRef, WriteFlags};
 use thin::{tools, DataBlock, ThinId, VBlock};
 
@@ -17,27 +17,33 @@ fn provision_read_snapshot_discard_reopen() {
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     run(async {
         let mut b = vec![1u8; 3000];
-        t.read(Bytes(100), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(100), &mut b) }.await.unwrap();
         assert!(b.iter().all(|&x| x == 0), "unprovisioned reads zero");
-        t.write(Bytes(8192 + 100), &[7u8; 1000], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(8192 + 100), &[7u8; 1000], WriteFlags::default()) }
             .await
             .unwrap();
         let mut blk = vec![9u8; 8192];
-        t.read(Bytes(8192), &mut blk).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(8192), &mut blk) }.await.unwrap();
         assert!(blk[..100].iter().all(|&x| x == 0));
         assert!(blk[100..1100].iter().all(|&x| x == 7));
         assert!(blk[1100..].iter().all(|&x| x == 0));
         assert_eq!(pool.stats().data_used, 1);
         pool.create_snap(ThinId(2), ThinId(1)).await.unwrap();
         let s = pool.thin(ThinId(2), Bytes(MIB), None).unwrap();
-        t.write(Bytes(8192), &[5u8; 10], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(8192), &[5u8; 10], WriteFlags::default()) }
             .await
             .unwrap();
         assert_eq!(pool.stats().data_used, 2, "write to shared block copies");
-        s.read(Bytes(8192), &mut blk).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { s.read(Bytes(8192), &mut blk) }.await.unwrap();
         assert!(blk[..100].iter().all(|&x| x == 0));
         assert!(blk[100..1100].iter().all(|&x| x == 7));
-        t.read(Bytes(8192), &mut blk).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(8192), &mut blk) }.await.unwrap();
         assert!(blk[..10].iter().all(|&x| x == 5));
         assert!(blk[100..1100].iter().all(|&x| x == 7));
         assert_eq!(t.status(), "16 31");
@@ -54,7 +60,8 @@ fn provision_read_snapshot_discard_reopen() {
     let s = pool.thin(ThinId(2), Bytes(MIB), None).unwrap();
     run(async {
         let mut blk = vec![0u8; 8192];
-        s.read(Bytes(8192), &mut blk).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { s.read(Bytes(8192), &mut blk) }.await.unwrap();
         assert!(blk[100..1100].iter().all(|&x| x == 7));
     });
     assert!(
@@ -78,16 +85,20 @@ fn dump_restore_roundtrip_through_json() {
         pool.create_thin(ThinId(5)).unwrap();
         let t = pool.thin(ThinId(5), Bytes(4 * MIB), None).unwrap();
         for i in 0..300u64 {
-            t.write(
-                Bytes((i * 7 % 1024) * 4096),
-                &[i as u8 | 1; 4096],
-                WriteFlags::default(),
-            )
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe {
+                t.write(
+                    Bytes((i * 7 % 1024) * 4096),
+                    &[i as u8 | 1; 4096],
+                    WriteFlags::default(),
+                )
+            }
             .await
             .unwrap();
         }
         pool.create_snap(ThinId(6), ThinId(5)).await.unwrap();
-        t.write(Bytes(0), &[0xEE; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &[0xEE; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         pool.set_transaction_id(0, 9).unwrap();
@@ -112,8 +123,10 @@ fn dump_restore_roundtrip_through_json() {
     let b = p2.thin(ThinId(6), Bytes(4 * MIB), None).unwrap();
     run(async {
         let (mut x, mut y) = (vec![0u8; 4 * MIB as usize], vec![1u8; 4 * MIB as usize]);
-        a.read(Bytes(0), &mut x).await.unwrap();
-        b.read(Bytes(0), &mut y).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { a.read(Bytes(0), &mut x) }.await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { b.read(Bytes(0), &mut y) }.await.unwrap();
         assert!(x == y);
     });
     // Restored counts: a block mapped by both devices has count 2.
@@ -138,13 +151,15 @@ fn external_origin_clones() {
     run(async {
         for (i, c) in clones.iter().enumerate() {
             // Partial write into an origin block: the rest of the block comes from the origin.
-            c.write(Bytes(8192 * 3 + 10), &[i as u8; 20], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { c.write(Bytes(8192 * 3 + 10), &[i as u8; 20], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         for (i, c) in clones.iter().enumerate() {
             let mut b = vec![0u8; MIB as usize];
-            c.read(Bytes(0), &mut b).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { c.read(Bytes(0), &mut b) }.await.unwrap();
             let mut want = img.clone();
             want.resize(MIB as usize, 0);
             want[8192 * 3 + 10..8192 * 3 + 30].fill(i as u8);
@@ -156,7 +171,10 @@ fn external_origin_clones() {
             .await
             .unwrap();
         let mut b = vec![0u8; 8192];
-        clones[0].read(Bytes(8192 * 3), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { clones[0].read(Bytes(8192 * 3), &mut b) }
+            .await
+            .unwrap();
         assert!(b[..] == img[8192 * 3..8192 * 4]);
         // write_zeroes on a clone must read back zeroes, not the origin.
         clones[1]
@@ -164,7 +182,8 @@ fn external_origin_clones() {
             .await
             .unwrap();
         let mut z = vec![1u8; 16384];
-        clones[1].read(Bytes(0), &mut z).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { clones[1].read(Bytes(0), &mut z) }.await.unwrap();
         assert!(z.iter().all(|&x| x == 0));
     });
     assert_eq!(pool.stats().data_used, 9 + 2);
@@ -188,13 +207,14 @@ fn out_of_space_errors_and_low_water() {
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     run(async {
         for b in 0..16u64 {
-            t.write(Bytes(b * 4096), &[b as u8 + 1; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[b as u8 + 1; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         assert_eq!(pool.stats().low_water_events, 1);
-        let e = t
-            .write(Bytes(16 * 4096), &[1; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let e = unsafe { t.write(Bytes(16 * 4096), &[1; 4096], WriteFlags::default()) }
             .await
             .unwrap_err();
         assert_eq!(e.errno, libc::ENOSPC);
@@ -202,12 +222,14 @@ fn out_of_space_errors_and_low_water() {
         // Nothing was damaged.
         for b in 0..16u64 {
             let mut x = vec![0u8; 4096];
-            t.read(Bytes(b * 4096), &mut x).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.read(Bytes(b * 4096), &mut x) }.await.unwrap();
             assert!(x.iter().all(|&v| v == b as u8 + 1));
         }
         // Discard frees space (after the commit the allocator triggers by itself).
         t.discard(Bytes(0), Bytes(2 * 4096)).await.unwrap();
-        t.write(Bytes(16 * 4096), &[1; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(16 * 4096), &[1; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         assert_eq!(pool.stats().mode, "rw");
@@ -222,7 +244,8 @@ fn out_of_space_errors_and_low_water() {
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     run(async {
         for b in 0..8u64 {
-            t.write(Bytes(b * 4096), &[1; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[1; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -231,8 +254,8 @@ fn out_of_space_errors_and_low_water() {
             let t = &t;
             async move {
                 let start = std::time::Instant::now();
-                let e = t
-                    .write(Bytes(block * 4096), &[1; 4096], WriteFlags::default())
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                let e = unsafe { t.write(Bytes(block * 4096), &[1; 4096], WriteFlags::default()) }
                     .await
                     .unwrap_err();
                 assert_eq!(e.errno, libc::ENOSPC);
@@ -245,12 +268,14 @@ fn out_of_space_errors_and_low_water() {
         // needing a block fails at once (dm-thin's error mode), while provisioned blocks
         // still take writes.
         assert!(enospc_after(9).await < std::time::Duration::from_millis(150));
-        t.write(Bytes(0), &[2; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &[2; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         // Space comes back: writes provision again, and running out later waits afresh.
         t.discard(Bytes(0), Bytes(4096)).await.unwrap();
-        t.write(Bytes(10 * 4096), &[1; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(10 * 4096), &[1; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         assert!(enospc_after(11).await >= timeout);
@@ -447,11 +472,13 @@ fn messages_and_targets_through_the_registry() {
         "no such device"
     );
     run(async {
-        t.write(Bytes(0), &[9u8; 4096], WriteFlags::FUA)
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &[9u8; 4096], WriteFlags::FUA) }
             .await
             .unwrap();
         let mut b = vec![0u8; 4096];
-        c.read(Bytes(0), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { c.read(Bytes(0), &mut b) }.await.unwrap();
         assert!(b.iter().all(|&x| x == 3), "clone reads its origin");
         // Deleting an open device is refused.
         assert!(pdev.message(&s(&["delete", "1"])).await.is_err());
@@ -482,10 +509,10 @@ fn snapshot_waits_for_in_flight_origin_writes() {
         fn size(&self) -> Bytes {
             self.0.size()
         }
-        fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
+        unsafe fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
             self.0.read(o, b)
         }
-        fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
+        unsafe fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
             Box::pin(async move {
                 for _ in 0..3 {
                     iort::yield_now().await;
@@ -510,11 +537,13 @@ fn snapshot_waits_for_in_flight_origin_writes() {
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     run(async {
         // Provision 16 blocks, so the next write goes in place (the dangerous case).
-        t.write(Bytes(0), &vec![1u8; 16 * 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &vec![1u8; 16 * 4096], WriteFlags::default()) }
             .await
             .unwrap();
         let big = vec![2u8; 16 * 4096];
-        let w = t.write(Bytes(0), &big, WriteFlags::default());
+        // SAFETY: joined below, in block_on: completed or dropped before `big` goes.
+        let w = unsafe { t.write(Bytes(0), &big, WriteFlags::default()) };
         let snap = async {
             iort::yield_now().await;
             pool.create_snap(ThinId(2), ThinId(1)).await.unwrap();
@@ -524,16 +553,19 @@ fn snapshot_waits_for_in_flight_origin_writes() {
         // The snapshot was taken after the whole in-flight write: all 2s, never a mix.
         let s = pool.thin(ThinId(2), Bytes(MIB), None).unwrap();
         let mut b = vec![0u8; 16 * 4096];
-        s.read(Bytes(0), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { s.read(Bytes(0), &mut b) }.await.unwrap();
         assert!(
             b.iter().all(|&x| x == 2),
             "snapshot saw a torn in-flight write"
         );
         // Later origin writes do not leak into the snapshot.
-        t.write(Bytes(0), &[3u8; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &[3u8; 4096], WriteFlags::default()) }
             .await
             .unwrap();
-        s.read(Bytes(0), &mut b[..4096]).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { s.read(Bytes(0), &mut b[..4096]) }.await.unwrap();
         assert!(b[..4096].iter().all(|&x| x == 2));
     });
 }
@@ -549,7 +581,7 @@ fn background_commit_makes_writes_durable_within_a_second() {
     let pool = open(meta.clone(), data.clone(), o);
     pool.create_thin(ThinId(1)).unwrap();
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
-    run(t.write(Bytes(4096), &[8u8; 4096], WriteFlags::default())).unwrap();
+    write_blocking(&*t, Bytes(4096), &[8u8; 4096], WriteFlags::default()).unwrap();
     let before = pool.stats().commits;
     std::thread::sleep(std::time::Duration::from_millis(700));
     assert!(pool.stats().commits > before, "no periodic commit");
@@ -559,7 +591,7 @@ fn background_commit_makes_writes_durable_within_a_second() {
     let pool = open(meta, data, opts(8));
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     let mut b = vec![0u8; 4096];
-    run(t.read(Bytes(4096), &mut b)).unwrap();
+    read_blocking(&*t, Bytes(4096), &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 8));
 }
 
@@ -573,13 +605,15 @@ fn many_snapshots_overflow_reference_counts() {
     pool.create_thin(ThinId(0)).unwrap();
     let t = pool.thin(ThinId(0), Bytes(MIB), None).unwrap();
     run(async {
-        t.write(Bytes(0), &[1u8; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &[1u8; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         for i in 1..=300u32 {
             pool.create_snap(ThinId(i), ThinId(0)).await.unwrap();
             let s = pool.thin(ThinId(i), Bytes(MIB), None).unwrap();
-            s.write(Bytes(4096), &[2u8; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { s.write(Bytes(4096), &[2u8; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -614,8 +648,8 @@ fn metadata_full_fails_writes_cleanly() {
         let mut err = None;
         for i in 0..16384u64 {
             let v = (i * 7919) % 16384;
-            match t
-                .write(Bytes(v * 4096), &[v as u8 | 1; 512], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            match unsafe { t.write(Bytes(v * 4096), &[v as u8 | 1; 512], WriteFlags::default()) }
                 .await
             {
                 Ok(()) => written.push(v),
@@ -640,7 +674,8 @@ fn metadata_full_fails_writes_cleanly() {
     run(async {
         for v in written {
             let mut b = vec![0u8; 512];
-            t.read(Bytes(v * 4096), &mut b).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.read(Bytes(v * 4096), &mut b) }.await.unwrap();
             assert!(b.iter().all(|&x| x == v as u8 | 1));
         }
     });
@@ -664,11 +699,15 @@ fn threads_share_a_pool() {
                     for r in 0..3u8 {
                         for b in 0..256u64 {
                             let v = (b * 13 + i as u64) % 1024;
-                            t.write(
-                                Bytes(v * 4096),
-                                &[r * 16 + i as u8; 4096],
-                                WriteFlags::default(),
-                            )
+                            // SAFETY: awaited here, in block_on: completed or dropped before the
+                            // buffer goes.
+                            unsafe {
+                                t.write(
+                                    Bytes(v * 4096),
+                                    &[r * 16 + i as u8; 4096],
+                                    WriteFlags::default(),
+                                )
+                            }
                             .await
                             .unwrap();
                         }
@@ -693,7 +732,8 @@ fn threads_share_a_pool() {
             for b in 0..256u64 {
                 let v = (b * 13 + i as u64) % 1024;
                 let mut x = vec![0u8; 4096];
-                t.read(Bytes(v * 4096), &mut x).await.unwrap();
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { t.read(Bytes(v * 4096), &mut x) }.await.unwrap();
                 assert!(x.iter().all(|&y| y == 2 * 16 + i as u8));
             }
         }
@@ -713,14 +753,14 @@ fn dropping_the_last_handle_commits() {
     let pool = open(meta.clone(), data.clone(), opts(8));
     pool.create_thin(ThinId(1)).unwrap();
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
-    run(t.write(Bytes(0), &[4u8; 4096], WriteFlags::default())).unwrap();
+    write_blocking(&*t, Bytes(0), &[4u8; 4096], WriteFlags::default()).unwrap();
     drop((t, pool));
     meta.power_cut(CutMode::DropAll);
     data.power_cut(CutMode::DropAll);
     let pool = open(meta, data, opts(8));
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     let mut b = vec![0u8; 4096];
-    run(t.read(Bytes(0), &mut b)).unwrap();
+    read_blocking(&*t, Bytes(0), &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 4));
 }
 
@@ -739,10 +779,10 @@ fn online_grow_of_data_and_metadata_devices() {
         fn size(&self) -> Bytes {
             Bytes(self.1.load(Ordering::SeqCst))
         }
-        fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
+        unsafe fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
             self.0.read(o, b)
         }
-        fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
+        unsafe fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
             self.0.write(o, b, f)
         }
         fn flush(&self) -> IoFuture<'_> {
@@ -768,12 +808,13 @@ fn online_grow_of_data_and_metadata_devices() {
     let t = pool.thin(ThinId(1), Bytes(4 * MIB), None).unwrap();
     run(async {
         for b in 0..16u64 {
-            t.write(Bytes(b * 4096), &[b as u8; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[b as u8; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
-        let e = t
-            .write(Bytes(16 * 4096), &[1; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let e = unsafe { t.write(Bytes(16 * 4096), &[1; 4096], WriteFlags::default()) }
             .await
             .unwrap_err();
         assert_eq!(e.errno, libc::ENOSPC);
@@ -782,7 +823,8 @@ fn online_grow_of_data_and_metadata_devices() {
         let s = pool.grow_to_devices().unwrap();
         assert_eq!((s.data_total, s.meta_total), (64, 256));
         for b in 16..64u64 {
-            t.write(Bytes(b * 4096), &[b as u8; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[b as u8; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -811,20 +853,22 @@ fn in_place_writes_never_touch_blocks_the_durable_metadata_shares() {
         pool.create_thin(ThinId(1)).unwrap();
         let o = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
         run(async {
-            o.write(Bytes(0), &[0xA; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { o.write(Bytes(0), &[0xA; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
             pool.create_snap(ThinId(2), ThinId(1)).await.unwrap();
             pool.commit().await.unwrap();
             let s = pool.thin(ThinId(2), Bytes(MIB), None).unwrap();
             match case {
-                0 => o
-                    .write(Bytes(0), &[0xB; 4096], WriteFlags::default())
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                0 => unsafe { o.write(Bytes(0), &[0xB; 4096], WriteFlags::default()) }
                     .await
                     .unwrap(),
                 _ => o.discard(Bytes(0), Bytes(4096)).await.unwrap(),
             }
-            s.write(Bytes(0), &[0xC; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { s.write(Bytes(0), &[0xC; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         });
@@ -835,7 +879,7 @@ fn in_place_writes_never_touch_blocks_the_durable_metadata_shares() {
         let pool = open(meta, data, opts(8));
         let o = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
         let mut b = vec![0u8; 4096];
-        run(o.read(Bytes(0), &mut b)).unwrap();
+        read_blocking(&*o, Bytes(0), &mut b).unwrap();
         assert!(
             b.iter().all(|&x| x == 0xA),
             "case {case}: origin reads the snapshot's write"
@@ -853,7 +897,8 @@ fn in_place_write_after_uncommitted_delete_is_safe() {
     pool.create_thin(ThinId(1)).unwrap();
     run(async {
         let o = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
-        o.write(Bytes(0), &[0xA; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { o.write(Bytes(0), &[0xA; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         pool.create_snap(ThinId(2), ThinId(1)).await.unwrap();
@@ -861,7 +906,8 @@ fn in_place_write_after_uncommitted_delete_is_safe() {
         drop(o);
         pool.delete(ThinId(1)).unwrap(); // not committed
         let s = pool.thin(ThinId(2), Bytes(MIB), None).unwrap();
-        s.write(Bytes(0), &[0xC; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { s.write(Bytes(0), &[0xC; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         std::mem::forget(s);
@@ -871,7 +917,7 @@ fn in_place_write_after_uncommitted_delete_is_safe() {
     let pool = open(meta, data, opts(8));
     let o = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     let mut b = vec![0u8; 4096];
-    run(o.read(Bytes(0), &mut b)).unwrap();
+    read_blocking(&*o, Bytes(0), &mut b).unwrap();
     assert!(
         b.iter().all(|&x| x == 0xA),
         "the deleted origin came back with the snapshot's write"
@@ -894,10 +940,10 @@ fn failed_commit_is_rolled_forward_by_the_next() {
         fn size(&self) -> Bytes {
             self.0.size()
         }
-        fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
+        unsafe fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
             self.0.read(o, b)
         }
-        fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
+        unsafe fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
             if self.1.load(Ordering::SeqCst) && self.2.fetch_sub(1, Ordering::SeqCst) == 0 {
                 self.2.store(0, Ordering::SeqCst);
                 return tables::io::ready(Err(IoError::eio("injected")));
@@ -925,17 +971,21 @@ fn failed_commit_is_rolled_forward_by_the_next() {
     let t = pool.thin(ThinId(1), Bytes(4 * MIB), None).unwrap();
     run(async {
         for b in 0..600u64 {
-            t.write(Bytes(b * 4096), &[b as u8; 512], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[b as u8; 512], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         pool.commit().await.unwrap();
         for b in 0..600u64 {
-            t.write(
-                Bytes(b * 4096),
-                &[b as u8 ^ 0xFF; 512],
-                WriteFlags::default(),
-            )
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe {
+                t.write(
+                    Bytes(b * 4096),
+                    &[b as u8 ^ 0xFF; 512],
+                    WriteFlags::default(),
+                )
+            }
             .await
             .unwrap();
         }
@@ -946,7 +996,8 @@ fn failed_commit_is_rolled_forward_by_the_next() {
         assert!(pool.commit().await.is_err());
         meta.1.store(false, Ordering::SeqCst);
         // ...more changes, then a commit that works must carry the failed one's blocks.
-        t.write(Bytes(700 * 4096), &[7; 512], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(700 * 4096), &[7; 512], WriteFlags::default()) }
             .await
             .unwrap();
         pool.commit().await.unwrap();
@@ -960,11 +1011,13 @@ fn failed_commit_is_rolled_forward_by_the_next() {
     run(async {
         let mut x = vec![0u8; 512];
         for b in 0..600u64 {
-            t.read(Bytes(b * 4096), &mut x).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.read(Bytes(b * 4096), &mut x) }.await.unwrap();
             let want = if b < 100 { 0 } else { b as u8 ^ 0xFF };
             assert!(x.iter().all(|&y| y == want), "block {b}");
         }
-        t.read(Bytes(700 * 4096), &mut x).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(700 * 4096), &mut x) }.await.unwrap();
         assert!(x.iter().all(|&y| y == 7));
     });
 }
@@ -982,9 +1035,9 @@ fn feature_flags() {
         let pool = open(meta, data.clone(), o);
         pool.create_thin(ThinId(1)).unwrap();
         let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
-        run(t.write(Bytes(100), &[1; 10], WriteFlags::default())).unwrap();
+        write_blocking(&*t, Bytes(100), &[1; 10], WriteFlags::default()).unwrap();
         let mut b = vec![0u8; 4096];
-        run(t.read(Bytes(0), &mut b)).unwrap();
+        read_blocking(&*t, Bytes(0), &mut b).unwrap();
         assert_eq!(
             b[0],
             if skip { 0xFF } else { 0 },
@@ -1003,7 +1056,8 @@ fn feature_flags() {
         pool.create_thin(ThinId(1)).unwrap();
         let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
         run(async {
-            t.write(Bytes(0), &[1; 8192], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(0), &[1; 8192], WriteFlags::default()) }
                 .await
                 .unwrap();
             pool.commit().await.unwrap();
@@ -1033,7 +1087,7 @@ fn feature_flags() {
     let pool = open(meta.clone(), data.clone(), opts(8));
     pool.create_thin(ThinId(1)).unwrap();
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
-    run(t.write(Bytes(0), &[3; 4096], WriteFlags::FUA)).unwrap();
+    write_blocking(&*t, Bytes(0), &[3; 4096], WriteFlags::FUA).unwrap();
     drop((t, pool));
     let mut o = opts(8);
     o.read_only = true;
@@ -1041,10 +1095,11 @@ fn feature_flags() {
     let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
     run(async {
         let mut b = vec![0u8; 4096];
-        t.read(Bytes(0), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(0), &mut b) }.await.unwrap();
         assert!(b.iter().all(|&x| x == 3));
-        let e = t
-            .write(Bytes(8192), &[1; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let e = unsafe { t.write(Bytes(8192), &[1; 4096], WriteFlags::default()) }
             .await
             .unwrap_err();
         assert_eq!(e.errno, libc::EROFS);
@@ -1076,24 +1131,30 @@ fn large_blocks_copy_in_chunks() {
         .unwrap();
     run(async {
         let at = 4 * MIB + MIB + 100; // inside block 1, second chunk
-        t.write(Bytes(at), &[7u8; 3000], WriteFlags::default())
+                                      // SAFETY: awaited here, in block_on: completed or dropped
+                                      // before the buffer goes.
+        unsafe { t.write(Bytes(at), &[7u8; 3000], WriteFlags::default()) }
             .await
             .unwrap();
         let mut b = vec![1u8; 4 * MIB as usize];
-        t.read(Bytes(4 * MIB), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(4 * MIB), &mut b) }.await.unwrap();
         let rel = (MIB + 100) as usize;
         assert!(b[..rel].iter().all(|&x| x == 0));
         assert!(b[rel..rel + 3000].iter().all(|&x| x == 7));
         assert!(b[rel + 3000..].iter().all(|&x| x == 0));
         pool.create_snap(ThinId(2), ThinId(1)).await.unwrap();
-        t.write(Bytes(4 * MIB + 3 * MIB), &[9u8; 10], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(4 * MIB + 3 * MIB), &[9u8; 10], WriteFlags::default()) }
             .await
             .unwrap();
         let s = pool.thin(ThinId(2), Bytes(16 * MIB), None).unwrap();
         let mut sb = vec![0u8; 4 * MIB as usize];
-        s.read(Bytes(4 * MIB), &mut sb).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { s.read(Bytes(4 * MIB), &mut sb) }.await.unwrap();
         assert!(sb == b, "snapshot keeps the old block");
-        t.read(Bytes(4 * MIB), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.read(Bytes(4 * MIB), &mut b) }.await.unwrap();
         assert!(
             b[rel..rel + 3000].iter().all(|&x| x == 7),
             "copy kept the old data"
@@ -1102,10 +1163,12 @@ fn large_blocks_copy_in_chunks() {
             .iter()
             .all(|&x| x == 9));
         // Clone of an origin: block 1 straddles the origin's end (6 MiB).
-        c.write(Bytes(4 * MIB + 5), &[0xEE; 5], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { c.write(Bytes(4 * MIB + 5), &[0xEE; 5], WriteFlags::default()) }
             .await
             .unwrap();
-        c.read(Bytes(4 * MIB), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { c.read(Bytes(4 * MIB), &mut b) }.await.unwrap();
         let mut want = pattern[4 * MIB as usize..].to_vec();
         want.resize(4 * MIB as usize, 0);
         want[5..10].fill(0xEE);
@@ -1128,10 +1191,10 @@ fn thin_finds_its_pool_through_a_wrapper() {
         fn size(&self) -> Bytes {
             self.0.size()
         }
-        fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
+        unsafe fn read<'a>(&'a self, o: Bytes, b: &'a mut [u8]) -> IoFuture<'a> {
             self.0.read(o, b)
         }
-        fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
+        unsafe fn write<'a>(&'a self, o: Bytes, b: &'a [u8], f: WriteFlags) -> IoFuture<'a> {
             self.0.write(o, b, f)
         }
         fn flush(&self) -> IoFuture<'_> {
@@ -1186,7 +1249,7 @@ fn thin_finds_its_pool_through_a_wrapper() {
         .unwrap()
         .build(&ctx2, &s(&["pool", "4"]))
         .unwrap();
-    run(t.write(Bytes(0), &[1; 512], WriteFlags::default())).unwrap();
+    write_blocking(&*t, Bytes(0), &[1; 512], WriteFlags::default()).unwrap();
     assert_eq!(t.status(), "128 127");
     // A wrong block size for an existing pool is refused with a clear error.
     drop(t);
@@ -1211,7 +1274,8 @@ fn metadata_snapshot_reserve_dump_release() {
         pdev.message(&s(&["create_thin", "1"])).await.unwrap();
         let t = pool.thin(ThinId(1), Bytes(MIB), None).unwrap();
         for b in 0..10u64 {
-            t.write(Bytes(b * 4096), &[1; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[1; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -1221,7 +1285,8 @@ fn metadata_snapshot_reserve_dump_release() {
         assert!(held > 0);
         // Changes after the reservation copy around it (even in-place candidates).
         for b in 0..5u64 {
-            t.write(Bytes(b * 4096), &[2; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[2; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -1242,7 +1307,10 @@ fn metadata_snapshot_reserve_dump_release() {
         // The held blocks still hold the old data.
         let r0 = &snap.devices[0].mappings[0];
         let mut b = vec![0u8; 4096];
-        data.read(Bytes(r0.dblock.0 * 4096), &mut b).await.unwrap();
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { data.read(Bytes(r0.dblock.0 * 4096), &mut b) }
+            .await
+            .unwrap();
         assert!(b.iter().all(|&x| x == 1));
         let r = tools::check(&md).await.unwrap();
         assert!(r.clean, "{:?}", r.errors);

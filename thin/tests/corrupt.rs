@@ -26,17 +26,21 @@ fn build() -> (Arc<MemDevice>, Arc<MemDevice>) {
         let mut s = 1u64;
         for i in 0..1500u64 {
             let b = rng(&mut s) % 16384;
-            t.write(Bytes(b * 4096), &[i as u8; 512], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * 4096), &[i as u8; 512], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         pool.create_snap(ThinId(2), ThinId(1)).await.unwrap();
         for i in 0..300u64 {
-            t.write(
-                Bytes((i * 37 % 16384) * 4096),
-                &[1; 512],
-                WriteFlags::default(),
-            )
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe {
+                t.write(
+                    Bytes((i * 37 % 16384) * 4096),
+                    &[1; 512],
+                    WriteFlags::default(),
+                )
+            }
             .await
             .unwrap();
         }

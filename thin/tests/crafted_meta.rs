@@ -90,7 +90,8 @@ fn build() -> Arc<MemDevice> {
     run(async {
         pool.create_thin(ThinId(0)).unwrap();
         let t = pool.thin(ThinId(0), Bytes(MIB), None).unwrap();
-        t.write(Bytes(0), &[1u8; 4096], WriteFlags::default())
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t.write(Bytes(0), &[1u8; 4096], WriteFlags::default()) }
             .await
             .unwrap();
         // Each snapshot diverges from the origin's one leaf: the shared block's count
@@ -98,7 +99,8 @@ fn build() -> Arc<MemDevice> {
         for i in 1..=260u32 {
             pool.create_snap(ThinId(i), ThinId(0)).await.unwrap();
             let s = pool.thin(ThinId(i), Bytes(MIB), None).unwrap();
-            s.write(Bytes(4096), &[2u8; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { s.write(Bytes(4096), &[2u8; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -107,7 +109,8 @@ fn build() -> Arc<MemDevice> {
         let mut s = 1u64;
         for i in 0..1200u64 {
             let b = rng(&mut s) % (DATA / BS);
-            t.write(Bytes(b * BS), &[i as u8; 512], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { t.write(Bytes(b * BS), &[i as u8; 512], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -115,7 +118,8 @@ fn build() -> Arc<MemDevice> {
         pool.create_thin(ThinId(2000)).unwrap();
         let u = pool.thin(ThinId(2000), Bytes(MIB), None).unwrap();
         for i in 0..10u64 {
-            u.write(Bytes(i * BS), &[4; 512], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { u.write(Bytes(i * BS), &[4; 512], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
@@ -125,17 +129,21 @@ fn build() -> Arc<MemDevice> {
         // After the reserve, blocks only the held snapshot still maps: the overwritten ones
         // of 2000, and the one 260 had to itself.
         for i in 0..10u64 {
-            u.write(Bytes(i * BS), &[5; 4096], WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { u.write(Bytes(i * BS), &[5; 4096], WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         pool.delete(ThinId(260)).unwrap();
         for i in 0..100u64 {
-            t.write(
-                Bytes((i * 37 % 4096) * BS),
-                &[3; 512],
-                WriteFlags::default(),
-            )
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe {
+                t.write(
+                    Bytes((i * 37 % 4096) * BS),
+                    &[3; 512],
+                    WriteFlags::default(),
+                )
+            }
             .await
             .unwrap();
         }
@@ -651,15 +659,14 @@ async fn use_pool(pool: &Arc<Pool>) -> Result<(), String> {
         // in the damaged leaf may be the crafted ones).
         let _ = t.status();
         let _ = t.discard(Bytes(0), Bytes(8 * 4096)).await;
-        let _ = t
-            .write(Bytes(4096), &[7; 4096], WriteFlags::default())
-            .await;
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let _ = unsafe { t.write(Bytes(4096), &[7; 4096], WriteFlags::default()) }.await;
         if i < 4 || i + 4 >= devs.len() {
             let mut buf = vec![0u8; 16 * 1024];
-            let _ = t.read(Bytes(0), &mut buf).await;
-            let _ = t
-                .write(Bytes(DATA - 4096), &[7; 512], WriteFlags::default())
-                .await;
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            let _ = unsafe { t.read(Bytes(0), &mut buf) }.await;
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            let _ = unsafe { t.write(Bytes(DATA - 4096), &[7; 512], WriteFlags::default()) }.await;
         }
         let _ = t.status();
     }

@@ -48,10 +48,10 @@ impl BlockDevice for Cut {
     fn size(&self) -> Bytes {
         self.inner.size()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         self.inner.read(offset, buf)
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         self.tick();
         self.inner.write(offset, buf, flags)
     }
@@ -141,7 +141,8 @@ async fn workload(pool: &Arc<Pool>, seed: u64, ops: usize) -> (State, Dirty, Has
                     let blk = next[(b * BS) as usize..((b + 1) * BS) as usize].to_vec();
                     dirty.entry((id, b)).or_default().push(blk);
                 }
-                try_io!(dev.write(Bytes(off), &buf, flags).await);
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                try_io!(unsafe { dev.write(Bytes(off), &buf, flags) }.await);
                 cur.vols.insert(id, next);
                 if fua {
                     flushed!();
@@ -279,7 +280,8 @@ fn one_cut(seed: u64, total: i64, cut_seed: u64) {
                 .thin(ThinId(*id), Bytes(VOL), None)
                 .unwrap_or_else(|e| panic!("seed {seed} cut {point}: device {id} lost: {e}"));
             let mut buf = vec![0u8; VOL as usize];
-            dev.read(Bytes(0), &mut buf).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { dev.read(Bytes(0), &mut buf) }.await.unwrap();
             for b in 0..VOL / BS {
                 let r = (b * BS) as usize..((b + 1) * BS) as usize;
                 let got = &buf[r.clone()];

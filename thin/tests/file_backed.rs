@@ -37,7 +37,12 @@ impl FileDev {
             name: path.display().to_string(),
         })
     }
-    async fn rw(&self, off: u64, buf: &[u8], flags: i32) -> IoResult<()> {
+    /// Writes all of `buf` at `off`.
+    ///
+    /// # Safety
+    /// The kernel reads `buf` until each write completes: the lending contract
+    /// (`tables::io`) holds for the returned future.
+    async unsafe fn rw(&self, off: u64, buf: &[u8], flags: i32) -> IoResult<()> {
         let mut done = 0;
         while done < buf.len() {
             let n =
@@ -58,7 +63,7 @@ impl BlockDevice for FileDev {
     fn size(&self) -> Bytes {
         self.size
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
             let mut done = 0;
@@ -74,7 +79,7 @@ impl BlockDevice for FileDev {
             Ok(())
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             tables::io::check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))?;
             self.rw(offset.0, buf, if flags.fua { libc::RWF_DSYNC } else { 0 })
@@ -160,11 +165,15 @@ fn pool_on_files_through_the_registry() {
                 iort::block_on(async {
                     for i in 0..200u64 {
                         let off = (i * 7919 % 512) * 65536 + (i % 3) * 4096;
-                        t.write(
-                            Bytes(off),
-                            &[v.wrapping_add(i as u8); 8192],
-                            WriteFlags::default(),
-                        )
+                        // SAFETY: awaited here, in block_on: completed or dropped before the buffer
+                        // goes.
+                        unsafe {
+                            t.write(
+                                Bytes(off),
+                                &[v.wrapping_add(i as u8); 8192],
+                                WriteFlags::default(),
+                            )
+                        }
                         .await
                         .unwrap();
                     }
@@ -183,7 +192,8 @@ fn pool_on_files_through_the_registry() {
     assert!(after > before, "no background commit ({before} -> {after})");
     run(async {
         pdev.message(&s(&["create_snap", "3", "1"])).await.unwrap();
-        t1.write(Bytes(0), &[0xAB; 4096], WriteFlags::FUA)
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        unsafe { t1.write(Bytes(0), &[0xAB; 4096], WriteFlags::FUA) }
             .await
             .unwrap();
     });
@@ -207,7 +217,8 @@ fn pool_on_files_through_the_registry() {
             }
             for (off, want) in last {
                 let mut b = vec![0u8; 4096];
-                t.read(Bytes(off), &mut b).await.unwrap();
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { t.read(Bytes(off), &mut b) }.await.unwrap();
                 let want = if id == 1 && off == 0 { 0xAB } else { want };
                 assert!(b.iter().all(|&x| x == want), "thin {id} at {off}");
             }

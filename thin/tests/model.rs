@@ -194,15 +194,20 @@ fn run_ops(ops: &[Op], with_origin: bool) -> Result<(), TestCaseError> {
             match op.clone() {
                 Op::Write { dev, off, len, val } if model.vols.contains_key(&dev) => {
                     let buf: Vec<u8> = (0..len).map(|i| val.wrapping_add(i as u8)).collect();
-                    live.dev(dev)
-                        .write(Bytes(off), &buf, WriteFlags::default())
+                    // SAFETY: awaited here, in block_on: completed or dropped before the buffer
+                    // goes.
+                    unsafe { live.dev(dev).write(Bytes(off), &buf, WriteFlags::default()) }
                         .await
                         .unwrap();
                     model.write(dev, off, &buf);
                 }
                 Op::Read { dev, off, len } if model.vols.contains_key(&dev) => {
                     let mut buf = vec![0u8; len as usize];
-                    live.dev(dev).read(Bytes(off), &mut buf).await.unwrap();
+                    // SAFETY: awaited here, in block_on: completed or dropped before the buffer
+                    // goes.
+                    unsafe { live.dev(dev).read(Bytes(off), &mut buf) }
+                        .await
+                        .unwrap();
                     let want = &model.vols[&dev].bytes[off as usize..(off + len) as usize];
                     prop_assert!(buf == want, "read {dev} {off}+{len} differs from the model");
                 }
@@ -297,7 +302,10 @@ fn run_ops(ops: &[Op], with_origin: bool) -> Result<(), TestCaseError> {
         let ids: Vec<u8> = model.vols.keys().copied().collect();
         for id in ids {
             let mut buf = vec![0u8; VOL as usize];
-            live.dev(id).read(Bytes(0), &mut buf).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { live.dev(id).read(Bytes(0), &mut buf) }
+                .await
+                .unwrap();
             prop_assert!(
                 buf == model.vols[&id].bytes,
                 "volume {id} differs at the end"

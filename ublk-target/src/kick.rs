@@ -167,10 +167,12 @@ mod tests {
         w.wake_by_ref();
         assert!(woke.load(std::sync::atomic::Ordering::SeqCst));
         let mut v = 0u64;
+        // SAFETY: reads at most 8 bytes into `v`, a u64 of ours.
         let n = unsafe { libc::read(kick.fd(), (&mut v as *mut u64).cast(), 8) };
         assert_eq!(n, -1, "no kick for a same-thread wake");
         // Another thread: the eventfd fires too.
         std::thread::spawn(move || w.wake()).join().unwrap();
+        // SAFETY: as above.
         let n = unsafe { libc::read(kick.fd(), (&mut v as *mut u64).cast(), 8) };
         assert_eq!((n, v), (8, 1));
     }

@@ -1,5 +1,7 @@
 //! Front ends.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod control;
 pub mod daemon;
 pub mod frontend;

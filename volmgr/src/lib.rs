@@ -4,6 +4,7 @@
 //! [`Registry`] and implements the command line.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::sync::Arc;
 

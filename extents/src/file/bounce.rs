@@ -101,7 +101,9 @@ impl FileExtent {
         let end = off + buf.len() as u64;
         let (a0, a1) = (self.align_down(off), self.align_up(end));
         let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
-        let n = self.read_loop(a0, &mut b).await?;
+        // SAFETY: `b` belongs to this future and is freed only when it is dropped, after the
+        // read completed or was dropped (waiting for the kernel); a leaked future leaks it.
+        let n = unsafe { self.read_loop(a0, &mut b) }.await?;
         // Only the requested bytes must exist: the span's tail past them may be cut off.
         let got = (a0 + n as u64).saturating_sub(off);
         self.short_read(
@@ -117,8 +119,12 @@ impl FileExtent {
 
     /// Reads one aligned block for a read-modify-write (an error if the file no longer holds
     /// all of it: writing it back would grow the file again).
-    async fn read_block(&self, pos: u64, blk: &mut [u8]) -> IoResult<()> {
-        let n = self.read_loop(pos, blk).await?;
+    ///
+    /// # Safety
+    /// As [`FileExtent::read_loop`] for `blk`.
+    async unsafe fn read_block(&self, pos: u64, blk: &mut [u8]) -> IoResult<()> {
+        // SAFETY: awaited here, in a future our caller keeps the lending contract for.
+        let n = unsafe { self.read_loop(pos, blk) }.await?;
         self.short_read("read-modify-write", pos, blk.len(), n)
     }
 
@@ -136,16 +142,21 @@ impl FileExtent {
         let mut b = AlignedBuf::zeroed((a1 - a0) as usize, self.mem_align)?;
         let blk = self.off_align as usize;
         if off != a0 {
-            self.read_block(a0, &mut b[..blk]).await?;
+            // SAFETY: the reads and the write below lend only `b`, which belongs to this
+            // future and is freed when it is dropped, after they completed or were dropped
+            // (waiting for the kernel); a leaked future leaks it.
+            unsafe { self.read_block(a0, &mut b[..blk]) }.await?;
         }
         let tail_is_head = off != a0 && a1 - a0 == self.off_align;
         if end != a1 && !tail_is_head {
             let t = b.len() - blk;
-            self.read_block(a1 - self.off_align, &mut b[t..]).await?;
+            // SAFETY: as above.
+            unsafe { self.read_block(a1 - self.off_align, &mut b[t..]) }.await?;
         }
         let s = (off - a0) as usize;
         b[s..s + data.len()].copy_from_slice(data);
-        let n = self.write_loop(a0, &b, rw_flags).await?;
+        // SAFETY: as above.
+        let n = unsafe { self.write_loop(a0, &b, rw_flags) }.await?;
         if n != b.len() {
             return Err(IoError::eio(format!(
                 "{}: write at byte {} length {}: direct write stopped at an unaligned {} bytes",

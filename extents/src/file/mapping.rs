@@ -98,9 +98,10 @@ impl FileExtent {
         if !self.dense.load(Ordering::Relaxed) && !no_hole(self.raw(), offset.0, len as u64) {
             return Ok(Served::NeedsMemory);
         }
-        // The address is only passed on to the kernel (see `MappedCopy`).
         let what = if write { "write" } else { "read" };
-        match copy(m.ptr.wrapping_add(off), 0, len) {
+        // SAFETY: `off + len <= m.len` (checked above), so the range is inside our mapping of
+        // the file, which `self` keeps mapped for the whole call.
+        match unsafe { copy.copy(m.ptr.wrapping_add(off), 0, len) } {
             // A file that shrank still has the page holding its new end mapped: past the end
             // in that page a read sees zeroes and a write is lost, with no EFAULT. So the
             // length is checked after every copy (one lseek, a fraction of a 4 KiB copy).
@@ -137,7 +138,7 @@ mod tests {
     use crate::file::OpenOptions;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, MetadataExt};
-    use tables::{BlockDevice, IoError, WriteFlags};
+    use tables::{BlockDevice, IoError, MappedCopy, WriteFlags};
 
     /// A file in RAM hands its mapped bytes to a kernel copy; a file on disk declines; a copy
     /// past the end of a file that shrank is an error.
@@ -152,24 +153,27 @@ mod tests {
         let r = tempfile::tempfile_in("/var/tmp").unwrap();
         let rfd = r.as_raw_fd();
         let to_req = move |ptr: *mut u8, at: usize, k: usize| -> IoResult<()> {
-            // SAFETY: the kernel reads the mapping (or reports EFAULT).
+            // SAFETY: called only through `MappedCopy::copy`, whose caller vouches that `ptr`
+            // is mapped for the call; the kernel reads it (or reports EFAULT).
             let n = unsafe { libc::pwrite(rfd, ptr.cast_const().cast(), k, at as i64) };
             match n {
                 n if n == k as isize => Ok(()),
                 _ => Err(IoError::from(std::io::Error::last_os_error())),
             }
         };
+        let to_req = MappedCopy::new(&to_req);
         let from_req = move |ptr: *mut u8, at: usize, k: usize| -> IoResult<()> {
-            // SAFETY: the kernel writes the mapping (or reports EFAULT).
+            // SAFETY: as above; the kernel writes the mapping (or reports EFAULT).
             let n = unsafe { libc::pread(rfd, ptr.cast(), k, at as i64) };
             match n {
                 n if n == k as isize => Ok(()),
                 _ => Err(IoError::from(std::io::Error::last_os_error())),
             }
         };
+        let from_req = MappedCopy::new(&from_req);
         iort::block_on(async {
             let s = e
-                .copy_mapped(Bytes(8192), 12288, None, &to_req)
+                .copy_mapped(Bytes(8192), 12288, None, to_req)
                 .await
                 .unwrap();
             assert_eq!(s, Served::Done);
@@ -180,12 +184,13 @@ mod tests {
             let data = pattern(4096, 77);
             r.write_at(&data, 100).unwrap();
             let s = e
-                .copy_mapped(Bytes(65536), 4096, Some(WriteFlags::default()), &from_req)
+                .copy_mapped(Bytes(65536), 4096, Some(WriteFlags::default()), from_req)
                 .await
                 .unwrap();
             assert_eq!(s, Served::Done);
             let mut back = vec![0u8; 4096];
-            e.read(Bytes(65536), &mut back).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { e.read(Bytes(65536), &mut back) }.await.unwrap();
             // The mapping got the request's first 4096 bytes (`at` counts from 0).
             let mut want = vec![0u8; 4096];
             r.read_at(&mut want, 0).unwrap();
@@ -203,7 +208,7 @@ mod tests {
                 .set_len(cut)
                 .unwrap();
             let err = e
-                .copy_mapped(Bytes(512 << 10), 4096, None, &to_req)
+                .copy_mapped(Bytes(512 << 10), 4096, None, to_req)
                 .await
                 .unwrap_err();
             assert_eq!(err.errno, libc::EIO, "a page past the new end: {err}");
@@ -215,7 +220,7 @@ mod tests {
                 assert!(err.msg.contains(want), "{want}: {err}");
             }
             let err = e
-                .copy_mapped(Bytes(256 << 10), 4096, None, &to_req)
+                .copy_mapped(Bytes(256 << 10), 4096, None, to_req)
                 .await
                 .unwrap_err();
             assert_eq!(err.errno, libc::EIO, "the page holding the end: {err}");
@@ -223,13 +228,13 @@ mod tests {
                 Bytes(256 << 10),
                 4096,
                 Some(WriteFlags::default()),
-                &from_req,
+                from_req,
             );
             let err = w.await.unwrap_err();
             assert_eq!(err.errno, libc::EIO, "a write past the end: {err}");
             assert_eq!(std::fs::metadata(&p).unwrap().len(), cut);
             let s = e
-                .copy_mapped(Bytes(8192), 12288, None, &to_req)
+                .copy_mapped(Bytes(8192), 12288, None, to_req)
                 .await
                 .unwrap();
             assert_eq!(s, Served::Done, "before the end");
@@ -247,28 +252,21 @@ mod tests {
         let blocks = || std::fs::metadata(&sp).unwrap().blocks();
         iort::block_on(async {
             let s = se
-                .copy_mapped(Bytes(0), 4 << 20, None, &to_req)
+                .copy_mapped(Bytes(0), 4 << 20, None, to_req)
                 .await
                 .unwrap();
             assert_eq!(s, Served::NeedsMemory, "a hole");
-            let w = se.copy_mapped(
-                Bytes(1 << 20),
-                65536,
-                Some(WriteFlags::default()),
-                &from_req,
-            );
+            let w = se.copy_mapped(Bytes(1 << 20), 65536, Some(WriteFlags::default()), from_req);
             assert_eq!(w.await.unwrap(), Served::NeedsMemory, "a write into a hole");
             assert_eq!(blocks(), 0, "nothing allocated");
-            se.write(Bytes(0), &pattern(65536, 1), WriteFlags::default())
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { se.write(Bytes(0), &pattern(65536, 1), WriteFlags::default()) }
                 .await
                 .unwrap();
-            let s = se
-                .copy_mapped(Bytes(0), 65536, None, &to_req)
-                .await
-                .unwrap();
+            let s = se.copy_mapped(Bytes(0), 65536, None, to_req).await.unwrap();
             assert_eq!(s, Served::Done, "written range");
             let s = se
-                .copy_mapped(Bytes(0), 131072, None, &to_req)
+                .copy_mapped(Bytes(0), 131072, None, to_req)
                 .await
                 .unwrap();
             assert_eq!(s, Served::NeedsMemory, "half written, half hole");
@@ -279,7 +277,7 @@ mod tests {
         let q = dd.path().join("y");
         std::fs::write(&q, pattern(1 << 20, 6)).unwrap();
         let disk = FileExtent::open(&q, OpenOptions::default()).unwrap();
-        let s = iort::block_on(disk.copy_mapped(Bytes(0), 4096, None, &to_req))
+        let s = iort::block_on(disk.copy_mapped(Bytes(0), 4096, None, to_req))
             .unwrap()
             .unwrap();
         assert_eq!(s, Served::NeedsMemory);

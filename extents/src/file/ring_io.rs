@@ -48,10 +48,15 @@ impl FileExtent {
     /// Reads until `buf` is full or the file ends. In direct mode it also stops after a short
     /// read that leaves an unaligned remainder, which only happens at the end of a file.
     /// Returns the bytes read.
-    pub(super) async fn read_loop(&self, off: u64, buf: &mut [u8]) -> IoResult<usize> {
+    ///
+    /// # Safety
+    /// The kernel writes into `buf` until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn read_loop(&self, off: u64, buf: &mut [u8]) -> IoResult<usize> {
         let mut done = 0usize;
         if self.ram_backed && buf.len() >= self.ram_async_min {
-            done = self.ram_parallel(off, buf).await;
+            // SAFETY: awaited here, in a future our caller keeps the lending contract for.
+            done = unsafe { self.ram_parallel(off, buf) }.await;
         }
         let mut retries = 0;
         while done < buf.len() {
@@ -74,8 +79,9 @@ impl FileExtent {
                 let sqe = opcode::Read::new(types::Fd(self.raw()), chunk.as_mut_ptr(), n as u32)
                     .offset(pos)
                     .build();
-                // SAFETY: `chunk` stays mutably borrowed until the op completes (or its drop
-                // waits for the kernel); the fd lives as long as `self`.
+                // SAFETY: `chunk` is borrowed for this future's life, which our caller
+                // completes or drops (the op's drop waits for the kernel): the lending
+                // contract. The fd lives as long as `self`.
                 unsafe { iort::submit(sqe) }.await
             };
             if r < 0 {
@@ -114,7 +120,11 @@ impl FileExtent {
     /// front skips the failed non-blocking try). Returns how many leading bytes are done:
     /// anything short or failed is left to the caller's sequential loop, which redoes it
     /// (rereading the same bytes is harmless) and reports errors with the usual retries.
-    async fn ram_parallel(&self, off: u64, buf: &mut [u8]) -> usize {
+    ///
+    /// # Safety
+    /// The kernel writes into `buf` until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn ram_parallel(&self, off: u64, buf: &mut [u8]) -> usize {
         let piece = self.ram_async_min;
         let ops = buf.chunks_mut(piece).enumerate().map(|(i, c)| {
             let n = c.len();
@@ -123,10 +133,11 @@ impl FileExtent {
                 .build()
                 .flags(squeue::Flags::ASYNC);
             async move {
-                // SAFETY: this future holds the piece's borrow until the op completes
-                // (join_all drives every op to the end; dropping one in flight waits for
-                // the kernel); the fd lives as long as `self`.
                 let _piece = c;
+                // SAFETY: this future holds the piece's borrow until the op completes:
+                // join_all drives every op to the end, and our caller completes or drops
+                // the whole (dropping an op in flight waits for the kernel). The fd lives
+                // as long as `self`.
                 (n, unsafe { iort::submit(sqe) }.await)
             }
         });
@@ -142,7 +153,16 @@ impl FileExtent {
 
     /// Writes until done. In direct mode it stops after a short write that leaves an unaligned
     /// remainder. Returns the bytes written.
-    pub(super) async fn write_loop(&self, off: u64, buf: &[u8], rw_flags: i32) -> IoResult<usize> {
+    ///
+    /// # Safety
+    /// The kernel reads `buf` until each operation completes: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn write_loop(
+        &self,
+        off: u64,
+        buf: &[u8],
+        rw_flags: i32,
+    ) -> IoResult<usize> {
         let mut done = 0usize;
         let mut retries = 0;
         while done < buf.len() {
@@ -169,7 +189,8 @@ impl FileExtent {
                     .offset(pos)
                     .rw_flags(rw_flags)
                     .build();
-                // SAFETY: `chunk` stays borrowed until the op completes; the fd lives with `self`.
+                // SAFETY: `chunk` is borrowed for this future's life, which our caller
+                // completes or drops (the lending contract); the fd lives with `self`.
                 unsafe { iort::submit(sqe) }.await
             };
             if r < 0 {
@@ -379,13 +400,15 @@ mod tests {
             let w = e.write_fixed(Bytes(64 << 10), fixed(4096, data.len()), WriteFlags::FUA);
             assert_eq!(w.await.unwrap(), Served::Done);
             let mut back = vec![0u8; data.len()];
-            e.read(Bytes(64 << 10), &mut back).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { e.read(Bytes(64 << 10), &mut back) }.await.unwrap();
             assert!(back == data, "fixed write differs");
 
             let r = e.read_fixed(Bytes(0), fixed(1 << 20, 512 << 10));
             assert_eq!(r.await.unwrap(), Served::Done);
             let mut plain = vec![0u8; 512 << 10];
-            e.read(Bytes(0), &mut plain).await.unwrap();
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { e.read(Bytes(0), &mut plain) }.await.unwrap();
             assert!(reg[1 << 20..(1 << 20) + (512 << 10)] == plain[..]);
 
             let small = e.read_fixed(Bytes(8192), fixed(0, 4096)).await.unwrap();
@@ -411,14 +434,15 @@ mod tests {
             for want in [name, "read at byte 393216", "is now 524288 bytes"] {
                 assert!(err.msg.contains(want), "{want}: {err}");
             }
-            let err = e
-                .read(Bytes(384 << 10), &mut plain[..256 << 10])
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            let err = unsafe { e.read(Bytes(384 << 10), &mut plain[..256 << 10]) }
                 .await
                 .unwrap_err();
             assert_eq!(err.errno, libc::EIO, "{err}");
             let r = e.read_fixed(Bytes(256 << 10), fixed(0, 256 << 10));
             assert_eq!(r.await.unwrap(), Served::Done);
-            e.read(Bytes(256 << 10), &mut plain[..256 << 10])
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { e.read(Bytes(256 << 10), &mut plain[..256 << 10]) }
                 .await
                 .unwrap();
             assert!(reg[..256 << 10] == plain[..256 << 10], "within the new end");

@@ -199,14 +199,16 @@ mod tests {
             create_sparse(&p, Bytes(1 << 20)).unwrap();
             let e = FileExtent::open(&p, OpenOptions::default()).unwrap();
             iort::block_on(async {
-                e.write(Bytes(0), &pattern(65536, 1), WriteFlags::default())
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { e.write(Bytes(0), &pattern(65536, 1), WriteFlags::default()) }
                     .await
                     .unwrap();
                 e.write_zeroes(Bytes(4096), Bytes(8192), WriteFlags::default())
                     .await
                     .unwrap();
                 let mut b = vec![1u8; 16384];
-                e.read(Bytes(0), &mut b).await.unwrap();
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { e.read(Bytes(0), &mut b) }.await.unwrap();
                 assert!(b[4096..12288].iter().all(|&x| x == 0));
                 assert_eq!(b[12288..], pattern(65536, 1)[12288..16384]);
             })
@@ -220,6 +222,7 @@ mod tests {
     #[test]
     fn block_device_fallbacks_work() {
         assert!(
+            // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() } == 0,
             "needs root for losetup; does not skip silently"
         );
@@ -242,11 +245,14 @@ mod tests {
             e.discard_method.store(DISCARD_BY_IOCTL, Ordering::Relaxed);
             iort::block_on(async {
                 let data = pattern(1 << 20, 7);
-                e.write(Bytes(0), &data, WriteFlags::default())
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { e.write(Bytes(0), &data, WriteFlags::default()) }
                     .await
                     .unwrap();
                 for method in [ZERO_BY_PUNCH, ZERO_BY_WRITING] {
-                    e.write(Bytes(0), &data, WriteFlags::default())
+                    // SAFETY: awaited here, in block_on: completed or dropped before the buffer
+                    // goes.
+                    unsafe { e.write(Bytes(0), &data, WriteFlags::default()) }
                         .await
                         .unwrap();
                     e.zero_method.store(method, Ordering::Relaxed);
@@ -254,7 +260,9 @@ mod tests {
                         .await
                         .unwrap();
                     let mut b = vec![1u8; 1 << 20];
-                    e.read(Bytes(0), &mut b).await.unwrap();
+                    // SAFETY: awaited here, in block_on: completed or dropped before the buffer
+                    // goes.
+                    unsafe { e.read(Bytes(0), &mut b) }.await.unwrap();
                     assert_eq!(b[..4096], data[..4096]);
                     assert!(b[4096..69632].iter().all(|&x| x == 0), "method {method}");
                     assert_eq!(b[69632..], data[69632..]);

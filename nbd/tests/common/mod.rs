@@ -369,13 +369,13 @@ impl BlockDevice for FailDevice {
     fn limits(&self) -> Limits {
         self.inner.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         match self.err(offset) {
             Some(e) => tables::io::ready(Err(e)),
             None => self.inner.read(offset, buf),
         }
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         match self.err(offset) {
             Some(e) => tables::io::ready(Err(e)),
             None => self.inner.write(offset, buf, flags),

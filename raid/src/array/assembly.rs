@@ -200,7 +200,9 @@ impl Inner {
                     continue;
                 };
                 let mut b = vec![0u8; META_BLOCK];
-                let r = match m.read(Bytes(0), &mut b).await {
+                // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                // completed, dropped first (waiting for the kernel), or leaked with it.
+                let r = match unsafe { m.read(Bytes(0), &mut b) }.await {
                     Ok(()) => Superblock::decode(&b),
                     Err(e) => SbRead::Invalid(format!("unreadable: {e}")),
                 };
@@ -341,7 +343,10 @@ impl Inner {
                         for p in 0..pages {
                             let mut b = vec![0u8; META_BLOCK];
                             let off = Bytes((1 + p) * META_BLOCK as u64);
-                            if m.read(off, &mut b).await.is_err() {
+                            // SAFETY: the buffer belongs to this future and the call is awaited in
+                            // it: completed, dropped first (waiting for the kernel), or leaked with
+                            // it.
+                            if unsafe { m.read(off, &mut b) }.await.is_err() {
                                 b.fill(0xff);
                             }
                             meta::decode_bitmap_page(p, &b, &mut words);

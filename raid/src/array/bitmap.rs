@@ -50,7 +50,9 @@ impl Inner {
                 };
                 for (p, b) in pages {
                     let off = Bytes((1 + p) * META_BLOCK as u64);
-                    if let Err(e) = m.write(off, b, flags).await {
+                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                    // completed, dropped first (waiting for the kernel), or leaked with it.
+                    if let Err(e) = unsafe { m.write(off, b, flags) }.await {
                         return (i, Err(e.context(format!("bitmap page {p}"))));
                     }
                 }

@@ -83,7 +83,14 @@ impl Inner {
         }
     }
 
-    async fn mirror_read_piece(&self, p: &MirrorPiece, mut buf: Dst<'_>) -> IoResult<Served> {
+    /// # Safety
+    /// For `Dst::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn mirror_read_piece(
+        &self,
+        p: &MirrorPiece,
+        mut buf: Dst<'_>,
+    ) -> IoResult<Served> {
         let region = self.region_of(p.off);
         let last_region = self.region_of(p.off + p.len as u64 - 1);
         // In a region that still awaits resync the copies may differ: read the copy resync
@@ -133,7 +140,10 @@ impl Inner {
         }
     }
 
-    pub(super) async fn mirror_read(&self, off: u64, buf: Dst<'_>) -> IoResult<Served> {
+    /// # Safety
+    /// For `Dst::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn mirror_read(&self, off: u64, buf: Dst<'_>) -> IoResult<Served> {
         let pieces = self.mirror_pieces(off, buf.len() as u64);
         let lens: Vec<usize> = pieces.iter().map(|p| p.len).collect();
         let bufs = buf.split(&lens);
@@ -144,7 +154,10 @@ impl Inner {
         iort::try_join_all(futs.collect()).await.map(all_done)
     }
 
-    pub(super) async fn mirror_write(
+    /// # Safety
+    /// For `Src::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn mirror_write(
         &self,
         off: u64,
         len: usize,
@@ -161,7 +174,10 @@ impl Inner {
         r
     }
 
-    async fn mirror_write_locked(
+    /// # Safety
+    /// For `Src::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn mirror_write_locked(
         &self,
         off: u64,
         len: usize,

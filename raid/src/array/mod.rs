@@ -388,7 +388,11 @@ impl Inner {
 
 impl RaidDevice {
     /// A read into a registered buffer or a mapped copy (`read_fixed`, `copy_mapped`).
-    async fn read_direct(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
+    ///
+    /// # Safety
+    /// For `Dst::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn read_direct(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
         let inner = &self.inner;
         check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
         if buf.is_empty() {
@@ -407,7 +411,11 @@ impl RaidDevice {
 
     /// A write from a registered buffer or a mapped copy: mirrors only, since parity is
     /// computed from the bytes.
-    async fn write_direct(
+    ///
+    /// # Safety
+    /// For `Src::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn write_direct(
         &self,
         offset: Bytes,
         buf: Src<'_>,
@@ -439,7 +447,7 @@ impl BlockDevice for RaidDevice {
     fn limits(&self) -> Limits {
         self.inner.limits
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             let inner = &self.inner;
             check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
@@ -454,7 +462,7 @@ impl BlockDevice for RaidDevice {
             .map(|_| ())
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             let inner = &self.inner;
             check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
@@ -472,10 +480,12 @@ impl BlockDevice for RaidDevice {
         })
     }
     fn read_fixed(&self, offset: Bytes, buf: FixedBuf) -> IoFuture<'_, Served> {
-        Box::pin(self.read_direct(offset, Dst::Fixed(buf)))
+        // SAFETY: a registered buffer lends no memory of ours.
+        Box::pin(unsafe { self.read_direct(offset, Dst::Fixed(buf)) })
     }
     fn write_fixed(&self, offset: Bytes, buf: FixedBuf, flags: WriteFlags) -> IoFuture<'_, Served> {
-        Box::pin(self.write_direct(offset, Src::Fixed(buf), flags))
+        // SAFETY: as in `read_fixed`.
+        Box::pin(unsafe { self.write_direct(offset, Src::Fixed(buf), flags) })
     }
     fn copy_mapped<'a>(
         &'a self,
@@ -485,9 +495,12 @@ impl BlockDevice for RaidDevice {
         copy: MappedCopy<'a>,
     ) -> IoFuture<'a, Served> {
         let req = MappedReq { copy, at: 0, len };
-        match write {
-            Some(flags) => Box::pin(self.write_direct(offset, Src::Mapped(req), flags)),
-            None => Box::pin(self.read_direct(offset, Dst::Mapped(req))),
+        // SAFETY: a mapped request lends no memory of ours (its copies are synchronous).
+        unsafe {
+            match write {
+                Some(flags) => Box::pin(self.write_direct(offset, Src::Mapped(req), flags)),
+                None => Box::pin(self.read_direct(offset, Dst::Mapped(req))),
+            }
         }
     }
     fn flush(&self) -> IoFuture<'_> {

@@ -80,7 +80,10 @@ impl Inner {
             .collect()
     }
 
-    pub(super) async fn parity_read(&self, off: u64, buf: Dst<'_>) -> IoResult<Served> {
+    /// # Safety
+    /// For `Dst::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn parity_read(&self, off: u64, buf: Dst<'_>) -> IoResult<Served> {
         let (_, chunk) = self.parity_geo();
         let k = self.n() as u64 - 1;
         let width = chunk * k;
@@ -108,7 +111,14 @@ impl Inner {
         iort::try_join_all(futs.collect()).await.map(all_done)
     }
 
-    async fn parity_read_piece(&self, p: &ParityPiece, mut buf: Dst<'_>) -> IoResult<Served> {
+    /// # Safety
+    /// For `Dst::Mem` the legs may lend that memory to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn parity_read_piece(
+        &self,
+        p: &ParityPiece,
+        mut buf: Dst<'_>,
+    ) -> IoResult<Served> {
         let (_, chunk) = self.parity_geo();
         let map = self.stripe_map(p.stripe);
         let leg = map.data[p.data_idx];
@@ -155,7 +165,11 @@ impl Inner {
         let futs = others
             .iter()
             .zip(bufs.iter_mut())
-            .map(|(&i, b)| async move { (i, self.legs[i].dev().read(Bytes(loff), b).await) });
+            .map(|(&i, b)| async move {
+                // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                // completed, dropped first (waiting for the kernel), or leaked with it.
+                (i, unsafe { self.legs[i].dev().read(Bytes(loff), b) }.await)
+            });
         let mut err = None;
         for (i, r) in join_all(futs).await {
             if let Err(e) = r {
@@ -176,7 +190,10 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn parity_write(
+    /// # Safety
+    /// The legs may lend `buf` to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn parity_write(
         &self,
         off: u64,
         buf: &[u8],
@@ -210,7 +227,11 @@ impl Inner {
 
     /// Writes `data` at byte `within` of `stripe`'s data, updating parity: plans under the
     /// stripe lock (reads and the new parity), then commits (log entry, data, parity).
-    async fn stripe_write(
+    ///
+    /// # Safety
+    /// The legs may lend `data` to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn stripe_write(
         &self,
         stripe: u64,
         within: u64,
@@ -320,11 +341,21 @@ impl Inner {
             .filter_map(|(i, x)| x.map(|(lo, hi, _)| (i, Scratch::new((hi - lo) as usize))))
             .collect();
         let pdev = self.legs[pleg].dev();
-        let pread = async { (pleg, pdev.read(Bytes(base + plo), &mut p).await) };
+        // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+        // dropped first (waiting for the kernel), or leaked with it.
+        let pread = async { (pleg, unsafe { pdev.read(Bytes(base + plo), &mut p) }.await) };
         let dreads = olds.iter_mut().map(|(i, b)| {
             let leg = map.data[*i];
             let lo = w[*i].map(|x| x.0).unwrap_or(0);
-            async move { (leg, self.legs[leg].dev().read(Bytes(base + lo), b).await) }
+            async move {
+                (
+                    leg,
+                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                    // completed,
+                    // dropped first (waiting for the kernel), or leaked with it.
+                    unsafe { self.legs[leg].dev().read(Bytes(base + lo), b) }.await,
+                )
+            }
         });
         let (pr, drs) = futures::future::join(pread, join_all(dreads)).await;
         if self.fail_reads(std::iter::once(pr).chain(drs)).await {
@@ -372,7 +403,9 @@ impl Inner {
             let pread = async {
                 match pbuf.as_mut() {
                     None => (pleg, Ok(())),
-                    Some(b) => (pleg, pdev.read(Bytes(base + plo), b).await),
+                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                    // completed, dropped first (waiting for the kernel), or leaked with it.
+                    Some(b) => (pleg, unsafe { pdev.read(Bytes(base + plo), b) }.await),
                 }
             };
             let dreads = cols
@@ -381,7 +414,15 @@ impl Inner {
                 .filter_map(|(i, b)| b.as_mut().map(|b| (i, b)))
                 .map(|(i, b)| {
                     let leg = map.data[i];
-                    async move { (leg, self.legs[leg].dev().read(Bytes(base + plo), b).await) }
+                    async move {
+                        (
+                            leg,
+                            // SAFETY: the buffer belongs to this future and the call is awaited in
+                            // it:
+                            // completed, dropped first (waiting for the kernel), or leaked with it.
+                            unsafe { self.legs[leg].dev().read(Bytes(base + plo), b) }.await,
+                        )
+                    }
                 });
             let (pr, drs) = futures::future::join(pread, join_all(dreads)).await;
             if self.fail_reads(std::iter::once(pr).chain(drs)).await {
@@ -425,7 +466,11 @@ impl Inner {
     /// The commit step of a stripe write (caller holds the stripe lock): while a leg is not in
     /// sync the stripe's parity log entry is made durable first, then data and `parity` are
     /// written concurrently.
-    async fn stripe_commit(
+    ///
+    /// # Safety
+    /// The legs may lend `sw.data` and `parity` to the kernel: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn stripe_commit(
         &self,
         sw: &StripeWrite<'_>,
         parity: Option<&[u8]>,

@@ -133,10 +133,9 @@ impl Inner {
             let Some(m) = &self.legs[l].meta else {
                 break;
             };
-            match m
-                .write(Bytes(off), &entry.encode(&self.uuid), WriteFlags::FUA)
-                .await
-            {
+            // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+            // dropped first (waiting for the kernel), or leaked with it.
+            match unsafe { m.write(Bytes(off), &entry.encode(&self.uuid), WriteFlags::FUA) }.await {
                 Ok(()) => return Ok(Some(hold)),
                 Err(e) => {
                     drop(hold);
@@ -322,10 +321,9 @@ impl Inner {
                 self.name
             )));
         };
-        match m
-            .write(Bytes(geo.base), &cp.encode(), WriteFlags::FUA)
-            .await
-        {
+        // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+        // dropped first (waiting for the kernel), or leaked with it.
+        match unsafe { m.write(Bytes(geo.base), &cp.encode(), WriteFlags::FUA) }.await {
             Ok(()) => Ok(()),
             Err(e) => {
                 let e = e.context(format!("leg {l} parity log checkpoint"));
@@ -410,7 +408,9 @@ impl Inner {
                 continue;
             }
             let mut b = vec![0u8; META_BLOCK];
-            if m.read(Bytes(base), &mut b).await.is_err() {
+            // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+            // dropped first (waiting for the kernel), or leaked with it.
+            if unsafe { m.read(Bytes(base), &mut b) }.await.is_err() {
                 continue;
             }
             let Some(cp) = Checkpoint::decode(&b) else {
@@ -475,7 +475,9 @@ impl Inner {
                 continue;
             }
             let mut b = vec![0u8; cp.seg_bytes as usize];
-            m.read(Bytes(lg.seg_offset(seg)), &mut b)
+            // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+            // dropped first (waiting for the kernel), or leaked with it.
+            unsafe { m.read(Bytes(lg.seg_offset(seg)), &mut b) }
                 .await
                 .map_err(io(format!("parity log replay: segment {seg} read")))?;
             let mut pos = 0usize;
@@ -511,9 +513,9 @@ impl Inner {
                 let leg = map.data[i];
                 if self.legs[leg].state() == LegState::InSync {
                     let mut b = vec![0u8; (hi - lo) as usize];
-                    self.legs[leg]
-                        .dev()
-                        .read(Bytes(at + lo), &mut b)
+                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                    // completed, dropped first (waiting for the kernel), or leaked with it.
+                    unsafe { self.legs[leg].dev().read(Bytes(at + lo), &mut b) }
                         .await
                         .map_err(io(format!(
                             "parity log replay, stripe {}: leg {leg} read",
@@ -531,7 +533,9 @@ impl Inner {
             });
             let pdev = self.legs[pleg].dev();
             for (o, buf) in runs {
-                pdev.write(Bytes(at + o), &buf, WriteFlags::default())
+                // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                // completed, dropped first (waiting for the kernel), or leaked with it.
+                unsafe { pdev.write(Bytes(at + o), &buf, WriteFlags::default()) }
                     .await
                     .map_err(io(format!(
                         "parity log replay, stripe {}: leg {pleg} parity write",

@@ -68,7 +68,9 @@ impl Inner {
                 .collect();
             let futs = targets.iter().zip(&blocks).map(|(&i, b)| async move {
                 match &self.legs[i].meta {
-                    Some(m) => (i, m.write(Bytes(0), b, WriteFlags::FUA).await),
+                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                    // completed, dropped first (waiting for the kernel), or leaked with it.
+                    Some(m) => (i, unsafe { m.write(Bytes(0), b, WriteFlags::FUA) }.await),
                     None => (i, Ok(())),
                 }
             });

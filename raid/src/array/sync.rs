@@ -234,10 +234,15 @@ impl Inner {
                     // Treat the leg as missing for this stripe while it is rebuilt.
                     match self.reconstruct(stripe, m, loff, &mut b).await {
                         Ok(()) => {
-                            if let Err(e) = self.legs[m]
-                                .dev()
-                                .write(Bytes(loff), &b, WriteFlags::default())
-                                .await
+                            // SAFETY: the buffer belongs to this future and the call is awaited in
+                            // it: completed, dropped first (waiting for the kernel), or leaked with
+                            // it.
+                            if let Err(e) = unsafe {
+                                self.legs[m]
+                                    .dev()
+                                    .write(Bytes(loff), &b, WriteFlags::default())
+                            }
+                            .await
                             {
                                 self.fail_leg(m, &e.context(format!("leg {m} rebuild write")))
                                     .await;
@@ -318,7 +323,9 @@ impl Inner {
                     self.name, p.off
                 )));
             };
-            match self.legs[i].dev().read(Bytes(loff), &mut buf).await {
+            // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+            // dropped first (waiting for the kernel), or leaked with it.
+            match unsafe { self.legs[i].dev().read(Bytes(loff), &mut buf) }.await {
                 Ok(()) => break i,
                 Err(e) => {
                     self.fail_leg(i, &e.context(format!("leg {i} sync read")))
@@ -338,7 +345,9 @@ impl Inner {
                 (_, LegState::Recovering) => mode == SyncMode2::Fix,
                 (SyncMode2::Check | SyncMode2::Fix, LegState::InSync) => {
                     let mut other = vec![0u8; p.len];
-                    match self.legs[i].dev().read(Bytes(loff), &mut other).await {
+                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                    // completed, dropped first (waiting for the kernel), or leaked with it.
+                    match unsafe { self.legs[i].dev().read(Bytes(loff), &mut other) }.await {
                         Ok(()) => {
                             let diff = count_diff_sectors(&buf, &other);
                             self.mismatches.fetch_add(diff, Ordering::Relaxed);
@@ -353,10 +362,14 @@ impl Inner {
                 }
             };
             if write {
-                if let Err(e) = self.legs[i]
-                    .dev()
-                    .write(Bytes(loff), &buf, WriteFlags::default())
-                    .await
+                // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                // completed, dropped first (waiting for the kernel), or leaked with it.
+                if let Err(e) = unsafe {
+                    self.legs[i]
+                        .dev()
+                        .write(Bytes(loff), &buf, WriteFlags::default())
+                }
+                .await
                 {
                     self.fail_leg(i, &e.context(format!("leg {i} sync write")))
                         .await;
@@ -377,10 +390,11 @@ impl Inner {
         let map = self.stripe_map(s);
         let loff = s * chunk;
         let mut bufs: Vec<Vec<u8>> = (0..self.n()).map(|_| vec![0u8; chunk as usize]).collect();
-        let futs = bufs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| async move { (i, self.legs[i].dev().read(Bytes(loff), b).await) });
+        let futs = bufs.iter_mut().enumerate().map(|(i, b)| async move {
+            // SAFETY: the buffer belongs to this future and the call is awaited in it:
+            // completed, dropped first (waiting for the kernel), or leaked with it.
+            (i, unsafe { self.legs[i].dev().read(Bytes(loff), b) }.await)
+        });
         let rs: Vec<_> = join_all(futs).await;
         if self.fail_reads(rs.into_iter()).await {
             return Ok(());
@@ -392,10 +406,14 @@ impl Inner {
         self.mismatches.fetch_add(diff, Ordering::Relaxed);
         if diff > 0 && mode == SyncMode2::Fix {
             let pl = map.parity;
-            if let Err(e) = self.legs[pl]
-                .dev()
-                .write(Bytes(loff), &p, WriteFlags::default())
-                .await
+            // SAFETY: the buffer belongs to this future and the call is awaited in it: completed,
+            // dropped first (waiting for the kernel), or leaked with it.
+            if let Err(e) = unsafe {
+                self.legs[pl]
+                    .dev()
+                    .write(Bytes(loff), &p, WriteFlags::default())
+            }
+            .await
             {
                 self.fail_leg(pl, &e.context(format!("leg {pl} parity write")))
                     .await;

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use raid::{RaidDevice, RaidKind};
-use tables::io::{BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags};
+use tables::io::{
+    read_blocking, write_blocking, BlockDevice, DeviceRef, IoError, IoFuture, Limits, WriteFlags,
+};
 use tables::mem::{CrashDevice, MemDevice};
 use tables::registry::BuildCtx;
 use tables::{Bytes, Sectors};
@@ -67,7 +69,7 @@ impl BlockDevice for Leg {
     fn limits(&self) -> Limits {
         self.inner.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             if self.yield_first.load(Ordering::Relaxed) {
                 iort::yield_now().await;
@@ -76,7 +78,7 @@ impl BlockDevice for Leg {
             self.inner.read(offset, buf).await
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             if self.yield_first.load(Ordering::Relaxed) {
                 iort::yield_now().await;
@@ -179,12 +181,12 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 pub fn rd(dev: &dyn BlockDevice, off: u64, len: usize) -> Result<Vec<u8>, IoError> {
     let mut b = vec![0u8; len];
-    iort::block_on(dev.read(Bytes(off), &mut b)).unwrap()?;
+    read_blocking(dev, Bytes(off), &mut b)?;
     Ok(b)
 }
 
 pub fn wr(dev: &dyn BlockDevice, off: u64, data: &[u8]) -> Result<(), IoError> {
-    iort::block_on(dev.write(Bytes(off), data, WriteFlags::default())).unwrap()
+    write_blocking(dev, Bytes(off), data, WriteFlags::default())
 }
 
 pub fn flush(dev: &dyn BlockDevice) -> Result<(), IoError> {

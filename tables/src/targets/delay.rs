@@ -188,7 +188,7 @@ impl BlockDevice for Delay {
             .stack(&self.write.dev.limits())
             .stack(&self.flush.dev.limits())
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         if let Err(e) = self.range(offset, buf.len() as u64) {
             return ready(Err(e));
         }
@@ -199,7 +199,7 @@ impl BlockDevice for Delay {
             c.dev.read(at, buf).await
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         if let Err(e) = self.range(offset, buf.len() as u64) {
             return ready(Err(e));
         }

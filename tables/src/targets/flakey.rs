@@ -492,7 +492,7 @@ impl BlockDevice for Flakey {
     fn limits(&self) -> Limits {
         self.dev.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         let lo = match self.lower(offset, buf.len() as u64) {
             Ok(lo) => lo,
             Err(e) => return ready(Err(e)),
@@ -516,7 +516,7 @@ impl BlockDevice for Flakey {
             Ok(())
         })
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         let lo = match self.lower(offset, buf.len() as u64) {
             Ok(lo) => lo,
             Err(e) => return ready(Err(e)),

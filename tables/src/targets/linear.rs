@@ -93,13 +93,13 @@ impl BlockDevice for Linear {
     fn limits(&self) -> Limits {
         self.dev.limits()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         match self.map(offset, buf.len() as u64) {
             Ok(o) => self.dev.read(o, buf),
             Err(e) => ready(Err(e)),
         }
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         match self.map(offset, buf.len() as u64) {
             Ok(o) => self.dev.write(o, buf, flags),
             Err(e) => ready(Err(e)),

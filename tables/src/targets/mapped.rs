@@ -182,7 +182,7 @@ impl BlockDevice for Mapped {
         };
         it.fold(first.dev.limits(), |l, s| l.stack(&s.dev.limits()))
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)) {
             return ready(Err(e));
         }
@@ -198,7 +198,7 @@ impl BlockDevice for Mapped {
         }
         join_pieces(futs)
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)) {
             return ready(Err(e));
         }

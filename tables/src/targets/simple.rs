@@ -63,13 +63,18 @@ impl BlockDevice for Zero {
             ..Limits::default()
         }
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         ready(
             check_range(&self.name, self.size, offset, Bytes(buf.len() as u64))
                 .map(|()| buf.fill(0)),
         )
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(
+        &'a self,
+        offset: Bytes,
+        buf: &'a [u8],
+        _flags: WriteFlags,
+    ) -> IoFuture<'a> {
         ready(check_range(
             &self.name,
             self.size,
@@ -152,10 +157,15 @@ impl BlockDevice for ErrorTarget {
             ..Limits::default()
         }
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         self.fail("read", offset, Bytes(buf.len() as u64))
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(
+        &'a self,
+        offset: Bytes,
+        buf: &'a [u8],
+        _flags: WriteFlags,
+    ) -> IoFuture<'a> {
         self.fail("write", offset, Bytes(buf.len() as u64))
     }
     fn flush(&self) -> IoFuture<'_> {

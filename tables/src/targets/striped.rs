@@ -361,7 +361,7 @@ impl BlockDevice for Striped {
         l.io_opt = u32::try_from(width).unwrap_or(0);
         l
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)) {
             return ready(Err(e));
         }
@@ -381,7 +381,7 @@ impl BlockDevice for Striped {
         }
         join_pieces(futs)
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         if let Err(e) = check_range(&self.name, self.size, offset, Bytes(buf.len() as u64)) {
             return ready(Err(e));
         }

@@ -166,7 +166,8 @@ pub fn run_ops(dev: &dyn BlockDevice, m: &mut Model, ops: &[Op]) -> Result<(), T
             match *op {
                 Op::Read { off, len } => {
                     let mut buf = vec![0xEEu8; len as usize];
-                    let r = dev.read(Bytes(off), &mut buf).await;
+                    // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                    let r = unsafe { dev.read(Bytes(off), &mut buf) }.await;
                     if off.checked_add(len).is_none_or(|e| e > size) {
                         let e = r.expect_err("read past end must fail");
                         prop_assert_eq!(e.errno, libc::ENOSPC, "op {}: {}", n, e);
@@ -195,7 +196,8 @@ pub fn run_ops(dev: &dyn BlockDevice, m: &mut Model, ops: &[Op]) -> Result<(), T
                 }
                 Op::Write { off, len, seed } => {
                     let data = pattern(seed, off, len as usize);
-                    let r = dev.write(Bytes(off), &data, WriteFlags::default()).await;
+                    // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                    let r = unsafe { dev.write(Bytes(off), &data, WriteFlags::default()) }.await;
                     if off.checked_add(len).is_none_or(|e| e > size) {
                         prop_assert_eq!(r.map_err(|e| e.errno), Err(libc::ENOSPC));
                         continue;
@@ -235,7 +237,8 @@ pub fn run_ops(dev: &dyn BlockDevice, m: &mut Model, ops: &[Op]) -> Result<(), T
         // Final full read-back of every readable known byte.
         let mut buf = vec![0u8; size as usize];
         if !m.read.contains(&ReadB::Fail) {
-            dev.read(Bytes(0), &mut buf)
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            unsafe { dev.read(Bytes(0), &mut buf) }
                 .await
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             for (i, (&got, &want)) in buf.iter().zip(&m.data).enumerate() {

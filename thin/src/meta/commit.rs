@@ -99,7 +99,11 @@ impl Metadata {
 }
 
 /// Writes one metadata block image.
-pub async fn write_block(
+///
+/// # Safety
+/// The device may lend `buf` to the kernel: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+pub async unsafe fn write_block(
     dev: &dyn BlockDevice,
     b: MetaBlock,
     buf: &[u8],
@@ -120,10 +124,13 @@ pub async fn write_block(
 pub async fn commit_offline(dev: &dyn BlockDevice, m: &mut Metadata) -> MetaResult<()> {
     let p = m.prepare_commit()?;
     for (b, buf) in &p.blocks {
-        write_block(dev, *b, buf, false).await?;
+        // SAFETY: `p` belongs to this future and each write is awaited in it: completed,
+        // dropped first (waiting for the kernel), or leaked with it.
+        unsafe { write_block(dev, *b, buf, false) }.await?;
     }
     dev.flush().await?;
-    write_block(dev, MetaBlock(0), &p.superblock, true).await?;
+    // SAFETY: as for the blocks above.
+    unsafe { write_block(dev, MetaBlock(0), &p.superblock, true) }.await?;
     dev.flush().await?;
     let freed = m.finish_commit(p);
     m.release_data(&freed);

@@ -27,7 +27,9 @@ pub struct LoadReport {
 
 async fn read_block(dev: &dyn BlockDevice, b: MetaBlock) -> MetaResult<Vec<u8>> {
     let mut buf = vec![0u8; META_BLOCK_SIZE];
-    dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf)
+    // SAFETY: the buffer belongs to this future and the read is awaited in it: completed, dropped
+    // first (waiting for the kernel), or leaked with it.
+    unsafe { dev.read(Bytes(b.0 * META_BLOCK_SIZE as u64), &mut buf) }
         .await
         .map_err(|e| e.context(format!("reading metadata {b}")))?;
     Ok(buf)

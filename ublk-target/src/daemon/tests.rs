@@ -31,10 +31,10 @@ impl BlockDevice for TestDev {
     fn size(&self) -> Bytes {
         self.mem.size()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         self.mem.read(offset, buf)
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         self.mem.write(offset, buf, flags)
     }
     fn flush(&self) -> IoFuture<'_> {

@@ -12,7 +12,11 @@ use super::zero_copy::ZcRequest;
 /// Serves one request: the ublk result (bytes for reads and writes, 0 otherwise, or a
 /// negative errno). A target error or panic fails only this request. `buf` holds the data
 /// (copy mode) or is scratch for the fallback (zero-copy mode, `zc` set).
-pub(super) async fn serve(
+///
+/// # Safety
+/// The table's targets may lend `buf` to the kernel: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+pub(super) async unsafe fn serve(
     dev: &dyn BlockDevice,
     iod: &sys::ublksrv_io_desc,
     buf: &mut [u8],
@@ -45,7 +49,10 @@ pub(super) async fn serve(
 }
 
 /// ublk's operation codes and flags, mapped onto the [`BlockDevice`] calls.
-async fn execute(
+///
+/// # Safety
+/// As [`serve`].
+async unsafe fn execute(
     dev: &dyn BlockDevice,
     iod: &sys::ublksrv_io_desc,
     buf: &mut [u8],
@@ -137,33 +144,41 @@ mod tests {
         iort::block_on(async {
             buf[..4096].fill(7);
             let w = iod(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 8, 8);
-            assert_eq!(serve(&dev, &w, &mut buf, None).await, 4096);
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            assert_eq!(unsafe { serve(&dev, &w, &mut buf, None) }.await, 4096);
             buf.fill(0);
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf, None).await,
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf, None) }.await,
                 4096
             );
             assert!(buf[..4096].iter().all(|&b| b == 7));
             // The kernel's flushes carry sector -1.
             let f = iod(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0);
-            assert_eq!(serve(&dev, &f, &mut buf, None).await, 0);
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            assert_eq!(unsafe { serve(&dev, &f, &mut buf, None) }.await, 0);
             assert_eq!(
-                serve(
-                    &dev,
-                    &iod(sys::UBLK_IO_OP_WRITE_ZEROES, 8, 8),
-                    &mut buf,
-                    None
-                )
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe {
+                    serve(
+                        &dev,
+                        &iod(sys::UBLK_IO_OP_WRITE_ZEROES, 8, 8),
+                        &mut buf,
+                        None,
+                    )
+                }
                 .await,
                 0
             );
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf, None).await,
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { serve(&dev, &iod(sys::UBLK_IO_OP_READ, 8, 8), &mut buf, None) }.await,
                 4096
             );
             assert!(buf[..4096].iter().all(|&b| b == 0));
             assert_eq!(
-                serve(&dev, &iod(sys::UBLK_IO_OP_DISCARD, 0, 16), &mut buf, None).await,
+                // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+                unsafe { serve(&dev, &iod(sys::UBLK_IO_OP_DISCARD, 0, 16), &mut buf, None) }.await,
                 0
             );
         })
@@ -176,18 +191,24 @@ mod tests {
         let mut buf = vec![0u8; 8192];
         iort::block_on(async {
             // Past the end: the device's ENOSPC.
-            let r = serve(&dev, &iod(sys::UBLK_IO_OP_READ, 2048, 8), &mut buf, None).await;
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            let r =
+                unsafe { serve(&dev, &iod(sys::UBLK_IO_OP_READ, 2048, 8), &mut buf, None) }.await;
             assert_eq!(r, -libc::ENOSPC);
             // Larger than the tag buffer.
-            let r = serve(&dev, &iod(sys::UBLK_IO_OP_READ, 0, 64), &mut buf, None).await;
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            let r = unsafe { serve(&dev, &iod(sys::UBLK_IO_OP_READ, 0, 64), &mut buf, None) }.await;
             assert_eq!(r, -libc::EINVAL);
             // Unknown operation.
-            let r = serve(
-                &dev,
-                &iod(sys::UBLK_IO_OP_ZONE_APPEND, 0, 8),
-                &mut buf,
-                None,
-            )
+            // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+            let r = unsafe {
+                serve(
+                    &dev,
+                    &iod(sys::UBLK_IO_OP_ZONE_APPEND, 0, 8),
+                    &mut buf,
+                    None,
+                )
+            }
             .await;
             assert_eq!(r, -libc::EOPNOTSUPP);
         })
@@ -207,7 +228,7 @@ mod tests {
         fn size(&self) -> Bytes {
             Bytes(1 << 20)
         }
-        fn read<'a>(&'a self, _: Bytes, buf: &'a mut [u8]) -> tables::IoFuture<'a> {
+        unsafe fn read<'a>(&'a self, _: Bytes, buf: &'a mut [u8]) -> tables::IoFuture<'a> {
             let Some(pipe) = self.pipe else {
                 return Box::pin(async { panic!("target bug") });
             };
@@ -217,7 +238,8 @@ mod tests {
                 let sqe = opcode::Read::new(types::Fd(pipe), buf.as_mut_ptr(), len)
                     .offset(u64::MAX)
                     .build();
-                // SAFETY: `buf` is borrowed for as long as this future lives.
+                // SAFETY: `buf` is borrowed for this future's life, which our caller
+                // completes or drops (the lending contract).
                 let read = async { unsafe { iort::submit(sqe) }.await };
                 let bug = async {
                     iort::yield_now().await;
@@ -227,7 +249,12 @@ mod tests {
                 Ok(())
             })
         }
-        fn write<'a>(&'a self, _: Bytes, _: &'a [u8], _: WriteFlags) -> tables::IoFuture<'a> {
+        unsafe fn write<'a>(
+            &'a self,
+            _: Bytes,
+            _: &'a [u8],
+            _: WriteFlags,
+        ) -> tables::IoFuture<'a> {
             tables::io::ready(Ok(()))
         }
         fn flush(&self) -> tables::IoFuture<'_> {
@@ -244,12 +271,15 @@ mod tests {
     #[test]
     fn a_panicking_target_fails_the_request() {
         let mut buf = vec![0u8; 4096];
-        let r = iort::block_on(serve(
-            &Panicky { pipe: None },
-            &iod(sys::UBLK_IO_OP_READ, 0, 8),
-            &mut buf,
-            None,
-        ))
+        // SAFETY: awaited here, in block_on: completed or dropped before the buffer goes.
+        let r = iort::block_on(unsafe {
+            serve(
+                &Panicky { pipe: None },
+                &iod(sys::UBLK_IO_OP_READ, 0, 8),
+                &mut buf,
+                None,
+            )
+        })
         .unwrap();
         assert_eq!(r, -libc::EIO);
     }
@@ -268,12 +298,8 @@ mod tests {
             pipe: Some(rd.as_raw_fd()),
         };
         let mut buf = vec![0xAAu8; 4096];
-        let r = run(serve(
-            &dev,
-            &iod(sys::UBLK_IO_OP_READ, 0, 8),
-            &mut buf,
-            None,
-        ));
+        // SAFETY: `run` drives it to completion before the buffer goes.
+        let r = run(unsafe { serve(&dev, &iod(sys::UBLK_IO_OP_READ, 0, 8), &mut buf, None) });
         assert_eq!(r, -libc::EIO);
         // The tag buffer now serves the next request: the old read must not land in it.
         feed(&wr);

@@ -83,9 +83,13 @@ pub(super) fn queue_thread(
         let fatal = &fatal;
         let task = async move {
             // The executor would catch a panic too, and quietly end the task.
-            let served = AssertUnwindSafe(tag_task(&q, tag, &*dev, buf, &states, zc))
-                .catch_unwind()
-                .await;
+            // SAFETY: the tag's buffer lives in `parts`, declared before the executor, so it
+            // outlives every task: the tasks finish, or are dropped with the executor below
+            // (also while unwinding), and none is ever forgotten; a request future dropped
+            // in flight waits for its target I/O (ring.rs). A queue that cannot wind down
+            // is leaked whole, buffers included.
+            let serving = unsafe { tag_task(&q, tag, &*dev, buf, &states, zc) };
+            let served = AssertUnwindSafe(serving).catch_unwind().await;
             let why = match served {
                 Ok(Ok(())) | Ok(Err(UblkError::QueueIsDown)) => return,
                 Ok(Err(e)) => format!("tag {tag} failed: {}", describe(&e)),
@@ -229,7 +233,11 @@ async fn event_loop(
 
 /// One tag: fetch a request, serve it from the tag's buffer, commit the result, repeat until
 /// the queue goes down.
-async fn tag_task(
+///
+/// # Safety
+/// The table's targets may lend `buf` to the kernel: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+async unsafe fn tag_task(
     q: &UblkQueue<'_>,
     tag: u16,
     dev: &dyn BlockDevice,

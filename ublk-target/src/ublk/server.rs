@@ -601,6 +601,7 @@ fn unpin(tids: &[libc::pid_t]) {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: sched_getaffinity writes at most `size` bytes into `set`, which is ours.
     if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
         return;
     }

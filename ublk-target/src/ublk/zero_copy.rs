@@ -2,7 +2,7 @@
 //! (fixed buffers), copies through `/dev/ublkcN` into mapped memory, and which step served
 //! the last request (the step memory).
 
-use tables::io::{BlockDevice, FixedBuf, IoError, Served, WriteFlags};
+use tables::io::{BlockDevice, FixedBuf, IoError, MappedCopy, Served, WriteFlags};
 use tables::Bytes;
 
 /// The steps of a zero-copy request, in the order they are tried.
@@ -58,13 +58,19 @@ impl ZcRequest {
     /// a read's data going out; otherwise a write's data coming in). Inline: these are the
     /// requests a target needs in memory, and the copy costs what the driver's own would.
     pub(super) fn copy(self, buf: &mut [u8], to_request: bool) -> Result<(), IoError> {
-        self.copy_raw(buf.as_mut_ptr(), 0, buf.len(), to_request)
+        // SAFETY: `buf` is live and ours for the whole (synchronous) call.
+        unsafe { self.copy_raw(buf.as_mut_ptr(), 0, buf.len(), to_request) }
     }
 
     /// Copies `len` bytes between `ptr` and the request from byte `at` on, with pread/pwrite
     /// on `/dev/ublkcN`. `ptr` is only handed to the kernel: it may be a mapping whose pages
     /// are gone (then the error is `EFAULT`).
-    fn copy_raw(
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be memory of ours (a live buffer, or a mapping of a device's
+    /// file) that stays valid, and that nothing else uses, for the call: the kernel writes
+    /// there when `to_request` is false.
+    unsafe fn copy_raw(
         self,
         ptr: *mut u8,
         at: usize,
@@ -79,8 +85,8 @@ impl ZcRequest {
                 (at + done) as u32,
             );
             let p = ptr.wrapping_add(done);
-            // SAFETY: pread/pwrite between caller-provided memory (live, or a mapping the
-            // kernel checks) and the driver's descriptor, which lives as long as the queue.
+            // SAFETY: pread/pwrite between the memory our caller vouches for and the driver's
+            // descriptor, which lives as long as the queue.
             let r = unsafe {
                 if to_request {
                     libc::pwrite(self.zc.cdev, p.cast_const().cast(), len - done, pos as i64)
@@ -146,9 +152,18 @@ impl ZcRequest {
         }
         if first <= STEP_MAPPED {
             // A write's bytes go from the request into the mapping, a read's the other way.
-            let copy = move |p: *mut u8, at: usize, k: usize| self.copy_raw(p, at, k, !write);
+            let copy = move |p: *mut u8, at: usize, k: usize| {
+                // SAFETY: called only through `MappedCopy::copy`, whose caller (a device)
+                // vouches that `p..p + k` is its mapped memory, mapped for the call.
+                unsafe { self.copy_raw(p, at, k, !write) }
+            };
             let mapped = dev
-                .copy_mapped(Bytes(off), n, write.then_some(flags), &copy)
+                .copy_mapped(
+                    Bytes(off),
+                    n,
+                    write.then_some(flags),
+                    MappedCopy::new(&copy),
+                )
                 .await?;
             if mapped == Served::Done {
                 record(STEP_MAPPED);
