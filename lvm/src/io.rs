@@ -55,13 +55,15 @@ pub fn read_at(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8]) -> Result<(),
         len: buf.len(),
         source,
     })?;
-    run(
-        dev,
-        "read",
-        offset,
-        buf.len(),
-        dev.read(Bytes(offset), &mut bounce[..]),
-    )?;
+    tables::io::read_blocking(dev, Bytes(offset), &mut bounce[..]).map_err(|source| {
+        DevIoError {
+            device: dev.name(),
+            op: "read",
+            offset,
+            len: buf.len(),
+            source,
+        }
+    })?;
     buf.copy_from_slice(&bounce[..]);
     Ok(())
 }
@@ -93,13 +95,15 @@ pub fn write_at(
     } else {
         WriteFlags::default()
     };
-    run(
-        dev,
-        "write",
-        offset,
-        buf.len(),
-        dev.write(Bytes(offset), &bounce[..], flags),
-    )
+    tables::io::write_blocking(dev, Bytes(offset), &bounce[..], flags).map_err(|source| {
+        DevIoError {
+            device: dev.name(),
+            op: "write",
+            offset,
+            len: buf.len(),
+            source,
+        }
+    })
 }
 
 /// Makes every completed write to `dev` durable.

@@ -20,6 +20,7 @@
 //! must not be called from inside an `iort` task.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod commit;
 pub mod crc;

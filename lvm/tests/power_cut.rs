@@ -71,12 +71,14 @@ impl BlockDevice for Cut {
     fn size(&self) -> Bytes {
         self.inner.size()
     }
-    fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
-        self.inner.read(offset, buf)
+    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
+        // SAFETY: our caller keeps the lending contract, and the inner future is ours.
+        unsafe { self.inner.read(offset, buf) }
     }
-    fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
+    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         self.tick();
-        self.inner.write(offset, buf, flags)
+        // SAFETY: as in `read`.
+        unsafe { self.inner.write(offset, buf, flags) }
     }
     fn flush(&self) -> IoFuture<'_> {
         self.tick();

@@ -84,25 +84,30 @@ fn build_our_pool(meta_path: &Path, data_path: &Path) {
         let w = |b: u64| vec![(b % 251) as u8 + 1; BLOCK as usize];
         // Device 1: a run of 10, then blocks far apart.
         for b in (0..10).chain([50, 100, 3000]) {
-            t1.write(Bytes(b * BLOCK), &w(b), WriteFlags::default())
+            // SAFETY: awaited here; the buffer outlives the future.
+            unsafe { t1.write(Bytes(b * BLOCK), &w(b), WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         // Device 2 interleaved with device 1, so neither gets one long data run.
         for b in [3, 4, 1000, 4095] {
-            t2.write(Bytes(b * BLOCK), &w(b), WriteFlags::default())
+            // SAFETY: awaited here; the buffer outlives the future.
+            unsafe { t2.write(Bytes(b * BLOCK), &w(b), WriteFlags::default()) }
                 .await
                 .unwrap();
-            t1.write(Bytes((200 + b % 7) * BLOCK), &w(b), WriteFlags::default())
+            // SAFETY: awaited here; the buffer outlives the future.
+            unsafe { t1.write(Bytes((200 + b % 7) * BLOCK), &w(b), WriteFlags::default()) }
                 .await
                 .unwrap();
         }
         pool.create_snap(ThinId(9), ThinId(1)).await.unwrap();
         // Copy-on-write: device 1 gets new blocks for 5 and 6, the snapshot keeps the old.
-        t1.write(Bytes(5 * BLOCK), &w(77), WriteFlags::default())
+        // SAFETY: awaited here; the buffer outlives the future.
+        unsafe { t1.write(Bytes(5 * BLOCK), &w(77), WriteFlags::default()) }
             .await
             .unwrap();
-        t1.write(Bytes(6 * BLOCK), &w(78), WriteFlags::default())
+        // SAFETY: awaited here; the buffer outlives the future.
+        unsafe { t1.write(Bytes(6 * BLOCK), &w(78), WriteFlags::default()) }
             .await
             .unwrap();
         pool.set_transaction_id(0, 6).unwrap();
@@ -317,7 +322,8 @@ fn kernel_format_to_our_pool() {
         iort::block_on(async {
             let mut buf = vec![0u8; BLOCK as usize];
             for &(v, b) in &blocks {
-                thin.read(Bytes(v * BLOCK), &mut buf).await.unwrap();
+                // SAFETY: awaited here; the buffer outlives the future.
+                unsafe { thin.read(Bytes(v * BLOCK), &mut buf) }.await.unwrap();
                 let want = b.map_or_else(|| vec![0u8; BLOCK as usize], block_pattern);
                 assert!(
                     buf == want,
