@@ -34,36 +34,33 @@ fn run<T>(
     len: usize,
     fut: impl std::future::Future<Output = Result<T, IoError>>,
 ) -> Result<T, DevIoError> {
-    let err = |source: IoError| DevIoError {
+    let err = failed(dev, op, offset, len);
+    iort::block_on(fut)
+        .map_err(|e| err(IoError::from(e)))?
+        .map_err(&err)
+}
+
+/// A failure of `op` on `dev`, as [`DevIoError`].
+fn failed<'a>(
+    dev: &'a dyn BlockDevice,
+    op: &'static str,
+    offset: u64,
+    len: usize,
+) -> impl Fn(IoError) -> DevIoError + 'a {
+    move |source| DevIoError {
         device: dev.name(),
         op,
         offset,
         len,
         source,
-    };
-    iort::block_on(fut)
-        .map_err(|e| err(IoError::from(e)))?
-        .map_err(err)
+    }
 }
 
 /// Reads `buf.len()` bytes at byte `offset` of `dev`.
 pub fn read_at(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8]) -> Result<(), DevIoError> {
-    let mut bounce = AlignedBuf::page_aligned(buf.len()).map_err(|source| DevIoError {
-        device: dev.name(),
-        op: "read",
-        offset,
-        len: buf.len(),
-        source,
-    })?;
-    tables::io::read_blocking(dev, Bytes(offset), &mut bounce[..]).map_err(|source| {
-        DevIoError {
-            device: dev.name(),
-            op: "read",
-            offset,
-            len: buf.len(),
-            source,
-        }
-    })?;
+    let err = failed(dev, "read", offset, buf.len());
+    let mut bounce = AlignedBuf::page_aligned(buf.len()).map_err(&err)?;
+    tables::io::read_blocking(dev, Bytes(offset), &mut bounce[..]).map_err(&err)?;
     buf.copy_from_slice(&bounce[..]);
     Ok(())
 }
@@ -82,28 +79,15 @@ pub fn write_at(
     buf: &[u8],
     fua: bool,
 ) -> Result<(), DevIoError> {
-    let mut bounce = AlignedBuf::page_aligned(buf.len()).map_err(|source| DevIoError {
-        device: dev.name(),
-        op: "write",
-        offset,
-        len: buf.len(),
-        source,
-    })?;
+    let err = failed(dev, "write", offset, buf.len());
+    let mut bounce = AlignedBuf::page_aligned(buf.len()).map_err(&err)?;
     bounce.copy_from_slice(buf);
     let flags = if fua {
         WriteFlags::FUA
     } else {
         WriteFlags::default()
     };
-    tables::io::write_blocking(dev, Bytes(offset), &bounce[..], flags).map_err(|source| {
-        DevIoError {
-            device: dev.name(),
-            op: "write",
-            offset,
-            len: buf.len(),
-            source,
-        }
-    })
+    tables::io::write_blocking(dev, Bytes(offset), &bounce[..], flags).map_err(&err)
 }
 
 /// Makes every completed write to `dev` durable.

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use ublk_target::control::{self, Reply, Request};
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 pub struct StateDir {
     /// State directory of the daemon to talk to.
     #[arg(long, env = "VOLMGR_STATE_DIR", default_value = "/var/lib/volmgr")]

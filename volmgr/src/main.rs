@@ -60,6 +60,10 @@ enum Cmd {
     Vgcfgbackup(lvm_cli::vg::VgcfgbackupArgs),
     /// Report logical volumes.
     Lvs(lvm_cli::lv::LvsArgs),
+    /// Activate (`-ay`) or deactivate (`-an`) LVs as the daemon's devices.
+    Lvchange(lvm_cli::activate::LvchangeArgs),
+    /// Activate (`-ay`) or deactivate (`-an`) every LV of VGs.
+    Vgchange(lvm_cli::activate::VgchangeArgs),
     /// Print a shell completion script (`volmgr completions bash > /etc/bash_completion.d/volmgr`).
     Completions(docs_cmd::CompletionsArgs),
     /// Write the manual pages (volmgr.8 and one per subcommand) into a directory.
@@ -83,6 +87,8 @@ fn main() -> ExitCode {
         Cmd::Vgck(a) => lvm_cli::vg::vgck(a),
         Cmd::Vgcfgbackup(a) => lvm_cli::vg::vgcfgbackup(a),
         Cmd::Lvs(a) => lvm_cli::lv::lvs(a),
+        Cmd::Lvchange(a) => lvm_cli::activate::lvchange(a),
+        Cmd::Vgchange(a) => lvm_cli::activate::vgchange(a),
         Cmd::Completions(a) => docs_cmd::completions(a),
         Cmd::Manpages(a) => docs_cmd::manpages(a),
     };

@@ -4,9 +4,14 @@ use anyhow::Result;
 use clap::Args;
 use lvm::{SegmentKind, VolumeGroup};
 
+use lvm::activate::dm_name;
+use ublk_target::control::DeviceInfo;
+
+use super::activate::daemon_devices;
 use super::report::{Field, Kind, Value};
 use super::scan::Scan;
 use super::{DeviceArgs, ReportArgs};
+use crate::client::StateDir;
 
 #[derive(Args)]
 pub struct LvsArgs {
@@ -19,6 +24,8 @@ pub struct LvsArgs {
     report: ReportArgs,
     #[command(flatten)]
     dev: DeviceArgs,
+    #[command(flatten)]
+    sd: StateDir,
 }
 
 const LV_FIELDS: &[Field] = &[
@@ -93,6 +100,21 @@ const LV_FIELDS: &[Field] = &[
         kind: Kind::Text,
     },
     Field {
+        name: "lv_active",
+        heading: "Active",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "lv_dm_path",
+        heading: "DMPath",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "lv_health_status",
+        heading: "Health",
+        kind: Kind::Text,
+    },
+    Field {
         name: "seg_count",
         heading: "#Seg",
         kind: Kind::Number,
@@ -137,11 +159,14 @@ struct LvRow<'a> {
     vg: &'a VolumeGroup,
     lv: &'a lvm::LogicalVolume,
     devices: String,
+    /// The daemon's device, when the LV is active.
+    active: Option<&'a DeviceInfo>,
 }
 
 pub fn lvs(a: LvsArgs) -> Result<()> {
     let scan = Scan::run(&a.dev)?;
     scan.warn();
+    let running = daemon_devices(&a.sd);
     let mut rows = Vec::new();
     for sv in &scan.report.vgs {
         let vg = &sv.metadata.vg;
@@ -173,6 +198,7 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 vg,
                 lv,
                 devices: devs.join(","),
+                active: running.get(&dm_name(&vg.name, &lv.name)),
             });
         }
     }
@@ -194,11 +220,29 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             "lv_name" => Value::Text(name),
             "vg_name" => Value::Text(r.vg.name.clone()),
             // Volume type, permissions, allocation, fixed minor, state, open, target type,
-            // zero, health, skip: activation state comes with activation.
+            // zero, health, skip.
             "lv_attr" => Value::Text(format!(
-                "-{}i-------",
-                if r.lv.status.has("WRITE") { 'w' } else { 'r' }
+                "-{}i-{}{}----",
+                if r.lv.status.has("WRITE") { 'w' } else { 'r' },
+                match r.active.map(|d| d.state.as_str()) {
+                    None => '-',
+                    Some("active") => 'a',
+                    Some("suspended") => 's',
+                    // Failed, pending, building, stopping: present but not serving.
+                    Some(_) => 'd',
+                },
+                // Whether it is open is not known here.
+                '-',
             )),
+            "lv_active" => Value::Text(match r.active {
+                Some(d) if d.state == "active" => "active".into(),
+                Some(d) => d.state.clone(),
+                None => String::new(),
+            }),
+            "lv_dm_path" => Value::Text(r.active.map(|d| d.path.clone()).unwrap_or_default()),
+            "lv_health_status" => {
+                Value::Text(r.active.and_then(|d| d.error.clone()).unwrap_or_default())
+            }
             "lv_size" => Value::Size(extents * ext),
             "lv_uuid" => Value::Text(r.lv.id.to_string()),
             "lv_path" => Value::Text(format!("/dev/{}/{}", r.vg.name, r.lv.name)),

@@ -2,6 +2,7 @@
 //! (`volmgr pvcreate`, `volmgr vgs -o +vg_uuid`, ...), so an administrator's habits and
 //! scripts carry over. A VG written here is a VG lvm2 reads, and the other way round.
 
+pub mod activate;
 pub mod devices;
 pub mod lv;
 pub mod pv;

@@ -1,0 +1,421 @@
+//! From LV metadata to a device-mapper table: what `lvchange -ay` hands to the daemon.
+//!
+//! A `striped` segment maps as kernel LVM maps it, so an LV reads the same bytes through our
+//! daemon as through the kernel's own activation: extent `e` of a PV starts at sector
+//! `pe_start + e * extent_size` of its device. One area is a `linear` line, several a
+//! `striped` line with LVM's `stripe_size` as the chunk size. An area on another LV (a
+//! sub-LV) maps onto that LV's daemon device, `/dev/volmgr/<dm name>`.
+//!
+//! Every sector computed here goes through checked arithmetic: the metadata may be crafted.
+
+use std::fmt::Write as _;
+
+use tables::Sectors;
+
+use crate::model::{Area, LogicalVolume, PhysicalVolume, Segment, SegmentKind, VolumeGroup};
+
+/// Where the daemon's devices appear; sub-LV areas map onto them.
+pub const DAEMON_DEVICE_DIR: &str = "/dev/volmgr/";
+
+/// What to do with an area on a PV that is not present.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum MissingPvs {
+    /// Refuse to activate (lvm2's `--activationmode complete`, the safe default).
+    #[default]
+    Refuse,
+    /// Map the missing areas onto the `error` target (lvm2's `--activationmode partial`):
+    /// what is on the PVs that are present reads and writes, the rest fails.
+    Error,
+}
+
+/// Why an LV cannot be turned into a table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    /// The LV has no segments.
+    #[error("{vg}/{lv}: has no segments")]
+    Empty {
+        /// VG name.
+        vg: String,
+        /// LV name.
+        lv: String,
+    },
+    /// A segment of a type this build does not map.
+    #[error("{vg}/{lv}: segment {index} has type '{segtype}', which volmgr cannot activate")]
+    Unsupported {
+        /// VG name.
+        vg: String,
+        /// LV name.
+        lv: String,
+        /// 1-based segment number, as in the metadata (`segment1`).
+        index: usize,
+        /// The segment type.
+        segtype: String,
+    },
+    /// An area names a PV whose device was not found.
+    #[error(
+        "{vg}/{lv}: segment {index} needs PV {pv} ({id}), which is missing; \
+         use --activationmode partial to map it onto the error target"
+    )]
+    MissingPv {
+        /// VG name.
+        vg: String,
+        /// LV name.
+        lv: String,
+        /// 1-based segment number.
+        index: usize,
+        /// PV key.
+        pv: String,
+        /// PV uuid.
+        id: String,
+    },
+    /// An area names neither a PV nor an LV of the VG, or the segment is malformed.
+    #[error("{vg}/{lv}: segment {index}: {problem}")]
+    Bad {
+        /// VG name.
+        vg: String,
+        /// LV name.
+        lv: String,
+        /// 1-based segment number.
+        index: usize,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The device-mapper name of LV `lv` of VG `vg`, as LVM names it: `VG-LV`, with every `-`
+/// inside either name doubled so the split stays unambiguous (`my-vg`/`lv` is
+/// `my--vg-lv`).
+pub fn dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// The table of `lv`, with `device_of(pv)` giving the path of each PV's device (`None`: the
+/// PV is missing, handled as `missing` says).
+pub fn lv_table(
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    device_of: &dyn Fn(&PhysicalVolume) -> Option<String>,
+    missing: MissingPvs,
+) -> Result<String, ActivateError> {
+    if lv.segments.is_empty() {
+        return Err(ActivateError::Empty {
+            vg: vg.name.clone(),
+            lv: lv.name.clone(),
+        });
+    }
+    let mut out = String::new();
+    for (i, seg) in lv.segments.iter().enumerate() {
+        let index = i + 1;
+        let bad = |problem: String| ActivateError::Bad {
+            vg: vg.name.clone(),
+            lv: lv.name.clone(),
+            index,
+            problem,
+        };
+        let start = seg
+            .start_extent
+            .to_sectors(vg.extent_size)
+            .ok_or_else(|| bad("start_extent overflows".into()))?;
+        let len = seg
+            .extent_count
+            .to_sectors(vg.extent_size)
+            .ok_or_else(|| bad("extent_count overflows".into()))?;
+        let target = segment_target(vg, lv, seg, index, device_of, missing)?;
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{} {} {target}", start.0, len.0);
+    }
+    Ok(out)
+}
+
+/// `TARGET ARGS` of one segment.
+fn segment_target(
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    seg: &Segment,
+    index: usize,
+    device_of: &dyn Fn(&PhysicalVolume) -> Option<String>,
+    missing: MissingPvs,
+) -> Result<String, ActivateError> {
+    let bad = |problem: String| ActivateError::Bad {
+        vg: vg.name.clone(),
+        lv: lv.name.clone(),
+        index,
+        problem,
+    };
+    let SegmentKind::Striped {
+        stripe_size,
+        stripes,
+    } = &seg.kind
+    else {
+        let SegmentKind::Other { segtype } = &seg.kind else {
+            unreachable!("two kinds")
+        };
+        return Err(ActivateError::Unsupported {
+            vg: vg.name.clone(),
+            lv: lv.name.clone(),
+            index,
+            segtype: segtype.clone(),
+        });
+    };
+    let area_len = seg
+        .area_len()
+        .ok_or_else(|| bad("no stripes".to_string()))?;
+    let n = stripes.len() as u64;
+    if u64::from(seg.extent_count.0) != u64::from(area_len.0) * n {
+        return Err(bad(format!(
+            "extent_count {} is not a multiple of its {n} stripes",
+            seg.extent_count
+        )));
+    }
+    let mut places = Vec::with_capacity(stripes.len());
+    for a in stripes {
+        match area_place(vg, a, device_of).map_err(bad)? {
+            Some(p) => places.push(p),
+            None if missing == MissingPvs::Error => return Ok("error".to_string()),
+            None => {
+                // area_place returns None only for a PV of this VG.
+                let pv = vg.pv_by_key(&a.volume);
+                return Err(ActivateError::MissingPv {
+                    vg: vg.name.clone(),
+                    lv: lv.name.clone(),
+                    index,
+                    pv: a.volume.clone(),
+                    id: pv.map(|p| p.id.to_string()).unwrap_or_default(),
+                });
+            }
+        }
+    }
+    if let [(dev, off)] = places.as_slice() {
+        return Ok(format!("linear {dev} {}", off.0));
+    }
+    let chunk = stripe_size.ok_or_else(|| bad(format!("{n} stripes and no stripe_size")))?;
+    if chunk.0 == 0 {
+        return Err(bad("stripe_size is 0".into()));
+    }
+    let mut t = format!("striped {n} {}", chunk.0);
+    for (dev, off) in places {
+        let _ = write!(t, " {dev} {}", off.0);
+    }
+    Ok(t)
+}
+
+/// The device and start sector of one area: `Ok(None)` for an area on a missing PV.
+fn area_place(
+    vg: &VolumeGroup,
+    a: &Area,
+    device_of: &dyn Fn(&PhysicalVolume) -> Option<String>,
+) -> Result<Option<(String, Sectors)>, String> {
+    if let Some(pv) = vg.pv_by_key(&a.volume) {
+        let Some(dev) = device_of(pv) else {
+            return Ok(None);
+        };
+        let off = a
+            .start
+            .to_sectors(vg.extent_size)
+            .and_then(|s| s.0.checked_add(pv.pe_start.0))
+            .ok_or_else(|| format!("area on {} at extent {} overflows", pv.key, a.start))?;
+        return Ok(Some((dev, Sectors(off))));
+    }
+    if vg.lv(&a.volume).is_some() {
+        let off = a
+            .start
+            .to_sectors(vg.extent_size)
+            .ok_or_else(|| format!("area on LV {} at extent {} overflows", a.volume, a.start))?;
+        return Ok(Some((
+            format!("{DAEMON_DEVICE_DIR}{}", dm_name(&vg.name, &a.volume)),
+            off,
+        )));
+    }
+    Err(format!(
+        "area names '{}', which is neither a PV nor an LV of the VG",
+        a.volume
+    ))
+}
+
+/// The LVs `lv`'s segments map onto (sub-LVs), which must be active before it.
+pub fn lv_dependencies<'a>(vg: &'a VolumeGroup, lv: &LogicalVolume) -> Vec<&'a LogicalVolume> {
+    let mut deps: Vec<&LogicalVolume> = Vec::new();
+    for seg in &lv.segments {
+        if let SegmentKind::Striped { stripes, .. } = &seg.kind {
+            for a in stripes {
+                if let Some(l) = vg.lv(&a.volume) {
+                    if !deps.iter().any(|d| d.name == l.name) {
+                        deps.push(l);
+                    }
+                }
+            }
+        }
+    }
+    deps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Flags;
+    use crate::units::Extents;
+    use crate::uuid::Uuid;
+
+    fn vg() -> VolumeGroup {
+        let pv = |k: &str, n: u8| PhysicalVolume {
+            key: k.into(),
+            id: Uuid::from_raw(&[b'a' + n; 32]).unwrap(),
+            device: None,
+            status: Flags::of(&["ALLOCATABLE"]),
+            flags: Flags::default(),
+            dev_size: None,
+            pe_start: Sectors(2048),
+            pe_count: Extents(100),
+            extra: Vec::new(),
+        };
+        crate::vgcreate::new_vg("my-vg", Sectors(8192), vec![pv("pv0", 0), pv("pv1", 1)])
+    }
+
+    fn lv(name: &str, segments: Vec<Segment>) -> LogicalVolume {
+        LogicalVolume {
+            name: name.into(),
+            id: Uuid::from_raw(&[b'z'; 32]).unwrap(),
+            status: Flags::of(&["READ", "WRITE", "VISIBLE"]),
+            flags: Flags::default(),
+            creation_time: None,
+            creation_host: None,
+            segments,
+            extra: Vec::new(),
+        }
+    }
+
+    fn dev(pv: &PhysicalVolume) -> Option<String> {
+        Some(format!("/dev/{}", pv.key))
+    }
+
+    #[test]
+    fn dm_names_double_hyphens() {
+        assert_eq!(dm_name("vg0", "lv0"), "vg0-lv0");
+        assert_eq!(dm_name("my-vg", "my-lv"), "my--vg-my--lv");
+    }
+
+    #[test]
+    fn linear_and_striped_map_like_kernel_lvm() {
+        let g = vg();
+        let l = lv(
+            "a",
+            vec![
+                Segment::linear(Extents(0), Extents(10), "pv0", Extents(5)),
+                Segment {
+                    start_extent: Extents(10),
+                    extent_count: Extents(8),
+                    kind: SegmentKind::Striped {
+                        stripe_size: Some(Sectors(128)),
+                        stripes: vec![
+                            Area {
+                                volume: "pv1".into(),
+                                start: Extents(0),
+                            },
+                            Area {
+                                volume: "pv0".into(),
+                                start: Extents(20),
+                            },
+                        ],
+                    },
+                    extra: Vec::new(),
+                },
+            ],
+        );
+        let t = lv_table(&g, &l, &dev, MissingPvs::Refuse).unwrap();
+        assert_eq!(
+            t,
+            "0 81920 linear /dev/pv0 43008\n\
+             81920 65536 striped 2 128 /dev/pv1 2048 /dev/pv0 165888\n"
+        );
+    }
+
+    #[test]
+    fn missing_pvs_refuse_or_error() {
+        let g = vg();
+        let l = lv(
+            "a",
+            vec![
+                Segment::linear(Extents(0), Extents(10), "pv0", Extents(0)),
+                Segment::linear(Extents(10), Extents(10), "pv1", Extents(0)),
+            ],
+        );
+        let only_pv0 = |p: &PhysicalVolume| (p.key == "pv0").then(|| "/dev/x".to_string());
+        let e = lv_table(&g, &l, &only_pv0, MissingPvs::Refuse).unwrap_err();
+        assert!(
+            matches!(&e, ActivateError::MissingPv { pv, index: 2, .. } if pv == "pv1"),
+            "{e}"
+        );
+        let t = lv_table(&g, &l, &only_pv0, MissingPvs::Error).unwrap();
+        assert_eq!(t, "0 81920 linear /dev/x 2048\n81920 81920 error\n");
+    }
+
+    #[test]
+    fn crafted_segments_are_refused_not_overflowed() {
+        let g = vg();
+        let huge = lv(
+            "a",
+            vec![Segment::linear(
+                Extents(u32::MAX),
+                Extents(u32::MAX),
+                "pv0",
+                Extents(u32::MAX),
+            )],
+        );
+        // u32::MAX extents of 8192 sectors fit in u64; the sum with pe_start does too: the
+        // table builder (not this module) refuses a device that is too small.
+        assert!(lv_table(&g, &huge, &dev, MissingPvs::Refuse).is_ok());
+        let nowhere = lv(
+            "b",
+            vec![Segment::linear(Extents(0), Extents(1), "pv9", Extents(0))],
+        );
+        let e = lv_table(&g, &nowhere, &dev, MissingPvs::Refuse).unwrap_err();
+        assert!(e.to_string().contains("neither a PV nor an LV"), "{e}");
+        let mut odd = Segment::linear(Extents(0), Extents(3), "pv0", Extents(0));
+        if let SegmentKind::Striped { stripes, .. } = &mut odd.kind {
+            stripes.push(Area {
+                volume: "pv1".into(),
+                start: Extents(0),
+            });
+        }
+        let e = lv_table(&g, &lv("c", vec![odd]), &dev, MissingPvs::Refuse).unwrap_err();
+        assert!(e.to_string().contains("not a multiple"), "{e}");
+        let other = lv(
+            "d",
+            vec![Segment {
+                start_extent: Extents(0),
+                extent_count: Extents(1),
+                kind: SegmentKind::Other {
+                    segtype: "mirror".into(),
+                },
+                extra: Vec::new(),
+            }],
+        );
+        let e = lv_table(&g, &other, &dev, MissingPvs::Refuse).unwrap_err();
+        assert!(matches!(e, ActivateError::Unsupported { .. }), "{e}");
+        assert!(matches!(
+            lv_table(&g, &lv("e", vec![]), &dev, MissingPvs::Refuse),
+            Err(ActivateError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn sub_lv_areas_map_onto_daemon_devices() {
+        let mut g = vg();
+        g.logical_volumes.push(lv(
+            "a_rimage_0",
+            vec![Segment::linear(Extents(0), Extents(4), "pv0", Extents(0))],
+        ));
+        let top = lv(
+            "a",
+            vec![Segment::linear(
+                Extents(0),
+                Extents(4),
+                "a_rimage_0",
+                Extents(0),
+            )],
+        );
+        let t = lv_table(&g, &top, &dev, MissingPvs::Refuse).unwrap();
+        assert_eq!(t, "0 32768 linear /dev/volmgr/my--vg-a_rimage_0 0\n");
+        assert_eq!(lv_dependencies(&g, &top)[0].name, "a_rimage_0");
+    }
+}

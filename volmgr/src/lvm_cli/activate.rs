@@ -1,0 +1,290 @@
+//! `lvchange -ay|-an` and `vgchange -ay|-an`: LVs become the daemon's devices.
+//!
+//! An active LV is a daemon device named as device-mapper names it (`VG-LV`, hyphens inside
+//! names doubled), whose table [`lvm::activate::lv_table`] builds from the metadata: the same
+//! sectors kernel LVM would map. Through ublk it gets `$DM_DEV_DIR/VG/LV` (default
+//! `/dev/VG/LV`), a symlink to its `/dev/ublkbN`; with `--nbd ADDR` it is exported over NBD
+//! under its device name instead. The daemon persists the device, so a restart brings the LV
+//! back.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lvm::activate::{dm_name, lv_table, MissingPvs};
+use lvm::{LogicalVolume, VolumeGroup};
+use ublk_target::control::{DeviceInfo, NbdOverrides, Reply, Request};
+
+use super::scan::Scan;
+use super::DeviceArgs;
+use crate::client::{call, expect_text, StateDir};
+
+/// `-a`/`--activate` and what goes with it.
+#[derive(Args, Clone, Debug)]
+pub struct ActivationArgs {
+    /// `y` (or `ay`, `ey`, `ly`: all activate here) or `n`.
+    #[arg(short = 'a', long = "activate", value_name = "y|n")]
+    pub activate: String,
+    /// `complete` (refuse an LV with an area on a missing PV), `partial` (map such areas
+    /// onto the error target), `degraded` (as complete for linear and striped LVs).
+    #[arg(long, value_name = "MODE", default_value = "degraded")]
+    pub activationmode: String,
+    /// Export over NBD at this address instead of ublk (`HOST:PORT`; with several LVs the
+    /// ports count up from PORT, or each gets a free port when PORT is 0).
+    #[arg(long, value_name = "ADDR")]
+    pub nbd: Option<String>,
+    #[command(flatten)]
+    pub sd: StateDir,
+}
+
+#[derive(Args)]
+pub struct LvchangeArgs {
+    /// LVs, as VG/LV.
+    #[arg(required = true)]
+    lvs: Vec<String>,
+    #[command(flatten)]
+    act: ActivationArgs,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct VgchangeArgs {
+    /// VGs (all VGs found when none is named).
+    vgs: Vec<String>,
+    #[command(flatten)]
+    act: ActivationArgs,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+impl ActivationArgs {
+    fn wants_active(&self) -> Result<bool> {
+        match self.activate.as_str() {
+            "y" | "ay" | "ey" | "ly" | "sy" => Ok(true),
+            "n" | "an" | "en" | "ln" | "sn" => Ok(false),
+            other => bail!("--activate '{other}': use y or n"),
+        }
+    }
+
+    fn missing(&self) -> Result<MissingPvs> {
+        match self.activationmode.as_str() {
+            "complete" | "degraded" => Ok(MissingPvs::Refuse),
+            "partial" => Ok(MissingPvs::Error),
+            other => bail!("--activationmode '{other}': use complete, degraded or partial"),
+        }
+    }
+
+    /// The NBD address for the `i`th LV activated by this command.
+    fn nbd_addr(&self, i: usize) -> Result<Option<String>> {
+        let Some(addr) = &self.nbd else {
+            return Ok(None);
+        };
+        let (host, port) = addr
+            .rsplit_once(':')
+            .with_context(|| format!("--nbd '{addr}': expected HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--nbd '{addr}': bad port"))?;
+        if port == 0 {
+            return Ok(Some(addr.clone()));
+        }
+        let p = u16::try_from(i)
+            .ok()
+            .and_then(|i| port.checked_add(i))
+            .with_context(|| format!("--nbd '{addr}': ports run past 65535"))?;
+        Ok(Some(format!("{host}:{p}")))
+    }
+}
+
+/// The daemon's devices by name; empty when no daemon listens (nothing is active then).
+pub fn daemon_devices(sd: &StateDir) -> HashMap<String, DeviceInfo> {
+    let sock = sd.state_dir.join("control.sock");
+    if !sock.exists() {
+        return HashMap::new();
+    }
+    match call(sd, Request::List) {
+        Ok(Reply::Devices { devices }) => {
+            devices.into_iter().map(|d| (d.name.clone(), d)).collect()
+        }
+        Ok(_) | Err(_) => HashMap::new(),
+    }
+}
+
+/// Where `/dev/VG/LV` links live: `$DM_DEV_DIR` as lvm2 reads it, else `/dev`.
+fn dev_dir() -> PathBuf {
+    std::env::var_os("DM_DEV_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev"))
+}
+
+pub fn lvchange(a: LvchangeArgs) -> Result<()> {
+    let scan = Scan::run(&a.dev)?;
+    scan.warn();
+    let mut todo: Vec<(&VolumeGroup, &LogicalVolume)> = Vec::new();
+    for name in &a.lvs {
+        let (vg, lv) = name
+            .split_once('/')
+            .with_context(|| format!("'{name}': name the LV as VG/LV"))?;
+        let sv = scan.vg(vg)?;
+        let vg = &sv.metadata.vg;
+        let lv = vg
+            .lv(lv)
+            .with_context(|| format!("Failed to find logical volume \"{name}\""))?;
+        todo.push((vg, lv));
+    }
+    change(&scan, &todo, &a.act)
+}
+
+pub fn vgchange(a: VgchangeArgs) -> Result<()> {
+    let scan = Scan::run(&a.dev)?;
+    scan.warn();
+    let mut todo: Vec<(&VolumeGroup, &LogicalVolume)> = Vec::new();
+    let vgs: Vec<&lvm::scan::ScannedVg> = if a.vgs.is_empty() {
+        scan.report.vgs.iter().collect()
+    } else {
+        a.vgs.iter().map(|n| scan.vg(n)).collect::<Result<_>>()?
+    };
+    for sv in vgs {
+        let vg = &sv.metadata.vg;
+        todo.extend(
+            vg.logical_volumes
+                .iter()
+                .filter(|l| l.status.has("VISIBLE"))
+                .map(|l| (vg, l)),
+        );
+    }
+    let active = a.act.wants_active()?;
+    change(&scan, &todo, &a.act)?;
+    let mut seen = Vec::new();
+    for (vg, _) in &todo {
+        if !seen.contains(&vg.name) {
+            seen.push(vg.name.clone());
+        }
+    }
+    for vg in seen {
+        let n = todo.iter().filter(|(v, _)| v.name == vg).count();
+        println!(
+            "  {n} logical volume(s) in volume group \"{vg}\" now {}",
+            if active { "active" } else { "inactive" }
+        );
+    }
+    Ok(())
+}
+
+/// Activates or deactivates each LV of `todo`; every LV is tried, and the command fails if
+/// any did.
+fn change(
+    scan: &Scan,
+    todo: &[(&VolumeGroup, &LogicalVolume)],
+    act: &ActivationArgs,
+) -> Result<()> {
+    let active = act.wants_active()?;
+    let missing = act.missing()?;
+    let running = daemon_devices(&act.sd);
+    let mut failed = 0;
+    for (i, (vg, lv)) in todo.iter().enumerate() {
+        let r = if active {
+            activate_one(scan, vg, lv, missing, act, i, &running)
+        } else {
+            deactivate_one(vg, lv, act, &running)
+        };
+        if let Err(e) = r {
+            eprintln!("  {:#}", e);
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} logical volume(s) could not be {}",
+            todo.len(),
+            if active { "activated" } else { "deactivated" }
+        );
+    }
+    Ok(())
+}
+
+fn activate_one(
+    scan: &Scan,
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    missing: MissingPvs,
+    act: &ActivationArgs,
+    i: usize,
+    running: &HashMap<String, DeviceInfo>,
+) -> Result<()> {
+    let name = dm_name(&vg.name, &lv.name);
+    let device_of = |pv: &lvm::PhysicalVolume| {
+        scan.pv_path(&pv.id)
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+            .map(|p| p.display().to_string())
+    };
+    let table = lv_table(vg, lv, &device_of, missing)?;
+    if let Some(d) = running.get(&name) {
+        // Already active: leave it (lvm2 is quiet too), but say when its table is stale.
+        let current = expect_text(call(&act.sd, Request::Table { name: name.clone() })?)?;
+        if current.trim() != table.trim() {
+            eprintln!(
+                "  WARNING: {}/{} is active as {} with a table that differs from the metadata; \
+                 deactivate and activate it again to reload",
+                vg.name, lv.name, d.path
+            );
+        }
+        return Ok(());
+    }
+    let nbd = act.nbd_addr(i)?;
+    let via_ublk = nbd.is_none();
+    let reply = call(
+        &act.sd,
+        Request::Create {
+            name: name.clone(),
+            table,
+            ublk_id: None,
+            nbd,
+            nbd_limits: NbdOverrides::default(),
+        },
+    )
+    .with_context(|| format!("{}/{}: asking the daemon", vg.name, lv.name))?;
+    expect_text(reply).with_context(|| format!("{}/{}: activating", vg.name, lv.name))?;
+    let path = daemon_devices(&act.sd)
+        .get(&name)
+        .map(|d| d.path.clone())
+        .unwrap_or_default();
+    if via_ublk && path.starts_with('/') {
+        let dir = dev_dir().join(&vg.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let link = dir.join(&lv.name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link)
+            .with_context(|| format!("linking {} to {path}", link.display()))?;
+        println!(
+            "  {}/{}: active as {} ({path})",
+            vg.name,
+            lv.name,
+            link.display()
+        );
+    } else {
+        println!("  {}/{}: active as {path}", vg.name, lv.name);
+    }
+    Ok(())
+}
+
+fn deactivate_one(
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    act: &ActivationArgs,
+    running: &HashMap<String, DeviceInfo>,
+) -> Result<()> {
+    let name = dm_name(&vg.name, &lv.name);
+    if running.contains_key(&name) {
+        let reply = call(&act.sd, Request::Remove { name, force: false })
+            .with_context(|| format!("{}/{}: asking the daemon", vg.name, lv.name))?;
+        expect_text(reply).with_context(|| format!("{}/{}: deactivating", vg.name, lv.name))?;
+    }
+    let dir = dev_dir().join(&vg.name);
+    let _ = std::fs::remove_file(dir.join(&lv.name));
+    // The VG's directory goes with its last LV link, as with lvm2.
+    let _ = std::fs::remove_dir(&dir);
+    Ok(())
+}
