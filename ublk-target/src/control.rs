@@ -27,6 +27,10 @@ pub enum Request {
         /// NBD limits of this device over the daemon's defaults.
         #[serde(default, skip_serializing_if = "NbdOverrides::is_empty")]
         nbd_limits: NbdOverrides,
+        /// No front end: the device only serves the daemon's other devices, whose tables
+        /// name it as `/dev/volmgr/NAME` (LVM's sub-LVs: raid images, thin data/metadata).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        internal: bool,
     },
     /// List devices.
     List,

@@ -17,11 +17,14 @@ pub enum FrontendKind {
     NbdUnix(PathBuf),
     /// ublk, with an optional device id.
     Ublk(Option<u32>),
+    /// None: the device serves only the daemon's other devices (stacked under them).
+    Internal,
 }
 
 enum Inner {
     Nbd(nbd::ServerHandle),
     Ublk(UblkServer),
+    Internal,
 }
 
 /// A running front end.
@@ -79,6 +82,14 @@ impl Frontend {
                     path: format!("nbd+unix:///{name}?socket={}", p.display()),
                 })
             }
+            FrontendKind::Internal => {
+                // The device is kept alive by the daemon's record; its users hold it too.
+                drop(dev);
+                Ok(Frontend {
+                    inner: Inner::Internal,
+                    path: String::new(),
+                })
+            }
             FrontendKind::Ublk(id) => {
                 let opts = UblkOptions {
                     dev_id: id,
@@ -112,7 +123,7 @@ impl Frontend {
     pub fn ublk_id(&self) -> Option<u32> {
         match &self.inner {
             Inner::Ublk(s) => Some(s.dev_id()),
-            Inner::Nbd(_) => None,
+            Inner::Nbd(_) | Inner::Internal => None,
         }
     }
 
@@ -122,6 +133,7 @@ impl Frontend {
             Inner::Ublk(s) if s.zero_copy() => "zero-copy",
             Inner::Ublk(_) => "copy",
             Inner::Nbd(_) => "nbd",
+            Inner::Internal => "internal",
         }
     }
 
@@ -147,13 +159,15 @@ impl Frontend {
                     Err(_) => None,
                 }
             }
+            // Users among the daemon's devices are checked by the daemon itself.
+            Inner::Internal => None,
         }
     }
 
     /// Why the front end stopped serving on its own, if it did (a ublk queue thread died).
     pub fn failed(&self) -> Option<String> {
         match &self.inner {
-            Inner::Nbd(_) => None,
+            Inner::Nbd(_) | Inner::Internal => None,
             Inner::Ublk(s) => s.failed(),
         }
     }
@@ -162,7 +176,7 @@ impl Frontend {
     /// with `UBLK_U_CMD_UPDATE_SIZE`.
     pub fn can_resize(&self) -> bool {
         match &self.inner {
-            Inner::Nbd(_) => true,
+            Inner::Nbd(_) | Inner::Internal => true,
             Inner::Ublk(_) => UblkServer::can_update_size(),
         }
     }
@@ -171,7 +185,7 @@ impl Frontend {
     pub fn resize(&self, size: Bytes) -> Result<(), FrontendError> {
         match &self.inner {
             // NBD clients learn the size at their next handshake.
-            Inner::Nbd(_) => Ok(()),
+            Inner::Nbd(_) | Inner::Internal => Ok(()),
             Inner::Ublk(s) => s
                 .update_size(size)
                 .map_err(|e| FrontendError::Ublk(e.to_string())),
@@ -183,6 +197,7 @@ impl Frontend {
         match self.inner {
             Inner::Nbd(h) => Ok(h.shutdown()?),
             Inner::Ublk(s) => s.stop().map_err(|e| FrontendError::Ublk(e.to_string())),
+            Inner::Internal => Ok(()),
         }
     }
 }

@@ -28,6 +28,10 @@ pub enum DevCmd {
         /// This export's NBD limits (over the daemon's).
         #[command(flatten)]
         limits: NbdLimitArgs,
+        /// No front end: the device only serves the daemon's other devices, whose tables
+        /// name it as /dev/volmgr/NAME.
+        #[arg(long, conflicts_with_all = ["nbd", "ublk_id"])]
+        internal: bool,
         #[command(flatten)]
         sd: StateDir,
     },
@@ -159,6 +163,7 @@ pub fn run(cmd: DevCmd) -> Result<()> {
             ublk_id,
             nbd,
             limits,
+            internal,
             sd,
         } => {
             let text = table_for_daemon(&table)?;
@@ -174,6 +179,7 @@ pub fn run(cmd: DevCmd) -> Result<()> {
                     ublk_id,
                     nbd,
                     nbd_limits,
+                    internal,
                 },
             )?;
             println!("{}", expect_text(r)?);

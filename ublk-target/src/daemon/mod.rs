@@ -392,12 +392,14 @@ impl Daemon {
                 ublk_id,
                 nbd,
                 nbd_limits,
+                internal,
             } => self.create(PersistedDevice {
                 name,
                 table,
                 ublk_id,
                 nbd,
                 nbd_limits,
+                internal,
             }),
             Request::List => {
                 let d = self.devs();

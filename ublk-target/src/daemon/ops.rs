@@ -275,6 +275,10 @@ impl Daemon {
             .map_err(|e| format!("{name}: {e}"))?;
         let sw = Arc::new(Switchable::new(name.clone(), dev));
         let kind = match (&rec.nbd, self.cfg.ublk_available) {
+            (Some(_), _) if rec.internal => {
+                return Err(format!("{name}: an internal device has no NBD export"))
+            }
+            (None, _) if rec.internal => FrontendKind::Internal,
             (Some(addr), _) => FrontendKind::Nbd(addr.clone()),
             (None, true) => FrontendKind::Ublk(rec.ublk_id),
             (None, false) => {

@@ -28,6 +28,9 @@ pub struct PersistedDevice {
     /// This device's NBD limits over the daemon's defaults.
     #[serde(default, skip_serializing_if = "NbdOverrides::is_empty")]
     pub nbd_limits: NbdOverrides,
+    /// No front end (see [`crate::control::Request::Create`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 /// Reads the records; a missing file is an empty list.
@@ -75,6 +78,7 @@ mod tests {
             ublk_id: None,
             nbd: Some("127.0.0.1:0".into()),
             nbd_limits: NbdOverrides::default(),
+            internal: false,
         }
     }
 

@@ -119,6 +119,7 @@ fn rec(name: &str, table: &str) -> PersistedDevice {
         ublk_id: None,
         nbd: Some("127.0.0.1:0".into()),
         nbd_limits: Default::default(),
+        internal: false,
     }
 }
 
@@ -158,6 +159,7 @@ fn create(d: &Daemon, name: &str, table: &str) -> Reply {
         ublk_id: None,
         nbd: Some("127.0.0.1:0".into()),
         nbd_limits: Default::default(),
+        internal: false,
     })
 }
 
@@ -405,5 +407,64 @@ fn the_control_socket_survives_garbage_stuck_clients_and_a_panicking_request() {
     drop(stuck);
     d.request_stop();
     server.join().unwrap().unwrap();
+    assert!(d.shutdown().is_empty());
+}
+
+#[test]
+fn internal_devices_have_no_front_end_serve_their_users_and_come_back() {
+    let f = Fixture::new();
+    let a = f.file("a.img", 1 << 20);
+    let d = f.open();
+    let internal = |name: &str, table: &str| {
+        d.handle(Request::Create {
+            name: name.into(),
+            table: table.into(),
+            ublk_id: None,
+            nbd: None,
+            nbd_limits: Default::default(),
+            internal: true,
+        })
+    };
+    // An internal device never gets an export, even when asked.
+    let e = err(d.handle(Request::Create {
+        name: "x".into(),
+        table: linear(&a),
+        ublk_id: None,
+        nbd: Some("127.0.0.1:0".into()),
+        nbd_limits: Default::default(),
+        internal: true,
+    }));
+    assert!(e.contains("no NBD export"), "{e}");
+    ok(internal("base", &linear(&a)));
+    ok(create(&d, "top", "0 2048 linear /dev/volmgr/base 0\n"));
+    let l = list(&d);
+    let base = l.iter().find(|i| i.name == "base").unwrap();
+    assert_eq!((base.path.as_str(), base.data_path.as_str()), ("", "internal"));
+    assert_eq!(base.state, "active");
+    assert!(l.iter().any(|i| i.name == "top" && i.path.starts_with("nbd://")));
+    let e = err(d.handle(Request::Remove {
+        name: "base".into(),
+        force: false,
+    }));
+    assert!(e.contains("used by top"), "{e}");
+    assert!(d.shutdown().is_empty());
+    // The record says internal, and a restart brings it back the same way.
+    let recs = d.load_state().unwrap();
+    assert!(recs.iter().any(|r| r.name == "base" && r.internal));
+    drop(d);
+    let d = f.open();
+    assert!(d.restore().unwrap().is_empty());
+    let l = list(&d);
+    assert!(l
+        .iter()
+        .any(|i| i.name == "base" && i.data_path == "internal" && i.state == "active"));
+    ok(d.handle(Request::Remove {
+        name: "top".into(),
+        force: false,
+    }));
+    ok(d.handle(Request::Remove {
+        name: "base".into(),
+        force: false,
+    }));
     assert!(d.shutdown().is_empty());
 }

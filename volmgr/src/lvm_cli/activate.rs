@@ -113,7 +113,7 @@ pub fn daemon_devices(sd: &StateDir) -> HashMap<String, DeviceInfo> {
 }
 
 /// Where `/dev/VG/LV` links live: `$DM_DEV_DIR` as lvm2 reads it, else `/dev`.
-fn dev_dir() -> PathBuf {
+pub fn dev_dir() -> PathBuf {
     std::env::var_os("DM_DEV_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/dev"))
@@ -186,7 +186,8 @@ fn change(
     let mut failed = 0;
     for (i, (vg, lv)) in todo.iter().enumerate() {
         let r = if active {
-            activate_one(scan, vg, lv, missing, act, i, &running)
+            act.nbd_addr(i)
+                .and_then(|nbd| activate_one(scan, vg, lv, missing, nbd, &act.sd, &running))
         } else {
             deactivate_one(vg, lv, act, &running)
         };
@@ -205,13 +206,15 @@ fn change(
     Ok(())
 }
 
-fn activate_one(
+/// Activates `lv` through the daemon of `sd` (over NBD at `nbd`, else ublk), unless the
+/// daemon already has it (`running`).
+pub fn activate_one(
     scan: &Scan,
     vg: &VolumeGroup,
     lv: &LogicalVolume,
     missing: MissingPvs,
-    act: &ActivationArgs,
-    i: usize,
+    nbd: Option<String>,
+    sd: &StateDir,
     running: &HashMap<String, DeviceInfo>,
 ) -> Result<()> {
     let name = dm_name(&vg.name, &lv.name);
@@ -223,7 +226,7 @@ fn activate_one(
     let table = lv_table(vg, lv, &device_of, missing)?;
     if let Some(d) = running.get(&name) {
         // Already active: leave it (lvm2 is quiet too), but say when its table is stale.
-        let current = expect_text(call(&act.sd, Request::Table { name: name.clone() })?)?;
+        let current = expect_text(call(sd, Request::Table { name: name.clone() })?)?;
         if current.trim() != table.trim() {
             eprintln!(
                 "  WARNING: {}/{} is active as {} with a table that differs from the metadata; \
@@ -233,21 +236,21 @@ fn activate_one(
         }
         return Ok(());
     }
-    let nbd = act.nbd_addr(i)?;
     let via_ublk = nbd.is_none();
     let reply = call(
-        &act.sd,
+        sd,
         Request::Create {
             name: name.clone(),
             table,
             ublk_id: None,
             nbd,
             nbd_limits: NbdOverrides::default(),
+            internal: false,
         },
     )
     .with_context(|| format!("{}/{}: asking the daemon", vg.name, lv.name))?;
     expect_text(reply).with_context(|| format!("{}/{}: activating", vg.name, lv.name))?;
-    let path = daemon_devices(&act.sd)
+    let path = daemon_devices(sd)
         .get(&name)
         .map(|d| d.path.clone())
         .unwrap_or_default();
