@@ -20,30 +20,39 @@
 //!   PV of its own; when extending, each stripe continues in place right after its last area.
 //! - `normal` (LVM's default; `cling` is taken as `normal`): the contiguous placement if there
 //!   is one, else as few segments as the rules allow. Stripes: the PVs of one segment are
-//!   distinct; a stripe stays on the PV it used before (in place when it can); else the PVs
-//!   with the largest usable run (a run holding everything still needed counts as that much,
-//!   so PVs that can hold it all are taken in VG order, lvm2's tie-break), and within a PV the
-//!   smallest run that holds it all, else the largest. A stripe may continue on a PV an other
-//!   stripe used at other LV offsets (as in lvm2): the segments are cut so this never puts
-//!   two stripes of one segment on one PV, and the request fails only when no such layout
-//!   exists (the free space, each PV counted up to one stripe's length, is less than the
-//!   request). Raid images: the PV sets of different images are disjoint; an image may span
-//!   several PVs; each image's metadata extent is the first extent of its first run, so the
-//!   image follows it on the same PV (as lvm2 does).
+//!   distinct. A stripe stays on the PV it used before: in place when the next extents are
+//!   free, else in that PV's largest run (lvm2's cling). Otherwise PVs are ranked by the run
+//!   lvm2 would take on each ([`PvSelection`] order, else VG order, breaks ties; a run that
+//!   holds everything still needed counts as that much, so the first PVs that can hold it
+//!   all win), and each segment is as long as the shortest chosen run allows. A stripe may
+//!   continue on a PV another stripe used at other LV offsets (as in lvm2), never within a
+//!   segment; the request fails only when no such layout exists (the PVs, each counted up to
+//!   one stripe's length, hold less than the request). Raid images: the PV sets of different
+//!   images are disjoint; an image may span several PVs; each image's metadata extent is the
+//!   first extent of its first run, so the image follows it on the same PV (as lvm2 does).
 //! - `anywhere`: the `normal` placement if there is one, else stripes and images anywhere
-//!   free, also on one PV.
+//!   free, also on one PV (distinct PVs first).
 //! - `inherit`: the LV's policy (for [`extend`]), else the VG's (`allocation_policy`), else
 //!   `normal`.
 //!
-//! # Where this differs from lvm2
-//! lvm2's search (`_find_some_parallel_space`) walks each PV's free areas largest first and
-//! re-sorts them while it reserves space; when several runs on one PV could hold an area, the
-//! one it ends up with depends on that reordering (sometimes the later of two equal runs).
-//! This allocator takes the smallest run that holds the area and, among equal runs, the
-//! lowest extent. On empty or simply used PVs both choose the same extents (checked against
-//! lvm2 2.03.16 in `tests/alloc_interop.rs`). lvm2's normal policy, when a stripe's PV fills
-//! up, may move it to any PV not in the current segment; this one does the same but prefers
-//! the PV a stripe already uses.
+//! # Where this follows lvm2 and where not
+//! Which run of a PV an area gets follows lvm2 2.03's walk over the PV's free areas
+//! (`PvSpace::lvm2_run`: largest first, then on to shorter ones while the one before was
+//! only partly used; often, not always, the smallest run that holds the area), and PVs are
+//! ranked as lvm2 ranks them (by what the chosen run can give, then PV order).
+//! `tests/alloc_interop.rs` checks lvcreate (linear on a named PV, striped, contiguous, a PE
+//! range, spanning PVs, a choice among runs) and lvextend (cling, in place, refused) against
+//! lvm2 2.03.16: same PVs and extents.
+//!
+//! Differences: lvm2's first segment of a striped LV takes as much as its chosen PVs hold,
+//! even when what is left cannot be placed on distinct PVs (three PVs with 10 free extents
+//! each and `-i 2 -l 30`: lvm2 takes 10 + 10 and fails for the rest); here segments are cut
+//! shorter so that the rest stays placeable (5 + 5 on three PV pairs), and a segment is cut
+//! shorter than lvm2's only in such cases. lvm2's `cling_by_tags`, `maximise_cling` over all
+//! of an LV's segments (here: its last segment), mirror logs and raid10/raid0 layouts are
+//! not modelled; raid images are placed by a search for disjoint PV sets (bounded; the error
+//! says when it gave up), not by lvm2's parallel walk, so multi-PV images may be split at
+//! different points than lvm2 would.
 
 mod plan;
 mod select;

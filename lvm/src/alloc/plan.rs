@@ -193,8 +193,8 @@ pub(crate) fn describe(sp: &Space) -> String {
     }
 }
 
-/// `n` runs of `need` extents on distinct PVs: in PV order, each PV's smallest run that
-/// holds `need` (lowest extent first among equal ones).
+/// `n` runs of `need` extents on distinct PVs: in PV order, the run lvm2 would take on each
+/// PV that has one holding `need` ([`PvSpace::lvm2_run`]).
 fn contiguous(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Piece>, String> {
     let Ok(need32) = u32::try_from(need) else {
         return Err(format!("{need} extents do not fit a PV"));
@@ -204,12 +204,7 @@ fn contiguous(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Piece>, String>
         if out.len() == n {
             break;
         }
-        if let Some(r) = pv
-            .runs
-            .iter()
-            .filter(|r| len(r) >= need)
-            .min_by_key(|r| (len(r), r.start))
-        {
+        if let Some(r) = pv.lvm2_run(need).filter(|r| len(r) >= need) {
             out.push(Piece {
                 pv: i,
                 start: r.start,
@@ -391,7 +386,7 @@ fn preferred(
         .filter(|&p| caps[p] > 0 && !taken[p])
         .collect();
     cands.sort_by_key(|&p| {
-        let usable = sp.pvs[p].best_run(rem).map_or(0, |r| len(r).min(rem));
+        let usable = sp.pvs[p].lvm2_run(rem).map_or(0, |r| len(r).min(rem));
         (Reverse(usable), p)
     });
     let mut it = cands.into_iter();
@@ -421,18 +416,19 @@ fn most_space(caps: &[u64], last: &[Option<(usize, u32)>], rem: u64) -> Option<V
     c.into_iter().map(|x| x.or_else(|| it.next())).collect()
 }
 
-/// The run each chosen PV gives its stripe: the one right after the stripe's last area on
-/// the same PV, else the smallest that holds `rem`, else the largest.
+/// The run each chosen PV gives its stripe: on the PV of the stripe's last area, the run
+/// right after that area, else the largest (lvm2's contiguous, then cling); on another PV,
+/// the run lvm2 would take ([`PvSpace::lvm2_run`]).
 fn runs_for(sp: &Space, c: &[usize], last: &[Option<(usize, u32)>], rem: u64) -> Vec<Range<u32>> {
     c.iter()
         .zip(last)
         .map(|(&p, l)| {
             let s = &sp.pvs[p];
-            let cont = match *l {
-                Some((q, end)) if q == p => s.run_at(end),
-                _ => None,
+            let run = match *l {
+                Some((q, end)) if q == p => s.run_at(end).or_else(|| s.largest()),
+                _ => s.lvm2_run(rem),
             };
-            cont.or_else(|| s.best_run(rem)).cloned().unwrap_or(0..0)
+            run.cloned().unwrap_or(0..0)
         })
         .collect()
 }

@@ -131,14 +131,40 @@ impl PvSpace {
             .reduce(|a, b| if len(b) > len(a) { b } else { a })
     }
 
-    /// The run that best holds `need` extents: the smallest that holds them all (the first
-    /// of equal ones), else the largest.
-    pub fn best_run(&self, need: u64) -> Option<&Range<u32>> {
-        self.runs
-            .iter()
-            .filter(|r| len(r) >= need)
-            .reduce(|a, b| if len(b) < len(a) { b } else { a })
-            .or_else(|| self.largest())
+    /// The run lvm2 2.03 takes on this PV for an area of `need` extents (its
+    /// `_find_some_parallel_space` over one PV's areas, largest first): the largest run; if
+    /// that holds `need`, the search goes on past every run longer than what would be left
+    /// of it and takes the next run if that still holds `need`, and so on. So it is often,
+    /// not always, the smallest run that holds `need`; among equal runs the order is by
+    /// extent.
+    pub fn lvm2_run(&self, need: u64) -> Option<&Range<u32>> {
+        let mut sorted: Vec<&Range<u32>> = self.runs.iter().collect();
+        sorted.sort_by_key(|r| (std::cmp::Reverse(len(r)), r.start));
+        let mut i = 0;
+        let mut cur = *sorted.first()?;
+        loop {
+            if len(cur) < need {
+                return Some(cur);
+            }
+            let rest = len(cur) - need;
+            // A run used whole is only marked reserved and the walk goes on to the next one;
+            // a run used in part is moved after the runs at least as long as its rest, and
+            // the walk goes on from there.
+            let next = if rest == 0 {
+                i + 1
+            } else {
+                (i + 1..sorted.len())
+                    .find(|&j| len(sorted[j]) < rest)
+                    .unwrap_or(sorted.len())
+            };
+            match sorted.get(next) {
+                Some(r) if len(r) >= need => {
+                    cur = r;
+                    i = next;
+                }
+                _ => return Some(cur),
+            }
+        }
     }
 
     /// The run starting at `start`, if free.
@@ -302,18 +328,35 @@ mod tests {
         assert_eq!(p.runs, vec![20..22, 25..30]);
     }
 
-    #[test]
-    fn best_run_is_smallest_that_fits_else_largest() {
-        let p = PvSpace {
+    fn pv(runs: Vec<Range<u32>>) -> PvSpace {
+        PvSpace {
             key: "pv0".into(),
             name: "pv0".into(),
-            runs: vec![0..5, 10..30, 40..48, 50..58],
-            pe_count: 58,
+            pe_count: runs.last().map_or(0, |r| r.end),
+            runs,
             used: Vec::new(),
-        };
-        assert_eq!(p.best_run(8), Some(&(40..48)));
-        assert_eq!(p.best_run(9), Some(&(10..30)));
-        assert_eq!(p.best_run(100), Some(&(10..30)));
+        }
+    }
+
+    #[test]
+    fn lvm2_run_choices() {
+        let p = pv(vec![0..5, 10..30, 40..48, 50..58]);
+        // 20 at 10 leaves 12: the walk goes on at the first run shorter than 12 (8 at 40),
+        // which holds 8 and is used whole, so on to the next (8 at 50), and 5 is too short.
+        assert_eq!(p.lvm2_run(8), Some(&(50..58)));
+        assert_eq!(p.lvm2_run(9), Some(&(10..30)));
+        assert_eq!(p.lvm2_run(100), Some(&(10..30)));
+        // Runs of 50, 30, 20, 8 and 10 wanted: 50 leaves 40, so 30; 30 leaves 20, so the
+        // walk skips 20 and stops at 8. (lvm2 2.03.16 takes 30 here.)
+        let p = pv(vec![0..50, 60..90, 100..120, 130..138]);
+        assert_eq!(p.lvm2_run(10), Some(&(60..90)));
+        // Equal runs used whole: the last one; used in part: the first.
+        let p = pv(vec![0..10, 20..30]);
+        assert_eq!(p.lvm2_run(10), Some(&(20..30)));
+        assert_eq!(p.lvm2_run(5), Some(&(0..10)));
+        // Checked against lvm2: free 5-10 and 16-23, 2 wanted: 16.
+        let p = pv(vec![5..11, 16..24]);
+        assert_eq!(p.lvm2_run(2), Some(&(16..24)));
     }
 
     #[test]

@@ -564,13 +564,13 @@ fn extend_normal_continues_in_place_then_elsewhere() {
     add_linear(&mut g, "wall", "pv1", 18, 4);
     let segs = extend(&g, "s", Extents(10), Policy::Normal, None).unwrap();
     let got: Vec<_> = segs.iter().map(|s| (s.start_extent.0, areas(s))).collect();
-    // Stripe 2 has 3 extents in place (15-17), then goes on in pv1's smallest run that
-    // holds the rest (0-4).
+    // Stripe 2 has 3 extents in place (15-17), then goes on in pv1's largest run, as lvm2's
+    // cling does.
     assert_eq!(
         got,
         vec![
             (20, (vec![area("pv0", 10), area("pv1", 15)], 6)),
-            (26, (vec![area("pv0", 13), area("pv1", 0)], 4)),
+            (26, (vec![area("pv0", 13), area("pv1", 22)], 4)),
         ]
     );
 }
