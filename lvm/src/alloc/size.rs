@@ -414,7 +414,7 @@ impl Size {
             let up = extents + stripes - rest;
             notes.push(format!(
                 "Rounding size {} ({extents} extents) up to stripe boundary size {} ({up} extents).",
-                display_size(extents * c.extent_size),
+                display_size(extents.saturating_mul(c.extent_size)),
                 display_size(up.saturating_mul(c.extent_size))
             ));
             extents = up;
