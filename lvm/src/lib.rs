@@ -14,6 +14,8 @@
 //! - [`commit`]: write a new VG version to every PV (text, precommit, commit).
 //! - [`pvcreate`]: format a device as a PV with LVM2's default layout.
 //! - [`vgcreate`]: the first version of a VG (PV entries, defaults, LVM's name rules).
+//! - [`alloc`]: the extent allocator (free space, lvcreate/lvextend placement under LVM's
+//!   policies, size arguments).
 //! - [`activate`]: an LV's segments as a device-mapper table for the daemon.
 //! - [`io`]: the one module that reads and writes devices.
 //!
@@ -24,6 +26,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod activate;
+pub mod alloc;
 pub mod commit;
 pub mod crc;
 pub mod io;
