@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use tables::Sectors;
 
 use crate::model::{Area, LogicalVolume, PhysicalVolume, Segment, SegmentKind, VolumeGroup};
+use crate::segtypes::{RaidLevel, VolmgrSegment};
 
 /// Where the daemon's devices appear; sub-LV areas map onto them.
 pub const DAEMON_DEVICE_DIR: &str = "/dev/volmgr/";
@@ -142,20 +143,22 @@ fn segment_target(
         index,
         problem,
     };
-    let SegmentKind::Striped {
-        stripe_size,
-        stripes,
-    } = &seg.kind
-    else {
-        let SegmentKind::Other { segtype } = &seg.kind else {
-            unreachable!("two kinds")
-        };
-        return Err(ActivateError::Unsupported {
-            vg: vg.name.clone(),
-            lv: lv.name.clone(),
-            index,
-            segtype: segtype.clone(),
-        });
+    let (stripe_size, stripes) = match &seg.kind {
+        SegmentKind::Striped {
+            stripe_size,
+            stripes,
+        } => (stripe_size, stripes),
+        SegmentKind::Other { segtype } => {
+            return match VolmgrSegment::parse(seg).map_err(&bad)? {
+                Some(v) => volmgr_target(vg, &v).map_err(bad),
+                None => Err(ActivateError::Unsupported {
+                    vg: vg.name.clone(),
+                    lv: lv.name.clone(),
+                    index,
+                    segtype: segtype.clone(),
+                }),
+            };
+        }
     };
     let area_len = seg
         .area_len()
@@ -199,6 +202,57 @@ fn segment_target(
     Ok(t)
 }
 
+/// The daemon device of LV `lv` of `vg`, checked to exist in the VG.
+fn sub_device(vg: &VolumeGroup, lv: &str) -> Result<String, String> {
+    if vg.lv(lv).is_none() {
+        return Err(format!("names the LV '{lv}', which the VG does not have"));
+    }
+    Ok(format!("{DAEMON_DEVICE_DIR}{}", dm_name(&vg.name, lv)))
+}
+
+/// `TARGET ARGS` of a volmgr raid or thin segment: dm-raid's and dm-thin's syntax, which the
+/// `raid` and `thin` crates take, over the daemon devices of the sub-LVs.
+fn volmgr_target(vg: &VolumeGroup, v: &VolmgrSegment) -> Result<String, String> {
+    match v {
+        VolmgrSegment::Raid(r) => {
+            let chunk = match r.level {
+                RaidLevel::Raid1 => 0,
+                _ => {
+                    r.stripe_size
+                        .ok_or_else(|| format!("{} needs a stripe_size", r.level.name()))?
+                        .0
+                }
+            };
+            let mut t = format!(
+                "raid {} 3 {chunk} region_size {} {}",
+                r.level.name(),
+                r.region_size.0,
+                r.images.len()
+            );
+            for (meta, image) in &r.images {
+                let _ = write!(t, " {} {}", sub_device(vg, meta)?, sub_device(vg, image)?);
+            }
+            Ok(t)
+        }
+        VolmgrSegment::ThinPool(p) => Ok(format!(
+            "thin-pool {} {} {} 0{}",
+            sub_device(vg, &p.metadata)?,
+            sub_device(vg, &p.data)?,
+            p.chunk_size.0,
+            if p.zero_new_blocks {
+                ""
+            } else {
+                " 1 skip_block_zeroing"
+            }
+        )),
+        VolmgrSegment::Thin(t) => Ok(format!(
+            "thin {} {}",
+            sub_device(vg, &t.thin_pool)?,
+            t.device_id
+        )),
+    }
+}
+
 /// The device and start sector of one area: `Ok(None)` for an area on a missing PV.
 fn area_place(
     vg: &VolumeGroup,
@@ -232,21 +286,43 @@ fn area_place(
     ))
 }
 
-/// The LVs `lv`'s segments map onto (sub-LVs), which must be active before it.
+/// The LVs `lv`'s segments map onto (sub-LVs, a thin LV's pool), which must be active
+/// before it, in order.
 pub fn lv_dependencies<'a>(vg: &'a VolumeGroup, lv: &LogicalVolume) -> Vec<&'a LogicalVolume> {
-    let mut deps: Vec<&LogicalVolume> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for seg in &lv.segments {
-        if let SegmentKind::Striped { stripes, .. } = &seg.kind {
-            for a in stripes {
-                if let Some(l) = vg.lv(&a.volume) {
-                    if !deps.iter().any(|d| d.name == l.name) {
-                        deps.push(l);
-                    }
+        match &seg.kind {
+            SegmentKind::Striped { stripes, .. } => {
+                names.extend(stripes.iter().map(|a| a.volume.clone()))
+            }
+            SegmentKind::Other { .. } => {
+                if let Ok(Some(v)) = VolmgrSegment::parse(seg) {
+                    names.extend(v.sub_lvs());
                 }
             }
         }
     }
+    let mut deps: Vec<&LogicalVolume> = Vec::new();
+    for n in names {
+        if let Some(l) = vg.lv(&n) {
+            if !deps.iter().any(|d| d.name == l.name) {
+                deps.push(l);
+            }
+        }
+    }
     deps
+}
+
+/// Whether `lv` is activated without a front end: sub-LVs (hidden) and thin pools, which
+/// only the LVs stacked on them use.
+pub fn is_internal(lv: &LogicalVolume) -> bool {
+    !lv.status.has("VISIBLE")
+        || lv.segments.iter().any(|s| {
+            matches!(
+                VolmgrSegment::parse(s),
+                Ok(Some(VolmgrSegment::ThinPool(_)))
+            )
+        })
 }
 
 #[cfg(test)]
@@ -272,16 +348,7 @@ mod tests {
     }
 
     fn lv(name: &str, segments: Vec<Segment>) -> LogicalVolume {
-        LogicalVolume {
-            name: name.into(),
-            id: Uuid::from_raw(&[b'z'; 32]).unwrap(),
-            status: Flags::of(&["READ", "WRITE", "VISIBLE"]),
-            flags: Flags::default(),
-            creation_time: None,
-            creation_host: None,
-            segments,
-            extra: Vec::new(),
-        }
+        LogicalVolume::new(name, segments)
     }
 
     fn dev(pv: &PhysicalVolume) -> Option<String> {

@@ -17,6 +17,7 @@
 //! - [`alloc`]: the extent allocator (free space, lvcreate/lvextend placement under LVM's
 //!   policies, size arguments).
 //! - [`activate`]: an LV's segments as a device-mapper table for the daemon.
+//! - [`segtypes`]: volmgr's own raid and thin segment types, and why lvm2 keeps off them.
 //! - [`io`]: the one module that reads and writes devices.
 //!
 //! The API is synchronous: device I/O is driven with `iort::block_on` inside [`io`], so it
@@ -36,6 +37,7 @@ pub mod mda;
 pub mod model;
 pub mod pvcreate;
 pub mod scan;
+pub mod segtypes;
 pub mod text;
 pub mod units;
 pub mod uuid;

@@ -75,16 +75,7 @@ fn linear(name: &str, pv: &str, start: u32, len: u32) -> LogicalVolume {
 }
 
 fn lv(name: &str, segments: Vec<Segment>) -> LogicalVolume {
-    LogicalVolume {
-        name: name.into(),
-        id: Uuid::generate(),
-        status: Flags::of(&["READ", "WRITE", "VISIBLE"]),
-        flags: Flags::default(),
-        creation_time: None,
-        creation_host: None,
-        segments,
-        extra: Vec::new(),
-    }
+    LogicalVolume::new(name, segments)
 }
 
 /// A random selection: all PVs, or some of them, some with extent ranges.

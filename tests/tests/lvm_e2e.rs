@@ -265,3 +265,365 @@ fn activation_names_what_is_missing_and_partial_maps_it_to_errors() {
         "{table}"
     );
 }
+
+/// `volmgr ARGS` with the loop devices as the only devices, asserting success.
+fn vm_on(d: &DaemonProc, devices: &str, args: &[&str]) -> String {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--devices", devices]);
+    d.ok(&a)
+}
+
+/// `volmgr ARGS` with the loop devices as the only devices, asserting failure; its stderr.
+fn vm_err(d: &DaemonProc, devices: &str, args: &[&str]) -> String {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--devices", devices]);
+    d.err(&a)
+}
+
+#[test]
+fn lvs_volmgr_creates_extends_renames_and_removes_are_what_lvm2_reads() {
+    let env = Lvm2::new(&[64, 64, 64]);
+    let loops = env.loops.clone();
+    let devices = loops.join(",");
+    let state = env.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let d = DaemonProc::start(&state);
+    let mut vgcreate = vec!["vgcreate", "-s", "1m", "vgx"];
+    vgcreate.extend(loops.iter().map(String::as_str));
+    vm_on(&d, &devices, &vgcreate);
+    vm_on(
+        &d,
+        &devices,
+        &["lvcreate", "-an", "-L", "10m", "-n", "lin", "vgx"],
+    );
+    vm_on(
+        &d,
+        &devices,
+        &[
+            "lvcreate", "-an", "-i", "3", "-I", "128k", "-l", "12", "-n", "str", "vgx",
+        ],
+    );
+    // A PV list with a range, and the default name.
+    let pv2 = format!("{}:40-", loops[2]);
+    vm_on(&d, &devices, &["lvcreate", "-an", "-L", "5m", "vgx", &pv2]);
+    vm_on(&d, &devices, &["lvextend", "-L", "+4m", "vgx/lin"]);
+    vm_on(&d, &devices, &["lvrename", "vgx", "lvol0", "other"]);
+    vm_on(
+        &d,
+        &devices,
+        &["lvcreate", "-an", "-l", "3", "-n", "gone", "vgx"],
+    );
+    vm_on(&d, &devices, &["lvremove", "vgx/gone"]);
+
+    // lvm2 reads exactly that: names, sizes, segments and the extents each one is on.
+    env.run(&["vgck", "vgx"]);
+    let segs = env.report(
+        &[
+            "lvs",
+            "--segments",
+            "-o",
+            "lv_name,seg_start_pe,seg_size_pe,stripes,stripe_size,seg_pe_ranges",
+            "vgx",
+        ],
+        "seg",
+    );
+    let got: Vec<String> = segs
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} {} {}",
+                field(r, "lv_name"),
+                field(r, "seg_start_pe"),
+                field(r, "seg_size_pe"),
+                field(r, "stripes"),
+                field(r, "stripe_size"),
+                field(r, "seg_pe_ranges")
+            )
+        })
+        .collect();
+    let (a, b, c) = (&loops[0], &loops[1], &loops[2]);
+    assert_eq!(
+        got,
+        [
+            format!("lin 0 10 1 0 {a}:0-9"),
+            // In place was taken by the striped LV: the 4 more extents follow it on the PV.
+            format!("lin 10 4 1 0 {a}:14-17"),
+            format!("other 0 5 1 0 {c}:40-44"),
+            format!("str 0 12 3 131072 {a}:10-13 {b}:0-3 {c}:0-3"),
+        ],
+        "lvm2's view of volmgr's LVs"
+    );
+    let vfree = num(
+        &env.report(&["vgs", "-o", "vg_free", "vgx"], "vg")[0],
+        "vg_free",
+    );
+    assert_eq!(
+        vfree,
+        (3 * 63 - 14 - 5 - 12) * MIB,
+        "free space as lvm2 counts it"
+    );
+
+    // lvm2 changes the VG; volmgr reads the change.
+    env.run(&[
+        "lvcreate",
+        "--driverloaded",
+        "n",
+        "-an",
+        "-Zn",
+        "-l",
+        "7",
+        "-n",
+        "fromlvm2",
+        "vgx",
+        b,
+    ]);
+    let listed = vm_on(
+        &d,
+        &devices,
+        &[
+            "lvs",
+            "--noheadings",
+            "-o",
+            "lv_name,lv_size",
+            "--units",
+            "m",
+            "vgx",
+        ],
+    );
+    assert!(
+        listed.contains("fromlvm2") && listed.contains("7.00m"),
+        "{listed}"
+    );
+
+    // Refusals name what is wrong and change nothing.
+    let e = vm_err(
+        &d,
+        &devices,
+        &["lvcreate", "-an", "-l", "500", "-n", "big", "vgx"],
+    );
+    assert!(e.contains("Insufficient free space"), "{e}");
+    let e = vm_err(
+        &d,
+        &devices,
+        &["lvcreate", "-an", "-l", "4", "-n", "lin", "vgx"],
+    );
+    assert!(e.contains("already exists"), "{e}");
+    let e = vm_err(&d, &devices, &["lvrename", "vgx", "other", "x_rimage_0"]);
+    assert!(e.contains("reserved"), "{e}");
+    let seqno = |env: &Lvm2| {
+        num(
+            &env.report(&["vgs", "-o", "vg_seqno", "vgx"], "vg")[0],
+            "vg_seqno",
+        )
+    };
+    let before = seqno(&env);
+    assert!(!d
+        .vm(&[
+            "lvcreate",
+            "-an",
+            "-i",
+            "4",
+            "-l",
+            "8",
+            "-n",
+            "s4",
+            "vgx",
+            "--devices",
+            &devices
+        ])
+        .status
+        .success());
+    assert_eq!(seqno(&env), before, "a refused lvcreate wrote metadata");
+    env.run(&["vgck", "vgx"]);
+}
+
+/// The URI of an active LV exported over NBD, from `volmgr lvs`.
+fn lv_uri(d: &DaemonProc, devices: &str, lv: &str) -> String {
+    let out = vm_on(d, devices, &["lvs", "--noheadings", "-o", "lv_dm_path", lv]);
+    let uri = out.trim().to_string();
+    assert!(uri.starts_with("nbd://"), "{lv} is not exported: '{out}'");
+    uri
+}
+
+/// lvm2 creating a one-extent LV in `vgr` (refused while volmgr's LVs are in it).
+const LVM2_LVCREATE_X: &[&str] = &[
+    "lvcreate",
+    "--driverloaded",
+    "n",
+    "-an",
+    "-Zn",
+    "-l",
+    "1",
+    "-n",
+    "x",
+    "vgr",
+];
+
+#[test]
+fn raid_and_thin_lvs_serve_data_and_lvm2_keeps_off_them() {
+    require_tool("qemu-io");
+    let env = Lvm2::new(&[64, 64, 64, 64]);
+    let loops = env.loops.clone();
+    // The fourth device stays out of the VG, for lvm2's vgextend.
+    let devices = loops[..3].join(",");
+    let state = env.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let d = DaemonProc::start(&state);
+    let mut vgcreate = vec!["vgcreate", "-s", "1m", "vgr"];
+    vgcreate.extend(loops[..3].iter().map(String::as_str));
+    vm_on(&d, &devices, &vgcreate);
+    let nbd = ["--nbd", "127.0.0.1:0"];
+    let create = |args: &[&str]| {
+        let mut a = vec!["lvcreate"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&nbd);
+        vm_on(&d, &devices, &a);
+    };
+    create(&["--type", "raid1", "-m", "1", "-L", "8m", "-n", "r1", "vgr"]);
+    create(&["--type", "raid5", "-i", "2", "-L", "8m", "-n", "r5", "vgr"]);
+    vm_on(
+        &d,
+        &devices,
+        &[
+            "lvcreate",
+            "--type",
+            "thin-pool",
+            "-L",
+            "16m",
+            "-n",
+            "pool",
+            "vgr",
+        ],
+    );
+    create(&["-V", "64m", "--thinpool", "pool", "-n", "t1", "vgr"]);
+
+    for lv in ["vgr/r1", "vgr/r5", "vgr/t1"] {
+        qemu_io(&lv_uri(&d, &devices, lv), &["write -P 0x3c 1M 2M"]);
+    }
+    create(&["-s", "vgr/t1", "-n", "s1"]);
+    qemu_io(&lv_uri(&d, &devices, "vgr/t1"), &["write -P 0x4d 1M 1M"]);
+    qemu_io(&lv_uri(&d, &devices, "vgr/s1"), &["read -P 0x3c 1M 2M"]);
+    qemu_io(
+        &lv_uri(&d, &devices, "vgr/t1"),
+        &["read -P 0x4d 1M 1M", "read -P 0x3c 2M 1M"],
+    );
+
+    // lvs: types, sync and usage from the live devices.
+    let report = |what: &str| {
+        vm_on(
+            &d,
+            &devices,
+            &[
+                "lvs",
+                "-a",
+                "--noheadings",
+                "--separator",
+                ";",
+                "-o",
+                what,
+                "vgr",
+            ],
+        )
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = report("lv_name,lv_attr,segtype,pool_lv,origin,data_percent,copy_percent");
+        let synced = r.contains("r1;rwi-a-r---;raid1;;;;100.00")
+            && r.contains("r5;rwi-a-r---;raid5;;;;100.00");
+        if synced {
+            assert!(r.contains("pool;twi-a-t---;thin-pool;;;"), "{r}");
+            assert!(r.contains("t1;Vwi-a-t---;thin;pool;;"), "{r}");
+            assert!(r.contains("s1;Vwi-a-t---;thin;pool;t1;"), "{r}");
+            assert!(r.contains("[r1_rimage_0];iwi-a-----;linear"), "{r}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "raid LVs did not sync: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // Real lvm2: lists the VG, counts our sub-LVs' extents as used, and changes nothing.
+    let vg_row =
+        |env: &Lvm2| env.report(&["vgs", "-o", "vg_free,vg_seqno", "vgr"], "vg")[0].clone();
+    let before = vg_row(&env);
+    let ours = vm_on(
+        &d,
+        &devices,
+        &[
+            "vgs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "vg_free",
+            "vgr",
+        ],
+    );
+    assert_eq!(
+        ours.trim(),
+        field(&before, "vg_free"),
+        "free space: ours vs lvm2's"
+    );
+    let lvm2_lvs = env.try_run(&["lvs", "vgr"]);
+    let lvm2_text = String::from_utf8_lossy(&lvm2_lvs.stdout).into_owned()
+        + &String::from_utf8_lossy(&lvm2_lvs.stderr);
+    assert!(
+        lvm2_text.contains("r1") && lvm2_text.contains("t1"),
+        "{lvm2_text}"
+    );
+    for args in [
+        LVM2_LVCREATE_X.to_vec(),
+        vec!["vgextend", "vgr", loops[3].as_str()],
+        vec!["lvremove", "-y", "--driverloaded", "n", "vgr/r1"],
+        vec!["lvextend", "--driverloaded", "n", "-l", "+1", "vgr/r1"],
+    ] {
+        let o = env.try_run(&args);
+        let text = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            !o.status.success(),
+            "lvm {args:?} succeeded on a VG with volmgr LVs: {text}"
+        );
+        assert!(
+            text.contains("unknown segment") || text.contains("Cannot change VG"),
+            "lvm {args:?}: {text}"
+        );
+    }
+    // Activation through lvm2 (here without device-mapper) writes nothing either.
+    let _ = env.try_run(&["lvchange", "-ay", "--driverloaded", "n", "vgr/r1"]);
+    let _ = env.try_run(&["vgchange", "-ay", "--driverloaded", "n", "vgr"]);
+    let after = vg_row(&env);
+    assert_eq!(
+        field(&after, "vg_seqno"),
+        field(&before, "vg_seqno"),
+        "lvm2 wrote the VG"
+    );
+    qemu_io(&lv_uri(&d, &devices, "vgr/r1"), &["read -P 0x3c 1M 2M"]);
+
+    // Removal takes the sub-LVs and the pool's thin ids with it; both tools then agree.
+    let e = vm_err(&d, &devices, &["lvremove", "-y", "vgr/pool"]);
+    assert!(e.contains("used by"), "{e}");
+    vm_on(
+        &d,
+        &devices,
+        &[
+            "lvremove", "-y", "vgr/s1", "vgr/t1", "vgr/r1", "vgr/r5", "vgr/pool",
+        ],
+    );
+    let left = vm_on(&d, &devices, &["lvs", "-a", "--noheadings", "vgr"]);
+    assert!(left.trim().is_empty(), "{left}");
+    assert!(
+        !d.ok(&["dev", "list"]).contains("vgr-"),
+        "devices left active"
+    );
+    env.run(&["vgck", "vgr"]);
+    let free = num(
+        &env.report(&["vgs", "-o", "vg_free", "vgr"], "vg")[0],
+        "vg_free",
+    );
+    assert_eq!(free, 3 * 63 * MIB, "every extent free again");
+    // With nothing of ours left, lvm2 may change the VG again.
+    env.run(LVM2_LVCREATE_X);
+}

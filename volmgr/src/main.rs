@@ -60,6 +60,16 @@ enum Cmd {
     Vgcfgbackup(lvm_cli::vg::VgcfgbackupArgs),
     /// Report logical volumes.
     Lvs(lvm_cli::lv::LvsArgs),
+    /// Create a linear or striped LV (activated through the daemon when one runs).
+    Lvcreate(Box<lvm_cli::lvcreate::LvcreateArgs>),
+    /// Grow an LV (and with -r its file system), online.
+    Lvextend(lvm_cli::lvresize::LvresizeArgs),
+    /// Resize an LV (growing; see lvextend).
+    Lvresize(lvm_cli::lvresize::LvresizeArgs),
+    /// Remove LVs (active ones are deactivated first, with --yes).
+    Lvremove(lvm_cli::lvremove::LvremoveArgs),
+    /// Rename an LV.
+    Lvrename(lvm_cli::lvremove::LvrenameArgs),
     /// Activate (`-ay`) or deactivate (`-an`) LVs as the daemon's devices.
     Lvchange(lvm_cli::activate::LvchangeArgs),
     /// Activate (`-ay`) or deactivate (`-an`) every LV of VGs.
@@ -87,6 +97,10 @@ fn main() -> ExitCode {
         Cmd::Vgck(a) => lvm_cli::vg::vgck(a),
         Cmd::Vgcfgbackup(a) => lvm_cli::vg::vgcfgbackup(a),
         Cmd::Lvs(a) => lvm_cli::lv::lvs(a),
+        Cmd::Lvcreate(a) => lvm_cli::lvcreate::lvcreate(*a),
+        Cmd::Lvextend(a) | Cmd::Lvresize(a) => lvm_cli::lvresize::lvextend(a),
+        Cmd::Lvremove(a) => lvm_cli::lvremove::lvremove(a),
+        Cmd::Lvrename(a) => lvm_cli::lvremove::lvrename(a),
         Cmd::Lvchange(a) => lvm_cli::activate::lvchange(a),
         Cmd::Vgchange(a) => lvm_cli::activate::vgchange(a),
         Cmd::Completions(a) => docs_cmd::completions(a),

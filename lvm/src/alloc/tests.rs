@@ -33,16 +33,7 @@ fn vg(sizes: &[u32]) -> VolumeGroup {
 }
 
 fn add_lv(vg: &mut VolumeGroup, name: &str, segments: Vec<Segment>) {
-    vg.logical_volumes.push(LogicalVolume {
-        name: name.into(),
-        id: Uuid::generate(),
-        status: Flags::of(&["READ", "WRITE", "VISIBLE"]),
-        flags: Flags::default(),
-        creation_time: None,
-        creation_host: None,
-        segments,
-        extra: Vec::new(),
-    });
+    vg.logical_volumes.push(LogicalVolume::new(name, segments));
     vg.validate().expect("test VG is valid");
 }
 

@@ -193,6 +193,20 @@ fn areas(r: &Reader<'_>, key: &str, list: &[Value]) -> Result<Vec<Area>, ModelEr
 }
 
 impl LogicalVolume {
+    /// A new visible LV (`READ`, `WRITE`, `VISIBLE`) with a fresh uuid, no creation stamp.
+    pub fn new(name: &str, segments: Vec<Segment>) -> LogicalVolume {
+        LogicalVolume {
+            name: name.to_string(),
+            id: Uuid::generate(),
+            status: Flags::of(&["READ", "WRITE", "VISIBLE"]),
+            flags: Flags::default(),
+            creation_time: None,
+            creation_host: None,
+            segments,
+            extra: Vec::new(),
+        }
+    }
+
     pub(crate) fn from_section(
         path: &str,
         name: &str,
@@ -269,5 +283,116 @@ impl LogicalVolume {
         self.segments
             .iter()
             .try_fold(Extents(0), |acc, s| acc.checked_add(s.extent_count))
+    }
+
+    /// Appends `seg` (whose `start_extent` must be this LV's end), merged into the last
+    /// segment when it continues it on the same PVs (as LVM2 merges: a linear LV extended in
+    /// place stays one segment). Returns `false`, changing nothing, when `seg` does not start
+    /// at the end.
+    pub fn push_segment(&mut self, seg: Segment) -> bool {
+        if self.extent_count() != Some(seg.start_extent) {
+            return false;
+        }
+        if let Some(last) = self.segments.last_mut() {
+            if let Some(merged) = last.merged_with(&seg) {
+                *last = merged;
+                return true;
+            }
+        }
+        self.segments.push(seg);
+        true
+    }
+}
+
+impl Segment {
+    /// `self` followed by `next` as one segment, when both are striped with the same stripe
+    /// size and every area of `next` starts where the same area of `self` ends.
+    fn merged_with(&self, next: &Segment) -> Option<Segment> {
+        let (
+            SegmentKind::Striped {
+                stripe_size: a_size,
+                stripes: a,
+            },
+            SegmentKind::Striped {
+                stripe_size: b_size,
+                stripes: b,
+            },
+        ) = (&self.kind, &next.kind)
+        else {
+            return None;
+        };
+        if a_size != b_size || a.len() != b.len() || !self.extra.is_empty() {
+            return None;
+        }
+        let len = self.area_len()?;
+        let continues = a
+            .iter()
+            .zip(b)
+            .all(|(x, y)| x.volume == y.volume && x.start.checked_add(len) == Some(y.start));
+        if !continues {
+            return None;
+        }
+        Some(Segment {
+            extent_count: self.extent_count.checked_add(next.extent_count)?,
+            ..self.clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(segments: Vec<Segment>) -> LogicalVolume {
+        LogicalVolume::new("a", segments)
+    }
+
+    #[test]
+    fn segments_that_continue_merge_others_append() {
+        let mut l = lv(vec![Segment::linear(
+            Extents(0),
+            Extents(10),
+            "pv0",
+            Extents(5),
+        )]);
+        // In place: one segment.
+        assert!(l.push_segment(Segment::linear(Extents(10), Extents(4), "pv0", Extents(15))));
+        assert_eq!(l.segments.len(), 1);
+        assert_eq!(l.segments[0].extent_count, Extents(14));
+        // Elsewhere on the same PV, or another PV: a new segment.
+        assert!(l.push_segment(Segment::linear(Extents(14), Extents(2), "pv0", Extents(40))));
+        assert!(l.push_segment(Segment::linear(Extents(16), Extents(2), "pv1", Extents(42))));
+        assert_eq!(l.segments.len(), 3);
+        // Not at the end: refused, nothing changed.
+        assert!(!l.push_segment(Segment::linear(Extents(3), Extents(2), "pv1", Extents(0))));
+        assert_eq!(l.extent_count(), Some(Extents(18)));
+    }
+
+    #[test]
+    fn striped_segments_merge_only_when_every_area_continues() {
+        let striped = |start: u32, count: u32, a: u32, b: u32| Segment {
+            start_extent: Extents(start),
+            extent_count: Extents(count),
+            kind: SegmentKind::Striped {
+                stripe_size: Some(Sectors(128)),
+                stripes: vec![
+                    Area {
+                        volume: "pv0".into(),
+                        start: Extents(a),
+                    },
+                    Area {
+                        volume: "pv1".into(),
+                        start: Extents(b),
+                    },
+                ],
+            },
+            extra: Vec::new(),
+        };
+        let mut l = lv(vec![striped(0, 8, 0, 10)]);
+        assert!(l.push_segment(striped(8, 4, 4, 14)));
+        assert_eq!(l.segments.len(), 1);
+        assert_eq!(l.segments[0].area_len(), Some(Extents(6)));
+        assert!(l.push_segment(striped(12, 4, 6, 30)));
+        assert_eq!(l.segments.len(), 2);
     }
 }

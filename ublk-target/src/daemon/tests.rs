@@ -439,9 +439,14 @@ fn internal_devices_have_no_front_end_serve_their_users_and_come_back() {
     ok(create(&d, "top", "0 2048 linear /dev/volmgr/base 0\n"));
     let l = list(&d);
     let base = l.iter().find(|i| i.name == "base").unwrap();
-    assert_eq!((base.path.as_str(), base.data_path.as_str()), ("", "internal"));
+    assert_eq!(
+        (base.path.as_str(), base.data_path.as_str()),
+        ("", "internal")
+    );
     assert_eq!(base.state, "active");
-    assert!(l.iter().any(|i| i.name == "top" && i.path.starts_with("nbd://")));
+    assert!(l
+        .iter()
+        .any(|i| i.name == "top" && i.path.starts_with("nbd://")));
     let e = err(d.handle(Request::Remove {
         name: "base".into(),
         force: false,

@@ -7,7 +7,7 @@
 //! under its device name instead. The daemon persists the device, so a restart brings the LV
 //! back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -182,14 +182,21 @@ fn change(
 ) -> Result<()> {
     let active = act.wants_active()?;
     let missing = act.missing()?;
-    let running = daemon_devices(&act.sd);
     let mut failed = 0;
-    for (i, (vg, lv)) in todo.iter().enumerate() {
+    // Deactivation takes the LVs others are built on (thin pools) last.
+    let mut order: Vec<usize> = (0..todo.len()).collect();
+    if !active {
+        order.sort_by_key(|&i| lvm::activate::is_internal(todo[i].1));
+    }
+    for i in order {
+        let (vg, lv) = todo[i];
+        // Each LV may have brought up (or taken down) devices the next one shares.
+        let running = daemon_devices(&act.sd);
         let r = if active {
             act.nbd_addr(i)
                 .and_then(|nbd| activate_one(scan, vg, lv, missing, nbd, &act.sd, &running))
         } else {
-            deactivate_one(vg, lv, act, &running)
+            deactivate_one(vg, lv, &act.sd, &running)
         };
         if let Err(e) = r {
             eprintln!("  {:#}", e);
@@ -206,8 +213,84 @@ fn change(
     Ok(())
 }
 
-/// Activates `lv` through the daemon of `sd` (over NBD at `nbd`, else ublk), unless the
-/// daemon already has it (`running`).
+/// How deep LVs may stack on LVs (thin on pool on sub-LVs is 2): crafted metadata whose LVs
+/// name each other in a loop stops here instead of recursing forever.
+const MAX_STACK: usize = 8;
+
+/// The table of `lv`, with each PV at the path this scan found it on.
+fn table_of(
+    scan: &Scan,
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    missing: MissingPvs,
+) -> Result<String> {
+    let device_of = |pv: &lvm::PhysicalVolume| {
+        scan.pv_path(&pv.id)
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+            .map(|p| p.display().to_string())
+    };
+    Ok(lv_table(vg, lv, &device_of, missing)?)
+}
+
+/// Makes sure every LV `lv` is built on is active, as internal devices, deepest first.
+fn activate_dependencies(
+    scan: &Scan,
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    missing: MissingPvs,
+    sd: &StateDir,
+    active: &mut HashSet<String>,
+    depth: usize,
+) -> Result<()> {
+    if depth > MAX_STACK {
+        bail!(
+            "{}/{}: LVs stack deeper than {MAX_STACK} (a loop in the metadata?)",
+            vg.name,
+            lv.name
+        );
+    }
+    for dep in lvm::activate::lv_dependencies(vg, lv) {
+        let name = dm_name(&vg.name, &dep.name);
+        if active.contains(&name) {
+            continue;
+        }
+        activate_dependencies(scan, vg, dep, missing, sd, active, depth + 1)?;
+        let table = table_of(scan, vg, dep, missing)?;
+        create(sd, vg, dep, name.clone(), table, None, true)?;
+        active.insert(name);
+    }
+    Ok(())
+}
+
+/// Asks the daemon for the device `name`.
+fn create(
+    sd: &StateDir,
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    name: String,
+    table: String,
+    nbd: Option<String>,
+    internal: bool,
+) -> Result<()> {
+    let reply = call(
+        sd,
+        Request::Create {
+            name,
+            table,
+            ublk_id: None,
+            nbd,
+            nbd_limits: NbdOverrides::default(),
+            internal,
+        },
+    )
+    .with_context(|| format!("{}/{}: asking the daemon", vg.name, lv.name))?;
+    expect_text(reply).with_context(|| format!("{}/{}: activating", vg.name, lv.name))?;
+    Ok(())
+}
+
+/// Activates `lv` through the daemon of `sd` (over NBD at `nbd`, else ublk; thin pools and
+/// sub-LVs without a front end), the LVs it is built on first, unless the daemon already has
+/// it (`running`).
 pub fn activate_one(
     scan: &Scan,
     vg: &VolumeGroup,
@@ -218,12 +301,7 @@ pub fn activate_one(
     running: &HashMap<String, DeviceInfo>,
 ) -> Result<()> {
     let name = dm_name(&vg.name, &lv.name);
-    let device_of = |pv: &lvm::PhysicalVolume| {
-        scan.pv_path(&pv.id)
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-            .map(|p| p.display().to_string())
-    };
-    let table = lv_table(vg, lv, &device_of, missing)?;
+    let table = table_of(scan, vg, lv, missing)?;
     if let Some(d) = running.get(&name) {
         // Already active: leave it (lvm2 is quiet too), but say when its table is stale.
         let current = expect_text(call(sd, Request::Table { name: name.clone() })?)?;
@@ -236,20 +314,19 @@ pub fn activate_one(
         }
         return Ok(());
     }
-    let via_ublk = nbd.is_none();
-    let reply = call(
-        sd,
-        Request::Create {
-            name: name.clone(),
-            table,
-            ublk_id: None,
-            nbd,
-            nbd_limits: NbdOverrides::default(),
-            internal: false,
-        },
-    )
-    .with_context(|| format!("{}/{}: asking the daemon", vg.name, lv.name))?;
-    expect_text(reply).with_context(|| format!("{}/{}: activating", vg.name, lv.name))?;
+    let mut active: HashSet<String> = running.keys().cloned().collect();
+    activate_dependencies(scan, vg, lv, missing, sd, &mut active, 0)?;
+    let internal = lvm::activate::is_internal(lv);
+    let nbd = if internal { None } else { nbd };
+    let via_ublk = nbd.is_none() && !internal;
+    create(sd, vg, lv, name.clone(), table, nbd, internal)?;
+    if internal {
+        println!(
+            "  {}/{}: active (internal: used by the LVs built on it)",
+            vg.name, lv.name
+        );
+        return Ok(());
+    }
     let path = daemon_devices(sd)
         .get(&name)
         .map(|d| d.path.clone())
@@ -273,18 +350,47 @@ pub fn activate_one(
     Ok(())
 }
 
-fn deactivate_one(
+/// Removes the internal devices `lv` was built on that nothing else uses any more, deepest
+/// last. One still in use (a thin pool with other thin LVs active) stays.
+fn deactivate_dependencies(
     vg: &VolumeGroup,
     lv: &LogicalVolume,
-    act: &ActivationArgs,
+    sd: &StateDir,
+    depth: usize,
+) -> Result<()> {
+    if depth > MAX_STACK {
+        return Ok(());
+    }
+    let running = daemon_devices(sd);
+    for dep in lvm::activate::lv_dependencies(vg, lv) {
+        let name = dm_name(&vg.name, &dep.name);
+        if !running.contains_key(&name) || !lvm::activate::is_internal(dep) {
+            continue;
+        }
+        match expect_text(call(sd, Request::Remove { name, force: false })?) {
+            Ok(_) => deactivate_dependencies(vg, dep, sd, depth + 1)?,
+            Err(e) if e.to_string().contains("is used by") => {}
+            Err(e) => return Err(e.context(format!("{}/{}: deactivating", vg.name, dep.name))),
+        }
+    }
+    Ok(())
+}
+
+/// Deactivates `lv` and the internal devices under it that nothing else uses; removes its
+/// `/dev/VG/LV` link.
+pub fn deactivate_one(
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    sd: &StateDir,
     running: &HashMap<String, DeviceInfo>,
 ) -> Result<()> {
     let name = dm_name(&vg.name, &lv.name);
     if running.contains_key(&name) {
-        let reply = call(&act.sd, Request::Remove { name, force: false })
+        let reply = call(sd, Request::Remove { name, force: false })
             .with_context(|| format!("{}/{}: asking the daemon", vg.name, lv.name))?;
         expect_text(reply).with_context(|| format!("{}/{}: deactivating", vg.name, lv.name))?;
     }
+    deactivate_dependencies(vg, lv, sd, 0)?;
     let dir = dev_dir().join(&vg.name);
     let _ = std::fs::remove_file(dir.join(&lv.name));
     // The VG's directory goes with its last LV link, as with lvm2.

@@ -161,6 +161,140 @@ struct LvRow<'a> {
     devices: String,
     /// The daemon's device, when the LV is active.
     active: Option<&'a DeviceInfo>,
+    /// What kind of LV it is.
+    kind: LvKind,
+    /// Figures from the active device's status.
+    live: Live,
+}
+
+/// What an LV is, for its attributes.
+enum LvKind {
+    Plain,
+    Raid,
+    ThinPool,
+    Thin(lvm::segtypes::ThinSegment),
+    Other,
+}
+
+impl LvKind {
+    fn of(lv: &lvm::LogicalVolume) -> LvKind {
+        use lvm::segtypes::VolmgrSegment;
+        match lv.segments.first() {
+            None => LvKind::Other,
+            Some(s) => match (&s.kind, VolmgrSegment::parse(s)) {
+                (SegmentKind::Striped { .. }, _) => LvKind::Plain,
+                (_, Ok(Some(VolmgrSegment::Raid(_)))) => LvKind::Raid,
+                (_, Ok(Some(VolmgrSegment::ThinPool(_)))) => LvKind::ThinPool,
+                (_, Ok(Some(VolmgrSegment::Thin(t)))) => LvKind::Thin(t),
+                _ => LvKind::Other,
+            },
+        }
+    }
+
+    /// lvm2's volume type letter (`lv_attr` 1): sub-LVs by their name's suffix.
+    fn type_char(&self, name: &str) -> char {
+        if name.contains("_rimage_") {
+            return 'i';
+        }
+        if name.contains("_rmeta_") || name.ends_with("_tmeta") {
+            return 'e';
+        }
+        if name.ends_with("_tdata") {
+            return 'T';
+        }
+        match self {
+            LvKind::Raid => 'r',
+            LvKind::ThinPool => 't',
+            LvKind::Thin(_) => 'V',
+            LvKind::Plain | LvKind::Other => '-',
+        }
+    }
+
+    /// lvm2's target type letter (`lv_attr` 7).
+    fn target_char(&self) -> char {
+        match self {
+            LvKind::Raid => 'r',
+            LvKind::ThinPool | LvKind::Thin(_) => 't',
+            LvKind::Plain => '-',
+            LvKind::Other => 'u',
+        }
+    }
+}
+
+/// Fractions read from an active device's status line.
+#[derive(Default)]
+struct Live {
+    /// Cpy%Sync of a raid LV.
+    sync: Option<(u64, u64)>,
+    /// Data% of a thin pool or thin LV.
+    data: Option<(u64, u64)>,
+    /// Meta% of a thin pool.
+    meta: Option<(u64, u64)>,
+}
+
+/// `a/b` pairs of a status line, in order.
+fn fractions(status: &str) -> Vec<(u64, u64)> {
+    status
+        .split_whitespace()
+        .filter_map(|t| {
+            let (a, b) = t.split_once('/')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+impl Live {
+    /// Reads the status of an active raid or thin LV of `sectors` sectors.
+    fn read(kind: &LvKind, sd: &StateDir, dm: &str, sectors: u64) -> Live {
+        if matches!(kind, LvKind::Plain | LvKind::Other) {
+            return Live::default();
+        }
+        let Ok(Ok(status)) = crate::client::call(
+            sd,
+            ublk_target::control::Request::Status {
+                name: dm.to_string(),
+            },
+        )
+        .map(crate::client::expect_text) else {
+            return Live::default();
+        };
+        let f = fractions(&status);
+        match kind {
+            // `raid1 2 AA done/total idle ...`
+            LvKind::Raid => Live {
+                sync: f.first().copied(),
+                ..Live::default()
+            },
+            // `tid used_meta/total_meta used_data/total_data ...`
+            LvKind::ThinPool => Live {
+                meta: f.first().copied(),
+                data: f.get(1).copied(),
+                ..Live::default()
+            },
+            // `mapped_sectors highest|-` (after `start len thin` when the table prefixes it).
+            LvKind::Thin(_) => {
+                let words: Vec<&str> = status.split_whitespace().collect();
+                let mapped = match words.as_slice() {
+                    [_, _, "thin", m, ..] => m.parse().ok(),
+                    [m, ..] => m.parse().ok(),
+                    [] => None,
+                };
+                Live {
+                    data: mapped.map(|m| (m, sectors)),
+                    ..Live::default()
+                }
+            }
+            LvKind::Plain | LvKind::Other => Live::default(),
+        }
+    }
+}
+
+/// `a/b` as lvm2 prints percentages (two decimals).
+fn percent((a, b): (u64, u64)) -> String {
+    if b == 0 {
+        return String::new();
+    }
+    format!("{:.2}", a as f64 * 100.0 / b as f64)
 }
 
 pub fn lvs(a: LvsArgs) -> Result<()> {
@@ -194,11 +328,26 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                     }
                 }
             }
+            let active = running.get(&dm_name(&vg.name, &lv.name));
+            let kind = LvKind::of(lv);
+            let live = match active {
+                Some(d) if d.state == "active" => {
+                    let sectors = lv
+                        .extent_count()
+                        .and_then(|e| e.to_sectors(vg.extent_size))
+                        .map(|s| s.0)
+                        .unwrap_or(0);
+                    Live::read(&kind, &a.sd, &d.name, sectors)
+                }
+                _ => Live::default(),
+            };
             rows.push(LvRow {
                 vg,
                 lv,
                 devices: devs.join(","),
-                active: running.get(&dm_name(&vg.name, &lv.name)),
+                active,
+                kind,
+                live,
             });
         }
     }
@@ -222,7 +371,8 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             // Volume type, permissions, allocation, fixed minor, state, open, target type,
             // zero, health, skip.
             "lv_attr" => Value::Text(format!(
-                "-{}i-{}{}----",
+                "{}{}i-{}{}{}---",
+                r.kind.type_char(&r.lv.name),
                 if r.lv.status.has("WRITE") { 'w' } else { 'r' },
                 match r.active.map(|d| d.state.as_str()) {
                     None => '-',
@@ -233,7 +383,19 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 },
                 // Whether it is open is not known here.
                 '-',
+                r.kind.target_char(),
             )),
+            "pool_lv" => Value::Text(match &r.kind {
+                LvKind::Thin(t) => t.thin_pool.clone(),
+                _ => String::new(),
+            }),
+            "origin" => Value::Text(match &r.kind {
+                LvKind::Thin(t) => t.origin.clone().unwrap_or_default(),
+                _ => String::new(),
+            }),
+            "data_percent" => Value::Text(r.live.data.map(percent).unwrap_or_default()),
+            "metadata_percent" => Value::Text(r.live.meta.map(percent).unwrap_or_default()),
+            "copy_percent" => Value::Text(r.live.sync.map(percent).unwrap_or_default()),
             "lv_active" => Value::Text(match r.active {
                 Some(d) if d.state == "active" => "active".into(),
                 Some(d) => d.state.clone(),
@@ -250,7 +412,11 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             "segtype" => Value::Text(match first.map(|s| &s.kind) {
                 Some(SegmentKind::Striped { stripes, .. }) if stripes.len() == 1 => "linear".into(),
                 Some(SegmentKind::Striped { .. }) => "striped".into(),
-                Some(SegmentKind::Other { segtype }) => segtype.clone(),
+                // volmgr's own types show under LVM's names (raid1, thin-pool, thin).
+                Some(SegmentKind::Other { segtype }) => segtype
+                    .strip_prefix(lvm::segtypes::PREFIX)
+                    .unwrap_or(segtype)
+                    .to_string(),
                 None => String::new(),
             }),
             "stripes" => Value::Number(match first.map(|s| &s.kind) {

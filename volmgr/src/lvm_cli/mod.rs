@@ -5,6 +5,9 @@
 pub mod activate;
 pub mod devices;
 pub mod lv;
+pub mod lvcreate;
+pub mod lvremove;
+pub mod lvresize;
 pub mod pv;
 pub mod report;
 pub mod scan;
@@ -98,6 +101,34 @@ pub struct Confirm {
     /// Override checks (given twice, `-ff`, for the ones lvm2 wants twice).
     #[arg(short = 'f', long, action = clap::ArgAction::Count)]
     pub force: u8,
+}
+
+impl Confirm {
+    /// Whether to go on with what `question` describes: yes with `--yes`; otherwise the
+    /// answer typed on a terminal; without a terminal, an error that names `--yes`.
+    pub fn ask(&self, question: &str) -> Result<bool> {
+        use std::io::{BufRead, IsTerminal, Write};
+        if self.yes {
+            return Ok(true);
+        }
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("{question} Refusing without a terminal to ask on: add --yes");
+        }
+        eprint!("{question} [y/n]: ");
+        std::io::stderr().flush().ok();
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+    }
+}
+
+/// Splits `VG/LV` (also `/dev/VG/LV`), naming the argument when it is not one.
+pub fn split_lv_name(arg: &str) -> Result<(&str, &str)> {
+    let s = arg.strip_prefix("/dev/").unwrap_or(arg);
+    match s.split_once('/') {
+        Some((vg, lv)) if !vg.is_empty() && !lv.is_empty() && !lv.contains('/') => Ok((vg, lv)),
+        _ => anyhow::bail!("'{arg}': name the logical volume as VG/LV"),
+    }
 }
 
 /// Parses a size with units as lvm2 takes it: a number with an optional unit letter

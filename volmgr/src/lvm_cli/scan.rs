@@ -37,6 +37,32 @@ impl Scan {
         Ok(Scan { report, paths })
     }
 
+    /// As [`Scan::run`], with the devices opened writable, for a verb that commits a new
+    /// version of a VG (the commit writes through the scan's devices, and refuses if a
+    /// metadata area changed since this scan: two commands racing on one VG cannot both win).
+    pub fn run_writable(args: &DeviceArgs) -> Result<Scan> {
+        let found = Scan::run(args)?;
+        let devs = lvm::scan::open_paths(&found.paths, false).context("opening PVs for writing")?;
+        Ok(Scan {
+            report: lvm::scan::scan(&devs),
+            paths: found.paths,
+        })
+    }
+
+    /// Writes `md` as the next version of its VG (see [`lvm::commit::commit`]).
+    pub fn commit(&self, md: &mut lvm::Metadata) -> Result<lvm::commit::Committed> {
+        let vg = md.vg.name.clone();
+        let c = lvm::commit::commit(&self.report, md)
+            .with_context(|| format!("writing the metadata of VG {vg}"))?;
+        for (device, area) in &c.skipped {
+            eprintln!(
+                "  WARNING: VG {vg}: {device}: the damaged metadata area at byte {area} was \
+                 not written (vgck --updatemetadata repairs it)"
+            );
+        }
+        Ok(c)
+    }
+
     /// Prints the scan's findings as lvm2 prints warnings.
     pub fn warn(&self) {
         for p in &self.report.problems {

@@ -1,0 +1,219 @@
+//! `lvextend` / `lvresize` (growing): more extents from [`lvm::alloc::extend`], committed,
+//! then the active device's table reloaded in place (the daemon grows the device while it
+//! serves), then with `-r` the file system on it grown online (`resize2fs`, `xfs_growfs`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lvm::activate::{dm_name, lv_table, MissingPvs};
+use lvm::alloc::{self, Policy, Sign};
+use ublk_target::control::Request;
+
+use super::activate::daemon_devices;
+use super::lvcreate::pv_selection;
+use super::scan::Scan;
+use super::{split_lv_name, DeviceArgs};
+use crate::client::{call, expect_text, StateDir};
+
+#[derive(Args)]
+pub struct LvresizeArgs {
+    /// The LV, as VG/LV.
+    lv: String,
+    /// PVs to allocate from, optionally with extent ranges.
+    pvs: Vec<String>,
+    /// New size, or +SIZE to add (units k m g t p e, s; default MiB).
+    #[arg(
+        short = 'L',
+        long = "size",
+        value_name = "[+]SIZE",
+        conflicts_with = "extents",
+        allow_hyphen_values = true
+    )]
+    size: Option<String>,
+    /// New size in extents, or +N to add; N%VG, N%FREE, N%PVS, N%LV.
+    #[arg(
+        short = 'l',
+        long = "extents",
+        value_name = "[+]N[%...]",
+        required_unless_present = "size",
+        allow_hyphen_values = true
+    )]
+    extents: Option<String>,
+    /// Grow the file system on the LV too (ext2/3/4 with resize2fs, mounted XFS with
+    /// xfs_growfs).
+    #[arg(short = 'r', long = "resizefs")]
+    resizefs: bool,
+    /// Allocation policy (inherit: the LV's, else the VG's).
+    #[arg(long = "alloc", value_name = "POLICY", default_value = "inherit")]
+    alloc: String,
+    #[command(flatten)]
+    sd: StateDir,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+pub fn lvextend(a: LvresizeArgs) -> Result<()> {
+    let (vg_name, lv_name) = split_lv_name(&a.lv)?;
+    let policy: Policy = a.alloc.parse()?;
+    let scan = Scan::run_writable(&a.dev)?;
+    scan.warn();
+    let mut md = scan.vg(vg_name)?.metadata.clone();
+    let pvs = pv_selection(&scan, &md.vg, &a.pvs)?;
+    let size = match (&a.size, &a.extents) {
+        (Some(s), _) => alloc::parse_size(s, false)?,
+        (None, Some(l)) => alloc::parse_size(l, true)?,
+        (None, None) => bail!("Please specify either size or extents"),
+    };
+    if size.sign == Sign::Minus {
+        bail!(
+            "{vg_name}/{lv_name}: shrinking is not supported by this build of volmgr (a \
+             shrink must shrink the file system first; only growing is implemented)"
+        );
+    }
+    let lv = md
+        .vg
+        .lv(lv_name)
+        .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?
+        .clone();
+    let old = lv.extent_count().context("LV length overflows")?;
+    let (more, note) = size.to_extend_extents(&md.vg, lv_name, pvs.as_ref())?;
+    if let Some(n) = note {
+        for line in n.lines() {
+            eprintln!("  {line}");
+        }
+    }
+    let policy = policy.resolve_for_lv(&md.vg, &lv);
+    let segs = alloc::extend(&md.vg, lv_name, more, policy, pvs.as_ref())?;
+    let l = md
+        .vg
+        .logical_volumes
+        .iter_mut()
+        .find(|l| l.name == lv_name)
+        .context("the LV")?;
+    for s in segs {
+        if !l.push_segment(s) {
+            bail!("{vg_name}/{lv_name}: the allocator returned a segment that does not start at the LV's end");
+        }
+    }
+    let new = l.extent_count().context("LV length overflows")?;
+    md.stamp(format!(
+        "Created *after* executing 'volmgr lvextend {vg_name}/{lv_name}'"
+    ));
+    let ext = md.vg.extent_size.bytes().0;
+    scan.commit(&mut md)?;
+    println!(
+        "  Size of logical volume {vg_name}/{lv_name} changed from {} ({old} extents) to {} ({new} extents).",
+        alloc::display_size(u64::from(old.0) * ext / 512),
+        alloc::display_size(u64::from(new.0) * ext / 512),
+    );
+
+    // Active: the daemon takes the longer table in place.
+    let name = dm_name(vg_name, lv_name);
+    let running = daemon_devices(&a.sd);
+    let Some(info) = running.get(&name) else {
+        if a.resizefs {
+            bail!(
+                "{vg_name}/{lv_name} is not active: its file system was not resized (activate \
+                 it, then run the file system's own resize tool)"
+            );
+        }
+        println!("  Logical volume {vg_name}/{lv_name} successfully resized.");
+        return Ok(());
+    };
+    let vg = &md.vg;
+    let lv = vg.lv(lv_name).context("the LV")?;
+    let table = lv_table(
+        vg,
+        lv,
+        &|pv| {
+            scan.pv_path(&pv.id)
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+                .map(|p| p.display().to_string())
+        },
+        MissingPvs::Refuse,
+    )?;
+    expect_text(call(
+        &a.sd,
+        Request::Reload {
+            name: name.clone(),
+            table,
+        },
+    )?)
+    .with_context(|| {
+        format!(
+            "{vg_name}/{lv_name}: the metadata has the new size, but the active device did not \
+             take it (deactivate and activate it)"
+        )
+    })?;
+    println!("  Logical volume {vg_name}/{lv_name} successfully resized.");
+    if a.resizefs {
+        if !info.path.starts_with('/') {
+            bail!(
+                "{vg_name}/{lv_name} is exported as {}: -r needs it as a local block device \
+                 (ublk)",
+                info.path
+            );
+        }
+        grow_fs(Path::new(&info.path))?;
+    }
+    Ok(())
+}
+
+/// The file system type on `dev`, as blkid reads it.
+fn fs_type(dev: &Path) -> Result<String> {
+    let o = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(dev)
+        .output()
+        .context("running blkid")?;
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// Where `dev` is mounted, from /proc/self/mounts.
+fn mount_point(dev: &Path) -> Option<PathBuf> {
+    let want = std::fs::canonicalize(dev).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let src = f.next()?;
+        let dir = f.next()?;
+        (std::fs::canonicalize(src).ok()? == want).then(|| PathBuf::from(dir.replace("\\040", " ")))
+    })
+}
+
+/// Grows the file system on `dev` to the device's size.
+fn grow_fs(dev: &Path) -> Result<()> {
+    let fs = fs_type(dev)?;
+    let mut cmd = match fs.as_str() {
+        "ext2" | "ext3" | "ext4" => {
+            let mut c = Command::new("resize2fs");
+            c.arg(dev);
+            c
+        }
+        "xfs" => {
+            let mnt = mount_point(dev).with_context(|| {
+                format!(
+                    "{}: XFS grows only while mounted: mount it first",
+                    dev.display()
+                )
+            })?;
+            let mut c = Command::new("xfs_growfs");
+            c.arg(mnt);
+            c
+        }
+        "" => bail!("{}: no file system found to resize", dev.display()),
+        other => bail!("{}: cannot resize a {other} file system", dev.display()),
+    };
+    let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !o.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    println!("  File system on {} resized ({fs}).", dev.display());
+    Ok(())
+}
