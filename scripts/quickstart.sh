@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a built-in default: three file-backed extents in a local directory, striped
-# by a device-mapper table, served by the volmgr daemon (as /dev/ublkbN where the kernel has
-# ublk, over NBD otherwise), then formatted, mounted, filled, checked and verified.
+# The main job on a built-in default, LVM-shaped: three file-backed PVs in a local directory,
+# one volume group, a striped LV and a thin LV with a snapshot, served by the volmgr daemon (as
+# /dev/VG/LV -> /dev/ublkbN where the kernel has ublk, over NBD otherwise), then formatted,
+# mounted, filled, checked and verified; `lvs` at the end. The VG is in LVM2's own on-disk
+# format: `pvs`/`vgs`/`lvs` of real lvm2 read it too.
 #
 #   bash scripts/quickstart.sh            (data in ./demo; DEMO_DIR=... to change)
 set -euo pipefail
@@ -11,73 +13,100 @@ bash scripts/setup.sh >/dev/null
 VOLMGR="$ROOT/target/debug/volmgr"
 DEMO=$(realpath -m "${DEMO_DIR:-$ROOT/demo}")
 STATE="$DEMO/state"
-PORT=${DEMO_PORT:-10809}
+VG=demo
+export VOLMGR_STATE_DIR="$STATE"
+# The PVs are files: volmgr's LVM verbs find them through this devices file (as lvm2's
+# devices file), never by scanning the machine's disks.
+export VOLMGR_LVM_DEVICESFILE="$DEMO/lvm-devices"
+export DM_DEV_DIR="$DEMO/dev"
 say() { printf '\n== %s\n' "$*"; }
+v() { "$VOLMGR" "$@"; }
 
+LOOPS=() QSDS=() MNTS=()
 cleanup() {
   set +e
-  mountpoint -q "$DEMO/mnt" && umount "$DEMO/mnt"
-  [ -n "${LOOP:-}" ] && losetup -d "$LOOP"
-  [ -n "${QSD:-}" ] && kill "$QSD" && wait "$QSD" 2>/dev/null
-  [ -S "$STATE/control.sock" ] && "$VOLMGR" dev remove demo --force --state-dir "$STATE" >/dev/null 2>&1
+  for m in "${MNTS[@]}"; do mountpoint -q "$m" && umount "$m"; done
+  for l in "${LOOPS[@]}"; do losetup -d "$l"; done
+  for q in "${QSDS[@]}"; do kill "$q"; wait "$q" 2>/dev/null; done
+  [ -S "$STATE/control.sock" ] && v vgchange -an "$VG" >/dev/null 2>&1
   [ -n "${DAEMON:-}" ] && kill -TERM "$DAEMON" && wait "$DAEMON" 2>/dev/null
 }
 trap cleanup EXIT
 
-say "extents: three 256 MiB sparse files in $DEMO"
-mkdir -p "$DEMO/mnt" "$STATE"
-for i in 0 1 2; do truncate -s 256M "$DEMO/leg$i.img"; done
-cat > "$DEMO/volume.table" <<EOF
-# 768 MiB volume striped over three files in 64 KiB chunks (dm-stripe layout)
-0 1572864 striped 3 128 $DEMO/leg0.img 0 $DEMO/leg1.img 0 $DEMO/leg2.img 0
-EOF
-"$VOLMGR" table check "$DEMO/volume.table"
+# attach VG/LV: sets DEV to a local block device for an active LV: /dev/VG/LV with ublk;
+# without it, the LV's NBD export through qemu-storage-daemon's FUSE export and a loop device.
+attach() {
+  local lv=$1 uri img host
+  if [ -e /dev/ublk-control ]; then DEV=$(readlink -f "$DM_DEV_DIR/$lv"); return; fi
+  uri=$(v lvs --noheadings -o lv_dm_path "$lv" | tr -d ' ')
+  img="$DEMO/${lv//\//-}.fuse"
+  : > "$img"
+  host=${uri#nbd://}; host=${host%%/*}
+  qemu-storage-daemon --blockdev "driver=nbd,node-name=n0,discard=unmap,server.type=inet,server.host=${host%:*},server.port=${host##*:},export=${uri##*/}" \
+    --export "type=fuse,id=e0,node-name=n0,mountpoint=$img,writable=on" >"$img.log" 2>&1 &
+  QSDS+=($!)
+  for _ in $(seq 100); do [ "$(stat -c %s "$img")" -gt 0 ] && break; sleep 0.1; done
+  DEV=$(losetup -f --show "$img"); LOOPS+=("$DEV")
+}
+
+# Without ublk each LV is exported over NBD on a port of its own (`lvs -o lv_dm_path` says
+# which).
+nbd_opt() {
+  [ -e /dev/ublk-control ] || echo "--nbd 127.0.0.1:0"
+}
+
+say "PVs: three 256 MiB sparse files in $DEMO"
+rm -rf "$STATE" "$DEMO/dev" "$VOLMGR_LVM_DEVICESFILE"
+mkdir -p "$DEMO/mnt" "$DEMO/snap" "$STATE"
+for i in 0 1 2; do rm -f "$DEMO/pv$i.img"; truncate -s 256M "$DEMO/pv$i.img"; done
+v pvcreate "$DEMO"/pv0.img "$DEMO"/pv1.img "$DEMO"/pv2.img
+v vgcreate "$VG" "$DEMO"/pv0.img "$DEMO"/pv1.img "$DEMO"/pv2.img
+v pvs
+v vgs
 
 say "daemon (state in $STATE)"
-rm -f "$STATE/devices.json"
-"$VOLMGR" daemon --state-dir "$STATE" 2>"$DEMO/daemon.log" &
+"$VOLMGR" daemon 2>"$DEMO/daemon.log" &
 DAEMON=$!
 for _ in $(seq 100); do [ -S "$STATE/control.sock" ] && break; sleep 0.1; done
+[ -e /dev/ublk-control ] || echo "(this kernel has no ublk: each LV is exported over NBD)"
 
-if [ -e /dev/ublk-control ]; then
-  DEV=$("$VOLMGR" dev create demo --table "$DEMO/volume.table" --state-dir "$STATE")
-else
-  echo "(this kernel has no ublk: exporting over NBD on 127.0.0.1:$PORT)"
-  URI=$("$VOLMGR" dev create demo --table "$DEMO/volume.table" --nbd "127.0.0.1:$PORT" --state-dir "$STATE")
-  echo "$URI"
-  nbdinfo "$URI" | sed -n '1,12p'
-  # No nbd kernel client here either: qemu-storage-daemon's FUSE export + a loop device.
-  : > "$DEMO/fuse.img"
-  qemu-storage-daemon --blockdev "driver=nbd,node-name=n0,discard=unmap,server.type=inet,server.host=127.0.0.1,server.port=$PORT,export=demo" \
-    --export "type=fuse,id=e0,node-name=n0,mountpoint=$DEMO/fuse.img,writable=on" 2>"$DEMO/qsd.log" &
-  QSD=$!
-  for _ in $(seq 100); do [ "$(stat -c %s "$DEMO/fuse.img")" -gt 0 ] && break; sleep 0.1; done
-  LOOP=$(losetup -f --show "$DEMO/fuse.img")
-  DEV=$LOOP
-fi
-"$VOLMGR" dev list --state-dir "$STATE"
+say "a striped LV over the three PVs, and a thin pool with a thin LV"
+v lvcreate -i 3 -I 64k -L 384m -n striped "$VG" $(nbd_opt)
+v lvcreate --type thin-pool -L 256m -n pool "$VG"
+v lvcreate -V 1g --thinpool pool -n thin "$VG" $(nbd_opt)
 
-say "mkfs.ext4 + mount $DEV"
-mkfs.ext4 -F -q "$DEV"
-mount "$DEV" "$DEMO/mnt"
-cp -r /usr/share/doc/bash /usr/share/doc/coreutils "$DEMO/mnt/" 2>/dev/null || true
-head -c 64M /dev/urandom > "$DEMO/mnt/random.bin"
-( cd "$DEMO/mnt" && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum ) > "$DEMO/sums"
-df -h "$DEMO/mnt" | tail -1
-umount "$DEMO/mnt"
+fill() { # DEV MNT SUMS: mkfs, mount, files, checksums, umount, e2fsck
+  mkfs.ext4 -F -q "$1"
+  mount "$1" "$2"; MNTS+=("$2")
+  cp -r /usr/share/doc/bash /usr/share/doc/coreutils "$2/" 2>/dev/null || true
+  head -c 32M /dev/urandom > "$2/random.bin"
+  ( cd "$2" && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum ) > "$3"
+  df -h "$2" | tail -1
+  umount "$2"
+  e2fsck -fn "$1"
+}
+verify() { # DEV MNT SUMS
+  mount -o ro "$1" "$2"
+  ( cd "$2" && sha256sum --quiet -c "$3" ) && echo "$(wc -l < "$3") files: all checksums match"
+  umount "$2"
+}
 
-say "e2fsck -fn"
-e2fsck -fn "$DEV"
+say "mkfs.ext4, fill, e2fsck, verify: $VG/striped"
+attach "$VG/striped"; S=$DEV
+fill "$S" "$DEMO/mnt" "$DEMO/striped.sums"
+verify "$S" "$DEMO/mnt" "$DEMO/striped.sums"
 
-say "remount and verify $(wc -l < "$DEMO/sums") files"
-mount "$DEV" "$DEMO/mnt"
-( cd "$DEMO/mnt" && sha256sum --quiet -c "$DEMO/sums" ) && echo "all checksums match"
-umount "$DEMO/mnt"
-"$VOLMGR" dev list --state-dir "$STATE"
-"$VOLMGR" dev status demo --state-dir "$STATE"
+say "mkfs.ext4, fill, e2fsck: $VG/thin; then a snapshot, and the origin changes"
+attach "$VG/thin"; T=$DEV
+fill "$T" "$DEMO/mnt" "$DEMO/thin.sums"
+v lvcreate -s "$VG/thin" -n snap $(nbd_opt)
+mount "$T" "$DEMO/mnt"; rm -rf "$DEMO/mnt/bash"; echo changed > "$DEMO/mnt/new-file"; umount "$DEMO/mnt"
+say "the snapshot still holds the files as they were"
+attach "$VG/snap"; P=$DEV
+e2fsck -fn "$P"
+verify "$P" "$DEMO/snap" "$DEMO/thin.sums"
 
-say "where the data went (bytes allocated per extent)"
-du -h --apparent-size "$DEMO"/leg*.img | sed 's/^/apparent /'
-du -h "$DEMO"/leg*.img | sed 's/^/allocated /'
+say "lvs"
+v lvs -a -o +devices
 echo
 echo "quickstart: OK"

@@ -7,7 +7,7 @@
 D=$(dirname "$0")
 SERVE=$1 VOLMGR=$2
 shift 2
-SCRIPTS=${*:-smoke.sh ublk-basic.sh ublk-tables.sh ublk-recovery.sh daemon.sh daemon-recovery.sh daemon-grow.sh}
+SCRIPTS=${*:-smoke.sh ublk-basic.sh ublk-tables.sh ublk-recovery.sh daemon.sh daemon-recovery.sh daemon-grow.sh lvm.sh}
 # Each script declares how many checks it runs (`# vm-checks: N`, CHECK_SKIP lines count):
 # a script that stops early, or silently skips a block, fails here instead of passing with
 # fewer checks.
@@ -17,7 +17,7 @@ for s in $SCRIPTS; do
   echo "===== $s (uptime $(cut -d' ' -f1 /proc/uptime)s)"
   case $s in
     ublk-*) bash "$D/$s" "$SERVE" 2>&1 | tee "$OUT" ;;
-    daemon*) bash "$D/$s" "$VOLMGR" 2>&1 | tee "$OUT" ;;
+    daemon*|lvm*) bash "$D/$s" "$VOLMGR" 2>&1 | tee "$OUT" ;;
     *) bash "$D/$s" 2>&1 | tee "$OUT" ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1

@@ -1,0 +1,133 @@
+#!/bin/bash
+# lvm.sh - the volume manager against the kernel's own LVM: a VG volmgr writes on loop
+# devices is activated by real lvm2 on kernel device-mapper, and ext4 made through either
+# activation is mounted and fsck'ed clean through the other; a VG lvm2 writes (with dm
+# active, so lvm2 zeroes and activates as in production) is activated by volmgr as
+# /dev/VG/LV -> /dev/ublkbN. Then the protection: with a volmgr raid1 LV in the VG, lvm2's
+# lvchange -ay / lvcreate / vgextend are refused and change nothing of ours.
+#
+# Usage: lvm.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh through all.sh)
+# vm-modules: ublk_drv ext4 dm-mod loop
+# vm-checks: 33
+. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/daemon-lib.sh"
+
+VOLMGR=${1:-${VOLMGR:-}}
+[ -x "$VOLMGR" ] || { fail lvm-setup "volmgr binary '$VOLMGR' not executable"; exit 1; }
+load_modules dm-mod loop || exit 1
+export VOLMGR_STATE_DIR=/tmp/volmgr-lvm-state
+export RUST_LOG=${RUST_LOG:-warn}
+W=/tmp/lvmvm
+M=/tmp/mnt-lvm
+rm -rf $W $VOLMGR_STATE_DIR; mkdir -p $W/etc $M $VOLMGR_STATE_DIR
+DLOG=$W/daemon.log
+
+LOOPS=()
+for i in 0 1 2 3 4; do
+  truncate -s 96M $W/d$i
+  LOOPS+=("$(losetup -f --show $W/d$i)")
+done
+A="${LOOPS[0]},${LOOPS[1]},${LOOPS[2]}"
+B="${LOOPS[3]}"
+filter=""
+for l in "${LOOPS[@]}"; do filter="$filter\"a|^$l\$|\", "; done
+cat > $W/etc/lvm.conf <<EOF
+devices { filter = [ $filter "r|.*|" ] global_filter = [ $filter "r|.*|" ] use_devicesfile = 0
+  obtain_device_list_from_udev = 0 hints = "none" scan = [ "/dev" ] }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+backup { backup = 0 archive = 0 }
+global { use_lvmlockd = 0 }
+EOF
+export LVM_SYSTEM_DIR=$W/etc LVM_SUPPRESS_FD_WARNINGS=1
+lvm() { command lvm "$@"; }
+v() { "$VOLMGR" "$@"; }
+
+step "volmgr writes a VG and LVs; lvm2 checks and activates them on kernel dm"
+check lvm-vgcreate v vgcreate -s 1m vga ${LOOPS[0]} ${LOOPS[1]} ${LOOPS[2]} --devices $A
+check lvm-lvcreate-linear v lvcreate -an -L 40m -n lin vga --devices $A
+check lvm-lvcreate-striped v lvcreate -an -i 3 -I 64k -L 48m -n str vga --devices $A
+check lvm-lvm2-vgck lvm vgck vga
+check lvm-lvm2-activates lvm lvchange -ay vga/lin vga/str
+if wait_for -b /dev/mapper/vga-lin 10 && wait_for -b /dev/mapper/vga-str 10; then
+  ok lvm-dm-devices; else fail lvm-dm-devices "no /dev/mapper/vga-{lin,str}"; fi
+check lvm-dm-mkfs mkfs.ext4 -F -q /dev/mapper/vga-lin
+mount /dev/mapper/vga-lin $M && make_tree $M $W/lin.sums && umount $M
+check lvm-lvm2-deactivates lvm lvchange -an vga/lin vga/str
+
+step "volmgr activates the same LVs through ublk and reads what the kernel wrote"
+daemon_start $DLOG || { fail lvm-daemon "$(tail -n 5 $DLOG | tr '\n' ' ')"; exit 1; }
+check lvm-volmgr-activates v vgchange -ay vga --devices $A
+if [ -L /dev/vga/lin ] && wait_for -b /dev/vga/lin 10; then ok lvm-dev-link; else
+  fail lvm-dev-link "/dev/vga/lin: $(ls -l /dev/vga 2>&1 | tr '\n' ' ')"; fi
+check lvm-volmgr-e2fsck e2fsck_clean /dev/vga/lin
+mount -o ro /dev/vga/lin $M
+check lvm-volmgr-reads-kernel-tree bash -c "cd $M && sha256sum --quiet -c $W/lin.sums"
+umount $M
+# The other way: ext4 made through our striped LV, read back by the kernel's dm-stripe.
+check lvm-volmgr-mkfs-striped mkfs.ext4 -F -q /dev/vga/str
+mount /dev/vga/str $M && make_tree $M $W/str.sums && umount $M
+check lvm-volmgr-deactivates v vgchange -an vga --devices $A
+expect_eq lvm-links-gone "$(ls /dev/vga 2>/dev/null | wc -l)" 0
+check lvm-lvm2-activates-striped lvm lvchange -ay vga/str
+check lvm-dm-e2fsck-striped e2fsck_clean /dev/mapper/vga-str
+mount -o ro /dev/mapper/vga-str $M
+check lvm-dm-reads-our-tree bash -c "cd $M && sha256sum --quiet -c $W/str.sums"
+umount $M
+lvm lvchange -an vga/str
+
+step "lvm2 writes a VG (dm active); volmgr activates it"
+check lvm-lvm2-vg lvm vgcreate -s 4m vgb $B
+check lvm-lvm2-lv lvm lvcreate -y -L 32m -n data vgb
+mkfs.ext4 -F -q /dev/vgb/data && mount /dev/vgb/data $M && make_tree $M $W/b.sums && umount $M
+lvm lvchange -an vgb/data
+check lvm-volmgr-activates-lvm2-lv v lvchange -ay vgb/data --devices $B
+mount /dev/vgb/data $M
+check lvm-volmgr-reads-lvm2-tree bash -c "cd $M && sha256sum --quiet -c $W/b.sums"
+umount $M
+check lvm-volmgr-deactivates-lvm2-lv v lvchange -an vgb/data --devices $B
+
+step "a volmgr raid1 LV: lvm2 keeps off it, with kernel dm-raid available"
+check lvm-volmgr-raid1 v lvcreate --type raid1 -m 1 -L 16m -n r1 vga --devices $A
+R1=$(readlink -f /dev/vga/r1)
+head -c 8M /dev/urandom > $W/r1.data
+dd if=$W/r1.data of=$R1 bs=1M oflag=direct status=none
+seq0=$(lvm vgs --noheadings -o vg_seqno vga | tr -d ' ')
+if lvm lvchange -ay vga/r1 >$W/a.out 2>&1; then fail lvm-lvm2-refuses-raid1 "$(cat $W/a.out)"
+else ok lvm-lvm2-refuses-raid1; fi
+if ls /dev/mapper/ | grep -q 'vga-r1'; then fail lvm-no-dm-raid "$(ls /dev/mapper)"
+else ok lvm-no-dm-raid; fi
+if lvm lvcreate -y -L 4m -n x vga >$W/c.out 2>&1; then fail lvm-lvm2-refuses-lvcreate "$(cat $W/c.out)"
+else ok lvm-lvm2-refuses-lvcreate; fi
+if lvm vgextend vga ${LOOPS[4]} >$W/e.out 2>&1; then fail lvm-lvm2-refuses-vgextend "$(cat $W/e.out)"
+else ok lvm-lvm2-refuses-vgextend; fi
+expect_eq lvm-lvm2-wrote-nothing "$(lvm vgs --noheadings -o vg_seqno vga | tr -d ' ')" "$seq0"
+expect_eq lvm-raid1-data "$(dd if=$R1 bs=1M count=8 iflag=direct status=none | sha256sum)" \
+  "$(sha256sum < $W/r1.data)"
+
+step "lvextend -r: the LV and its mounted ext4 grow online"
+v lvcreate -L 32m -n grow vga --devices $A >/dev/null
+mkfs.ext4 -F -q /dev/vga/grow && mount /dev/vga/grow $M
+k0=$(df -k --output=size $M | tail -n1 | tr -d ' ')
+if kernel_at_least 6 16; then
+  check lvm-lvextend-r v lvextend -r -L +32m vga/grow --devices $A
+  k1=$(df -k --output=size $M | tail -n1 | tr -d ' ')
+  if [ "$k1" -gt $(( k0 * 3 / 2 )) ]; then ok lvm-fs-grew; else fail lvm-fs-grew "${k0}K -> ${k1}K"; fi
+else
+  # No UBLK_U_CMD_UPDATE_SIZE before 6.16: the grow is refused with the reason, the file
+  # system keeps working.
+  if v lvextend -r -L +32m vga/grow --devices $A >$W/g.out 2>&1; then
+    fail lvm-lvextend-r-refused "$(cat $W/g.out)"
+  elif grep -q "did not take it" $W/g.out; then ok lvm-lvextend-r-refused
+  else fail lvm-lvextend-r-refused "$(cat $W/g.out)"; fi
+  echo still > $M/f && sync && ok lvm-fs-still-works
+fi
+umount $M
+check lvm-grow-e2fsck e2fsck_clean /dev/vga/grow
+v lvremove -y vga/grow --devices $A >/dev/null
+
+step "clean up"
+v lvremove -y vga/r1 --devices $A >/dev/null
+kill $DPID
+gone $DPID 30 || kill -9 $DPID
+for l in "${LOOPS[@]}"; do dmsetup remove_all >/dev/null 2>&1; losetup -d $l; done
+exit 0
