@@ -250,3 +250,27 @@ pub fn pv_entry(
 ) -> lvm::PhysicalVolume {
     lvm::vgcreate::pv_entry(key, label, size, extent_size, device).expect("a PV entry")
 }
+
+/// `n` in-memory devices of `size` bytes (`disk0`, `disk1`, ...), each made a PV with LVM2's
+/// default layout, and the VG entry of each (`pv0`, `pv1`, ...) for extents of `extent`.
+pub fn mem_pvs(
+    n: usize,
+    size: tables::Bytes,
+    extent: tables::Sectors,
+) -> (
+    Vec<std::sync::Arc<tables::mem::MemDevice>>,
+    Vec<lvm::PhysicalVolume>,
+) {
+    let mem: Vec<std::sync::Arc<tables::mem::MemDevice>> = (0..n)
+        .map(|i| std::sync::Arc::new(tables::mem::MemDevice::new(format!("disk{i}"), size)))
+        .collect();
+    let pvs = mem
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let l = lvm::pvcreate::pvcreate(m.as_ref(), &Default::default()).expect("pvcreate");
+            pv_entry(&format!("pv{i}"), &l, size, extent, None)
+        })
+        .collect();
+    (mem, pvs)
+}
