@@ -151,6 +151,22 @@ impl Lvm2 {
             .unwrap_or_else(|| panic!("no '{key}' rows in {out}"))
     }
 
+    /// lvm2's `vgck VG` passes and warns about nothing (device-mapper's absence aside).
+    pub fn assert_vgck_clean(&self, name: &str) {
+        let out = self.try_run(&["vgck", name]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let warnings: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("WARNING") || l.contains("rror") || l.contains("nconsistent"))
+            .filter(|l| !l.contains("device-mapper") && !l.contains("Activation disabled"))
+            .collect();
+        assert!(
+            out.status.success() && warnings.is_empty(),
+            "vgck {name}: {}{err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     /// Opens the loop devices as our devices (not claimed exclusively).
     pub fn open(&self, read_only: bool) -> Vec<DeviceRef> {
         scan::open_paths(&self.loops, read_only).expect("opening the loop devices")
