@@ -24,7 +24,6 @@ use lvm::pvcreate::{self, PvCreateOptions};
 use lvm::scan::{self, Problem, ScanReport};
 use lvm::text::{Item, Value};
 use lvm::{Extents, LogicalVolume, Segment, Uuid, VolumeGroup};
-use tables::mem::CutMode;
 use tables::{Bytes, DeviceRef, Sectors};
 
 mod common;
@@ -239,17 +238,7 @@ fn one_cut(seed: u64) {
     let r = rig(2 + (seed % 3) as usize, PV_SIZE);
     r.budget.store(point, Ordering::SeqCst);
     let o = workload(&r, seed);
-    let mode = if rng(&mut cs).is_multiple_of(3) {
-        CutMode::DropAll
-    } else {
-        CutMode::Random {
-            seed: rng(&mut cs),
-            tear: true,
-        }
-    };
-    for c in &r.crash {
-        c.power_cut(mode);
-    }
+    let mode = r.cut_power(&mut cs);
     let dead = rng(&mut cs)
         .is_multiple_of(5)
         .then(|| (rng(&mut cs) % r.crash.len() as u64) as usize);
@@ -280,10 +269,7 @@ fn one_cut(seed: u64) {
 
 #[test]
 fn every_cut_leaves_old_or_new_on_every_pv() {
-    let cuts: u64 = std::env::var("LVM_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cuts = cut::cuts(200);
     for seed in 0..cuts {
         one_cut(seed);
     }

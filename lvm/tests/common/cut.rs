@@ -96,3 +96,31 @@ pub fn rig(n: usize, size: u64) -> Rig {
         .collect();
     Rig { crash, cut, budget }
 }
+
+impl Rig {
+    /// Cuts the power of every device: unflushed writes all dropped (one time in three) or
+    /// each kept or not at random and possibly torn. Returns the mode used.
+    pub fn cut_power(&self, cs: &mut u64) -> tables::mem::CutMode {
+        use tables::mem::CutMode;
+        let mode = if rng(cs).is_multiple_of(3) {
+            CutMode::DropAll
+        } else {
+            CutMode::Random {
+                seed: rng(cs),
+                tear: true,
+            }
+        };
+        for c in &self.crash {
+            c.power_cut(mode);
+        }
+        mode
+    }
+}
+
+/// `LVM_CUTS` from the environment, or `default`.
+pub fn cuts(default: u64) -> u64 {
+    std::env::var("LVM_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
