@@ -89,7 +89,7 @@ pub fn update_metadata(
             continue;
         }
         if copies.all(|t| t.metadata.vg.id == *id && t.metadata.vg.seqno < md.vg.seqno) {
-            crate::orphan::make_orphan(d.dev.as_ref(), label)?;
+            crate::orphan::leave_vg(d.dev.as_ref(), label)?;
             wiped.push(d.name.clone());
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! A PV may leave only when no LV has an extent on it and it is not the VG's last PV. The new
 //! version, without it, is written to the PVs that stay ([`commit::commit_dropping`]); then
-//! the PV becomes an orphan ([`crate::orphan`]). A cut in between leaves the PV with its old
+//! the PV becomes an orphan ([`crate::orphan::leave_vg`]). A cut in between leaves the PV with its old
 //! copy of a VG that no longer lists it: the scan reports it ([`Problem::NotInVg`]) and
 //! `vgck --updatemetadata` ([`crate::repair`]) or another `vgreduce` finishes the job.
 //!
@@ -244,7 +244,7 @@ fn finish(
         if let Some(i) = report.device_of_pv(id) {
             let d = &report.devices[i];
             if let Some(label) = &d.label {
-                crate::orphan::make_orphan(d.dev.as_ref(), label)?;
+                crate::orphan::leave_vg(d.dev.as_ref(), label)?;
             }
         }
     }

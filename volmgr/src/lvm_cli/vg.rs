@@ -543,7 +543,7 @@ fn reduce(a: &VgreduceArgs) -> Result<()> {
                         a.vg
                     );
                 }
-                lvm::orphan::make_orphan(scan.report.devices[i].dev.as_ref(), &l)
+                lvm::orphan::leave_vg(scan.report.devices[i].dev.as_ref(), &l)
                     .with_context(|| format!("{shown}: making it an orphan PV"))?;
                 println!("  Removed \"{shown}\" from volume group \"{}\"", a.vg);
                 continue;
