@@ -446,3 +446,61 @@ fn vgcfgrestore_both_ways_and_over_damaged_metadata() {
     assert_eq!(num(r, "vg_mda_used_count"), 2);
     assert_eq!(e.lv_names("vgb"), ["lin", "str"]);
 }
+
+#[test]
+fn display_verbs_print_what_lvm2_prints() {
+    let e = Env::new(&[64, 64, 64, 64]);
+    let (l0, l1, l2, l3) = (e.l(0), e.l(1), e.l(2), e.l(3));
+    e.lvm.run(&["pvcreate", l0, l1, l2, l3]);
+    e.lvm.run(&["vgcreate", "-s", "1m", "vgd", l0, l1]);
+    e.lvm.run(&["vgcreate", "vge", l2]);
+    e.lvcreate(&["-l", "10", "-n", "lin", "vgd", l0]);
+    e.lvcreate(&["-i", "2", "-I", "64k", "-l", "8", "-n", "str", "vgd"]);
+    e.lvcreate(&["--type", "zero", "-L", "8m", "-n", "z", "vgd"]);
+    e.lvcreate(&["--alloc", "contiguous", "-l", "50", "-n", "full", "vgd", l1]);
+    e.lvcreate(&["-l", "3", "-n", "other", "vge"]);
+    e.lvm
+        .run(&["lvchange", "--driverloaded", "n", "-r", "256", "vgd/lin"]);
+    // A PV we resized (its dev_size less than the device) and an orphan of a set size.
+    e.ok(&["pvresize", "--setphysicalvolumesize", "60m", "-y", l1]);
+    e.ok(&["pvresize", "--setphysicalvolumesize", "40m", "-y", l3]);
+    for cmd in [
+        "pvdisplay",
+        "pvdisplay -m",
+        "pvdisplay -c",
+        "pvdisplay -s",
+        "vgdisplay",
+        "vgdisplay -v",
+        "vgdisplay -c",
+        "vgdisplay -s",
+        "vgdisplay vge",
+        "lvdisplay",
+        "lvdisplay -m",
+        "lvdisplay -c",
+        "lvdisplay vgd/str",
+    ] {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        // Without --driverloaded n, so lvm2 says whether each LV is active (it cannot be).
+        let theirs = e.lvm.try_run(&args);
+        let theirs = String::from_utf8_lossy(&theirs.stdout);
+        let ours = e.ok(&args);
+        let (t, o): (Vec<&str>, Vec<&str>) = (theirs.lines().collect(), ours.lines().collect());
+        for (i, (t, o)) in t.iter().zip(&o).enumerate() {
+            assert_eq!(
+                o,
+                t,
+                "{cmd}: line {}\nlvm2:\n{theirs}\nours:\n{ours}",
+                i + 1
+            );
+        }
+        assert_eq!(
+            o.len(),
+            t.len(),
+            "{cmd}: line count\nlvm2:\n{theirs}\nours:\n{ours}"
+        );
+        assert!(
+            ours.contains("---") || ours.contains(':') || cmd.ends_with("-s"),
+            "{cmd}: {ours}"
+        );
+    }
+}

@@ -70,6 +70,12 @@ enum Cmd {
     Vgcfgbackup(lvm_cli::vg::VgcfgbackupArgs),
     /// Report logical volumes.
     Lvs(lvm_cli::lv::LvsArgs),
+    /// Show physical volumes in lvm2's pvdisplay layout.
+    Pvdisplay(lvm_cli::display::PvdisplayArgs),
+    /// Show volume groups in lvm2's vgdisplay layout.
+    Vgdisplay(lvm_cli::display::VgdisplayArgs),
+    /// Show logical volumes in lvm2's lvdisplay layout.
+    Lvdisplay(lvm_cli::display::LvdisplayArgs),
     /// Activate (`-ay`) or deactivate (`-an`) LVs as the daemon's devices.
     Lvchange(lvm_cli::activate::LvchangeArgs),
     /// Activate (`-ay`) or deactivate (`-an`) every LV of VGs.
@@ -102,6 +108,9 @@ fn main() -> ExitCode {
         Cmd::Vgck(a) => lvm_cli::vg::vgck(a),
         Cmd::Vgcfgbackup(a) => lvm_cli::vg::vgcfgbackup(a),
         Cmd::Lvs(a) => lvm_cli::lv::lvs(a),
+        Cmd::Pvdisplay(a) => lvm_cli::display::pvdisplay(a),
+        Cmd::Vgdisplay(a) => lvm_cli::display::vgdisplay(a),
+        Cmd::Lvdisplay(a) => lvm_cli::display::lvdisplay(a),
         Cmd::Lvchange(a) => lvm_cli::activate::lvchange(a),
         Cmd::Vgchange(a) => lvm_cli::activate::vgchange(a),
         Cmd::Completions(a) => docs_cmd::completions(a),

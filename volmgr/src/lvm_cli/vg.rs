@@ -573,15 +573,6 @@ fn reduce(a: &VgreduceArgs) -> Result<()> {
     Ok(())
 }
 
-/// Where lvm2 puts `/dev/VG` (`$DM_DEV_DIR`, else `/dev`), with a trailing slash.
-fn dev_dir() -> String {
-    let mut d = std::env::var("DM_DEV_DIR").unwrap_or_else(|_| "/dev".into());
-    if !d.ends_with('/') {
-        d.push('/');
-    }
-    d
-}
-
 pub fn vgrename(a: VgrenameArgs) -> Result<()> {
     lvm_status(rename(&a))
 }
@@ -590,7 +581,7 @@ fn rename(a: &VgrenameArgs) -> Result<()> {
     let scan = scan_rw(&a.dev)?;
     let sv = lvm::vgrename::find_vg(&scan.report, &a.old)
         .ok_or_else(|| anyhow!("Volume group \"{}\" not found", a.old))?;
-    let dir = dev_dir();
+    let dir = super::display::dev_dir();
     lvm::vgrename::check_new_name(&scan.report, sv, &a.new, &dir)?;
     let path = format!("{dir}{}", a.new);
     if Path::new(&path).exists() {
