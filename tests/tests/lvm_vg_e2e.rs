@@ -192,8 +192,14 @@ fn vgextend_and_vgreduce_are_what_lvm2_reads() {
     // lvm2 takes our orphan back, and gives it up to us again.
     e.lvm.run(&["vgextend", "vgx", l1]);
     e.vgck_clean("vgx");
-    e.ok(&["vgreduce", "vgx", l1]);
+    // -a: every PV without LV extents (l1 only).
+    let out = e.ok(&["vgreduce", "-a", "vgx"]);
+    assert!(
+        out.contains(l1) && !out.contains(l0) && !out.contains(l2),
+        "{out}"
+    );
     assert_eq!(e.vg_of(l1), "");
+    e.vgck_clean("vgx");
     let err = e.fails(&["vgreduce", "vgy", l3]);
     assert!(
         err.contains(&format!(
@@ -278,6 +284,13 @@ fn vgrename_and_pvresize_are_what_lvm2_reads() {
     assert!(
         err.contains("lin") && err.contains("vgchange -an vgr"),
         "{err}"
+    );
+    // lvdisplay says it is active and where.
+    let shown = e.ok(&["lvdisplay", "vgr/lin"]);
+    assert!(
+        shown.contains("  LV Status              available\n")
+            && shown.contains("  Block device           nbd://127.0.0.1:"),
+        "{shown}"
     );
     let backup = e.lvm.path("vgr.vg");
     e.ok(&["vgcfgbackup", "-f", backup.to_str().unwrap(), "vgr"]);
