@@ -517,3 +517,38 @@ fn display_verbs_print_what_lvm2_prints() {
         );
     }
 }
+
+/// An immutable file (`chattr +i`: even root cannot open it for writing), made mutable again
+/// on drop so its directory can go.
+struct Immutable(std::path::PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_device_that_cannot_be_written_among_those_scanned_does_not_stop_a_write() {
+    e2e::require_tool("chattr");
+    let e = Env::new(&[64, 64]);
+    let (l0, l1) = (e.l(0), e.l(1));
+    let file = e.lvm.path("ro.img");
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(16 << 20))
+        .unwrap();
+    let ok = Command::new("chattr")
+        .arg("+i")
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "chattr +i {}", file.display());
+    let ro = Immutable(file);
+    e.lvm.run(&["pvcreate", l0, l1]);
+    e.lvm.run(&["vgcreate", "vgw", l0]);
+    let devices = format!("{l0},{l1},{}", ro.0.display());
+    let o = e.vm_on(&["vgextend", "vgw", l1], &devices);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    e.vgck_clean("vgw");
+    assert_eq!(e.vg_of(l1), "vgw");
+}

@@ -220,12 +220,7 @@ fn resize(a: &PvresizeArgs) -> Result<()> {
 }
 
 fn resize_one(a: &PvresizeArgs, p: &std::path::Path, size: Option<tables::Bytes>) -> Result<()> {
-    let ro = Scan::run(&a.dev)?;
-    let devs = lvm::scan::open_paths(&ro.paths, false).context("opening the PVs for writing")?;
-    let scan = Scan {
-        report: lvm::scan::scan(&devs),
-        paths: ro.paths,
-    };
+    let scan = super::vg::scan_rw(&a.dev)?;
     let shown = p.display();
     let i = scan
         .device_index(p)

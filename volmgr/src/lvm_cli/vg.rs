@@ -50,13 +50,21 @@ pub fn lvm_status(r: Result<()>) -> Result<()> {
 }
 
 /// A scan whose devices are open for writing (a commit writes through the report's devices).
-fn scan_rw(dev: &DeviceArgs) -> Result<Scan> {
+pub(crate) fn scan_rw(dev: &DeviceArgs) -> Result<Scan> {
     scan_paths_rw(Scan::run(dev)?.paths)
 }
 
-/// `paths` opened for writing and scanned.
+/// `paths` opened for writing (read-only where that is refused: a write-protected device
+/// can still be scanned, and only fails if it is written) and scanned.
 fn scan_paths_rw(paths: Vec<PathBuf>) -> Result<Scan> {
-    let devs = lvm::scan::open_paths(&paths, false).context("opening the PVs for writing")?;
+    let mut devs = Vec::new();
+    for p in &paths {
+        let one = std::slice::from_ref(p);
+        let dev = lvm::scan::open_paths(one, false)
+            .or_else(|_| lvm::scan::open_paths(one, true))
+            .with_context(|| format!("opening {}", p.display()))?;
+        devs.extend(dev);
+    }
     Ok(Scan {
         report: lvm::scan::scan(&devs),
         paths,
