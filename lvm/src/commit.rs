@@ -11,6 +11,10 @@
 //!
 //! A cut between PVs in step 4 leaves some PVs on the new seqno and some on the old: the scan
 //! takes the new one and reports the others as stale; the next commit rewrites them.
+//!
+//! [`commit_dropping`] writes a version that leaves PVs out (vgreduce): only the PVs it keeps
+//! are written; the dropped ones keep their old copy (the scan reports them as no longer in
+//! the VG) until the caller makes them orphans ([`crate::orphan`]).
 
 use tables::DeviceRef;
 
@@ -18,7 +22,7 @@ use crate::io;
 use crate::label::{self, DiskArea, Label, PV_EXT_USED, PV_HEADER_EXTENSION_VSN};
 use crate::mda::{self, MdaHeader, RawLocn};
 use crate::model::Metadata;
-use crate::scan::{Problem, ScanReport};
+use crate::scan::{DeviceScan, Problem, ScanReport};
 use crate::text::Style;
 use crate::uuid::Uuid;
 use crate::Error;
@@ -46,12 +50,21 @@ pub struct Committed {
     pub skipped: Vec<(String, u64)>,
 }
 
-/// A PV to write: its device, its label, and its usable metadata areas with their headers as
-/// the scan saw them.
-struct Target {
-    dev: DeviceRef,
-    label: Label,
-    areas: Vec<MdaHeader>,
+/// A metadata area to write to.
+#[derive(Clone, Debug)]
+pub(crate) struct AreaTarget {
+    /// The header as the scan saw it, or (for `replace`) an empty header for the area.
+    pub(crate) header: MdaHeader,
+    /// The header on disk is damaged and is replaced (repairs only): no committed copy is
+    /// kept, and the header must still be damaged when the write starts.
+    pub(crate) replace: bool,
+}
+
+/// A PV to write: its device, its label, and its usable metadata areas.
+pub(crate) struct Target {
+    pub(crate) dev: DeviceRef,
+    pub(crate) label: Label,
+    pub(crate) areas: Vec<AreaTarget>,
 }
 
 /// Why a commit was refused; nothing was written.
@@ -150,6 +163,16 @@ pub enum CommitError {
         /// VG name.
         vg: String,
     },
+    /// A PV to drop is still listed by the new version, or is not in the old one.
+    #[error("VG {vg}: PV {id} cannot be dropped: {why}")]
+    BadDrop {
+        /// VG name.
+        vg: String,
+        /// PV uuid.
+        id: Uuid,
+        /// "the new version still lists it" or "the VG does not list it".
+        why: &'static str,
+    },
 }
 
 /// Writes `md` as the next version of the VG the scan `report` found with its uuid: sets
@@ -158,19 +181,44 @@ pub enum CommitError {
 /// [`Metadata::stamp`] sets them for a new version.
 ///
 /// Refused ([`CommitError`]) when a PV is missing, is on two devices or carries another VG,
-/// when a PV of the old version is dropped (removing PVs is not done here), when a PV added
-/// to the VG already holds metadata, or when a metadata area changed since the scan.
+/// when a PV of the old version is dropped (see [`commit_dropping`]), when a PV added to the
+/// VG already holds metadata, or when a metadata area changed since the scan.
 pub fn commit(report: &ScanReport, md: &mut Metadata) -> Result<Committed, Error> {
+    commit_dropping(report, md, &[])
+}
+
+/// [`commit`] for a version that leaves out the PVs `dropped` (vgreduce): each must be in the
+/// scanned VG and not in `md.vg`; they may be missing from the devices (`vgreduce
+/// --removemissing`). Every other loss is refused as by [`commit`]. The dropped PVs are not
+/// written: their copies stay until the caller makes them orphans ([`crate::orphan`]).
+pub fn commit_dropping(
+    report: &ScanReport,
+    md: &mut Metadata,
+    dropped: &[Uuid],
+) -> Result<Committed, Error> {
+    commit_with(report, md, dropped, false)
+}
+
+/// [`commit_dropping`]; with `repair`, metadata areas whose header is damaged in a way that
+/// is safe to rewrite ([`crate::repair`]) get a new header instead of being skipped.
+pub(crate) fn commit_with(
+    report: &ScanReport,
+    md: &mut Metadata,
+    dropped: &[Uuid],
+    repair: bool,
+) -> Result<Committed, Error> {
     let id = md.vg.id;
     let vg = md.vg.name.clone();
     let old = report
         .vg_by_id(&id)
         .ok_or_else(|| CommitError::NotScanned { vg: vg.clone(), id })?;
     for p in &old.problems {
-        if matches!(
-            p,
-            Problem::MissingPv { .. } | Problem::PvOfOtherVg { .. } | Problem::SeqnoConflict { .. }
-        ) {
+        let refused = match p {
+            Problem::MissingPv { id, .. } => !dropped.contains(id),
+            Problem::PvOfOtherVg { .. } | Problem::SeqnoConflict { .. } => true,
+            _ => false,
+        };
+        if refused {
             return Err(CommitError::Inconsistent {
                 vg: old.name().to_string(),
                 problem: Box::new(p.clone()),
@@ -178,12 +226,22 @@ pub fn commit(report: &ScanReport, md: &mut Metadata) -> Result<Committed, Error
             .into());
         }
     }
+    for d in dropped {
+        let why = if md.vg.pv_by_id(d).is_some() {
+            "the new version still lists it"
+        } else if old.metadata.vg.pv_by_id(d).is_none() {
+            "the VG does not list it"
+        } else {
+            continue;
+        };
+        return Err(CommitError::BadDrop { vg, id: *d, why }.into());
+    }
     md.vg.seqno = old
         .seqno()
         .checked_add(1)
         .ok_or_else(|| CommitError::SeqnoOverflow { vg: vg.clone() })?;
     for pv in &old.metadata.vg.physical_volumes {
-        if md.vg.pv_by_id(&pv.id).is_none() {
+        if md.vg.pv_by_id(&pv.id).is_none() && !dropped.contains(&pv.id) {
             return Err(CommitError::DropsPv {
                 vg,
                 id: pv.id,
@@ -195,33 +253,7 @@ pub fn commit(report: &ScanReport, md: &mut Metadata) -> Result<Committed, Error
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
     for pv in &md.vg.physical_volumes {
-        let on: Vec<usize> = (0..report.devices.len())
-            .filter(|&i| {
-                report.devices[i]
-                    .label
-                    .as_ref()
-                    .is_some_and(|l| l.pv_uuid == pv.id)
-            })
-            .collect();
-        let d = match on.as_slice() {
-            [] => {
-                return Err(CommitError::PvNotFound {
-                    vg,
-                    id: pv.id,
-                    key: pv.key.clone(),
-                }
-                .into())
-            }
-            [i] => &report.devices[*i],
-            _ => {
-                return Err(CommitError::PvCount {
-                    vg,
-                    id: pv.id,
-                    count: on.len(),
-                }
-                .into())
-            }
-        };
+        let d = &report.devices[pv_device(report, &vg, pv)?];
         let is_new = old.metadata.vg.pv_by_id(&pv.id).is_none();
         if is_new && d.mdas.iter().any(|m| m.text.is_some()) {
             return Err(CommitError::PvInUse {
@@ -231,31 +263,82 @@ pub fn commit(report: &ScanReport, md: &mut Metadata) -> Result<Committed, Error
             }
             .into());
         }
-        let Some(label) = d.label.clone() else {
-            return Err(CommitError::NotAPv {
-                device: d.name.clone(),
-            }
-            .into());
-        };
-        let mut areas = Vec::new();
-        for m in &d.mdas {
-            match &m.header {
-                Some(h) if h.ignored() => {}
-                Some(h) => areas.push(h.clone()),
-                None => skipped.push((d.name.clone(), m.area.offset.0)),
-            }
-        }
-        targets.push(Target {
-            dev: d.dev.clone(),
-            label,
-            areas,
-        });
+        targets.push(target(d, repair, &mut skipped)?);
     }
     let written = write_version(&targets, md)?;
     Ok(Committed {
         seqno: md.vg.seqno,
         copies: written,
         skipped,
+    })
+}
+
+/// Index in `report.devices` of the one device carrying `pv`.
+pub(crate) fn pv_device(
+    report: &ScanReport,
+    vg: &str,
+    pv: &crate::PhysicalVolume,
+) -> Result<usize, Error> {
+    let on: Vec<usize> = (0..report.devices.len())
+        .filter(|&i| {
+            report.devices[i]
+                .label
+                .as_ref()
+                .is_some_and(|l| l.pv_uuid == pv.id)
+        })
+        .collect();
+    match on.as_slice() {
+        [] => Err(CommitError::PvNotFound {
+            vg: vg.to_string(),
+            id: pv.id,
+            key: pv.key.clone(),
+        }
+        .into()),
+        [i] => Ok(*i),
+        _ => Err(CommitError::PvCount {
+            vg: vg.to_string(),
+            id: pv.id,
+            count: on.len(),
+        }
+        .into()),
+    }
+}
+
+/// The scanned device `d` as a write target: its label and every metadata area that is not
+/// ignored. An area whose header could not be read is skipped (recorded in `skipped`), or,
+/// with `repair`, gets a new header when [`crate::repair::header_is_repairable`] says so.
+pub(crate) fn target(
+    d: &DeviceScan,
+    repair: bool,
+    skipped: &mut Vec<(String, u64)>,
+) -> Result<Target, Error> {
+    let Some(label) = d.label.clone() else {
+        return Err(CommitError::NotAPv {
+            device: d.name.clone(),
+        }
+        .into());
+    };
+    let mut areas = Vec::new();
+    for m in &d.mdas {
+        match &m.header {
+            Some(h) if h.ignored() => {}
+            Some(h) => areas.push(AreaTarget {
+                header: h.clone(),
+                replace: false,
+            }),
+            None if repair && crate::repair::header_is_repairable(d.dev.as_ref(), &m.area)? => {
+                areas.push(AreaTarget {
+                    header: MdaHeader::new(&m.area),
+                    replace: true,
+                })
+            }
+            None => skipped.push((d.name.clone(), m.area.offset.0)),
+        }
+    }
+    Ok(Target {
+        dev: d.dev.clone(),
+        label,
+        areas,
     })
 }
 
@@ -291,7 +374,10 @@ pub fn create(devices: &[DeviceRef], md: &Metadata) -> Result<Committed, Error> 
                 .into());
             }
             if !h.ignored() {
-                areas.push(h);
+                areas.push(AreaTarget {
+                    header: h,
+                    replace: false,
+                });
             }
         }
         targets.push(Target {
@@ -319,25 +405,27 @@ pub fn create(devices: &[DeviceRef], md: &Metadata) -> Result<Committed, Error> 
     })
 }
 
-/// Re-reads a header and checks its committed copy is still the one the caller saw.
-fn unchanged(dev: &DeviceRef, seen: &MdaHeader) -> Result<MdaHeader, Error> {
+/// Re-reads a header and checks its committed copy is still the one the caller saw (for a
+/// header being replaced: that it is still damaged).
+fn unchanged(dev: &DeviceRef, seen: &AreaTarget) -> Result<MdaHeader, Error> {
     let area = DiskArea {
-        offset: seen.start,
-        size: seen.size,
+        offset: seen.header.start,
+        size: seen.header.size,
     };
-    let now = mda::read_header(dev.as_ref(), &area)?;
-    if now.committed != seen.committed {
-        return Err(CommitError::Changed {
-            device: dev.name(),
-            area: seen.start.0,
-        }
-        .into());
+    let changed = CommitError::Changed {
+        device: dev.name(),
+        area: seen.header.start.0,
+    };
+    match mda::read_header(dev.as_ref(), &area) {
+        Ok(now) if !seen.replace && now.committed == seen.header.committed => Ok(now),
+        Ok(_) => Err(changed.into()),
+        Err(mda::MdaIoError::Mda(_)) if seen.replace => Ok(seen.header.clone()),
+        Err(e) => Err(e.into()),
     }
-    Ok(now)
 }
 
 /// Steps 1-4 of the module doc on every target.
-fn write_version(targets: &[Target], md: &Metadata) -> Result<Vec<WrittenCopy>, Error> {
+pub(crate) fn write_version(targets: &[Target], md: &Metadata) -> Result<Vec<WrittenCopy>, Error> {
     let mut text = md.to_text(Style::Disk)?.into_bytes();
     text.push(0);
     if targets.iter().all(|t| t.areas.is_empty()) {

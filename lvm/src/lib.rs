@@ -16,6 +16,12 @@
 //! - [`vgcreate`]: the first version of a VG (PV entries, defaults, LVM's name rules).
 //! - [`alloc`]: the extent allocator (free space, lvcreate/lvextend placement under LVM's
 //!   policies, size arguments).
+//! - [`vgextend`], [`vgreduce`], [`vgrename`], [`pvresize`]: PVs joining and leaving a VG, a
+//!   new VG name, a PV's new size, each as the VG's next version.
+//! - [`orphan`]: a PV leaving its VG becomes an orphan (empty metadata areas, label unused).
+//! - [`repair`]: `vgck --updatemetadata` (every copy rewritten, damaged headers replaced
+//!   where safe, outdated PVs wiped).
+//! - [`restore`]: `vgcfgrestore` from a backup file, also when every copy is damaged.
 //! - [`activate`]: an LV's segments as a device-mapper table for the daemon.
 //! - [`segtypes`]: volmgr's own raid and thin segment types, and why lvm2 keeps off them.
 //! - [`io`]: the one module that reads and writes devices.
@@ -35,13 +41,20 @@ pub mod label;
 mod le;
 pub mod mda;
 pub mod model;
+pub mod orphan;
 pub mod pvcreate;
+pub mod pvresize;
+pub mod repair;
+pub mod restore;
 pub mod scan;
 pub mod segtypes;
 pub mod text;
 pub mod units;
 pub mod uuid;
 pub mod vgcreate;
+pub mod vgextend;
+pub mod vgreduce;
+pub mod vgrename;
 
 pub use label::Label;
 pub use model::{LogicalVolume, Metadata, PhysicalVolume, Segment, SegmentKind, VolumeGroup};
@@ -69,6 +82,21 @@ pub enum Error {
     /// A device cannot be laid out as a PV.
     #[error(transparent)]
     Layout(#[from] pvcreate::LayoutError),
+    /// PVs cannot join the VG.
+    #[error(transparent)]
+    Extend(#[from] vgextend::ExtendError),
+    /// PVs cannot leave the VG.
+    #[error(transparent)]
+    Reduce(#[from] vgreduce::ReduceError),
+    /// The VG cannot take the new name.
+    #[error(transparent)]
+    Rename(#[from] vgrename::RenameError),
+    /// The PV cannot take the new size.
+    #[error(transparent)]
+    Resize(#[from] pvresize::ResizeError),
+    /// The backup cannot be restored.
+    #[error(transparent)]
+    Restore(#[from] restore::RestoreError),
     /// A device could not be opened.
     #[error("opening {}: {source}", path.display())]
     Open {

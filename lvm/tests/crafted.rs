@@ -13,14 +13,13 @@ use lvm::crc::crc;
 use lvm::label::{LabelProblem, LABEL_SIZE};
 use lvm::mda::{MdaHeader, MdaProblem, MDA_HEADER_SIZE};
 use lvm::model::Metadata;
-use lvm::pvcreate::{self, PvCreateOptions};
 use lvm::scan::{self, Problem, ScanReport};
 use proptest::prelude::*;
 use tables::mem::MemDevice;
 use tables::{Bytes, DeviceRef, Sectors};
 
 mod common;
-use common::{linear_lv, new_vg, pv_entry};
+use common::{linear_lv, mem_pvs, new_vg, pv_entry};
 
 /// Largest single allocation the scan may make: the devices are 8 MiB and a metadata area
 /// 1 MiB, so anything near this means a size came from disk unchecked.
@@ -164,20 +163,7 @@ impl Rig {
 /// `n` 8 MiB PVs; the first `in_vg` make VG `vgc` (seqno 2, LVs a and b), the rest are
 /// orphan PVs.
 fn rig_with(n: usize, in_vg: usize) -> Rig {
-    let mem: Vec<Arc<MemDevice>> = (0..n)
-        .map(|i| Arc::new(MemDevice::new(format!("disk{i}"), Bytes(8 * MIB))))
-        .collect();
-    let mut pvs = Vec::new();
-    for (i, m) in mem.iter().enumerate() {
-        let l = pvcreate::pvcreate(m.as_ref(), &PvCreateOptions::default()).unwrap();
-        pvs.push(pv_entry(
-            &format!("pv{i}"),
-            &l,
-            Bytes(8 * MIB),
-            EXTENT,
-            None,
-        ));
-    }
+    let (mem, mut pvs) = mem_pvs(n, Bytes(8 * MIB), EXTENT);
     pvs.truncate(in_vg);
     let mut vg = new_vg("vgc", EXTENT, pvs);
     let a = linear_lv(&vg, "a", "pv0", 1);

@@ -218,18 +218,7 @@ fn matches_lvm2(env: &Lvm2, r: &ScanReport, name: &str) {
 
 /// vgck must pass and say nothing.
 fn vgck_clean(env: &Lvm2, name: &str) {
-    let out = env.try_run(&["vgck", name]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    let warnings: Vec<&str> = err
-        .lines()
-        .filter(|l| l.contains("WARNING") || l.contains("rror") || l.contains("nconsistent"))
-        .filter(|l| !l.contains("device-mapper") && !l.contains("Activation disabled"))
-        .collect();
-    assert!(
-        out.status.success() && warnings.is_empty(),
-        "vgck {name}: {}{err}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    env.assert_vgck_clean(name);
 }
 
 #[test]

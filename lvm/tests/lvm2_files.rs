@@ -128,3 +128,17 @@ fn a_second_top_level_section_is_kept() {
         assert_eq!(Metadata::from_text(out.as_bytes()).unwrap(), md, "{out}");
     }
 }
+
+#[test]
+fn a_pv_lvm2_resized_reads_with_its_dev_size_less_pe_start() {
+    // After pvresize lvm2 writes dev_size = size - pe_start: 39 extents of 1 MiB from sector
+    // 2048 end past dev_size 79872, and that is lvm2's own metadata, not damage.
+    let md = Metadata::from_text(include_bytes!("data/lvm2-vgcfgbackup-pvresized.vg")).unwrap();
+    let pv1 = md.vg.pv_by_key("pv1").unwrap();
+    assert_eq!(pv1.dev_size, Some(Sectors(79872)));
+    assert_eq!((pv1.pe_start, pv1.pe_count), (Sectors(2048), Extents(39)));
+    let mut bad = md.clone();
+    bad.vg.physical_volumes[1].pe_count = Extents(40);
+    let e = bad.to_text(Style::Disk).unwrap_err();
+    assert!(e.to_string().contains("pv1/pe_count"), "{e}");
+}

@@ -16,8 +16,7 @@
 //!
 //! `LVM_CUTS` sets the number of cuts (default 200).
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use lvm::commit;
 use lvm::model::{Flags, Metadata};
@@ -25,98 +24,19 @@ use lvm::pvcreate::{self, PvCreateOptions};
 use lvm::scan::{self, Problem, ScanReport};
 use lvm::text::{Item, Value};
 use lvm::{Extents, LogicalVolume, Segment, Uuid, VolumeGroup};
-use tables::io::{BlockDevice, IoFuture};
-use tables::mem::{CrashDevice, CutMode};
-use tables::{Bytes, DeviceRef, Sectors, WriteFlags};
+use tables::{Bytes, DeviceRef, Sectors};
 
 mod common;
 use common::{first_free, new_vg, pv_entry};
+#[path = "common/cut.rs"]
+mod cut;
+use cut::{rig, rng, Rig};
 
 const MIB: u64 = 1 << 20;
 const PV_SIZE: u64 = 4 * MIB;
 const EXTENT: Sectors = Sectors(8);
 /// Commits after the first version.
 const STEPS: u32 = 16;
-
-fn rng(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Forwards to a CrashDevice; the mutating I/O that exhausts the shared budget kills every
-/// device first (so it, and everything after it, fails).
-struct Cut {
-    inner: Arc<CrashDevice>,
-    budget: Arc<AtomicI64>,
-    all: Vec<Arc<CrashDevice>>,
-}
-
-impl Cut {
-    fn tick(&self) {
-        if self.budget.fetch_sub(1, Ordering::SeqCst) == 1 {
-            for d in &self.all {
-                d.kill();
-            }
-        }
-    }
-}
-
-impl BlockDevice for Cut {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn size(&self) -> Bytes {
-        self.inner.size()
-    }
-    unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
-        // SAFETY: our caller keeps the lending contract, and the inner future is ours.
-        unsafe { self.inner.read(offset, buf) }
-    }
-    unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
-        self.tick();
-        // SAFETY: as in `read`.
-        unsafe { self.inner.write(offset, buf, flags) }
-    }
-    fn flush(&self) -> IoFuture<'_> {
-        self.tick();
-        self.inner.flush()
-    }
-    fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
-        self.tick();
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
-        self.tick();
-        self.inner.write_zeroes(offset, len, flags)
-    }
-}
-
-struct Rig {
-    crash: Vec<Arc<CrashDevice>>,
-    cut: Vec<DeviceRef>,
-    budget: Arc<AtomicI64>,
-}
-
-fn rig(n: usize) -> Rig {
-    let crash: Vec<Arc<CrashDevice>> = (0..n)
-        .map(|i| Arc::new(CrashDevice::new(format!("pv{i}dev"), Bytes(PV_SIZE))))
-        .collect();
-    let budget = Arc::new(AtomicI64::new(i64::MAX));
-    let cut = crash
-        .iter()
-        .map(|c| {
-            Arc::new(Cut {
-                inner: c.clone(),
-                budget: budget.clone(),
-                all: crash.clone(),
-            }) as DeviceRef
-        })
-        .collect();
-    Rig { crash, cut, budget }
-}
 
 impl Rig {
     /// The workload stops at an error, which must be the cut.
@@ -309,26 +229,16 @@ fn check(report: &ScanReport, o: &Outcome, dead: Option<usize>, ctx: &str) {
 
 fn one_cut(seed: u64) {
     // Dry run: how many mutating I/Os the whole workload takes.
-    let r = rig(2 + (seed % 3) as usize);
+    let r = rig(2 + (seed % 3) as usize, PV_SIZE);
     workload(&r, seed);
     let total = i64::MAX - r.budget.load(Ordering::SeqCst);
 
     let mut cs = seed ^ 0x5555;
     let point = 1 + (rng(&mut cs) % total as u64) as i64;
-    let r = rig(2 + (seed % 3) as usize);
+    let r = rig(2 + (seed % 3) as usize, PV_SIZE);
     r.budget.store(point, Ordering::SeqCst);
     let o = workload(&r, seed);
-    let mode = if rng(&mut cs).is_multiple_of(3) {
-        CutMode::DropAll
-    } else {
-        CutMode::Random {
-            seed: rng(&mut cs),
-            tear: true,
-        }
-    };
-    for c in &r.crash {
-        c.power_cut(mode);
-    }
+    let mode = r.cut_power(&mut cs);
     let dead = rng(&mut cs)
         .is_multiple_of(5)
         .then(|| (rng(&mut cs) % r.crash.len() as u64) as usize);
@@ -359,10 +269,7 @@ fn one_cut(seed: u64) {
 
 #[test]
 fn every_cut_leaves_old_or_new_on_every_pv() {
-    let cuts: u64 = std::env::var("LVM_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cuts = cut::cuts(200);
     for seed in 0..cuts {
         one_cut(seed);
     }
@@ -370,7 +277,7 @@ fn every_cut_leaves_old_or_new_on_every_pv() {
 
 #[test]
 fn uncut_workload_commits_every_step() {
-    let r = rig(3);
+    let r = rig(3, PV_SIZE);
     let o = workload(&r, 7);
     assert!(o.in_flight.is_none());
     assert_eq!(seqno_of(&o.committed), Some(STEPS + 1));

@@ -48,8 +48,18 @@ enum Cmd {
     Pvremove(lvm_cli::pv::PvremoveArgs),
     /// Report physical volumes (lvm2's columns, units and JSON).
     Pvs(lvm_cli::pv::PvsArgs),
+    /// Resize PVs to their device's size or a given size.
+    Pvresize(lvm_cli::pv::PvresizeArgs),
     /// Create a volume group from PVs.
     Vgcreate(lvm_cli::vg::VgcreateArgs),
+    /// Add PVs to a volume group.
+    Vgextend(lvm_cli::vg::VgextendArgs),
+    /// Remove unused PVs from a volume group (or the missing ones: --removemissing).
+    Vgreduce(lvm_cli::vg::VgreduceArgs),
+    /// Rename a volume group (named by name or uuid).
+    Vgrename(lvm_cli::vg::VgrenameArgs),
+    /// Restore a volume group's metadata from a backup file.
+    Vgcfgrestore(lvm_cli::vg::VgcfgrestoreArgs),
     /// Remove volume groups (their PVs stay PVs).
     Vgremove(lvm_cli::vg::VgremoveArgs),
     /// Report volume groups.
@@ -70,6 +80,12 @@ enum Cmd {
     Lvremove(lvm_cli::lvremove::LvremoveArgs),
     /// Rename an LV.
     Lvrename(lvm_cli::lvremove::LvrenameArgs),
+    /// Show physical volumes in lvm2's pvdisplay layout.
+    Pvdisplay(lvm_cli::display::PvdisplayArgs),
+    /// Show volume groups in lvm2's vgdisplay layout.
+    Vgdisplay(lvm_cli::display::VgdisplayArgs),
+    /// Show logical volumes in lvm2's lvdisplay layout.
+    Lvdisplay(lvm_cli::display::LvdisplayArgs),
     /// Activate (`-ay`) or deactivate (`-an`) LVs as the daemon's devices.
     Lvchange(lvm_cli::activate::LvchangeArgs),
     /// Activate (`-ay`) or deactivate (`-an`) every LV of VGs.
@@ -91,7 +107,12 @@ fn main() -> ExitCode {
         Cmd::Pvcreate(a) => lvm_cli::pv::pvcreate(a),
         Cmd::Pvremove(a) => lvm_cli::pv::pvremove(a),
         Cmd::Pvs(a) => lvm_cli::pv::pvs(a),
+        Cmd::Pvresize(a) => lvm_cli::pv::pvresize(a),
         Cmd::Vgcreate(a) => lvm_cli::vg::vgcreate(a),
+        Cmd::Vgextend(a) => lvm_cli::vg::vgextend(a),
+        Cmd::Vgreduce(a) => lvm_cli::vg::vgreduce(a),
+        Cmd::Vgrename(a) => lvm_cli::vg::vgrename(a),
+        Cmd::Vgcfgrestore(a) => lvm_cli::vg::vgcfgrestore(a),
         Cmd::Vgremove(a) => lvm_cli::vg::vgremove(a),
         Cmd::Vgs(a) => lvm_cli::vg::vgs(a),
         Cmd::Vgck(a) => lvm_cli::vg::vgck(a),
@@ -101,6 +122,9 @@ fn main() -> ExitCode {
         Cmd::Lvextend(a) | Cmd::Lvresize(a) => lvm_cli::lvresize::lvextend(a),
         Cmd::Lvremove(a) => lvm_cli::lvremove::lvremove(a),
         Cmd::Lvrename(a) => lvm_cli::lvremove::lvrename(a),
+        Cmd::Pvdisplay(a) => lvm_cli::display::pvdisplay(a),
+        Cmd::Vgdisplay(a) => lvm_cli::display::vgdisplay(a),
+        Cmd::Lvdisplay(a) => lvm_cli::display::lvdisplay(a),
         Cmd::Lvchange(a) => lvm_cli::activate::lvchange(a),
         Cmd::Vgchange(a) => lvm_cli::activate::vgchange(a),
         Cmd::Completions(a) => docs_cmd::completions(a),
@@ -110,7 +134,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("volmgr: {e:#}");
-            ExitCode::FAILURE
+            // The LVM verbs exit as lvm2 does (5 for a failed command).
+            e.downcast_ref::<lvm_cli::vg::LvmStatus>()
+                .map_or(ExitCode::FAILURE, |s| ExitCode::from(s.code))
         }
     }
 }

@@ -84,18 +84,19 @@ impl VolumeGroup {
                 ));
             }
             check_extra(&path, &pv.extra, &[PV_KEYS], true)?;
-            let end = pv
-                .pe_count
-                .to_sectors(self.extent_size)
-                .and_then(|s| s.checked_add(pv.pe_start));
-            match (end, pv.dev_size) {
-                (None, _) => return Err(err(path, "pe_start + pe_count extents overflows")),
-                (Some(end), Some(size)) if end > size => {
+            let extents = pv.pe_count.to_sectors(self.extent_size);
+            if extents.and_then(|s| s.checked_add(pv.pe_start)).is_none() {
+                return Err(err(path, "pe_start + pe_count extents overflows"));
+            }
+            // LVM2 writes the device size as `dev_size`, except after pvresize, where it
+            // writes the size less pe_start; the extents fit in either.
+            match (extents, pv.dev_size) {
+                (Some(len), Some(size)) if len > size => {
                     return Err(err(
                         format!("{path}/pe_count"),
                         format!(
-                            "{} extents from sector {} end at sector {end}, past dev_size {size}",
-                            pv.pe_count, pv.pe_start
+                            "{} extents ({len} sectors) are more than dev_size {size}",
+                            pv.pe_count
                         ),
                     ))
                 }

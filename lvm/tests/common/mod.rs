@@ -151,6 +151,22 @@ impl Lvm2 {
             .unwrap_or_else(|| panic!("no '{key}' rows in {out}"))
     }
 
+    /// lvm2's `vgck VG` passes and warns about nothing (device-mapper's absence aside).
+    pub fn assert_vgck_clean(&self, name: &str) {
+        let out = self.try_run(&["vgck", name]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let warnings: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("WARNING") || l.contains("rror") || l.contains("nconsistent"))
+            .filter(|l| !l.contains("device-mapper") && !l.contains("Activation disabled"))
+            .collect();
+        assert!(
+            out.status.success() && warnings.is_empty(),
+            "vgck {name}: {}{err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     /// Opens the loop devices as our devices (not claimed exclusively).
     pub fn open(&self, read_only: bool) -> Vec<DeviceRef> {
         scan::open_paths(&self.loops, read_only).expect("opening the loop devices")
@@ -249,4 +265,28 @@ pub fn pv_entry(
     device: Option<String>,
 ) -> lvm::PhysicalVolume {
     lvm::vgcreate::pv_entry(key, label, size, extent_size, device).expect("a PV entry")
+}
+
+/// `n` in-memory devices of `size` bytes (`disk0`, `disk1`, ...), each made a PV with LVM2's
+/// default layout, and the VG entry of each (`pv0`, `pv1`, ...) for extents of `extent`.
+pub fn mem_pvs(
+    n: usize,
+    size: tables::Bytes,
+    extent: tables::Sectors,
+) -> (
+    Vec<std::sync::Arc<tables::mem::MemDevice>>,
+    Vec<lvm::PhysicalVolume>,
+) {
+    let mem: Vec<std::sync::Arc<tables::mem::MemDevice>> = (0..n)
+        .map(|i| std::sync::Arc::new(tables::mem::MemDevice::new(format!("disk{i}"), size)))
+        .collect();
+    let pvs = mem
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let l = lvm::pvcreate::pvcreate(m.as_ref(), &Default::default()).expect("pvcreate");
+            pv_entry(&format!("pv{i}"), &l, size, extent, None)
+        })
+        .collect();
+    (mem, pvs)
 }

@@ -4,6 +4,7 @@
 
 pub mod activate;
 pub mod devices;
+pub mod display;
 pub mod lv;
 pub mod lvcreate;
 pub mod lvremove;

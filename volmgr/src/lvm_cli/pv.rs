@@ -1,4 +1,4 @@
-//! `pvcreate`, `pvremove`, `pvs`.
+//! `pvcreate`, `pvremove`, `pvresize`, `pvs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +47,20 @@ pub struct PvremoveArgs {
 }
 
 #[derive(Args)]
+pub struct PvresizeArgs {
+    /// PVs to resize.
+    #[arg(required = true, value_name = "PV")]
+    pvs: Vec<PathBuf>,
+    /// The size to use instead of the device's (to shrink a PV before its device shrinks).
+    #[arg(long, value_name = "SIZE")]
+    setphysicalvolumesize: Option<String>,
+    #[command(flatten)]
+    confirm: Confirm,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+#[derive(Args)]
 pub struct PvsArgs {
     /// Only these PVs.
     pvs: Vec<PathBuf>,
@@ -57,7 +71,7 @@ pub struct PvsArgs {
 }
 
 /// Signatures `pvcreate` refuses to write over without `-y` (what `wipefs` would see).
-fn foreign_signature(dev: &dyn BlockDevice) -> Option<&'static str> {
+pub(crate) fn foreign_signature(dev: &dyn BlockDevice) -> Option<&'static str> {
     let mut b = vec![0u8; 8192];
     lvm::io::read_at(dev, 0, &mut b).ok()?;
     let at = |off: usize, magic: &[u8]| b.get(off..off + magic.len()) == Some(magic);
@@ -172,6 +186,74 @@ pub fn pvremove(a: PvremoveArgs) -> Result<()> {
         );
     }
     a.dev.forget(&devices)
+}
+
+pub fn pvresize(a: PvresizeArgs) -> Result<()> {
+    super::vg::lvm_status(resize(&a))
+}
+
+fn resize(a: &PvresizeArgs) -> Result<()> {
+    let size = match &a.setphysicalvolumesize {
+        Some(s) => Some(parse_lvm_size(s, 'm')?),
+        None => None,
+    };
+    let paths = absolute(&a.pvs);
+    let mut done = 0;
+    for p in &paths {
+        // Each resize may write a VG version the next one builds on: scan each time.
+        match resize_one(a, p, size) {
+            Ok(()) => {
+                done += 1;
+                println!("  Physical volume \"{}\" changed", p.display());
+            }
+            Err(e) => eprintln!("  {e:#}"),
+        }
+    }
+    println!(
+        "  {done} physical volume(s) resized or updated / {} physical volume(s) not resized",
+        paths.len() - done
+    );
+    if done < paths.len() {
+        bail!("{} physical volume(s) not resized", paths.len() - done);
+    }
+    Ok(())
+}
+
+fn resize_one(a: &PvresizeArgs, p: &std::path::Path, size: Option<tables::Bytes>) -> Result<()> {
+    let scan = super::vg::scan_rw(&a.dev)?;
+    let shown = p.display();
+    let i = scan
+        .device_index(p)
+        .filter(|&i| scan.report.devices[i].label.is_some())
+        .ok_or_else(|| anyhow::anyhow!("Failed to find physical volume \"{shown}\"."))?;
+    let real = scan.report.devices[i].size;
+    let new = size.unwrap_or(real);
+    if new > real {
+        bail!(
+            "{shown}: requested size {} exceeds real size {}: not done here (it would put \
+             extents past the device's end)\n  Physical Volume {shown} not resized.",
+            tables::units::human(new),
+            tables::units::human(real)
+        );
+    }
+    if new < real && !a.confirm.yes {
+        bail!(
+            "{shown}: requested size {} is less than real size {}: add -y to proceed\n  \
+             Physical Volume {shown} not resized.",
+            tables::units::human(new),
+            tables::units::human(real)
+        );
+    }
+    if new < real {
+        eprintln!(
+            "  WARNING: {shown}: Pretending size is {} not {} sectors.",
+            new.0 / 512,
+            real.0 / 512
+        );
+    }
+    lvm::pvresize::pvresize(&scan.report, i, new, &super::vg::description())
+        .map_err(|e| anyhow::anyhow!("{e}\n  Physical Volume {shown} not resized."))?;
+    Ok(())
 }
 
 const PV_FIELDS: &[Field] = &[
@@ -295,12 +377,13 @@ pub fn pvs(a: PvsArgs) -> Result<()> {
                     mdas: l.metadata_areas.len() as u64,
                 }
             }
+            // An orphan's size is its label's (lvm2: pvresize may have set it smaller).
             None => PvRow {
                 name: path.display().to_string(),
                 vg: String::new(),
                 attr: "---".into(),
-                size: d.size.0,
-                free: d.size.0,
+                size: l.device_size.0.min(d.size.0),
+                free: l.device_size.0.min(d.size.0),
                 uuid: l.pv_uuid.to_string(),
                 dev_size: d.size.0,
                 pe_start,

@@ -1,17 +1,95 @@
-//! `vgcreate`, `vgremove`, `vgs`, `vgck`, `vgcfgbackup`.
+//! `vgcreate`, `vgextend`, `vgreduce`, `vgrename`, `vgremove`, `vgs`, `vgck`, `vgcfgbackup`,
+//! `vgcfgrestore`, with lvm2's messages and exit statuses (5 when a command fails).
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use lvm::mda::MdaHeader;
+use lvm::activate::dm_name;
+use lvm::scan::{Problem, ScannedVg};
 use lvm::text::Style;
 use lvm::Metadata;
 use tables::DeviceRef;
+use ublk_target::control::DeviceInfo;
 
+use super::activate::daemon_devices;
 use super::report::{Field, Kind, Value};
 use super::scan::{free_extents, Scan};
 use super::{absolute, parse_lvm_size, Confirm, DeviceArgs, ReportArgs};
+use crate::client::StateDir;
+
+/// lvm2's exit status for a command that ran and failed (`ECMD_FAILED`).
+pub const ECMD_FAILED: u8 = 5;
+
+/// A verb's error with the exit status lvm2 gives it; `main` exits with `code`.
+#[derive(Debug)]
+pub struct LvmStatus {
+    /// The exit status.
+    pub code: u8,
+    error: anyhow::Error,
+}
+
+impl fmt::Display for LvmStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for LvmStatus {}
+
+/// `r`, failing with lvm2's `ECMD_FAILED` status.
+pub fn lvm_status(r: Result<()>) -> Result<()> {
+    r.map_err(|error| {
+        anyhow::Error::new(LvmStatus {
+            code: ECMD_FAILED,
+            error,
+        })
+    })
+}
+
+/// A scan whose devices are open for writing (a commit writes through the report's devices).
+pub(crate) fn scan_rw(dev: &DeviceArgs) -> Result<Scan> {
+    scan_paths_rw(Scan::run(dev)?.paths)
+}
+
+/// `paths` opened for writing (read-only where that is refused: a write-protected device
+/// can still be scanned, and only fails if it is written) and scanned.
+fn scan_paths_rw(paths: Vec<PathBuf>) -> Result<Scan> {
+    let mut devs = Vec::new();
+    for p in &paths {
+        let one = std::slice::from_ref(p);
+        let dev = lvm::scan::open_paths(one, false)
+            .or_else(|_| lvm::scan::open_paths(one, true))
+            .with_context(|| format!("opening {}", p.display()))?;
+        devs.extend(dev);
+    }
+    Ok(Scan {
+        report: lvm::scan::scan(&devs),
+        paths,
+    })
+}
+
+/// The LVs of VG `vg` that are the daemon's devices now (names of the LVs of `lvs` whose
+/// device-mapper name the daemon lists).
+fn active_lvs<'a>(
+    running: &HashMap<String, DeviceInfo>,
+    vg: &str,
+    lvs: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    lvs.into_iter()
+        .filter(|lv| running.contains_key(&dm_name(vg, lv)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `description` of a version this command writes, as lvm2 words it ("Write from
+/// vgextend vg0 /dev/sdc."), naming volmgr.
+pub fn description() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("Write from volmgr {}.", args.join(" "))
+}
 
 #[derive(Args)]
 pub struct VgcreateArgs {
@@ -54,6 +132,10 @@ pub struct VgsArgs {
 pub struct VgckArgs {
     /// VGs to check (all when none is named).
     vgs: Vec<String>,
+    /// Write the VG's metadata again to every PV: stale, damaged or interrupted copies are
+    /// replaced (damaged headers where that is safe), outdated PVs are wiped.
+    #[arg(long)]
+    updatemetadata: bool,
     #[command(flatten)]
     dev: DeviceArgs,
 }
@@ -67,6 +149,74 @@ pub struct VgcfgbackupArgs {
     file: PathBuf,
     #[command(flatten)]
     dev: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct VgextendArgs {
+    /// The VG.
+    vg: String,
+    /// PVs to add (devices or files); ones that are not PVs yet are initialized as pvcreate
+    /// would.
+    #[arg(required = true, value_name = "PV")]
+    pvs: Vec<PathBuf>,
+    #[command(flatten)]
+    confirm: Confirm,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct VgreduceArgs {
+    /// The VG.
+    vg: String,
+    /// PVs to remove (they must hold no LV extents).
+    #[arg(value_name = "PV")]
+    pvs: Vec<PathBuf>,
+    /// Remove every PV that holds no LV extents (keeping one).
+    #[arg(short = 'a', long, conflicts_with_all = ["pvs", "removemissing"])]
+    all: bool,
+    /// Remove the PVs that cannot be found; with --force also the LVs that have extents on
+    /// them.
+    #[arg(long, conflicts_with = "pvs")]
+    removemissing: bool,
+    #[command(flatten)]
+    confirm: Confirm,
+    #[command(flatten)]
+    dev: DeviceArgs,
+    #[command(flatten)]
+    sd: StateDir,
+}
+
+#[derive(Args)]
+pub struct VgrenameArgs {
+    /// The VG's name or uuid.
+    old: String,
+    /// The new name.
+    new: String,
+    #[command(flatten)]
+    dev: DeviceArgs,
+    #[command(flatten)]
+    sd: StateDir,
+}
+
+#[derive(Args)]
+pub struct VgcfgrestoreArgs {
+    /// The VG to restore.
+    vg: String,
+    /// The backup file (lvm2's vgcfgbackup format).
+    #[arg(short = 'f', long, value_name = "FILE", required = true)]
+    file: PathBuf,
+    /// Restore with PVs of the backup missing (written to the PVs present), or with a PV
+    /// whose layout or size no longer matches the backup.
+    #[arg(long)]
+    force: bool,
+    /// Restore even while LVs of the VG are active (lvm2 asks).
+    #[arg(short = 'y', long)]
+    yes: bool,
+    #[command(flatten)]
+    dev: DeviceArgs,
+    #[command(flatten)]
+    sd: StateDir,
 }
 
 fn open_rw(p: &std::path::Path) -> Result<DeviceRef> {
@@ -125,10 +275,12 @@ pub fn vgcreate(a: VgcreateArgs) -> Result<()> {
                 l
             }
         };
+        // A PV takes the size its label records (pvresize may have made it smaller), as lvm2.
+        let size = tables::BlockDevice::size(dev.as_ref()).min(label.device_size);
         let e = lvm::vgcreate::pv_entry(
             &format!("pv{i}"),
             &label,
-            tables::BlockDevice::size(dev.as_ref()),
+            size,
             extent,
             Some(p.display().to_string()),
         )
@@ -169,22 +321,380 @@ pub fn vgremove(a: VgremoveArgs) -> Result<()> {
                 continue;
             };
             let dev = open_rw(path)?;
-            let mut label = scan.report.devices[pv.device.unwrap_or(0)]
+            let label = scan.report.devices[pv.device.unwrap_or(0)]
                 .label
                 .clone()
                 .context("the scan found no label on it")?;
-            for area in &label.metadata_areas {
-                lvm::mda::write_header(dev.as_ref(), &MdaHeader::new(area), true)
-                    .with_context(|| format!("{}: clearing its metadata area", path.display()))?;
-            }
-            if let Some(ext) = &mut label.extension {
-                ext.flags &= !lvm::label::PV_EXT_USED;
-            }
-            lvm::label::write(dev.as_ref(), &label)
-                .with_context(|| format!("{}: rewriting its label", path.display()))?;
+            lvm::orphan::make_orphan(dev.as_ref(), &label)
+                .with_context(|| format!("{}: making it an orphan PV", path.display()))?;
         }
         println!("  Volume group \"{name}\" successfully removed");
     }
+    Ok(())
+}
+
+/// The label the scan found on `path`, if it is a PV.
+fn label_at(scan: &Scan, path: &Path) -> Option<(usize, lvm::Label)> {
+    let i = scan.device_index(path)?;
+    Some((i, scan.report.devices[i].label.clone()?))
+}
+
+pub fn vgextend(a: VgextendArgs) -> Result<()> {
+    lvm_status(extend(&a))
+}
+
+fn extend(a: &VgextendArgs) -> Result<()> {
+    let pvs = absolute(&a.pvs);
+    let scan = scan_rw(&a.dev)?;
+    let sv = scan.vg(&a.vg)?;
+    let mut fresh = Vec::new();
+    for p in &pvs {
+        let shown = p.display();
+        match label_at(&scan, p) {
+            Some((_, l)) => {
+                if sv.metadata.vg.pv_by_id(&l.pv_uuid).is_some() {
+                    bail!(
+                        "Physical volume '{shown} ({})' already in the VG.",
+                        l.pv_uuid
+                    );
+                }
+                if let Some(other) = scan.vg_of_pv(&l.pv_uuid) {
+                    bail!(
+                        "Physical volume '{shown}' is already in volume group '{}'\n  \
+                         Unable to add physical volume '{shown}' to volume group '{}'",
+                        other.name(),
+                        a.vg
+                    );
+                }
+                if l.in_use() {
+                    bail!(
+                        "PV {shown} is used by a VG but its metadata is missing \
+                         (pvcreate -ff it to use it anyway)"
+                    );
+                }
+            }
+            None => {
+                let dev = open_rw(p)?;
+                if let Some(sig) = super::pv::foreign_signature(dev.as_ref()) {
+                    if !a.confirm.yes {
+                        bail!(
+                            "{shown} has a {sig} signature: add -y to overwrite it (its data \
+                             is lost)"
+                        );
+                    }
+                }
+                fresh.push((p, dev));
+            }
+        }
+    }
+    for (p, dev) in &fresh {
+        lvm::pvcreate::pvcreate(dev.as_ref(), &Default::default())
+            .with_context(|| format!("{}", p.display()))?;
+        println!(
+            "  Physical volume \"{}\" successfully created.",
+            p.display()
+        );
+    }
+    drop(fresh);
+    // The new labels are on disk: scan again.
+    let scan = if pvs.is_empty() {
+        scan
+    } else {
+        rescan(&a.dev, &pvs)?
+    };
+    let sv = scan.vg(&a.vg)?;
+    let mut new = Vec::new();
+    for p in &pvs {
+        let (i, label) = label_at(&scan, p)
+            .with_context(|| format!("{}: no PV label after pvcreate", p.display()))?;
+        new.push(lvm::vgextend::NewPv {
+            label,
+            size: scan.report.devices[i].size,
+            device: Some(p.display().to_string()),
+        });
+    }
+    let mut md = sv.metadata.clone();
+    lvm::vgextend::add_pvs(&mut md.vg, &new).with_context(|| format!("extending {}", a.vg))?;
+    md.stamp(description());
+    lvm::commit::commit(&scan.report, &mut md).with_context(|| format!("writing VG {}", a.vg))?;
+    a.dev.remember(&pvs)?;
+    println!("  Volume group \"{}\" successfully extended", a.vg);
+    Ok(())
+}
+
+/// A writable scan again, after PVs were created on `pvs` (a devices file may have to list
+/// them first for a scan to see files).
+fn rescan(dev: &DeviceArgs, pvs: &[PathBuf]) -> Result<Scan> {
+    let mut scan = scan_rw(dev)?;
+    let unseen: Vec<&PathBuf> = pvs
+        .iter()
+        .filter(|p| scan.device_index(p).is_none())
+        .collect();
+    if !unseen.is_empty() {
+        // Not among the scanned devices (a regular file, with no devices file yet): scan
+        // them too.
+        let mut paths = scan.paths.clone();
+        paths.extend(unseen.into_iter().cloned());
+        scan = scan_paths_rw(paths)?;
+    }
+    Ok(scan)
+}
+
+/// lvm2's words for a PV that cannot leave, with the LVs that keep it.
+fn reduce_message(e: &lvm::Error, shown: &str, vg: &str) -> String {
+    use lvm::vgreduce::ReduceError;
+    match e {
+        lvm::Error::Reduce(ReduceError::InUse { lvs, .. }) => format!(
+            "Physical volume \"{shown}\" still in use by logical volume(s) {}",
+            lvs.join(", ")
+        ),
+        lvm::Error::Reduce(ReduceError::LastPv { .. }) => {
+            format!("Can't remove final physical volume \"{shown}\" from volume group \"{vg}\"")
+        }
+        e => format!("Removal of physical volume \"{shown}\" from \"{vg}\" failed: {e}"),
+    }
+}
+
+/// The LVs `vgreduce --removemissing --force` would remove from `sv`.
+fn removable_partial(sv: &ScannedVg) -> Vec<String> {
+    let vg = &sv.metadata.vg;
+    let missing: Vec<&str> = sv
+        .pvs
+        .iter()
+        .filter(|p| p.device.is_none())
+        .map(|p| p.key.as_str())
+        .collect();
+    vg.logical_volumes
+        .iter()
+        .filter(|lv| missing.iter().any(|k| lvm::vgreduce::lv_uses_pv(lv, k)))
+        .map(|lv| lv.name.clone())
+        .collect()
+}
+
+pub fn vgreduce(a: VgreduceArgs) -> Result<()> {
+    lvm_status(reduce(&a))
+}
+
+fn reduce(a: &VgreduceArgs) -> Result<()> {
+    let scan = scan_rw(&a.dev)?;
+    let sv = scan.vg(&a.vg)?;
+    let desc = description();
+    if a.removemissing {
+        let partial = removable_partial(sv);
+        let active = active_lvs(
+            &daemon_devices(&a.sd),
+            sv.name(),
+            partial.iter().map(String::as_str),
+        );
+        if a.confirm.force > 0 && !active.is_empty() {
+            bail!(
+                "Logical volume(s) {} of {} to be removed are active: deactivate them first \
+                 (lvchange -an)",
+                active.join(", "),
+                a.vg
+            );
+        }
+        let force = a.confirm.force > 0;
+        match lvm::vgreduce::remove_missing(&scan.report, sv, force, &desc) {
+            Ok(None) => println!("  Volume group \"{}\" is already consistent.", a.vg),
+            Ok(Some(done)) => {
+                for lv in &done.removed_lvs {
+                    eprintln!("  WARNING: Removing partial LV {}/{lv}.", a.vg);
+                }
+                println!("  Wrote out consistent volume group {}.", a.vg);
+            }
+            Err(lvm::Error::Reduce(lvm::vgreduce::ReduceError::PartialLvs { lvs, .. })) => bail!(
+                "There are still partial LVs in VG {}: {}.\n  To remove them unconditionally \
+                 use: vgreduce --removemissing --force.",
+                a.vg,
+                lvs.join(", ")
+            ),
+            Err(e) => {
+                return Err(e).context(format!("Failed to write out a consistent VG for {}", a.vg))
+            }
+        }
+        return Ok(());
+    }
+    // The PVs named (or, with -a, every PV with no LV extents but one).
+    let mut todo: Vec<(String, lvm::Uuid)> = Vec::new();
+    if a.all {
+        let vg = &sv.metadata.vg;
+        let empty: Vec<_> = vg
+            .physical_volumes
+            .iter()
+            .filter(|p| lvm::vgreduce::lvs_on_pv(vg, &p.key).is_empty())
+            .collect();
+        let keep = usize::from(empty.len() == vg.physical_volumes.len());
+        for pv in empty.into_iter().skip(keep) {
+            let name = scan
+                .pv_path(&pv.id)
+                .map_or_else(|| pv.id.to_string(), |p| p.display().to_string());
+            todo.push((name, pv.id));
+        }
+    } else {
+        if a.pvs.is_empty() {
+            bail!("Please enter physical volume paths or option -a.");
+        }
+        for p in absolute(&a.pvs) {
+            let shown = p.display().to_string();
+            let (i, l) = label_at(&scan, &p)
+                .ok_or_else(|| anyhow!("Failed to find physical volume \"{shown}\"."))?;
+            if sv.metadata.vg.pv_by_id(&l.pv_uuid).is_none() {
+                // Left over from a vgreduce cut short: it still carries this VG's old copy.
+                let outdated = sv
+                    .problems
+                    .iter()
+                    .any(|q| matches!(q, Problem::NotInVg { id, .. } if *id == l.pv_uuid));
+                if !outdated {
+                    bail!(
+                        "Physical Volume \"{shown}\" not found in Volume Group \"{}\".",
+                        a.vg
+                    );
+                }
+                lvm::orphan::leave_vg(scan.report.devices[i].dev.as_ref(), &l)
+                    .with_context(|| format!("{shown}: making it an orphan PV"))?;
+                println!("  Removed \"{shown}\" from volume group \"{}\"", a.vg);
+                continue;
+            }
+            todo.push((shown, l.pv_uuid));
+        }
+    }
+    // One PV at a time, as lvm2 does: each is its own version.
+    let mut failed = 0;
+    for (shown, id) in &todo {
+        let now = scan_rw(&a.dev)?;
+        let cur = now
+            .report
+            .vg_by_id(&sv.id())
+            .with_context(|| format!("Volume group \"{}\" not found", a.vg))?;
+        match lvm::vgreduce::vgreduce(&now.report, cur, &[*id], &desc) {
+            Ok(_) => println!("  Removed \"{shown}\" from volume group \"{}\"", a.vg),
+            Err(e) => {
+                failed += 1;
+                eprintln!("  {}", reduce_message(&e, shown, &a.vg));
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} physical volume(s) not removed", todo.len());
+    }
+    Ok(())
+}
+
+pub fn vgrename(a: VgrenameArgs) -> Result<()> {
+    lvm_status(rename(&a))
+}
+
+fn rename(a: &VgrenameArgs) -> Result<()> {
+    let scan = scan_rw(&a.dev)?;
+    let sv = lvm::vgrename::find_vg(&scan.report, &a.old)
+        .ok_or_else(|| anyhow!("Volume group \"{}\" not found", a.old))?;
+    let dir = super::display::dev_dir();
+    lvm::vgrename::check_new_name(&scan.report, sv, &a.new, &dir)?;
+    let path = format!("{dir}{}", a.new);
+    if Path::new(&path).exists() {
+        bail!("{path}: already exists in filesystem");
+    }
+    let vg = &sv.metadata.vg;
+    let active = active_lvs(
+        &daemon_devices(&a.sd),
+        &vg.name,
+        vg.logical_volumes.iter().map(|l| l.name.as_str()),
+    );
+    if !active.is_empty() {
+        bail!(
+            "Volume group \"{}\" has active logical volume(s) {}: deactivate them first \
+             (vgchange -an {})",
+            vg.name,
+            active.join(", "),
+            vg.name
+        );
+    }
+    lvm::vgrename::vgrename(&scan.report, sv, &a.new, &dir, &description())
+        .with_context(|| format!("renaming {}", vg.name))?;
+    println!(
+        "  Volume group \"{}\" successfully renamed to \"{}\"",
+        a.old, a.new
+    );
+    Ok(())
+}
+
+pub fn vgcfgrestore(a: VgcfgrestoreArgs) -> Result<()> {
+    lvm_status(cfgrestore(&a))
+}
+
+fn cfgrestore(a: &VgcfgrestoreArgs) -> Result<()> {
+    lvm::vgcreate::check_name("VG", &a.vg)
+        .map_err(|e| anyhow!("Volume group name \"{}\" is invalid: {e}", a.vg))?;
+    let text = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let mut md = Metadata::from_text(&text).with_context(|| {
+        format!(
+            "Couldn't read volume group metadata from file {}",
+            a.file.display()
+        )
+    })?;
+    if md.vg.name != a.vg {
+        bail!("{} holds VG {}, not {}", a.file.display(), md.vg.name, a.vg);
+    }
+    let scan = scan_rw(&a.dev)?;
+    // LVs active under this name: what the backup has and what the disks have.
+    let mut names: Vec<&str> = md
+        .vg
+        .logical_volumes
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    if let Some(cur) = scan.report.vg(&a.vg) {
+        names.extend(
+            cur.metadata
+                .vg
+                .logical_volumes
+                .iter()
+                .map(|l| l.name.as_str()),
+        );
+    }
+    names.sort();
+    names.dedup();
+    let active = active_lvs(&daemon_devices(&a.sd), &a.vg, names);
+    if !active.is_empty() {
+        for lv in &active {
+            println!("  Volume group {} has active volume: {lv}.", a.vg);
+        }
+        eprintln!(
+            "  WARNING: Found {} active volume(s) in volume group \"{}\".",
+            active.len(),
+            a.vg
+        );
+        if !a.yes {
+            bail!(
+                "Restoring VG with active LVs may cause mismatch with its metadata: add -y to \
+                 restore anyway, or deactivate them first (vgchange -an {}).\n  Restore aborted.",
+                a.vg
+            );
+        }
+    }
+    // The device hints say where each PV is now.
+    for pv in &mut md.vg.physical_volumes {
+        if let Some(p) = scan.pv_path(&pv.id) {
+            pv.device = Some(p.display().to_string());
+        }
+    }
+    md.stamp(description());
+    let done = lvm::restore::restore(&scan.report, &mut md, a.force)
+        .map_err(|e| anyhow!("{e}\n  Restore failed."))?;
+    for id in &done.missing {
+        eprintln!(
+            "  WARNING: PV {id} is missing: its copy of VG {} was not written.",
+            a.vg
+        );
+    }
+    for (dev, area) in &done.committed.skipped {
+        eprintln!(
+            "  WARNING: {dev}: metadata area at byte {area} is damaged in a way that is not \
+             safe to rewrite; left alone"
+        );
+    }
+    println!("  Restored volume group {}.", a.vg);
     Ok(())
 }
 
@@ -322,15 +832,35 @@ pub fn vgs(a: VgsArgs) -> Result<()> {
     })
 }
 
-/// `vgck`: every copy of every VG's metadata read and compared; exit 1 on any problem.
+/// `vgck`: every copy of every VG's metadata read and compared; exit 5 on any problem. With
+/// `--updatemetadata` the newest good copy is written again everywhere.
 pub fn vgck(a: VgckArgs) -> Result<()> {
+    lvm_status(check(&a))
+}
+
+fn check(a: &VgckArgs) -> Result<()> {
+    if a.updatemetadata {
+        return update_metadata(a);
+    }
     let scan = Scan::run(&a.dev)?;
     let mut bad = 0;
     for v in &scan.report.vgs {
         if !a.vgs.is_empty() && !a.vgs.iter().any(|n| n == v.name()) {
             continue;
         }
-        for p in &v.problems {
+        // The VG's own findings, and damage on its PVs' devices (a copy that does not read).
+        let devices: Vec<&str> = v
+            .pvs
+            .iter()
+            .filter_map(|p| p.device)
+            .map(|i| scan.report.devices[i].name.as_str())
+            .collect();
+        let on_its_pvs = scan
+            .report
+            .problems
+            .iter()
+            .filter(|p| device_problem(p).is_some_and(|d| devices.contains(&d)));
+        for p in v.problems.iter().chain(on_its_pvs) {
             eprintln!("  {}: {p}", v.name());
             bad += 1;
         }
@@ -340,6 +870,67 @@ pub fn vgck(a: VgckArgs) -> Result<()> {
     }
     if bad > 0 {
         bail!("{bad} problem(s) found");
+    }
+    Ok(())
+}
+
+/// The device a device-level finding of the scan is about (damaged label, area or text).
+fn device_problem(p: &Problem) -> Option<&str> {
+    match p {
+        Problem::Unreadable(e) => Some(&e.device),
+        Problem::BadLabel(e) => Some(&e.device),
+        Problem::BadMetadataArea(e) => Some(&e.device),
+        Problem::BadText { device, .. } | Problem::Uncommitted { device, .. } => Some(device),
+        _ => None,
+    }
+}
+
+/// `vgck --updatemetadata`: [`lvm::repair::update_metadata`] for each VG named (or all).
+fn update_metadata(a: &VgckArgs) -> Result<()> {
+    let scan = scan_rw(&a.dev)?;
+    let ids: Vec<(String, lvm::Uuid)> = if a.vgs.is_empty() {
+        scan.report
+            .vgs
+            .iter()
+            .map(|v| (v.name().to_string(), v.id()))
+            .collect()
+    } else {
+        a.vgs
+            .iter()
+            .map(|n| scan.vg(n).map(|v| (n.clone(), v.id())))
+            .collect::<Result<_>>()?
+    };
+    let desc = description();
+    let mut failed = 0;
+    for (k, (name, id)) in ids.iter().enumerate() {
+        // Each VG's write changes what the next one sees (headers moved on): scan again.
+        let rescanned;
+        let now = if k == 0 {
+            &scan
+        } else {
+            rescanned = scan_rw(&a.dev)?;
+            &rescanned
+        };
+        match lvm::repair::update_metadata(&now.report, id, &desc) {
+            Ok(up) => {
+                for (dev, area) in &up.committed.skipped {
+                    eprintln!(
+                        "  WARNING: not repairing bad metadata in the area at byte {area} on \
+                         {dev} (its header does not look like this PV's)"
+                    );
+                }
+                for dev in &up.wiped {
+                    eprintln!("  WARNING: wiping mda on outdated PV {dev}");
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("  {name}: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("Failed to write VG metadata of {failed} VG(s).");
     }
     Ok(())
 }
