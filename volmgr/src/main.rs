@@ -76,6 +76,8 @@ enum Cmd {
     Lvextend(lvm_cli::lvresize::LvresizeArgs),
     /// Resize an LV (growing; see lvextend).
     Lvresize(lvm_cli::lvresize::LvresizeArgs),
+    /// Convert a linear/striped LV to raid1 (`-m 1`) and back (`-m 0`), online.
+    Lvconvert(lvm_cli::lvconvert::LvconvertArgs),
     /// Remove LVs (active ones are deactivated first, with --yes).
     Lvremove(lvm_cli::lvremove::LvremoveArgs),
     /// Rename an LV.
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
         Cmd::Lvs(a) => lvm_cli::lv::lvs(a),
         Cmd::Lvcreate(a) => lvm_cli::lvcreate::lvcreate(*a),
         Cmd::Lvextend(a) | Cmd::Lvresize(a) => lvm_cli::lvresize::lvextend(a),
+        Cmd::Lvconvert(a) => lvm_cli::lvconvert::lvconvert(a),
         Cmd::Lvremove(a) => lvm_cli::lvremove::lvremove(a),
         Cmd::Lvrename(a) => lvm_cli::lvremove::lvrename(a),
         Cmd::Pvdisplay(a) => lvm_cli::display::pvdisplay(a),

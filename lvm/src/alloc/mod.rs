@@ -375,9 +375,17 @@ pub fn allocate(vg: &VolumeGroup, req: &Request) -> Result<Allocation, AllocErro
             return Err(AllocError::TooManyStripes { stripes, pvs });
         }
     }
+    // Images (with their metadata extents) go through the image placement even when there
+    // is one: lvconvert -m 1 adds a single image with its rmeta.
+    let as_images = req.legs > 1 || req.raid_meta;
+    if as_images && stripes != 1 {
+        return Err(AllocError::Invalid(format!(
+            "raid images with metadata extents take one stripe, not {stripes}"
+        )));
+    }
     let shape = plan::Shape {
-        areas: if req.legs > 1 { req.legs } else { stripes },
-        legs: req.legs > 1,
+        areas: if as_images { req.legs } else { stripes },
+        legs: as_images,
         meta: req.raid_meta,
     };
     let attempt = |extents: u32| -> Result<Allocation, AllocError> {

@@ -853,3 +853,22 @@ fn sizes_display_as_lvm2() {
     assert_eq!(display_size(1), "512 B");
     assert_eq!(display_size(3 << 20), "1.50 GiB");
 }
+
+#[test]
+fn one_image_with_its_metadata_extent() {
+    // lvconvert -m 1 adds one image and its rmeta, away from the PV the LV is on.
+    let mut g = vg(&[100, 100]);
+    add_linear(&mut g, "a", "pv0", 0, 20);
+    let r = Request {
+        legs: 1,
+        raid_meta: true,
+        pvs: Some(PvSelection::whole(["pv1"])),
+        ..req(20)
+    };
+    let a = allocate(&g, &r).unwrap();
+    assert_eq!((a.legs.len(), a.meta.len()), (1, 1));
+    assert_eq!(areas(&a.meta[0]), (vec![area("pv1", 0)], 1));
+    assert_eq!(areas(&a.legs[0][0]), (vec![area("pv1", 1)], 20));
+    let striped = Request { stripes: 2, ..r };
+    assert!(allocate(&g, &striped).is_err());
+}

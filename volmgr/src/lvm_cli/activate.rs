@@ -218,7 +218,7 @@ fn change(
 const MAX_STACK: usize = 8;
 
 /// The table of `lv`, with each PV at the path this scan found it on.
-fn table_of(
+pub fn table_of(
     scan: &Scan,
     vg: &VolumeGroup,
     lv: &LogicalVolume,
@@ -230,6 +230,18 @@ fn table_of(
             .map(|p| p.display().to_string())
     };
     Ok(lv_table(vg, lv, &device_of, missing)?)
+}
+
+/// Checks that each of `lvs` makes a table every target accepts (what `table check` runs:
+/// all of a build's checks but opening devices), before metadata that holds them is written.
+pub fn check_tables(scan: &Scan, vg: &VolumeGroup, lvs: &[&LogicalVolume]) -> Result<()> {
+    let reg = volmgr::registry();
+    for lv in lvs {
+        let t = table_of(scan, vg, lv, MissingPvs::Refuse)?;
+        tables::table::Table::parse(&t, &reg)
+            .with_context(|| format!("{}/{}: its table would be refused", vg.name, lv.name))?;
+    }
+    Ok(())
 }
 
 /// Makes sure every LV `lv` is built on is active, as internal devices, deepest first.

@@ -7,11 +7,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lvm::activate::{dm_name, lv_table, MissingPvs};
+use lvm::activate::{dm_name, MissingPvs};
 use lvm::alloc::{self, Policy, Sign};
 use ublk_target::control::Request;
 
-use super::activate::daemon_devices;
+use super::activate::{daemon_devices, table_of};
 use super::lvcreate::pv_selection;
 use super::scan::Scan;
 use super::{split_lv_name, DeviceArgs};
@@ -124,16 +124,7 @@ pub fn lvextend(a: LvresizeArgs) -> Result<()> {
     };
     let vg = &md.vg;
     let lv = vg.lv(lv_name).context("the LV")?;
-    let table = lv_table(
-        vg,
-        lv,
-        &|pv| {
-            scan.pv_path(&pv.id)
-                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-                .map(|p| p.display().to_string())
-        },
-        MissingPvs::Refuse,
-    )?;
+    let table = table_of(&scan, vg, lv, MissingPvs::Refuse)?;
     expect_text(call(
         &a.sd,
         Request::Reload {

@@ -6,6 +6,7 @@ pub mod activate;
 pub mod devices;
 pub mod display;
 pub mod lv;
+pub mod lvconvert;
 pub mod lvcreate;
 pub mod lvremove;
 pub mod lvresize;

@@ -250,8 +250,15 @@ impl Draft {
             .iter()
             .position(|l| !l.status.has("VISIBLE"))
             .unwrap_or(self.md.vg.logical_volumes.len());
+        let names: Vec<String> = visible
+            .iter()
+            .chain(&hidden)
+            .map(|l| l.name.clone())
+            .collect();
         self.md.vg.logical_volumes.splice(at..at, visible);
         self.md.vg.logical_volumes.extend(hidden);
+        let new: Vec<&LogicalVolume> = names.iter().filter_map(|n| self.md.vg.lv(n)).collect();
+        crate::lvm_cli::activate::check_tables(&self.scan, &self.md.vg, &new)?;
         self.scan.commit(&mut self.md)?;
         Ok(())
     }
