@@ -641,31 +641,7 @@ fn raid_and_thin_lvs_serve_data_and_lvm2_keeps_off_them() {
 fn lvconvert_to_raid1_and_back_under_fio_verify() {
     require_tool("fio");
     let env = Lvm2::new(&[64, 64]);
-    let loops = env.loops.clone();
-    let devices = loops.join(",");
-    let state = env.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let d = DaemonProc::start(&state);
-    vm_on(
-        &d,
-        &devices,
-        &["vgcreate", "-s", "1m", "vgc", &loops[0], &loops[1]],
-    );
-    vm_on(
-        &d,
-        &devices,
-        &[
-            "lvcreate",
-            "-L",
-            "32m",
-            "-n",
-            "lv",
-            "vgc",
-            &loops[0],
-            "--nbd",
-            "127.0.0.1:0",
-        ],
-    );
+    let (d, devices) = vg_with_lv(&env, "vgc");
     let uri = lv_uri(&d, &devices, "vgc/lv");
     // fio writes and verifies in a loop while the LV changes shape under it.
     let fio = {
@@ -767,4 +743,135 @@ fn lvm2_segments_all(env: &Lvm2, vg: &str) -> Vec<(String, LvSeg)> {
     let mut v = lvm2_segments_of(env, vg, true);
     v.retain(|(n, _)| !n.is_empty());
     v
+}
+
+/// A daemon on a state directory of `env`, a VG `vg` of the first two loop devices and a
+/// 32 MiB LV `lv` on the first, active over NBD; returns the daemon and the `--devices` list.
+fn vg_with_lv(env: &Lvm2, vg: &str) -> (DaemonProc, String) {
+    let loops = &env.loops;
+    let devices = loops.join(",");
+    let state = env.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let d = DaemonProc::start(&state);
+    vm_on(
+        &d,
+        &devices,
+        &["vgcreate", "-s", "1m", vg, &loops[0], &loops[1]],
+    );
+    vm_on(
+        &d,
+        &devices,
+        &[
+            "lvcreate",
+            "-L",
+            "32m",
+            "-n",
+            "lv",
+            vg,
+            &loops[0],
+            "--nbd",
+            "127.0.0.1:0",
+        ],
+    );
+    (d, devices)
+}
+
+/// `volmgr pvmove ARGS` in the background against `d`'s state directory.
+fn pvmove_bg(d: &DaemonProc, devices: &str, args: &[&str]) -> std::process::Child {
+    Command::new(e2e::volmgr_bin())
+        .arg("pvmove")
+        .args(args)
+        .args(["--devices", devices])
+        .env("VOLMGR_STATE_DIR", &d.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning pvmove")
+}
+
+/// Waits until the daemon of `d` has the pvmove mirror of `vg`.
+fn wait_for_mirror(d: &DaemonProc, vg: &str) {
+    let t0 = std::time::Instant::now();
+    while !d.ok(&["dev", "list"]).contains(&format!("{vg}-pvmove0 ")) {
+        assert!(t0.elapsed().as_secs() < 30, "no pvmove mirror: {}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pvmove_online_survives_a_daemon_kill_and_aborts_cleanly() {
+    require_tool("qemu-io");
+    let env = Lvm2::new(&[64, 64]);
+    let loops = env.loops.clone();
+    let (mut d, devices) = vg_with_lv(&env, "vgm");
+    qemu_io(&lv_uri(&d, &devices, "vgm/lv"), &["write -P 0x5a 0 32M"]);
+
+    // A slow move (4 MiB/s), the daemon killed in the middle of it.
+    let mv = pvmove_bg(&d, &devices, &[&loops[0], "--rate", "4096"]);
+    wait_for_mirror(&d, "vgm");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Writes during the move reach both copies.
+    qemu_io(&lv_uri(&d, &devices, "vgm/lv"), &["write -P 0x6b 16M 1M"]);
+    d.kill9();
+    let out = mv.wait_with_output().unwrap();
+    assert!(!out.status.success(), "pvmove went on without its daemon");
+    // Nothing committed: the metadata still names the source.
+    let before = vm_on(
+        &d,
+        &devices,
+        &["lvs", "--noheadings", "-o", "devices", "vgm/lv"],
+    );
+    assert!(before.contains(&format!("{}(0)", loops[0])), "{before}");
+
+    // The restarted daemon brings the LV back on its mirror; pvmove again finishes the move.
+    d = DaemonProc::start(&env.path("state"));
+    wait_for_mirror(&d, "vgm");
+    let out = vm_on(&d, &devices, &["pvmove", &loops[0]]);
+    assert!(
+        out.contains("resuming") && out.contains("Moved: 100.00%"),
+        "{out}"
+    );
+    let after = vm_on(
+        &d,
+        &devices,
+        &["lvs", "--noheadings", "-o", "devices", "vgm/lv"],
+    );
+    assert!(after.contains(&format!("{}(", loops[1])), "{after}");
+    assert!(
+        !d.ok(&["dev", "list"]).contains("pvmove"),
+        "mirror left behind"
+    );
+    let uri = lv_uri(&d, &devices, "vgm/lv");
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x5a 0 16M",
+            "read -P 0x6b 16M 1M",
+            "read -P 0x5a 17M 15M",
+        ],
+    );
+    env.assert_vgck_clean("vgm");
+
+    // --abort: a move stopped half way goes back to the source, nothing committed.
+    let mut mv = pvmove_bg(&d, &devices, &[&loops[1], "--rate", "4096"]);
+    wait_for_mirror(&d, "vgm");
+    mv.kill().unwrap();
+    let _ = mv.wait();
+    qemu_io(&uri, &["write -P 0x7c 0 1M"]);
+    vm_on(&d, &devices, &["pvmove", "--abort", &loops[1]]);
+    assert!(
+        !d.ok(&["dev", "list"]).contains("pvmove"),
+        "mirror left after --abort"
+    );
+    let table = d.ok(&["dev", "table", "vgm-lv"]);
+    assert!(table.contains(&format!("linear {}", loops[1])), "{table}");
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x7c 0 1M",
+            "read -P 0x5a 1M 15M",
+            "read -P 0x6b 16M 1M",
+        ],
+    );
+    env.assert_vgck_clean("vgm");
 }

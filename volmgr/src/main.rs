@@ -78,6 +78,8 @@ enum Cmd {
     Lvresize(lvm_cli::lvresize::LvresizeArgs),
     /// Convert a linear/striped LV to raid1 (`-m 1`) and back (`-m 0`), online.
     Lvconvert(lvm_cli::lvconvert::LvconvertArgs),
+    /// Move every extent off a PV, online (--abort to undo a killed move).
+    Pvmove(lvm_cli::pvmove::PvmoveArgs),
     /// Remove LVs (active ones are deactivated first, with --yes).
     Lvremove(lvm_cli::lvremove::LvremoveArgs),
     /// Rename an LV.
@@ -123,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::Lvcreate(a) => lvm_cli::lvcreate::lvcreate(*a),
         Cmd::Lvextend(a) | Cmd::Lvresize(a) => lvm_cli::lvresize::lvextend(a),
         Cmd::Lvconvert(a) => lvm_cli::lvconvert::lvconvert(a),
+        Cmd::Pvmove(a) => lvm_cli::pvmove::pvmove(a),
         Cmd::Lvremove(a) => lvm_cli::lvremove::lvremove(a),
         Cmd::Lvrename(a) => lvm_cli::lvremove::lvrename(a),
         Cmd::Pvdisplay(a) => lvm_cli::display::pvdisplay(a),

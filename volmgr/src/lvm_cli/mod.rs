@@ -11,6 +11,7 @@ pub mod lvcreate;
 pub mod lvremove;
 pub mod lvresize;
 pub mod pv;
+pub mod pvmove;
 pub mod report;
 pub mod scan;
 pub mod vg;
