@@ -24,6 +24,10 @@ pub enum MissingPvs {
     /// Refuse to activate (lvm2's `--activationmode complete`, the safe default).
     #[default]
     Refuse,
+    /// lvm2's `--activationmode degraded`: a raid LV whose image or metadata sub-LV has an
+    /// area on a missing PV runs with that leg missing (`- -`, as dm-raid writes it), as long
+    /// as the level keeps a copy of everything; any other LV on a missing PV is refused.
+    Degraded,
     /// Map the missing areas onto the `error` target (lvm2's `--activationmode partial`):
     /// what is on the PVs that are present reads and writes, the rest fails.
     Error,
@@ -150,7 +154,7 @@ fn segment_target(
         } => (stripe_size, stripes),
         SegmentKind::Other { segtype } => {
             return match VolmgrSegment::parse(seg).map_err(&bad)? {
-                Some(v) => volmgr_target(vg, &v).map_err(bad),
+                Some(v) => volmgr_target(vg, &v, device_of, missing).map_err(bad),
                 None => Err(ActivateError::Unsupported {
                     vg: vg.name.clone(),
                     lv: lv.name.clone(),
@@ -210,9 +214,45 @@ fn sub_device(vg: &VolumeGroup, lv: &str) -> Result<String, String> {
     Ok(format!("{DAEMON_DEVICE_DIR}{}", dm_name(&vg.name, lv)))
 }
 
+/// Whether every area of `lv`, and of the LVs under it, is on a PV `device_of` finds.
+pub fn lv_available(
+    vg: &VolumeGroup,
+    lv: &LogicalVolume,
+    device_of: &dyn Fn(&PhysicalVolume) -> Option<String>,
+) -> bool {
+    fn walk(
+        vg: &VolumeGroup,
+        lv: &LogicalVolume,
+        device_of: &dyn Fn(&PhysicalVolume) -> Option<String>,
+        depth: usize,
+    ) -> bool {
+        if depth > 8 {
+            return false;
+        }
+        let pvs_present = lv.segments.iter().all(|s| match &s.kind {
+            SegmentKind::Striped { stripes, .. } => stripes.iter().all(|a| {
+                vg.pv_by_key(&a.volume)
+                    .is_none_or(|pv| device_of(pv).is_some())
+            }),
+            SegmentKind::Other { .. } => true,
+        });
+        pvs_present
+            && lv_dependencies(vg, lv)
+                .iter()
+                .all(|d| walk(vg, d, device_of, depth + 1))
+    }
+    walk(vg, lv, device_of, 0)
+}
+
 /// `TARGET ARGS` of a volmgr raid or thin segment: dm-raid's and dm-thin's syntax, which the
-/// `raid` and `thin` crates take, over the daemon devices of the sub-LVs.
-fn volmgr_target(vg: &VolumeGroup, v: &VolmgrSegment) -> Result<String, String> {
+/// `raid` and `thin` crates take, over the daemon devices of the sub-LVs. With `missing` not
+/// `Refuse`, a raid leg whose sub-LVs are not all available is written `- -`.
+fn volmgr_target(
+    vg: &VolumeGroup,
+    v: &VolmgrSegment,
+    device_of: &dyn Fn(&PhysicalVolume) -> Option<String>,
+    missing: MissingPvs,
+) -> Result<String, String> {
     match v {
         VolmgrSegment::Raid(r) => {
             let chunk = match r.level {
@@ -229,8 +269,30 @@ fn volmgr_target(vg: &VolumeGroup, v: &VolmgrSegment) -> Result<String, String> 
                 r.region_size.0,
                 r.images.len()
             );
+            let mut gone = 0;
             for (meta, image) in &r.images {
+                let here = |n: &str| vg.lv(n).is_some_and(|l| lv_available(vg, l, device_of));
+                if missing != MissingPvs::Refuse && !(here(meta) && here(image)) {
+                    t.push_str(" - -");
+                    gone += 1;
+                    continue;
+                }
                 let _ = write!(t, " {} {}", sub_device(vg, meta)?, sub_device(vg, image)?);
+            }
+            let tolerated = match r.level {
+                RaidLevel::Raid1 => r.images.len().saturating_sub(1),
+                RaidLevel::Raid5 => 1,
+                // Near layout, two copies: one leg of each pair; the raid target checks the
+                // exact pairs, this only bounds the count.
+                RaidLevel::Raid10 => r.images.len() / 2,
+            };
+            if gone > tolerated {
+                return Err(format!(
+                    "{gone} of its {} images are on missing PVs: {} keeps data with at most \
+                     {tolerated} missing",
+                    r.images.len(),
+                    r.level.name()
+                ));
             }
             Ok(t)
         }
@@ -484,5 +546,48 @@ mod tests {
         let t = lv_table(&g, &top, &dev, MissingPvs::Refuse).unwrap();
         assert_eq!(t, "0 32768 linear /dev/volmgr/my--vg-a_rimage_0 0\n");
         assert_eq!(lv_dependencies(&g, &top)[0].name, "a_rimage_0");
+    }
+
+    #[test]
+    fn degraded_raid_leaves_out_legs_on_missing_pvs() {
+        let mut g = vg();
+        for (i, pv) in ["pv0", "pv1"].iter().enumerate() {
+            let mut m = lv(
+                &format!("r_rmeta_{i}"),
+                vec![Segment::linear(Extents(0), Extents(1), pv, Extents(0))],
+            );
+            m.status.clear("VISIBLE");
+            let mut d = lv(
+                &format!("r_rimage_{i}"),
+                vec![Segment::linear(Extents(0), Extents(4), pv, Extents(1))],
+            );
+            d.status.clear("VISIBLE");
+            g.logical_volumes.push(m);
+            g.logical_volumes.push(d);
+        }
+        let raid = crate::segtypes::VolmgrSegment::Raid(crate::segtypes::RaidSegment {
+            level: RaidLevel::Raid1,
+            region_size: Sectors(4096),
+            stripe_size: None,
+            images: (0..2)
+                .map(|i| (format!("r_rmeta_{i}"), format!("r_rimage_{i}")))
+                .collect(),
+        });
+        let top = lv("r", vec![raid.to_segment(Extents(0), Extents(4))]);
+        let only_pv0 = |p: &PhysicalVolume| (p.key == "pv0").then(|| "/dev/x".to_string());
+        assert!(lv_table(&g, &top, &only_pv0, MissingPvs::Refuse)
+            .unwrap()
+            .contains("/dev/volmgr/my--vg-r_rimage_1"));
+        let t = lv_table(&g, &top, &only_pv0, MissingPvs::Degraded).unwrap();
+        assert_eq!(
+            t,
+            "0 32768 raid raid1 3 0 region_size 4096 2 /dev/volmgr/my--vg-r_rmeta_0 \
+             /dev/volmgr/my--vg-r_rimage_0 - -\n"
+        );
+        let none = |_: &PhysicalVolume| None;
+        let e = lv_table(&g, &top, &none, MissingPvs::Degraded).unwrap_err();
+        assert!(e.to_string().contains("2 of its 2 images"), "{e}");
+        assert!(!lv_available(&g, g.lv("r_rimage_1").unwrap(), &only_pv0));
+        assert!(lv_available(&g, g.lv("r_rimage_0").unwrap(), &only_pv0));
     }
 }

@@ -875,3 +875,79 @@ fn pvmove_online_survives_a_daemon_kill_and_aborts_cleanly() {
     );
     env.assert_vgck_clean("vgm");
 }
+
+#[test]
+fn a_raid1_lv_with_a_pv_missing_runs_degraded_and_heals_when_it_returns() {
+    require_tool("qemu-io");
+    let env = Lvm2::new(&[64, 64]);
+    let loops = env.loops.clone();
+    let devices = loops.join(",");
+    let state = env.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let d = DaemonProc::start(&state);
+    vm_on(
+        &d,
+        &devices,
+        &["vgcreate", "-s", "1m", "vgd", &loops[0], &loops[1]],
+    );
+    let nbd = ["--nbd", "127.0.0.1:0"];
+    let mut create = vec![
+        "lvcreate", "--type", "raid1", "-m", "1", "-L", "16m", "-n", "r", "vgd",
+    ];
+    create.extend_from_slice(&nbd);
+    vm_on(&d, &devices, &create);
+    let synced = |devs: &str| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let r = vm_on(
+                &d,
+                devs,
+                &["lvs", "--noheadings", "-o", "copy_percent", "vgd/r"],
+            );
+            if r.contains("100.00") {
+                break;
+            }
+            assert!(t0.elapsed().as_secs() < 60, "no sync: {r}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    synced(&devices);
+    qemu_io(&lv_uri(&d, &devices, "vgd/r"), &["write -P 0x21 0 16M"]);
+    vm_on(&d, &devices, &["lvchange", "-an", "vgd/r"]);
+
+    // The second PV is gone: complete refuses, degraded (the default) runs on one leg.
+    let only0 = loops[0].clone();
+    let mut complete = vec!["lvchange", "-ay", "vgd/r", "--activationmode", "complete"];
+    complete.extend_from_slice(&nbd);
+    let e = vm_err(&d, &only0, &complete);
+    assert!(e.contains("missing"), "{e}");
+    let mut degraded = vec!["lvchange", "-ay", "vgd/r"];
+    degraded.extend_from_slice(&nbd);
+    vm_on(&d, &only0, &degraded);
+    let table = d.ok(&["dev", "table", "vgd-r"]);
+    assert!(table.trim_end().ends_with("- -"), "{table}");
+    let health = vm_on(
+        &d,
+        &only0,
+        &["lvs", "--noheadings", "-o", "lv_health_status", "vgd/r"],
+    );
+    assert_eq!(health.trim(), "partial");
+    // Written while degraded: only the first leg has it.
+    qemu_io(&lv_uri(&d, &only0, "vgd/r"), &["write -P 0x43 4M 2M"]);
+    vm_on(&d, &only0, &["lvchange", "-an", "vgd/r"]);
+
+    // The PV is back: the leg is rebuilt; then the second leg alone holds everything.
+    vm_on(&d, &devices, &degraded);
+    synced(&devices);
+    vm_on(&d, &devices, &["lvchange", "-an", "vgd/r"]);
+    let only1 = loops[1].clone();
+    vm_on(&d, &only1, &degraded);
+    qemu_io(
+        &lv_uri(&d, &only1, "vgd/r"),
+        &[
+            "read -P 0x21 0 4M",
+            "read -P 0x43 4M 2M",
+            "read -P 0x21 6M 10M",
+        ],
+    );
+}

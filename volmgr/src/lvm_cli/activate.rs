@@ -26,8 +26,9 @@ pub struct ActivationArgs {
     /// `y` (or `ay`, `ey`, `ly`: all activate here) or `n`.
     #[arg(short = 'a', long = "activate", value_name = "y|n")]
     pub activate: String,
-    /// `complete` (refuse an LV with an area on a missing PV), `partial` (map such areas
-    /// onto the error target), `degraded` (as complete for linear and striped LVs).
+    /// `complete` (refuse an LV with an area on a missing PV), `degraded` (the default, as
+    /// lvm2: a raid LV runs without the legs on missing PVs if its level allows; other LVs
+    /// as complete), `partial` (also map other areas on missing PVs onto the error target).
     #[arg(long, value_name = "MODE", default_value = "degraded")]
     pub activationmode: String,
     /// Export over NBD at this address instead of ublk (`HOST:PORT`; with several LVs the
@@ -70,7 +71,8 @@ impl ActivationArgs {
 
     fn missing(&self) -> Result<MissingPvs> {
         match self.activationmode.as_str() {
-            "complete" | "degraded" => Ok(MissingPvs::Refuse),
+            "complete" => Ok(MissingPvs::Refuse),
+            "degraded" => Ok(MissingPvs::Degraded),
             "partial" => Ok(MissingPvs::Error),
             other => bail!("--activationmode '{other}': use complete, degraded or partial"),
         }
@@ -224,12 +226,14 @@ pub fn table_of(
     lv: &LogicalVolume,
     missing: MissingPvs,
 ) -> Result<String> {
-    let device_of = |pv: &lvm::PhysicalVolume| {
-        scan.pv_path(&pv.id)
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-            .map(|p| p.display().to_string())
-    };
-    Ok(lv_table(vg, lv, &device_of, missing)?)
+    Ok(lv_table(vg, lv, &|pv| pv_device(scan, pv), missing)?)
+}
+
+/// The absolute path of the device this scan found PV `pv` on.
+pub fn pv_device(scan: &Scan, pv: &lvm::PhysicalVolume) -> Option<String> {
+    scan.pv_path(&pv.id)
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .map(|p| p.display().to_string())
 }
 
 /// Checks that each of `lvs` makes a table every target accepts (what `table check` runs:
@@ -261,9 +265,26 @@ fn activate_dependencies(
             lv.name
         );
     }
+    let raid = lv.segments.iter().any(|s| {
+        matches!(
+            lvm::segtypes::VolmgrSegment::parse(s),
+            Ok(Some(lvm::segtypes::VolmgrSegment::Raid(_)))
+        )
+    });
     for dep in lvm::activate::lv_dependencies(vg, lv) {
         let name = dm_name(&vg.name, &dep.name);
         if active.contains(&name) {
+            continue;
+        }
+        // A raid leg on a missing PV is left out: the raid's table says `- -` for it.
+        if raid
+            && missing != MissingPvs::Refuse
+            && !lvm::activate::lv_available(vg, dep, &|pv| pv_device(scan, pv))
+        {
+            eprintln!(
+                "  WARNING: {}/{} is on a missing PV: {} runs without it",
+                vg.name, dep.name, lv.name
+            );
             continue;
         }
         activate_dependencies(scan, vg, dep, missing, sd, active, depth + 1)?;

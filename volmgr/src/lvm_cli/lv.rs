@@ -230,6 +230,8 @@ struct Live {
     data: Option<(u64, u64)>,
     /// Meta% of a thin pool.
     meta: Option<(u64, u64)>,
+    /// A raid LV running with a leg failed or missing.
+    degraded: bool,
 }
 
 /// `a/b` pairs of a status line, in order.
@@ -263,6 +265,10 @@ impl Live {
             // `raid1 2 AA done/total idle ...`
             LvKind::Raid => Live {
                 sync: f.first().copied(),
+                // The health word (`AA`, `AD`, ...) comes right after the leg count.
+                degraded: status.split_whitespace().any(|w| {
+                    w.len() > 1 && w.chars().all(|c| "ADa".contains(c)) && w.contains('D')
+                }),
                 ..Live::default()
             },
             // `tid used_meta/total_meta used_data/total_data ...`
@@ -402,9 +408,12 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 None => String::new(),
             }),
             "lv_dm_path" => Value::Text(r.active.map(|d| d.path.clone()).unwrap_or_default()),
-            "lv_health_status" => {
-                Value::Text(r.active.and_then(|d| d.error.clone()).unwrap_or_default())
-            }
+            "lv_health_status" => Value::Text(match r.active.and_then(|d| d.error.clone()) {
+                Some(e) => e,
+                // lvm2's word for a raid LV with an image gone.
+                None if r.live.degraded => "partial".into(),
+                None => String::new(),
+            }),
             "lv_size" => Value::Size(extents * ext),
             "lv_uuid" => Value::Text(r.lv.id.to_string()),
             "lv_path" => Value::Text(format!("/dev/{}/{}", r.vg.name, r.lv.name)),
