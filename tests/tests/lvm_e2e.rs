@@ -745,9 +745,9 @@ fn lvm2_segments_all(env: &Lvm2, vg: &str) -> Vec<(String, LvSeg)> {
     v
 }
 
-/// A daemon on a state directory of `env`, a VG `vg` of the first two loop devices and a
-/// 32 MiB LV `lv` on the first, active over NBD; returns the daemon and the `--devices` list.
-fn vg_with_lv(env: &Lvm2, vg: &str) -> (DaemonProc, String) {
+/// A daemon on a state directory of `env` and a VG `vg` (1 MiB extents) of the first two
+/// loop devices; returns the daemon and the `--devices` list.
+fn vg_of_two(env: &Lvm2, vg: &str) -> (DaemonProc, String) {
     let loops = &env.loops;
     let devices = loops.join(",");
     let state = env.path("state");
@@ -758,6 +758,13 @@ fn vg_with_lv(env: &Lvm2, vg: &str) -> (DaemonProc, String) {
         &devices,
         &["vgcreate", "-s", "1m", vg, &loops[0], &loops[1]],
     );
+    (d, devices)
+}
+
+/// As [`vg_of_two`], with a 32 MiB LV `lv` on the first, active over NBD; returns the daemon and the `--devices` list.
+fn vg_with_lv(env: &Lvm2, vg: &str) -> (DaemonProc, String) {
+    let (d, devices) = vg_of_two(env, vg);
+    let loops = &env.loops;
     vm_on(
         &d,
         &devices,
@@ -881,15 +888,7 @@ fn a_raid1_lv_with_a_pv_missing_runs_degraded_and_heals_when_it_returns() {
     require_tool("qemu-io");
     let env = Lvm2::new(&[64, 64]);
     let loops = env.loops.clone();
-    let devices = loops.join(",");
-    let state = env.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let d = DaemonProc::start(&state);
-    vm_on(
-        &d,
-        &devices,
-        &["vgcreate", "-s", "1m", "vgd", &loops[0], &loops[1]],
-    );
+    let (d, devices) = vg_of_two(&env, "vgd");
     let nbd = ["--nbd", "127.0.0.1:0"];
     let mut create = vec![
         "lvcreate", "--type", "raid1", "-m", "1", "-L", "16m", "-n", "r", "vgd",
