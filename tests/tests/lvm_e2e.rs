@@ -950,3 +950,47 @@ fn a_raid1_lv_with_a_pv_missing_runs_degraded_and_heals_when_it_returns() {
         ],
     );
 }
+
+#[test]
+fn lvreduce_and_lvresize_shrink_what_lvm2_then_reads() {
+    require_tool("qemu-io");
+    let env = Lvm2::new(&[64, 64]);
+    let loops = env.loops.clone();
+    let (d, devices) = vg_with_lv(&env, "vgs");
+    qemu_io(&lv_uri(&d, &devices, "vgs/lv"), &["write -P 0x61 0 32M"]);
+    // A destructive shrink needs --yes where there is no terminal to ask on.
+    let e = vm_err(&d, &devices, &["lvreduce", "-L", "20m", "vgs/lv"]);
+    assert!(e.contains("--yes"), "{e}");
+    // Active over NBD: down, cut, up again at an export of the same address.
+    vm_on(&d, &devices, &["lvreduce", "-y", "-L", "20m", "vgs/lv"]);
+    let uri = lv_uri(&d, &devices, "vgs/lv");
+    let size = run_ok(Command::new("nbdinfo").args(["--size", &uri])).unwrap();
+    assert_eq!(size.trim(), (20 * MIB).to_string());
+    qemu_io(&uri, &["read -P 0x61 0 20M"]);
+    // lvresize to a smaller size reduces too; -l -N counts extents.
+    vm_on(&d, &devices, &["lvresize", "-y", "-l", "-4", "vgs/lv"]);
+    let lvs = |env: &Lvm2| {
+        num(
+            &env.report(&["lvs", "-o", "lv_size", "vgs/lv"], "lv")[0],
+            "lv_size",
+        )
+    };
+    assert_eq!(lvs(&env), 16 * MIB, "lvm2's view");
+    // Growing again allocates after the cut, in place.
+    vm_on(&d, &devices, &["lvresize", "-L", "24m", "vgs/lv"]);
+    assert_eq!(lvs(&env), 24 * MIB);
+    let segs = lvm2_segments(&env, "vgs");
+    assert_eq!(segs[0].1.areas, [(loops[0].clone(), 0)], "{segs:?}");
+    env.assert_vgck_clean("vgs");
+    // A cut inside a striped segment must leave whole rows.
+    vm_on(
+        &d,
+        &devices,
+        &["lvcreate", "-an", "-i", "2", "-l", "8", "-n", "st", "vgs"],
+    );
+    let e = vm_err(&d, &devices, &["lvreduce", "-y", "-l", "5", "vgs/st"]);
+    assert!(e.contains("multiple of 2"), "{e}");
+    // -r needs the LV as a local block device here (NBD only on this host).
+    let e = vm_err(&d, &devices, &["lvreduce", "-r", "-L", "8m", "vgs/lv"]);
+    assert!(e.contains("-r needs"), "{e}");
+}

@@ -74,8 +74,10 @@ enum Cmd {
     Lvcreate(Box<lvm_cli::lvcreate::LvcreateArgs>),
     /// Grow an LV (and with -r its file system), online.
     Lvextend(lvm_cli::lvresize::LvresizeArgs),
-    /// Resize an LV (growing; see lvextend).
+    /// Resize an LV: grow as lvextend, shrink as lvreduce.
     Lvresize(lvm_cli::lvresize::LvresizeArgs),
+    /// Shrink a linear or striped LV (with -r its ext4 first).
+    Lvreduce(lvm_cli::lvresize::LvresizeArgs),
     /// Convert a linear/striped LV to raid1 (`-m 1`) and back (`-m 0`), online.
     Lvconvert(lvm_cli::lvconvert::LvconvertArgs),
     /// Move every extent off a PV, online (--abort to undo a killed move).
@@ -123,7 +125,9 @@ fn main() -> ExitCode {
         Cmd::Vgcfgbackup(a) => lvm_cli::vg::vgcfgbackup(a),
         Cmd::Lvs(a) => lvm_cli::lv::lvs(a),
         Cmd::Lvcreate(a) => lvm_cli::lvcreate::lvcreate(*a),
-        Cmd::Lvextend(a) | Cmd::Lvresize(a) => lvm_cli::lvresize::lvextend(a),
+        Cmd::Lvextend(a) => lvm_cli::lvresize::lvextend(a),
+        Cmd::Lvresize(a) => lvm_cli::lvresize::lvresize(a),
+        Cmd::Lvreduce(a) => lvm_cli::lvresize::lvreduce(a),
         Cmd::Lvconvert(a) => lvm_cli::lvconvert::lvconvert(a),
         Cmd::Pvmove(a) => lvm_cli::pvmove::pvmove(a),
         Cmd::Lvremove(a) => lvm_cli::lvremove::lvremove(a),

@@ -304,6 +304,48 @@ impl LogicalVolume {
     }
 }
 
+impl LogicalVolume {
+    /// Cuts the LV down to its first `len` extents (lvreduce): later segments go, the last
+    /// kept one is shortened (a striped one by whole rows: `len` must then leave a multiple of
+    /// its stripe count in it). Refused, changing nothing, for a length of 0, one not below
+    /// the current length, or a cut inside a segment that is not striped.
+    pub fn reduce_to(&mut self, len: Extents) -> Result<(), String> {
+        let cur = self.extent_count().ok_or("the LV's length overflows")?;
+        if len.0 == 0 || len >= cur {
+            return Err(format!(
+                "new length {len} must be between 1 and {} extents",
+                cur.0 - 1
+            ));
+        }
+        let mut kept = self.segments.clone();
+        kept.retain(|s| s.start_extent < len);
+        let last = kept
+            .last_mut()
+            .ok_or("no segment starts below the new length")?;
+        let keep = len.0 - last.start_extent.0;
+        if keep < last.extent_count.0 {
+            let SegmentKind::Striped { stripes, .. } = &last.kind else {
+                return Err(format!(
+                    "the cut falls inside a segment of a type that cannot be shortened \
+                     (extents {}..{})",
+                    last.start_extent.0,
+                    last.start_extent.0 + last.extent_count.0
+                ));
+            };
+            let n = u32::try_from(stripes.len()).unwrap_or(u32::MAX).max(1);
+            if !keep.is_multiple_of(n) {
+                return Err(format!(
+                    "the cut leaves {keep} extents in a segment of {n} stripes: give a length \
+                     that leaves a multiple of {n}"
+                ));
+            }
+            last.extent_count = Extents(keep);
+        }
+        self.segments = kept;
+        Ok(())
+    }
+}
+
 impl Segment {
     /// `self` followed by `next` as one segment, when both are striped with the same stripe
     /// size and every area of `next` starts where the same area of `self` ends.
@@ -394,5 +436,41 @@ mod tests {
         assert_eq!(l.segments[0].area_len(), Some(Extents(6)));
         assert!(l.push_segment(striped(12, 4, 6, 30)));
         assert_eq!(l.segments.len(), 2);
+    }
+
+    #[test]
+    fn reduce_drops_and_shortens_segments() {
+        let mut l = lv(vec![
+            Segment::linear(Extents(0), Extents(10), "pv0", Extents(0)),
+            Segment::linear(Extents(10), Extents(10), "pv1", Extents(0)),
+        ]);
+        l.reduce_to(Extents(12)).unwrap();
+        assert_eq!(l.segments.len(), 2);
+        assert_eq!(l.extent_count(), Some(Extents(12)));
+        l.reduce_to(Extents(10)).unwrap();
+        assert_eq!(l.segments.len(), 1);
+        assert!(l.reduce_to(Extents(10)).is_err());
+        assert!(l.reduce_to(Extents(0)).is_err());
+        let mut s = lv(vec![Segment {
+            start_extent: Extents(0),
+            extent_count: Extents(8),
+            kind: SegmentKind::Striped {
+                stripe_size: Some(Sectors(128)),
+                stripes: vec![
+                    Area {
+                        volume: "pv0".into(),
+                        start: Extents(0),
+                    },
+                    Area {
+                        volume: "pv1".into(),
+                        start: Extents(0),
+                    },
+                ],
+            },
+            extra: Vec::new(),
+        }]);
+        assert!(s.reduce_to(Extents(5)).is_err());
+        s.reduce_to(Extents(6)).unwrap();
+        assert_eq!(s.segments[0].area_len(), Some(Extents(3)));
     }
 }

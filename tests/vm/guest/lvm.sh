@@ -8,7 +8,7 @@
 #
 # Usage: lvm.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh through all.sh)
 # vm-modules: ublk_drv ext4 dm-mod loop
-# vm-checks: 33
+# vm-checks: 37
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 
@@ -124,6 +124,18 @@ fi
 umount $M
 check lvm-grow-e2fsck e2fsck_clean /dev/vga/grow
 v lvremove -y vga/grow --devices $A >/dev/null
+
+step "lvreduce -r: the ext4 shrinks first, then the LV"
+v lvcreate -L 64m -n shrink vga --devices $A >/dev/null
+mkfs.ext4 -F -q /dev/vga/shrink && mount /dev/vga/shrink $M && head -c 8M /dev/urandom > $M/f \
+  && (cd $M && sha256sum f > $W/shrink.sums) && umount $M
+check lvm-lvreduce-r v lvreduce -r -L 32m vga/shrink --devices $A
+expect_eq lvm-reduced-size "$(blockdev --getsize64 /dev/vga/shrink)" 33554432
+check lvm-reduced-e2fsck e2fsck_clean /dev/vga/shrink
+mount -o ro /dev/vga/shrink $M
+check lvm-reduced-data bash -c "cd $M && sha256sum --quiet -c $W/shrink.sums"
+umount $M
+v lvremove -y vga/shrink --devices $A >/dev/null
 
 step "clean up"
 v lvremove -y vga/r1 --devices $A >/dev/null

@@ -9,12 +9,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lvm::activate::{dm_name, MissingPvs};
 use lvm::alloc::{self, Policy, Sign};
+use lvm::{Extents, SegmentKind};
 use ublk_target::control::Request;
 
 use super::activate::{daemon_devices, table_of};
 use super::lvcreate::pv_selection;
 use super::scan::Scan;
-use super::{split_lv_name, DeviceArgs};
+use super::{split_lv_name, Confirm, DeviceArgs};
 use crate::client::{call, expect_text, StateDir};
 
 #[derive(Args)]
@@ -49,6 +50,8 @@ pub struct LvresizeArgs {
     #[arg(long = "alloc", value_name = "POLICY", default_value = "inherit")]
     alloc: String,
     #[command(flatten)]
+    confirm: Confirm,
+    #[command(flatten)]
     sd: StateDir,
     #[command(flatten)]
     dev: DeviceArgs,
@@ -67,10 +70,7 @@ pub fn lvextend(a: LvresizeArgs) -> Result<()> {
         (None, None) => bail!("Please specify either size or extents"),
     };
     if size.sign == Sign::Minus {
-        bail!(
-            "{vg_name}/{lv_name}: shrinking is not supported by this build of volmgr (a \
-             shrink must shrink the file system first; only growing is implemented)"
-        );
+        bail!("{vg_name}/{lv_name}: a negative size shrinks: use lvreduce or lvresize");
     }
     let lv = md
         .vg
@@ -206,5 +206,196 @@ fn grow_fs(dev: &Path) -> Result<()> {
         );
     }
     println!("  File system on {} resized ({fs}).", dev.display());
+    Ok(())
+}
+
+/// The LV's new length for lvreduce: `-L`/`-l` absolute or with `-`, rounded up to whole
+/// extents (never cutting more than asked).
+fn reduced_length(size: &alloc::Size, cur: Extents, extent: u64) -> Result<Extents> {
+    let extent = extent.max(1);
+    let new = match (size.sign, size.amount) {
+        (Sign::Minus, alloc::Amount::Sectors(s)) => {
+            let cur_s = u64::from(cur.0) * extent;
+            cur_s.saturating_sub(s.0).div_ceil(extent)
+        }
+        (Sign::Minus, alloc::Amount::Extents(e)) => u64::from(cur.0.saturating_sub(e.0)),
+        (Sign::None, alloc::Amount::Sectors(s)) => s.0.div_ceil(extent),
+        (Sign::None, alloc::Amount::Extents(e)) => u64::from(e.0),
+        (Sign::Plus, _) => bail!("a size with + grows: use lvextend"),
+        (_, alloc::Amount::Percent { .. }) => {
+            bail!("lvreduce takes a size or an extent count, not a percentage")
+        }
+    };
+    Ok(Extents(u32::try_from(new).context("size too large")?))
+}
+
+/// Whether the resize asks for a smaller LV (lvresize then reduces).
+fn shrinks(a: &LvresizeArgs) -> Result<bool> {
+    let size = match (&a.size, &a.extents) {
+        (Some(s), _) => alloc::parse_size(s, false)?,
+        (None, Some(l)) => alloc::parse_size(l, true)?,
+        (None, None) => bail!("Please specify either size or extents"),
+    };
+    if size.sign == Sign::Minus {
+        return Ok(true);
+    }
+    if size.sign == Sign::Plus || matches!(size.amount, alloc::Amount::Percent { .. }) {
+        return Ok(false);
+    }
+    let (vg_name, lv_name) = split_lv_name(&a.lv)?;
+    let scan = Scan::run(&a.dev)?;
+    let vg = &scan.vg(vg_name)?.metadata.vg;
+    let lv = vg
+        .lv(lv_name)
+        .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?;
+    let cur = lv.extent_count().context("LV length")?;
+    Ok(reduced_length(&size, cur, vg.extent_size.0)? < cur)
+}
+
+/// `lvresize`: grows with lvextend, shrinks with lvreduce.
+pub fn lvresize(a: LvresizeArgs) -> Result<()> {
+    if shrinks(&a)? {
+        lvreduce(a)
+    } else {
+        lvextend(a)
+    }
+}
+
+/// `lvreduce`: a linear or striped LV loses its last extents, after its file system was
+/// shrunk to fit (`-r`, ext2/3/4 unmounted; XFS cannot shrink). An active LV is deactivated
+/// for the cut and activated again (the daemon never shrinks a live device under a client),
+/// so it must not be open.
+pub fn lvreduce(a: LvresizeArgs) -> Result<()> {
+    let (vg_name, lv_name) = split_lv_name(&a.lv)?;
+    let scan = Scan::run_writable(&a.dev)?;
+    scan.warn();
+    let mut md = scan.vg(vg_name)?.metadata.clone();
+    let lv = md
+        .vg
+        .lv(lv_name)
+        .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?
+        .clone();
+    if !lv
+        .segments
+        .iter()
+        .all(|s| matches!(s.kind, SegmentKind::Striped { .. }))
+    {
+        bail!("{vg_name}/{lv_name}: lvreduce shrinks linear and striped LVs only");
+    }
+    let size = match (&a.size, &a.extents) {
+        (Some(s), _) => alloc::parse_size(s, false)?,
+        (None, Some(l)) => alloc::parse_size(l, true)?,
+        (None, None) => bail!("Please specify either size or extents"),
+    };
+    let ext = md.vg.extent_size.0;
+    let cur = lv.extent_count().context("LV length")?;
+    let new = reduced_length(&size, cur, ext)?;
+    let mut cut = lv.clone();
+    cut.reduce_to(new)
+        .map_err(|e| anyhow::anyhow!("{vg_name}/{lv_name}: {e}"))?;
+    let new_bytes = u64::from(new.0) * ext * 512;
+    let dm = dm_name(vg_name, lv_name);
+    let running = daemon_devices(&a.sd);
+    let active = running.get(&dm).cloned();
+    if !a.resizefs
+        && !a.confirm.ask(&format!(
+            "WARNING: Reducing logical volume {vg_name}/{lv_name} to {}. THIS MAY DESTROY YOUR \
+             DATA (filesystem etc.) Do you really want to reduce {vg_name}/{lv_name}?",
+            alloc::display_size(new_bytes / 512)
+        ))?
+    {
+        bail!("Logical volume {vg_name}/{lv_name} NOT reduced.");
+    }
+    if a.resizefs {
+        let Some(info) = active.as_ref().filter(|i| i.path.starts_with('/')) else {
+            bail!(
+                "{vg_name}/{lv_name}: -r needs the LV active as a local block device (ublk) to \
+                 shrink its file system first"
+            );
+        };
+        shrink_fs(Path::new(&info.path), new_bytes)?;
+    }
+    // The cut: down (so no client sees the device shrink under it), commit, up again.
+    if active.is_some() {
+        super::activate::deactivate_one(&md.vg, &lv, &a.sd, &running).with_context(|| {
+            format!("{vg_name}/{lv_name}: deactivating for the cut (is it in use?)")
+        })?;
+    }
+    let l = md
+        .vg
+        .logical_volumes
+        .iter_mut()
+        .find(|l| l.name == lv_name)
+        .context("the LV")?;
+    *l = cut;
+    md.stamp(format!(
+        "Created *after* executing 'volmgr lvreduce {vg_name}/{lv_name}'"
+    ));
+    scan.commit(&mut md)?;
+    println!(
+        "  Size of logical volume {vg_name}/{lv_name} changed from {} ({cur} extents) to {} ({new} extents).",
+        alloc::display_size(u64::from(cur.0) * ext),
+        alloc::display_size(u64::from(new.0) * ext),
+    );
+    if let Some(info) = active {
+        // Back as it was: the same NBD address, or ublk.
+        let nbd = info
+            .path
+            .strip_prefix("nbd://")
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string);
+        let vg = &md.vg;
+        let lv = vg.lv(lv_name).context("the LV")?;
+        super::activate::activate_one(
+            &scan,
+            vg,
+            lv,
+            MissingPvs::Refuse,
+            nbd,
+            &a.sd,
+            &daemon_devices(&a.sd),
+        )?;
+    }
+    println!("  Logical volume {vg_name}/{lv_name} successfully resized.");
+    Ok(())
+}
+
+/// Shrinks the file system on `dev` to `bytes` (ext2/3/4, which must not be mounted).
+fn shrink_fs(dev: &Path, bytes: u64) -> Result<()> {
+    if let Some(m) = mount_point(dev) {
+        bail!(
+            "{} is mounted on {}: ext4 shrinks only unmounted (umount it first)",
+            dev.display(),
+            m.display()
+        );
+    }
+    match fs_type(dev)?.as_str() {
+        "ext2" | "ext3" | "ext4" => {}
+        "xfs" => bail!("{}: XFS cannot shrink", dev.display()),
+        "" => return Ok(()),
+        other => bail!("{}: cannot shrink a {other} file system", dev.display()),
+    }
+    for cmd in [
+        Command::new("e2fsck").args(["-f", "-p"]).arg(dev).output(),
+        Command::new("resize2fs")
+            .arg(dev)
+            .arg(format!("{}K", bytes / 1024))
+            .output(),
+    ] {
+        let o = cmd.context("running e2fsck/resize2fs")?;
+        if !o.status.success() {
+            bail!(
+                "{}: {}{}",
+                dev.display(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    println!(
+        "  File system on {} shrunk to {} KiB.",
+        dev.display(),
+        bytes / 1024
+    );
     Ok(())
 }
