@@ -220,6 +220,11 @@ impl VolumeGroup {
     pub fn lv(&self, name: &str) -> Option<&LogicalVolume> {
         self.logical_volumes.iter().find(|l| l.name == name)
     }
+
+    /// The LV named `name`, to change.
+    pub fn lv_mut(&mut self, name: &str) -> Option<&mut LogicalVolume> {
+        self.logical_volumes.iter_mut().find(|l| l.name == name)
+    }
 }
 
 impl Metadata {

@@ -81,11 +81,10 @@ fn table(scan: &Scan, vg: &VolumeGroup, lv: &LogicalVolume) -> Result<String> {
 
 /// The LV `name` of `md`, to change.
 fn lv_mut<'a>(md: &'a mut lvm::Metadata, name: &str) -> Result<&'a mut LogicalVolume> {
+    let vg = md.vg.name.clone();
     md.vg
-        .logical_volumes
-        .iter_mut()
-        .find(|l| l.name == name)
-        .with_context(|| format!("{}/{name}: not in the metadata", md.vg.name))
+        .lv_mut(name)
+        .with_context(|| format!("{vg}/{name}: not in the metadata"))
 }
 
 fn reload(sd: &StateDir, name: &str, table: String) -> Result<()> {

@@ -86,12 +86,7 @@ pub fn lvextend(a: LvresizeArgs) -> Result<()> {
     }
     let policy = policy.resolve_for_lv(&md.vg, &lv);
     let segs = alloc::extend(&md.vg, lv_name, more, policy, pvs.as_ref())?;
-    let l = md
-        .vg
-        .logical_volumes
-        .iter_mut()
-        .find(|l| l.name == lv_name)
-        .context("the LV")?;
+    let l = md.vg.lv_mut(lv_name).context("the LV")?;
     for s in segs {
         if !l.push_segment(s) {
             bail!("{vg_name}/{lv_name}: the allocator returned a segment that does not start at the LV's end");
@@ -321,12 +316,7 @@ pub fn lvreduce(a: LvresizeArgs) -> Result<()> {
             format!("{vg_name}/{lv_name}: deactivating for the cut (is it in use?)")
         })?;
     }
-    let l = md
-        .vg
-        .logical_volumes
-        .iter_mut()
-        .find(|l| l.name == lv_name)
-        .context("the LV")?;
+    let l = md.vg.lv_mut(lv_name).context("the LV")?;
     *l = cut;
     md.stamp(format!(
         "Created *after* executing 'volmgr lvreduce {vg_name}/{lv_name}'"

@@ -145,11 +145,7 @@ fn destination(
 /// `vg` with the item's area on (`key`, `start`).
 fn moved(vg: &VolumeGroup, it: &Item, key: &str, start: Extents) -> Result<VolumeGroup> {
     let mut v = vg.clone();
-    let lv = v
-        .logical_volumes
-        .iter_mut()
-        .find(|l| l.name == it.lv)
-        .context("the LV")?;
+    let lv = v.lv_mut(&it.lv).context("the LV")?;
     let seg = lv.segments.get_mut(it.seg).context("the segment")?;
     let SegmentKind::Striped { stripes, .. } = &mut seg.kind else {
         bail!("not a striped segment");

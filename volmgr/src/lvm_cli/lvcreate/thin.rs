@@ -171,11 +171,7 @@ pub(crate) fn bump_transaction(
     sd: &StateDir,
     pool_dev: &str,
 ) -> Result<()> {
-    let lv = vg
-        .logical_volumes
-        .iter_mut()
-        .find(|l| l.name == pool_lv)
-        .context("the pool LV")?;
+    let lv = vg.lv_mut(pool_lv).context("the pool LV")?;
     let mut p = pool_segment(lv).context("the pool segment")?;
     let old = p.transaction_id;
     p.transaction_id = old + 1;
