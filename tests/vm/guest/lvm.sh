@@ -4,11 +4,12 @@
 # activation is mounted and fsck'ed clean through the other; a VG lvm2 writes (with dm
 # active, so lvm2 zeroes and activates as in production) is activated by volmgr as
 # /dev/VG/LV -> /dev/ublkbN. Then the protection: with a volmgr raid1 LV in the VG, lvm2's
-# lvchange -ay / lvcreate / vgextend are refused and change nothing of ours.
+# lvchange -ay / lvcreate / vgextend are refused and change nothing of ours. Then lvextend -r,
+# lvreduce -r, and pvmove under a written ext4 with a kill -9 of the daemon mid-move.
 #
 # Usage: lvm.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh through all.sh)
 # vm-modules: ublk_drv ext4 dm-mod loop
-# vm-checks: 37
+# vm-checks: 44
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 
@@ -24,7 +25,7 @@ DLOG=$W/daemon.log
 
 LOOPS=()
 for i in 0 1 2 3 4; do
-  truncate -s 96M $W/d$i
+  truncate -s 160M $W/d$i
   LOOPS+=("$(losetup -f --show $W/d$i)")
 done
 A="${LOOPS[0]},${LOOPS[1]},${LOOPS[2]}"
@@ -136,6 +137,32 @@ mount -o ro /dev/vga/shrink $M
 check lvm-reduced-data bash -c "cd $M && sha256sum --quiet -c $W/shrink.sums"
 umount $M
 v lvremove -y vga/shrink --devices $A >/dev/null
+
+step "pvmove under a mounted ext4 being written; kill -9 of the daemon mid-move; resume"
+check lvm-pvmove-lv bash -c "'$VOLMGR' lvcreate -L 48m -n mv vga ${LOOPS[0]} --devices $A \
+  && mkfs.ext4 -F -q /dev/vga/mv && mount /dev/vga/mv $M" || exit 1
+make_tree $M $W/mv.sums
+v pvmove -n mv ${LOOPS[0]} --rate 4096 --devices $A >$W/pvmove1.log 2>&1 &
+PMV=$!
+for _ in $(seq 1 200); do vm list 2>/dev/null | grep -q '^vga-pvmove0 ' && break; sleep 0.1; done
+# Files written and fsynced while the move runs, and while the daemon is gone.
+( for i in $(seq 1 30); do head -c 256K /dev/urandom > $M/w$i && sync $M/w$i; sleep 0.1; done ) &
+WP=$!
+sleep 1
+kill -9 $DPID
+wait $PMV 2>/dev/null
+if daemon_start $DLOG; then ok lvm-pvmove-daemon-restart; else
+  fail lvm-pvmove-daemon-restart "$(tail -n 5 $DLOG | tr '\n' ' ')"; fi
+if gone $WP 120; then ok lvm-pvmove-writer; else fail lvm-pvmove-writer "writer stuck"; kill -9 $WP; fi
+(cd $M && sha256sum w* > $W/w.sums)
+check lvm-pvmove-resumes v pvmove -n mv ${LOOPS[0]} --devices $A
+expect_eq lvm-pvmove-off-source "$(v lvs --noheadings -o devices vga/mv --devices $A | grep -c "${LOOPS[0]}")" 0
+umount $M
+check lvm-pvmove-e2fsck e2fsck_clean /dev/vga/mv
+mount -o ro /dev/vga/mv $M
+check lvm-pvmove-data bash -c "cd $M && sha256sum --quiet -c $W/mv.sums && sha256sum --quiet -c $W/w.sums"
+umount $M
+v lvremove -y vga/mv --devices $A >/dev/null
 
 step "clean up"
 v lvremove -y vga/r1 --devices $A >/dev/null

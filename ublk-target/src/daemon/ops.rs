@@ -487,7 +487,9 @@ impl Daemon {
             match d.map.get_mut(name).map(|e| &mut e.state) {
                 Some(State::Active(l)) => {
                     l.table = table;
-                    Some(l.front.resize(new_size))
+                    // Same size (a table swapped under a running device: lvconvert, pvmove):
+                    // nothing to tell the front end, which may not be able to resize at all.
+                    (new_size != old_size).then(|| l.front.resize(new_size))
                 }
                 _ => None,
             }
