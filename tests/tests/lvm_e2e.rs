@@ -833,6 +833,24 @@ fn pvmove_online_survives_a_daemon_kill_and_aborts_cleanly() {
     // The restarted daemon brings the LV back on its mirror; pvmove again finishes the move.
     d = DaemonProc::start(&env.path("state"));
     wait_for_mirror(&d, "vgm");
+    // lvs shows the move: its source PV and the copy's progress.
+    let r = vm_on(
+        &d,
+        &devices,
+        &[
+            "lvs",
+            "--noheadings",
+            "--separator",
+            ";",
+            "-o",
+            "lv_name,move_pv,copy_percent",
+            "vgm/lv",
+        ],
+    );
+    let f: Vec<&str> = r.trim().split(';').collect();
+    assert_eq!(f[..2], ["lv", loops[0].as_str()], "{r}");
+    let pct: f64 = f[2].parse().unwrap_or_else(|_| panic!("Cpy%Sync in {r}"));
+    assert!((0.0..100.0).contains(&pct), "{r}");
     let out = vm_on(&d, &devices, &["pvmove", &loops[0]]);
     assert!(
         out.contains("resuming") && out.contains("Moved: 100.00%"),

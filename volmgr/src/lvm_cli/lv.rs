@@ -232,6 +232,8 @@ struct Live {
     meta: Option<(u64, u64)>,
     /// A raid LV running with a leg failed or missing.
     degraded: bool,
+    /// The source PV of a pvmove this LV is part of (then `sync` is the move's copy).
+    moving: Option<String>,
 }
 
 /// `a/b` pairs of a status line, in order.
@@ -310,6 +312,7 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
     let mut rows = Vec::new();
     for sv in &scan.report.vgs {
         let vg = &sv.metadata.vg;
+        let moving = super::pvmove::moving(&a.sd, &vg.name);
         for lv in &vg.logical_volumes {
             let visible = lv.status.has("VISIBLE");
             if !visible && !a.all {
@@ -336,7 +339,10 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             }
             let active = running.get(&dm_name(&vg.name, &lv.name));
             let kind = LvKind::of(lv);
-            let live = match active {
+            let moved_by = moving
+                .as_ref()
+                .filter(|m| m.users.contains(&dm_name(&vg.name, &lv.name)));
+            let mut live = match active {
                 Some(d) if d.state == "active" => {
                     let sectors = lv
                         .extent_count()
@@ -347,6 +353,10 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 }
                 _ => Live::default(),
             };
+            if let Some(m) = moved_by {
+                live.moving = Some(m.source.clone());
+                live.sync = m.progress;
+            }
             rows.push(LvRow {
                 vg,
                 lv,
@@ -402,6 +412,7 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             "data_percent" => Value::Text(r.live.data.map(percent).unwrap_or_default()),
             "metadata_percent" => Value::Text(r.live.meta.map(percent).unwrap_or_default()),
             "copy_percent" => Value::Text(r.live.sync.map(percent).unwrap_or_default()),
+            "move_pv" => Value::Text(r.live.moving.clone().unwrap_or_default()),
             "lv_active" => Value::Text(match r.active {
                 Some(d) if d.state == "active" => "active".into(),
                 Some(d) => d.state.clone(),

@@ -209,6 +209,48 @@ fn reload_lv(scan: &Scan, vg: &VolumeGroup, lv: &str, sd: &StateDir) -> Result<(
     Ok(())
 }
 
+/// A pvmove running in `vg`, as the daemon shows it: the LVs' devices on the mirror, the
+/// source device, and the copy's progress (sectors done, in all).
+pub(crate) struct Moving {
+    /// Daemon device names of the LVs whose area is on the mirror.
+    pub users: Vec<String>,
+    /// The source device path.
+    pub source: String,
+    /// Copied and total sectors.
+    pub progress: Option<(u64, u64)>,
+}
+
+/// The pvmove in progress in `vg`, if the daemon has its mirror.
+pub(crate) fn moving(sd: &StateDir, vg: &str) -> Option<Moving> {
+    let running = daemon_devices(sd);
+    let mirror = dm_name(vg, MIRROR);
+    if !running.contains_key(&mirror) {
+        return None;
+    }
+    let src = ctl(
+        sd,
+        Ctl::Table {
+            name: dm_name(vg, &format!("{MIRROR}_src")),
+        },
+    )
+    .ok()?;
+    let source = src
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_default()
+        .to_string();
+    let progress = ctl(sd, Ctl::Status { name: mirror }).ok().and_then(|s| {
+        crate::progress::parse_work(&s)
+            .first()
+            .map(|w| (w.done, w.total))
+    });
+    Some(Moving {
+        users: mirror_users(sd, vg),
+        source,
+        progress,
+    })
+}
+
 /// The daemon devices whose tables use the pvmove mirror of `vg`.
 fn mirror_users(sd: &StateDir, vg: &str) -> Vec<String> {
     let needle = format!(
