@@ -36,13 +36,13 @@ trap cleanup EXIT
 # attach VG/LV: sets DEV to a local block device for an active LV: /dev/VG/LV with ublk;
 # without it, the LV's NBD export through qemu-storage-daemon's FUSE export and a loop device.
 attach() {
-  local lv=$1 uri img host
+  local lv=$1 uri img host exp
   if [ -e /dev/ublk-control ]; then DEV=$(readlink -f "$DM_DEV_DIR/$lv"); return; fi
   uri=$(v lvs --noheadings -o lv_dm_path "$lv" | tr -d ' ')
   img="$DEMO/${lv//\//-}.fuse"
   : > "$img"
-  host=${uri#nbd://}; host=${host%%/*}
-  qemu-storage-daemon --blockdev "driver=nbd,node-name=n0,discard=unmap,server.type=inet,server.host=${host%:*},server.port=${host##*:},export=${uri##*/}" \
+  host=${uri#nbd://}; exp=${host#*/}; host=${host%%/*}
+  qemu-storage-daemon --blockdev "driver=nbd,node-name=n0,discard=unmap,server.type=inet,server.host=${host%:*},server.port=${host##*:},export=$exp" \
     --export "type=fuse,id=e0,node-name=n0,mountpoint=$img,writable=on" >"$img.log" 2>&1 &
   QSDS+=($!)
   for _ in $(seq 100); do [ "$(stat -c %s "$img")" -gt 0 ] && break; sleep 0.1; done

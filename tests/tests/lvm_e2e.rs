@@ -171,6 +171,12 @@ fn lvm2_linear_and_striped_lvs_serve_their_bytes_through_the_daemon() {
             report.contains(&format!("{name};-wi-a-----;nbd://")),
             "{report}"
         );
+        // Exported as LVM names it.
+        assert!(
+            uri(name).ends_with(&format!("/vge2e/{name}")),
+            "{}",
+            uri(name)
+        );
         // volmgr's side reads what lvm2's layout put there.
         let out = env.path(&format!("{name}.img"));
         run_ok(Command::new("nbdcopy").arg(uri(name)).arg(&out)).unwrap();

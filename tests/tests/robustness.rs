@@ -94,6 +94,7 @@ fn a_hostile_raid_table_is_refused_and_never_takes_the_daemon_down() {
             nbd: Some(format!("127.0.0.1:{}", free_port())),
             nbd_limits: Default::default(),
             internal: false,
+            export: None,
         },
     )
     .unwrap();

@@ -31,6 +31,9 @@ pub enum Request {
         /// name it as `/dev/volmgr/NAME` (LVM's sub-LVs: raid images, thin data/metadata).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         internal: bool,
+        /// The NBD export name, when not the device name (LVM's `VG/LV`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        export: Option<String>,
     },
     /// List devices.
     List,

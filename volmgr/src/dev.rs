@@ -180,6 +180,7 @@ pub fn run(cmd: DevCmd) -> Result<()> {
                     nbd,
                     nbd_limits,
                     internal,
+                    export: None,
                 },
             )?;
             println!("{}", expect_text(r)?);

@@ -393,6 +393,7 @@ impl Daemon {
                 nbd,
                 nbd_limits,
                 internal,
+                export,
             } => self.create(PersistedDevice {
                 name,
                 table,
@@ -400,6 +401,7 @@ impl Daemon {
                 nbd,
                 nbd_limits,
                 internal,
+                export,
             }),
             Request::List => {
                 let d = self.devs();

@@ -292,7 +292,9 @@ impl Daemon {
             .nbd_limits
             .apply(&self.cfg.nbd_limits)
             .map_err(|e| format!("{name}: NBD limits: {e}"))?;
-        let front = Frontend::start(&name, sw.clone() as DeviceRef, kind, restoring, &limits)
+        // An NBD export carries the record's export name (LVM's VG/LV), else the device's.
+        let export = rec.export.clone().unwrap_or_else(|| name.clone());
+        let front = Frontend::start(&export, sw.clone() as DeviceRef, kind, restoring, &limits)
             .map_err(|e| format!("{name}: {e}"))?;
         if let Some(id) = front.ublk_id() {
             rec.ublk_id = Some(id);

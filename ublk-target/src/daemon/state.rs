@@ -31,6 +31,9 @@ pub struct PersistedDevice {
     /// No front end (see [`crate::control::Request::Create`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub internal: bool,
+    /// The NBD export name, when not the device name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
 }
 
 /// Reads the records; a missing file is an empty list.
@@ -79,6 +82,7 @@ mod tests {
             nbd: Some("127.0.0.1:0".into()),
             nbd_limits: NbdOverrides::default(),
             internal: false,
+            export: None,
         }
     }
 

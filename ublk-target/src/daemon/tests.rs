@@ -120,6 +120,7 @@ fn rec(name: &str, table: &str) -> PersistedDevice {
         nbd: Some("127.0.0.1:0".into()),
         nbd_limits: Default::default(),
         internal: false,
+        export: None,
     }
 }
 
@@ -160,6 +161,7 @@ fn create(d: &Daemon, name: &str, table: &str) -> Reply {
         nbd: Some("127.0.0.1:0".into()),
         nbd_limits: Default::default(),
         internal: false,
+        export: None,
     })
 }
 
@@ -423,6 +425,7 @@ fn internal_devices_have_no_front_end_serve_their_users_and_come_back() {
             nbd: None,
             nbd_limits: Default::default(),
             internal: true,
+            export: None,
         })
     };
     // An internal device never gets an export, even when asked.
@@ -433,6 +436,7 @@ fn internal_devices_have_no_front_end_serve_their_users_and_come_back() {
         nbd: Some("127.0.0.1:0".into()),
         nbd_limits: Default::default(),
         internal: true,
+        export: None,
     }));
     assert!(e.contains("no NBD export"), "{e}");
     ok(internal("base", &linear(&a)));

@@ -311,6 +311,8 @@ fn create(
             name,
             table,
             ublk_id: None,
+            // Over NBD an LV is exported as LVM names it, VG/LV.
+            export: nbd.as_ref().map(|_| format!("{}/{}", vg.name, lv.name)),
             nbd,
             nbd_limits: NbdOverrides::default(),
             internal,

@@ -429,6 +429,7 @@ fn move_one(
                     nbd: None,
                     nbd_limits: Default::default(),
                     internal: true,
+                    export: None,
                 },
             )?;
         }
@@ -453,6 +454,7 @@ fn move_one(
                 nbd: None,
                 nbd_limits: Default::default(),
                 internal: true,
+                export: None,
             },
         )?;
         // The LV with this area on the mirror: a temporary LV in a copy of the VG.
