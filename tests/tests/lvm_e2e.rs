@@ -1018,3 +1018,70 @@ fn lvreduce_and_lvresize_shrink_what_lvm2_then_reads() {
     let e = vm_err(&d, &devices, &["lvreduce", "-r", "-L", "8m", "vgs/lv"]);
     assert!(e.contains("-r needs"), "{e}");
 }
+
+#[test]
+fn a_full_thin_pool_grows_online_with_lvextend() {
+    require_tool("qemu-io");
+    let env = Lvm2::new(&[64, 64]);
+    let (d, devices) = vg_of_two(&env, "vgt");
+    vm_on(
+        &d,
+        &devices,
+        &[
+            "lvcreate",
+            "--type",
+            "thin-pool",
+            "-L",
+            "8m",
+            "-n",
+            "pool",
+            "vgt",
+        ],
+    );
+    vm_on(
+        &d,
+        &devices,
+        &[
+            "lvcreate",
+            "-V",
+            "64m",
+            "-T",
+            "pool",
+            "-n",
+            "t",
+            "vgt",
+            "--nbd",
+            "127.0.0.1:0",
+        ],
+    );
+    let uri = lv_uri(&d, &devices, "vgt/t");
+    qemu_io(&uri, &["write -P 0x51 0 6M"]);
+    let data = |d: &DaemonProc| {
+        vm_on(
+            d,
+            &devices,
+            &["lvs", "--noheadings", "-o", "data_percent", "vgt/pool"],
+        )
+        .trim()
+        .parse::<f64>()
+        .unwrap()
+    };
+    let before = data(&d);
+    assert!(before > 70.0, "{before}");
+    vm_on(&d, &devices, &["lvextend", "-L", "+24m", "vgt/pool"]);
+    let after = data(&d);
+    assert!(
+        after < before / 3.0,
+        "the pool did not take the new blocks: {before} -> {after}"
+    );
+    // lvm2 sees the data sub-LV grown; both agree on the free space.
+    let tdata = env.report(&["lvs", "-a", "-o", "lv_name,lv_size", "vgt"], "lv");
+    let row = tdata
+        .iter()
+        .find(|r| field(r, "lv_name").contains("pool_tdata"))
+        .expect("pool_tdata");
+    assert_eq!(num(row, "lv_size"), 32 * MIB);
+    // Room for what would not have fitted before.
+    qemu_io(&uri, &["write -P 0x52 6M 16M"]);
+    qemu_io(&uri, &["read -P 0x51 0 6M", "read -P 0x52 6M 16M"]);
+}

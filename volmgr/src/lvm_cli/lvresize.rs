@@ -78,21 +78,36 @@ pub fn lvextend(a: LvresizeArgs) -> Result<()> {
         .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?
         .clone();
     let old = lv.extent_count().context("LV length overflows")?;
-    let (more, note) = size.to_extend_extents(&md.vg, lv_name, pvs.as_ref())?;
+    // A thin pool grows by its data sub-LV; the pool's segment follows.
+    let pool = super::lvcreate::thin::pool_segment(&lv);
+    let target = pool
+        .as_ref()
+        .map(|p| p.data.clone())
+        .unwrap_or_else(|| lv_name.to_string());
+    let (more, note) = size.to_extend_extents(&md.vg, &target, pvs.as_ref())?;
     if let Some(n) = note {
         for line in n.lines() {
             eprintln!("  {line}");
         }
     }
     let policy = policy.resolve_for_lv(&md.vg, &lv);
-    let segs = alloc::extend(&md.vg, lv_name, more, policy, pvs.as_ref())?;
-    let l = md.vg.lv_mut(lv_name).context("the LV")?;
+    let segs = alloc::extend(&md.vg, &target, more, policy, pvs.as_ref())?;
+    let l = md.vg.lv_mut(&target).context("the LV")?;
     for s in segs {
         if !l.push_segment(s) {
-            bail!("{vg_name}/{lv_name}: the allocator returned a segment that does not start at the LV's end");
+            bail!("{vg_name}/{target}: the allocator returned a segment that does not start at the LV's end");
         }
     }
     let new = l.extent_count().context("LV length overflows")?;
+    if let Some(p) = pool {
+        let seg = lvm::segtypes::VolmgrSegment::ThinPool(p).to_segment(Extents(0), new);
+        md.vg.lv_mut(lv_name).context("the pool LV")?.segments = vec![seg];
+    }
+    let changed: Vec<&lvm::LogicalVolume> = [target.as_str(), lv_name]
+        .iter()
+        .filter_map(|n| md.vg.lv(n))
+        .collect();
+    super::activate::check_tables(&scan, &md.vg, &changed)?;
     md.stamp(format!(
         "Created *after* executing 'volmgr lvextend {vg_name}/{lv_name}'"
     ));
@@ -118,21 +133,28 @@ pub fn lvextend(a: LvresizeArgs) -> Result<()> {
         return Ok(());
     };
     let vg = &md.vg;
-    let lv = vg.lv(lv_name).context("the LV")?;
-    let table = table_of(&scan, vg, lv, MissingPvs::Refuse)?;
-    expect_text(call(
-        &a.sd,
-        Request::Reload {
-            name: name.clone(),
-            table,
-        },
-    )?)
-    .with_context(|| {
-        format!(
-            "{vg_name}/{lv_name}: the metadata has the new size, but the active device did not \
-             take it (deactivate and activate it)"
-        )
-    })?;
+    // A pool's data sub-LV first (the pool takes the new blocks at its own reload).
+    let mut order = vec![lv_name.to_string()];
+    if target != lv_name {
+        order.insert(0, target.clone());
+    }
+    for n in &order {
+        let lv = vg.lv(n).context("the LV")?;
+        let table = table_of(&scan, vg, lv, MissingPvs::Refuse)?;
+        expect_text(call(
+            &a.sd,
+            Request::Reload {
+                name: dm_name(vg_name, n),
+                table,
+            },
+        )?)
+        .with_context(|| {
+            format!(
+                "{vg_name}/{n}: the metadata has the new size, but the active device did not \
+                 take it (deactivate and activate it)"
+            )
+        })?;
+    }
     println!("  Logical volume {vg_name}/{lv_name} successfully resized.");
     if a.resizefs {
         if !info.path.starts_with('/') {
