@@ -9,7 +9,7 @@
 #
 # Usage: lvm.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh through all.sh)
 # vm-modules: ublk_drv ext4 dm-mod loop
-# vm-checks: 44
+# vm-checks: 54
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 
@@ -163,6 +163,33 @@ mount -o ro /dev/vga/mv $M
 check lvm-pvmove-data bash -c "cd $M && sha256sum --quiet -c $W/mv.sums && sha256sum --quiet -c $W/w.sums"
 umount $M
 v lvremove -y vga/mv --devices $A >/dev/null
+
+# Four files, not three: raid10 -i 2 -m 1 has four images, and no two images share a PV.
+step "a VG on four files: every LV type volmgr creates, ext4 on each"
+F=$W/files; mkdir -p $F $W/mf
+for i in 0 1 2 3; do truncate -s 200M $F/f$i; done
+FD="$F/f0,$F/f1,$F/f2,$F/f3"
+check lvm-files-vg v vgcreate vgf $F/f0 $F/f1 $F/f2 $F/f3 --devices $FD
+one_type() { # NAME LVCREATE-ARGS...: create, mkfs, write, fsck, verify
+  local n=$1; shift
+  check "lvm-type-$n" bash -c "set -e; '$VOLMGR' lvcreate -n $n $* vgf --devices $FD
+    mkfs.ext4 -F -q /dev/vgf/$n; mount /dev/vgf/$n $W/mf
+    head -c 4M /dev/urandom > $W/mf/data; (cd $W/mf && sha256sum data > $W/$n.sum); umount $W/mf
+    e2fsck -fn /dev/vgf/$n; mount -o ro /dev/vgf/$n $W/mf
+    (cd $W/mf && sha256sum --quiet -c $W/$n.sum); umount $W/mf"
+}
+one_type lin -L 24m
+one_type str -i 3 -L 24m
+one_type r1 --type raid1 -m 1 -L 24m
+one_type r5 --type raid5 -i 2 -L 24m
+one_type r10 --type raid10 -i 2 -m 1 -L 24m
+v lvcreate --type thin-pool -L 48m -n pool vgf --devices $FD >/dev/null
+one_type thin -V 64m -T pool
+check lvm-type-snap bash -c "set -e; '$VOLMGR' lvcreate -s vgf/thin -n snap --devices $FD
+  e2fsck -fn /dev/vgf/snap; mount -o ro /dev/vgf/snap $W/mf
+  (cd $W/mf && sha256sum --quiet -c $W/thin.sum); umount $W/mf"
+expect_eq lvm-files-all-active "$(v lvs --noheadings -o lv_attr vgf --devices $FD | grep -c -- '-a-')" 8
+check lvm-files-deactivate v vgchange -an vgf --devices $FD
 
 step "clean up"
 v lvremove -y vga/r1 --devices $A >/dev/null
