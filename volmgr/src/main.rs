@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "volmgr",
     version,
-    about = "Compose volumes from device-mapper tables and serve them as /dev/ublkbN or over NBD"
+    about = "Compose volumes from device-mapper tables, or manage them with LVM's verbs on LVM2's format, and serve them as /dev/ublkbN or over NBD"
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -70,7 +70,8 @@ enum Cmd {
     Vgcfgbackup(lvm_cli::vg::VgcfgbackupArgs),
     /// Report logical volumes.
     Lvs(lvm_cli::lv::LvsArgs),
-    /// Create a linear or striped LV (activated through the daemon when one runs).
+    /// Create an LV: linear, striped, raid1/5/10, thin pool, thin, thin snapshot (activated
+    /// through the daemon when one runs).
     Lvcreate(Box<lvm_cli::lvcreate::LvcreateArgs>),
     /// Grow an LV (and with -r its file system), online.
     Lvextend(lvm_cli::lvresize::LvresizeArgs),
