@@ -220,7 +220,7 @@ fn resize(a: &PvresizeArgs) -> Result<()> {
 }
 
 fn resize_one(a: &PvresizeArgs, p: &std::path::Path, size: Option<tables::Bytes>) -> Result<()> {
-    let scan = super::vg::scan_rw(&a.dev)?;
+    let scan = Scan::run_writable(&a.dev)?;
     let shown = p.display();
     let i = scan
         .device_index(p)
@@ -349,10 +349,12 @@ pub fn pvs(a: PvsArgs) -> Result<()> {
             continue;
         }
         let pe_start = l.pe_start().map(|b| b.0).unwrap_or(0);
-        let row = match scan.vg_of_pv(&l.pv_uuid) {
-            Some(vg) => {
+        let in_vg = scan
+            .vg_of_pv(&l.pv_uuid)
+            .and_then(|vg| vg.metadata.vg.pv_by_id(&l.pv_uuid).map(|pv| (vg, pv)));
+        let row = match in_vg {
+            Some((vg, pv)) => {
                 let v = &vg.metadata.vg;
-                let pv = v.pv_by_id(&l.pv_uuid).expect("vg_of_pv found it");
                 let ext = v.extent_size.bytes().0;
                 let count = u64::from(pv.pe_count.0);
                 let alloc = used_extents(v).get(&pv.key).copied().unwrap_or(0);
