@@ -791,11 +791,7 @@ pub fn lvdisplay(a: LvdisplayArgs) -> Result<()> {
             if !a.all && !lv.status.has("VISIBLE") {
                 continue;
             }
-            let wanted = a.names.is_empty()
-                || a.names
-                    .iter()
-                    .any(|n| n == &vg.name || *n == format!("{}/{}", vg.name, lv.name));
-            if !wanted {
+            if !super::lv_wanted(&a.names, &vg.name, &lv.name) {
                 continue;
             }
             if a.colon {

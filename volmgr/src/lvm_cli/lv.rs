@@ -318,11 +318,7 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             if !visible && !a.all {
                 continue;
             }
-            let wanted = a.names.is_empty()
-                || a.names
-                    .iter()
-                    .any(|n| n == &vg.name || *n == format!("{}/{}", vg.name, lv.name));
-            if !wanted {
+            if !super::lv_wanted(&a.names, &vg.name, &lv.name) {
                 continue;
             }
             let mut devs = Vec::new();

@@ -57,26 +57,41 @@ pub struct LvresizeArgs {
     dev: DeviceArgs,
 }
 
+impl LvresizeArgs {
+    /// `-L` or `-l` as given.
+    fn size(&self) -> Result<alloc::Size> {
+        Ok(match (&self.size, &self.extents) {
+            (Some(s), _) => alloc::parse_size(s, false)?,
+            (None, Some(l)) => alloc::parse_size(l, true)?,
+            (None, None) => bail!("Please specify either size or extents"),
+        })
+    }
+
+    /// The LV named on the command line, as `vg` has it.
+    fn lv_in(&self, vg: &lvm::VolumeGroup) -> Result<lvm::LogicalVolume> {
+        let (vg_name, lv_name) = split_lv_name(&self.lv)?;
+        vg.lv(lv_name).cloned().with_context(|| {
+            format!("Logical volume {lv_name} not found in volume group {vg_name}")
+        })
+    }
+}
+
 pub fn lvextend(a: LvresizeArgs) -> Result<()> {
+    let scan = Scan::run_writable(&a.dev)?;
+    extend(a, scan)
+}
+
+fn extend(a: LvresizeArgs, scan: Scan) -> Result<()> {
     let (vg_name, lv_name) = split_lv_name(&a.lv)?;
     let policy: Policy = a.alloc.parse()?;
-    let scan = Scan::run_writable(&a.dev)?;
     scan.warn();
     let mut md = scan.vg(vg_name)?.metadata.clone();
     let pvs = pv_selection(&scan, &md.vg, &a.pvs)?;
-    let size = match (&a.size, &a.extents) {
-        (Some(s), _) => alloc::parse_size(s, false)?,
-        (None, Some(l)) => alloc::parse_size(l, true)?,
-        (None, None) => bail!("Please specify either size or extents"),
-    };
+    let size = a.size()?;
     if size.sign == Sign::Minus {
         bail!("{vg_name}/{lv_name}: a negative size shrinks: use lvreduce or lvresize");
     }
-    let lv = md
-        .vg
-        .lv(lv_name)
-        .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?
-        .clone();
+    let lv = a.lv_in(&md.vg)?;
     let old = lv.extent_count().context("LV length overflows")?;
     // A thin pool grows by its data sub-LV; the pool's segment follows.
     let pool = super::lvcreate::thin::pool_segment(&lv);
@@ -247,34 +262,28 @@ fn reduced_length(size: &alloc::Size, cur: Extents, extent: u64) -> Result<Exten
 }
 
 /// Whether the resize asks for a smaller LV (lvresize then reduces).
-fn shrinks(a: &LvresizeArgs) -> Result<bool> {
-    let size = match (&a.size, &a.extents) {
-        (Some(s), _) => alloc::parse_size(s, false)?,
-        (None, Some(l)) => alloc::parse_size(l, true)?,
-        (None, None) => bail!("Please specify either size or extents"),
-    };
+fn shrinks(a: &LvresizeArgs, scan: &Scan) -> Result<bool> {
+    let size = a.size()?;
     if size.sign == Sign::Minus {
         return Ok(true);
     }
     if size.sign == Sign::Plus || matches!(size.amount, alloc::Amount::Percent { .. }) {
         return Ok(false);
     }
-    let (vg_name, lv_name) = split_lv_name(&a.lv)?;
-    let scan = Scan::run(&a.dev)?;
+    let (vg_name, _) = split_lv_name(&a.lv)?;
     let vg = &scan.vg(vg_name)?.metadata.vg;
-    let lv = vg
-        .lv(lv_name)
-        .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?;
-    let cur = lv.extent_count().context("LV length")?;
+    let cur = a.lv_in(vg)?.extent_count().context("LV length")?;
     Ok(reduced_length(&size, cur, vg.extent_size.0)? < cur)
 }
 
 /// `lvresize`: grows with lvextend, shrinks with lvreduce.
 pub fn lvresize(a: LvresizeArgs) -> Result<()> {
-    if shrinks(&a)? {
-        lvreduce(a)
+    // One scan serves the decision and the change.
+    let scan = Scan::run_writable(&a.dev)?;
+    if shrinks(&a, &scan)? {
+        reduce(a, scan)
     } else {
-        lvextend(a)
+        extend(a, scan)
     }
 }
 
@@ -283,15 +292,15 @@ pub fn lvresize(a: LvresizeArgs) -> Result<()> {
 /// for the cut and activated again (the daemon never shrinks a live device under a client),
 /// so it must not be open.
 pub fn lvreduce(a: LvresizeArgs) -> Result<()> {
-    let (vg_name, lv_name) = split_lv_name(&a.lv)?;
     let scan = Scan::run_writable(&a.dev)?;
+    reduce(a, scan)
+}
+
+fn reduce(a: LvresizeArgs, scan: Scan) -> Result<()> {
+    let (vg_name, lv_name) = split_lv_name(&a.lv)?;
     scan.warn();
     let mut md = scan.vg(vg_name)?.metadata.clone();
-    let lv = md
-        .vg
-        .lv(lv_name)
-        .with_context(|| format!("Logical volume {lv_name} not found in volume group {vg_name}"))?
-        .clone();
+    let lv = a.lv_in(&md.vg)?;
     if !lv
         .segments
         .iter()
@@ -299,11 +308,7 @@ pub fn lvreduce(a: LvresizeArgs) -> Result<()> {
     {
         bail!("{vg_name}/{lv_name}: lvreduce shrinks linear and striped LVs only");
     }
-    let size = match (&a.size, &a.extents) {
-        (Some(s), _) => alloc::parse_size(s, false)?,
-        (None, Some(l)) => alloc::parse_size(l, true)?,
-        (None, None) => bail!("Please specify either size or extents"),
-    };
+    let size = a.size()?;
     let ext = md.vg.extent_size.0;
     let cur = lv.extent_count().context("LV length")?;
     let new = reduced_length(&size, cur, ext)?;

@@ -125,6 +125,12 @@ impl Confirm {
     }
 }
 
+/// Whether a report or display verb given `names` (VGs or VG/LVs; none: everything) shows
+/// LV `lv` of VG `vg`.
+pub fn lv_wanted(names: &[String], vg: &str, lv: &str) -> bool {
+    names.is_empty() || names.iter().any(|n| n == vg || *n == format!("{vg}/{lv}"))
+}
+
 /// Splits `VG/LV` (also `/dev/VG/LV`), naming the argument when it is not one.
 pub fn split_lv_name(arg: &str) -> Result<(&str, &str)> {
     let s = arg.strip_prefix("/dev/").unwrap_or(arg);

@@ -19,12 +19,11 @@ pub struct Scan {
 }
 
 impl Scan {
-    /// Scans what `args` says to scan, read-only. Devices that cannot be opened are skipped
-    /// with a warning (lvm2 does the same), unless they were named with `--devices`.
-    pub fn run(args: &DeviceArgs) -> Result<Scan> {
-        let candidates = args.candidates()?;
+    /// The devices `args` says to scan that can be opened. Devices that cannot be opened
+    /// are skipped quietly (lvm2 does the same), unless they were named with `--devices`.
+    fn openable(args: &DeviceArgs) -> Result<Vec<PathBuf>> {
         let mut paths = Vec::new();
-        for p in candidates {
+        for p in args.candidates()? {
             match lvm::scan::open_paths(&[&p], true) {
                 Ok(_) => paths.push(p),
                 // A scanned device we may not open (a disk the sandbox or a driver holds) is
@@ -33,6 +32,12 @@ impl Scan {
                 Err(e) => return Err(e).with_context(|| format!("{}", p.display())),
             }
         }
+        Ok(paths)
+    }
+
+    /// Scans what `args` says to scan, read-only.
+    pub fn run(args: &DeviceArgs) -> Result<Scan> {
+        let paths = Scan::openable(args)?;
         let report = lvm::scan::scan_paths(&paths).context("scanning for PVs")?;
         Ok(Scan { report, paths })
     }
@@ -41,11 +46,23 @@ impl Scan {
     /// version of a VG (the commit writes through the scan's devices, and refuses if a
     /// metadata area changed since this scan: two commands racing on one VG cannot both win).
     pub fn run_writable(args: &DeviceArgs) -> Result<Scan> {
-        let found = Scan::run(args)?;
-        let devs = lvm::scan::open_paths(&found.paths, false).context("opening PVs for writing")?;
+        Scan::writable_paths(Scan::openable(args)?)
+    }
+
+    /// `paths` opened for writing (read-only where that is refused: a write-protected device
+    /// can still be scanned, and only fails if it is written) and scanned.
+    pub fn writable_paths(paths: Vec<PathBuf>) -> Result<Scan> {
+        let mut devs = Vec::new();
+        for p in &paths {
+            let one = std::slice::from_ref(p);
+            let dev = lvm::scan::open_paths(one, false)
+                .or_else(|_| lvm::scan::open_paths(one, true))
+                .with_context(|| format!("opening {}", p.display()))?;
+            devs.extend(dev);
+        }
         Ok(Scan {
             report: lvm::scan::scan(&devs),
-            paths: found.paths,
+            paths,
         })
     }
 

@@ -49,28 +49,6 @@ pub fn lvm_status(r: Result<()>) -> Result<()> {
     })
 }
 
-/// A scan whose devices are open for writing (a commit writes through the report's devices).
-pub(crate) fn scan_rw(dev: &DeviceArgs) -> Result<Scan> {
-    scan_paths_rw(Scan::run(dev)?.paths)
-}
-
-/// `paths` opened for writing (read-only where that is refused: a write-protected device
-/// can still be scanned, and only fails if it is written) and scanned.
-fn scan_paths_rw(paths: Vec<PathBuf>) -> Result<Scan> {
-    let mut devs = Vec::new();
-    for p in &paths {
-        let one = std::slice::from_ref(p);
-        let dev = lvm::scan::open_paths(one, false)
-            .or_else(|_| lvm::scan::open_paths(one, true))
-            .with_context(|| format!("opening {}", p.display()))?;
-        devs.extend(dev);
-    }
-    Ok(Scan {
-        report: lvm::scan::scan(&devs),
-        paths,
-    })
-}
-
 /// The LVs of VG `vg` that are the daemon's devices now (names of the LVs of `lvs` whose
 /// device-mapper name the daemon lists).
 fn active_lvs<'a>(
@@ -345,7 +323,7 @@ pub fn vgextend(a: VgextendArgs) -> Result<()> {
 
 fn extend(a: &VgextendArgs) -> Result<()> {
     let pvs = absolute(&a.pvs);
-    let scan = scan_rw(&a.dev)?;
+    let scan = Scan::run_writable(&a.dev)?;
     let sv = scan.vg(&a.vg)?;
     let mut fresh = Vec::new();
     for p in &pvs {
@@ -425,7 +403,7 @@ fn extend(a: &VgextendArgs) -> Result<()> {
 /// A writable scan again, after PVs were created on `pvs` (a devices file may have to list
 /// them first for a scan to see files).
 fn rescan(dev: &DeviceArgs, pvs: &[PathBuf]) -> Result<Scan> {
-    let mut scan = scan_rw(dev)?;
+    let mut scan = Scan::run_writable(dev)?;
     let unseen: Vec<&PathBuf> = pvs
         .iter()
         .filter(|p| scan.device_index(p).is_none())
@@ -435,7 +413,7 @@ fn rescan(dev: &DeviceArgs, pvs: &[PathBuf]) -> Result<Scan> {
         // them too.
         let mut paths = scan.paths.clone();
         paths.extend(unseen.into_iter().cloned());
-        scan = scan_paths_rw(paths)?;
+        scan = Scan::writable_paths(paths)?;
     }
     Ok(scan)
 }
@@ -476,7 +454,7 @@ pub fn vgreduce(a: VgreduceArgs) -> Result<()> {
 }
 
 fn reduce(a: &VgreduceArgs) -> Result<()> {
-    let scan = scan_rw(&a.dev)?;
+    let scan = Scan::run_writable(&a.dev)?;
     let sv = scan.vg(&a.vg)?;
     let desc = description();
     if a.removemissing {
@@ -562,7 +540,7 @@ fn reduce(a: &VgreduceArgs) -> Result<()> {
     // One PV at a time, as lvm2 does: each is its own version.
     let mut failed = 0;
     for (shown, id) in &todo {
-        let now = scan_rw(&a.dev)?;
+        let now = Scan::run_writable(&a.dev)?;
         let cur = now
             .report
             .vg_by_id(&sv.id())
@@ -586,7 +564,7 @@ pub fn vgrename(a: VgrenameArgs) -> Result<()> {
 }
 
 fn rename(a: &VgrenameArgs) -> Result<()> {
-    let scan = scan_rw(&a.dev)?;
+    let scan = Scan::run_writable(&a.dev)?;
     let sv = lvm::vgrename::find_vg(&scan.report, &a.old)
         .ok_or_else(|| anyhow!("Volume group \"{}\" not found", a.old))?;
     let dir = super::display::dev_dir();
@@ -636,7 +614,7 @@ fn cfgrestore(a: &VgcfgrestoreArgs) -> Result<()> {
     if md.vg.name != a.vg {
         bail!("{} holds VG {}, not {}", a.file.display(), md.vg.name, a.vg);
     }
-    let scan = scan_rw(&a.dev)?;
+    let scan = Scan::run_writable(&a.dev)?;
     // LVs active under this name: what the backup has and what the disks have.
     let mut names: Vec<&str> = md
         .vg
@@ -887,7 +865,7 @@ fn device_problem(p: &Problem) -> Option<&str> {
 
 /// `vgck --updatemetadata`: [`lvm::repair::update_metadata`] for each VG named (or all).
 fn update_metadata(a: &VgckArgs) -> Result<()> {
-    let scan = scan_rw(&a.dev)?;
+    let scan = Scan::run_writable(&a.dev)?;
     let ids: Vec<(String, lvm::Uuid)> = if a.vgs.is_empty() {
         scan.report
             .vgs
@@ -908,7 +886,7 @@ fn update_metadata(a: &VgckArgs) -> Result<()> {
         let now = if k == 0 {
             &scan
         } else {
-            rescanned = scan_rw(&a.dev)?;
+            rescanned = Scan::run_writable(&a.dev)?;
             &rescanned
         };
         match lvm::repair::update_metadata(&now.report, id, &desc) {
