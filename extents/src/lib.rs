@@ -6,12 +6,15 @@
 //! - [`FileResolver`]: the [`tables::registry::Resolver`] that opens the paths and
 //!   `major:minor` numbers of table lines, sharing one extent per underlying file; what a
 //!   relative path means to it is a [`RelativePaths`] (a daemon refuses them).
+//! - [`net`]: network extents named by URIs (`nbd://`, `nbd+unix://`), such as
+//!   [`net::NbdExtent`]; the resolver opens them too.
 //! - [`create_sparse`]: makes a sparse backing file for tests and the CLI.
 
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod file;
+pub mod net;
 mod resolver;
 mod sys;
 

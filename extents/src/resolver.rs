@@ -33,7 +33,8 @@ pub enum RelativePaths {
     Base(PathBuf),
 }
 
-/// Opens paths and `major:minor` device numbers as extents.
+/// Opens paths and `major:minor` device numbers as extents, and (through [`Resolver::open`])
+/// network extents named by URIs.
 ///
 /// The same file or device named twice (by the same path, another path, a symlink, or its
 /// device number) returns the same `Arc` while the first is alive, so a table whose lines share
@@ -43,6 +44,8 @@ pub struct FileResolver {
     opts: OpenOptions,
     relative: RelativePaths,
     cache: Mutex<HashMap<FileId, Weak<FileExtent>>>,
+    /// Network extents by URI: lines naming the same export share its connections.
+    net: Mutex<HashMap<String, Weak<dyn tables::BlockDevice>>>,
 }
 
 impl FileResolver {
@@ -53,6 +56,7 @@ impl FileResolver {
             opts,
             relative: RelativePaths::default(),
             cache: Mutex::new(HashMap::new()),
+            net: Mutex::new(HashMap::new()),
         }
     }
 
@@ -128,8 +132,25 @@ impl Default for FileResolver {
     }
 }
 
+impl FileResolver {
+    /// Opens (or finds already open) the network extent `dev` names (see [`crate::net`]).
+    pub fn open_network(&self, dev: &str) -> Result<DeviceRef, crate::net::NetError> {
+        let mut cache = self.net.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = cache.get(dev).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+        let d = crate::net::open(dev)?;
+        cache.retain(|_, w| w.strong_count() > 0);
+        cache.insert(dev.to_string(), Arc::downgrade(&d));
+        Ok(d)
+    }
+}
+
 impl Resolver for FileResolver {
     fn open(&self, dev: &str) -> Result<DeviceRef, String> {
+        if crate::net::NetUri::is_network(dev) {
+            return self.open_network(dev).map_err(|e| e.to_string());
+        }
         self.open_extent(dev)
             .map(|e| e as DeviceRef)
             .map_err(|e| e.to_string())

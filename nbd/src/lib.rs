@@ -98,3 +98,4 @@ mod supervisor;
 pub use conn::{MAX_INFLIGHT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD};
 pub use limits::{Limits, DEFAULT_MEMORY_BUDGET};
 pub use server::{Listener, NbdError, Server, ServerBuilder, ServerHandle, Stopper};
+pub use sock::send_all_vectored;

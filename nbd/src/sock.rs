@@ -144,9 +144,20 @@ pub(crate) async unsafe fn send_vectored_all(
     bufs: &[&[u8]],
     watch: &Watch,
 ) -> io::Result<()> {
-    let r = send_vectored_steps(fd, bufs, watch).await;
+    let r = send_vectored_steps(fd, bufs, Some(watch)).await;
     watch.sending(false);
     r
+}
+
+/// Sends every byte of `bufs` as [`send_vectored_all`] does, with no progress watch (for a
+/// client's requests: its own timeouts notice a stalled server).
+///
+/// # Safety
+/// The kernel uses the borrowed buffers until each operation completes: keep the
+/// [lending contract](tables::io#the-lending-contract) for the returned future.
+pub async unsafe fn send_all_vectored(fd: RawFd, bufs: &[&[u8]]) -> io::Result<()> {
+    // SAFETY: our caller keeps the lending contract.
+    unsafe { send_vectored_steps(fd, bufs, None) }.await
 }
 
 /// [`send_vectored_all`] without the final bookkeeping.
@@ -154,7 +165,11 @@ pub(crate) async unsafe fn send_vectored_all(
 /// # Safety
 /// The kernel uses the borrowed buffers until each operation completes: keep the
 /// [lending contract](tables::io#the-lending-contract) for the returned future.
-async unsafe fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) -> io::Result<()> {
+async unsafe fn send_vectored_steps(
+    fd: RawFd,
+    bufs: &[&[u8]],
+    watch: Option<&Watch>,
+) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = bufs
         .iter()
         .filter(|b| !b.is_empty())
@@ -208,7 +223,9 @@ async unsafe fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) ->
                 // short counts whenever the socket buffer fills.
                 .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
                 .build();
-            watch.sending(true);
+            if let Some(w) = watch {
+                w.sending(true);
+            }
             // SAFETY: `msg` and `step` live in this frame across the await; the buffers they
             // point into are borrowed through `bufs` for this future's life, which our caller
             // completes or drops (the lending contract); dropping the op waits for the kernel.
@@ -216,7 +233,9 @@ async unsafe fn send_vectored_steps(fd: RawFd, bufs: &[&[u8]], watch: &Watch) ->
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            watch.sending(true);
+            if let Some(w) = watch {
+                w.sending(true);
+            }
             n
         };
         // Advance past what was sent.

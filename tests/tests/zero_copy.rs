@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use e2e::Rng;
 use tables::buf::AlignedBuf;
 use tables::io::{BlockDevice, FixedBuf, MappedCopy, Served};
 use tables::registry::Resolver;
@@ -84,20 +85,6 @@ impl Request {
                 Err(tables::IoError::from(std::io::Error::last_os_error()))
             }
         }
-    }
-}
-
-/// A deterministic xorshift generator (the test must be reproducible).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -207,7 +194,7 @@ fn exercise(dev: &DeviceRef, model: &mut [u8], ops: usize, seed: u64) -> Paths {
             let len = (n * 4096) as usize;
             let r = at as usize..at as usize + len;
             if rng.below(2) == 0 {
-                let data = pattern(len, rng.next());
+                let data = pattern(len, rng.next_u64());
                 // SAFETY: awaited here, in block_on: completed or dropped before `data` goes.
                 unsafe { write(&**dev, &mut reg, &req, at, &data, &mut p) }.await;
                 model[r].copy_from_slice(&data);
