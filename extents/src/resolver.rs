@@ -45,7 +45,7 @@ pub struct FileResolver {
     relative: RelativePaths,
     cache: Mutex<HashMap<FileId, Weak<FileExtent>>>,
     /// Network extents by URI: lines naming the same export share its connections.
-    net: Mutex<HashMap<String, Weak<dyn tables::BlockDevice>>>,
+    net: Mutex<HashMap<String, Weak<crate::net::NbdExtent>>>,
 }
 
 impl FileResolver {
@@ -134,7 +134,10 @@ impl Default for FileResolver {
 
 impl FileResolver {
     /// Opens (or finds already open) the network extent `dev` names (see [`crate::net`]).
-    pub fn open_network(&self, dev: &str) -> Result<DeviceRef, crate::net::NetError> {
+    pub fn open_network(
+        &self,
+        dev: &str,
+    ) -> Result<Arc<crate::net::NbdExtent>, crate::net::NetError> {
         let mut cache = self.net.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = cache.get(dev).and_then(Weak::upgrade) {
             return Ok(d);
@@ -149,11 +152,27 @@ impl FileResolver {
 impl Resolver for FileResolver {
     fn open(&self, dev: &str) -> Result<DeviceRef, String> {
         if crate::net::NetUri::is_network(dev) {
-            return self.open_network(dev).map_err(|e| e.to_string());
+            return self
+                .open_network(dev)
+                .map(|e| e as DeviceRef)
+                .map_err(|e| e.to_string());
         }
         self.open_extent(dev)
             .map(|e| e as DeviceRef)
             .map_err(|e| e.to_string())
+    }
+
+    fn check_remote(&self, dev: &str) -> Option<Result<(), String>> {
+        crate::net::NetUri::is_network(dev).then(|| {
+            crate::net::NetUri::parse(dev)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn extent_health(&self, dev: &str) -> Option<tables::registry::ExtentHealth> {
+        let cache = self.net.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(dev).and_then(Weak::upgrade).map(|e| e.health())
     }
 }
 

@@ -16,6 +16,72 @@ use crate::units::Sectors;
 pub trait Resolver {
     /// Opens `dev` (a path, or a name the resolver knows). The error is a human sentence.
     fn open(&self, dev: &str) -> Result<DeviceRef, String>;
+
+    /// How a remote extent this resolver opened is doing (connections, errors), for status
+    /// reports; `None` for local devices and names it does not have open.
+    fn extent_health(&self, dev: &str) -> Option<ExtentHealth> {
+        let _ = dev;
+        None
+    }
+
+    /// Whether `dev` names a remote extent this resolver opens (`Some`, with whether the
+    /// name is well formed: the error says what is wrong), rather than a path. Checked
+    /// without connecting.
+    fn check_remote(&self, dev: &str) -> Option<Result<(), String>> {
+        let _ = dev;
+        None
+    }
+}
+
+/// The health of a remote extent (an NBD export, an iSCSI LUN), as `dev status` and
+/// `dev list --json` show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExtentHealth {
+    /// `up`, `degraded` (some connections down), `connecting`, `reconnecting`, or `failed`
+    /// (no connection for longer than reconnect-delay: requests fail with EIO).
+    pub state: String,
+    /// The server (`host:port` or `unix:PATH`).
+    pub server: String,
+    /// Connections up.
+    pub connections_up: u32,
+    /// Connections in use.
+    pub connections: u32,
+    /// Requests waiting for an answer.
+    pub inflight: u64,
+    /// Reconnections so far.
+    pub reconnects: u64,
+    /// Requests that ran past their timeout.
+    pub timeouts: u64,
+    /// Connections dropped for misbehaving (protocol violations, stalls).
+    pub dropped: u64,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u64,
+    /// The last connection error, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl ExtentHealth {
+    /// One status line for extent `name`.
+    pub fn line(&self, name: &str) -> String {
+        let mut s = format!(
+            "{name} {} server {} connections {}/{} inflight {} reconnects {} timeouts {} \
+             dropped {} rtt {}us",
+            self.state,
+            self.server,
+            self.connections_up,
+            self.connections,
+            self.inflight,
+            self.reconnects,
+            self.timeouts,
+            self.dropped,
+            self.rtt_us
+        );
+        if let Some(e) = &self.last_error {
+            s.push_str(&format!(" last-error \"{}\"", e.replace('"', "'")));
+        }
+        s
+    }
 }
 
 impl<F: Fn(&str) -> Result<DeviceRef, String>> Resolver for F {

@@ -7,7 +7,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -509,5 +509,109 @@ impl Rng {
     /// A number below `n` (`n` > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+}
+
+/// Waits (up to 20 s) until something accepts on 127.0.0.1:`port`.
+pub fn wait_port(port: u16) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < until,
+            "server on port {port} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A peer server process (nbdkit, qemu-nbd) on 127.0.0.1, killed on drop.
+pub struct PeerServer {
+    child: Child,
+}
+
+impl PeerServer {
+    /// `nbdkit ARGS` on `port` (plugin and filters in `args`), once it accepts.
+    pub fn nbdkit(port: u16, args: &[&str]) -> PeerServer {
+        require_tool("nbdkit");
+        let child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(args)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nbdkit");
+        wait_port(port);
+        PeerServer { child }
+    }
+
+    /// `qemu-nbd` serving `file` raw as export `disk` on `port`, once it accepts.
+    pub fn qemu_nbd(port: u16, file: &Path) -> PeerServer {
+        require_tool("qemu-nbd");
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-e",
+                "8",
+                "-x",
+                "disk",
+                "-p",
+            ])
+            .arg(port.to_string())
+            .arg(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-nbd");
+        wait_port(port);
+        PeerServer { child }
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The server side of a valid NBD handshake on `s` (fixed newstyle; structured replies
+/// refused, `NBD_OPT_GO` answered with an export of `size` bytes that takes flushes), for fake
+/// servers that then misbehave.
+pub fn fake_nbd_handshake(s: &mut TcpStream, size: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    s.write_all(&0x4e42444d41474943u64.to_be_bytes())?;
+    s.write_all(&0x49484156454f5054u64.to_be_bytes())?;
+    s.write_all(&3u16.to_be_bytes())?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf)?;
+    loop {
+        let mut oh = [0u8; 16];
+        s.read_exact(&mut oh)?;
+        let opt = u32::from_be_bytes([oh[8], oh[9], oh[10], oh[11]]);
+        let len = u32::from_be_bytes([oh[12], oh[13], oh[14], oh[15]]);
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        let mut rep = |kind: u32, d: &[u8]| -> std::io::Result<()> {
+            s.write_all(&0x0003e889045565a9u64.to_be_bytes())?;
+            s.write_all(&opt.to_be_bytes())?;
+            s.write_all(&kind.to_be_bytes())?;
+            s.write_all(&(d.len() as u32).to_be_bytes())?;
+            s.write_all(d)
+        };
+        if opt == 7 {
+            let mut info = vec![0u8, 0];
+            info.extend_from_slice(&size.to_be_bytes());
+            info.extend_from_slice(&(1u16 | 4).to_be_bytes());
+            rep(3, &info)?;
+            return rep(1, &[]);
+        }
+        rep((1 << 31) + 1, &[])?;
     }
 }

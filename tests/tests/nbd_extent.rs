@@ -4,83 +4,17 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e::{free_port, require_tool, Rng};
+use e2e::{fake_nbd_handshake, free_port, require_tool, PeerServer as Server, Rng};
 use extents::net::NbdExtent;
 use extents::net::NetUri;
 use extents::FileResolver;
 use tables::io::{read_blocking, write_blocking};
 use tables::registry::Resolver;
 use tables::{BlockDevice, Bytes, DeviceRef, WriteFlags};
-
-fn wait_port(port: u16) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < until,
-            "server on port {port} never came up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A server process, killed on drop.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn nbdkit(port: u16, args: &[&str]) -> Server {
-        require_tool("nbdkit");
-        let child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-            .arg(port.to_string())
-            .args(args)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        wait_port(port);
-        Server { child }
-    }
-
-    fn qemu_nbd(port: u16, file: &Path) -> Server {
-        require_tool("qemu-nbd");
-        let child = Command::new("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "-b",
-                "127.0.0.1",
-                "-e",
-                "8",
-                "-x",
-                "disk",
-                "-p",
-            ])
-            .arg(port.to_string())
-            .arg(file)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu-nbd");
-        wait_port(port);
-        Server { child }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn open(uri: &str) -> Arc<NbdExtent> {
     let NetUri::Nbd(u) = NetUri::parse(uri).unwrap() else {
@@ -398,35 +332,7 @@ fn fake_server(reply: fn(&mut TcpStream, &[u8; 28])) -> (u16, std::thread::JoinH
 }
 
 fn fake_session(s: &mut TcpStream, reply: fn(&mut TcpStream, &[u8; 28])) -> std::io::Result<()> {
-    s.write_all(&0x4e42444d41474943u64.to_be_bytes())?;
-    s.write_all(&0x49484156454f5054u64.to_be_bytes())?;
-    s.write_all(&3u16.to_be_bytes())?;
-    let mut cf = [0u8; 4];
-    s.read_exact(&mut cf)?;
-    loop {
-        let mut oh = [0u8; 16];
-        s.read_exact(&mut oh)?;
-        let opt = u32::from_be_bytes(oh[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(oh[12..16].try_into().unwrap());
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
-        let rep = |s: &mut TcpStream, kind: u32, d: &[u8]| -> std::io::Result<()> {
-            s.write_all(&0x0003e889045565a9u64.to_be_bytes())?;
-            s.write_all(&opt.to_be_bytes())?;
-            s.write_all(&kind.to_be_bytes())?;
-            s.write_all(&(d.len() as u32).to_be_bytes())?;
-            s.write_all(d)
-        };
-        if opt == 7 {
-            let mut info = vec![0u8, 0];
-            info.extend_from_slice(&(1u64 << 20).to_be_bytes());
-            info.extend_from_slice(&(1u16 | 4).to_be_bytes());
-            rep(s, 3, &info)?;
-            rep(s, 1, &[])?;
-            break;
-        }
-        rep(s, (1 << 31) + 1, &[])?;
-    }
+    fake_nbd_handshake(s, 1 << 20)?;
     loop {
         let mut h = [0u8; 28];
         s.read_exact(&mut h)?;

@@ -184,6 +184,26 @@ pub struct DeviceInfo {
     /// Why the device is failed (could not be built or restored, or its front end died).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The remote extents (NBD exports...) its table uses, and how their connections are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extents: Vec<ExtentInfo>,
+}
+
+/// A remote extent of a device's table, in a listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ExtentInfo {
+    /// The extent as the table names it (its URI; it holds no secret).
+    pub name: String,
+    /// Its connections and errors.
+    #[serde(flatten)]
+    pub health: tables::registry::ExtentHealth,
+}
+
+impl ExtentInfo {
+    /// One line for `dev status`.
+    pub fn line(&self) -> String {
+        format!("extent {}", self.health.line(&self.name))
+    }
 }
 
 /// A reply.

@@ -32,7 +32,11 @@ pub fn absolute_paths(table: &mut Table, reg: &Registry, cwd: &std::path::Path) 
         let devnum = dev
             .split_once(':')
             .is_some_and(|(a, b)| is_digits(a) && is_digits(b));
-        Ok::<_, std::convert::Infallible>(if dev.starts_with('/') || devnum || dev.is_empty() {
+        let keep = dev.starts_with('/')
+            || devnum
+            || dev.is_empty()
+            || extents::net::NetUri::is_network(dev);
+        Ok::<_, std::convert::Infallible>(if keep {
             dev.to_string()
         } else {
             cwd.join(dev).to_string_lossy().into_owned()
@@ -47,6 +51,19 @@ fn is_digits(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_extents_are_not_relative_paths() {
+        let reg = registry();
+        let mut t = Table::parse(
+            "0 2048 linear nbd://127.0.0.1:10809/disk 0\n2048 2048 linear rel/file 0\n",
+            &reg,
+        )
+        .unwrap();
+        absolute_paths(&mut t, &reg, std::path::Path::new("/base"));
+        let names: Vec<String> = t.devices(&reg).into_iter().map(|d| d.name).collect();
+        assert_eq!(names, ["nbd://127.0.0.1:10809/disk", "/base/rel/file"]);
+    }
 
     #[test]
     fn device_args_of_raid_and_thin_lines() {

@@ -104,6 +104,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Library warnings (a dropped connection, a failed leg...) go to stderr, which is the
+    // journal under systemd; RUST_LOG overrides the level.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Table(c) => table_cmd::run(c),

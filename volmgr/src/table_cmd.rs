@@ -31,9 +31,25 @@ pub fn read_table_text(file: &Path) -> Result<String> {
     }
 }
 
+/// Parses and validates a table file: its lines, and the syntax of every network extent it
+/// names (no connection is made).
 pub fn parse_table(file: &Path) -> Result<Table> {
     let text = read_table_text(file)?;
-    Table::parse(&text, &volmgr::registry()).with_context(|| file.display().to_string())
+    let reg = volmgr::registry();
+    let t = Table::parse(&text, &reg).with_context(|| file.display().to_string())?;
+    for d in t.devices(&reg) {
+        if extents::net::NetUri::is_network(&d.name) {
+            extents::net::NetUri::parse(&d.name).with_context(|| {
+                format!(
+                    "{}: line {}, argument {}",
+                    file.display(),
+                    d.line,
+                    d.arg + 1
+                )
+            })?;
+        }
+    }
+    Ok(t)
 }
 
 /// The table of `file` as the daemon should get it: validated here (errors name the file),

@@ -36,7 +36,7 @@ pub enum NetError {
 }
 
 /// Opens the network extent `dev` names.
-pub fn open(dev: &str) -> Result<tables::DeviceRef, NetError> {
+pub fn open(dev: &str) -> Result<std::sync::Arc<NbdExtent>, NetError> {
     match NetUri::parse(dev)? {
         NetUri::Nbd(u) => Ok(std::sync::Arc::new(NbdExtent::open(u)?)),
         NetUri::Iscsi(u) => Err(NetError::Unsupported {

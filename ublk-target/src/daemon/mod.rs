@@ -38,7 +38,7 @@ use tables::switch::Switchable;
 use tables::table::Table;
 use tables::{BlockDevice, DeviceRef};
 
-use crate::control::{DeviceInfo, Reply, Request};
+use crate::control::{DeviceInfo, ExtentInfo, Reply, Request};
 use crate::frontend::Frontend;
 
 pub use mountns::enter_private_mount_ns;
@@ -292,7 +292,7 @@ impl Daemon {
     }
 
     /// A resolver that knows this daemon's devices (`/dev/volmgr/NAME`) and otherwise defers to
-    /// the base resolver (absolute paths, `major:minor`).
+    /// the base resolver (absolute paths, `major:minor`, remote extents' URIs).
     fn resolver(&self) -> impl Resolver + '_ {
         let known = self.active_devices();
         move |dev: &str| -> Result<DeviceRef, String> {
@@ -307,7 +307,8 @@ impl Daemon {
                     }
                 });
             }
-            if !dev.starts_with('/') && !is_devnum(dev) {
+            let remote = self.base.check_remote(dev).is_some();
+            if !remote && !dev.starts_with('/') && !is_devnum(dev) {
                 return Err(format!(
                     "'{dev}' is a relative path, which means nothing to the daemon: give an \
                      absolute path (the volmgr CLI makes table paths absolute)"
@@ -315,6 +316,23 @@ impl Daemon {
             }
             self.base.open(dev)
         }
+    }
+
+    /// The remote extents `table` names, with their health.
+    pub(super) fn extents_of(&self, table: &Table) -> Vec<ExtentInfo> {
+        let mut out: Vec<ExtentInfo> = Vec::new();
+        for d in table.devices(&self.registry) {
+            if out.iter().any(|x| x.name == d.name) {
+                continue;
+            }
+            if let Some(h) = self.base.extent_health(&d.name) {
+                out.push(ExtentInfo {
+                    name: d.name.clone(),
+                    health: h,
+                });
+            }
+        }
+        out
     }
 
     fn info(&self, e: &Entry) -> DeviceInfo {
@@ -332,6 +350,7 @@ impl Daemon {
             errors: 0,
             data_path: String::new(),
             error: None,
+            extents: Vec::new(),
         };
         match &e.state {
             State::Active(l) => {
@@ -348,6 +367,7 @@ impl Daemon {
                 info.write_bytes = ld(&st.write_bytes);
                 info.errors = ld(&st.errors);
                 info.data_path = l.front.data_path().to_string();
+                info.extents = self.extents_of(&l.table);
                 if let Some(why) = l.front.failed() {
                     info.state = "failed".into();
                     info.error = Some(why);

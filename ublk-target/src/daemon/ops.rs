@@ -142,7 +142,7 @@ impl Daemon {
     /// Parses `text` and rewrites every way of naming one of the daemon's own devices
     /// (`/dev/ublkbN`, `major:minor`, a symlink such as `/dev/volmgr/NAME` itself or one under
     /// `/dev/disk`) to `/dev/volmgr/NAME`, so the device is reached directly, stacking shows in
-    /// the table, and cycles can be seen. Relative paths are refused.
+    /// the table, and cycles can be seen. Relative paths and malformed URIs are refused.
     pub(super) fn canonical_table(&self, name: &str, text: &str) -> Result<Table, String> {
         let mut table = Table::parse(text, &self.registry).map_err(|e| format!("{name}: {e}"))?;
         let by_id: BTreeMap<u32, String> = self
@@ -157,6 +157,11 @@ impl Daemon {
                 if !valid_name(n) {
                     return Err(format!("{name}: '{dev}' is not a valid volmgr device name"));
                 }
+                return Ok(dev.to_string());
+            }
+            if let Some(r) = self.base.check_remote(dev) {
+                // A remote extent: checked here so a bad URI is refused before anything opens.
+                r.map_err(|e| format!("{name}: {e}"))?;
                 return Ok(dev.to_string());
             }
             if !dev.starts_with('/') && !super::is_devnum(dev) {
@@ -541,7 +546,21 @@ impl Daemon {
     /// Status line(s); never waits for I/O.
     pub(super) fn status(&self, name: &str) -> Result<String, String> {
         let sw = self.switch_of(name)?;
-        Ok(sw.status())
+        let mut s = sw.status();
+        let extents = {
+            let d = self.devs();
+            match d.map.get(name).map(|e| &e.state) {
+                Some(State::Active(l)) => self.extents_of(&l.table),
+                _ => Vec::new(),
+            }
+        };
+        for x in extents {
+            if !s.is_empty() && !s.ends_with('\n') {
+                s.push('\n');
+            }
+            s.push_str(&x.line());
+        }
+        Ok(s)
     }
 
     /// The table: the live one, or the recorded one of a device that is not up.

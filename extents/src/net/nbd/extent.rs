@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nbd::proto::*;
 use tables::io::{check_range, join_pieces, write_zeroes_by_writing};
+use tables::registry::ExtentHealth;
 use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags};
 
 use super::handshake::{self, ExportInfo};
@@ -120,50 +121,48 @@ impl NbdExtent {
 
     /// Whether no connection has worked for longer than reconnect-delay.
     pub fn is_failed(&self) -> bool {
-        self.links.iter().all(|l| l.snapshot().0 == "failed")
+        self.health().state == "failed"
     }
 
-    /// One status line: connection state, server, connections, in flight, reconnects,
-    /// timeouts, round-trip time and the last error.
-    pub fn status_line(&self) -> String {
-        let mut up = 0;
-        let mut inflight = 0;
+    /// How the extent is doing: connections, requests in flight, errors.
+    pub fn health(&self) -> ExtentHealth {
+        let mut h = ExtentHealth {
+            server: self.uri.addr.to_string(),
+            connections: self.links.len() as u32,
+            ..ExtentHealth::default()
+        };
         let mut worst = "up";
-        let mut last = None;
-        let (mut reconnects, mut timeouts, mut dropped, mut rtt) = (0u64, 0u64, 0u64, 0u64);
         for l in &self.links {
             let (state, n, err) = l.snapshot();
             if state == "up" {
-                up += 1;
+                h.connections_up += 1;
             } else if worst != "failed" {
                 worst = state;
             }
-            inflight += n;
+            h.inflight += n as u64;
             if err.is_some() {
-                last = err;
+                h.last_error = err;
             }
-            reconnects += l.stats.reconnects.load(Ordering::Relaxed);
-            timeouts += l.stats.timeouts.load(Ordering::Relaxed);
-            dropped += l.stats.dropped.load(Ordering::Relaxed);
-            rtt = rtt.max(l.stats.rtt_us.load(Ordering::Relaxed));
+            h.reconnects += l.stats.reconnects.load(Ordering::Relaxed);
+            h.timeouts += l.stats.timeouts.load(Ordering::Relaxed);
+            h.dropped += l.stats.dropped.load(Ordering::Relaxed);
+            h.rtt_us = h.rtt_us.max(l.stats.rtt_us.load(Ordering::Relaxed));
         }
-        let state = if up == self.links.len() {
+        h.state = if h.connections_up == h.connections {
             "up"
-        } else if up > 0 {
+        } else if h.connections_up > 0 {
             "degraded"
         } else {
             worst
-        };
-        let mut s = format!(
-            "{} {state} connections {up}/{} inflight {inflight} reconnects {reconnects} \
-             timeouts {timeouts} dropped {dropped} rtt {rtt}us",
-            self.uri,
-            self.links.len()
-        );
-        if let Some(e) = last {
-            s.push_str(&format!(" last-error \"{}\"", e.replace('"', "'")));
         }
-        s
+        .to_string();
+        h
+    }
+
+    /// One status line: state, server, connections, in flight, reconnects, timeouts,
+    /// dropped connections, round-trip time and the last error.
+    pub fn status_line(&self) -> String {
+        self.health().line(&self.uri.to_string())
     }
 
     fn pick(&self) -> &Arc<Link> {
