@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod netns;
+
 /// Path of the built `volmgr` binary (same profile as this test).
 pub fn volmgr_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

@@ -79,11 +79,8 @@ fn nbdkit_memory_matches_a_model() {
     let mut b = [0u8; 7];
     read_blocking(&*d, Bytes(1000), &mut b).unwrap();
     assert_eq!(&b[1..6], b"hello");
-    assert!(
-        d.status().contains(" up connections 1/1 "),
-        "{}",
-        d.status()
-    );
+    assert!(d.status().contains(" connections 1/1 "), "{}", d.status());
+    assert_eq!(d.health().state, "up");
 }
 
 #[test]

@@ -417,3 +417,63 @@ fn garbage_session(s: &mut std::net::TcpStream) -> std::io::Result<()> {
         s.write_all(&[0xeeu8; 40])?;
     }
 }
+
+#[test]
+fn raid1_leg_on_a_host_cut_off_degrades_without_a_client_error_and_rebuilds() {
+    require_root();
+    require_tools(&["nbdkit", "qemu-io", "nft"]);
+    let dir = tmp("remote-netcut-");
+    let p = dir.path();
+    let d = DaemonProc::start(&p.join("state"));
+    let mut host = netns::NetHost::new();
+    let local = p.join("local.img");
+    let remote = p.join("remote.img");
+    sparse_file(&local, 32 << 20).unwrap();
+    sparse_file(&remote, 32 << 20).unwrap();
+    let file_arg = format!("file={}", remote.display());
+    let addr = host.addr.clone();
+    host.spawn(
+        "nbdkit",
+        &["-f", "-i", &addr, "-p", "10809", "file", &file_arg],
+    );
+    host.wait_port(10809);
+    let ruri = format!("nbd://{addr}/?timeout=1&reconnect-delay=2&connect-timeout=1");
+    let t = table(
+        p,
+        "r1",
+        &format!(
+            "0 61440 raid raid1 3 0 region_size 1024 2 - {} - {ruri}\n",
+            local.display()
+        ),
+    );
+    let port = d.create_nbd("r1", Path::new(&t));
+    let uri = format!("nbd://127.0.0.1:{port}/r1");
+    wait_status(&d, "r1", " AA ", 60);
+    qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]);
+
+    // Every packet to the host is dropped: its requests hang, time out, the link fails after
+    // reconnect-delay, the raid fails the leg; the client sees only a pause.
+    host.blackhole();
+    let t0 = Instant::now();
+    qemu_io(&uri, &["write -P 0x22 1M 1M", "flush", "read -P 0x11 0 1M"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "writes stalled {:?}",
+        t0.elapsed()
+    );
+    wait_status(&d, "r1", " AD ", 30);
+    let st = d.ok(&["dev", "status", "r1"]);
+    assert!(!st.contains(" timeouts 0 "), "{st}");
+
+    // The host is back: the extent reconnects; rebuild onto it.
+    host.restore();
+    wait_status(&d, "r1", " up server", 30);
+    d.ok(&["dev", "message", "r1", "rebuild", "1", &ruri]);
+    wait_status(&d, "r1", " AA ", 120);
+    qemu_io(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
+    let r = read_all(&remote).unwrap();
+    assert!(
+        r[(1 << 20)..(2 << 20)].iter().all(|&b| b == 0x22),
+        "not rebuilt"
+    );
+}
