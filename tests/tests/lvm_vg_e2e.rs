@@ -552,3 +552,200 @@ fn a_device_that_cannot_be_written_among_those_scanned_does_not_stop_a_write() {
     e.vgck_clean("vgw");
     assert_eq!(e.vg_of(l1), "vgw");
 }
+
+/// A PV seen twice (a disk cloned with `cp`): reports warn naming the PV and both devices and
+/// list the PV once; every verb that would write to the VG's PVs, and activation, is refused
+/// naming both devices, as lvm2 2.03 refuses them ("Cannot update volume group ... with
+/// duplicate PV devices", "Cannot activate LVs in VG ... while PVs appear on duplicate
+/// devices"); nothing is written to any of the three files. Deactivation and reports still
+/// work, and without the copy the VG is used as before.
+#[test]
+fn a_pv_on_two_devices_is_reported_and_nothing_writes_to_or_activates_the_vg() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    let (a, b, c, d) = (file("a.img"), file("b.img"), file("c.img"), file("d.img"));
+    for f in [&a, &b, &d] {
+        std::fs::File::create(f)
+            .and_then(|f| f.set_len(64 << 20))
+            .unwrap();
+    }
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // A daemon, so that an activation that was not refused would succeed.
+    let dm = DaemonProc::start(&state);
+    let two = format!("{a},{b}");
+    let on = |devices: &str, args: &[&str]| {
+        let mut v = args.to_vec();
+        v.extend_from_slice(&["--devices", devices]);
+        dm.vm(&v)
+    };
+    let ok = |devices: &str, args: &[&str]| {
+        let o = on(devices, args);
+        assert!(
+            o.status.success(),
+            "volmgr {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    ok(&two, &["vgcreate", "-s", "1m", "vgdup", &a, &b]);
+    ok(&two, &["lvcreate", "-an", "-L", "8m", "-n", "lv", "vgdup"]);
+    let backup = file("vgdup.vg");
+    ok(&two, &["vgcfgbackup", "-f", &backup, "vgdup"]);
+    let uuid = ok(&two, &["pvs", "--noheadings", "-o", "pv_uuid", &a])
+        .trim()
+        .to_string();
+    assert_eq!(uuid.len(), 38, "PV uuid of {a}: '{uuid}'");
+    let cp = Command::new("cp")
+        .args(["--sparse=always", &a, &c])
+        .status()
+        .unwrap();
+    assert!(cp.success(), "cp {a} {c}");
+    let all = format!("{a},{b},{c},{d}");
+    let names_both = |text: &str| text.contains(&uuid) && text.contains(&a) && text.contains(&c);
+
+    // Reports: a warning naming the PV and both devices; the PV once, on the device used.
+    let o = on(&all, &["pvs", "--noheadings", "-o", "pv_name,vg_name"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success() && names_both(&err), "pvs: {out}{err}");
+    let rows: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(rows, [format!("{a} vgdup"), format!("{b} vgdup")], "pvs");
+    let o = on(
+        &all,
+        &["vgs", "--noheadings", "-o", "vg_name,pv_count,lv_count"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && names_both(&err), "vgs: {err}");
+    let row: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(row, ["vgdup", "2", "1"], "vgs");
+
+    // Each file's bytes and modification time: a write of bytes already there (zeroing free
+    // extents) shows too.
+    let sums = || -> Vec<(Vec<u8>, std::time::SystemTime)> {
+        [&a, &b, &c, &d]
+            .map(|f| {
+                let m = std::fs::metadata(f).and_then(|m| m.modified()).unwrap();
+                (std::fs::read(f).unwrap(), m)
+            })
+            .into()
+    };
+    let before = sums();
+    let nbd = ["--nbd", "127.0.0.1:0"];
+    let refused: &[(&[&str], &str)] = &[
+        (
+            &["lvchange", "-ay", "vgdup/lv", nbd[0], nbd[1]],
+            "Cannot activate LVs in VG vgdup",
+        ),
+        (
+            &["vgchange", "-ay", "vgdup", nbd[0], nbd[1]],
+            "Cannot activate LVs in VG vgdup",
+        ),
+        (
+            &["vgchange", "-ay", nbd[0], nbd[1]],
+            "Cannot activate LVs in VG vgdup",
+        ),
+        (
+            &["lvcreate", "-L", "4m", "-n", "new", "vgdup", nbd[0], nbd[1]],
+            "Cannot update",
+        ),
+        (
+            &["lvextend", "-L", "+4m", "vgdup/lv"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["lvreduce", "-y", "-L", "4m", "vgdup/lv"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["lvrename", "vgdup", "lv", "lv2"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["lvconvert", "-y", "-m", "1", "vgdup/lv"],
+            "Cannot update volume group vgdup",
+        ),
+        (&["pvmove", &a], "Cannot update volume group vgdup"),
+        (
+            &["lvremove", "-y", "vgdup/lv"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["vgextend", "vgdup", &d],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["vgreduce", "vgdup", &b],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["vgrename", "vgdup", "vgnew"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["vgck", "--updatemetadata", "vgdup"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["vgcfgrestore", "-f", &backup, "vgdup"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["vgremove", "-ff", "-y", "vgdup"],
+            "Cannot update volume group vgdup",
+        ),
+        (
+            &["pvresize", &c],
+            &format!("Cannot use device {c} with duplicates"),
+        ),
+        (
+            &["pvremove", "-ff", "-y", &c],
+            &format!("Cannot use device {c} with duplicates"),
+        ),
+        (
+            &["pvcreate", "-ff", "-y", &c],
+            &format!("Cannot use device {c} with duplicates"),
+        ),
+        (
+            &["vgcreate", "vgc", &c],
+            &format!("Cannot use device {c} with duplicates"),
+        ),
+    ];
+    for (args, why) in refused {
+        let o = on(&all, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(why) && names_both(&err),
+            "volmgr {args:?} with {uuid} on {a} and {c} must be refused naming both ({why}): \
+             exit {:?}\n{}{err}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert!(
+            sums() == before,
+            "volmgr {args:?} wrote to a device although it was refused"
+        );
+    }
+    assert!(
+        !dm.ok(&["dev", "list"]).contains("vgdup"),
+        "an LV of vgdup is active"
+    );
+    // Taking things down is not refused.
+    ok(&all, &["vgchange", "-an", "vgdup"]);
+    assert!(sums() == before, "vgchange -an wrote to a device");
+
+    // Without the copy, the same VG activates and changes.
+    ok(&two, &["lvchange", "-ay", "vgdup/lv", nbd[0], nbd[1]]);
+    ok(&two, &["lvextend", "-L", "+4m", "vgdup/lv"]);
+    assert!(dm.ok(&["dev", "list"]).contains("vgdup-lv"));
+    ok(&two, &["vgchange", "-an", "vgdup"]);
+    assert!(
+        sums()[2] == before[2],
+        "the copy changed although it was never given"
+    );
+}

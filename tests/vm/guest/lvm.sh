@@ -5,11 +5,13 @@
 # active, so lvm2 zeroes and activates as in production) is activated by volmgr as
 # /dev/VG/LV -> /dev/ublkbN. Then the protection: with a volmgr raid1 LV in the VG, lvm2's
 # lvchange -ay / lvcreate / vgextend are refused and change nothing of ours. Then lvextend -r,
-# lvreduce -r, and pvmove under a written ext4 with a kill -9 of the daemon mid-move.
+# lvreduce -r, and pvmove under a written ext4 with a kill -9 of the daemon mid-move. Last,
+# discovery: an lvm2 VG on a loop device is listed (vgs/lvs/pvs) and activated by volmgr with
+# no --devices and no devices file, and reads back the bytes written where lvm2 put the LV.
 #
 # Usage: lvm.sh VOLMGR_BINARY   (run by tests/vm/run-vm.sh through all.sh)
 # vm-modules: ublk_drv ext4 dm-mod loop
-# vm-checks: 54
+# vm-checks: 64
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/daemon-lib.sh"
 
@@ -24,8 +26,9 @@ rm -rf $W $VOLMGR_STATE_DIR; mkdir -p $W/etc $M $VOLMGR_STATE_DIR
 DLOG=$W/daemon.log
 
 LOOPS=()
-for i in 0 1 2 3 4; do
-  truncate -s 160M $W/d$i
+# d5: 64 MiB, for the discovery step (an lvm2 VG found with no device hints).
+for i in 0 1 2 3 4 5; do
+  if [ $i = 5 ]; then truncate -s 64M $W/d$i; else truncate -s 160M $W/d$i; fi
   LOOPS+=("$(losetup -f --show $W/d$i)")
 done
 A="${LOOPS[0]},${LOOPS[1]},${LOOPS[2]}"
@@ -190,6 +193,48 @@ check lvm-type-snap bash -c "set -e; '$VOLMGR' lvcreate -s vgf/thin -n snap --de
   (cd $W/mf && sha256sum --quiet -c $W/thin.sum); umount $W/mf"
 expect_eq lvm-files-all-active "$(v lvs --noheadings -o lv_attr vgf --devices $FD | grep -c -- '-a-')" 8
 check lvm-files-deactivate v vgchange -an vgf --devices $FD
+
+step "discovery: a VG lvm2 wrote on a loop device, found with no --devices and no devices file"
+# What this step must not be given: a devices list (option or file). The guest's / is the
+# host's, read-only: a devices file there is pointed away from (a path that does not exist is
+# no devices file, as with lvm2's use_devicesfile=0).
+unset VOLMGR_LVM_DEVICESFILE
+if [ -e /etc/volmgr/lvm-devices ]; then
+  echo "  /etc/volmgr/lvm-devices exists on this host: using none instead"
+  export VOLMGR_LVM_DEVICESFILE=$W/no-devices-file
+fi
+L=${LOOPS[5]}
+check lvm-disc-lvm2-vg bash -c "set -e; lvm pvcreate -q $L; lvm vgcreate -q -s 4m vgdisc $L
+  lvm lvcreate -q -an -Zn -y -l 1 -n pad vgdisc; lvm lvcreate -q -an -Zn -y -L 16m -n data vgdisc"
+# lvm2's side: 16 MiB of data where lvm2 says the LV is (pe_start + first PE * 4 MiB).
+pe_start=$(lvm pvs --noheadings --units b --nosuffix -o pe_start $L | tr -d ' ')
+range=$(lvm lvs --noheadings -o seg_pe_ranges vgdisc/data | tr -d ' ')   # /dev/loopN:1-4
+pe=${range##*:}; pe=${pe%%-*}
+head -c 16M /dev/urandom > $W/disc.data
+check lvm-disc-lvm2-bytes dd if=$W/disc.data of=$L bs=1M seek=$(( pe_start + pe * 4194304 )) \
+  oflag=direct,seek_bytes conv=notrunc status=none
+# volmgr finds it by scanning the machine's block devices: same names, sizes and PV path as
+# lvm2 reports (15 extents of 4 MiB on a 64 MiB device; the LV 16 MiB on PE 1-4 of $L).
+norm() { tr -s ' ' | sed 's/^ //; s/ $//'; }
+got=$(v vgs --noheadings --units b --nosuffix -o vg_name,pv_count,lv_count,vg_size,vg_free vgdisc | norm)
+expect_eq lvm-disc-vgs "$got" "vgdisc 1 2 62914560 41943040"
+got=$(v lvs --noheadings --units b --nosuffix -o lv_name,lv_size,devices vgdisc/data | norm)
+expect_eq lvm-disc-lvs "$got" "data 16777216 $L($pe)"
+got=$(v pvs --noheadings --units b --nosuffix -o pv_name,vg_name,pv_size,pv_free | norm | grep ' vgdisc ')
+expect_eq lvm-disc-pvs "$got" "$L vgdisc 62914560 41943040"
+expect_eq lvm-disc-lvm2-agrees \
+  "$(lvm lvs --noheadings --units b --nosuffix -o lv_name,lv_size,devices vgdisc/data | norm)" \
+  "data 16777216 $L($pe)"
+# Activated with no device hints: /dev/vgdisc/data reads the bytes lvm2's layout holds.
+check lvm-disc-activate v lvchange -ay vgdisc/data
+if [ -L /dev/vgdisc/data ] && wait_for -b /dev/vgdisc/data 10; then
+  expect_eq lvm-disc-reads-lvm2-bytes \
+    "$(dd if=/dev/vgdisc/data bs=1M iflag=direct status=none | sha256sum)" \
+    "$(sha256sum < $W/disc.data)"
+else fail lvm-disc-reads-lvm2-bytes "no /dev/vgdisc/data: $(ls -l /dev/vgdisc 2>&1 | tr '\n' ' ')"; fi
+check lvm-disc-deactivate v vgchange -an vgdisc
+check lvm-disc-lvm2-vgchange-an lvm vgchange -an vgdisc
+unset VOLMGR_LVM_DEVICESFILE
 
 step "clean up"
 v lvremove -y vga/r1 --devices $A >/dev/null

@@ -16,7 +16,7 @@ use lvm::activate::{dm_name, lv_table, MissingPvs};
 use lvm::{LogicalVolume, VolumeGroup};
 use ublk_target::control::{DeviceInfo, NbdOverrides, Reply, Request};
 
-use super::scan::Scan;
+use super::scan::{DuplicateUse, Scan};
 use super::DeviceArgs;
 use crate::client::{call, expect_text, StateDir};
 
@@ -335,6 +335,7 @@ pub fn activate_one(
     sd: &StateDir,
     running: &HashMap<String, DeviceInfo>,
 ) -> Result<()> {
+    scan.refuse_duplicates(vg, DuplicateUse::Activate)?;
     let name = dm_name(&vg.name, &lv.name);
     let table = table_of(scan, vg, lv, missing)?;
     if let Some(d) = running.get(&name) {

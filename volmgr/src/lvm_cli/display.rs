@@ -177,7 +177,7 @@ fn pv_views<'a>(scan: &'a Scan, only: &[PathBuf]) -> Vec<PvView<'a>> {
     }
     for (i, d) in scan.report.devices.iter().enumerate() {
         let Some(l) = &d.label else { continue };
-        if !wanted(i) || scan.vg_of_pv(&l.pv_uuid).is_some() {
+        if !wanted(i) || scan.vg_of_pv(&l.pv_uuid).is_some() || scan.is_unused_duplicate(i) {
             continue;
         }
         out.push(PvView {

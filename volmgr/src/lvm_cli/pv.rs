@@ -120,6 +120,7 @@ pub fn pvcreate(a: PvcreateArgs) -> Result<()> {
     let devices = absolute(&a.pvs);
     let scan = Scan::run(&a.dev)?;
     for p in &devices {
+        scan.refuse_duplicate_device(p)?;
         if let Some(i) = scan.device_index(p) {
             if let Some(l) = &scan.report.devices[i].label {
                 if let Some(vg) = scan.vg_of_pv(&l.pv_uuid) {
@@ -161,6 +162,10 @@ pub fn pvcreate(a: PvcreateArgs) -> Result<()> {
 pub fn pvremove(a: PvremoveArgs) -> Result<()> {
     let devices = absolute(&a.pvs);
     let scan = Scan::run(&a.dev)?;
+    // Before any label is wiped.
+    for p in &devices {
+        scan.refuse_duplicate_device(p)?;
+    }
     for p in &devices {
         let label = scan
             .device_index(p)
@@ -222,6 +227,7 @@ fn resize(a: &PvresizeArgs) -> Result<()> {
 fn resize_one(a: &PvresizeArgs, p: &std::path::Path, size: Option<tables::Bytes>) -> Result<()> {
     let scan = Scan::run_writable(&a.dev)?;
     let shown = p.display();
+    scan.refuse_duplicate_device(p)?;
     let i = scan
         .device_index(p)
         .filter(|&i| scan.report.devices[i].label.is_some())
@@ -344,6 +350,10 @@ pub fn pvs(a: PvsArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (i, d) in scan.report.devices.iter().enumerate() {
         let Some(l) = &d.label else { continue };
+        // The copy of a PV seen twice that is not used (the warning names it).
+        if scan.is_unused_duplicate(i) {
+            continue;
+        }
         let path = &scan.paths[i];
         if !only.is_empty() && !only.iter().any(|p| scan.device_index(p) == Some(i)) {
             continue;

@@ -2,13 +2,16 @@
 //! PV, which VG a PV belongs to, free extents, warnings about what the scan found wrong.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use lvm::scan::{ScanReport, ScannedVg};
+use anyhow::{bail, Context, Result};
+use lvm::scan::{Problem, ScanReport, ScannedVg};
 use lvm::{SegmentKind, Uuid, VolumeGroup};
 
 use super::DeviceArgs;
+
+/// What an administrator does about a PV on two devices.
+const DUPLICATE_HINT: &str = "leave all but one of them out of --devices or the devices file";
 
 /// A scan and the paths of its devices (same order as `report.devices`).
 pub struct Scan {
@@ -16,6 +19,17 @@ pub struct Scan {
     pub report: ScanReport,
     /// Device paths.
     pub paths: Vec<PathBuf>,
+    /// Opened for a verb that writes: [`Scan::vg`] refuses a VG with a PV on two devices.
+    writable: bool,
+}
+
+/// What a VG with a PV seen on more than one device is refused for (lvm2's two messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DuplicateUse {
+    /// Writing its metadata, or anything else on its PVs.
+    Update,
+    /// Activating its LVs.
+    Activate,
 }
 
 impl Scan {
@@ -39,12 +53,17 @@ impl Scan {
     pub fn run(args: &DeviceArgs) -> Result<Scan> {
         let paths = Scan::openable(args)?;
         let report = lvm::scan::scan_paths(&paths).context("scanning for PVs")?;
-        Ok(Scan { report, paths })
+        Ok(Scan {
+            report,
+            paths,
+            writable: false,
+        })
     }
 
     /// As [`Scan::run`], with the devices opened writable, for a verb that commits a new
     /// version of a VG (the commit writes through the scan's devices, and refuses if a
     /// metadata area changed since this scan: two commands racing on one VG cannot both win).
+    /// Its [`Scan::vg`] refuses a VG with a PV on two devices, before the verb writes anything.
     pub fn run_writable(args: &DeviceArgs) -> Result<Scan> {
         Scan::writable_paths(Scan::openable(args)?)
     }
@@ -63,6 +82,7 @@ impl Scan {
         Ok(Scan {
             report: lvm::scan::scan(&devs),
             paths,
+            writable: true,
         })
     }
 
@@ -87,11 +107,80 @@ impl Scan {
         }
     }
 
-    /// The VG named `name`, or an error naming it.
+    /// The VG named `name`, or an error naming it. From a writable scan, a VG with a PV on
+    /// more than one device is an error too (see [`Scan::refuse_duplicates`]).
     pub fn vg(&self, name: &str) -> Result<&ScannedVg> {
-        self.report
+        let vg = self
+            .report
             .vg(name)
-            .ok_or_else(|| anyhow::anyhow!("Volume group \"{name}\" not found"))
+            .ok_or_else(|| anyhow::anyhow!("Volume group \"{name}\" not found"))?;
+        if self.writable {
+            self.refuse_duplicates(&vg.metadata.vg, DuplicateUse::Update)?;
+        }
+        Ok(vg)
+    }
+
+    /// "PV U is on A and B" for each PV `wanted` says the scan found on several devices.
+    fn duplicates(&self, wanted: impl Fn(&Uuid) -> bool) -> Vec<String> {
+        self.report
+            .problems
+            .iter()
+            .filter_map(|p| match p {
+                Problem::DuplicatePv { id, devices } if wanted(id) => {
+                    Some(format!("PV {id} is on {}", devices.join(" and ")))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Refuses `what` on `vg` when one of its PVs is on more than one device (a cloned disk,
+    /// a disk seen through two paths), as lvm2 refuses both: which copy is the PV cannot be
+    /// told, and writing one would make the copies differ. The error names the VG, the PV and
+    /// every device carrying it.
+    pub fn refuse_duplicates(&self, vg: &VolumeGroup, what: DuplicateUse) -> Result<()> {
+        let dups = self.duplicates(|id| vg.pv_by_id(id).is_some());
+        if dups.is_empty() {
+            return Ok(());
+        }
+        let name = &vg.name;
+        let head = match what {
+            DuplicateUse::Update => {
+                format!("Cannot update volume group {name} with duplicate PV devices")
+            }
+            DuplicateUse::Activate => {
+                format!("Cannot activate LVs in VG {name} while PVs appear on duplicate devices")
+            }
+        };
+        bail!("{head}: {} ({DUPLICATE_HINT})", dups.join("; "))
+    }
+
+    /// Refuses to write to the PV on `path` when its PV uuid is on more than one device.
+    pub fn refuse_duplicate_device(&self, path: &Path) -> Result<()> {
+        let Some(i) = self.device_index(path) else {
+            return Ok(());
+        };
+        let Some(l) = &self.report.devices[i].label else {
+            return Ok(());
+        };
+        let dups = self.duplicates(|id| id == &l.pv_uuid);
+        if dups.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "Cannot use device {} with duplicates: {} ({DUPLICATE_HINT})",
+            path.display(),
+            dups.join("; ")
+        )
+    }
+
+    /// Whether device `i` carries a PV the scan found first on another device: a copy that
+    /// is not used (reports leave it out, as lvm2 does).
+    pub fn is_unused_duplicate(&self, i: usize) -> bool {
+        self.report.devices[i]
+            .label
+            .as_ref()
+            .is_some_and(|l| self.report.device_of_pv(&l.pv_uuid) != Some(i))
     }
 
     /// The path of the device carrying the PV `id`.

@@ -16,7 +16,7 @@ use ublk_target::control::DeviceInfo;
 
 use super::activate::daemon_devices;
 use super::report::{Field, Kind, Value};
-use super::scan::{free_extents, Scan};
+use super::scan::{free_extents, DuplicateUse, Scan};
 use super::{absolute, parse_lvm_size, Confirm, DeviceArgs, ReportArgs};
 use crate::client::StateDir;
 
@@ -227,6 +227,10 @@ pub fn vgcreate(a: VgcreateArgs) -> Result<()> {
     }
     let mut devs = Vec::new();
     let mut entries = Vec::new();
+    // Before anything is written to any of them.
+    for p in &pvs {
+        scan.refuse_duplicate_device(p)?;
+    }
     for (i, p) in pvs.iter().enumerate() {
         let dev = open_rw(p)?;
         let label = match scan
@@ -278,6 +282,8 @@ pub fn vgremove(a: VgremoveArgs) -> Result<()> {
     let scan = Scan::run(&a.dev)?;
     for name in &a.vgs {
         let vg = scan.vg(name)?;
+        // Orphaning one copy of a PV would leave the VG on the other.
+        scan.refuse_duplicates(&vg.metadata.vg, DuplicateUse::Update)?;
         let lvs = vg.metadata.vg.logical_volumes.len();
         if lvs > 0 && a.confirm.force == 0 {
             bail!(
@@ -328,6 +334,7 @@ fn extend(a: &VgextendArgs) -> Result<()> {
     let mut fresh = Vec::new();
     for p in &pvs {
         let shown = p.display();
+        scan.refuse_duplicate_device(p)?;
         match label_at(&scan, p) {
             Some((_, l)) => {
                 if sv.metadata.vg.pv_by_id(&l.pv_uuid).is_some() {
@@ -567,6 +574,7 @@ fn rename(a: &VgrenameArgs) -> Result<()> {
     let scan = Scan::run_writable(&a.dev)?;
     let sv = lvm::vgrename::find_vg(&scan.report, &a.old)
         .ok_or_else(|| anyhow!("Volume group \"{}\" not found", a.old))?;
+    scan.refuse_duplicates(&sv.metadata.vg, DuplicateUse::Update)?;
     let dir = super::display::dev_dir();
     lvm::vgrename::check_new_name(&scan.report, sv, &a.new, &dir)?;
     let path = format!("{dir}{}", a.new);
@@ -615,6 +623,7 @@ fn cfgrestore(a: &VgcfgrestoreArgs) -> Result<()> {
         bail!("{} holds VG {}, not {}", a.file.display(), md.vg.name, a.vg);
     }
     let scan = Scan::run_writable(&a.dev)?;
+    scan.refuse_duplicates(&md.vg, DuplicateUse::Update)?;
     // LVs active under this name: what the backup has and what the disks have.
     let mut names: Vec<&str> = md
         .vg
@@ -623,6 +632,7 @@ fn cfgrestore(a: &VgcfgrestoreArgs) -> Result<()> {
         .map(|l| l.name.as_str())
         .collect();
     if let Some(cur) = scan.report.vg(&a.vg) {
+        scan.refuse_duplicates(&cur.metadata.vg, DuplicateUse::Update)?;
         names.extend(
             cur.metadata
                 .vg
@@ -889,6 +899,15 @@ fn update_metadata(a: &VgckArgs) -> Result<()> {
             rescanned = Scan::run_writable(&a.dev)?;
             &rescanned
         };
+        let checked = match now.report.vg_by_id(id) {
+            Some(v) => now.refuse_duplicates(&v.metadata.vg, DuplicateUse::Update),
+            None => Ok(()),
+        };
+        if let Err(e) = checked {
+            failed += 1;
+            eprintln!("  {name}: {e:#}");
+            continue;
+        }
         match lvm::repair::update_metadata(&now.report, id, &desc) {
             Ok(up) => {
                 for (dev, area) in &up.committed.skipped {
