@@ -1017,6 +1017,26 @@ fn lvreduce_and_lvresize_shrink_what_lvm2_then_reads() {
     // -r needs the LV as a local block device here (NBD only on this host).
     let e = vm_err(&d, &devices, &["lvreduce", "-r", "-L", "8m", "vgs/lv"]);
     assert!(e.contains("-r needs"), "{e}");
+    // vgremove leaves no LV serving extents it frees: refused without -f, and with -f the
+    // active LV is deactivated first.
+    let e = vm_err(&d, &devices, &["vgremove", "vgs"]);
+    assert!(e.contains("still contains"), "{e}");
+    assert!(
+        d.ok(&["dev", "list"]).contains("vgs-lv"),
+        "still active after a refusal"
+    );
+    vm_on(&d, &devices, &["vgremove", "-f", "vgs"]);
+    assert!(!d.ok(&["dev", "list"]).contains("vgs-lv"), "left active");
+    let o = Command::new(e2e::volmgr_bin())
+        .args(["lvs", "--devices", &devices, "vgs"])
+        .env("VOLMGR_STATE_DIR", &d.state)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "lvm2's exit status for a failed command"
+    );
 }
 
 #[test]

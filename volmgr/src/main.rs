@@ -110,6 +110,17 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
+    // lvm2 exits 5 when a command fails; so do our LVM verbs.
+    let lvm_verb = !matches!(
+        cli.cmd,
+        Cmd::Table(_)
+            | Cmd::Serve(_)
+            | Cmd::Daemon(_)
+            | Cmd::Dev(_)
+            | Cmd::Pool(_)
+            | Cmd::Completions(_)
+            | Cmd::Manpages(_)
+    );
     let r = match cli.cmd {
         Cmd::Table(c) => table_cmd::run(c),
         Cmd::Serve(a) => serve::run(a),
@@ -150,9 +161,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("volmgr: {e:#}");
-            // The LVM verbs exit as lvm2 does (5 for a failed command).
+            // The LVM verbs exit as lvm2 does (5 for a failed command, or what the verb says).
+            let fallback = if lvm_verb {
+                ExitCode::from(5)
+            } else {
+                ExitCode::FAILURE
+            };
             e.downcast_ref::<lvm_cli::vg::LvmStatus>()
-                .map_or(ExitCode::FAILURE, |s| ExitCode::from(s.code))
+                .map_or(fallback, |s| ExitCode::from(s.code))
         }
     }
 }

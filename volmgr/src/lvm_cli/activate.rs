@@ -215,6 +215,27 @@ fn change(
     Ok(())
 }
 
+/// The visible LVs of `vg` that are active on the daemon.
+pub fn active_lvs<'a>(vg: &'a VolumeGroup, sd: &StateDir) -> Vec<&'a LogicalVolume> {
+    let running = daemon_devices(sd);
+    vg.logical_volumes
+        .iter()
+        .filter(|l| l.status.has("VISIBLE") && running.contains_key(&dm_name(&vg.name, &l.name)))
+        .collect()
+}
+
+/// Deactivates every active LV of `vg` (users before what they are built on).
+pub fn deactivate_vg(vg: &VolumeGroup, sd: &StateDir) -> Result<()> {
+    let mut lvs = active_lvs(vg, sd);
+    lvs.sort_by_key(|l| lvm::activate::is_internal(l));
+    for lv in lvs {
+        let running = daemon_devices(sd);
+        deactivate_one(vg, lv, sd, &running)
+            .with_context(|| format!("{}/{}: deactivating", vg.name, lv.name))?;
+    }
+    Ok(())
+}
+
 /// How deep LVs may stack on LVs (thin on pool on sub-LVs is 2): crafted metadata whose LVs
 /// name each other in a loop stops here instead of recursing forever.
 const MAX_STACK: usize = 8;

@@ -449,5 +449,6 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
             "devices" => Value::Text(r.devices.clone()),
             _ => Value::Text(String::new()),
         }
-    })
+    })?;
+    super::refuse_unknown_names(&a.names, &scan)
 }

@@ -89,8 +89,43 @@ impl ReportArgs {
             .iter()
             .map(|it| cols.iter().map(|c| row(it, c.name)).collect())
             .collect();
-        print!("{}", report::render(object, &cols, &rows, &self.style()?));
+        let style = self.style()?;
+        // lvm2 prints nothing at all, not even headings, for a report with no rows.
+        if !rows.is_empty() || style.json {
+            print!("{}", report::render(object, &cols, &rows, &style));
+        }
         Ok(())
+    }
+}
+
+/// Reports the names among `names` (VGs, or VG/LV) that name nothing the scan found, as lvm2
+/// does ("Volume group ... not found", "Failed to find logical volume ..."), and fails (exit
+/// status 5) if there is any.
+pub fn refuse_unknown_names(names: &[String], scan: &scan::Scan) -> Result<()> {
+    let mut unknown = Vec::new();
+    for n in names {
+        let s = n.strip_prefix("/dev/").unwrap_or(n);
+        let (vg, lv) = match s.split_once('/') {
+            Some((v, l)) => (v, Some(l)),
+            None => (s, None),
+        };
+        match scan.report.vgs.iter().find(|v| v.name() == vg) {
+            None => {
+                eprintln!("  Volume group \"{vg}\" not found");
+                eprintln!("  Cannot process volume group {vg}");
+                unknown.push(n.as_str());
+            }
+            Some(v) if lv.is_some_and(|l| v.metadata.vg.lv(l).is_none()) => {
+                eprintln!("  Failed to find logical volume \"{s}\"");
+                unknown.push(n.as_str());
+            }
+            Some(_) => {}
+        }
+    }
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("not found: {}", unknown.join(", "))
     }
 }
 

@@ -94,6 +94,8 @@ pub struct VgremoveArgs {
     confirm: Confirm,
     #[command(flatten)]
     dev: DeviceArgs,
+    #[command(flatten)]
+    sd: StateDir,
 }
 
 #[derive(Args)]
@@ -294,6 +296,9 @@ pub fn vgremove(a: VgremoveArgs) -> Result<()> {
         if !vg.is_consistent() && a.confirm.force == 0 {
             bail!("Volume group \"{name}\" has problems (run vgck): add -f to remove it anyway");
         }
+        // With -f the LVs go with the VG: active ones are deactivated first, never left
+        // serving extents that become free.
+        super::activate::deactivate_vg(&vg.metadata.vg, &a.sd)?;
         // Every PV of the VG becomes an orphan: empty metadata area headers, then the label
         // without its "used" flag (lvm2's order).
         for pv in &vg.pvs {
@@ -772,11 +777,6 @@ pub fn vgs(a: VgsArgs) -> Result<()> {
         .iter()
         .filter(|v| a.vgs.is_empty() || a.vgs.iter().any(|n| n == v.name()))
         .collect();
-    for n in &a.vgs {
-        if !vgs.iter().any(|v| v.name() == n) {
-            eprintln!("  Volume group \"{n}\" not found");
-        }
-    }
     vgs.sort_by(|x, y| x.name().cmp(y.name()));
     a.report.print("vg", VG_FIELDS, VG_DEFAULT, &vgs, |sv, f| {
         let v = &sv.metadata.vg;
@@ -817,7 +817,8 @@ pub fn vgs(a: VgsArgs) -> Result<()> {
             "vg_mda_count" => Value::Number((sv.current.len() + sv.stale.len()) as u64),
             _ => Value::Empty,
         }
-    })
+    })?;
+    super::refuse_unknown_names(&a.vgs, &scan)
 }
 
 /// `vgck`: every copy of every VG's metadata read and compared; exit 5 on any problem. With
