@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -373,4 +374,94 @@ fn garbage_from_a_server_drops_the_connection_and_spares_others() {
         // The good export is untouched.
         write_blocking(&*good, Bytes(0), &b, WriteFlags::default()).unwrap();
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 in `dir` (nbdkit's and qemu's file names).
+fn make_certs(dir: &Path, cn: &str) {
+    require_tool("openssl");
+    let sh = |script: &str| {
+        let o = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN={cn} 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout server-key.pem -out server.csr -subj /CN=127.0.0.1 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth\\n' > ext && \
+         openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+         -out server-cert.pem -days 2 -extfile ext 2>/dev/null && chmod 600 server-key.pem"
+    ));
+}
+
+fn open_err(uri: &str) -> String {
+    match FileResolver::default().open(uri) {
+        Ok(_) => panic!("{uri} opened"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn tls_to_nbdkit_that_requires_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    make_certs(&pki, "volmgr-test-ca");
+    let port = free_port();
+    let certs = format!("--tls-certificates={}", pki.display());
+    let _s = Server::nbdkit(port, &["--tls=require", &certs, "memory", "16M"]);
+    let d = open(&format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        pki.display()
+    ));
+    model_run(&*d, 11, 200, 16 << 20);
+    // A big write and read cross many TLS records.
+    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    write_blocking(&*d, Bytes(4 << 20), &big, WriteFlags::FUA).unwrap();
+    let mut back = vec![0u8; 8 << 20];
+    read_blocking(&*d, Bytes(4 << 20), &mut back).unwrap();
+    assert!(back == big, "8 MiB through TLS came back different");
+
+    // A plain client is refused by a server that requires TLS, and says so.
+    let e = open_err(&format!("nbd://127.0.0.1:{port}/"));
+    assert!(e.contains("TLS"), "{e}");
+    // A server whose certificate another CA signed is refused.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    make_certs(&other, "another-ca");
+    let e = open_err(&format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        other.display()
+    ));
+    assert!(
+        e.contains("TLS handshake") && e.contains("certificate"),
+        "{e}"
+    );
+    // A client key others can read is refused before any connection, naming the file.
+    std::fs::copy(pki.join("server-cert.pem"), other.join("client-cert.pem")).unwrap();
+    std::fs::copy(pki.join("server-key.pem"), other.join("client-key.pem")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        other.join("client-key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let e = open_err(&format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        other.display()
+    ));
+    assert!(
+        e.contains("client-key.pem") && e.contains("chmod 600"),
+        "{e}"
+    );
+    assert!(!e.contains("BEGIN"), "key material in an error: {e}");
 }

@@ -77,6 +77,12 @@ pub struct NbdUri {
     pub export: String,
     /// TLS was asked for (`nbds`).
     pub tls: bool,
+    /// Directory with the x509 files (`tls-certificates=DIR`, qemu's and libnbd's layout):
+    /// `ca-cert.pem` to verify the server, and optionally `client-cert.pem` with
+    /// `client-key.pem` (mode 0600) to prove who we are.
+    pub tls_certificates: Option<PathBuf>,
+    /// The name the server's certificate must carry (`tls-hostname=`; default: the host).
+    pub tls_hostname: Option<String>,
     /// Connection options.
     pub opts: NetOptions,
     /// The URI as given (it holds no secret), for messages.
@@ -157,10 +163,14 @@ impl NetUri {
                 }
                 let export = decode(path.strip_prefix('/').unwrap_or(path)).map_err(err)?;
                 let opts = net_options(&mut q).map_err(err)?;
+                let (tls_certificates, tls_hostname) =
+                    tls_options(&mut q, scheme == "nbds").map_err(err)?;
                 NetUri::Nbd(NbdUri {
                     addr: NbdAddr::Tcp { host, port },
                     export,
                     tls: scheme == "nbds",
+                    tls_certificates,
+                    tls_hostname,
                     opts,
                     text: dev.to_string(),
                 })
@@ -184,10 +194,14 @@ impl NetUri {
                 }
                 let export = decode(path.strip_prefix('/').unwrap_or(path)).map_err(err)?;
                 let opts = net_options(&mut q).map_err(err)?;
+                let (tls_certificates, tls_hostname) =
+                    tls_options(&mut q, scheme == "nbds+unix").map_err(err)?;
                 NetUri::Nbd(NbdUri {
                     addr: NbdAddr::Unix(socket),
                     export,
                     tls: scheme == "nbds+unix",
+                    tls_certificates,
+                    tls_hostname,
                     opts,
                     text: dev.to_string(),
                 })
@@ -397,6 +411,31 @@ fn seconds(key: &str, v: &str, min: f64) -> Result<Duration, String> {
     }
 }
 
+/// `tls-certificates=DIR` (required with TLS) and `tls-hostname=NAME`, only with TLS.
+fn tls_options(q: &mut Query, tls: bool) -> Result<(Option<PathBuf>, Option<String>), String> {
+    let dir = q.take("tls-certificates").map(|d| decode(&d)).transpose()?;
+    let host = q.take("tls-hostname").map(|h| decode(&h)).transpose()?;
+    if !tls {
+        if dir.is_some() || host.is_some() {
+            return Err("TLS options need an nbds:// URI".into());
+        }
+        return Ok((None, None));
+    }
+    let dir = dir.ok_or_else(|| {
+        "nbds:// needs tls-certificates=DIR (a directory with ca-cert.pem, and optionally \
+         client-cert.pem and client-key.pem)"
+            .to_string()
+    })?;
+    let dir = PathBuf::from(dir);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "tls-certificates={}: give an absolute path",
+            dir.display()
+        ));
+    }
+    Ok((Some(dir), host))
+}
+
 fn net_options(q: &mut Query) -> Result<NetOptions, String> {
     let mut o = NetOptions::default();
     if let Some(v) = q.take("timeout") {
@@ -440,7 +479,9 @@ mod tests {
         );
         assert_eq!(u.export, "disk");
         assert!(!u.tls);
-        let u = nbd("nbds://[::1]:1234/a%2Fb?timeout=2.5&reconnect-delay=0&connections=4");
+        let u = nbd(
+            "nbds://[::1]:1234/a%2Fb?timeout=2.5&reconnect-delay=0&connections=4&tls-certificates=/p",
+        );
         assert_eq!(
             u.addr,
             NbdAddr::Tcp {
@@ -454,9 +495,10 @@ mod tests {
         assert_eq!(u.opts.reconnect_delay, Duration::ZERO);
         assert_eq!(u.opts.connections, 4);
         assert_eq!(nbd("nbd://host").export, "");
+        assert_eq!(u.tls_certificates, Some(PathBuf::from("/p")));
         assert_eq!(
             u.to_string(),
-            "nbds://[::1]:1234/a%2Fb?timeout=2.5&reconnect-delay=0&connections=4"
+            "nbds://[::1]:1234/a%2Fb?timeout=2.5&reconnect-delay=0&connections=4&tls-certificates=/p"
         );
     }
 
@@ -502,6 +544,9 @@ mod tests {
             ("iscsi://u@h/iqn.x/0", "chap-secret-file"),
             ("nbd://h/%zz", "percent"),
             ("ftp://h/x", "unknown scheme"),
+            ("nbds://h/x", "tls-certificates=DIR"),
+            ("nbds://h/x?tls-certificates=rel", "absolute"),
+            ("nbd://h/x?tls-certificates=/p", "nbds://"),
         ] {
             let e = NetUri::parse(s).unwrap_err().to_string();
             assert!(e.contains(want), "{s}: {e}");

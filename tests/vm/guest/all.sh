@@ -7,7 +7,7 @@
 D=$(dirname "$0")
 SERVE=$1 VOLMGR=$2
 shift 2
-SCRIPTS=${*:-smoke.sh ublk-basic.sh ublk-tables.sh ublk-recovery.sh daemon.sh daemon-recovery.sh daemon-grow.sh lvm.sh}
+SCRIPTS=${*:-smoke.sh ublk-basic.sh ublk-tables.sh ublk-recovery.sh daemon.sh daemon-recovery.sh daemon-grow.sh daemon-remote.sh lvm.sh}
 # Each script declares how many checks it runs (`# vm-checks: N`, CHECK_SKIP lines count):
 # a script that stops early, or silently skips a block, fails here instead of passing with
 # fewer checks.

@@ -224,9 +224,24 @@ impl NbdExtent {
                         gen,
                         armed: true,
                     };
-                    // SAFETY: `hdr` lives in this future; `payload` is covered by our
-                    // caller's lending contract.
-                    let r = unsafe { send_all_vectored(fd.as_raw_fd(), &[&hdr, payload]) }.await;
+                    // TLS: encrypted into our own buffer first, then sent in order (we hold
+                    // the send lock).
+                    let sealed = fd
+                        .tls
+                        .as_ref()
+                        .map(|t| super::tls::seal(t, &[&hdr, payload]));
+                    let r = match &sealed {
+                        Some(Err(e)) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                        Some(Ok(bytes)) => {
+                            // SAFETY: `sealed` lives in this future.
+                            unsafe { send_all_vectored(fd.fd.as_raw_fd(), &[bytes]) }.await
+                        }
+                        None => {
+                            // SAFETY: `hdr` lives in this future; `payload` is covered by our
+                            // caller's lending contract.
+                            unsafe { send_all_vectored(fd.fd.as_raw_fd(), &[&hdr, payload]) }.await
+                        }
+                    };
                     poison.armed = false;
                     if let Err(e) = r {
                         link.kill(gen, &format!("send: {e}"));

@@ -71,6 +71,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ConnectError {
 pub(crate) struct Connected {
     pub fd: OwnedFd,
     pub info: ExportInfo,
+    /// The TLS session, for `nbds://`.
+    pub tls: Option<rustls::ClientConnection>,
 }
 
 enum Stream {
@@ -157,19 +159,57 @@ fn open_socket(addr: &NbdAddr, deadline: Instant) -> Result<Stream, ConnectError
 struct Wire<'a> {
     s: &'a mut Stream,
     deadline: Instant,
+    /// After `NBD_OPT_STARTTLS`: everything goes through this session.
+    tls: Option<rustls::ClientConnection>,
 }
 
 impl Wire<'_> {
     fn read(&mut self, buf: &mut [u8], what: &str) -> Result<(), ConnectError> {
         let left = remaining(self.deadline).map_err(io_err(what))?;
         self.s.set_timeout(Some(left)).map_err(io_err(what))?;
-        self.s.read_exact(buf).map_err(io_err(what))
+        match &mut self.tls {
+            Some(c) => rustls::Stream::new(c, &mut *self.s).read_exact(buf),
+            None => self.s.read_exact(buf),
+        }
+        .map_err(io_err(what))
     }
 
     fn write(&mut self, buf: &[u8], what: &str) -> Result<(), ConnectError> {
         let left = remaining(self.deadline).map_err(io_err(what))?;
         self.s.set_timeout(Some(left)).map_err(io_err(what))?;
-        self.s.write_all(buf).map_err(io_err(what))
+        match &mut self.tls {
+            Some(c) => rustls::Stream::new(c, &mut *self.s)
+                .write_all(buf)
+                .and_then(|()| rustls::Stream::new(c, &mut *self.s).flush()),
+            None => self.s.write_all(buf),
+        }
+        .map_err(io_err(what))
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake; from then on everything is encrypted.
+    fn start_tls(&mut self, uri: &NbdUri) -> Result<(), ConnectError> {
+        self.option(OPT_STARTTLS, &[])?;
+        let (kind, data) = self.reply(OPT_STARTTLS)?;
+        if kind != REP_ACK {
+            return Err(ConnectError::Protocol(format!(
+                "the server refused TLS: {}",
+                rep_error_text(kind, &data)
+            )));
+        }
+        let cfg = super::tls::client_config(uri).map_err(ConnectError::Protocol)?;
+        let name = super::tls::server_name(uri).map_err(ConnectError::Protocol)?;
+        let mut c = rustls::ClientConnection::new(cfg, name)
+            .map_err(|e| ConnectError::Protocol(format!("TLS: {e}")))?;
+        let what = "TLS handshake";
+        let left = remaining(self.deadline).map_err(io_err(what))?;
+        self.s.set_timeout(Some(left)).map_err(io_err(what))?;
+        while c.is_handshaking() {
+            c.complete_io(&mut *self.s).map_err(|e| {
+                ConnectError::Protocol(format!("TLS handshake with the server failed: {e}"))
+            })?;
+        }
+        self.tls = Some(c);
+        Ok(())
     }
 
     fn u16(&mut self, what: &str) -> Result<u16, ConnectError> {
@@ -229,6 +269,7 @@ fn opt_name(opt: u32) -> &'static str {
         OPT_GO => "NBD_OPT_GO",
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         OPT_ABORT => "NBD_OPT_ABORT",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
         _ => "an option",
     }
 }
@@ -239,6 +280,7 @@ fn rep_error_text(kind: u32, data: &[u8]) -> String {
         REP_ERR_POLICY => "NBD_REP_ERR_POLICY (refused by the server's policy)",
         REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
         REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN (no such export)",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD (the server requires TLS: use nbds://)",
         REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN (the server is shutting down)",
         REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
         k if k & REP_ERR != 0 => "an error",
@@ -278,20 +320,19 @@ fn check_block_sizes(min: u32, pref: u32, max: u32) -> Result<(), String> {
 
 /// Connects to `uri`'s server and negotiates its export, within `uri`'s connect-timeout.
 pub(crate) fn connect(uri: &NbdUri) -> Result<Connected, ConnectError> {
-    if uri.tls {
-        return Err(ConnectError::Protocol(
-            "TLS (nbds://) is not supported by this client yet".into(),
-        ));
-    }
     let deadline = Instant::now() + uri.opts.connect_timeout;
     let mut s = open_socket(&uri.addr, deadline)?;
-    let info = negotiate(
-        &mut Wire {
-            s: &mut s,
-            deadline,
-        },
-        &uri.export,
-    )?;
+    let mut w = Wire {
+        s: &mut s,
+        deadline,
+        tls: None,
+    };
+    let info = negotiate(&mut w, uri)?;
+    let mut tls = w.tls.take();
+    if let Some(c) = &mut tls {
+        // Whole requests are encrypted at once: no cap on what one write may queue.
+        c.set_buffer_limit(None);
+    }
     s.set_timeout(None)
         .map_err(io_err("clear the socket timeouts"))?;
     let fd = match s {
@@ -301,7 +342,7 @@ pub(crate) fn connect(uri: &NbdUri) -> Result<Connected, ConnectError> {
         }
         Stream::Unix(u) => OwnedFd::from(u),
     };
-    Ok(Connected { fd, info })
+    Ok(Connected { fd, info, tls })
 }
 
 /// TCP keepalive so an idle connection across a dead link is noticed within minutes even
@@ -330,7 +371,8 @@ fn keepalive(t: &TcpStream) {
     }
 }
 
-fn negotiate(w: &mut Wire<'_>, export: &str) -> Result<ExportInfo, ConnectError> {
+fn negotiate(w: &mut Wire<'_>, uri: &NbdUri) -> Result<ExportInfo, ConnectError> {
+    let export = uri.export.as_str();
     let magic = w.u64("read the server's greeting")?;
     if magic != NBDMAGIC {
         return Err(ConnectError::Protocol(format!(
@@ -357,6 +399,9 @@ fn negotiate(w: &mut Wire<'_>, export: &str) -> Result<ExportInfo, ConnectError>
     let no_zeroes = sflags & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     w.write(&cflags.to_be_bytes(), "send the client flags")?;
+    if uri.tls {
+        w.start_tls(uri)?;
+    }
 
     w.option(OPT_STRUCTURED_REPLY, &[])?;
     let (kind, data) = w.reply(OPT_STRUCTURED_REPLY)?;

@@ -92,13 +92,19 @@ impl Slot {
     }
 }
 
+/// One connection's socket and, for `nbds://`, its TLS session.
+pub(crate) struct Wired {
+    pub fd: OwnedFd,
+    pub tls: Option<super::tls::Session>,
+}
+
 /// Where the link stands.
 #[derive(Clone)]
 pub(crate) enum Phase {
     /// No connection; the link's thread is (re)connecting.
     Connecting,
     /// Connected: requests go on `fd`.
-    Up { fd: Arc<OwnedFd> },
+    Up { fd: Arc<Wired> },
     /// No connection for longer than reconnect-delay: requests fail at once with EIO while the
     /// link's thread keeps trying.
     Failed,
@@ -184,7 +190,7 @@ impl Link {
         self.stop.store(true, Ordering::Release);
         let st = self.lock();
         if let Phase::Up { fd } = &st.phase {
-            shutdown(fd);
+            shutdown(&fd.fd);
         }
     }
 
@@ -193,7 +199,7 @@ impl Link {
         &self,
         cx: &mut Context<'_>,
         deadline: Instant,
-    ) -> Poll<Result<(Arc<OwnedFd>, u64), IoError>> {
+    ) -> Poll<Result<(Arc<Wired>, u64), IoError>> {
         let mut st = self.lock();
         let now = Instant::now();
         match &st.phase {
@@ -321,7 +327,7 @@ impl Link {
     }
 
     /// Makes `fd` the link's connection; wakes everyone waiting for one.
-    pub(crate) fn up(&self, fd: Arc<OwnedFd>) -> u64 {
+    pub(crate) fn up(&self, fd: Arc<Wired>) -> u64 {
         let mut st = self.lock();
         st.gen += 1;
         st.phase = Phase::Up { fd };
@@ -343,7 +349,7 @@ impl Link {
             return;
         }
         if let Phase::Up { fd } = &st.phase {
-            shutdown(fd);
+            shutdown(&fd.fd);
         }
         if !self.stopped() {
             log::warn!("{}: connection lost: {why}", self.label());
@@ -557,7 +563,7 @@ impl Link {
                 // SAFETY: a non-blocking send of a stack buffer that outlives the call.
                 unsafe {
                     libc::send(
-                        fd.as_raw_fd(),
+                        fd.fd.as_raw_fd(),
                         h.as_ptr() as *const libc::c_void,
                         h.len(),
                         libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,

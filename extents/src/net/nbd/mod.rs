@@ -6,12 +6,14 @@
 //! - `wire`: request and reply encodings;
 //! - `link`: one connection slot and its table of requests;
 //! - `reader`: a link's thread (reconnects, reads and checks replies);
+//! - `tls`: rustls sessions for `nbds://`;
 //! - `extent`: [`NbdExtent`], the [`tables::BlockDevice`].
 
 mod extent;
 mod handshake;
-mod link;
+pub(crate) mod link;
 mod reader;
+pub(crate) mod tls;
 mod wire;
 
 pub use extent::NbdExtent;

@@ -4,7 +4,6 @@
 //! drops the connection with the reason logged; the requests on it are sent again on the
 //! next connection, so a garbage-talking server costs time, never wrong data.
 
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use nbd::proto::*;
 use tables::IoError;
 
 use super::handshake::{self, Connected};
-use super::link::{cmd_name, Link};
+use super::link::{cmd_name, Link, Wired};
 use super::wire::*;
 use crate::net::sock::Receiver;
 
@@ -55,7 +54,10 @@ async fn main_loop(link: &Link, mut next: Option<Connected>) {
                 }
             },
         };
-        let fd = Arc::new(c.fd);
+        let fd = Arc::new(Wired {
+            fd: c.fd,
+            tls: c.tls.map(std::sync::Mutex::new),
+        });
         let since = Instant::now();
         let gen = link.up(fd.clone());
         if link.stopped() {
@@ -112,8 +114,8 @@ fn compatible(link: &Link, c: &Connected) -> Result<(), String> {
 /// # Safety
 /// Lends the receiver's buffer to the kernel: keep the
 /// [lending contract](tables::io#the-lending-contract).
-async unsafe fn read_replies(link: &Link, fd: &OwnedFd, gen: u64) -> String {
-    let mut rx = Receiver::new(fd.as_raw_fd(), RECV_BUF);
+async unsafe fn read_replies(link: &Link, fd: &Arc<Wired>, gen: u64) -> String {
+    let mut rx = Receiver::new(fd.clone(), RECV_BUF);
     loop {
         if link.stopped() {
             return "stopped".into();
