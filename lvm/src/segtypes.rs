@@ -64,14 +64,20 @@ impl RaidLevel {
         }
     }
 
+    /// How many of `images` images hold distinct data (an LV's extents are a multiple of
+    /// it): 1 for raid1, one less than the images for raid5, half of them for raid10.
+    pub fn data_images(self, images: u32) -> Option<u32> {
+        match self {
+            RaidLevel::Raid1 => Some(1),
+            RaidLevel::Raid5 => images.checked_sub(1),
+            RaidLevel::Raid10 => images.checked_div(2),
+        }
+    }
+
     /// Extents each image holds for an LV of `lv_extents` over `images` images, or `None`
     /// when that does not divide evenly.
     pub fn image_extents(self, lv_extents: Extents, images: u32) -> Option<Extents> {
-        let data_images = match self {
-            RaidLevel::Raid1 => 1,
-            RaidLevel::Raid5 => images.checked_sub(1)?,
-            RaidLevel::Raid10 => images.checked_div(2)?,
-        };
+        let data_images = self.data_images(images)?;
         if data_images == 0 || !lv_extents.0.is_multiple_of(data_images) {
             return None;
         }

@@ -12,9 +12,11 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
+mod common;
+
 use lvm::alloc::{self, AllocError, Policy, PvSelection, Request};
-use lvm::model::{Area, Flags, PhysicalVolume, SegmentKind};
-use lvm::{Extents, LogicalVolume, Segment, Uuid, VolumeGroup};
+use lvm::model::{Area, Flags, SegmentKind};
+use lvm::{Extents, LogicalVolume, Segment, VolumeGroup};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -32,17 +34,11 @@ fn random_vg(rng: &mut StdRng) -> VolumeGroup {
         if rng.gen_bool(0.08) {
             status.set("MISSING");
         }
-        pvs.push(PhysicalVolume {
-            key: format!("pv{i}"),
-            id: Uuid::generate(),
-            device: None,
+        pvs.push(common::bare_pv(
+            &format!("pv{i}"),
+            rng.gen_range(1..=40),
             status,
-            flags: Flags::default(),
-            dev_size: None,
-            pe_start: Sectors(2048),
-            pe_count: Extents(rng.gen_range(1..=40)),
-            extra: Vec::new(),
-        });
+        ));
     }
     let mut vg = lvm::vgcreate::new_vg("vg", Sectors(8192), pvs);
     let mut lvs = 0;
@@ -53,25 +49,13 @@ fn random_vg(rng: &mut StdRng) -> VolumeGroup {
         while at < count && rng.gen_bool(0.6) {
             let len = rng.gen_range(1..=(count - at).min(12));
             vg.logical_volumes
-                .push(linear(&format!("lv{lvs}"), &key, at, len));
+                .push(common::linear_at(&format!("lv{lvs}"), &key, at, len));
             lvs += 1;
             at += len + rng.gen_range(0..=6);
         }
     }
     vg.validate().expect("random VG is valid");
     vg
-}
-
-fn linear(name: &str, pv: &str, start: u32, len: u32) -> LogicalVolume {
-    lv(
-        name,
-        vec![Segment::linear(
-            Extents(0),
-            Extents(len),
-            pv,
-            Extents(start),
-        )],
-    )
 }
 
 fn lv(name: &str, segments: Vec<Segment>) -> LogicalVolume {

@@ -173,6 +173,82 @@ pub fn sizing(cfg: &RaidConfig, size: Bytes) -> Result<Sizing, String> {
     })
 }
 
+/// The size of an array as its superblock records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    /// Exposed size in bytes.
+    pub size: u64,
+    /// Set for a superblock written before arrays could grow whose size cannot be told
+    /// closely enough from its leg size (raid10): every region is resynced.
+    pub full_resync: bool,
+}
+
+/// The array size a superblock records (its `leg_bytes` and `array_bytes`), checked against
+/// what `cfg` makes of it; `table` is the size the table asks for. A superblock from before
+/// arrays could grow (`array_bytes` 0) records only the leg size: it stands for the table's
+/// size when the leg sizes agree, and otherwise for the largest size known to have been in
+/// sync (raid1: the leg; raid4/5: whole stripes; raid10: the chunks every smaller leg size
+/// leaves out), so that a grow resyncs at least everything that is new. Errors say why the
+/// superblock cannot be this array's.
+pub fn recorded_size(
+    cfg: &RaidConfig,
+    leg_bytes: u64,
+    array_bytes: u64,
+    table: Bytes,
+) -> Result<Recorded, String> {
+    if array_bytes != 0 {
+        let s = sizing(cfg, Bytes(array_bytes))
+            .map_err(|e| format!("recorded size {array_bytes} bytes: {e}"))?;
+        if s.leg_bytes != leg_bytes {
+            return Err(format!(
+                "records {array_bytes} bytes and {leg_bytes} bytes per leg, but that size \
+                 makes {} bytes per leg",
+                s.leg_bytes
+            ));
+        }
+        return Ok(Recorded {
+            size: array_bytes,
+            full_resync: false,
+        });
+    }
+    let t = sizing(cfg, table)?;
+    if t.leg_bytes == leg_bytes {
+        return Ok(Recorded {
+            size: table.0,
+            full_resync: false,
+        });
+    }
+    let n = cfg.legs.len() as u64;
+    let c = t.chunk_bytes.max(1);
+    let whole = leg_bytes / c;
+    let size = match cfg.level {
+        Level::Raid1 => Some(leg_bytes),
+        Level::Raid5(_) => whole.checked_mul(c).and_then(|b| b.checked_mul(n - 1)),
+        Level::Raid10 { copies } if leg_bytes > t.leg_bytes => whole
+            .checked_mul(n)
+            .and_then(|x| x.checked_div(copies as u64))
+            .and_then(|x| x.checked_mul(c)),
+        Level::Raid10 { copies } => whole
+            .saturating_sub(1)
+            .checked_mul(n)
+            .and_then(|x| x.checked_div(copies as u64))
+            .and_then(|x| x.checked_mul(c)),
+    };
+    match size {
+        Some(0) => Ok(Recorded {
+            size: table.0,
+            full_resync: true,
+        }),
+        Some(size) if size % 512 == 0 => Ok(Recorded {
+            size,
+            full_resync: false,
+        }),
+        _ => Err(format!(
+            "{leg_bytes} bytes per leg is no size this array can have"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +270,54 @@ mod tests {
         assert_eq!(
             (s.leg_bytes, s.region_bytes, s.regions),
             (1 << 20, 32768, 32)
+        );
+    }
+
+    #[test]
+    fn recorded_sizes_are_checked_and_old_superblocks_read_safely() {
+        let r1 = cfg("raid1 1 0 2 - a - b");
+        let ok = |r: Result<Recorded, String>| r.unwrap();
+        // Recorded explicitly: must agree with the leg size it makes.
+        assert_eq!(
+            ok(recorded_size(&r1, 1 << 20, 1 << 20, Bytes(4 << 20))).size,
+            1 << 20
+        );
+        assert!(recorded_size(&r1, 2 << 20, 1 << 20, Bytes(4 << 20)).is_err());
+        assert!(recorded_size(&r1, 1 << 20, 1, Bytes(4 << 20)).is_err());
+        // Written before arrays could grow (0): the table's size when the legs agree...
+        assert_eq!(
+            ok(recorded_size(&r1, 4 << 20, 0, Bytes(4 << 20))).size,
+            4 << 20
+        );
+        // ...else what the leg held: raid1 the leg, raid5 whole stripes...
+        assert_eq!(
+            ok(recorded_size(&r1, 1 << 20, 0, Bytes(4 << 20))).size,
+            1 << 20
+        );
+        let r5 = cfg("raid5 1 8 3 - a - b - c");
+        assert_eq!(
+            ok(recorded_size(&r5, 64 << 10, 0, Bytes(1 << 20))).size,
+            128 << 10
+        );
+        // ...raid10 only the chunks every smaller leg size leaves out (4 legs, 2 copies, 3
+        // chunks a leg: at least 5 chunks were in the array, so 4 surely).
+        let r10 = cfg("raid10 1 8 4 - a - b - c - d");
+        assert_eq!(
+            ok(recorded_size(&r10, 12 << 10, 0, Bytes(1 << 20))).size,
+            16 << 10
+        );
+        let one = ok(recorded_size(&r10, 4 << 10, 0, Bytes(1 << 20)));
+        assert_eq!(
+            one,
+            Recorded {
+                size: 1 << 20,
+                full_resync: true
+            }
+        );
+        // A larger old leg reads as the larger array it was (a shrink, refused by the caller).
+        assert_eq!(
+            ok(recorded_size(&r1, 8 << 20, 0, Bytes(4 << 20))).size,
+            8 << 20
         );
     }
 

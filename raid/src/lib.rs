@@ -34,6 +34,12 @@
 //! - Without metadata devices (`-`, or a `mirror` line) there is no bitmap: every start is
 //!   treated as unclean and does a full resync unless `nosync`; `status` shows
 //!   `bitmap:none(full-resync-on-start)`.
+//! - **Growing**: a table built again over a running array (a reload) reaches that array
+//!   instead of assembling it a second time; a larger length grows it once the new table is in
+//!   use (the new regions resynced unless `nosync`, the new size in the superblocks so that a
+//!   power cut leaves the old size or the new one), a smaller one is refused. An array whose
+//!   superblocks record a smaller size than its table is grown at assembly. See [`mod@array`] and
+//!   the RAID section of ARCHITECTURE.md.
 //! - Background work (resync, recovery, check, repair) runs one region (mirror) or one stripe
 //!   (parity recovery) at a time on a thread the device owns, with its own io_uring runtime,
 //!   backing off whenever client I/O arrived during a step and honouring `max_recovery_rate`.
@@ -179,6 +185,15 @@ impl RaidKind {
                 data = Arc::new(offset::OffsetDevice::new(data, start, Bytes(avail)));
             }
             legs.push((meta, data));
+        }
+        // A reload: the array these legs belong to is running already.
+        if let Some(dev) = array::live::reuse(&cfg, size, &legs)
+            .map_err(|e| ArgError::whole(format!("{name}: {e}")))?
+        {
+            if let Some(o) = &self.opener {
+                dev.set_opener(o.clone());
+            }
+            return Ok(Arc::new(dev));
         }
         let dev = RaidDevice::open(
             name.clone(),

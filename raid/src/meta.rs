@@ -49,6 +49,11 @@ pub struct Superblock {
     /// crc32c of the data device's name when this was written: a metadata device paired
     /// with another data device (an old leg put back in the table) is not trusted.
     pub data_id: u32,
+    /// The array's exposed size in bytes when this was written: what a grow changes (with
+    /// `leg_bytes`), so assembly knows which regions of a larger table are new. 0 in
+    /// superblocks written before arrays could grow (the size then follows from `leg_bytes`,
+    /// see [`crate::geometry::recorded_size`]).
+    pub array_bytes: u64,
 }
 
 pub(crate) fn put_u32(b: &mut [u8], off: usize, v: u32) {
@@ -97,6 +102,7 @@ impl Superblock {
         put_u64(&mut b, 72, self.events);
         put_u64(&mut b, 80, self.failed_mask);
         put_u32(&mut b, 88, self.data_id);
+        put_u64(&mut b, 96, self.array_bytes);
         let crc = crc32c::crc32c(&b[..CRC_OFF]);
         put_u32(&mut b, CRC_OFF, crc);
         b
@@ -136,6 +142,7 @@ impl Superblock {
             events: get_u64(b, 72),
             failed_mask: get_u64(b, 80),
             data_id: get_u32(b, 88),
+            array_bytes: get_u64(b, 96),
         })
     }
 }
@@ -262,7 +269,9 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
     u.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks that a superblock describes the geometry the table asks for.
+/// Checks that a superblock describes the geometry the table asks for, its size aside: the
+/// size an array records may be smaller than the table's (the array grows at assembly) and
+/// is compared by [`crate::geometry::recorded_size`].
 pub fn check_geometry(sb: &Superblock, want: &Superblock) -> Result<(), RaidError> {
     let mut diffs = Vec::new();
     if sb.legs != want.legs {
@@ -284,12 +293,6 @@ pub fn check_geometry(sb: &Superblock, want: &Superblock) -> Result<(), RaidErro
         diffs.push(format!(
             "region_size {} vs {} sectors",
             sb.region_sectors, want.region_sectors
-        ));
-    }
-    if sb.leg_bytes != want.leg_bytes {
-        diffs.push(format!(
-            "leg size {} vs {} bytes",
-            sb.leg_bytes, want.leg_bytes
         ));
     }
     if diffs.is_empty() {
@@ -321,6 +324,7 @@ mod tests {
             failed_mask: 0b10,
             clean: true,
             data_id: 42,
+            array_bytes: 3 << 30,
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b), SbRead::Valid(sb));
@@ -344,6 +348,7 @@ mod tests {
             failed_mask: 0b100,
             clean: false,
             data_id: 7,
+            array_bytes: 2 << 20,
         };
         assert_eq!(sb.problem(1, 3), None);
         let with = |f: &dyn Fn(&mut Superblock)| {

@@ -191,6 +191,23 @@ fn superblock_cases(a: &Array, leg: usize) {
         ));
         edits.push((format!("leg_bytes={v}"), Box::new(move |s| s.leg_bytes = v)));
     }
+    let size = a.size;
+    for v in [
+        0,
+        1,
+        512,
+        size - 512,
+        size + 512,
+        2 * size,
+        1 << 40,
+        u64::MAX / 512 * 512,
+        u64::MAX,
+    ] {
+        edits.push((
+            format!("array_bytes={v}"),
+            Box::new(move |s| s.array_bytes = v),
+        ));
+    }
     for v in [0, 1, sb.events + 1, 1 << 62, u64::MAX - 1, u64::MAX] {
         edits.push((format!("events={v}"), Box::new(move |s| s.events = v)));
     }

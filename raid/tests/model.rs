@@ -1,5 +1,8 @@
 //! Property tests: random I/O mixes against a flat model, with a leg failing at a random
-//! point, degraded operation, replacement and rebuild interleaved with client I/O.
+//! point, degraded operation, replacement and rebuild interleaved with client I/O, and the
+//! array growing (its table built again, longer, over the running array, as a reload does)
+//! into leg space that holds different garbage on every leg. Bytes nobody wrote are not
+//! modelled; parity and copies are checked with `check` once in sync.
 
 mod common;
 use common::*;
@@ -15,14 +18,23 @@ const LEG: u64 = 128 << 10;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { off: u64, len: usize, seed: u64 },
-    Read { off: u64, len: usize },
+    Write {
+        off: u64,
+        len: usize,
+        seed: u64,
+    },
+    Read {
+        off: u64,
+        len: usize,
+    },
     Concurrent(Vec<(u64, usize, u64)>),
     Flush,
     Steps(u8),
     Fail(usize),
     Replace(usize),
     Check,
+    /// Grow by this many quarters of what is left up to the full size.
+    Grow(u8),
 }
 
 fn op(size: u64, legs: usize) -> impl Strategy<Value = Op> {
@@ -37,19 +49,34 @@ fn op(size: u64, legs: usize) -> impl Strategy<Value = Op> {
         1 => (0..legs).prop_map(Op::Fail),
         1 => (0..legs).prop_map(Op::Replace),
         1 => Just(Op::Check),
+        2 => (1u8..5).prop_map(Op::Grow),
     ]
+}
+
+/// `off`/`len` drawn for the full size, folded into the current size `cur`.
+fn fold(off: u64, len: usize, cur: u64) -> (u64, usize) {
+    let off = off % cur;
+    (off, len.min((cur - off) as usize))
 }
 
 struct Harness {
     devs: Devs,
     wraps: Vec<Arc<Leg>>,
     dev: Arc<RaidDevice>,
+    line: String,
+    /// Size the array may grow to.
+    full: u64,
     model: Vec<u8>,
+    /// Which bytes of `model` were written (the others hold whatever the legs held).
+    known: Vec<bool>,
     gen: usize,
 }
 
 impl Harness {
     fn new(t: &str, n: usize, size: u64) -> Harness {
+        // Starts at 3/7 of the full size (not on a region boundary), over legs full of
+        // garbage that differs per leg: the initial resync makes the start consistent.
+        let start = size * 3 / 7 / 512 * 512;
         let devs = Devs::default();
         let mut wraps = Vec::new();
         let mut line = match t {
@@ -58,22 +85,45 @@ impl Harness {
             _ => format!("{t} 3 8 region_size 32 {n}"),
         };
         for i in 0..n {
-            let w = Leg::new(mem(&format!("d{i}"), LEG));
+            let d = mem(&format!("d{i}"), LEG);
+            d.fill(0, &pattern(500 + i as u64, LEG as usize));
+            let w = Leg::new(d);
             w.yield_first.store(true, Ordering::Relaxed);
             devs.add(&format!("d{i}"), w.clone());
             devs.add(&format!("m{i}"), mem(&format!("m{i}"), 128 << 10));
             line.push_str(&format!(" m{i} d{i}"));
             wraps.push(w);
         }
-        let dev = build(&devs, false, false, Sectors(size / 512), &line).unwrap();
+        let dev = build(&devs, false, false, Sectors(start / 512), &line).unwrap();
         sync_all(&dev);
         Harness {
             devs,
             wraps,
             dev,
-            model: vec![0u8; size as usize],
+            line,
+            full: size,
+            model: vec![0u8; start as usize],
+            known: vec![false; start as usize],
             gen: 0,
         }
+    }
+
+    fn put(&mut self, off: u64, d: &[u8]) {
+        let r = off as usize..off as usize + d.len();
+        self.model[r.clone()].copy_from_slice(d);
+        self.known[r].fill(true);
+    }
+
+    /// Compares `got` (read at `off`) with the model where the model knows the bytes.
+    fn compare(&self, off: u64, got: &[u8], what: &str) {
+        let r = off as usize..off as usize + got.len();
+        let want: Vec<u8> = got
+            .iter()
+            .zip(&self.model[r.clone()])
+            .zip(&self.known[r])
+            .map(|((g, m), k)| if *k { *m } else { *g })
+            .collect();
+        same(got, &want, what);
     }
 
     fn all_healthy_except(&self, i: usize) -> bool {
@@ -84,32 +134,33 @@ impl Harness {
     }
 
     fn run(&mut self, op: &Op) {
-        let dev = &*self.dev;
+        let handle = self.dev.clone();
+        let dev = &*handle;
+        let cur = self.model.len() as u64;
         match op {
             Op::Write { off, len, seed } => {
-                if *len == 0 {
+                let (off, len) = fold(*off, *len, cur);
+                if len == 0 {
                     return;
                 }
-                let d = pattern(*seed, *len);
-                wr(dev, *off, &d).unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
-                self.model[*off as usize..*off as usize + len].copy_from_slice(&d);
+                let d = pattern(*seed, len);
+                wr(dev, off, &d).unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
+                self.put(off, &d);
             }
             Op::Read { off, len } => {
-                if *len == 0 {
+                let (off, len) = fold(*off, *len, cur);
+                if len == 0 {
                     return;
                 }
-                let got = rd(dev, *off, *len).unwrap_or_else(|e| panic!("read {off}+{len}: {e}"));
-                same(
-                    &got,
-                    &self.model[*off as usize..*off as usize + len],
-                    "read vs model",
-                );
+                let got = rd(dev, off, len).unwrap_or_else(|e| panic!("read {off}+{len}: {e}"));
+                self.compare(off, &got, "read vs model");
             }
             Op::Concurrent(ws) => {
                 // Keep only non-overlapping writes (they may share stripes and regions).
                 let mut taken: Vec<(u64, u64)> = Vec::new();
                 let mut batch = Vec::new();
                 for &(o, l, s) in ws {
+                    let (o, l) = fold(o, l, cur);
                     let e = o + l as u64;
                     if l == 0 || taken.iter().any(|&(a, b)| o < b && a < e) {
                         continue;
@@ -127,7 +178,7 @@ impl Harness {
                     r.unwrap();
                 }
                 for (o, d) in batch {
-                    self.model[o as usize..o as usize + d.len()].copy_from_slice(&d);
+                    self.put(o, &d);
                 }
             }
             Op::Flush => flush(dev).unwrap(),
@@ -139,7 +190,8 @@ impl Harness {
                 }
             }
             Op::Fail(i) => {
-                if self.all_healthy_except(*i) {
+                // Not while a grow waits to be applied: it would be refused (see `grow.rs`).
+                if self.all_healthy_except(*i) && self.dev.array_size() == self.dev.size() {
                     self.wraps[*i].fail.store(true, Ordering::Release);
                 }
             }
@@ -148,11 +200,39 @@ impl Harness {
                     self.gen += 1;
                     let w = Leg::new(mem(&format!("r{i}.{}", self.gen), LEG));
                     w.yield_first.store(true, Ordering::Relaxed);
+                    // The table names the replacement from now on (what a grow builds).
+                    self.devs.add(&format!("d{i}"), w.clone());
                     self.wraps[*i] = w.clone();
                     iort::block_on(self.dev.replace_leg(*i, w))
                         .unwrap()
                         .unwrap();
                 }
+            }
+            Op::Grow(q) => {
+                // Only with every leg in sync (anything else is refused, see `grow.rs`).
+                if self.model.len() as u64 == self.full
+                    || !self.dev.leg_states().iter().all(|s| *s == LegState::InSync)
+                    || self.wraps.iter().any(|w| w.fail.load(Ordering::Relaxed))
+                {
+                    return;
+                }
+                let new = (cur + (self.full - cur) * u64::from(*q) / 4) / 512 * 512;
+                if new <= cur {
+                    return;
+                }
+                let bigger = build(&self.devs, false, false, Sectors(new / 512), &self.line)
+                    .unwrap_or_else(|e| panic!("grow {cur} -> {new}: {e}"));
+                // The reload swaps the new table in and drops the old one. The array grows
+                // at the next background step (odd `q`: as the background thread does at
+                // once), or at the first request past the old end.
+                self.dev = bigger;
+                drop(handle);
+                if q % 2 == 1 {
+                    assert!(iort::block_on(self.dev.sync_step()).unwrap().unwrap());
+                    assert_eq!(self.dev.array_size().0, new);
+                }
+                self.model.resize(new as usize, 0);
+                self.known.resize(new as usize, false);
             }
             Op::Check => {
                 // Only meaningful when nothing is failed or being rebuilt.
@@ -177,17 +257,18 @@ impl Harness {
                 self.run(&Op::Replace(i));
             }
         }
+        // A grow not applied yet is applied by the first request past the old end.
+        let end = self.model.len() as u64 - 1;
+        rd(&*self.dev, end, 1).unwrap();
+        assert_eq!(self.dev.array_size(), self.dev.size());
         sync_all(&self.dev);
         assert!(
             self.dev.leg_states().iter().all(|s| *s == LegState::InSync),
             "{}",
             self.dev.status()
         );
-        same(
-            &rd(&*self.dev, 0, self.model.len()).unwrap(),
-            &self.model,
-            "final read",
-        );
+        let got = rd(&*self.dev, 0, self.model.len()).unwrap();
+        self.compare(0, &got, "final read");
         assert_eq!(
             check(&self.dev),
             0,

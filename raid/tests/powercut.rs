@@ -28,32 +28,6 @@ use tables::Sectors;
 const LEG: u64 = 128 << 10;
 const SECTOR: usize = 512;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn line_for(t: &str, n: usize) -> String {
-    let mut line = match t {
-        "raid1" => format!("raid1 3 0 region_size 32 {n}"),
-        "raid10" => format!("raid10 3 8 region_size 32 {n}"),
-        _ => format!("{t} 3 8 region_size 32 {n}"),
-    };
-    for i in 0..n {
-        line.push_str(&format!(" m{i} d{i}"));
-    }
-    line
-}
-
 /// Returns whether the cut came while I/O was still being issued (not after the last op).
 fn one_cut(t: &str, n: usize, size: u64, degraded: bool, seed: u64) -> bool {
     let mut rng = Rng(seed);
@@ -83,21 +57,9 @@ fn one_cut(t: &str, n: usize, size: u64, degraded: bool, seed: u64) -> bool {
     }
     // Phase 1: random I/O until the budget runs out.
     let budget = Arc::new(AtomicI64::new(1 + rng.below(120) as i64));
-    let gated = Devs::default();
-    for i in 0..n {
-        gated.add(
-            &format!("d{i}"),
-            Leg::with_budget(datas[i].clone(), budget.clone()),
-        );
-        gated.add(
-            &format!("m{i}"),
-            Leg::with_budget(metas[i].clone(), budget.clone()),
-        );
-    }
-    // durable[s] = sector contents at the last completed flush; later[s] = versions written since.
-    let mut current = vec![0u8; size as usize];
-    let mut durable = current.clone();
-    let mut later: Vec<Vec<Vec<u8>>> = vec![Vec::new(); sectors];
+    let gated = gated(&datas, &metas, &budget);
+    let mut written = Written::new(sectors);
+    written.flushed(0, &vec![0u8; size as usize]);
     let mut cut_mid_io = true;
     if let Ok(dev) = build(&gated, false, false, Sectors(size / 512), &line) {
         if degraded {
@@ -105,30 +67,7 @@ fn one_cut(t: &str, n: usize, size: u64, degraded: bool, seed: u64) -> bool {
             // parity arrays through the partial parity log.
             let _ = iort::block_on(dev.fail_leg(rng.below(n as u64) as usize));
         }
-        for _ in 0..60 {
-            if rng.below(6) == 0 {
-                if flush(&*dev).is_err() {
-                    break;
-                }
-                durable.copy_from_slice(&current);
-                for l in later.iter_mut() {
-                    l.clear();
-                }
-                continue;
-            }
-            let s0 = rng.below(sectors as u64) as usize;
-            let ns = (1 + rng.below(40) as usize).min(sectors - s0);
-            let data = pattern(rng.next(), ns * SECTOR);
-            let r = wr(&*dev, (s0 * SECTOR) as u64, &data);
-            // Whether or not it was acknowledged, any part of it may have landed.
-            for j in 0..ns {
-                later[s0 + j].push(data[j * SECTOR..(j + 1) * SECTOR].to_vec());
-            }
-            if r.is_err() {
-                break;
-            }
-            current[s0 * SECTOR..(s0 + ns) * SECTOR].copy_from_slice(&data);
-        }
+        written.random_io(&*dev, &mut rng, 60, 6);
         cut_mid_io = budget.load(std::sync::atomic::Ordering::Relaxed) <= 0;
         drop(dev);
     }
@@ -142,17 +81,7 @@ fn one_cut(t: &str, n: usize, size: u64, degraded: bool, seed: u64) -> bool {
     // Half the time, power fails again part-way through the resync/recovery after restart.
     if rng.below(2) == 0 {
         let budget = Arc::new(AtomicI64::new(1 + rng.below(40) as i64));
-        let gated = Devs::default();
-        for i in 0..n {
-            gated.add(
-                &format!("d{i}"),
-                Leg::with_budget(datas[i].clone(), budget.clone()),
-            );
-            gated.add(
-                &format!("m{i}"),
-                Leg::with_budget(metas[i].clone(), budget.clone()),
-            );
-        }
+        let gated = common::gated(&datas, &metas, &budget);
         if let Ok(dev) = build(&gated, false, false, Sectors(size / 512), &line) {
             while let Ok(Ok(true)) = iort::block_on(dev.sync_step()) {}
         }
@@ -168,18 +97,9 @@ fn one_cut(t: &str, n: usize, size: u64, degraded: bool, seed: u64) -> bool {
         .unwrap_or_else(|e| panic!("{t} seed {seed}: reassembly failed: {e}"));
     sync_all(&dev);
     let got = rd(&*dev, 0, size as usize).unwrap();
-    for s in 0..sectors {
-        let g = &got[s * SECTOR..(s + 1) * SECTOR];
-        let d = &durable[s * SECTOR..(s + 1) * SECTOR];
-        if g != d && !later[s].iter().any(|v| v.as_slice() == g) {
-            panic!(
-                "{t} seed {seed}: sector {s} holds neither its flushed contents nor a later \
-                 write ({} later writes); status {}",
-                later[s].len(),
-                dev.status()
-            );
-        }
-    }
+    written.verify(&got, &|| {
+        format!("{t} seed {seed}: status {}", dev.status())
+    });
     assert_eq!(check(&dev), 0, "{t} seed {seed}: mismatches after resync");
     cut_mid_io
 }

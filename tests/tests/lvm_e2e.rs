@@ -1105,3 +1105,168 @@ fn a_full_thin_pool_grows_online_with_lvextend() {
     qemu_io(&uri, &["write -P 0x52 6M 16M"]);
     qemu_io(&uri, &["read -P 0x51 0 6M", "read -P 0x52 6M 16M"]);
 }
+
+/// `volmgr lvs ARGS --reportformat json --units b --nosuffix`: the rows.
+fn vm_report(d: &DaemonProc, devices: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut a = vec!["lvs"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--reportformat", "json", "--units", "b", "--nosuffix"]);
+    let out = vm_on(d, devices, &a);
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("lvs JSON ({e}): {out}"));
+    v["report"][0]["lv"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn raid1_and_raid5_lvs_grow_online_with_lvextend() {
+    require_tool("qemu-io");
+    require_tool("nbdinfo");
+    let env = Lvm2::new(&[64, 64, 64, 64]);
+    let loops = env.loops.clone();
+    let devices = loops.join(",");
+    let state = env.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let d = DaemonProc::start(&state);
+    let mut vgcreate = vec!["vgcreate", "-s", "1m", "vgg"];
+    vgcreate.extend(loops.iter().map(String::as_str));
+    vm_on(&d, &devices, &vgcreate);
+    let nbd = ["--nbd", "127.0.0.1:0"];
+    for args in [
+        ["--type", "raid1", "-m", "1", "-L", "8m", "-n", "r1", "vgg"].as_slice(),
+        ["--type", "raid5", "-i", "2", "-L", "8m", "-n", "r5", "vgg"].as_slice(),
+    ] {
+        let mut a = vec!["lvcreate"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&nbd);
+        vm_on(&d, &devices, &a);
+    }
+    let synced = |lv: &str| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let r = vm_on(
+                &d,
+                &devices,
+                &["lvs", "--noheadings", "-o", "copy_percent", lv],
+            );
+            if r.trim() == "100.00" {
+                break;
+            }
+            assert!(t0.elapsed().as_secs() < 60, "{lv} did not sync: {r}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    for (lv, p) in [("vgg/r1", "0x5a"), ("vgg/r5", "0x6b")] {
+        synced(lv);
+        qemu_io(&lv_uri(&d, &devices, lv), &[&format!("write -P {p} 0 8M")]);
+    }
+    let seqno = |d: &DaemonProc| {
+        vm_on(
+            d,
+            &devices,
+            &["vgs", "--noheadings", "-o", "vg_seqno", "vgg"],
+        )
+        .trim()
+        .to_string()
+    };
+
+    // Refused: a PV list of one PV cannot keep the images apart; nothing is written.
+    let before = seqno(&d);
+    let e = vm_err(
+        &d,
+        &devices,
+        &["lvextend", "-L", "+4m", "vgg/r1", &loops[3]],
+    );
+    assert!(
+        e.contains("Insufficient suitable allocatable extents for logical volume r1")
+            && e.contains("r1_rimage_0")
+            && e.contains("r1_rimage_1"),
+        "{e}"
+    );
+    assert_eq!(seqno(&d), before, "a refused lvextend wrote metadata");
+    // Refused too while a leg is failed, before anything is written; fine once rebuilt.
+    d.ok(&["dev", "message", "vgg-r1", "fail", "1"]);
+    let e = vm_err(&d, &devices, &["lvextend", "-L", "+8m", "vgg/r1"]);
+    assert!(e.contains("not in-sync"), "{e}");
+    assert_eq!(seqno(&d), before, "a refused lvextend wrote metadata");
+    d.ok(&["dev", "message", "vgg-r1", "rebuild", "1"]);
+    synced("vgg/r1");
+
+    // Both grow by 8 MiB while active: raid1 images by 8 MiB, raid5's by 4 MiB each.
+    vm_on(&d, &devices, &["lvextend", "-L", "+8m", "vgg/r1"]);
+    vm_on(&d, &devices, &["lvextend", "-L", "+8m", "vgg/r5"]);
+    let rows = vm_report(&d, &devices, &["-o", "lv_name,lv_size", "vgg"]);
+    for lv in ["r1", "r5"] {
+        let row = rows
+            .iter()
+            .find(|r| field(r, "lv_name") == lv)
+            .unwrap_or_else(|| panic!("no {lv} in {rows:?}"));
+        assert_eq!(num(row, "lv_size"), 16 * MIB, "{lv}");
+    }
+    for (lv, p) in [("vgg/r1", "0x5a"), ("vgg/r5", "0x6b")] {
+        let uri = lv_uri(&d, &devices, lv);
+        let size = run_ok(Command::new("nbdinfo").args(["--size", &uri])).unwrap();
+        assert_eq!(size.trim(), (16 * MIB).to_string(), "{lv}: export size");
+        // The old data, and writes past the old end, while the new part resyncs.
+        qemu_io(
+            &uri,
+            &[
+                &format!("read -P {p} 0 8M"),
+                "write -P 0x7e 8M 6M",
+                "read -P 0x7e 8M 6M",
+            ],
+        );
+        synced(lv);
+        qemu_io(&uri, &[&format!("read -P {p} 0 8M"), "read -P 0x7e 8M 6M"]);
+        // The copies and parity of the part the array gained agree once resynced.
+        let dm = lv.replace('/', "-");
+        d.ok(&["dev", "message", &dm, "check"]);
+        d.ok(&["dev", "wait", &dm, "--timeout", "60"]);
+        let st = d.ok(&["dev", "status", &dm]);
+        let words: Vec<&str> = st.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "idle").expect("idle");
+        assert_eq!(
+            (words[at - 1], words[at + 1]),
+            ("32768/32768", "0"),
+            "{lv}: {st}"
+        );
+    }
+    // Every image (with its metadata extent) on PVs no other image of its LV uses.
+    let rows = vm_report(&d, &devices, &["-a", "-o", "lv_name,devices", "vgg"]);
+    for (lv, images) in [("r1", 2), ("r5", 3)] {
+        let pvs: Vec<std::collections::HashSet<String>> = (0..images)
+            .map(|i| {
+                rows.iter()
+                    .filter(|r| {
+                        let n = field(r, "lv_name");
+                        n == format!("[{lv}_rimage_{i}]") || n == format!("[{lv}_rmeta_{i}]")
+                    })
+                    .flat_map(|r| {
+                        field(r, "devices")
+                            .split(',')
+                            .filter_map(|x| x.split('(').next().map(str::to_string))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect();
+        for i in 0..images {
+            assert!(!pvs[i].is_empty(), "{lv} image {i}: no devices in {rows:?}");
+            for j in 0..i {
+                assert!(
+                    pvs[i].is_disjoint(&pvs[j]),
+                    "{lv}: images {j} and {i} share a PV: {pvs:?}"
+                );
+            }
+        }
+    }
+    // The array records the new size: it comes back at 16 MiB, in sync, with the data.
+    vm_on(&d, &devices, &["lvchange", "-an", "vgg/r1"]);
+    let mut up = vec!["lvchange", "-ay", "vgg/r1"];
+    up.extend_from_slice(&nbd);
+    vm_on(&d, &devices, &up);
+    synced("vgg/r1");
+    qemu_io(
+        &lv_uri(&d, &devices, "vgg/r1"),
+        &["read -P 0x5a 0 8M", "read -P 0x7e 8M 6M"],
+    );
+}

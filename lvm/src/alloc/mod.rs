@@ -5,6 +5,8 @@
 //! - [`allocate`]: a new LV (linear, striped, or the images and metadata extents of a raid
 //!   LV) under a [`Policy`], optionally restricted to a [`PvSelection`].
 //! - [`extend`]: more extents for an existing linear or striped LV.
+//! - [`extend_raid`]: more extents for every image of a volmgr raid LV, never on a PV another
+//!   image uses.
 //! - [`Size`] / [`parse_size`]: `-L` and `-l` arguments, turned into extents with LVM2's
 //!   rounding and messages.
 //!
@@ -55,10 +57,12 @@
 //! different points than lvm2 would.
 
 mod plan;
+mod raid;
 mod select;
 mod size;
 mod space;
 
+pub use raid::{extend_raid, raid_segment, RaidExtension};
 pub use select::{PvSelection, SelectedPv};
 pub use size::{
     display_size, parse_size, stripe_size, Amount, PercentOf, Sign, Size, DEFAULT_STRIPE_SIZE,

@@ -476,11 +476,26 @@ fn legs_normal(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Vec<Piece>>, S
 /// Disjoint sets of PVs (indices), each with at least `need` free extents; PVs with most
 /// space first, each opening a new set before joining an unfinished one.
 fn disjoint_sets(sp: &Space, n: usize, need: u64) -> Result<Vec<Vec<usize>>, String> {
-    let mut order: Vec<(usize, u64)> = sp
-        .pvs
+    let all: Vec<usize> = (0..sp.pvs.len()).collect();
+    disjoint_sets_for(sp, &all, &vec![need; n]).map_err(|limit| {
+        format!(
+            "the {n} images need disjoint sets of PVs with {need} free extents each{limit}: {}",
+            describe(sp)
+        )
+    })
+}
+
+/// Disjoint sets of the PVs `cands` (indices into `sp`), set `j` with at least `needs[j]`
+/// free extents (an empty set for a need of 0); PVs with most space first, each opening a
+/// new set before joining an unfinished one. The error is empty, or says the search gave up.
+pub(crate) fn disjoint_sets_for(
+    sp: &Space,
+    cands: &[usize],
+    needs: &[u64],
+) -> Result<Vec<Vec<usize>>, String> {
+    let mut order: Vec<(usize, u64)> = cands
         .iter()
-        .enumerate()
-        .map(|(i, p)| (i, p.cap()))
+        .map(|&i| (i, sp.pvs[i].cap()))
         .filter(|&(_, c)| c > 0)
         .collect();
     order.sort_by_key(|&(i, c)| (Reverse(c), i));
@@ -492,14 +507,19 @@ fn disjoint_sets(sp: &Space, n: usize, need: u64) -> Result<Vec<Vec<usize>>, Str
     struct Search<'a> {
         order: &'a [(usize, u64)],
         suffix: &'a [u64],
-        need: u64,
+        needs: &'a [u64],
         sums: Vec<u64>,
         sets: Vec<Vec<usize>>,
         budget: u64,
     }
     impl Search<'_> {
         fn go(&mut self, k: usize) -> bool {
-            let deficit: u64 = self.sums.iter().map(|&s| self.need.saturating_sub(s)).sum();
+            let deficit: u64 = self
+                .sums
+                .iter()
+                .zip(self.needs)
+                .map(|(&s, &need)| need.saturating_sub(s))
+                .sum();
             if deficit == 0 {
                 return true;
             }
@@ -508,11 +528,23 @@ fn disjoint_sets(sp: &Space, n: usize, need: u64) -> Result<Vec<Vec<usize>>, Str
             }
             self.budget -= 1;
             let (pv, cap) = self.order[k];
-            // Empty sets are interchangeable: try the first one only, before partial sets.
-            let first_empty = self.sums.iter().position(|&s| s == 0);
-            let partial =
-                (0..self.sums.len()).filter(|&j| self.sums[j] > 0 && self.sums[j] < self.need);
-            let tries: Vec<usize> = first_empty.into_iter().chain(partial).collect();
+            // Empty sets of equal need are interchangeable: try the first of each need only,
+            // before partial sets.
+            let mut tries: Vec<usize> = Vec::new();
+            for j in 0..self.sums.len() {
+                let need = self.needs[j];
+                if self.sums[j] == 0
+                    && need > 0
+                    && !tries
+                        .iter()
+                        .any(|&t| self.sums[t] == 0 && self.needs[t] == need)
+                {
+                    tries.push(j);
+                }
+            }
+            tries.extend(
+                (0..self.sums.len()).filter(|&j| self.sums[j] > 0 && self.sums[j] < self.needs[j]),
+            );
             for j in tries {
                 self.sums[j] += cap;
                 self.sets[j].push(pv);
@@ -528,9 +560,9 @@ fn disjoint_sets(sp: &Space, n: usize, need: u64) -> Result<Vec<Vec<usize>>, Str
     let mut s = Search {
         order: &order,
         suffix: &suffix,
-        need,
-        sums: vec![0; n],
-        sets: vec![Vec::new(); n],
+        needs,
+        sums: vec![0; needs.len()],
+        sets: vec![Vec::new(); needs.len()],
         budget: SEARCH_BUDGET,
     };
     if s.go(0) {
@@ -540,15 +572,11 @@ fn disjoint_sets(sp: &Space, n: usize, need: u64) -> Result<Vec<Vec<usize>>, Str
         }
         return Ok(sets);
     }
-    let limit = if s.budget == 0 {
+    Err(if s.budget == 0 {
         format!(" (gave up after {SEARCH_BUDGET} steps)")
     } else {
         String::new()
-    };
-    Err(format!(
-        "the {n} images need disjoint sets of PVs with {need} free extents each{limit}: {}",
-        describe(sp)
-    ))
+    })
 }
 
 /// Runs for `need` extents from the PVs `set`: the smallest run that holds what is left,

@@ -443,8 +443,18 @@ impl Size {
         }
         let c = counts(vg);
         let cur = u64::from(l.extent_count().map_or(0, |e| e.0));
-        let stripes = match l.segments.last().map(|s| &s.kind) {
-            Some(SegmentKind::Striped { stripes, .. }) => stripes.len().max(1) as u64,
+        // A raid LV grows by whole rows of its data images, as a striped one by stripes.
+        let stripes = match (
+            l.segments.last().map(|s| &s.kind),
+            super::raid_segment(vg, lv),
+        ) {
+            (Some(SegmentKind::Striped { stripes, .. }), _) => stripes.len().max(1) as u64,
+            (_, Some(r)) => u64::from(
+                r.level
+                    .data_images(u32::try_from(r.images.len()).unwrap_or(u32::MAX))
+                    .unwrap_or(1)
+                    .max(1),
+            ),
             _ => 1,
         };
         let mut notes = Notes::default();

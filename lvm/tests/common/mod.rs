@@ -290,3 +290,32 @@ pub fn mem_pvs(
         .collect();
     (mem, pvs)
 }
+
+/// A VG entry for a PV of `pe_count` extents with no device behind it (allocator tests);
+/// `status` as `ALLOCATABLE`, `MISSING`.
+pub fn bare_pv(key: &str, pe_count: u32, status: lvm::model::Flags) -> lvm::PhysicalVolume {
+    lvm::PhysicalVolume {
+        key: key.into(),
+        id: lvm::Uuid::generate(),
+        device: None,
+        status,
+        flags: lvm::model::Flags::default(),
+        dev_size: None,
+        pe_start: tables::Sectors(2048),
+        pe_count: lvm::Extents(pe_count),
+        extra: Vec::new(),
+    }
+}
+
+/// A linear LV of `len` extents at extent `start` of PV `pv`.
+pub fn linear_at(name: &str, pv: &str, start: u32, len: u32) -> lvm::LogicalVolume {
+    lvm::LogicalVolume::new(
+        name,
+        vec![lvm::Segment::linear(
+            lvm::Extents(0),
+            lvm::Extents(len),
+            pv,
+            lvm::Extents(start),
+        )],
+    )
+}

@@ -1,5 +1,7 @@
 //! Opening an array: sizing it from the table, reading every leg's superblock and deciding
-//! which legs to trust, loading the write-intent bitmap and picking the initial sync work.
+//! which legs to trust, loading the write-intent bitmap and picking the initial sync work. An
+//! array whose superblocks record a smaller size than the table's is assembled at that size
+//! and then grown (`grow.rs`); a larger one is refused (no shrinking).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -7,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use tables::io::{DeviceRef, IoError, Limits};
 use tables::Bytes;
 
-use crate::geometry;
+use crate::geometry::{self, Recorded};
 use crate::lock::LockTable;
 use crate::meta::{self, SbRead, Superblock, META_BLOCK};
 use crate::missing::MissingLeg;
@@ -16,8 +18,8 @@ use crate::RaidError;
 
 use super::sync::background_loop;
 use super::{
-    BmState, Geo, Inner, Leg, LegState, OpenOptions, PplState, RaidDevice, SyncState, ST_FAILED,
-    ST_INSYNC,
+    live, BmState, Geo, Inner, Leg, LegState, OpenOptions, Owner, PplState, RaidDevice, SyncState,
+    ST_FAILED, ST_INSYNC,
 };
 
 impl RaidDevice {
@@ -105,14 +107,16 @@ impl RaidDevice {
         }
         let words = (regions as usize).div_ceil(64);
         let pages = meta::bitmap_pages(regions) as usize;
+        let sync = cfg.sync;
         let inner = Inner {
             name,
             cfg,
             geo,
-            size,
-            leg_bytes,
+            size: AtomicU64::new(size.0),
+            leg_bytes: AtomicU64::new(leg_bytes),
+            regions: AtomicU64::new(regions),
+            recorded: Mutex::new((leg_bytes, size.0)),
             region_bytes,
-            regions,
             legs: legs
                 .into_iter()
                 .zip(missing)
@@ -159,26 +163,42 @@ impl RaidDevice {
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             limits,
+            handles: Mutex::new(Vec::new()),
+            grow_want: Mutex::new(None),
+            grow_lock: Arc::new(LockTable::default()),
+            grow_error: Mutex::new(None),
         };
         let mut inner = inner;
         // Building may run inside another runtime's task: assemble on a thread of its own.
         iort::run_on_io_thread(|| inner.assemble())
             .map_err(|e| RaidError::Io(IoError::eio(format!("raid assembly: {e}"))))??;
         let inner = Arc::new(inner);
-        let dev = RaidDevice {
+        let owner = Arc::new(Owner {
             inner: inner.clone(),
             bg: Mutex::new(None),
-        };
+        });
         if opts.background {
             let weak = Arc::downgrade(&inner);
             let h = std::thread::Builder::new()
                 .name(format!("raid-sync {}", inner.name))
                 .spawn(move || background_loop(weak))
                 .map_err(|e| RaidError::Io(IoError::from(e)))?;
-            *dev.bg.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+            *owner.bg.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
-        Ok(dev)
+        if inner.has_meta {
+            // Only arrays with superblocks: their UUID is how a reload finds them.
+            live::register(&owner);
+        }
+        Ok(RaidDevice::handle(owner, size, sync))
     }
+}
+
+/// The refusal of a table smaller than the array leg `leg`'s superblock records.
+fn shrinking(leg: usize, size: u64, table: u64) -> RaidError {
+    RaidError::Geometry(format!(
+        "the array is {size} bytes (leg {leg}'s superblock) but the table asks for {table}: \
+         shrinking a raid array is refused"
+    ))
 }
 
 impl Inner {
@@ -188,6 +208,8 @@ impl Inner {
         let n = self.n();
         let mut pending_all = false;
         let mut pending_from_bitmap = false;
+        // The table's size when the superblocks record a smaller one.
+        let mut grow_to = None;
         if !self.has_meta {
             self.uuid = meta::new_uuid();
             pending_all = self.cfg.sync != SyncMode::Skip;
@@ -217,9 +239,13 @@ impl Inner {
             // metadata unusable, that leg alone. Only a superblock that fits this leg and the
             // table's geometry can be the reference.
             let table = self.want_sb(0);
-            let mut usable: Vec<Option<&Superblock>> = vec![None; n];
+            let table_size = Bytes(self.size());
+            // Usable superblocks with the size each records.
+            let mut usable: Vec<Option<(&Superblock, Recorded)>> = vec![None; n];
             let mut bad: Vec<Option<String>> = vec![None; n];
             let mut mismatched: Vec<&Superblock> = Vec::new();
+            // Legs whose superblock records a larger array than the table's.
+            let mut larger: Vec<(usize, u64, &Superblock)> = Vec::new();
             for (i, s) in sbs.iter().enumerate() {
                 let Some(SbRead::Valid(sb)) = s else { continue };
                 if let Some(p) = sb.problem(i, n) {
@@ -228,7 +254,22 @@ impl Inner {
                     bad[i] = Some(e.to_string());
                     mismatched.push(sb);
                 } else {
-                    usable[i] = Some(sb);
+                    match geometry::recorded_size(
+                        &self.cfg,
+                        sb.leg_bytes,
+                        sb.array_bytes,
+                        table_size,
+                    ) {
+                        Err(why) => bad[i] = Some(format!("size: {why}")),
+                        Ok(r) if r.size > table_size.0 => {
+                            bad[i] = Some(format!(
+                                "records an array of {} bytes, larger than the table's {}",
+                                r.size, table_size.0
+                            ));
+                            larger.push((i, r.size, sb));
+                        }
+                        Ok(r) => usable[i] = Some((sb, r)),
+                    }
                 }
                 if let Some(p) = &bad[i] {
                     *self.legs[i]
@@ -241,15 +282,20 @@ impl Inner {
             // The array is the UUID most usable legs carry (a leg of another array cannot
             // outvote the others); its newest superblock is the reference.
             let reference = {
-                let cands: Vec<&Superblock> = usable.iter().flatten().copied().collect();
-                let votes = |u: &[u8; 16]| cands.iter().filter(|s| &s.uuid == u).count();
+                let cands: Vec<(&Superblock, Recorded)> =
+                    usable.iter().flatten().copied().collect();
+                let votes = |u: &[u8; 16]| cands.iter().filter(|(s, _)| &s.uuid == u).count();
                 cands
                     .iter()
-                    .max_by_key(|s| (votes(&s.uuid), s.events))
-                    .map(|s| (*s).clone())
+                    .max_by_key(|(s, r)| (votes(&s.uuid), s.events, r.size))
+                    .map(|(s, r)| ((*s).clone(), *r))
             };
             match reference {
                 None => {
+                    // No shrinking: an array that is larger than the table stays unassembled.
+                    if let Some(&(i, size, _)) = larger.iter().max_by_key(|x| x.1) {
+                        return Err(shrinking(i, size, table_size.0));
+                    }
                     // Every leg with a superblock disagrees with the table: the table is wrong
                     // (or the metadata belongs elsewhere); say how.
                     if let Some(sb) = mismatched.iter().max_by_key(|s| s.events) {
@@ -272,18 +318,36 @@ impl Inner {
                     self.uuid = meta::new_uuid();
                     pending_all = self.cfg.sync != SyncMode::Skip;
                 }
-                Some(r) => {
+                Some((r, rec)) => {
+                    // A newer superblock of this array records a larger size (the table
+                    // predates a grow whose superblock round a cut interrupted): a shrink.
+                    if let Some(&(i, size, _)) = larger
+                        .iter()
+                        .find(|(_, _, sb)| sb.uuid == r.uuid && sb.events > r.events)
+                    {
+                        return Err(shrinking(i, size, table_size.0));
+                    }
                     self.uuid = r.uuid;
                     self.events.store(r.events, Ordering::Release);
+                    if rec.size < table_size.0 {
+                        // Assembled as the superblocks have it; grown to the table at the end.
+                        grow_to = Some(table_size.0);
+                        self.set_recorded_dims(rec.size)?;
+                    }
+                    if rec.full_resync {
+                        pending_all = true;
+                    }
                     for (i, s) in sbs.iter().enumerate() {
                         let Some(s) = s else { continue };
-                        let trusted = usable[i].is_some_and(|sb| {
+                        let trusted = usable[i].is_some_and(|(sb, _)| {
                             sb.uuid == r.uuid
                                 && sb.data_id == meta::data_id(&self.legs[i].dev().name())
                                 && r.failed_mask & (1 << i) == 0
                         });
-                        if let (true, Some(sb)) = (trusted, usable[i]) {
-                            if sb.events < r.events {
+                        if let (true, Some((sb, srec))) = (trusted, usable[i]) {
+                            // A leg recording another size than the newest superblock missed
+                            // the grow's superblock round, which bumped the event count.
+                            if sb.events < r.events || srec.size != rec.size {
                                 // Not marked failed by the newest superblock, so it missed no
                                 // acknowledged write (failures are recorded before any write
                                 // that skipped the leg completes); only the superblock round
@@ -336,8 +400,9 @@ impl Inner {
                         }
                     }
                     // The bitmap: union over every trusted leg.
-                    let pages = meta::bitmap_pages(self.regions);
-                    let mut words = vec![0u64; (self.regions as usize).div_ceil(64)];
+                    let regions = self.regions();
+                    let pages = meta::bitmap_pages(regions);
+                    let mut words = vec![0u64; (regions as usize).div_ceil(64)];
                     for l in self.legs.iter().filter(|l| l.state() == LegState::InSync) {
                         let Some(m) = &l.meta else { continue };
                         for p in 0..pages {
@@ -354,7 +419,7 @@ impl Inner {
                     }
                     // A page may carry bits past the last region (a forged page): they name
                     // no region, and would keep the bitmap from ever reading clean.
-                    if let (Some(w), tail @ 1..) = (words.last_mut(), self.regions % 64) {
+                    if let (Some(w), tail @ 1..) = (words.last_mut(), regions % 64) {
                         *w &= (1u64 << tail) - 1;
                     }
                     self.bm_state().words = words;
@@ -377,7 +442,7 @@ impl Inner {
             let mut bm = self.bm.lock().unwrap_or_else(|e| e.into_inner());
             let mut st = self.sync.lock().unwrap_or_else(|e| e.into_inner());
             let mut from_bitmap = 0u64;
-            for r in 0..self.regions as usize {
+            for r in 0..self.regions() as usize {
                 let in_bitmap = pending_from_bitmap && bm.words[r / 64] >> (r % 64) & 1 == 1;
                 from_bitmap += in_bitmap as u64;
                 let dirty = pending_all || in_bitmap;
@@ -401,6 +466,44 @@ impl Inner {
             let g = self.bm_state().mem_gen;
             self.persist_bitmap(g, true).await.map_err(RaidError::Io)?;
         }
+        if let Some(size) = grow_to {
+            let old = self.size();
+            self.grow_plan(size).map_err(|why| {
+                RaidError::Geometry(format!(
+                    "the array cannot grow from {old} to {size} bytes: {why}"
+                ))
+            })?;
+            self.ensure_size(size, self.cfg.sync)
+                .await
+                .map_err(RaidError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Before anything is loaded, sets the sizes to those of an array of `size` bytes (what
+    /// its superblocks record, smaller than the table's) and trims the bitmap and sync state
+    /// to its regions.
+    fn set_recorded_dims(&mut self, size: u64) -> Result<(), RaidError> {
+        let s = geometry::sizing(&self.cfg, Bytes(size))
+            .map_err(|e| RaidError::Geometry(format!("recorded size {size} bytes: {e}")))?;
+        let regions = s.regions as usize;
+        {
+            let bm = self.bm.get_mut().unwrap_or_else(|e| e.into_inner());
+            bm.words.truncate(regions.div_ceil(64));
+            bm.inflight.truncate(regions);
+            bm.seq.truncate(regions);
+            bm.dirty_pages
+                .truncate(meta::bitmap_pages(s.regions) as usize);
+        }
+        self.sync
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .truncate(regions);
+        *self.recorded.get_mut().unwrap_or_else(|e| e.into_inner()) = (s.leg_bytes, size);
+        *self.size.get_mut() = size;
+        *self.leg_bytes.get_mut() = s.leg_bytes;
+        *self.regions.get_mut() = s.regions;
         Ok(())
     }
 

@@ -39,38 +39,15 @@ impl Inner {
         } else {
             WriteFlags::default()
         };
-        let targets: Vec<usize> = (0..self.n())
-            .filter(|&i| self.legs[i].state() == LegState::InSync)
+        let blocks: Vec<(u64, Vec<u8>, String)> = pages
+            .into_iter()
+            .map(|(p, b)| ((1 + p) * META_BLOCK as u64, b, format!("bitmap page {p}")))
             .collect();
-        let futs = targets.iter().map(|&i| {
-            let pages = &pages;
-            async move {
-                let Some(m) = &self.legs[i].meta else {
-                    return (i, Ok(()));
-                };
-                for (p, b) in pages {
-                    let off = Bytes((1 + p) * META_BLOCK as u64);
-                    // SAFETY: the buffer belongs to this future and the call is awaited in it:
-                    // completed, dropped first (waiting for the kernel), or leaked with it.
-                    if let Err(e) = unsafe { m.write(off, b, flags) }.await {
-                        return (i, Err(e.context(format!("bitmap page {p}"))));
-                    }
-                }
-                (i, Ok(()))
-            }
-        });
-        let mut ok = 0;
-        for (i, r) in join_all(futs).await {
-            match r {
-                Ok(()) => ok += 1,
-                Err(e) => self.fail_leg(i, &e).await,
-            }
-        }
-        if ok == 0 {
+        if !self.write_metas(&blocks, flags).await {
             // Put the pages back so a later persist retries them.
             let mut bm = self.bm_state();
-            for (p, _) in &pages {
-                bm.dirty_pages[*p as usize] = true;
+            for (off, _, _) in &blocks {
+                bm.dirty_pages[(off / META_BLOCK as u64 - 1) as usize] = true;
             }
             return Err(IoError::eio(format!(
                 "{}: write-intent bitmap could not be written to any leg",
@@ -80,6 +57,39 @@ impl Inner {
         let mut bm = self.bm_state();
         bm.disk_gen = bm.disk_gen.max(snap_gen);
         Ok(())
+    }
+
+    /// Writes `blocks` (offset, bytes, what for errors) to the metadata device of every
+    /// in-sync leg, failing the legs whose writes fail; returns whether any leg took them all.
+    pub(super) async fn write_metas(
+        &self,
+        blocks: &[(u64, Vec<u8>, String)],
+        flags: WriteFlags,
+    ) -> bool {
+        let targets: Vec<usize> = (0..self.n())
+            .filter(|&i| self.legs[i].state() == LegState::InSync)
+            .collect();
+        let futs = targets.iter().map(|&i| async move {
+            let Some(m) = &self.legs[i].meta else {
+                return (i, Ok(()));
+            };
+            for (off, b, what) in blocks {
+                // SAFETY: the buffer belongs to this future and the call is awaited in it:
+                // completed, dropped first (waiting for the kernel), or leaked with it.
+                if let Err(e) = unsafe { m.write(Bytes(*off), b, flags) }.await {
+                    return (i, Err(e.context(what)));
+                }
+            }
+            (i, Ok(()))
+        });
+        let mut ok = 0;
+        for (i, r) in join_all(futs).await {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => self.fail_leg(i, &e).await,
+            }
+        }
+        ok > 0
     }
 
     /// Marks regions `[first, last]` as being written: sets (and durably persists) their bits
@@ -130,7 +140,7 @@ impl Inner {
         let candidates: Vec<(usize, u32)> = if self.has_meta {
             let bm = self.bm_state();
             let st = self.sync_state();
-            (0..self.regions as usize)
+            (0..self.regions() as usize)
                 .filter(|&r| {
                     bm.words[r / 64] >> (r % 64) & 1 == 1 && bm.inflight[r] == 0 && !st.pending[r]
                 })

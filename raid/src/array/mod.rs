@@ -3,7 +3,14 @@
 //! The work is split by job: `assembly` (open, superblock trust decisions), `superblock`
 //! (event counter, recording failures), `bitmap` (write-intent bits), `mirror_io` (raid1 /
 //! raid10), `parity_io` (raid4/5), `ppl_io` (the partial parity log), `sync` (the background
-//! thread: resync, recovery, check, repair) and `status` (status line, messages).
+//! thread: resync, recovery, check, repair), `status` (status line, messages), `grow` (a
+//! larger table: the new size made durable, the new regions resynced) and `live` (the arrays
+//! open in this process, so a reloaded table reaches the array that is already running).
+//!
+//! A [`RaidDevice`] is one table's handle on an array: its size is the table's. Handles of one
+//! array share its state; a reload builds a second handle on the running array instead of
+//! assembling it a second time, and the array grows to the new handle's size once that handle
+//! is in use (its first request beyond the old end, or the older handles gone).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -17,11 +24,13 @@ use tables::Bytes;
 
 use crate::lock::LockTable;
 use crate::meta;
-use crate::parse::RaidConfig;
+use crate::parse::{RaidConfig, SyncMode};
 use crate::ppl;
 
 mod assembly;
 mod bitmap;
+mod grow;
+pub(crate) mod live;
 mod mirror_io;
 mod parity_io;
 mod ppl_io;
@@ -203,14 +212,26 @@ impl Default for OpenOptions {
 /// Opens a device by name for `rebuild <idx> <device>` messages.
 pub type LegOpener = Arc<dyn Fn(&str) -> Result<DeviceRef, String> + Send + Sync>;
 
+/// A table's handle on the array: its size and sync mode.
+struct HandleInfo {
+    id: u64,
+    size: u64,
+    sync: SyncMode,
+}
+
 struct Inner {
     name: String,
     cfg: RaidConfig,
     geo: Geo,
-    size: Bytes,
-    leg_bytes: u64,
+    /// Exposed size, bytes per leg and bitmap regions in use. They only grow (`grow.rs`),
+    /// each stored after the state it covers (bitmap and sync vectors) has room for it.
+    size: AtomicU64,
+    leg_bytes: AtomicU64,
+    regions: AtomicU64,
+    /// What superblocks record: `(leg_bytes, array_bytes)`. A grow sets it before its
+    /// superblock round, ahead of the fields above.
+    recorded: Mutex<(u64, u64)>,
     region_bytes: u64,
-    regions: u64,
     legs: Vec<Leg>,
     has_meta: bool,
     uuid: [u8; 16],
@@ -238,15 +259,84 @@ struct Inner {
     wake: (Mutex<bool>, Condvar),
     stop: AtomicBool,
     limits: Limits,
+    /// Live handles on this array.
+    handles: Mutex<Vec<HandleInfo>>,
+    /// A size (and sync mode for the new regions) to grow to, asked for when the handle that
+    /// wants it became the only one; the background step applies it.
+    grow_want: Mutex<Option<(u64, SyncMode)>>,
+    /// Serialises grows.
+    grow_lock: Arc<LockTable>,
+    /// Why the last grow failed, for status.
+    grow_error: Mutex<Option<String>>,
 }
 
-/// A RAID array as a block device.
-pub struct RaidDevice {
+/// Owns the array's background thread: shared by every handle, so the thread stops when the
+/// last handle goes.
+struct Owner {
     inner: Arc<Inner>,
     bg: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.kick();
+        if let Some(h) = self.bg.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A RAID array as a block device: one table's handle on the array (see the module docs).
+pub struct RaidDevice {
+    inner: Arc<Inner>,
+    /// Keeps the array's background thread running while any handle lives.
+    _owner: Arc<Owner>,
+    id: u64,
+    /// The table's size: requests are checked against it, and the array grows to it once
+    /// this handle is in use.
+    size: Bytes,
+    /// The table's sync mode, which decides whether the regions a grow adds are resynced.
+    sync: SyncMode,
+}
+
 impl RaidDevice {
+    /// A new handle of `size` bytes on the array `owner` runs.
+    fn handle(owner: Arc<Owner>, size: Bytes, sync: SyncMode) -> RaidDevice {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let inner = owner.inner.clone();
+        inner
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(HandleInfo {
+                id,
+                size: size.0,
+                sync,
+            });
+        RaidDevice {
+            inner,
+            _owner: owner,
+            id,
+            size,
+            sync,
+        }
+    }
+
+    /// Grows the array to this handle's size first when `end` lies beyond the array's end.
+    async fn reach(&self, end: u64) -> IoResult<()> {
+        if end > self.inner.size() {
+            self.inner.ensure_size(self.size.0, self.sync).await?;
+        }
+        Ok(())
+    }
+
+    /// The array's size now: this handle's size once the array has grown to it.
+    pub fn array_size(&self) -> Bytes {
+        Bytes(self.inner.size())
+    }
+
     /// Installs the opener used by `rebuild <idx> <device>` messages.
     pub fn set_opener(&self, opener: LegOpener) {
         *self.inner.opener.lock().unwrap_or_else(|e| e.into_inner()) = Some(opener);
@@ -281,9 +371,14 @@ impl RaidDevice {
         meta::uuid_string(&self.inner.uuid)
     }
 
-    /// Current sync action.
+    /// Current sync action. Before the array has grown to this handle's size, that grow's
+    /// resync counts as pending (unless the table says `nosync`).
     pub fn sync_action(&self) -> SyncAction {
-        self.inner.current_action()
+        let a = self.inner.current_action();
+        if a == SyncAction::Idle && self.size.0 > self.inner.size() && self.sync != SyncMode::Skip {
+            return SyncAction::Resync;
+        }
+        a
     }
 
     /// Does one unit of background work (a region, or a stripe of recovery); returns whether
@@ -321,7 +416,7 @@ impl RaidDevice {
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let start = std::time::Instant::now();
         while start.elapsed() < timeout {
-            if self.inner.current_action() == SyncAction::Idle {
+            if self.sync_action() == SyncAction::Idle {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -332,10 +427,21 @@ impl RaidDevice {
 
 impl Drop for RaidDevice {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::Release);
-        self.inner.kick();
-        if let Some(h) = self.bg.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = h.join();
+        let mut hs = self.inner.handles.lock().unwrap_or_else(|e| e.into_inner());
+        hs.retain(|h| h.id != self.id);
+        // A reload swaps the new table in and drops the old one: the handle left is the one
+        // in use, and the array grows to it. A reload that failed drops the new handle
+        // instead, and the one left is no larger than the array.
+        if let [h] = hs.as_slice() {
+            if h.size > self.inner.size() {
+                *self
+                    .inner
+                    .grow_want
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((h.size, h.sync));
+                drop(hs);
+                self.inner.kick();
+            }
         }
     }
 }
@@ -349,6 +455,21 @@ impl Inner {
 
     fn n(&self) -> usize {
         self.legs.len()
+    }
+
+    /// Exposed size in bytes.
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Bytes of each leg in use.
+    fn leg_bytes(&self) -> u64 {
+        self.leg_bytes.load(Ordering::Acquire)
+    }
+
+    /// Bitmap regions in use.
+    fn regions(&self) -> u64 {
+        self.regions.load(Ordering::Acquire)
     }
 
     fn leg_errors_now(&self) -> Vec<Option<String>> {
@@ -394,10 +515,11 @@ impl RaidDevice {
     /// [lending contract](tables::io#the-lending-contract) for the returned future.
     async unsafe fn read_direct(&self, offset: Bytes, buf: Dst<'_>) -> IoResult<Served> {
         let inner = &self.inner;
-        check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
+        check_range(&inner.name, self.size, offset, Bytes(buf.len() as u64))?;
         if buf.is_empty() {
             return Ok(Served::Done);
         }
+        self.reach(offset.0 + buf.len() as u64).await?;
         let r = match inner.geo {
             Geo::Mirror { .. } => inner.mirror_read(offset.0, buf).await,
             Geo::Parity { .. } => inner.parity_read(offset.0, buf).await,
@@ -422,13 +544,14 @@ impl RaidDevice {
         flags: WriteFlags,
     ) -> IoResult<Served> {
         let inner = &self.inner;
-        check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
+        check_range(&inner.name, self.size, offset, Bytes(buf.len() as u64))?;
         if buf.is_empty() {
             return Ok(Served::Done);
         }
         let Geo::Mirror { .. } = inner.geo else {
             return Ok(Served::NeedsMemory);
         };
+        self.reach(offset.0 + buf.len() as u64).await?;
         let r = inner.mirror_write(offset.0, buf.len(), buf, flags).await;
         if !matches!(r, Ok(Served::NeedsMemory)) {
             inner.client_ios.fetch_add(1, Ordering::Relaxed);
@@ -442,7 +565,7 @@ impl BlockDevice for RaidDevice {
         self.inner.name.clone()
     }
     fn size(&self) -> Bytes {
-        self.inner.size
+        self.size
     }
     fn limits(&self) -> Limits {
         self.inner.limits
@@ -450,10 +573,11 @@ impl BlockDevice for RaidDevice {
     unsafe fn read<'a>(&'a self, offset: Bytes, buf: &'a mut [u8]) -> IoFuture<'a> {
         Box::pin(async move {
             let inner = &self.inner;
-            check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
+            check_range(&inner.name, self.size, offset, Bytes(buf.len() as u64))?;
             if buf.is_empty() {
                 return Ok(());
             }
+            self.reach(offset.0 + buf.len() as u64).await?;
             inner.client_ios.fetch_add(1, Ordering::Relaxed);
             match inner.geo {
                 Geo::Mirror { .. } => inner.mirror_read(offset.0, Dst::Mem(buf)).await,
@@ -465,10 +589,11 @@ impl BlockDevice for RaidDevice {
     unsafe fn write<'a>(&'a self, offset: Bytes, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             let inner = &self.inner;
-            check_range(&inner.name, inner.size, offset, Bytes(buf.len() as u64))?;
+            check_range(&inner.name, self.size, offset, Bytes(buf.len() as u64))?;
             if buf.is_empty() {
                 return Ok(());
             }
+            self.reach(offset.0 + buf.len() as u64).await?;
             inner.client_ios.fetch_add(1, Ordering::Relaxed);
             match inner.geo {
                 Geo::Mirror { .. } => inner
@@ -509,16 +634,16 @@ impl BlockDevice for RaidDevice {
     fn discard(&self, offset: Bytes, len: Bytes) -> IoFuture<'_> {
         // A hint we do not act on: forwarding it could leave copies/parity inconsistent on
         // legs whose discard does not zero.
-        Box::pin(async move { check_range(&self.inner.name, self.inner.size, offset, len) })
+        Box::pin(async move { check_range(&self.inner.name, self.size, offset, len) })
     }
     fn write_zeroes(&self, offset: Bytes, len: Bytes, flags: WriteFlags) -> IoFuture<'_> {
         Box::pin(async move {
-            check_range(&self.inner.name, self.inner.size, offset, len)?;
+            check_range(&self.inner.name, self.size, offset, len)?;
             tables::io::write_zeroes_by_writing(self, offset, len, flags).await
         })
     }
     fn status(&self) -> String {
-        self.inner.status_line()
+        self.inner.status_line(self.size.0, self.sync)
     }
     fn message<'a>(&'a self, args: &'a [String]) -> IoFuture<'a, String> {
         Box::pin(self.inner.handle_message(args))

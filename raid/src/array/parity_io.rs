@@ -305,7 +305,17 @@ impl Inner {
             let rmw_reads: u64 = w.iter().flatten().map(|x| x.1 - x.0).sum::<u64>() + plen as u64;
             let rcw_ok = data_missing.is_none_or(full);
             let rmw_ok = !parity_missing && data_missing.is_none_or(|f| w[f].is_none());
-            let use_rmw = rmw_ok && (!rcw_ok || rmw_reads < rcw_reads);
+            // A stripe awaiting resync (a new array, a grown one's new part, a dirty region
+            // after a cut) may hold parity that matches nothing: read-modify-write would carry
+            // the mismatch on, so parity is computed from every data chunk, as md does below
+            // its resync point. A leg lost before the resync then still reads back right.
+            let unsynced = self
+                .sync_state()
+                .pending
+                .get(self.stripe_region(stripe) as usize)
+                .copied()
+                .unwrap_or(true);
+            let use_rmw = rmw_ok && (!rcw_ok || (!unsynced && rmw_reads < rcw_reads));
             let planned = if use_rmw {
                 self.plan_rmw(sw).await
             } else if (0..k).all(full) {

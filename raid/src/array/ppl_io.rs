@@ -72,23 +72,26 @@ impl Inner {
         let partial = w
             .iter()
             .any(|x| !matches!(x, Some((lo, hi, _)) if *lo == plo && *hi == phi));
-        let geo = {
+        {
             let mut s = self.ppl_state();
-            let Some(geo) = s.geo else {
+            if s.geo.is_none() {
                 return Ok(None);
-            };
+            }
             // The common case, every leg in sync and no log kept: count the write and go,
             // without building an entry nobody writes.
             if s.log_leg.is_none() && !s.activating && self.all_in_sync() {
                 return Ok(Some(self.unlogged(&mut s, stripe)));
             }
-            geo
-        };
+        }
         let mut entry = self.ppl_entry(stripe, map, w, (plo, phi), partial, p, data);
         let need = ppl::aligned(entry.encoded_len());
         for _ in 0..self.n() + 4 {
             let got = {
                 let mut s = self.ppl_state();
+                // Read each round: a grow moves the log (only while no log is kept).
+                let Some(geo) = s.geo else {
+                    return Ok(None);
+                };
                 let degraded = !self.all_in_sync();
                 match s.log_leg {
                     None if !degraded && !s.activating => {
@@ -115,6 +118,9 @@ impl Inner {
             };
             let Some((l, off, gen)) = got else {
                 let _g = self.ppl_lock.lock(0, true).await;
+                let Some(geo) = self.ppl_state().geo else {
+                    return Ok(None);
+                };
                 self.ppl_transition(geo, need).await?;
                 continue;
             };
@@ -209,7 +215,7 @@ impl Inner {
     /// Under `ppl_lock`: starts, moves, advances to the next segment of, or drops the log,
     /// whichever the array's state asks for (another writer may already have done it). `need`
     /// is the space the caller's entry takes.
-    async fn ppl_transition(&self, geo: Geometry, need: u64) -> IoResult<()> {
+    pub(super) async fn ppl_transition(&self, geo: Geometry, need: u64) -> IoResult<()> {
         let degraded = !self.all_in_sync();
         let (log_leg, cur, next_off) = {
             let s = self.ppl_state();
@@ -382,7 +388,7 @@ impl Inner {
         if !self.has_meta {
             return None;
         }
-        let base = meta::meta_bytes(self.regions);
+        let base = meta::meta_bytes(self.regions());
         let min_meta = self
             .legs
             .iter()
@@ -452,7 +458,7 @@ impl Inner {
         let Some((li, cp)) = best else {
             return Ok(false);
         };
-        let base = meta::meta_bytes(self.regions);
+        let base = meta::meta_bytes(self.regions());
         let io = |what: String| move |e: IoError| RaidError::Io(e.context(what));
         self.ppl_state().max_gen = cp.max_gen();
         let active = cp.active();
@@ -467,7 +473,7 @@ impl Inner {
             base,
             seg_bytes: cp.seg_bytes,
         };
-        let stripes = self.leg_bytes / chunk;
+        let stripes = self.leg_bytes() / chunk;
         let k = self.n() - 1;
         let mut entries = Vec::new();
         for seg in 0..ppl::SEGMENTS {

@@ -3,12 +3,49 @@
 use std::sync::atomic::Ordering;
 
 use tables::io::{IoError, IoResult};
+use tables::Bytes;
+
+use crate::parse::SyncMode;
 
 use super::{Geo, Inner, LegState, SyncAction};
 
 impl Inner {
-    pub(super) fn status_line(&self) -> String {
-        let action = self.current_action();
+    /// The status line of a handle of `size` bytes whose table has sync mode `sync`. Before
+    /// the array has grown to that size, the part beyond the array's end counts as not yet
+    /// in sync (as resync would find it), unless the table says `nosync`.
+    pub(super) fn status_line(&self, size: u64, sync: SyncMode) -> String {
+        let mut action = self.current_action();
+        let regions = self.regions();
+        let array = self.size();
+        let total = Bytes(size.max(array)).sectors_floor().0;
+        let have = Bytes(array).sectors_floor().0;
+        // have * part / whole, in 128 bits (have * part can pass 64).
+        let frac = |part: u64, whole: u64| -> u64 {
+            let whole = whole.max(1);
+            (have as u128 * part.min(whole) as u128 / whole as u128) as u64
+        };
+        let mut done = match action {
+            SyncAction::Recover => frac(
+                self.recover_pos.load(Ordering::Acquire),
+                self.recover_units(),
+            ),
+            SyncAction::Resync => {
+                let st = self.sync_state();
+                have - frac(st.pending_count, regions)
+            }
+            SyncAction::Check | SyncAction::Repair => {
+                let st = self.sync_state();
+                frac(st.cursor, regions)
+            }
+            _ => have,
+        };
+        if total > have {
+            if sync == SyncMode::Skip {
+                done += total - have;
+            } else if action == SyncAction::Idle {
+                action = SyncAction::Resync;
+            }
+        }
         let health: String = self
             .legs
             .iter()
@@ -19,31 +56,10 @@ impl Inner {
                 LegState::InSync => 'A',
             })
             .collect();
-        let total = self.size.sectors_floor().0;
-        // total * part / whole, in 128 bits (total * part can pass 64).
-        let frac = |part: u64, whole: u64| -> u64 {
-            let whole = whole.max(1);
-            (total as u128 * part.min(whole) as u128 / whole as u128) as u64
-        };
-        let done = match action {
-            SyncAction::Recover => frac(
-                self.recover_pos.load(Ordering::Acquire),
-                self.recover_units(),
-            ),
-            SyncAction::Resync => {
-                let st = self.sync_state();
-                total - frac(st.pending_count, self.regions)
-            }
-            SyncAction::Check | SyncAction::Repair => {
-                let st = self.sync_state();
-                frac(st.cursor, self.regions)
-            }
-            _ => total,
-        };
         let bitmap = if self.has_meta {
             let bm = self.bm_state();
             let dirty: u32 = bm.words.iter().map(|w| w.count_ones()).sum();
-            format!("bitmap:{dirty}/{}", self.regions)
+            format!("bitmap:{dirty}/{regions}")
         } else {
             "bitmap:none(full-resync-on-start)".to_string()
         };
@@ -70,6 +86,15 @@ impl Inner {
                 " dirty_degraded_start:{}_regions",
                 st.dirty_degraded
             ));
+        }
+        drop(st);
+        if let Some(why) = self
+            .grow_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.push_str(&format!(" grow_failed:{}", why.replace(' ', "_")));
         }
         s
     }
@@ -110,7 +135,8 @@ impl Inner {
                     for p in st.pending.iter_mut() {
                         *p = true;
                     }
-                    st.pending_count = self.regions;
+                    // Every flag set: a grow under way may have made room beyond `regions`.
+                    st.pending_count = st.pending.len() as u64;
                 }
                 {
                     let mut bm = self.bm_state();

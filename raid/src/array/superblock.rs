@@ -14,6 +14,7 @@ use super::{Inner, LegState, ST_FAILED};
 impl Inner {
     pub(super) fn want_sb(&self, idx: usize) -> Superblock {
         let (level, layout) = self.cfg.level.codes();
+        let (leg_bytes, array_bytes) = *self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         Superblock {
             uuid: self.uuid,
             leg_index: idx as u32,
@@ -22,7 +23,7 @@ impl Inner {
             layout,
             chunk_sectors: self.cfg.chunk.0,
             region_sectors: self.region_bytes / 512,
-            leg_bytes: self.leg_bytes,
+            leg_bytes,
             events: self.events.load(Ordering::Acquire),
             // A leg without a metadata device here (a `- -` leg, even once replaced and
             // rebuilt) has no superblock of its own to vouch for its data: it stays marked, so
@@ -35,6 +36,7 @@ impl Inner {
                 .fold(0u64, |m, (i, _)| m | (1 << i)),
             clean: false,
             data_id: meta::data_id(&self.legs[idx].dev().name()),
+            array_bytes,
         }
     }
 

@@ -85,6 +85,18 @@ impl Inner {
     }
 
     pub(super) async fn sync_step(&self) -> IoResult<bool> {
+        let want = self
+            .grow_want
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((size, sync)) = want {
+            // The handle that asked is the one in use now (see `RaidDevice`'s drop); a failed
+            // grow is in status, and that handle's first request beyond the old end retries.
+            if self.ensure_size(size, sync).await.is_ok() {
+                return Ok(true);
+            }
+        }
         let action = self.current_action();
         match action {
             SyncAction::Idle | SyncAction::Frozen => Ok(false),
@@ -103,19 +115,22 @@ impl Inner {
             SyncAction::Resync | SyncAction::Check | SyncAction::Repair => {
                 let next = {
                     let mut st = self.sync_state();
+                    // Read under the sync lock: a grow stores a larger count under it, after
+                    // making room in `pending`.
+                    let regions = self.regions();
                     let mut r = st.cursor;
                     if action == SyncAction::Resync {
-                        while r < self.regions && !st.pending[r as usize] {
+                        while r < regions && !st.pending[r as usize] {
                             r += 1;
                         }
-                        if r >= self.regions {
+                        if r >= regions {
                             // Wrap: pending regions behind the cursor (set by a later `resync`).
-                            r = (0..self.regions)
+                            r = (0..regions)
                                 .find(|&x| st.pending[x as usize])
-                                .unwrap_or(self.regions);
+                                .unwrap_or(regions);
                         }
                     }
-                    if r >= self.regions {
+                    if r >= regions {
                         st.cursor = 0;
                         if action != SyncAction::Resync {
                             st.scrub = None;
@@ -165,8 +180,8 @@ impl Inner {
 
     pub(super) fn recover_units(&self) -> u64 {
         match self.geo {
-            Geo::Mirror { .. } => self.regions,
-            Geo::Parity { chunk, .. } => self.leg_bytes / chunk,
+            Geo::Mirror { .. } => self.regions(),
+            Geo::Parity { chunk, .. } => self.leg_bytes() / chunk,
         }
     }
 
@@ -275,7 +290,7 @@ impl Inner {
             Geo::Mirror { .. } => {
                 let _g = self.locks.lock(r, true).await;
                 let start = r * self.region_bytes;
-                let end = (r + 1).saturating_mul(self.region_bytes).min(self.size.0);
+                let end = (r + 1).saturating_mul(self.region_bytes).min(self.size());
                 if start < end {
                     for p in self.mirror_pieces(start, end - start) {
                         self.sync_mirror_piece(&p, r, mode).await?;
@@ -293,7 +308,7 @@ impl Inner {
             }
             Geo::Parity { chunk, .. } => {
                 let per_region = self.region_bytes / chunk;
-                let stripes = self.leg_bytes / chunk;
+                let stripes = self.leg_bytes() / chunk;
                 for s in r * per_region..((r + 1) * per_region).min(stripes) {
                     self.sync_stripe(s, mode).await?;
                 }
@@ -447,7 +462,7 @@ impl Inner {
             }
         }
         if let Some(d) = dev {
-            if d.size().0 < self.leg_bytes {
+            if d.size().0 < self.leg_bytes() {
                 if st == LegState::InSync {
                     self.legs[idx].set(LegState::InSync);
                 }
@@ -456,7 +471,7 @@ impl Inner {
                     self.name,
                     d.name(),
                     d.size().0,
-                    self.leg_bytes
+                    self.leg_bytes()
                 )));
             }
             *self.legs[idx]

@@ -235,3 +235,135 @@ pub fn panics() -> usize {
     });
     COUNT.load(Ordering::SeqCst)
 }
+
+/// A seeded generator (splitmix64) for the power-cut tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The line the power-cut tests use: `t` over legs `m0 d0 ...` with 16 KiB regions.
+pub fn line_for(t: &str, n: usize) -> String {
+    let mut line = match t {
+        "raid1" => format!("raid1 3 0 region_size 32 {n}"),
+        "raid10" => format!("raid10 3 8 region_size 32 {n}"),
+        _ => format!("{t} 3 8 region_size 32 {n}"),
+    };
+    for i in 0..n {
+        line.push_str(&format!(" m{i} d{i}"));
+    }
+    line
+}
+
+/// Named devices `d0..`, `m0..` behind [`Leg`] wrappers sharing one write `budget`.
+pub fn gated(
+    datas: &[Arc<CrashDevice>],
+    metas: &[Arc<CrashDevice>],
+    budget: &Arc<AtomicI64>,
+) -> Devs {
+    let g = Devs::default();
+    for (i, (d, m)) in datas.iter().zip(metas).enumerate() {
+        g.add(
+            &format!("d{i}"),
+            Leg::with_budget(d.clone(), budget.clone()),
+        );
+        g.add(
+            &format!("m{i}"),
+            Leg::with_budget(m.clone(), budget.clone()),
+        );
+    }
+    g
+}
+
+/// What a power-cut test wrote, per 512-byte sector: its contents at the last completed flush
+/// (`None`: never written, it holds whatever the legs held) and the versions written since
+/// (acknowledged or not: any part of a write may have landed).
+pub struct Written {
+    pub durable: Vec<Option<Vec<u8>>>,
+    current: Vec<Option<Vec<u8>>>,
+    pub later: Vec<Vec<Vec<u8>>>,
+}
+
+impl Written {
+    const SECTOR: usize = 512;
+
+    pub fn new(sectors: usize) -> Written {
+        Written {
+            durable: vec![None; sectors],
+            current: vec![None; sectors],
+            later: vec![Vec::new(); sectors],
+        }
+    }
+
+    /// Records `data` at sector `s0` as written and flushed.
+    pub fn flushed(&mut self, s0: usize, data: &[u8]) {
+        for (j, c) in data.chunks(Self::SECTOR).enumerate() {
+            self.durable[s0 + j] = Some(c.to_vec());
+            self.current[s0 + j] = Some(c.to_vec());
+        }
+    }
+
+    /// Up to `ops` random writes (up to 40 sectors) and flushes (one op in `flush_one_in`) on
+    /// `dev`, stopping at the first that fails (the power is off).
+    pub fn random_io(
+        &mut self,
+        dev: &dyn BlockDevice,
+        rng: &mut Rng,
+        ops: usize,
+        flush_one_in: u64,
+    ) {
+        let sectors = self.durable.len();
+        for _ in 0..ops {
+            if rng.below(flush_one_in) == 0 {
+                if flush(dev).is_err() {
+                    break;
+                }
+                self.durable.clone_from(&self.current);
+                for l in self.later.iter_mut() {
+                    l.clear();
+                }
+                continue;
+            }
+            let s0 = rng.below(sectors as u64) as usize;
+            let ns = (1 + rng.below(40) as usize).min(sectors - s0);
+            let data = pattern(rng.next(), ns * Self::SECTOR);
+            let r = wr(dev, (s0 * Self::SECTOR) as u64, &data);
+            for (j, c) in data.chunks(Self::SECTOR).enumerate() {
+                self.later[s0 + j].push(c.to_vec());
+            }
+            if r.is_err() {
+                break;
+            }
+            for (j, c) in data.chunks(Self::SECTOR).enumerate() {
+                self.current[s0 + j] = Some(c.to_vec());
+            }
+        }
+    }
+
+    /// Panics (with `what`) at the first sector of `got` (read from sector 0) that holds
+    /// neither its flushed contents nor a later write.
+    #[track_caller]
+    pub fn verify(&self, got: &[u8], what: &dyn Fn() -> String) {
+        for (s, g) in got.chunks(Self::SECTOR).enumerate() {
+            let Some(d) = &self.durable[s] else { continue };
+            if g != d.as_slice() && !self.later[s].iter().any(|v| v.as_slice() == g) {
+                panic!(
+                    "{}: sector {s} holds neither its flushed contents nor a later write ({} \
+                     later writes)",
+                    what(),
+                    self.later[s].len()
+                );
+            }
+        }
+    }
+}

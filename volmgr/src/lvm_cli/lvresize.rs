@@ -1,6 +1,8 @@
-//! `lvextend` / `lvresize` (growing): more extents from [`lvm::alloc::extend`], committed,
-//! then the active device's table reloaded in place (the daemon grows the device while it
-//! serves), then with `-r` the file system on it grown online (`resize2fs`, `xfs_growfs`).
+//! `lvextend` / `lvresize` (growing): more extents from [`lvm::alloc::extend`] (a raid LV:
+//! every image's share from [`lvm::alloc::extend_raid`], never on another image's PVs),
+//! committed, then the active device's table reloaded in place, sub-LVs first (the daemon
+//! grows the device while it serves; a raid array resyncs what it gained), then with `-r` the
+//! file system on it grown online (`resize2fs`, `xfs_growfs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -106,22 +108,50 @@ fn extend(a: LvresizeArgs, scan: Scan) -> Result<()> {
         }
     }
     let policy = policy.resolve_for_lv(&md.vg, &lv);
-    let segs = alloc::extend(&md.vg, &target, more, policy, pvs.as_ref())?;
-    let l = md.vg.lv_mut(&target).context("the LV")?;
-    for s in segs {
-        if !l.push_segment(s) {
-            bail!("{vg_name}/{target}: the allocator returned a segment that does not start at the LV's end");
+    let name = dm_name(vg_name, lv_name);
+    let running = daemon_devices(&a.sd);
+    // The LVs that change, in the order their active devices take the longer tables: the
+    // sub-LVs first (a pool's data, a raid LV's images), then the LV.
+    let mut order = vec![lv_name.to_string()];
+    if let Some(raid) = alloc::raid_segment(&md.vg, lv_name) {
+        if running.contains_key(&name) {
+            raid_in_sync(&a.sd, &name, raid.images.len(), vg_name, lv_name)?;
+        }
+        let x = alloc::extend_raid(&md.vg, lv_name, more, policy, pvs.as_ref())?;
+        for (img, segs) in &x.images {
+            let l = md.vg.lv_mut(img).context("a raid image")?;
+            for s in segs {
+                if !l.push_segment(s.clone()) {
+                    bail!("{vg_name}/{img}: the allocator returned a segment that does not start at the image's end");
+                }
+            }
+        }
+        let seg =
+            lvm::segtypes::VolmgrSegment::Raid(x.raid.clone()).to_segment(Extents(0), x.lv_extents);
+        md.vg.lv_mut(lv_name).context("the raid LV")?.segments = vec![seg];
+        order.splice(0..0, x.images.into_iter().map(|(img, _)| img));
+    } else {
+        let segs = alloc::extend(&md.vg, &target, more, policy, pvs.as_ref())?;
+        let l = md.vg.lv_mut(&target).context("the LV")?;
+        for s in segs {
+            if !l.push_segment(s) {
+                bail!("{vg_name}/{target}: the allocator returned a segment that does not start at the LV's end");
+            }
+        }
+        let new = l.extent_count().context("LV length overflows")?;
+        if let Some(p) = pool {
+            let seg = lvm::segtypes::VolmgrSegment::ThinPool(p).to_segment(Extents(0), new);
+            md.vg.lv_mut(lv_name).context("the pool LV")?.segments = vec![seg];
+            // The pool takes the new blocks at its own reload, after its data sub-LV's.
+            order.insert(0, target.clone());
         }
     }
-    let new = l.extent_count().context("LV length overflows")?;
-    if let Some(p) = pool {
-        let seg = lvm::segtypes::VolmgrSegment::ThinPool(p).to_segment(Extents(0), new);
-        md.vg.lv_mut(lv_name).context("the pool LV")?.segments = vec![seg];
-    }
-    let changed: Vec<&lvm::LogicalVolume> = [target.as_str(), lv_name]
-        .iter()
-        .filter_map(|n| md.vg.lv(n))
-        .collect();
+    let new = md
+        .vg
+        .lv(&target)
+        .and_then(|l| l.extent_count())
+        .context("LV length overflows")?;
+    let changed: Vec<&lvm::LogicalVolume> = order.iter().filter_map(|n| md.vg.lv(n)).collect();
     super::activate::check_tables(&scan, &md.vg, &changed)?;
     md.stamp(format!(
         "Created *after* executing 'volmgr lvextend {vg_name}/{lv_name}'"
@@ -134,9 +164,7 @@ fn extend(a: LvresizeArgs, scan: Scan) -> Result<()> {
         alloc::display_size(u64::from(new.0) * ext / 512),
     );
 
-    // Active: the daemon takes the longer table in place.
-    let name = dm_name(vg_name, lv_name);
-    let running = daemon_devices(&a.sd);
+    // Active: the daemon takes the longer tables in place.
     let Some(info) = running.get(&name) else {
         if a.resizefs {
             bail!(
@@ -148,11 +176,6 @@ fn extend(a: LvresizeArgs, scan: Scan) -> Result<()> {
         return Ok(());
     };
     let vg = &md.vg;
-    // A pool's data sub-LV first (the pool takes the new blocks at its own reload).
-    let mut order = vec![lv_name.to_string()];
-    if target != lv_name {
-        order.insert(0, target.clone());
-    }
     for n in &order {
         let lv = vg.lv(n).context("the LV")?;
         let table = table_of(&scan, vg, lv, MissingPvs::Refuse)?;
@@ -180,6 +203,31 @@ fn extend(a: LvresizeArgs, scan: Scan) -> Result<()> {
             );
         }
         grow_fs(Path::new(&info.path))?;
+    }
+    Ok(())
+}
+
+/// Refuses to grow the active raid LV `dm` (of `images` images) while a leg is failed or
+/// being rebuilt: the raid target would refuse the longer table after the commit.
+fn raid_in_sync(sd: &StateDir, dm: &str, images: usize, vg: &str, lv: &str) -> Result<()> {
+    let status = expect_text(call(
+        sd,
+        Request::Status {
+            name: dm.to_string(),
+        },
+    )?)?;
+    // `raid1 2 AA 1024/2048 resync ...`: the health word, then the sync action.
+    let words: Vec<&str> = status.split_whitespace().collect();
+    let health = words
+        .iter()
+        .find(|w| w.len() == images && w.chars().all(|c| "ADa".contains(c)))
+        .copied()
+        .unwrap_or("");
+    if health.contains('D') || words.contains(&"recover") {
+        bail!(
+            "Cannot resize {vg}/{lv} while it is not in-sync (legs {health}: one is failed or \
+             being rebuilt); let it rebuild, then extend it"
+        );
     }
     Ok(())
 }
