@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 use crate::proto::*;
 use crate::server::{ExportEntry, Shared};
 use crate::sock::{send_all, RecvBuf};
+use crate::tls::TlsMode;
 
 /// Longest option payload we read; longer ones get `NBD_REP_ERR_TOO_BIG` and a hard
 /// disconnect (the largest legitimate one, `NBD_OPT_GO`, is a 4 KiB name plus a few info
@@ -16,6 +17,9 @@ const MAX_OPTIONS: usize = 1024;
 
 /// How the handshake ended.
 pub(crate) enum Outcome {
+    /// The client asked for TLS and was told yes: run the session, then go on with
+    /// [`options`] over it (the client's flags are carried over).
+    StartTls(Greeting),
     /// Enter transmission on this export number; the flag says whether structured replies
     /// were negotiated.
     Transmit(usize, bool),
@@ -49,6 +53,24 @@ pub(crate) async unsafe fn handshake(
     fd: RawFd,
     rb: &mut RecvBuf,
 ) -> io::Result<Outcome> {
+    // SAFETY: our caller keeps the lending contract.
+    let g = unsafe { greeting(fd, rb) }.await?;
+    // SAFETY: as above.
+    unsafe { options(shared, fd, rb, g, false) }.await
+}
+
+/// What the client said in its flags.
+#[derive(Clone, Copy)]
+pub(crate) struct Greeting {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// The server's greeting and the client's flags.
+///
+/// # Safety
+/// As [`handshake`].
+async unsafe fn greeting(fd: RawFd, rb: &mut RecvBuf) -> io::Result<Greeting> {
     let mut hello = [0u8; 18];
     hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -64,9 +86,28 @@ pub(crate) async unsafe fn handshake(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(Greeting {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// The option haggling, in the clear or (`tls`) over a TLS session already running (when
+/// every option state from before `NBD_OPT_STARTTLS` is forgotten, as the spec says).
+///
+/// # Safety
+/// As [`handshake`].
+pub(crate) async unsafe fn options(
+    shared: &Shared,
+    fd: RawFd,
+    rb: &mut RecvBuf,
+    g: Greeting,
+    tls: bool,
+) -> io::Result<Outcome> {
+    let Greeting { fixed, no_zeroes } = g;
     let mut structured = false;
+    let mode = shared.tls.as_ref().map_or(TlsMode::Off, |t| t.mode);
+    let tls_required = mode == TlsMode::Require && !tls;
 
     for _ in 0..MAX_OPTIONS {
         let mut oh = [0u8; 16];
@@ -108,7 +149,45 @@ pub(crate) async unsafe fn handshake(
             continue;
         }
 
+        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                // No way to report an error to NBD_OPT_EXPORT_NAME: hard disconnect.
+                return Err(protocol_error(
+                    "TLS is required; the client asked for an export",
+                ));
+            }
+            send_all(
+                fd,
+                &opt_reply(option, REP_ERR_TLS_REQD, b"this server requires TLS"),
+            )
+            .await?;
+            continue;
+        }
         match option {
+            OPT_STARTTLS => {
+                if mode == TlsMode::Off {
+                    send_all(
+                        fd,
+                        &opt_reply(option, REP_ERR_UNSUP, b"this server does not offer TLS"),
+                    )
+                    .await?;
+                } else if tls {
+                    send_all(
+                        fd,
+                        &opt_reply(option, REP_ERR_INVALID, b"TLS is already running"),
+                    )
+                    .await?;
+                } else if !data.is_empty() {
+                    send_all(
+                        fd,
+                        &opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data"),
+                    )
+                    .await?;
+                } else {
+                    send_all(fd, &opt_reply(option, REP_ACK, &[])).await?;
+                    return Ok(Outcome::StartTls(g));
+                }
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
                 let Some(idx) = shared.find_export(&name) else {

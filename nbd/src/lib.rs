@@ -94,8 +94,10 @@ pub mod proto;
 mod server;
 mod sock;
 mod supervisor;
+mod tls;
 
 pub use conn::{MAX_INFLIGHT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD};
 pub use limits::{Limits, DEFAULT_MEMORY_BUDGET};
 pub use server::{Listener, NbdError, Server, ServerBuilder, ServerHandle, Stopper};
 pub use sock::send_all_vectored;
+pub use tls::{Tls, TlsMode};

@@ -21,12 +21,13 @@ use futures::{FutureExt, StreamExt};
 use tables::{DeviceRef, IoError};
 
 use crate::conn::{set_pool_limit, transmit, ExportView, MAX_PAYLOAD};
-use crate::handshake::{handshake, Outcome};
+use crate::handshake::{handshake, options, Outcome};
 use crate::limits::{Budget, Clock, Limits};
 use crate::proto::*;
 use crate::sock::{shutdown, RecvBuf};
 use crate::supervisor::supervisor;
 pub(crate) use crate::supervisor::ConnEntry;
+use crate::tls::{Tls, TlsMode};
 
 /// Errors starting or stopping a server.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +176,7 @@ pub struct ServerBuilder {
     threads: usize,
     limits: Limits,
     shutdown_grace: Duration,
+    tls: Option<Tls>,
 }
 
 impl ServerBuilder {
@@ -251,6 +253,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Offers (`TlsMode::On`) or requires (`TlsMode::Require`) TLS with these credentials
+    /// (see [`Tls::load`]); `TlsMode::Off` or no call: plain only.
+    pub fn tls(mut self, tls: Tls) -> ServerBuilder {
+        self.tls = (tls.mode != TlsMode::Off).then_some(tls);
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<Server, NbdError> {
         if self.exports.is_empty() {
@@ -282,6 +291,7 @@ impl ServerBuilder {
             threads: self.threads,
             limits: self.limits,
             shutdown_grace: self.shutdown_grace,
+            tls: self.tls,
         })
     }
 }
@@ -301,6 +311,7 @@ pub struct Server {
     threads: usize,
     limits: Limits,
     shutdown_grace: Duration,
+    tls: Option<Tls>,
 }
 
 /// A bound listening socket to serve on.
@@ -348,6 +359,7 @@ impl Server {
                 .min(4),
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 
@@ -446,6 +458,7 @@ impl Server {
             total: AtomicU64::new(0),
             stop_lock: Mutex::new(false),
             stop_cv: Condvar::new(),
+            tls: self.tls.clone(),
         });
         let mut handle = ServerHandle {
             shared: shared.clone(),
@@ -516,6 +529,8 @@ pub(crate) struct Accepted {
 
 /// State shared by the handle, the supervisor and all workers.
 pub(crate) struct Shared {
+    /// TLS offered or required, with its credentials.
+    pub(crate) tls: Option<Tls>,
     pub(crate) exports: Vec<ExportEntry>,
     pub(crate) limits: Limits,
     pub(crate) max_requests_per_connection: usize,
@@ -947,19 +962,12 @@ async fn connection(shared: Arc<Shared>, index: usize, acc: Accepted, guard: Con
         // SAFETY: `rb` lives in this task's frame and is awaited here: the task is completed
         // or dropped (which drops this first, waiting for the kernel), and a leaked task
         // leaks `rb` with it.
-        let r = unsafe { handshake(&shared, raw, &mut rb) }.await;
-        r.map(|o| match o {
-            Outcome::Transmit(idx, structured) => {
-                Some((idx, structured, shared.exports[idx].view()))
-            }
-            Outcome::Done => None,
-        })
+        unsafe { handshake(&shared, raw, &mut rb) }.await
     })
     .catch_unwind()
     .await;
-    let (idx, structured, view) = match outcome {
-        Ok(Ok(Some(t))) => t,
-        Ok(Ok(None)) => return,
+    let outcome = match outcome {
+        Ok(Ok(o)) => o,
         Ok(Err(e)) => {
             log::debug!("nbd: {}: handshake ended: {e}", entry.peer);
             return;
@@ -969,6 +977,72 @@ async fn connection(shared: Arc<Shared>, index: usize, acc: Accepted, guard: Con
             return;
         }
     };
+    match outcome {
+        Outcome::Transmit(idx, structured) => {
+            serve_export(&shared, index, &entry, raw, rb, idx, structured).await
+        }
+        Outcome::Done => {}
+        Outcome::StartTls(g) => {
+            // The rest runs over a socket pair whose other end a TLS pump serves.
+            let session = match shared.tls.as_ref().map(|t| t.session()) {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    log::warn!("nbd: {}: {e}", entry.peer);
+                    return;
+                }
+                None => return,
+            };
+            let (ours, theirs) = match crate::tls::socket_pair() {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!(
+                        "nbd: {}: cannot make a socket pair for TLS: {e}",
+                        entry.peer
+                    );
+                    return;
+                }
+            };
+            let pump = crate::tls::pump(fd.clone(), theirs, session);
+            let rest = async {
+                let plain = ours.as_raw_fd();
+                let mut rb = RecvBuf::new(plain, entry.watch.clone());
+                let o = AssertUnwindSafe(async {
+                    // SAFETY: as for the handshake above.
+                    unsafe { options(&shared, plain, &mut rb, g, true) }.await
+                })
+                .catch_unwind()
+                .await;
+                match o {
+                    Ok(Ok(Outcome::Transmit(idx, structured))) => {
+                        serve_export(&shared, index, &entry, plain, rb, idx, structured).await
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => log::debug!("nbd: {}: TLS handshake ended: {e}", entry.peer),
+                    Err(_) => {
+                        log::error!("nbd: {}: panic during the handshake; closing", entry.peer)
+                    }
+                }
+                // The pump sees the pair close and ends the TLS session.
+                drop(ours);
+            };
+            futures::future::join(pump, rest).await;
+        }
+    }
+    // `fd` (and the socket) closes here, after every reply went out.
+    drop(fd);
+}
+
+/// The transmission phase on `raw` (the socket, or the plaintext end of a TLS pump).
+async fn serve_export(
+    shared: &Arc<Shared>,
+    index: usize,
+    entry: &Arc<ConnEntry>,
+    raw: RawFd,
+    rb: RecvBuf,
+    idx: usize,
+    structured: bool,
+) {
+    let view = shared.exports[idx].view();
     entry.transmitting();
     let ex = &shared.exports[idx];
     let r = transmit(
@@ -988,6 +1062,4 @@ async fn connection(shared: Arc<Shared>, index: usize, acc: Accepted, guard: Con
             entry.peer
         );
     }
-    // `fd` (and the socket) closes here, after every reply went out.
-    drop(fd);
 }

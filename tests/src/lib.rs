@@ -617,3 +617,31 @@ pub fn fake_nbd_handshake(s: &mut TcpStream, size: u64) -> std::io::Result<()> {
         rep((1 << 31) + 1, &[])?;
     }
 }
+
+/// A CA (`ca-cert.pem`, `ca-key.pem`) and a server certificate for 127.0.0.1 and localhost
+/// (`server-cert.pem`, `server-key.pem` mode 0600) in `dir`: nbdkit's and qemu's file names.
+pub fn make_test_certs(dir: &Path, cn: &str) {
+    require_tool("openssl");
+    let sh = |script: &str| {
+        let o = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN={cn} 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout server-key.pem -out server.csr -subj /CN=127.0.0.1 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth\\n' > ext && \
+         openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+         -out server-cert.pem -days 2 -extfile ext 2>/dev/null && chmod 600 server-key.pem"
+    ));
+}

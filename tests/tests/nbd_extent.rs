@@ -4,12 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e::{fake_nbd_handshake, free_port, require_tool, PeerServer as Server, Rng};
+use e2e::{
+    fake_nbd_handshake, free_port, make_test_certs, require_tool, PeerServer as Server, Rng,
+};
 use extents::net::NbdExtent;
 use extents::net::NetUri;
 use extents::FileResolver;
@@ -376,33 +377,6 @@ fn garbage_from_a_server_drops_the_connection_and_spares_others() {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 in `dir` (nbdkit's and qemu's file names).
-fn make_certs(dir: &Path, cn: &str) {
-    require_tool("openssl");
-    let sh = |script: &str| {
-        let o = Command::new("bash")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    sh(&format!(
-        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-         -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN={cn} 2>/dev/null && \
-         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-         -keyout server-key.pem -out server.csr -subj /CN=127.0.0.1 2>/dev/null && \
-         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth\\n' > ext && \
-         openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
-         -out server-cert.pem -days 2 -extfile ext 2>/dev/null && chmod 600 server-key.pem"
-    ));
-}
-
 fn open_err(uri: &str) -> String {
     match FileResolver::default().open(uri) {
         Ok(_) => panic!("{uri} opened"),
@@ -415,7 +389,7 @@ fn tls_to_nbdkit_that_requires_it() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     std::fs::create_dir(&pki).unwrap();
-    make_certs(&pki, "volmgr-test-ca");
+    make_test_certs(&pki, "volmgr-test-ca");
     let port = free_port();
     let certs = format!("--tls-certificates={}", pki.display());
     let _s = Server::nbdkit(port, &["--tls=require", &certs, "memory", "16M"]);
@@ -437,7 +411,7 @@ fn tls_to_nbdkit_that_requires_it() {
     // A server whose certificate another CA signed is refused.
     let other = dir.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    make_certs(&other, "another-ca");
+    make_test_certs(&other, "another-ca");
     let e = open_err(&format!(
         "nbds://127.0.0.1:{port}/?tls-certificates={}",
         other.display()

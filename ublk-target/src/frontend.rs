@@ -47,39 +47,51 @@ pub enum FrontendError {
 impl Frontend {
     /// Starts a front end for `dev` named `name`. With `restoring`, a ublk device that still
     /// exists in the kernel (the daemon was killed) is re-attached through user recovery.
-    /// NBD exports get `limits` (memory budget, connections, timeouts).
+    /// NBD exports get `limits` (memory budget, connections, timeouts) and `tls` (offered
+    /// or required); an export on an address other hosts can reach without TLS is logged as
+    /// a warning.
     pub fn start(
         name: &str,
         dev: DeviceRef,
         kind: FrontendKind,
         restoring: bool,
         limits: &nbd::Limits,
+        tls: Option<&nbd::Tls>,
     ) -> Result<Frontend, FrontendError> {
+        let builder = || {
+            let b = nbd::Server::builder()
+                .export(name, "volmgr volume", dev.clone())
+                .limits(*limits);
+            match tls {
+                Some(t) => b.tls(t.clone()),
+                None => b,
+            }
+        };
+        let scheme = match tls.map(|t| t.mode) {
+            Some(nbd::TlsMode::Require) => "nbds",
+            _ => "nbd",
+        };
         match kind {
             FrontendKind::Nbd(addr) => {
-                let h = nbd::Server::builder()
-                    .export(name, "volmgr volume", dev)
-                    .limits(*limits)
-                    .build()?
-                    .serve_tcp(addr.as_str())?;
-                let shown = h
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| addr.clone());
+                let h = builder().build()?.serve_tcp(addr.as_str())?;
+                let local = h.local_addr();
+                if tls.is_none() && local.is_some_and(|a| !a.ip().is_loopback()) {
+                    log::warn!(
+                        "{name}: exported over NBD on {addr} without TLS: whoever reaches that \
+                         address can read and write the volume (use --tls require)"
+                    );
+                }
+                let shown = local.map(|a| a.to_string()).unwrap_or_else(|| addr.clone());
                 Ok(Frontend {
                     inner: Inner::Nbd(h),
-                    path: format!("nbd://{shown}/{name}"),
+                    path: format!("{scheme}://{shown}/{name}"),
                 })
             }
             FrontendKind::NbdUnix(p) => {
-                let h = nbd::Server::builder()
-                    .export(name, "volmgr volume", dev)
-                    .limits(*limits)
-                    .build()?
-                    .serve_unix(&p)?;
+                let h = builder().build()?.serve_unix(&p)?;
                 Ok(Frontend {
                     inner: Inner::Nbd(h),
-                    path: format!("nbd+unix:///{name}?socket={}", p.display()),
+                    path: format!("{scheme}+unix:///{name}?socket={}", p.display()),
                 })
             }
             FrontendKind::Internal => {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ublk_target::daemon::{Daemon, DaemonConfig};
 
-use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs};
+use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs, NbdTlsArgs};
 
 #[derive(Args)]
 pub struct DaemonArgs {
@@ -28,6 +28,8 @@ pub struct DaemonArgs {
     /// Limits of every NBD export (`dev create` may set its own over these).
     #[command(flatten)]
     nbd: NbdLimitArgs,
+    #[command(flatten)]
+    tls: NbdTlsArgs,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a shutdown request. Exits non-zero when a device
@@ -43,6 +45,7 @@ pub fn run(a: DaemonArgs) -> Result<()> {
     cfg.ublk_available &= !a.no_ublk;
     cfg.io_timeout = Duration::from_secs(a.io_timeout.max(1));
     cfg.nbd_limits = a.nbd.limits()?;
+    cfg.nbd_tls = a.tls.tls()?;
     raise_fd_limit();
     let ublk_available = cfg.ublk_available;
     ublk_target::daemon::enter_private_mount_ns().context("entering a private mount namespace")?;

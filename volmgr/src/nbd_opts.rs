@@ -58,6 +58,48 @@ impl NbdLimitArgs {
     }
 }
 
+/// TLS on NBD exports, as qemu-nbd and nbdkit take it.
+#[derive(Args, Clone, Debug, Default)]
+pub struct NbdTlsArgs {
+    /// TLS on NBD exports: off, on (clients may start it) or require (clients must)
+    /// [default: off].
+    #[arg(long, value_name = "MODE")]
+    pub tls: Option<String>,
+    /// Directory with server-cert.pem and server-key.pem (mode 0600), and ca-cert.pem for
+    /// --tls-verify-peer (qemu-nbd's and nbdkit's layout).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<std::path::PathBuf>,
+    /// Only clients with a certificate that ca-cert.pem signed may connect.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+}
+
+impl NbdTlsArgs {
+    /// The TLS configuration these options give (`None`: off).
+    pub fn tls(&self) -> Result<Option<nbd::Tls>> {
+        let mode = match self.tls.as_deref().unwrap_or("off") {
+            "off" => nbd::TlsMode::Off,
+            "on" => nbd::TlsMode::On,
+            "require" => nbd::TlsMode::Require,
+            other => anyhow::bail!("--tls {other}: use off, on or require"),
+        };
+        if mode == nbd::TlsMode::Off {
+            if self.tls_certificates.is_some() || self.tls_verify_peer {
+                anyhow::bail!("--tls-certificates and --tls-verify-peer need --tls on or require");
+            }
+            return Ok(None);
+        }
+        let dir = self
+            .tls_certificates
+            .as_deref()
+            .context("--tls needs --tls-certificates DIR")?;
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        nbd::Tls::load(mode, &dir, self.tls_verify_peer)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--tls-certificates: {e}"))
+    }
+}
+
 /// Raises this process's open-file limit to its hard limit: every NBD client is a socket,
 /// and the default soft limit (1024) would refuse clients long before `--nbd-max-connections`.
 pub fn raise_fd_limit() {

@@ -7,7 +7,7 @@ use clap::Args;
 use tables::DeviceRef;
 use ublk_target::frontend::{Frontend, FrontendKind};
 
-use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs};
+use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs, NbdTlsArgs};
 use crate::table_cmd::parse_table;
 
 #[derive(Args)]
@@ -31,6 +31,8 @@ pub struct ServeArgs {
     export: String,
     #[command(flatten)]
     limits: NbdLimitArgs,
+    #[command(flatten)]
+    tls: NbdTlsArgs,
 }
 
 fn build_device(file: &Path) -> Result<DeviceRef> {
@@ -51,6 +53,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         bail!("give exactly one of --nbd ADDR, --unix PATH or --ublk");
     }
     let limits = a.limits.limits()?;
+    let tls = a.tls.tls()?;
+    if tls.is_some() && a.ublk {
+        bail!("--tls is for NBD exports (--nbd, --unix), not --ublk");
+    }
     raise_fd_limit();
     let dev = build_device(&a.file)?;
     let kind = if let Some(addr) = a.nbd {
@@ -60,7 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         FrontendKind::Ublk(a.ublk_id)
     };
-    let front = Frontend::start(&a.export, dev.clone(), kind, false, &limits)
+    let front = Frontend::start(&a.export, dev.clone(), kind, false, &limits, tls.as_ref())
         .context("starting the front end")?;
     eprintln!(
         "volmgr: serving {} ({} bytes) at {}",

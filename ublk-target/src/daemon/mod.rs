@@ -91,6 +91,8 @@ pub struct DaemonConfig {
     pub io_timeout: Duration,
     /// Limits of every NBD export (a device's own `nbd_limits` go over these).
     pub nbd_limits: nbd::Limits,
+    /// TLS offered or required on every NBD export, with its credentials.
+    pub nbd_tls: Option<nbd::Tls>,
 }
 
 impl DaemonConfig {
@@ -102,6 +104,7 @@ impl DaemonConfig {
             private_mount_ns: true,
             io_timeout: Duration::from_secs(60),
             nbd_limits: nbd::Limits::default(),
+            nbd_tls: None,
         }
     }
 }

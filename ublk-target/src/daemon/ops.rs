@@ -299,8 +299,15 @@ impl Daemon {
             .map_err(|e| format!("{name}: NBD limits: {e}"))?;
         // An NBD export carries the record's export name (LVM's VG/LV), else the device's.
         let export = rec.export.clone().unwrap_or_else(|| name.clone());
-        let front = Frontend::start(&export, sw.clone() as DeviceRef, kind, restoring, &limits)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let front = Frontend::start(
+            &export,
+            sw.clone() as DeviceRef,
+            kind,
+            restoring,
+            &limits,
+            self.cfg.nbd_tls.as_ref(),
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
         if let Some(id) = front.ublk_id() {
             rec.ublk_id = Some(id);
             link_device(&name, &front.path());
