@@ -590,6 +590,12 @@ pub trait BlockDevice: Send + Sync {
     fn status(&self) -> String {
         String::new()
     }
+    /// For a remote extent (an NBD export...), how many connections it has made so far: a
+    /// redundant target that failed this device after an error takes it back once the count
+    /// grows (it reconnected). `None` for local devices; wrappers answer for what they wrap.
+    fn connections_made(&self) -> Option<u64> {
+        self.underlying().and_then(|d| d.connections_made())
+    }
     /// The device this one forwards to unchanged, if it is a pass-through wrapper (the
     /// daemon's reloadable device). Lets a target find the concrete device behind a name
     /// (a `thin` line finds its pool object).

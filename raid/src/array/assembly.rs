@@ -130,6 +130,7 @@ impl RaidDevice {
                     last_error: Mutex::new(
                         gone.then(|| format!("leg {i} is missing ('- -' in the table)")),
                     ),
+                    failed_at_conn: Mutex::new(None),
                 })
                 .collect(),
             has_meta,

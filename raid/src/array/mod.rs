@@ -63,6 +63,9 @@ struct Leg {
     /// Given as `- -` in the table and not replaced since: there is no device to rebuild.
     missing: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// When it failed at run time on a remote extent: the extent's connection count then
+    /// (see `BlockDevice::connections_made`); a larger count later means it came back.
+    failed_at_conn: Mutex<Option<u64>>,
 }
 
 impl Leg {

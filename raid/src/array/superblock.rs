@@ -103,6 +103,15 @@ impl Inner {
                 .last_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Some(format!("{}", e));
+            let conns = self.legs[i]
+                .data
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .connections_made();
+            *self.legs[i]
+                .failed_at_conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = conns;
             self.kick();
             true
         } else {

@@ -97,6 +97,9 @@ impl Inner {
                 return Ok(true);
             }
         }
+        if self.readd_returned_legs().await {
+            return Ok(true);
+        }
         let action = self.current_action();
         match action {
             SyncAction::Idle | SyncAction::Frozen => Ok(false),
@@ -437,6 +440,37 @@ impl Inner {
         Ok(())
     }
 
+    /// A leg on a remote extent that failed (its server died, its link was cut) and whose
+    /// extent has connected again since is rebuilt onto the same device, as an administrator's
+    /// `rebuild IDX` would. Legs failed by real I/O errors on a live connection stay failed.
+    /// Returns whether a rebuild started.
+    async fn readd_returned_legs(&self) -> bool {
+        for i in 0..self.n() {
+            let leg = &self.legs[i];
+            if leg.state() != LegState::Failed || leg.missing.load(Ordering::Acquire) {
+                continue;
+            }
+            let Some(then) = *leg.failed_at_conn.lock().unwrap_or_else(|e| e.into_inner()) else {
+                continue;
+            };
+            let dev = leg.data.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if dev.connections_made().is_none_or(|now| now <= then) {
+                continue;
+            }
+            *leg.failed_at_conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            log::warn!(
+                "{}: leg {i} ({}) is reachable again: rebuilding onto it",
+                self.name,
+                dev.name()
+            );
+            match self.replace_leg(i, None).await {
+                Ok(()) => return true,
+                Err(e) => log::warn!("{}: leg {i}: the rebuild did not start: {e}", self.name),
+            }
+        }
+        false
+    }
+
     pub(super) async fn replace_leg(&self, idx: usize, dev: Option<DeviceRef>) -> IoResult<()> {
         if idx >= self.n() {
             return Err(IoError::invalid(format!(
@@ -461,6 +495,11 @@ impl Inner {
                 return Err(IoError::invalid(format!("rebuild {idx}: {e}")));
             }
         }
+        // Whatever happens now, the failure this leg was waiting out is dealt with.
+        *self.legs[idx]
+            .failed_at_conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         if let Some(d) = dev {
             if d.size().0 < self.leg_bytes() {
                 if st == LegState::InSync {

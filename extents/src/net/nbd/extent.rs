@@ -538,4 +538,8 @@ impl BlockDevice for NbdExtent {
     fn status(&self) -> String {
         self.status_line()
     }
+
+    fn connections_made(&self) -> Option<u64> {
+        Some(self.links.iter().map(|l| l.generation()).sum())
+    }
 }

@@ -549,6 +549,11 @@ impl Link {
         (state, inflight, st.last_error.clone())
     }
 
+    /// Connections made so far (the generation of the current or last one).
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().gen
+    }
+
     /// Whether the link currently has a connection.
     pub(crate) fn is_up(&self) -> bool {
         matches!(self.lock().phase, Phase::Up { .. })
