@@ -20,6 +20,9 @@ use tables::IoError;
 use super::handshake::ExportInfo;
 use crate::net::uri::NbdUri;
 
+/// Most separate pieces a structured read reply may come in (adjacent pieces merge).
+const MAX_PIECES: usize = 4096;
+
 /// A requester's buffer for read data, lent to the link until its request completes.
 #[derive(Clone, Copy)]
 pub(crate) struct DstBuf {
@@ -450,7 +453,8 @@ impl Link {
     }
 
     /// Copies read data for `cookie` at `at` bytes into the request (nothing if the
-    /// requester left). Ranges must not overlap earlier chunks: false if one does.
+    /// requester left). Ranges must not overlap earlier chunks, nor scatter into more than
+    /// `MAX_PIECES` pieces: false if one does.
     pub(crate) fn deliver(&self, cookie: u64, at: u64, data: Option<&[u8]>, len: u64) -> bool {
         let mut st = self.lock();
         let Some(s) = st.pending.get_mut(&cookie) else {
@@ -461,6 +465,11 @@ impl Link {
         let overlaps_prev = i > 0 && s.covered[i - 1].1 > at;
         let overlaps_next = s.covered.get(i).is_some_and(|&(a, _)| a < end);
         if overlaps_prev || overlaps_next {
+            return false;
+        }
+        // A server that cuts a read into thousands of scattered pieces is not to be trusted
+        // with our memory (the list of pieces would grow without bound).
+        if s.covered.len() >= MAX_PIECES {
             return false;
         }
         if i > 0 && s.covered[i - 1].1 == at {
@@ -598,5 +607,63 @@ pub(crate) fn cmd_name(cmd: u16) -> &'static str {
         CMD_WRITE_ZEROES => "write-zeroes",
         CMD_DISC => "disconnect",
         _ => "command",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::uri::NetUri;
+
+    fn link() -> (Link, u64) {
+        let NetUri::Nbd(u) = NetUri::parse("nbd://127.0.0.1/x").unwrap() else {
+            panic!()
+        };
+        let info = ExportInfo {
+            size: 1 << 20,
+            tflags: 1,
+            min_block: 1,
+            pref_block: 4096,
+            max_block: 1 << 20,
+            structured: true,
+        };
+        let l = Link::new(0, Arc::new(u), info);
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let gen = l.up(Arc::new(Wired { fd, tls: None }));
+        (l, gen)
+    }
+
+    #[test]
+    fn chunks_land_where_they_say_and_overlaps_and_scatter_are_refused() {
+        let (l, gen) = link();
+        let mut buf = vec![0u8; 16384];
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let c = l
+            .register(
+                gen,
+                nbd::proto::CMD_READ,
+                0,
+                16384,
+                Some(DstBuf::new(&mut buf)),
+                deadline,
+            )
+            .unwrap();
+        assert!(l.sending(c));
+        assert!(l.deliver(c, 100, Some(&[7u8; 10]), 10));
+        assert!(!l.deliver(c, 105, Some(&[8u8; 10]), 10), "overlap accepted");
+        assert!(l.deliver(c, 110, None, 5), "adjacent hole refused");
+        // One-byte pieces, every other byte from the end: at most MAX_PIECES are taken.
+        let mut taken = 0;
+        for at in (1000..16384u64).rev().step_by(2) {
+            if !l.deliver(c, at, Some(&[9u8]), 1) {
+                break;
+            }
+            taken += 1;
+        }
+        assert!(taken < MAX_PIECES, "{taken} scattered pieces accepted");
+        l.withdraw(c);
+        drop(l);
+        assert_eq!(&buf[100..110], &[7u8; 10]);
+        assert_eq!(&buf[110..115], &[0u8; 5]);
     }
 }
