@@ -68,6 +68,20 @@ fn striped_over_three_nbdkits_places_chunks_as_dm_does() {
     }
     let st = d.ok(&["dev", "status", "st"]);
     assert_eq!(st.matches("extent nbd://").count(), 3, "{st}");
+    // An unreachable server is named, with the reason, and nothing is created.
+    let dead = format!("nbd://127.0.0.1:{}/?connect-timeout=2", free_port());
+    let t = table(p, "dead", &format!("0 2048 linear {dead} 0\n"));
+    let e = d.err(&[
+        "dev",
+        "create",
+        "dead",
+        "--table",
+        &t,
+        "--nbd",
+        "127.0.0.1:0",
+    ]);
+    assert!(e.contains(&dead) && e.contains("Connection refused"), "{e}");
+    assert!(!d.ok(&["dev", "list"]).contains("dead"));
     assert!(st.contains(" up server 127.0.0.1:"), "{st}");
     let js: serde_json::Value = serde_json::from_str(&d.ok(&["dev", "list", "--json"])).unwrap();
     let ext = &js[0]["extents"];
