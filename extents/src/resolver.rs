@@ -45,7 +45,7 @@ pub struct FileResolver {
     relative: RelativePaths,
     cache: Mutex<HashMap<FileId, Weak<FileExtent>>>,
     /// Network extents by URI: lines naming the same export share its connections.
-    net: Mutex<HashMap<String, Weak<crate::net::NbdExtent>>>,
+    net: Mutex<HashMap<String, crate::net::WeakNetExtent>>,
 }
 
 impl FileResolver {
@@ -134,17 +134,14 @@ impl Default for FileResolver {
 
 impl FileResolver {
     /// Opens (or finds already open) the network extent `dev` names (see [`crate::net`]).
-    pub fn open_network(
-        &self,
-        dev: &str,
-    ) -> Result<Arc<crate::net::NbdExtent>, crate::net::NetError> {
+    pub fn open_network(&self, dev: &str) -> Result<crate::net::NetExtent, crate::net::NetError> {
         let mut cache = self.net.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = cache.get(dev).and_then(Weak::upgrade) {
+        if let Some(d) = cache.get(dev).and_then(|w| w.upgrade()) {
             return Ok(d);
         }
         let d = crate::net::open(dev)?;
-        cache.retain(|_, w| w.strong_count() > 0);
-        cache.insert(dev.to_string(), Arc::downgrade(&d));
+        cache.retain(|_, w| w.alive());
+        cache.insert(dev.to_string(), d.downgrade());
         Ok(d)
     }
 }
@@ -154,7 +151,7 @@ impl Resolver for FileResolver {
         if crate::net::NetUri::is_network(dev) {
             return self
                 .open_network(dev)
-                .map(|e| e as DeviceRef)
+                .map(|e| e.device())
                 .map_err(|e| e.to_string());
         }
         self.open_extent(dev)
@@ -172,7 +169,7 @@ impl Resolver for FileResolver {
 
     fn extent_health(&self, dev: &str) -> Option<tables::registry::ExtentHealth> {
         let cache = self.net.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(dev).and_then(Weak::upgrade).map(|e| e.health())
+        cache.get(dev).and_then(|w| w.upgrade()).map(|e| e.health())
     }
 }
 

@@ -514,6 +514,43 @@ impl Rng {
     }
 }
 
+/// On a new thread, for `secs` seconds: writes of 4 KiB to 128 KiB of random bytes at random
+/// 4 KiB-aligned offsets of the first `size` bytes of `dev` (seed 99), each read back and
+/// compared, then a flush. Any error fails the thread (`what` says when, for the message).
+/// Returns the model of what was written and how many writes were done.
+pub fn writer_with_readback(
+    dev: std::sync::Arc<dyn tables::BlockDevice>,
+    size: usize,
+    secs: u64,
+    what: &'static str,
+) -> std::thread::JoinHandle<(Vec<u8>, usize)> {
+    use tables::io::{read_blocking, write_blocking};
+    use tables::{Bytes, WriteFlags};
+    std::thread::spawn(move || {
+        let mut rng = Rng(99);
+        let mut model = vec![0u8; size];
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut n = 0;
+        while Instant::now() < until {
+            let len = (1 + rng.below(32)) as usize * 4096;
+            let off = rng.below((size - len) as u64 / 4096) as usize * 4096;
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            write_blocking(&*dev, Bytes(off as u64), &data, WriteFlags::default())
+                .unwrap_or_else(|e| panic!("a write failed {what}: {e}"));
+            model[off..off + len].copy_from_slice(&data);
+            let mut got = vec![0u8; len];
+            read_blocking(&*dev, Bytes(off as u64), &mut got)
+                .unwrap_or_else(|e| panic!("a read failed {what}: {e}"));
+            assert!(got == data, "read-back differs at {off}");
+            n += 1;
+        }
+        iort::block_on(dev.flush())
+            .expect("an I/O runtime")
+            .unwrap_or_else(|e| panic!("the flush failed {what}: {e}"));
+        (model, n)
+    })
+}
+
 /// Waits (up to 20 s) until something accepts on 127.0.0.1:`port`.
 pub fn wait_port(port: u16) {
     let until = Instant::now() + Duration::from_secs(20);
@@ -644,4 +681,332 @@ pub fn make_test_certs(dir: &Path, cn: &str) {
          openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
          -out server-cert.pem -days 2 -extfile ext 2>/dev/null && chmod 600 server-key.pem"
     ));
+}
+
+/// One logical unit a [`Tgtd`] serves: a file behind LUN `lun` of target `iqn`.
+#[derive(Clone, Debug)]
+pub struct TgtLun {
+    /// Target IQN.
+    pub iqn: String,
+    /// Logical unit number (1 and up: tgtd's LUN 0 is its controller).
+    pub lun: u32,
+    /// Backing file (`--bstype rdwr`).
+    pub file: PathBuf,
+    /// Logical block size: 512 or 4096.
+    pub block_size: u32,
+    /// Thin provisioning on: the LUN advertises UNMAP and WRITE SAME in its VPD pages.
+    pub thin: bool,
+}
+
+/// A `tgtd` iSCSI target on 127.0.0.1:`port` with its own control socket (so tests in
+/// parallel do not meet), configured with `tgtadm`. Its configuration is remembered, so
+/// [`Tgtd::restart`] after [`Tgtd::kill`] brings the same targets back. On drop it is torn
+/// down as tgtd needs (it ignores SIGTERM while targets exist): targets deleted, the system
+/// set offline and deleted, then the process killed if it is still there.
+pub struct Tgtd {
+    child: Option<Child>,
+    /// The iSCSI portal's port.
+    pub port: u16,
+    control: u16,
+    log: PathBuf,
+    luns: Vec<TgtLun>,
+    /// (IQN, user, password) CHAP accounts bound to targets.
+    chap: Vec<(String, String, String)>,
+}
+
+impl Tgtd {
+    /// Starts tgtd on a free port (its log in `dir`) and waits until it accepts.
+    pub fn start(dir: &Path) -> Tgtd {
+        require_tools(&["tgtd", "tgtadm"]);
+        let port = free_port();
+        let mut t = Tgtd {
+            child: None,
+            port,
+            control: free_tgtd_control(port),
+            log: dir.join(format!("tgtd-{port}.log")),
+            luns: Vec::new(),
+            chap: Vec::new(),
+        };
+        t.spawn();
+        t
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}", self.control));
+        let errf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("tgtd log");
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .stdout(Stdio::null())
+            .stderr(errf)
+            .spawn()
+            .expect("start tgtd");
+        self.child = Some(child);
+        wait_port(self.port);
+        // The control socket may lag the portal.
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.adm(&["--mode", "sys", "--op", "show"]).is_err() {
+            assert!(
+                Instant::now() < until,
+                "tgtd's control socket never answered"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `tgtadm -C N --lld iscsi ARGS` (for at most 20 s).
+    pub fn adm(&self, args: &[&str]) -> Result<String> {
+        run_ok(
+            Command::new("timeout")
+                .args([
+                    "20",
+                    "tgtadm",
+                    "-C",
+                    &self.control.to_string(),
+                    "--lld",
+                    "iscsi",
+                ])
+                .args(args),
+        )
+    }
+
+    /// The target IQNs, in the order they were added (target ids 1, 2, ...).
+    fn iqns(&self) -> Vec<&str> {
+        let mut seen: Vec<&str> = Vec::new();
+        for l in &self.luns {
+            if !seen.contains(&l.iqn.as_str()) {
+                seen.push(&l.iqn);
+            }
+        }
+        seen
+    }
+
+    /// The target id of `iqn` (the next free one if it is new).
+    fn tid(&self, iqn: &str) -> usize {
+        let seen = self.iqns();
+        seen.iter()
+            .position(|x| *x == iqn)
+            .map_or(seen.len() + 1, |i| i + 1)
+    }
+
+    fn configure(&self, l: &TgtLun, new_target: bool) {
+        let tid = self.tid(&l.iqn).to_string();
+        if new_target {
+            self.adm(&[
+                "--mode",
+                "target",
+                "--op",
+                "new",
+                "--tid",
+                &tid,
+                "--targetname",
+                &l.iqn,
+            ])
+            .expect("tgtadm: new target");
+            self.adm(&[
+                "--mode",
+                "target",
+                "--op",
+                "bind",
+                "--tid",
+                &tid,
+                "--initiator-address",
+                "ALL",
+            ])
+            .expect("tgtadm: bind ALL");
+        }
+        self.adm(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            &tid,
+            "--lun",
+            &l.lun.to_string(),
+            "--bstype",
+            "rdwr",
+            "-b",
+            &l.file.to_string_lossy(),
+            "--blocksize",
+            &l.block_size.to_string(),
+        ])
+        .expect("tgtadm: new logical unit");
+        if l.thin {
+            self.lun_params(&l.iqn, l.lun, "thin_provisioning=1");
+        }
+    }
+
+    fn configure_chap(&self, iqn: &str, user: &str, password: &str) {
+        let tid = self.tid(iqn).to_string();
+        self.adm(&[
+            "--mode",
+            "account",
+            "--op",
+            "new",
+            "--user",
+            user,
+            "--password",
+            password,
+        ])
+        .expect("tgtadm: new account");
+        self.adm(&[
+            "--mode", "account", "--op", "bind", "--tid", &tid, "--user", user,
+        ])
+        .expect("tgtadm: bind account");
+    }
+
+    /// Serves `l` (creating its target the first time its IQN is seen).
+    pub fn add_lun(&mut self, l: TgtLun) {
+        let new_target = !self.luns.iter().any(|x| x.iqn == l.iqn);
+        self.luns.push(l.clone());
+        self.configure(&l, new_target);
+    }
+
+    /// Requires CHAP (incoming user `user`, secret `password`) to log in to `iqn`.
+    pub fn add_chap(&mut self, iqn: &str, user: &str, password: &str) {
+        self.configure_chap(iqn, user, password);
+        self.chap
+            .push((iqn.to_string(), user.to_string(), password.to_string()));
+    }
+
+    /// `iscsi://127.0.0.1:PORT/IQN/LUN` followed by `rest` (`?options`, or a user goes in
+    /// with [`Tgtd::uri_as`]).
+    pub fn uri(&self, iqn: &str, lun: u32, rest: &str) -> String {
+        format!("iscsi://127.0.0.1:{}/{iqn}/{lun}{rest}", self.port)
+    }
+
+    /// [`Tgtd::uri`] with a CHAP user.
+    pub fn uri_as(&self, user: &str, iqn: &str, lun: u32, rest: &str) -> String {
+        format!("iscsi://{user}@127.0.0.1:{}/{iqn}/{lun}{rest}", self.port)
+    }
+
+    /// SIGKILL (a crash) and reap: sessions break, nothing is torn down.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts tgtd again on the same port with the same targets, LUNs and accounts.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        let mut seen: Vec<String> = Vec::new();
+        for l in &self.luns {
+            let new_target = !seen.contains(&l.iqn);
+            seen.push(l.iqn.clone());
+            self.configure(l, new_target);
+        }
+        for (iqn, u, p) in &self.chap {
+            self.configure_chap(iqn, u, p);
+        }
+    }
+
+    /// `tgtadm --mode logicalunit --op update --params PARAMS` on a served LUN (e.g.
+    /// `readonly=1`; not replayed by [`Tgtd::restart`]).
+    pub fn lun_params(&self, iqn: &str, lun: u32, params: &str) {
+        let tid = self.tid(iqn).to_string();
+        self.adm(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "update",
+            "--tid",
+            &tid,
+            "--lun",
+            &lun.to_string(),
+            "--params",
+            params,
+        ])
+        .expect("tgtadm: update logical unit");
+    }
+
+    /// Sends `sig` to tgtd (SIGSTOP makes a target that stops answering, SIGCONT wakes it).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// tgtd's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A control number N for a new tgtd (its socket is /var/run/tgtd/socket.N, N from 1 to
+/// 32767) that no running tgtd holds: a running one keeps `socket.N.lock` locked.
+fn free_tgtd_control(seed: u16) -> u16 {
+    use std::os::fd::AsRawFd;
+    let _ = std::fs::create_dir_all("/var/run/tgtd");
+    for i in 0..32767u32 {
+        let n = ((u32::from(seed) + i) % 32767 + 1) as u16;
+        let lock = format!("/var/run/tgtd/socket.{n}.lock");
+        let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+        else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor `f` keeps open; released when `f` closes.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return n;
+        }
+    }
+    panic!("no free tgtd control number");
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        // A test that failed half way may have left it stopped.
+        self.signal(libc::SIGCONT);
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        for tid in 1..=self.iqns().len() {
+            let _ = self.adm(&[
+                "--mode",
+                "target",
+                "--op",
+                "delete",
+                "--force",
+                "--tid",
+                &tid.to_string(),
+            ]);
+        }
+        let _ = self.adm(&[
+            "--mode", "sys", "--op", "update", "--name", "State", "--value", "offline",
+        ]);
+        let _ = run(Command::new("timeout").args([
+            "20",
+            "tgtadm",
+            "-C",
+            &self.control.to_string(),
+            "--op",
+            "delete",
+            "--mode",
+            "system",
+        ]));
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        let sock = format!("/var/run/tgtd/socket.{}", self.control);
+        let _ = std::fs::remove_file(format!("{sock}.lock"));
+        let _ = std::fs::remove_file(sock);
+    }
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::{
-    fake_nbd_handshake, free_port, make_test_certs, require_tool, PeerServer as Server, Rng,
+    fake_nbd_handshake, free_port, make_test_certs, require_tool, writer_with_readback,
+    PeerServer as Server, Rng,
 };
 use extents::net::NbdExtent;
 use extents::net::NetUri;
@@ -206,29 +207,7 @@ fn server_restart_under_writes_loses_nothing() {
     let d = open(&format!(
         "nbd://127.0.0.1:{port}/?timeout=5&reconnect-delay=20"
     ));
-    let writer = {
-        let d = d.clone();
-        std::thread::spawn(move || {
-            let mut rng = Rng(99);
-            let mut model = vec![0u8; 32 << 20];
-            let until = Instant::now() + Duration::from_secs(5);
-            let mut n = 0;
-            while Instant::now() < until {
-                let len = (1 + rng.below(32)) as usize * 4096;
-                let off = rng.below(((32 << 20) - len as u64) / 4096) as usize * 4096;
-                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-                write_blocking(&*d, Bytes(off as u64), &data, WriteFlags::default())
-                    .expect("a write failed across the server restart");
-                model[off..off + len].copy_from_slice(&data);
-                let mut got = vec![0u8; len];
-                read_blocking(&*d, Bytes(off as u64), &mut got).expect("read failed");
-                assert!(got == data, "read-back differs at {off}");
-                n += 1;
-            }
-            iort::block_on(d.flush()).unwrap().unwrap();
-            (model, n)
-        })
-    };
+    let writer = writer_with_readback(d.clone(), 32 << 20, 5, "across the server restart");
     std::thread::sleep(Duration::from_millis(1500));
     s.kill();
     std::thread::sleep(Duration::from_millis(1000));

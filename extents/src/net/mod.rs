@@ -2,12 +2,24 @@
 //!
 //! - `uri`: the names ([`NetUri`]) and their options ([`NetOptions`]);
 //! - `nbd`: [`NbdExtent`], an NBD export;
+//! - `iscsi`: [`IscsiExtent`], an iSCSI logical unit (through libiscsi);
+//! - `lend`: how a requester lends its read buffer to a receiving thread;
 //! - `sock`: socket I/O on the io_uring runtime.
+//!
+//! [`open`] opens either kind as a [`NetExtent`].
 
+use std::sync::{Arc, Weak};
+
+use tables::registry::ExtentHealth;
+use tables::DeviceRef;
+
+pub mod iscsi;
+mod lend;
 pub mod nbd;
 mod sock;
 pub mod uri;
 
+pub use self::iscsi::IscsiExtent;
 pub use self::nbd::NbdExtent;
 pub use uri::{IscsiUri, NbdAddr, NbdUri, NetOptions, NetUri, UriError};
 
@@ -35,13 +47,72 @@ pub enum NetError {
     },
 }
 
-/// Opens the network extent `dev` names.
-pub fn open(dev: &str) -> Result<std::sync::Arc<NbdExtent>, NetError> {
-    match NetUri::parse(dev)? {
-        NetUri::Nbd(u) => Ok(std::sync::Arc::new(NbdExtent::open(u)?)),
-        NetUri::Iscsi(u) => Err(NetError::Unsupported {
-            uri: u.to_string(),
-            msg: "iSCSI extents are not built yet".into(),
-        }),
+/// An open network extent of either kind.
+#[derive(Clone, Debug)]
+pub enum NetExtent {
+    /// An NBD export.
+    Nbd(Arc<NbdExtent>),
+    /// An iSCSI logical unit.
+    Iscsi(Arc<IscsiExtent>),
+}
+
+impl NetExtent {
+    /// How the extent is doing (connections, requests in flight, errors).
+    pub fn health(&self) -> ExtentHealth {
+        match self {
+            NetExtent::Nbd(e) => e.health(),
+            NetExtent::Iscsi(e) => e.health(),
+        }
     }
+
+    /// The extent as a device for tables.
+    pub fn device(&self) -> DeviceRef {
+        match self {
+            NetExtent::Nbd(e) => e.clone(),
+            NetExtent::Iscsi(e) => e.clone(),
+        }
+    }
+
+    /// A reference that does not keep the extent open (the resolver's cache holds these).
+    pub fn downgrade(&self) -> WeakNetExtent {
+        match self {
+            NetExtent::Nbd(e) => WeakNetExtent::Nbd(Arc::downgrade(e)),
+            NetExtent::Iscsi(e) => WeakNetExtent::Iscsi(Arc::downgrade(e)),
+        }
+    }
+}
+
+/// A [`NetExtent`] that does not keep it open.
+#[derive(Clone, Debug)]
+pub enum WeakNetExtent {
+    /// An NBD export.
+    Nbd(Weak<NbdExtent>),
+    /// An iSCSI logical unit.
+    Iscsi(Weak<IscsiExtent>),
+}
+
+impl WeakNetExtent {
+    /// The extent, if it is still open.
+    pub fn upgrade(&self) -> Option<NetExtent> {
+        match self {
+            WeakNetExtent::Nbd(w) => w.upgrade().map(NetExtent::Nbd),
+            WeakNetExtent::Iscsi(w) => w.upgrade().map(NetExtent::Iscsi),
+        }
+    }
+
+    /// Whether the extent is still open.
+    pub fn alive(&self) -> bool {
+        match self {
+            WeakNetExtent::Nbd(w) => w.strong_count() > 0,
+            WeakNetExtent::Iscsi(w) => w.strong_count() > 0,
+        }
+    }
+}
+
+/// Opens the network extent `dev` names (connecting, and for iSCSI logging in, now).
+pub fn open(dev: &str) -> Result<NetExtent, NetError> {
+    Ok(match NetUri::parse(dev)? {
+        NetUri::Nbd(u) => NetExtent::Nbd(Arc::new(NbdExtent::open(u)?)),
+        NetUri::Iscsi(u) => NetExtent::Iscsi(Arc::new(IscsiExtent::open(u)?)),
+    })
 }

@@ -1,11 +1,8 @@
 //! [`NbdExtent`]: an NBD export as a [`BlockDevice`].
 
-use std::future::Future;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use nbd::proto::*;
@@ -16,6 +13,7 @@ use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags
 use super::handshake::{self, ExportInfo};
 use super::link::{DstBuf, Link, Outcome};
 use super::wire::request_header;
+use crate::net::lend::SlotWait;
 use crate::net::uri::NbdUri;
 use crate::net::NetError;
 use ::nbd::send_all_vectored;
@@ -210,11 +208,7 @@ impl NbdExtent {
             let Some(cookie) = link.register(gen, cmd, offset, len, dst, deadline) else {
                 continue;
             };
-            let mut wait = SlotWait {
-                link,
-                cookie,
-                live: true,
-            };
+            let mut wait = SlotWait::new(&**link, cookie);
             {
                 let _turn = link.send.lock().await;
                 if link.sending(cookie) {
@@ -374,35 +368,6 @@ impl Drop for NbdExtent {
         for l in &self.links {
             l.goodbye();
             l.stop();
-        }
-    }
-}
-
-/// Waits for a registered request's outcome; withdraws it if dropped first.
-struct SlotWait<'a> {
-    link: &'a Link,
-    cookie: u64,
-    live: bool,
-}
-
-impl Future for &mut SlotWait<'_> {
-    type Output = Outcome;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let w = self.get_mut();
-        match w.link.poll_outcome(cx, w.cookie) {
-            Poll::Ready(o) => {
-                w.live = false;
-                Poll::Ready(o)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Drop for SlotWait<'_> {
-    fn drop(&mut self) {
-        if self.live {
-            self.link.withdraw(self.cookie);
         }
     }
 }

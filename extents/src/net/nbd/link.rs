@@ -18,34 +18,12 @@ use std::time::Instant;
 use tables::IoError;
 
 use super::handshake::ExportInfo;
+pub(crate) use crate::net::lend::DstBuf;
+use crate::net::lend::Outcomes;
 use crate::net::uri::NbdUri;
 
 /// Most separate pieces a structured read reply may come in (adjacent pieces merge).
 const MAX_PIECES: usize = 4096;
-
-/// A requester's buffer for read data, lent to the link until its request completes.
-#[derive(Clone, Copy)]
-pub(crate) struct DstBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: a DstBuf is only dereferenced by `Link::deliver`/`Link::zero` under the link's lock
-// while the slot that holds it is registered; the requester withdraws it (under the same
-// lock) before its borrow of the memory ends, so the pointer is valid wherever it is used,
-// whichever thread uses it.
-unsafe impl Send for DstBuf {}
-
-impl DstBuf {
-    /// Lends `buf` to the link. The caller must withdraw it (drop its [`SlotWait`]) before the
-    /// borrow ends; [`SlotWait`]'s destructor does so.
-    pub(crate) fn new(buf: &mut [u8]) -> DstBuf {
-        DstBuf {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-        }
-    }
-}
 
 /// How a request ended, as its requester sees it.
 pub(crate) enum Outcome {
@@ -290,45 +268,6 @@ impl Link {
         true
     }
 
-    /// Polls a request's outcome.
-    pub(crate) fn poll_outcome(&self, cx: &mut Context<'_>, cookie: u64) -> Poll<Outcome> {
-        let mut st = self.lock();
-        let Some(s) = st.pending.get_mut(&cookie) else {
-            // Only `take`/drop remove a slot whose requester is still here: cannot happen.
-            return Poll::Ready(Outcome::Done(Err(IoError::eio(format!(
-                "{}: request {cookie} lost",
-                self.label()
-            )))));
-        };
-        match s.outcome.take() {
-            Some(o) => {
-                s.gone = true;
-                if s.removable() {
-                    st.pending.remove(&cookie);
-                }
-                Poll::Ready(o)
-            }
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    }
-
-    /// The requester of `cookie` leaves without its outcome: its buffer is withdrawn; the
-    /// slot stays while a reply is still due, so the reader can skip it.
-    pub(crate) fn withdraw(&self, cookie: u64) {
-        let mut st = self.lock();
-        if let Some(s) = st.pending.get_mut(&cookie) {
-            s.gone = true;
-            s.dst = None;
-            s.waker = None;
-            if s.removable() {
-                st.pending.remove(&cookie);
-            }
-        }
-    }
-
     /// Makes `fd` the link's connection; wakes everyone waiting for one.
     pub(crate) fn up(&self, fd: Arc<Wired>) -> u64 {
         let mut st = self.lock();
@@ -481,19 +420,13 @@ impl Link {
             let (Ok(at), Ok(n)) = (usize::try_from(at), usize::try_from(len)) else {
                 return false;
             };
-            if at.checked_add(n).is_none_or(|e| e > d.len) {
+            if at.checked_add(n).is_none_or(|e| e > d.len()) {
                 return false;
             }
+            let src = data.map(|src| &src[..n.min(src.len())]);
             // SAFETY: `d` is lent by a requester that is still registered (it withdraws `dst`
-            // under this lock before its buffer can go), and [at, at+n) lies inside it.
-            unsafe {
-                match data {
-                    Some(src) => {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), d.ptr.add(at), n.min(src.len()))
-                    }
-                    None => std::ptr::write_bytes(d.ptr.add(at), 0, n),
-                }
-            }
+            // under this lock before its buffer can go); `write_at` checks the range.
+            return unsafe { d.write_at(at, src, n) };
         }
         true
     }
@@ -583,6 +516,49 @@ impl Link {
                         libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                     );
                 }
+            }
+        }
+    }
+}
+
+impl Outcomes for Link {
+    type Outcome = Outcome;
+
+    /// Polls a request's outcome.
+    fn poll_outcome(&self, cx: &mut Context<'_>, cookie: u64) -> Poll<Outcome> {
+        let mut st = self.lock();
+        let Some(s) = st.pending.get_mut(&cookie) else {
+            // Only `take`/drop remove a slot whose requester is still here: cannot happen.
+            return Poll::Ready(Outcome::Done(Err(IoError::eio(format!(
+                "{}: request {cookie} lost",
+                self.label()
+            )))));
+        };
+        match s.outcome.take() {
+            Some(o) => {
+                s.gone = true;
+                if s.removable() {
+                    st.pending.remove(&cookie);
+                }
+                Poll::Ready(o)
+            }
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The requester of `cookie` leaves without its outcome: its buffer is withdrawn; the
+    /// slot stays while a reply is still due, so the reader can skip it.
+    fn withdraw(&self, cookie: u64) {
+        let mut st = self.lock();
+        if let Some(s) = st.pending.get_mut(&cookie) {
+            s.gone = true;
+            s.dst = None;
+            s.waker = None;
+            if s.removable() {
+                st.pending.remove(&cookie);
             }
         }
     }
