@@ -135,11 +135,18 @@ impl Default for FileResolver {
 impl FileResolver {
     /// Opens (or finds already open) the network extent `dev` names (see [`crate::net`]).
     pub fn open_network(&self, dev: &str) -> Result<crate::net::NetExtent, crate::net::NetError> {
-        let mut cache = self.net.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = cache.get(dev).and_then(|w| w.upgrade()) {
+        let lock = || self.net.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = lock().get(dev).and_then(|w| w.upgrade()) {
             return Ok(d);
         }
+        // Connecting may take up to the connect-timeout: not under the cache's lock, which
+        // status reports (`extent_health`) and every other open take too.
         let d = crate::net::open(dev)?;
+        let mut cache = lock();
+        if let Some(other) = cache.get(dev).and_then(|w| w.upgrade()) {
+            // Another open of the same name won the race: share its connections.
+            return Ok(other);
+        }
         cache.retain(|_, w| w.alive());
         cache.insert(dev.to_string(), d.downgrade());
         Ok(d)
@@ -219,6 +226,28 @@ mod tests {
         assert_eq!(parse_devnum("7:"), None);
         assert_eq!(parse_devnum("a:1"), None);
         assert_eq!(parse_devnum("./7:0"), None);
+    }
+
+    #[test]
+    fn a_slow_connect_does_not_hold_up_status_or_other_opens() {
+        // A server that accepts and then says nothing: the open waits its connect-timeout.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let r = std::sync::Arc::new(FileResolver::default());
+        let r2 = r.clone();
+        let slow = std::thread::spawn(move || {
+            r2.open(&format!("nbd://127.0.0.1:{port}/?connect-timeout=3"))
+                .map(|_| ())
+        });
+        let (_conn, _) = l.accept().unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(r.extent_health("nbd://127.0.0.1:1/x"), None);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "status waited {:?} for another extent's connect",
+            t.elapsed()
+        );
+        assert!(slow.join().unwrap().is_err());
     }
 
     #[test]

@@ -270,13 +270,20 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; REPLY_LEN] {
     b
 }
 
-pub(crate) fn be32(b: &[u8]) -> u32 {
+/// The big-endian `u16` at the start of `b` (which holds at least 2 bytes).
+pub fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+/// The big-endian `u32` at the start of `b` (which holds at least 4 bytes).
+pub fn be32(b: &[u8]) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[..4]);
     u32::from_be_bytes(a)
 }
 
-pub(crate) fn be64(b: &[u8]) -> u64 {
+/// The big-endian `u64` at the start of `b` (which holds at least 8 bytes).
+pub fn be64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)

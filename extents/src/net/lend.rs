@@ -63,6 +63,22 @@ impl DstBuf {
     }
 }
 
+/// For a read of `len` bytes at `offset` from a device that reads whole `block`s and is
+/// `size` bytes long (the range lies inside it): where the covering aligned read starts, a
+/// buffer of its length, and where the caller's bytes begin in that buffer.
+pub(crate) fn bounce_for(offset: u64, len: usize, block: u64, size: u64) -> (u64, Vec<u8>, usize) {
+    let start = offset / block * block;
+    let end = (offset + len as u64)
+        .div_ceil(block)
+        .saturating_mul(block)
+        .min(size);
+    (
+        start,
+        vec![0u8; (end - start) as usize],
+        (offset - start) as usize,
+    )
+}
+
 /// A table of requests a requester waits on.
 pub(crate) trait Outcomes {
     /// What a request ends with.

@@ -25,15 +25,7 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
     s
 }
 
-pub fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-pub fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-pub fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
+pub use nbd::proto::{be16, be32, be64};
 
 /// Reads the server greeting; returns the handshake flags.
 pub fn greeting(s: &mut impl Read) -> u16 {

@@ -11,7 +11,7 @@ use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags
 use super::queue::{Cmd, Queue};
 use super::scsi::LunInfo;
 use super::secret::read_secret;
-use crate::net::lend::{DstBuf, SlotWait};
+use crate::net::lend::{bounce_for, DstBuf, SlotWait};
 use crate::net::uri::IscsiUri;
 use crate::net::NetError;
 
@@ -182,16 +182,9 @@ impl IscsiExtent {
     /// As [`IscsiExtent::request`], for `buf`.
     async unsafe fn read_range(&self, offset: u64, buf: &mut [u8]) -> IoResult<()> {
         if !self.aligned(offset, buf.len() as u64) {
-            let bs = self.bs();
-            let start = offset / bs * bs;
-            let end = (offset + buf.len() as u64)
-                .div_ceil(bs)
-                .saturating_mul(bs)
-                .min(self.info.size());
-            let mut tmp = vec![0u8; (end - start) as usize];
+            let (start, mut tmp, from) = bounce_for(offset, buf.len(), self.bs(), self.info.size());
             // SAFETY: `tmp` is owned by this future.
             unsafe { self.read_aligned(start, &mut tmp) }.await?;
-            let from = (offset - start) as usize;
             buf.copy_from_slice(&tmp[from..from + buf.len()]);
             return Ok(());
         }

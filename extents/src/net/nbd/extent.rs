@@ -13,7 +13,7 @@ use tables::{BlockDevice, Bytes, IoError, IoFuture, IoResult, Limits, WriteFlags
 use super::handshake::{self, ExportInfo};
 use super::link::{DstBuf, Link, Outcome};
 use super::wire::request_header;
-use crate::net::lend::SlotWait;
+use crate::net::lend::{bounce_for, SlotWait};
 use crate::net::uri::NbdUri;
 use crate::net::NetError;
 use ::nbd::send_all_vectored;
@@ -165,6 +165,10 @@ impl NbdExtent {
 
     fn pick(&self) -> &Arc<Link> {
         let n = self.links.len();
+        if n == 1 {
+            // One connection: no choice to make, so no lock to take for it.
+            return &self.links[0];
+        }
         let start = self.rr.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|i| &self.links[(start + i) % n])
@@ -268,15 +272,9 @@ impl NbdExtent {
         let min = u64::from(self.info.min_block.max(1));
         if !offset.is_multiple_of(min) || !(buf.len() as u64).is_multiple_of(min) {
             // Unaligned: read the covering aligned range into our own memory.
-            let start = offset / min * min;
-            let end = (offset + buf.len() as u64)
-                .div_ceil(min)
-                .saturating_mul(min)
-                .min(self.info.size);
-            let mut tmp = vec![0u8; (end - start) as usize];
+            let (start, mut tmp, from) = bounce_for(offset, buf.len(), min, self.info.size);
             // SAFETY: `tmp` is owned by this future.
             unsafe { self.read_aligned(start, &mut tmp) }.await?;
-            let from = (offset - start) as usize;
             buf.copy_from_slice(&tmp[from..from + buf.len()]);
             return Ok(());
         }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use nbd::proto::*;
 
-use super::wire::{be16, be32, be64};
 use crate::net::uri::{NbdAddr, NbdUri};
 
 /// `NBD_OPT_GO`'s info item for block sizes (requested so the server tells us its limits).

@@ -36,15 +36,3 @@ pub(crate) fn errno_of(nbd_err: u32) -> i32 {
         _ => libc::EIO,
     }
 }
-
-pub(crate) fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-pub(crate) fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-pub(crate) fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
