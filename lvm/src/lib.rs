@@ -24,6 +24,7 @@
 //! - [`restore`]: `vgcfgrestore` from a backup file, also when every copy is damaged.
 //! - [`activate`]: an LV's segments as a device-mapper table for the daemon.
 //! - [`segtypes`]: volmgr's own raid and thin segment types, and why lvm2 keeps off them.
+//! - [`hosts`]: the storage host a PV lives on (its `host:` tag or its URI), for placement.
 //! - [`io`]: the one module that reads and writes devices.
 //!
 //! The API is synchronous: device I/O is driven with `iort::block_on` inside [`io`], so it
@@ -36,6 +37,7 @@ pub mod activate;
 pub mod alloc;
 pub mod commit;
 pub mod crc;
+pub mod hosts;
 pub mod io;
 pub mod label;
 mod le;

@@ -2,7 +2,8 @@
 //! not allocatable or missing), random PV selections, random requests and policies.
 //!
 //! A placement must never overlap an existing area or another new one, stay on usable,
-//! selected extents, have exactly the extents asked, keep raid images on disjoint PV sets and
+//! selected extents, have exactly the extents asked, keep raid images on disjoint PV sets
+//! (and disjoint host sets, for the half of the VGs whose PVs name storage hosts) and
 //! the stripes of a segment on distinct PVs (except `anywhere`), and give one run per stripe
 //! or image under `contiguous`. A refusal must be right: a brute-force search over the same
 //! VG, written independently of the allocator, finds no layout the policy allows, and the
@@ -39,6 +40,19 @@ fn random_vg(rng: &mut StdRng) -> VolumeGroup {
             rng.gen_range(1..=40),
             status,
         ));
+    }
+    // Half the VGs live on storage hosts: each PV on one of 1-4 hosts, named by a `host:`
+    // tag or by the NBD/iSCSI URI the PV was found at.
+    if rng.gen_bool(0.5) {
+        let hosts = rng.gen_range(1..=4);
+        for (i, pv) in pvs.iter_mut().enumerate() {
+            let h = rng.gen_range(0..hosts);
+            match rng.gen_range(0..3) {
+                0 => pv.set_tags(&[format!("host:h{h}")]),
+                1 => pv.device = Some(format!("nbd://h{h}:10809/e{i}")),
+                _ => pv.device = Some(format!("iscsi://h{h}/iqn.2026-12.test:t{i}/0")),
+            }
+        }
     }
     let mut vg = lvm::vgcreate::new_vg("vg", Sectors(8192), pvs);
     let mut lvs = 0;
@@ -228,8 +242,39 @@ fn legs_fit(caps: &[u64], n: usize, need: u64) -> bool {
     }
 }
 
-/// Whether a request could be placed under `policy`, by brute force.
+/// The failure domain of PV `key`: its host, else itself.
+fn domain(vg: &VolumeGroup, key: &str) -> String {
+    match vg.pv_by_key(key).and_then(|p| p.host()) {
+        Some(h) => format!("host {h}"),
+        None => format!("pv {key}"),
+    }
+}
+
+/// Free extents per failure domain, and the domains with a run of `need` on one PV.
+fn by_domain(
+    vg: &VolumeGroup,
+    space: &[(String, HashSet<u32>)],
+    need: u64,
+) -> (Vec<u64>, HashSet<String>) {
+    let mut caps: Vec<(String, u64)> = Vec::new();
+    let mut runs = HashSet::new();
+    for (key, set) in space {
+        let d = domain(vg, key);
+        if longest_run(set) >= need {
+            runs.insert(d.clone());
+        }
+        match caps.iter_mut().find(|(x, _)| *x == d) {
+            Some((_, c)) => *c += set.len() as u64,
+            None => caps.push((d, set.len() as u64)),
+        }
+    }
+    (caps.into_iter().map(|(_, c)| c).collect(), runs)
+}
+
+/// Whether a request could be placed under `policy`, by brute force. Raid images (`legs`)
+/// never share a failure domain (a host, or a PV without one) except under `anywhere`.
 fn feasible(
+    vg: &VolumeGroup,
     space: &[(String, HashSet<u32>)],
     policy: Policy,
     areas: usize,
@@ -240,9 +285,14 @@ fn feasible(
     let caps: Vec<u64> = space.iter().map(|(_, s)| s.len() as u64).collect();
     let total: u64 = caps.iter().sum();
     let need = per + meta;
-    let contiguous = space.iter().filter(|(_, s)| longest_run(s) >= need).count() >= areas;
+    let (domain_caps, domain_runs) = by_domain(vg, space, need);
+    let contiguous = if legs {
+        domain_runs.len() >= areas
+    } else {
+        space.iter().filter(|(_, s)| longest_run(s) >= need).count() >= areas
+    };
     let normal = if legs {
-        contiguous || legs_fit(&caps, areas, need)
+        contiguous || legs_fit(&domain_caps, areas, need)
     } else {
         stripes_fit(&caps, areas, per)
     };
@@ -348,7 +398,7 @@ fn run_create(rng: &mut StdRng) {
     let meta = u64::from(raid_meta);
     let total: u64 = space.iter().map(|(_, s)| s.len() as u64).sum();
     let needed = areas as u64 * (u64::from(per) + meta);
-    let ok = feasible(&space, policy, areas, legs > 1, u64::from(per), meta);
+    let ok = feasible(&vg, &space, policy, areas, legs > 1, u64::from(per), meta);
     match alloc::allocate(&vg, &req) {
         Ok(a) => {
             assert!(
@@ -376,7 +426,7 @@ fn run_create(rng: &mut StdRng) {
                     }
                     areas.extend(m);
                 }
-                sets.push(areas.iter().map(|(p, _)| p.clone()).collect());
+                sets.push(areas.iter().map(|(p, _)| domain(&vg, p)).collect());
                 new.extend(areas);
             }
             assert_eq!(a.meta.len(), if raid_meta { legs as usize } else { 0 });
@@ -386,7 +436,7 @@ fn run_create(rng: &mut StdRng) {
                     for j in i + 1..sets.len() {
                         assert!(
                             sets[i].is_disjoint(&sets[j]),
-                            "images {i} and {j} share a PV: {sets:?}"
+                            "images {i} and {j} share a PV or host: {sets:?}"
                         );
                     }
                 }
@@ -422,7 +472,12 @@ fn run_create(rng: &mut StdRng) {
                 }
                 AllocError::TooManyLegs { pvs, .. } => {
                     assert_ne!(policy, Policy::Anywhere);
-                    let with = space.iter().filter(|(_, s)| !s.is_empty()).count();
+                    let with = space
+                        .iter()
+                        .filter(|(_, s)| !s.is_empty())
+                        .map(|(k, _)| domain(&vg, k))
+                        .collect::<HashSet<_>>()
+                        .len();
                     assert_eq!(*pvs, with, "{e}");
                     assert!(with < legs as usize);
                 }
@@ -501,7 +556,7 @@ fn run_extend(rng: &mut StdRng) {
     });
     let ok = match policy {
         Policy::Contiguous => in_place,
-        _ => feasible(&space, policy, stripes, false, u64::from(per), 0),
+        _ => feasible(&vg, &space, policy, stripes, false, u64::from(per), 0),
     };
     match alloc::extend(&vg, "s", Extents(more), policy, sel.as_ref()) {
         Ok(segs) => {

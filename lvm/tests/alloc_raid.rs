@@ -466,3 +466,128 @@ proptest! {
         random_case(seed);
     }
 }
+
+// ---- storage hosts ----------------------------------------------------------------------
+
+/// A VG of PVs `(size, host)`: the host named by a `host:` tag.
+fn vg_on_hosts(pvs: &[(u32, &str)]) -> VolumeGroup {
+    let pvs = pvs
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, h))| {
+            let mut p = pv(&format!("pv{i}"), n, true);
+            p.set_tags(&[format!("host:{h}")]);
+            p
+        })
+        .collect();
+    lvm::vgcreate::new_vg("vg", Sectors(8192), pvs)
+}
+
+/// The hosts each image of `r` uses.
+fn image_hosts(vg: &VolumeGroup) -> Vec<HashSet<String>> {
+    image_pvs(vg)
+        .into_iter()
+        .map(|s| {
+            s.iter()
+                .map(|k| vg.pv_by_key(k).and_then(|p| p.host()).expect("a host"))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn images_never_share_a_host_even_on_different_pvs() {
+    // Two PVs on host a, one on b: a raid1 of two images must use a and b, never both a PVs.
+    let mut g = vg_on_hosts(&[(50, "a"), (50, "a"), (20, "b")]);
+    raid(&mut g, RaidLevel::Raid1, 2, 10, None).unwrap();
+    let h = image_hosts(&g);
+    assert!(h[0].is_disjoint(&h[1]), "{h:?}");
+    // Three images over two hosts: refused, saying hosts.
+    let g2 = vg_on_hosts(&[(50, "a"), (50, "a"), (20, "b")]);
+    let e = alloc::allocate(
+        &g2,
+        &Request {
+            extents: Extents(5),
+            legs: 3,
+            raid_meta: true,
+            ..Request::default()
+        },
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, AllocError::TooManyLegs { pvs: 2, .. }) && msg.contains("hosts"),
+        "{msg}"
+    );
+    // --alloc anywhere allows it.
+    assert!(alloc::allocate(
+        &g2,
+        &Request {
+            extents: Extents(5),
+            legs: 3,
+            raid_meta: true,
+            policy: Policy::Anywhere,
+            ..Request::default()
+        },
+    )
+    .is_ok());
+    // Growing: image on host b outgrows pv2 and may not move onto host a's spare PV.
+    let e = alloc::extend_raid(&g, "r", Extents(20), Policy::Normal, None).unwrap_err();
+    assert!(matches!(e, AllocError::NoPlacement { .. }), "{e}");
+}
+
+#[test]
+fn an_image_grows_onto_another_pv_of_its_own_host() {
+    // Image 0 on host a (pv0 full after it), image 1 on host b; pv1 is a's second disk.
+    let mut g = vg_on_hosts(&[(11, "a"), (40, "a"), (40, "b")]);
+    raid(
+        &mut g,
+        RaidLevel::Raid1,
+        2,
+        10,
+        Some(PvSelection::whole(["pv0", "pv2"])),
+    )
+    .unwrap();
+    let x = alloc::extend_raid(&g, "r", Extents(20), Policy::Normal, None).unwrap();
+    apply(&mut g, &x);
+    // Each image still on one host, the two apart; the a image took pv1 (pv0 was full).
+    let h = image_hosts(&g);
+    assert!(h[0].len() == 1 && h[1].len() == 1 && h[0] != h[1], "{h:?}");
+    assert!(image_pvs(&g).iter().any(|p| p.contains("pv1")));
+}
+
+#[test]
+fn successive_three_way_mirrors_spread_over_four_hosts() {
+    // VastSky's pool: four hosts, raid1 -m2 LVs one after the other. Each takes the three
+    // hosts with most free space, so after four LVs every host carries three images.
+    let mut g = vg_on_hosts(&[(100, "h1"), (100, "h2"), (100, "h3"), (100, "h4")]);
+    let mut per_host: HashMap<String, u32> = HashMap::new();
+    for n in 0..4 {
+        let placed = alloc::allocate(
+            &g,
+            &Request {
+                extents: Extents(10),
+                legs: 3,
+                raid_meta: true,
+                ..Request::default()
+            },
+        )
+        .unwrap();
+        let mut hosts = HashSet::new();
+        for (i, (leg, meta)) in placed.legs.into_iter().zip(placed.meta).enumerate() {
+            for (pvk, _, _) in areas(&leg) {
+                let h = g.pv_by_key(&pvk).and_then(|p| p.host()).unwrap();
+                hosts.insert(h.clone());
+                *per_host.entry(h).or_default() += 1;
+            }
+            g.logical_volumes
+                .push(LogicalVolume::new(&format!("m{n}_{i}"), vec![meta]));
+            g.logical_volumes
+                .push(LogicalVolume::new(&format!("i{n}_{i}"), leg));
+        }
+        assert_eq!(hosts.len(), 3, "LV {n}: three images on three hosts");
+        g.validate().expect("valid VG");
+    }
+    let counts: Vec<u32> = per_host.values().copied().collect();
+    assert_eq!(counts, vec![3; 4], "{per_host:?}");
+}

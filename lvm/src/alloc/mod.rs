@@ -32,6 +32,14 @@
 //!   one stripe's length, hold less than the request). Raid images: the PV sets of different
 //!   images are disjoint; an image may span several PVs; each image's metadata extent is the
 //!   first extent of its first run, so the image follows it on the same PV (as lvm2 does).
+//! - **Storage hosts** (`normal` and `contiguous`): where PVs name the host they live on
+//!   ([`crate::hosts`]: a `host:NAME` tag, or the host of the NBD/iSCSI URI the PV is on),
+//!   the *hosts* of different raid images are disjoint too, so losing one host loses at most
+//!   one image (HDFS's "no two replicas on one host"); a PV without a host is a host of its
+//!   own. Placement then starts from the hosts with most free space, so successive raid LVs
+//!   spread evenly over the hosts; lvm2's PV-order preference applies only to VGs without
+//!   hosts. `anywhere` may put images on one host when nothing else fits. An extension grows
+//!   each image on PVs of its own hosts or of hosts no image uses.
 //! - `anywhere`: the `normal` placement if there is one, else stripes and images anywhere
 //!   free, also on one PV (distinct PVs first).
 //! - `inherit`: the LV's policy (for [`extend`]), else the VG's (`allocation_policy`), else
@@ -92,6 +100,15 @@ pub enum Policy {
     Anywhere,
     /// `inherit`: the LV's policy, else the VG's.
     Inherit,
+}
+
+/// What raid images are kept apart on, for messages.
+fn domains_word(hosts: bool) -> &'static str {
+    if hosts {
+        "hosts (or PVs without a host)"
+    } else {
+        "physical volumes"
+    }
 }
 
 /// An allocation policy name LVM does not know.
@@ -252,15 +269,19 @@ pub enum AllocError {
         /// PVs in the VG or the selection.
         pvs: usize,
     },
-    /// More raid images than usable PVs, with a policy other than `anywhere`.
+    /// More raid images than usable failure domains (PVs, or hosts where PVs name one), with
+    /// a policy other than `anywhere`.
     #[error(
-        "{legs} images need {legs} physical volumes with free space, only {pvs} usable: {why}"
+        "{legs} images need {legs} {} with free space, only {pvs} usable: {why}",
+        domains_word(*.hosts)
     )]
     TooManyLegs {
         /// Images asked.
         legs: u32,
-        /// Usable PVs with free space.
+        /// Usable PVs (or hosts) with free space.
         pvs: usize,
+        /// Some PV has a host: the count is of hosts (and PVs without one).
+        hosts: bool,
         /// The usable PVs.
         why: String,
     },

@@ -96,11 +96,12 @@ pub(crate) fn place(
                 .collect()
         })
         .unwrap_or_default();
-    let with_pvs = sp.pvs.iter().filter(|p| p.cap() > 0).count();
-    if shape.legs && policy != Policy::Anywhere && with_pvs < n {
+    let domains = sp.domains_with_space();
+    if shape.legs && policy != Policy::Anywhere && domains < n {
         return Err(AllocError::TooManyLegs {
             legs: shape.areas,
-            pvs: with_pvs,
+            pvs: domains,
+            hosts: sp.pvs.iter().any(|p| p.host.is_some()),
             why: describe(sp),
         });
     }
@@ -108,7 +109,7 @@ pub(crate) fn place(
     match policy {
         Policy::Contiguous => {
             if shape.legs {
-                contiguous(sp, n, need)
+                contiguous(sp, n, need, true)
                     .map(|p| Placed::Legs {
                         pieces: p.into_iter().map(|p| vec![p]).collect(),
                         meta: meta > 0,
@@ -119,7 +120,7 @@ pub(crate) fn place(
                     .map(|r| Placed::Rounds(vec![r]))
                     .map_err(|why| no_placement(true, why))
             } else {
-                contiguous(sp, n, need)
+                contiguous(sp, n, need, false)
                     .map(|p| {
                         Placed::Rounds(vec![Round {
                             len: per,
@@ -193,18 +194,26 @@ pub(crate) fn describe(sp: &Space) -> String {
     }
 }
 
-/// `n` runs of `need` extents on distinct PVs: in PV order, the run lvm2 would take on each
-/// PV that has one holding `need` ([`PvSpace::lvm2_run`]).
-fn contiguous(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Piece>, String> {
+/// `n` runs of `need` extents on distinct PVs (raid images, `legs`: on distinct failure
+/// domains, i.e. hosts): in PV order, the run lvm2 would take on each PV that has one
+/// holding `need` ([`PvSpace::lvm2_run`]).
+fn contiguous(sp: &mut Space, n: usize, need: u64, legs: bool) -> Result<Vec<Piece>, String> {
     let Ok(need32) = u32::try_from(need) else {
         return Err(format!("{need} extents do not fit a PV"));
     };
     let mut out = Vec::with_capacity(n);
+    let mut taken = std::collections::HashSet::new();
     for (i, pv) in sp.pvs.iter().enumerate() {
         if out.len() == n {
             break;
         }
+        if legs && taken.contains(&sp.domain(i)) {
+            continue;
+        }
         if let Some(r) = pv.lvm2_run(need).filter(|r| len(r) >= need) {
+            if legs {
+                taken.insert(sp.domain(i));
+            }
             out.push(Piece {
                 pv: i,
                 start: r.start,
@@ -214,10 +223,16 @@ fn contiguous(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Piece>, String>
     }
     if out.len() < n {
         let what = if n == 1 { "the area" } else { "each area" };
+        let by_host = legs && sp.pvs.iter().any(|p| p.host.is_some());
         return Err(format!(
-            "{what} needs a free run of {need} extents{}, and {} PV(s) have one: {}",
-            if n > 1 { " on a PV of its own" } else { "" },
+            "{what} needs a free run of {need} extents{}, and {} {} have one: {}",
+            match (n > 1, by_host) {
+                (false, _) => "",
+                (true, false) => " on a PV of its own",
+                (true, true) => " on a PV of its own host",
+            },
             out.len(),
+            if by_host { "host(s)" } else { "PV(s)" },
             describe(sp)
         ));
     }
@@ -461,13 +476,19 @@ fn max_len(caps: &[u64], c: &[usize], runs: &[Range<u32>], rem: u64, n: u64) -> 
     lo
 }
 
-/// Raid images on disjoint PV sets: one run each if `contiguous` can, else a search for
-/// disjoint sets of PVs holding `need` extents each.
+/// Raid images on disjoint PV sets (disjoint host sets where PVs name hosts): one run each
+/// if `contiguous` can, else a search for disjoint sets of PVs holding `need` extents each.
+/// When PVs name hosts, the search (hosts with most free space first) goes first, so that
+/// successive LVs spread over the hosts instead of filling the first ones in VG order; it
+/// still takes one run per image where a PV of the chosen host has one.
 fn legs_normal(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Vec<Piece>>, String> {
+    let by_host = sp.pvs.iter().any(|p| p.host.is_some());
     let mut trial = sp.clone();
-    if let Ok(p) = contiguous(&mut trial, n, need) {
-        *sp = trial;
-        return Ok(p.into_iter().map(|p| vec![p]).collect());
+    if !by_host {
+        if let Ok(p) = contiguous(&mut trial, n, need, true) {
+            *sp = trial;
+            return Ok(p.into_iter().map(|p| vec![p]).collect());
+        }
     }
     let sets = disjoint_sets(sp, n, need)?;
     sets.iter().map(|set| pieces(sp, set, need)).collect()
@@ -477,35 +498,54 @@ fn legs_normal(sp: &mut Space, n: usize, need: u64) -> Result<Vec<Vec<Piece>>, S
 /// space first, each opening a new set before joining an unfinished one.
 fn disjoint_sets(sp: &Space, n: usize, need: u64) -> Result<Vec<Vec<usize>>, String> {
     let all: Vec<usize> = (0..sp.pvs.len()).collect();
+    let what = if sp.pvs.iter().any(|p| p.host.is_some()) {
+        "PVs, no host in two of them,"
+    } else {
+        "PVs"
+    };
     disjoint_sets_for(sp, &all, &vec![need; n]).map_err(|limit| {
         format!(
-            "the {n} images need disjoint sets of PVs with {need} free extents each{limit}: {}",
+            "the {n} images need disjoint sets of {what} with {need} free extents each{limit}: {}",
             describe(sp)
         )
     })
 }
 
 /// Disjoint sets of the PVs `cands` (indices into `sp`), set `j` with at least `needs[j]`
-/// free extents (an empty set for a need of 0); PVs with most space first, each opening a
-/// new set before joining an unfinished one. The error is empty, or says the search gave up.
+/// free extents (an empty set for a need of 0), and no failure domain (host) in two sets:
+/// the PVs of one host go to one set together. Hosts (and PVs without one) with most space
+/// first, each opening a new set before joining an unfinished one, so successive raid LVs
+/// spread over the hosts with most room. The error is empty, or says the search gave up.
 pub(crate) fn disjoint_sets_for(
     sp: &Space,
     cands: &[usize],
     needs: &[u64],
 ) -> Result<Vec<Vec<usize>>, String> {
-    let mut order: Vec<(usize, u64)> = cands
-        .iter()
-        .map(|&i| (i, sp.pvs[i].cap()))
-        .filter(|&(_, c)| c > 0)
-        .collect();
-    order.sort_by_key(|&(i, c)| (Reverse(c), i));
+    // One entry per failure domain: its PVs (with space) and their total space.
+    let mut groups: Vec<(String, Vec<usize>, u64)> = Vec::new();
+    for &i in cands {
+        let cap = sp.pvs[i].cap();
+        if cap == 0 {
+            continue;
+        }
+        let d = sp.domain(i);
+        match groups.iter_mut().find(|g| g.0 == d) {
+            Some(g) => {
+                g.1.push(i);
+                g.2 += cap;
+            }
+            None => groups.push((d, vec![i], cap)),
+        }
+    }
+    let mut order: Vec<(Vec<usize>, u64)> = groups.into_iter().map(|(_, p, c)| (p, c)).collect();
+    order.sort_by_key(|(p, c)| (Reverse(*c), p[0]));
     // suffix[k]: space of order[k..].
     let mut suffix = vec![0u64; order.len() + 1];
     for k in (0..order.len()).rev() {
         suffix[k] = suffix[k + 1] + order[k].1;
     }
     struct Search<'a> {
-        order: &'a [(usize, u64)],
+        order: &'a [(Vec<usize>, u64)],
         suffix: &'a [u64],
         needs: &'a [u64],
         sums: Vec<u64>,
@@ -527,7 +567,7 @@ pub(crate) fn disjoint_sets_for(
                 return false;
             }
             self.budget -= 1;
-            let (pv, cap) = self.order[k];
+            let (pvs, cap) = (&self.order[k].0, self.order[k].1);
             // Empty sets of equal need are interchangeable: try the first of each need only,
             // before partial sets.
             let mut tries: Vec<usize> = Vec::new();
@@ -547,11 +587,12 @@ pub(crate) fn disjoint_sets_for(
             );
             for j in tries {
                 self.sums[j] += cap;
-                self.sets[j].push(pv);
+                let before = self.sets[j].len();
+                self.sets[j].extend_from_slice(pvs);
                 if self.go(k + 1) {
                     return true;
                 }
-                self.sets[j].pop();
+                self.sets[j].truncate(before);
                 self.sums[j] -= cap;
             }
             self.go(k + 1)

@@ -149,7 +149,7 @@ pub fn extend_raid(
     };
     let strict = match policy {
         Policy::Contiguous => place_each(&mut sp, lv, &images, grow, Policy::Contiguous, None),
-        _ => match separate(&sp, &images, grow) {
+        _ => match separate(vg, &sp, &images, grow) {
             Err(why) => Err(no_placement(why)),
             Ok(allowed) => {
                 let mut trial = sp.clone();
@@ -191,30 +191,46 @@ pub fn extend_raid(
 
 type Image = (String, HashSet<String>, (String, u32));
 
-/// The PVs (indices into `sp`) each image may grow on, keeping images on disjoint PV sets:
-/// its own PVs, plus for an image they cannot hold, PVs no image uses, disjoint between
+/// The PVs (indices into `sp`) each image may grow on, keeping images on disjoint failure
+/// domains (PVs, or hosts where PVs name one): its own PVs (any PV of a domain only it
+/// uses), plus for an image they cannot hold, PVs of domains no image uses, disjoint between
 /// images. An error says which images could not get enough.
-fn separate(sp: &Space, images: &[Image], grow: u32) -> Result<Vec<Vec<usize>>, String> {
-    let everyone: HashSet<&String> = images.iter().flat_map(|(_, u, _)| u).collect();
-    // An image's own PVs: those it uses and no other image does.
-    let own: Vec<Vec<usize>> = images
+fn separate(
+    vg: &VolumeGroup,
+    sp: &Space,
+    images: &[Image],
+    grow: u32,
+) -> Result<Vec<Vec<usize>>, String> {
+    // The domains each image uses (a PV gone from `sp`, e.g. missing, still counts).
+    let domain_of_key = |k: &String| match sp.pvs.iter().position(|p| &p.key == k) {
+        Some(i) => sp.domain(i),
+        None => match vg.pv_by_key(k).and_then(|p| p.host()) {
+            Some(h) => format!("host {h}"),
+            None => format!("pv {k}"),
+        },
+    };
+    let domains: Vec<HashSet<String>> = images
         .iter()
-        .enumerate()
-        .map(|(i, (_, used, _))| {
+        .map(|(_, used, _)| used.iter().map(domain_of_key).collect())
+        .collect();
+    let everyone: HashSet<&String> = domains.iter().flatten().collect();
+    // An image's own PVs: those of domains it uses and no other image does.
+    let own: Vec<Vec<usize>> = (0..images.len())
+        .map(|i| {
             (0..sp.pvs.len())
                 .filter(|&p| {
-                    let k = &sp.pvs[p].key;
-                    used.contains(k)
-                        && !images
+                    let d = sp.domain(p);
+                    domains[i].contains(&d)
+                        && !domains
                             .iter()
                             .enumerate()
-                            .any(|(j, (_, u, _))| j != i && u.contains(k))
+                            .any(|(j, u)| j != i && u.contains(&d))
                 })
                 .collect()
         })
         .collect();
     let fresh: Vec<usize> = (0..sp.pvs.len())
-        .filter(|&p| !everyone.contains(&sp.pvs[p].key))
+        .filter(|&p| !everyone.contains(&sp.domain(p)))
         .collect();
     let needs: Vec<u64> = own
         .iter()
@@ -231,8 +247,8 @@ fn separate(sp: &Space, images: &[Image], grow: u32) -> Result<Vec<Vec<usize>>, 
             .map(|((img, _, _), d)| format!("{img} {d} more"))
             .collect();
         format!(
-            "each image grows on its own PVs or on PVs no other image uses, and these need \
-             space on PVs of their own: {}{limit}: {}",
+            "each image grows on its own PVs or on PVs (and hosts) no other image uses, and \
+             these need space on PVs of their own: {}{limit}: {}",
             short.join(", "),
             plan::describe(sp)
         )

@@ -116,6 +116,8 @@ pub(crate) struct PvSpace {
     pub pe_count: u32,
     /// What uses its other extents (for messages).
     pub used: Vec<Use>,
+    /// The storage host it lives on ([`PhysicalVolume::host`]); `None`: its own domain.
+    pub host: Option<String>,
 }
 
 impl PvSpace {
@@ -211,17 +213,45 @@ pub(crate) struct Space {
 }
 
 impl Space {
+    /// The failure domain of PV `i`: its host, else the PV itself. Raid images never share a
+    /// domain under the `normal` and `contiguous` policies.
+    pub fn domain(&self, i: usize) -> String {
+        match &self.pvs[i].host {
+            Some(h) => format!("host {h}"),
+            None => format!("pv {}", self.pvs[i].key),
+        }
+    }
+
+    /// Distinct failure domains among PVs with free space.
+    pub fn domains_with_space(&self) -> usize {
+        let set: HashSet<String> = (0..self.pvs.len())
+            .filter(|&i| self.pvs[i].cap() > 0)
+            .map(|i| self.domain(i))
+            .collect();
+        set.len()
+    }
+
     /// Free extents of all usable PVs.
     pub fn total(&self) -> u64 {
         self.pvs.iter().map(PvSpace::cap).sum()
     }
 }
 
-/// `pv0 (/dev/sdb)`, or `pv0` when the metadata has no device hint.
+/// `pv0 (/dev/sdb)`, or `pv0` when the metadata has no device hint; a PV whose host is
+/// named by a tag (not by its URI) says so: `pv0 (/dev/sdb, host a)`.
 pub(crate) fn pv_name(pv: &PhysicalVolume) -> String {
-    match &pv.device {
-        Some(d) => format!("{} ({d})", pv.key),
-        None => pv.key.clone(),
+    let tagged = pv.host().filter(|h| {
+        pv.device
+            .as_deref()
+            .and_then(crate::hosts::uri_host)
+            .as_ref()
+            != Some(h)
+    });
+    match (&pv.device, tagged) {
+        (Some(d), Some(h)) => format!("{} ({d}, host {h})", pv.key),
+        (Some(d), None) => format!("{} ({d})", pv.key),
+        (None, Some(h)) => format!("{} (host {h})", pv.key),
+        (None, None) => pv.key.clone(),
     }
 }
 
@@ -271,6 +301,7 @@ pub(crate) fn eligible(vg: &VolumeGroup, sel: Option<&PvSelection>) -> Result<Sp
             runs,
             pe_count: pv.pe_count.0,
             used: uses.cloned().unwrap_or_default(),
+            host: pv.host(),
         });
     }
     Ok(space)
@@ -318,6 +349,7 @@ mod tests {
             runs: vec![0..10, 20..30],
             pe_count: 30,
             used: Vec::new(),
+            host: None,
         };
         assert!(p.take(22, 3));
         assert_eq!(p.runs, vec![0..10, 20..22, 25..30]);
@@ -335,6 +367,7 @@ mod tests {
             pe_count: runs.last().map_or(0, |r| r.end),
             runs,
             used: Vec::new(),
+            host: None,
         }
     }
 
