@@ -99,6 +99,9 @@ pub enum Error {
     /// The backup cannot be restored.
     #[error(transparent)]
     Restore(#[from] restore::RestoreError),
+    /// A network extent (NBD export, iSCSI LUN) could not be opened.
+    #[error(transparent)]
+    OpenRemote(std::sync::Arc<extents::net::NetError>),
     /// A device could not be opened.
     #[error("opening {}: {source}", path.display())]
     Open {

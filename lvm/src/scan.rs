@@ -634,18 +634,34 @@ pub fn open_paths<P: AsRef<Path>>(
 ) -> Result<Vec<DeviceRef>, crate::Error> {
     paths
         .iter()
-        .map(|p| {
-            let opts = extents::OpenOptions {
-                read_only,
-                exclusive: false,
-                ..extents::OpenOptions::default()
-            };
-            extents::FileExtent::open(p.as_ref(), opts)
-                .map(|e| Arc::new(e) as DeviceRef)
-                .map_err(|source| crate::Error::Open {
-                    path: p.as_ref().to_path_buf(),
-                    source: Arc::new(source),
-                })
-        })
+        .map(|p| open_device(p.as_ref(), read_only, false))
         .collect()
+}
+
+/// Opens one PV device: a file or block device, or a network extent when `path` is spelled
+/// as one (`nbd://...`, `iscsi://...`: a PV may live on another storage host). A network
+/// extent is opened read-write whatever `read_only` says (the server decides), and is never
+/// claimed exclusively.
+pub fn open_device(
+    path: &Path,
+    read_only: bool,
+    exclusive: bool,
+) -> Result<DeviceRef, crate::Error> {
+    let name = path.to_string_lossy();
+    if extents::net::NetUri::is_network(&name) {
+        return extents::net::open(&name)
+            .map(|e| e.device())
+            .map_err(|e| crate::Error::OpenRemote(Arc::new(e)));
+    }
+    let opts = extents::OpenOptions {
+        read_only,
+        exclusive,
+        ..extents::OpenOptions::default()
+    };
+    extents::FileExtent::open(path, opts)
+        .map(|e| Arc::new(e) as DeviceRef)
+        .map_err(|source| crate::Error::Open {
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        })
 }

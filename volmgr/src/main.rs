@@ -81,6 +81,9 @@ enum Cmd {
     Lvreduce(lvm_cli::lvresize::LvresizeArgs),
     /// Convert a linear/striped LV to raid1 (`-m 1`) and back (`-m 0`), online.
     Lvconvert(lvm_cli::lvconvert::LvconvertArgs),
+    /// Change a PV's attributes: allocatable (`-x`), tags (`--addtag host:NAME` names its
+    /// storage host).
+    Pvchange(lvm_cli::pvchange::PvchangeArgs),
     /// Move every extent off a PV, online (--abort to undo a killed move).
     Pvmove(lvm_cli::pvmove::PvmoveArgs),
     /// Remove LVs (active ones are deactivated first, with --yes).
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
         Cmd::Lvresize(a) => lvm_cli::lvresize::lvresize(a),
         Cmd::Lvreduce(a) => lvm_cli::lvresize::lvreduce(a),
         Cmd::Lvconvert(a) => lvm_cli::lvconvert::lvconvert(a),
+        Cmd::Pvchange(a) => lvm_cli::pvchange::pvchange(a),
         Cmd::Pvmove(a) => lvm_cli::pvmove::pvmove(a),
         Cmd::Lvremove(a) => lvm_cli::lvremove::lvremove(a),
         Cmd::Lvrename(a) => lvm_cli::lvremove::lvrename(a),

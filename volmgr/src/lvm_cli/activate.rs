@@ -253,8 +253,7 @@ pub fn table_of(
 /// The absolute path of the device this scan found PV `pv` on.
 pub fn pv_device(scan: &Scan, pv: &lvm::PhysicalVolume) -> Option<String> {
     scan.pv_path(&pv.id)
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-        .map(|p| p.display().to_string())
+        .map(|p| super::absolute_one(p).display().to_string())
 }
 
 /// Checks that each of `lvs` makes a table every target accepts (what `table check` runs:

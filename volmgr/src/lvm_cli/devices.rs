@@ -55,8 +55,8 @@ impl DeviceArgs {
         }
     }
 
-    /// Records `paths` in the devices file: always for regular files (a scan would never find
-    /// them), for block devices only when the file exists (it then restricts the scan). Not
+    /// Records `paths` in the devices file: always for regular files and network extents (a
+    /// scan would never find them), for block devices only when the file exists (it then restricts the scan). Not
     /// with `--devices` (the caller said exactly what to use).
     pub fn remember(&self, paths: &[PathBuf]) -> Result<()> {
         if !self.devices.is_empty() {
@@ -66,7 +66,11 @@ impl DeviceArgs {
         let exists = file.exists();
         let wanted: Vec<&PathBuf> = paths
             .iter()
-            .filter(|p| exists || std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false))
+            .filter(|p| {
+                exists
+                    || super::is_network(p)
+                    || std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false)
+            })
             .collect();
         if wanted.is_empty() {
             return Ok(());
@@ -81,7 +85,7 @@ impl DeviceArgs {
             list.extend(block_devices()?.into_iter().filter(|d| has_label(d)));
         }
         for p in wanted {
-            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let abs = super::absolute_one(p);
             if !list.contains(&abs) {
                 list.push(abs);
             }
@@ -95,10 +99,7 @@ impl DeviceArgs {
         let Ok(text) = std::fs::read_to_string(&file) else {
             return Ok(());
         };
-        let abs: Vec<PathBuf> = paths
-            .iter()
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-            .collect();
+        let abs = super::absolute(paths);
         let list: Vec<PathBuf> = parse_devices_file(&text)
             .into_iter()
             .filter(|p| !abs.contains(p))

@@ -11,6 +11,7 @@ pub mod lvcreate;
 pub mod lvremove;
 pub mod lvresize;
 pub mod pv;
+pub mod pvchange;
 pub mod pvmove;
 pub mod report;
 pub mod scan;
@@ -208,12 +209,23 @@ pub fn parse_lvm_size(s: &str, default: char) -> Result<tables::Bytes> {
     Ok(tables::Bytes(bytes.round() as u64))
 }
 
-/// Absolute form of device paths given on the command line (scans name devices by path).
+/// Absolute form of device paths given on the command line (scans name devices by path);
+/// network extents (`nbd://...`, `iscsi://...`) stay as they are.
 pub fn absolute(paths: &[PathBuf]) -> Vec<PathBuf> {
-    paths
-        .iter()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-        .collect()
+    paths.iter().map(|p| absolute_one(p)).collect()
+}
+
+/// [`absolute`] of one device.
+pub fn absolute_one(p: &std::path::Path) -> PathBuf {
+    if is_network(p) {
+        return p.to_path_buf();
+    }
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Whether a device name is a network extent's URI (a PV on another storage host).
+pub fn is_network(p: &std::path::Path) -> bool {
+    extents::net::NetUri::is_network(&p.to_string_lossy())
 }
 
 #[cfg(test)]

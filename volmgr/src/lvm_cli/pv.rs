@@ -1,7 +1,6 @@
 //! `pvcreate`, `pvremove`, `pvresize`, `pvs`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -95,9 +94,8 @@ pub(crate) fn foreign_signature(dev: &dyn BlockDevice) -> Option<&'static str> {
 }
 
 fn open_rw(p: &std::path::Path) -> Result<DeviceRef> {
-    let e = extents::FileExtent::open(p, extents::OpenOptions::default())
-        .with_context(|| format!("opening {}", p.display()))?;
-    Ok(Arc::new(e))
+    let exclusive = extents::OpenOptions::default().exclusive;
+    lvm::scan::open_device(p, false, exclusive).with_context(|| format!("opening {}", p.display()))
 }
 
 pub fn pvcreate(a: PvcreateArgs) -> Result<()> {
@@ -323,6 +321,22 @@ const PV_FIELDS: &[Field] = &[
         heading: "#PMda",
         kind: Kind::Number,
     },
+    Field {
+        name: "pv_tags",
+        heading: "PV Tags",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "pv_missing",
+        heading: "Missing",
+        kind: Kind::Text,
+    },
+    // Ours (lvm2 has no such field): the storage host, from a `host:` tag or the PV's URI.
+    Field {
+        name: "pv_host",
+        heading: "Host",
+        kind: Kind::Text,
+    },
 ];
 const PV_DEFAULT: &[&str] = &[
     "pv_name", "vg_name", "pv_fmt", "pv_attr", "pv_size", "pv_free",
@@ -341,6 +355,40 @@ struct PvRow {
     pe_count: u64,
     alloc: u64,
     mdas: u64,
+    tags: String,
+    missing: bool,
+    host: String,
+}
+
+impl PvRow {
+    /// The row of `pv` of `v` as its metadata describes it (`missing`: not on any scanned
+    /// device, so the device's own fields are the metadata's).
+    fn in_vg(v: &lvm::VolumeGroup, pv: &lvm::PhysicalVolume, name: String, missing: bool) -> PvRow {
+        let ext = v.extent_size.bytes().0;
+        let count = u64::from(pv.pe_count.0);
+        let alloc = used_extents(v).get(&pv.key).copied().unwrap_or(0);
+        let a = if pv.status.has("ALLOCATABLE") {
+            'a'
+        } else {
+            '-'
+        };
+        PvRow {
+            name,
+            vg: v.name.clone(),
+            attr: format!("{a}-{}", if missing { 'm' } else { '-' }),
+            size: count * ext,
+            free: count.saturating_sub(alloc) * ext,
+            uuid: pv.id.to_string(),
+            dev_size: pv.dev_size.map_or(0, |s| s.bytes().0),
+            pe_start: pv.pe_start.bytes().0,
+            pe_count: count,
+            alloc,
+            mdas: 0,
+            tags: pv.tags().join(","),
+            missing: missing || pv.status.has("MISSING"),
+            host: pv.host().unwrap_or_default(),
+        }
+    }
 }
 
 pub fn pvs(a: PvsArgs) -> Result<()> {
@@ -363,32 +411,12 @@ pub fn pvs(a: PvsArgs) -> Result<()> {
             .vg_of_pv(&l.pv_uuid)
             .and_then(|vg| vg.metadata.vg.pv_by_id(&l.pv_uuid).map(|pv| (vg, pv)));
         let row = match in_vg {
-            Some((vg, pv)) => {
-                let v = &vg.metadata.vg;
-                let ext = v.extent_size.bytes().0;
-                let count = u64::from(pv.pe_count.0);
-                let alloc = used_extents(v).get(&pv.key).copied().unwrap_or(0);
-                PvRow {
-                    name: path.display().to_string(),
-                    vg: v.name.clone(),
-                    attr: format!(
-                        "{}--",
-                        if pv.status.has("ALLOCATABLE") {
-                            'a'
-                        } else {
-                            '-'
-                        }
-                    ),
-                    size: count * ext,
-                    free: count.saturating_sub(alloc) * ext,
-                    uuid: l.pv_uuid.to_string(),
-                    dev_size: d.size.0,
-                    pe_start,
-                    pe_count: count,
-                    alloc,
-                    mdas: l.metadata_areas.len() as u64,
-                }
-            }
+            Some((vg, pv)) => PvRow {
+                dev_size: d.size.0,
+                pe_start,
+                mdas: l.metadata_areas.len() as u64,
+                ..PvRow::in_vg(&vg.metadata.vg, pv, path.display().to_string(), false)
+            },
             // An orphan's size is its label's (lvm2: pvresize may have set it smaller).
             None => PvRow {
                 name: path.display().to_string(),
@@ -402,9 +430,25 @@ pub fn pvs(a: PvsArgs) -> Result<()> {
                 pe_count: 0,
                 alloc: 0,
                 mdas: l.metadata_areas.len() as u64,
+                tags: String::new(),
+                missing: false,
+                host: lvm::hosts::uri_host(&path.display().to_string()).unwrap_or_default(),
             },
         };
         rows.push(row);
+    }
+    // PVs a VG lists that no scanned device carries: lvm2 shows them as `[unknown]`, `m` in
+    // the attributes.
+    if only.is_empty() {
+        for vg in &scan.report.vgs {
+            let v = &vg.metadata.vg;
+            for vp in vg.pvs.iter().filter(|p| p.device.is_none()) {
+                let Some(pv) = v.pv_by_key(&vp.key) else {
+                    continue;
+                };
+                rows.push(PvRow::in_vg(v, pv, "[unknown]".into(), true));
+            }
+        }
     }
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     a.report
@@ -421,6 +465,9 @@ pub fn pvs(a: PvsArgs) -> Result<()> {
             "pv_pe_count" => Value::Number(r.pe_count),
             "pv_pe_alloc_count" => Value::Number(r.alloc),
             "pv_mda_count" => Value::Number(r.mdas),
+            "pv_tags" => Value::Text(r.tags.clone()),
+            "pv_missing" => Value::Text(if r.missing { "missing" } else { "" }.into()),
+            "pv_host" => Value::Text(r.host.clone()),
             _ => Value::Empty,
         })
 }

@@ -388,7 +388,7 @@ fn move_one(
         )?;
         let found = vg.physical_volumes.iter().find_map(|pv| {
             let path = scan.pv_path(&pv.id)?;
-            let path = std::path::absolute(path).ok()?.display().to_string();
+            let path = super::absolute_one(path).display().to_string();
             let f: Vec<&str> = d.split_whitespace().collect();
             let [_, _, "linear", dev, off] = f.as_slice() else {
                 return None;

@@ -120,13 +120,23 @@ impl Units {
 
 /// `-o`: the default columns changed by a list (`a,b` replaces, `+a,b` adds, `-a` removes).
 pub fn columns(all: &[Field], default: &[&str], specs: &[String]) -> Result<Vec<Field>, String> {
+    // lvm2 takes a field name without its report's prefix too (`-o +tags,missing`).
     let find = |n: &str| -> Result<Field, String> {
-        all.iter().copied().find(|f| f.name == n).ok_or_else(|| {
-            format!(
-                "unrecognised field: {n} (known: {})",
-                all.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
-            )
-        })
+        let bare = |f: &&Field| {
+            ["pv_", "vg_", "lv_", "seg_"]
+                .iter()
+                .any(|p| f.name.strip_prefix(p) == Some(n))
+        };
+        let exact = all.iter().find(|f| f.name == n);
+        exact
+            .or_else(|| all.iter().find(bare))
+            .copied()
+            .ok_or_else(|| {
+                format!(
+                    "unrecognised field: {n} (known: {})",
+                    all.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+                )
+            })
     };
     let mut cols: Vec<&str> = default.to_vec();
     for spec in specs {

@@ -188,8 +188,12 @@ impl Scan {
         self.report.device_of_pv(id).and_then(|i| self.paths.get(i))
     }
 
-    /// The index of the device at `path` (by canonical path), if it was scanned.
+    /// The index of the device at `path` (by canonical path; a network extent by its URI),
+    /// if it was scanned.
     pub fn device_index(&self, path: &std::path::Path) -> Option<usize> {
+        if super::is_network(path) {
+            return self.paths.iter().position(|p| p == path);
+        }
         let want = std::fs::canonicalize(path).ok()?;
         self.paths
             .iter()

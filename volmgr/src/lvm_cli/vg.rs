@@ -200,14 +200,8 @@ pub struct VgcfgrestoreArgs {
 }
 
 fn open_rw(p: &std::path::Path) -> Result<DeviceRef> {
-    let opts = extents::OpenOptions {
-        // lvm2's tools (and a scan of ours) may hold the device open too.
-        exclusive: false,
-        ..extents::OpenOptions::default()
-    };
-    let e =
-        extents::FileExtent::open(p, opts).with_context(|| format!("opening {}", p.display()))?;
-    Ok(std::sync::Arc::new(e))
+    // lvm2's tools (and a scan of ours) may hold the device open too: not exclusive.
+    lvm::scan::open_device(p, false, false).with_context(|| format!("opening {}", p.display()))
 }
 
 pub fn vgcreate(a: VgcreateArgs) -> Result<()> {

@@ -1,0 +1,253 @@
+//! PVs on other storage hosts: PVs created on NBD exports by URI, their hosts (from the URI,
+//! or a `host:` tag set with `pvchange`), raid placement that never puts two images of an LV
+//! on one host, and the reports that show it (`pvs -o +host,missing,tags`, `lvs -o
+//! +devices`). The exports are nbdkit's `file` plugin on 127.0.0.1; the daemon activates the
+//! raid LV over them and data written through it lands on three of the four hosts' files.
+//!
+//! Needs nbdkit and nbdcopy; a missing one fails the test loudly.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use e2e::{free_port, pseudo_random, require_tools, run_ok, sparse_file, DaemonProc, PeerServer};
+
+struct Hosts {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    servers: Vec<Option<PeerServer>>,
+    files: Vec<PathBuf>,
+    uris: Vec<String>,
+}
+
+impl Hosts {
+    fn new(n: usize) -> Hosts {
+        require_tools(&["nbdkit", "nbdcopy"]);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let (mut servers, mut files, mut uris) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let f = root.join(format!("host{i}.img"));
+            sparse_file(&f, 64 << 20).unwrap();
+            let port = free_port();
+            servers.push(Some(PeerServer::nbdkit(
+                port,
+                &["file", &f.display().to_string()],
+            )));
+            files.push(f);
+            uris.push(format!("nbd://127.0.0.1:{port}/disk"));
+        }
+        std::fs::create_dir_all(root.join("state")).unwrap();
+        // An existing (empty) devices file: scans look at what it lists only, not at every
+        // block device of the machine (other tests' loop devices).
+        std::fs::write(root.join("lvm-devices"), "# test\n").unwrap();
+        Hosts {
+            _dir: dir,
+            root,
+            servers,
+            files,
+            uris,
+        }
+    }
+
+    /// `volmgr ARGS`, PVs found through the test's devices file (not --devices: the URIs
+    /// pvcreate records there are what later verbs scan), against the state directory `sd`.
+    fn cmd_in(&self, sd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(e2e::volmgr_bin());
+        c.args(args)
+            .env("VOLMGR_STATE_DIR", sd)
+            .env("VOLMGR_LVM_DEVICESFILE", self.root.join("lvm-devices"));
+        c
+    }
+
+    fn vm(&self, args: &[&str]) -> Output {
+        self.cmd_in(&self.root.join("state"), args)
+            .output()
+            .expect("running volmgr")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        run_ok(&mut self.cmd_in(&self.root.join("state"), args)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.vm(args);
+        assert_eq!(
+            o.status.code(),
+            Some(5),
+            "volmgr {args:?} should fail as lvm2 does: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// `pvs` rows: PV name -> (host, missing, tags).
+    fn pvs(&self) -> BTreeMap<String, (String, String, String)> {
+        let out = self.ok(&[
+            "pvs",
+            "--noheadings",
+            "--separator",
+            ";",
+            "-o",
+            "pv_name,host,missing,tags",
+        ]);
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.trim().split(';').collect();
+                assert_eq!(f.len(), 4, "{l}");
+                (
+                    f[0].to_string(),
+                    (f[1].to_string(), f[2].to_string(), f[3].to_string()),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The PV names each raid image of `vg/lv` uses (`lvs -a -o lv_name,devices`).
+fn image_devices(h: &Hosts, vg: &str, lv: &str) -> Vec<HashSet<String>> {
+    let out = h.ok(&[
+        "lvs",
+        "-a",
+        "--noheadings",
+        "--separator",
+        ";",
+        "-o",
+        "lv_name,devices",
+        vg,
+    ]);
+    out.lines()
+        .filter_map(|l| {
+            let (name, devs) = l.trim().split_once(';')?;
+            let name = name.trim_matches(|c| c == '[' || c == ']');
+            name.starts_with(&format!("{lv}_rimage_")).then(|| {
+                devs.split(',')
+                    .map(|d| d.split('(').next().unwrap_or("").to_string())
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn raid_images_land_on_distinct_hosts_and_reports_show_them() {
+    let mut h = Hosts::new(4);
+    let uris: Vec<&str> = h.uris.iter().map(String::as_str).collect();
+
+    // PVs on URIs; the devices file remembers them (a scan would never find them).
+    let mut a = vec!["pvcreate"];
+    a.extend(&uris);
+    h.ok(&a);
+    let listed = std::fs::read_to_string(h.root.join("lvm-devices")).unwrap();
+    for u in &uris {
+        assert!(listed.lines().any(|l| l == *u), "{u} not in {listed}");
+    }
+    let mut a = vec!["vgcreate", "vgh"];
+    a.extend(&uris);
+    h.ok(&a);
+    // Every PV's host comes from its URI: all four on 127.0.0.1.
+    let pvs = h.pvs();
+    assert_eq!(pvs.len(), 4, "{pvs:?}");
+    assert!(
+        pvs.values().all(|(host, _, _)| host == "127.0.0.1"),
+        "{pvs:?}"
+    );
+
+    // One host for everything: two images cannot be placed apart.
+    let e = h.fails(&[
+        "lvcreate", "--type", "raid1", "-m", "1", "-L", "8M", "-n", "r", "vgh",
+    ]);
+    assert!(e.contains("hosts"), "{e}");
+    // ... unless the administrator says anything goes.
+    h.ok(&[
+        "lvcreate", "--type", "raid1", "-m", "1", "-L", "8M", "-n", "any", "--alloc", "anywhere",
+        "vgh",
+    ]);
+    h.ok(&["lvremove", "-y", "vgh/any"]);
+
+    // Name the hosts with tags (what a storage administrator does when several exports
+    // share an address, or to group by rack).
+    for (i, u) in uris.iter().enumerate() {
+        let tag = format!("host:h{i}");
+        h.ok(&["pvchange", "--addtag", &tag, u]);
+    }
+    let pvs = h.pvs();
+    for (i, u) in uris.iter().enumerate() {
+        let (host, missing, tags) = &pvs[*u];
+        assert_eq!(host, &format!("h{i}"), "{pvs:?}");
+        assert_eq!(missing, "", "{pvs:?}");
+        assert_eq!(tags, &format!("host:h{i}"), "{pvs:?}");
+    }
+    // Unchanged tags are not a change; a bad tag is refused.
+    let out = h.ok(&["pvchange", "--addtag", "host:h0", uris[0]]);
+    assert!(out.contains("nothing to change"), "{out}");
+    h.fails(&["pvchange", "--addtag", "bad tag", uris[0]]);
+
+    // A three-way mirror: three images on three hosts.
+    h.ok(&[
+        "lvcreate", "--type", "raid1", "-m", "2", "-L", "8M", "-n", "r", "vgh",
+    ]);
+    let imgs = image_devices(&h, "vgh", "r");
+    assert_eq!(imgs.len(), 3, "{imgs:?}");
+    let host_of = |pv: &str| pvs.get(pv).map(|p| p.0.clone()).unwrap_or_default();
+    let hosts: Vec<HashSet<String>> = imgs
+        .iter()
+        .map(|s| s.iter().map(|p| host_of(p)).collect())
+        .collect();
+    for i in 0..3 {
+        assert_eq!(hosts[i].len(), 1, "{hosts:?}");
+        for j in i + 1..3 {
+            assert!(hosts[i].is_disjoint(&hosts[j]), "{hosts:?}");
+        }
+    }
+    // JSON report carries the host too.
+    let json = h.ok(&["pvs", "--reportformat", "json", "-o", "+host"]);
+    assert!(json.contains("\"pv_host\":\"h0\""), "{json}");
+
+    // Activate through the daemon over the NBD PVs and write through the mirror: the bytes
+    // land in the files of exactly the three hosts that hold an image.
+    let d = DaemonProc::start(&h.root.join("state"));
+    let vmd = |args: &[&str]| -> String {
+        run_ok(&mut h.cmd_in(&d.state, args)).unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+    };
+    vmd(&["lvchange", "-ay", "vgh/r", "--nbd", "127.0.0.1:0"]);
+    let uri = vmd(&["lvs", "--noheadings", "-o", "lv_dm_path", "vgh/r"])
+        .trim()
+        .to_string();
+    assert!(uri.starts_with("nbd://"), "{uri}");
+    let data = pseudo_random(4 << 20, 77);
+    let src = h.root.join("data.bin");
+    std::fs::write(&src, &data).unwrap();
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri)).unwrap();
+    let back = h.root.join("back.bin");
+    run_ok(Command::new("nbdcopy").arg(&uri).arg(&back)).unwrap();
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 8 << 20, "the LV's size");
+    assert!(got[..data.len()] == data[..], "read back differs");
+    vmd(&["lvchange", "-an", "vgh/r"]);
+    drop(d);
+    let holding: Vec<usize> = (0..4)
+        .filter(|&i| contains(&h.files[i], &data[..1 << 20]))
+        .collect();
+    assert_eq!(
+        holding.len(),
+        3,
+        "the data should be on three hosts: {holding:?}"
+    );
+
+    // One host goes away: its PV is reported missing, by host.
+    let gone = (0..4).find(|i| !holding.contains(i)).unwrap_or(3);
+    h.servers[gone] = None;
+    let pvs = h.pvs();
+    let unknown = pvs.get("[unknown]").expect("a missing PV row");
+    assert_eq!(unknown.1, "missing", "{pvs:?}");
+    assert_eq!(unknown.0, format!("h{gone}"), "{pvs:?}");
+}
+
+/// Whether `file` holds `needle` at some 1 MiB-aligned offset.
+fn contains(file: &Path, needle: &[u8]) -> bool {
+    let all = std::fs::read(file).unwrap();
+    all.chunks(1 << 20).any(|c| c == needle)
+}
