@@ -214,7 +214,11 @@ pub(crate) fn commit_with(
         .ok_or_else(|| CommitError::NotScanned { vg: vg.clone(), id })?;
     for p in &old.problems {
         let refused = match p {
-            Problem::MissingPv { id, .. } => !dropped.contains(id),
+            // A PV the new version flags MISSING (lvconvert --repair of a raid LV whose host
+            // died) is left out of the write, as lvm2 does.
+            Problem::MissingPv { id, .. } => {
+                !dropped.contains(id) && !md.vg.pv_by_id(id).is_some_and(|p| p.is_missing())
+            }
             Problem::PvOfOtherVg { .. } | Problem::SeqnoConflict { .. } => true,
             _ => false,
         };
@@ -253,6 +257,9 @@ pub(crate) fn commit_with(
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
     for pv in &md.vg.physical_volumes {
+        if pv.is_missing() && pv_device(report, &vg, pv).is_err() {
+            continue;
+        }
         let d = &report.devices[pv_device(report, &vg, pv)?];
         let is_new = old.metadata.vg.pv_by_id(&pv.id).is_none();
         if is_new && d.mdas.iter().any(|m| m.text.is_some()) {

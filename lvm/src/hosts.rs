@@ -26,20 +26,7 @@ pub const LOCALHOST: &str = "localhost";
 impl PhysicalVolume {
     /// The PV's tags (`tags = [...]`), in order.
     pub fn tags(&self) -> Vec<String> {
-        self.extra
-            .iter()
-            .find(|(k, _)| k == "tags")
-            .map(|(_, v)| match v {
-                Item::Array(list) => list
-                    .iter()
-                    .filter_map(|v| match v {
-                        Value::Str(s) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            })
-            .unwrap_or_default()
+        tags_in(&self.extra)
     }
 
     /// Replaces the PV's tags; an empty list removes the entry (as lvm2 writes it).
@@ -55,6 +42,12 @@ impl PhysicalVolume {
         }
     }
 
+    /// Whether the metadata flags the PV missing (lvm2 2.03 writes `MISSING` in `flags`;
+    /// older versions in `status`): its device was gone when a version was written.
+    pub fn is_missing(&self) -> bool {
+        self.status.has("MISSING") || self.flags.has("MISSING")
+    }
+
     /// The host this PV lives on (see the module docs), or `None` for a local device.
     pub fn host(&self) -> Option<String> {
         if let Some(h) = self
@@ -67,6 +60,24 @@ impl PhysicalVolume {
         }
         self.device.as_deref().and_then(uri_host)
     }
+}
+
+/// The `tags = [...]` list among a PV's, VG's or LV's other entries, in order.
+pub fn tags_in(extra: &[(String, Item)]) -> Vec<String> {
+    extra
+        .iter()
+        .find(|(k, _)| k == "tags")
+        .map(|(_, v)| match v {
+            Item::Array(list) => list
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        })
+        .unwrap_or_default()
 }
 
 /// The host a network extent's name points at, `None` for anything else. Only the authority

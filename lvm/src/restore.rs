@@ -102,7 +102,7 @@ pub fn restore(report: &ScanReport, md: &mut Metadata, force: bool) -> Result<Re
     let mut missing = Vec::new();
     let mut missing_names = Vec::new();
     for pv in &md.vg.physical_volumes {
-        let dev = if pv.status.has("MISSING") {
+        let dev = if pv.is_missing() {
             None
         } else {
             match commit::pv_device(report, &vg, pv) {

@@ -591,3 +591,50 @@ fn successive_three_way_mirrors_spread_over_four_hosts() {
     let counts: Vec<u32> = per_host.values().copied().collect();
     assert_eq!(counts, vec![3; 4], "{per_host:?}");
 }
+
+#[test]
+fn a_failed_image_is_replaced_on_a_host_no_survivor_uses() {
+    let mut g = vg_on_hosts(&[(40, "h1"), (40, "h2"), (40, "h3"), (40, "h4")]);
+    raid(
+        &mut g,
+        RaidLevel::Raid1,
+        3,
+        10,
+        Some(PvSelection::whole(["pv0", "pv1", "pv2"])),
+    )
+    .unwrap();
+    // The host of image 1 dies: its PV is flagged missing.
+    let dead = image_pvs(&g)[1].iter().next().unwrap().clone();
+    g.physical_volumes
+        .iter_mut()
+        .find(|p| p.key == dead)
+        .unwrap()
+        .flags
+        .set("MISSING");
+    let reps = alloc::replace_images(&g, "r", &[1], Policy::Normal).unwrap();
+    assert_eq!(reps.len(), 1);
+    assert_eq!(reps[0].index, 1);
+    alloc::apply_replacements(&mut g, &reps).unwrap();
+    g.validate().expect("valid VG after the repair");
+    let h = image_hosts(&g);
+    assert_eq!(h[1], HashSet::from(["h4".to_string()]), "{h:?}");
+    for i in 0..3 {
+        for j in i + 1..3 {
+            assert!(h[i].is_disjoint(&h[j]), "{h:?}");
+        }
+    }
+    // Another host dies and no spare is left: refused, naming why each PV was left out.
+    let dead = image_pvs(&g)[2].iter().next().unwrap().clone();
+    g.physical_volumes
+        .iter_mut()
+        .find(|p| p.key == dead)
+        .unwrap()
+        .flags
+        .set("MISSING");
+    let e = alloc::replace_images(&g, "r", &[2], Policy::Normal).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("surviving image"), "{msg}");
+    // Every image failed: nothing to rebuild from.
+    let e = alloc::replace_images(&g, "r", &[0, 1, 2], Policy::Anywhere).unwrap_err();
+    assert!(e.to_string().contains("every image"), "{e}");
+}

@@ -201,6 +201,20 @@ impl Switchable {
 
     /// Stops admitting requests, waits for in-flight ones, then flushes the current device.
     pub async fn suspend(&self) -> IoResult<()> {
+        self.drain().await;
+        let dev = self.current();
+        let r = dev.flush().await;
+        if r.is_ok() {
+            let mut st = self.lock();
+            st.flushed_suspended = st.suspended;
+        }
+        r
+    }
+
+    /// Stops admitting requests and waits for in-flight ones, without flushing (dmsetup's
+    /// `suspend --noflush`: for a device whose storage is gone, whose flush could only
+    /// fail). [`Switchable::resume`] admits them again.
+    pub async fn drain(&self) {
         {
             let mut st = self.lock();
             st.suspended = true;
@@ -215,13 +229,6 @@ impl Switchable {
             }
         })
         .await;
-        let dev = self.current();
-        let r = dev.flush().await;
-        if r.is_ok() {
-            let mut st = self.lock();
-            st.flushed_suspended = st.suspended;
-        }
-        r
     }
 
     /// Swaps in the staged device (if any) and admits requests again. Returns whether the

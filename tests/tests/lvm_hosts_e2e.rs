@@ -16,16 +16,23 @@ struct Hosts {
     _dir: tempfile::TempDir,
     root: PathBuf,
     servers: Vec<Option<PeerServer>>,
+    ports: Vec<u16>,
     files: Vec<PathBuf>,
     uris: Vec<String>,
 }
 
 impl Hosts {
     fn new(n: usize) -> Hosts {
+        Hosts::with_options(n, "")
+    }
+
+    /// `n` hosts whose URIs end with `query` (`?reconnect-delay=2...`, or empty).
+    fn with_options(n: usize, query: &str) -> Hosts {
         require_tools(&["nbdkit", "nbdcopy"]);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let (mut servers, mut files, mut uris) = (Vec::new(), Vec::new(), Vec::new());
+        let mut ports = Vec::new();
         for i in 0..n {
             let f = root.join(format!("host{i}.img"));
             sparse_file(&f, 64 << 20).unwrap();
@@ -35,7 +42,8 @@ impl Hosts {
                 &["file", &f.display().to_string()],
             )));
             files.push(f);
-            uris.push(format!("nbd://127.0.0.1:{port}/disk"));
+            ports.push(port);
+            uris.push(format!("nbd://127.0.0.1:{port}/disk{query}"));
         }
         std::fs::create_dir_all(root.join("state")).unwrap();
         // An existing (empty) devices file: scans look at what it lists only, not at every
@@ -45,6 +53,7 @@ impl Hosts {
             _dir: dir,
             root,
             servers,
+            ports,
             files,
             uris,
         }
@@ -250,4 +259,113 @@ fn raid_images_land_on_distinct_hosts_and_reports_show_them() {
 fn contains(file: &Path, needle: &[u8]) -> bool {
     let all = std::fs::read(file).unwrap();
     all.chunks(1 << 20).any(|c| c == needle)
+}
+
+/// The VastSky scenario on one machine: a three-way mirror over three of four NBD hosts, one
+/// host dies under writes; the daemon's monitor (raid_fault_policy allocate) replaces the lost
+/// image on the fourth host, rebuilds it, and the LV reads back what was written. The dead host
+/// coming back is not used.
+#[test]
+fn the_monitor_re_mirrors_onto_a_spare_host_when_one_dies() {
+    let mut h = Hosts::with_options(4, "?reconnect-delay=2&timeout=5&connect-timeout=2");
+    let mut servers = std::mem::take(&mut h.servers);
+    let uris: Vec<String> = h.uris.clone();
+    let mut a = vec!["pvcreate"];
+    a.extend(uris.iter().map(String::as_str));
+    h.ok(&a);
+    let mut a = vec!["vgcreate", "vgm"];
+    a.extend(uris.iter().map(String::as_str));
+    h.ok(&a);
+    for (i, u) in uris.iter().enumerate() {
+        h.ok(&["pvchange", "--addtag", &format!("host:h{i}"), u]);
+    }
+    // The mirror on hosts 0-2; host 3 is the spare.
+    h.ok(&[
+        "lvcreate", "--type", "raid1", "-m", "2", "-L", "8M", "-n", "r", "vgm", &uris[0], &uris[1],
+        &uris[2],
+    ]);
+    let devfile = h.root.join("lvm-devices").display().to_string();
+    let d = DaemonProc::start_with(
+        &h.root.join("state"),
+        &[
+            "--raid-fault-policy",
+            "allocate",
+            "--monitor-interval",
+            "1",
+            "--devicesfile",
+            &devfile,
+        ],
+    );
+    let vmd = |args: &[&str]| -> String {
+        run_ok(&mut h.cmd_in(&d.state, args)).unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+    };
+    vmd(&["lvchange", "-ay", "vgm/r", "--nbd", "127.0.0.1:0"]);
+    let uri = vmd(&["lvs", "--noheadings", "-o", "lv_dm_path", "vgm/r"])
+        .trim()
+        .to_string();
+    let first = pseudo_random(4 << 20, 1);
+    let src = h.root.join("first.bin");
+    std::fs::write(&src, &first).unwrap();
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri)).unwrap();
+
+    // Host 1 dies. A write after that fails its leg (after the URI's reconnect-delay); the
+    // client sees no error.
+    servers[1] = None;
+    let mut all = first.clone();
+    all.extend(pseudo_random(4 << 20, 2));
+    std::fs::write(&src, &all).unwrap();
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri))
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+
+    // The monitor replaces image 1 on host 3 and rebuilds it.
+    let t0 = std::time::Instant::now();
+    let images = loop {
+        let imgs = image_devices(&h, "vgm", "r");
+        let on_spare = imgs.iter().any(|s| s.iter().any(|p| p == &uris[3]));
+        let synced = vmd(&["lvs", "--noheadings", "-o", "copy_percent", "vgm/r"]);
+        if on_spare && synced.trim() == "100.00" {
+            break imgs;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(90),
+            "no re-mirror after 90 s: {imgs:?} sync {synced}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(
+        images.iter().all(|s| !s.contains(&uris[1])),
+        "the dead host still holds an image: {images:?}"
+    );
+    let log = d.log();
+    for step in [
+        "leg(s) [1] failed",
+        "metadata committed",
+        "rebuilding image 1",
+        "replaced image(s) [1]",
+    ] {
+        assert!(log.contains(step), "the daemon log lacks '{step}': {log}");
+    }
+    let status = vmd(&["dev", "status", "vgm-r"]);
+    assert!(status.contains(" AAA "), "{status}");
+    // Everything written reads back, and the spare holds it.
+    let back = h.root.join("back.bin");
+    run_ok(Command::new("nbdcopy").arg(&uri).arg(&back)).unwrap();
+    assert!(std::fs::read(&back).unwrap() == all, "read back differs");
+    assert!(
+        contains(&h.files[3], &all[..1 << 20]),
+        "the spare host lacks the data"
+    );
+
+    // The dead host returns: its stale PV is seen again but the LV does not use it.
+    servers[1] = Some(PeerServer::nbdkit(
+        h.ports[1],
+        &["file", &h.files[1].display().to_string()],
+    ));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let images = image_devices(&h, "vgm", "r");
+    assert!(images.iter().all(|s| !s.contains(&uris[1])), "{images:?}");
+    let status = vmd(&["dev", "status", "vgm-r"]);
+    assert!(status.contains(" AAA "), "{status}");
+    vmd(&["lvchange", "-an", "vgm/r"]);
 }

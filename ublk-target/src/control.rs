@@ -49,6 +49,15 @@ pub enum Request {
         /// New table text.
         table: String,
     },
+    /// [`Request::Reload`] without the flush of the old table (dmsetup's `--noflush`): for a
+    /// table whose devices are gone (a raid leg on a dead host being replaced), whose flush
+    /// can only fail. In-flight requests are still drained.
+    ReloadNoFlush {
+        /// Device name.
+        name: String,
+        /// New table text.
+        table: String,
+    },
     /// Stop admitting I/O, drain, flush.
     Suspend {
         /// Device name.
@@ -95,6 +104,7 @@ impl Request {
             Request::List => "list",
             Request::Table { .. } => "table",
             Request::Reload { .. } => "reload",
+            Request::ReloadNoFlush { .. } => "reload --noflush",
             Request::Suspend { .. } => "suspend",
             Request::Resume { .. } => "resume",
             Request::Remove { .. } => "remove",

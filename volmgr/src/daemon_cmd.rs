@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ublk_target::daemon::{Daemon, DaemonConfig};
 
+use crate::lvm_cli::lvrepair::FaultPolicy;
+use crate::lvm_cli::monitor::Monitor;
 use crate::nbd_opts::{raise_fd_limit, NbdLimitArgs, NbdTlsArgs};
 
 #[derive(Args)]
@@ -30,6 +32,18 @@ pub struct DaemonArgs {
     nbd: NbdLimitArgs,
     #[command(flatten)]
     tls: NbdTlsArgs,
+    /// What the raid monitor does when a leg of an LVM raid LV fails: `warn` (log it) or
+    /// `allocate` (replace the image from free space on a host no other image uses, and
+    /// rebuild), as lvm2's raid_fault_policy; a `raid_fault_policy:warn|allocate` tag on the
+    /// LV or its VG overrides it.
+    #[arg(long, value_name = "warn|allocate", default_value = "warn")]
+    raid_fault_policy: String,
+    /// How often the raid monitor looks at the devices (0: no monitor).
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    monitor_interval: u64,
+    /// Where the monitor looks for PVs (as the LVM verbs).
+    #[command(flatten)]
+    dev: crate::lvm_cli::DeviceArgs,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a shutdown request. Exits non-zero when a device
@@ -41,6 +55,11 @@ pub fn run(a: DaemonArgs) -> Result<()> {
     // Before any thread starts: SIGINT/SIGTERM are taken synchronously by the signal thread
     // below, even one that arrives during start-up (it stays pending until then).
     ublk_target::signals::block_termination_signals().context("blocking signals")?;
+    let fault_policy = match a.raid_fault_policy.as_str() {
+        "warn" => FaultPolicy::Warn,
+        "allocate" => FaultPolicy::Allocate,
+        other => bail!("--raid-fault-policy {other}: use warn or allocate"),
+    };
     let mut cfg = DaemonConfig::new(&a.state_dir);
     cfg.ublk_available &= !a.no_ublk;
     cfg.io_timeout = Duration::from_secs(a.io_timeout.max(1));
@@ -102,6 +121,28 @@ pub fn run(a: DaemonArgs) -> Result<()> {
             "READY=1\nSTATUS={} device(s) up, {failed_now} failed",
             d.device_count().saturating_sub(failed_now)
         ));
+    }
+    if a.monitor_interval > 0 && !d.stopping() {
+        let mut m = Monitor::new(
+            crate::client::StateDir {
+                state_dir: a.state_dir.clone(),
+            },
+            a.dev.clone(),
+            fault_policy,
+        );
+        let every = Duration::from_secs(a.monitor_interval);
+        let weak = Arc::downgrade(&d);
+        std::thread::Builder::new()
+            .name("raid-monitor".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                match weak.upgrade() {
+                    Some(d) if !d.stopping() => {}
+                    _ => return,
+                }
+                m.round();
+            })
+            .context("starting the raid monitor")?;
     }
     d.serve_control().context("serving the control socket")?;
     crate::systemd::notify("STOPPING=1");

@@ -57,6 +57,10 @@ pub enum DevCmd {
         /// New table file.
         #[arg(long)]
         table: PathBuf,
+        /// Do not flush the old table before the swap (dmsetup's --noflush): for a table
+        /// whose storage is gone.
+        #[arg(long)]
+        noflush: bool,
         #[command(flatten)]
         sd: StateDir,
     },
@@ -194,12 +198,19 @@ pub fn run(cmd: DevCmd) -> Result<()> {
         DevCmd::Table { name, sd } => {
             print!("{}", expect_text(call(&sd, Request::Table { name })?)?)
         }
-        DevCmd::Reload { name, table, sd } => {
+        DevCmd::Reload {
+            name,
+            table,
+            noflush,
+            sd,
+        } => {
             let text = table_for_daemon(&table)?;
-            println!(
-                "{}",
-                expect_text(call(&sd, Request::Reload { name, table: text })?)?
-            );
+            let req = if noflush {
+                Request::ReloadNoFlush { name, table: text }
+            } else {
+                Request::Reload { name, table: text }
+            };
+            println!("{}", expect_text(call(&sd, req)?)?);
         }
         DevCmd::Remove { name, force, sd } => {
             println!(

@@ -7,6 +7,8 @@
 //! - [`extend`]: more extents for an existing linear or striped LV.
 //! - [`extend_raid`]: more extents for every image of a volmgr raid LV, never on a PV another
 //!   image uses.
+//! - [`replace_images`]: new extents for failed images of a raid LV (`lvconvert --repair`),
+//!   on hosts no surviving image uses.
 //! - [`Size`] / [`parse_size`]: `-L` and `-l` arguments, turned into extents with LVM2's
 //!   rounding and messages.
 //!
@@ -66,11 +68,13 @@
 
 mod plan;
 mod raid;
+mod replace;
 mod select;
 mod size;
 mod space;
 
 pub use raid::{extend_raid, raid_segment, RaidExtension};
+pub use replace::{apply_replacements, replace_images, Replacement};
 pub use select::{PvSelection, SelectedPv};
 pub use size::{
     display_size, parse_size, stripe_size, Amount, PercentOf, Sign, Size, DEFAULT_STRIPE_SIZE,

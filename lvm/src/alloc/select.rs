@@ -47,7 +47,31 @@ impl PvSelection {
     /// as `\:` (device paths may contain colons); `\:` and `\@` in the path are unescaped, as
     /// lvm2's `dm_unescape_colons_and_at_signs` does. Returns the path and the text after the
     /// colon.
+    ///
+    /// A network extent's URI (`nbd://HOST:PORT/EXPORT`, `iscsi://HOST/IQN/LUN`) has colons
+    /// of its own: its ranges are the text after the first colon that is inside
+    /// the path (after the first `/` past `://`) and the rest is a range list.
     pub fn split_arg(arg: &str) -> (String, Option<String>) {
+        if extents::net::NetUri::is_network(arg) {
+            let path_at = arg
+                .find("://")
+                .and_then(|s| arg[s + 3..].find('/').map(|p| s + 3 + p));
+            let is_ranges = |t: &str| {
+                !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_digit() || c == '-' || c == ':')
+                    && t.starts_with(|c: char| c.is_ascii_digit())
+            };
+            let split = path_at.and_then(|p| {
+                arg.char_indices()
+                    .find(|&(c, ch)| ch == ':' && c > p && is_ranges(&arg[c + 1..]))
+                    .map(|(c, _)| c)
+            });
+            return match split {
+                Some(c) => (arg[..c].to_string(), Some(arg[c + 1..].to_string())),
+                None => (arg.to_string(), None),
+            };
+        }
         let mut path = String::new();
         let mut chars = arg.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
@@ -266,6 +290,25 @@ mod tests {
         assert_eq!(
             PvSelection::split_arg("/dev/sdb"),
             ("/dev/sdb".into(), None)
+        );
+    }
+
+    #[test]
+    fn split_arg_leaves_a_uris_own_colons() {
+        let s = |a: &str| PvSelection::split_arg(a);
+        assert_eq!(s("nbd://h:10809/x"), ("nbd://h:10809/x".into(), None));
+        assert_eq!(s("nbd://h:10809"), ("nbd://h:10809".into(), None));
+        assert_eq!(
+            s("nbd://h:10809/x?timeout=5:0-9:20-"),
+            ("nbd://h:10809/x?timeout=5".into(), Some("0-9:20-".into()))
+        );
+        assert_eq!(
+            s("iscsi://h/iqn.2026-12.x:t/1"),
+            ("iscsi://h/iqn.2026-12.x:t/1".into(), None)
+        );
+        assert_eq!(
+            s("iscsi://h/iqn.2026-12.x:t/1:7"),
+            ("iscsi://h/iqn.2026-12.x:t/1".into(), Some("7".into()))
         );
     }
 }

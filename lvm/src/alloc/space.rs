@@ -281,7 +281,7 @@ pub(crate) fn eligible(vg: &VolumeGroup, sel: Option<&PvSelection>) -> Result<Sp
     };
     for (pv, ranges) in order {
         let name = pv_name(pv);
-        if pv.status.has("MISSING") {
+        if pv.is_missing() {
             space.skipped.push(format!("{name} is missing"));
             continue;
         }

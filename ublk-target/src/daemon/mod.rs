@@ -437,7 +437,8 @@ impl Daemon {
                 };
             }
             Request::Table { name } => self.table_of(&name),
-            Request::Reload { name, table } => self.reload(&name, &table),
+            Request::Reload { name, table } => self.reload(&name, &table, true),
+            Request::ReloadNoFlush { name, table } => self.reload(&name, &table, false),
             Request::Suspend { name } => self.suspend(&name),
             Request::Resume { name } => self.resume(&name),
             Request::Remove { name, force } => self.remove(&name, force),

@@ -109,13 +109,25 @@ impl Daemon {
         })
     }
 
-    /// `sw.suspend()` (stop admitting, drain, flush), bounded; on any failure the device is
-    /// admitted again (with no table swap) and the error says why.
-    fn suspend_io(&self, name: &str, sw: &Arc<Switchable>) -> Result<(), String> {
+    /// `sw.suspend()` (stop admitting, drain, flush; without `flush` only drain), bounded; on
+    /// any failure the device is admitted again (with no table swap) and the error says why.
+    fn suspend_io(&self, name: &str, sw: &Arc<Switchable>, flush: bool) -> Result<(), String> {
         let s = sw.clone();
-        let r = self.run_io(&format!("{name}: suspend (drain and flush)"), move || {
-            iort::block_on(s.suspend())
-                .map_err(|e| format!("no io_uring runtime: {e}"))?
+        let what = if flush {
+            "suspend (drain and flush)"
+        } else {
+            "suspend (drain)"
+        };
+        let r = self.run_io(&format!("{name}: {what}"), move || {
+            let done = if flush {
+                iort::block_on(s.suspend())
+            } else {
+                iort::block_on(async move {
+                    s.drain().await;
+                    Ok(())
+                })
+            };
+            done.map_err(|e| format!("no io_uring runtime: {e}"))?
                 .map_err(|e| format!("flush failed: {e}"))
         });
         if r.is_err() {
@@ -446,9 +458,10 @@ impl Daemon {
         self.rebuild(name, None)
     }
 
-    /// Loads a new table and swaps it in: build, suspend (drain, flush), persist, resume. Any
-    /// failure leaves the old table serving and devices.json as it was.
-    pub(super) fn reload(&self, name: &str, text: &str) -> Result<String, String> {
+    /// Loads a new table and swaps it in: build, suspend (drain, and with `flush` flush the
+    /// old table), persist, resume. Any failure leaves the old table serving and devices.json
+    /// as it was.
+    pub(super) fn reload(&self, name: &str, text: &str, flush: bool) -> Result<String, String> {
         let op = self.op_of(name)?;
         let _g = lock(&op);
         let live = match self.devs().map.get(name).map(|e| &e.state) {
@@ -478,7 +491,7 @@ impl Daemon {
             ));
         }
         sw.load(dev).map_err(|e| e.to_string())?;
-        self.suspend_io(name, &sw)
+        self.suspend_io(name, &sw, flush)
             .map_err(|e| format!("{e}; reload refused, the old table stays"))?;
         let new_text = table.to_string();
         let old_text = {
@@ -524,7 +537,7 @@ impl Daemon {
         if sw.is_suspended() {
             return Ok(format!("{name}: already suspended"));
         }
-        self.suspend_io(name, &sw)?;
+        self.suspend_io(name, &sw, true)?;
         Ok(format!("{name}: suspended"))
     }
 

@@ -37,8 +37,19 @@ pub struct LvconvertArgs {
     /// PVs the new images may use (optionally with extent ranges).
     pvs: Vec<String>,
     /// Mirrors: images beyond the first (1: two-way raid1; 0: back to a plain LV).
-    #[arg(short = 'm', long = "mirrors", required = true)]
-    mirrors: u32,
+    #[arg(short = 'm', long = "mirrors", required_unless_present = "repair")]
+    mirrors: Option<u32>,
+    /// Replace the failed images of a raid LV (on a missing PV, or failed in the running
+    /// array) with new ones on hosts no surviving image uses, and rebuild them.
+    #[arg(long, conflicts_with = "mirrors")]
+    repair: bool,
+    /// With --repair: do what `raid_fault_policy` says (the VG's or LV's
+    /// `raid_fault_policy:warn|allocate` tag, else warn), as dmeventd does.
+    #[arg(long, requires = "repair")]
+    use_policies: bool,
+    /// Allocation policy for --repair's new images (`anywhere` lets an image share a host).
+    #[arg(long = "alloc", value_name = "POLICY", default_value = "inherit")]
+    alloc: String,
     /// Answer yes to the question lvm2 asks before dropping images.
     #[arg(short = 'y', long)]
     yes: bool,
@@ -100,7 +111,7 @@ fn reload(sd: &StateDir, name: &str, table: String) -> Result<()> {
 }
 
 /// Zeroes the metadata extents `lvs` (rmeta sub-LVs) on their PVs.
-fn zero_lvs(scan: &Scan, vg: &VolumeGroup, lvs: &[&LogicalVolume]) -> Result<()> {
+pub(super) fn zero_lvs(scan: &Scan, vg: &VolumeGroup, lvs: &[&LogicalVolume]) -> Result<()> {
     for l in lvs {
         for line in table(scan, vg, l)?.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -122,6 +133,18 @@ fn zero_lvs(scan: &Scan, vg: &VolumeGroup, lvs: &[&LogicalVolume]) -> Result<()>
 
 pub fn lvconvert(a: LvconvertArgs) -> Result<()> {
     let (vg_name, lv_name) = split_lv_name(&a.lv)?;
+    if a.repair {
+        let policy: alloc::Policy = a.alloc.parse().map_err(anyhow::Error::msg)?;
+        return super::lvrepair::lvconvert_repair(
+            &a.dev,
+            &a.sd,
+            vg_name,
+            lv_name,
+            policy,
+            a.use_policies,
+        );
+    }
+    let mirrors = a.mirrors.unwrap_or(0);
     let scan = Scan::run_writable(&a.dev)?;
     scan.warn();
     let mut md = scan.vg(vg_name)?.metadata.clone();
@@ -140,10 +163,9 @@ pub fn lvconvert(a: LvconvertArgs) -> Result<()> {
     let dm = dm_name(vg_name, lv_name);
     let active = daemon_devices(&a.sd).contains_key(&dm);
     md.stamp(format!(
-        "Created *after* executing 'volmgr lvconvert -m {} {vg_name}/{lv_name}'",
-        a.mirrors
+        "Created *after* executing 'volmgr lvconvert -m {mirrors} {vg_name}/{lv_name}'"
     ));
-    match (raid, a.mirrors) {
+    match (raid, mirrors) {
         (None, 0) => bail!("{vg_name}/{lv_name} has no mirrors: nothing to do"),
         (None, m) => up(&a, &scan, md, lv, m, active),
         (Some(r), 0) if r.level == RaidLevel::Raid1 => down(&a, &scan, md, lv, r, active),

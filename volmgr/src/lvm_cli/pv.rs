@@ -385,7 +385,7 @@ impl PvRow {
             alloc,
             mdas: 0,
             tags: pv.tags().join(","),
-            missing: missing || pv.status.has("MISSING"),
+            missing: missing || pv.is_missing(),
             host: pv.host().unwrap_or_default(),
         }
     }
