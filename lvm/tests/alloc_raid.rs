@@ -592,6 +592,16 @@ fn successive_three_way_mirrors_spread_over_four_hosts() {
     assert_eq!(counts, vec![3; 4], "{per_host:?}");
 }
 
+/// Flags PV `key` missing, as a repair does when its host is gone.
+fn mark_missing(g: &mut VolumeGroup, key: &str) {
+    let pv = g
+        .physical_volumes
+        .iter_mut()
+        .find(|p| p.key == key)
+        .unwrap();
+    pv.flags.set("MISSING");
+}
+
 #[test]
 fn a_failed_image_is_replaced_on_a_host_no_survivor_uses() {
     let mut g = vg_on_hosts(&[(40, "h1"), (40, "h2"), (40, "h3"), (40, "h4")]);
@@ -605,12 +615,7 @@ fn a_failed_image_is_replaced_on_a_host_no_survivor_uses() {
     .unwrap();
     // The host of image 1 dies: its PV is flagged missing.
     let dead = image_pvs(&g)[1].iter().next().unwrap().clone();
-    g.physical_volumes
-        .iter_mut()
-        .find(|p| p.key == dead)
-        .unwrap()
-        .flags
-        .set("MISSING");
+    mark_missing(&mut g, &dead);
     let reps = alloc::replace_images(&g, "r", &[1], Policy::Normal).unwrap();
     assert_eq!(reps.len(), 1);
     assert_eq!(reps[0].index, 1);
@@ -625,12 +630,7 @@ fn a_failed_image_is_replaced_on_a_host_no_survivor_uses() {
     }
     // Another host dies and no spare is left: refused, naming why each PV was left out.
     let dead = image_pvs(&g)[2].iter().next().unwrap().clone();
-    g.physical_volumes
-        .iter_mut()
-        .find(|p| p.key == dead)
-        .unwrap()
-        .flags
-        .set("MISSING");
+    mark_missing(&mut g, &dead);
     let e = alloc::replace_images(&g, "r", &[2], Policy::Normal).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("surviving image"), "{msg}");

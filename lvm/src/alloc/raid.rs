@@ -46,7 +46,7 @@ pub fn raid_segment(vg: &VolumeGroup, lv: &str) -> Option<RaidSegment> {
 }
 
 /// The PV keys the areas of LV `name` use.
-fn pvs_of(vg: &VolumeGroup, name: &str) -> HashSet<String> {
+pub(crate) fn pvs_of(vg: &VolumeGroup, name: &str) -> HashSet<String> {
     vg.lv(name)
         .into_iter()
         .flat_map(|l| &l.segments)

@@ -6,10 +6,10 @@
 use std::collections::HashSet;
 
 use super::plan::{self, Shape};
-use super::raid::raid_segment;
+use super::raid::{pvs_of, raid_segment};
 use super::space;
 use super::{AllocError, Policy};
-use crate::model::{Segment, SegmentKind, VolumeGroup};
+use crate::model::{Segment, VolumeGroup};
 
 /// The new areas of one replaced image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,20 +24,6 @@ pub struct Replacement {
     pub image_lv: String,
     /// The new image segments.
     pub image: Vec<Segment>,
-}
-
-/// The PV keys LV `name` has areas on.
-fn pv_keys(vg: &VolumeGroup, name: &str) -> HashSet<String> {
-    vg.lv(name)
-        .into_iter()
-        .flat_map(|l| &l.segments)
-        .flat_map(|s| match &s.kind {
-            SegmentKind::Striped { stripes, .. } => {
-                stripes.iter().map(|a| a.volume.clone()).collect()
-            }
-            SegmentKind::Other { .. } => Vec::new(),
-        })
-        .collect()
 }
 
 /// Places new images for the images `failed` (indices) of raid LV `lv`. The space comes from
@@ -87,10 +73,7 @@ pub fn replace_images(
     let mut banned_pvs: HashSet<String> = HashSet::new();
     let mut banned_domains: HashSet<String> = HashSet::new();
     for (i, (meta, img)) in raid.images.iter().enumerate() {
-        let keys: HashSet<String> = pv_keys(vg, meta)
-            .union(&pv_keys(vg, img))
-            .cloned()
-            .collect();
+        let keys: HashSet<String> = pvs_of(vg, meta).union(&pvs_of(vg, img)).cloned().collect();
         if failed.contains(&i) {
             banned_pvs.extend(keys);
         } else if policy != Policy::Anywhere {
