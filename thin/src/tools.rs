@@ -113,6 +113,20 @@ pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
     Ok(r)
 }
 
+/// The hash tree's records of a dedup pool, in block order (empty for a plain pool): data
+/// block and the first 128 bits of its content hash (`dedup::hash`). For tests and tools
+/// that verify data blocks against their records.
+pub async fn hash_records(meta: &DeviceRef) -> MetaResult<Vec<(DataBlock, [u64; 2])>> {
+    let (m, _) = meta::load(&**meta).await?;
+    let mut out = Vec::new();
+    if m.sb.hash_root.0 != 0 {
+        m.walk_leaves(m.sb.hash_root, &mut |k, v| {
+            out.push((DataBlock(k), [v[0], v[1]]))
+        })?;
+    }
+    Ok(out)
+}
+
 /// Metadata blocks the committed metadata uses (for tooling and tests).
 pub async fn live_blocks(meta: &DeviceRef) -> MetaResult<Vec<MetaBlock>> {
     Ok(meta::load(&**meta).await?.0.live_blocks())
