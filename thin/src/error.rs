@@ -19,6 +19,8 @@ pub enum Structure {
     OverflowTree,
     /// A data space map bitmap block.
     Bitmap,
+    /// A node of the dedup hash tree.
+    HashTree,
 }
 
 impl std::fmt::Display for Structure {
@@ -30,6 +32,7 @@ impl std::fmt::Display for Structure {
             Structure::SpaceMapIndex => "space map index node",
             Structure::OverflowTree => "refcount overflow node",
             Structure::Bitmap => "space map bitmap",
+            Structure::HashTree => "hash tree node",
         })
     }
 }

@@ -2,6 +2,7 @@
 //! reference-counted data blocks, O(1) snapshots and external origins.
 //!
 //! - [`types`]: typed block numbers.
+//! - [`dedup`]: content hashes and the RAM index of dedup pools.
 //! - [`disk`]: on-disk formats (superblock, B-tree node, space map bitmap), crc32c on all.
 //! - [`meta`]: the resident metadata: copy-on-write B-trees, reference counts, commit.
 //! - [`pool`]: the pool and thin volume devices (I/O path, commits, messages).
@@ -14,6 +15,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod dedup;
 pub mod disk;
 pub mod error;
 pub mod meta;

@@ -10,10 +10,15 @@ use tables::io::{
 };
 use tables::{Bytes, DeviceRef, IoError, IoResult, Sectors, WriteFlags};
 
+use crate::dedup::HashKind;
 use crate::error::{MetaError, MetaResult};
 use crate::meta::{self, Lookup, Metadata};
 use crate::sync::{CellLocks, Gate};
 use crate::types::{DataBlock, ThinId, VBlock, META_BLOCK_SIZE};
+
+mod dedup_io;
+use dedup_io::{index_size, DedupCounters};
+pub use dedup_io::{DedupStats, ScanProgress};
 
 /// Pool settings (the table line's block size, low-water mark and feature arguments).
 #[derive(Clone, Debug)]
@@ -38,6 +43,18 @@ pub struct PoolOptions {
     /// the pool ran out: after that, writes that need a block fail at once until space
     /// comes back (dm-thin's `no_space_timeout`).
     pub no_space_timeout: Duration,
+    /// Inline deduplication (feature `dedup`; needs 4 KiB data blocks). Once a pool has
+    /// been opened with it, it must always be.
+    pub dedup: bool,
+    /// Compare bytes before sharing a block found by its hash (feature `dedup_verify`,
+    /// implies `dedup`).
+    pub dedup_verify: bool,
+    /// RAM for the dedup index in bytes (the table's `dedup_index_mb N` is N MiB); `None`:
+    /// room for every data block of the pool.
+    pub dedup_index_bytes: Option<u64>,
+    /// The content hash (tests use a weak one to force collisions).
+    #[doc(hidden)]
+    pub dedup_hash: HashKind,
 }
 
 impl Default for PoolOptions {
@@ -52,12 +69,16 @@ impl Default for PoolOptions {
             error_if_no_space: false,
             commit_interval: Some(Duration::from_secs(1)),
             no_space_timeout: Duration::from_secs(60),
+            dedup: false,
+            dedup_verify: false,
+            dedup_index_bytes: None,
+            dedup_hash: HashKind::Blake3,
         }
     }
 }
 
 /// Counters and sizes of a pool, as `status` prints them.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct PoolStats {
     /// User transaction id.
     pub transaction_id: u64,
@@ -77,6 +98,9 @@ pub struct PoolStats {
     pub low_water_events: u64,
     /// Commits done since open.
     pub commits: u64,
+    /// Dedup counters (dedup pools only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupStats>,
 }
 
 /// Largest piece a copy-on-write or zero-fill of one block handles at a time.
@@ -136,6 +160,8 @@ pub struct Pool {
     commits: AtomicU64,
     last_commit: Mutex<Instant>,
     stop: Arc<AtomicBool>,
+    /// Dedup counters and the scan cursor.
+    dd: DedupCounters,
 }
 
 impl Drop for Pool {
@@ -177,6 +203,11 @@ impl Pool {
                 "data block size {dbs} sectors: must be a power of two from 8 (4 KiB) to 2097152 (1 GiB)"
             )));
         }
+        if (opts.dedup || opts.dedup_verify) && dbs != 8 {
+            return Err(MetaError::Invalid(format!(
+                "dedup needs a data block size of 8 sectors (4 KiB), got {dbs}"
+            )));
+        }
         let block_bytes = Sectors(dbs as u64).bytes().0;
         let nr_data = data_dev.size().0 / block_bytes;
         let nr_meta = meta_dev.size().0 / META_BLOCK_SIZE as u64;
@@ -207,6 +238,18 @@ impl Pool {
                         sb.nr_data_blocks
                     )));
                 }
+                if sb.dedup && !opts.dedup {
+                    return Err(MetaError::Invalid(format!(
+                        "{}: the pool deduplicates, the table must say dedup (without it its hash records would go stale)",
+                        meta_dev.name()
+                    )));
+                }
+                if !sb.dedup && opts.dedup && opts.read_only {
+                    return Err(MetaError::Invalid(format!(
+                        "{}: dedup cannot be turned on for a read_only pool",
+                        meta_dev.name()
+                    )));
+                }
                 let (mut m, report) = meta::load(&*meta_dev).await?;
                 if !report.leaked.is_empty() {
                     log::warn!(
@@ -222,6 +265,10 @@ impl Pool {
                 (m, false)
             }
         };
+        let mut m = m;
+        if opts.dedup {
+            m.enable_dedup(index_size(&opts))?;
+        }
         let pool = Arc::new(Pool {
             name: format!("thin-pool({})", meta_dev.name()),
             meta_dev,
@@ -242,10 +289,12 @@ impl Pool {
             commits: AtomicU64::new(0),
             last_commit: Mutex::new(Instant::now()),
             stop: Arc::new(AtomicBool::new(false)),
+            dd: DedupCounters::new(opts.dedup_hash),
         });
         if fresh || pool.meta().is_dirty() {
             pool.commit().await.map_err(MetaError::Io)?;
         }
+        pool.dd.on.store(opts.dedup, Ordering::Relaxed);
         if let Some(iv) = opts.commit_interval {
             spawn_committer(&pool, iv);
         }
@@ -288,10 +337,25 @@ impl Pool {
         if opts.data_block_sectors as u64 * 512 != self.block_bytes {
             return Err("the data block size of a live pool cannot change".into());
         }
+        if m.sb.dedup && !opts.dedup {
+            return Err(
+                "the pool deduplicates: the table must say dedup (without it its hash records would go stale)"
+                    .into(),
+            );
+        }
         if !opts.read_only {
             m.grow_meta(self.meta_dev.size().0 / META_BLOCK_SIZE as u64);
             m.grow_data(nr_data);
         }
+        let was = self.options();
+        if opts.dedup && (!m.dedup_enabled() || index_size(&was) != index_size(&opts)) {
+            if opts.read_only && !m.sb.dedup {
+                return Err("dedup cannot be turned on for a read_only pool".into());
+            }
+            m.enable_dedup(index_size(&opts))
+                .map_err(|e| e.to_string())?;
+        }
+        self.dd.on.store(opts.dedup, Ordering::Relaxed);
         drop(m);
         *lock(&self.data_dev) = data_dev;
         *lock(&self.opts) = opts;
@@ -410,6 +474,7 @@ impl Pool {
             mode: mode.into(),
             low_water_events: self.low_water_events.load(Ordering::Relaxed),
             commits: self.commits.load(Ordering::Relaxed),
+            dedup: self.dedup_stats(&m),
         }
     }
 
@@ -447,7 +512,7 @@ impl Pool {
                 "-"
             },
             (s.meta_total / 32).clamp(16, 256),
-        )
+        ) + &s.dedup.map(|d| format!(" {d}")).unwrap_or_default()
     }
 
     /// Device ids and their mapped block counts.
@@ -729,6 +794,10 @@ impl Pool {
         src: Src<'_>,
     ) -> IoResult<Served> {
         let _cell = self.cells.lock((t.id, v)).await;
+        if self.dedup_on() {
+            // Hashed blocks are never written in place: every write takes the dedup path.
+            return self.dedup_write_block(t, v, off, src).await;
+        }
         let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
         let data = self.data_dev();
         if let Some(Lookup {
@@ -1173,9 +1242,19 @@ pub async fn pool_message(pool: &Pool, args: &[String]) -> IoResult<String> {
             want(1)?;
             pool.mutate(|m| m.release_metadata_snap())?;
         }
+        Some("dedup_scan") => {
+            // `dedup_scan [N]`: one bounded scan step over at most N mappings (4096).
+            if args.len() > 2 {
+                return Err(bad("takes at most 1 argument".into()));
+            }
+            let n = if args.len() == 2 { num(1)? } else { 4096 };
+            let p = pool.dedup_scan_step(n).await?;
+            pool.commit().await?;
+            return Ok(p.to_string());
+        }
         _ => {
             return Err(bad(
-                "unknown (create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap, release_metadata_snap)".into(),
+                "unknown (create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap, release_metadata_snap, dedup_scan)".into(),
             ))
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! `thin-pool <metadata dev> <data dev> <data block size (sectors)> <low water mark (blocks)>
 //! [<#features> <feature>...]` and `thin <pool dev> <dev id> [<external origin dev>]`, as
-//! dm-thin.
+//! dm-thin. Beyond dm-thin's features: `dedup`, `dedup_verify` (implies `dedup`) and the
+//! pair `dedup_index_mb <MiB>` (two feature arguments); dedup needs 8-sector blocks.
 //!
 //! How a `thin` line finds its pool: every pool built by [`ThinPoolKind`] is recorded in a
 //! process-wide registry (`POOLS`: pool id, metadata device name, address of the pool
@@ -171,13 +172,20 @@ impl BlockDevice for PoolDevice {
     }
 }
 
-const FEATURES: [&str; 5] = [
+const FEATURES: [&str; 8] = [
     "skip_block_zeroing",
     "ignore_discard",
     "no_discard_passdown",
     "read_only",
     "error_if_no_space",
+    "dedup",
+    "dedup_verify",
+    "dedup_index_mb <MiB>",
 ];
+
+/// Largest `dedup_index_mb`: 1 TiB of index (room for about 117 billion blocks, more than a
+/// pool can have).
+const MAX_INDEX_MB: u64 = 1 << 20;
 
 /// Parses `thin-pool` arguments (everything but the devices) into options.
 pub fn parse_pool_args(args: &[String]) -> Result<PoolOptions, ArgError> {
@@ -214,13 +222,41 @@ pub fn parse_pool_args(args: &[String]) -> Result<PoolOptions, ArgError> {
                 format!("says {n} feature arguments but {} follow", args.len() - 5),
             ));
         }
-        for (i, f) in args[5..].iter().enumerate() {
+        let mut feats = args[5..].iter().enumerate();
+        while let Some((i, f)) = feats.next() {
             match f.as_str() {
                 "skip_block_zeroing" => o.skip_block_zeroing = true,
                 "ignore_discard" => o.ignore_discard = true,
                 "no_discard_passdown" => o.no_discard_passdown = true,
                 "read_only" => o.read_only = true,
                 "error_if_no_space" => o.error_if_no_space = true,
+                "dedup" => o.dedup = true,
+                "dedup_verify" => {
+                    o.dedup = true;
+                    o.dedup_verify = true;
+                }
+                "dedup_index_mb" => {
+                    // A parameter pair: it counts as two feature arguments.
+                    let Some((j, n)) = feats.next() else {
+                        return Err(ArgError::at(
+                            6 + i,
+                            "dedup_index_mb needs a size in MiB after it",
+                        ));
+                    };
+                    let mb = n
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|m| (1..=MAX_INDEX_MB).contains(m))
+                        .ok_or_else(|| {
+                            ArgError::at(
+                                6 + j,
+                                format!(
+                                    "dedup_index_mb '{n}': must be a number of MiB from 1 to {MAX_INDEX_MB}"
+                                ),
+                            )
+                        })?;
+                    o.dedup_index_bytes = Some(mb << 20);
+                }
                 _ => {
                     return Err(ArgError::at(
                         6 + i,
@@ -229,6 +265,17 @@ pub fn parse_pool_args(args: &[String]) -> Result<PoolOptions, ArgError> {
                 }
             }
         }
+    }
+    if o.dedup_index_bytes.is_some() && !o.dedup {
+        return Err(ArgError::at(5, "dedup_index_mb without dedup"));
+    }
+    if o.dedup && bs != 8 {
+        // One mapping per pool block: sharing 4 KiB pieces of larger blocks would need a
+        // second mapping level.
+        return Err(ArgError::at(
+            3,
+            format!("dedup needs a data block size of 8 sectors (4 KiB), got {bs}"),
+        ));
     }
     Ok(o)
 }
@@ -262,11 +309,23 @@ impl TargetKind for ThinPoolKind {
     }
     fn normalize(&self, args: &[String]) -> Vec<String> {
         let mut out = args[..4.min(args.len())].to_vec();
-        let feats: Vec<String> = FEATURES
+        let mut feats: Vec<String> = FEATURES[..5]
             .iter()
             .filter(|f| args.iter().skip(5).any(|a| a == *f))
             .map(|f| f.to_string())
             .collect();
+        if let Ok(o) = parse_pool_args(args) {
+            if o.dedup {
+                feats.push("dedup".into());
+            }
+            if o.dedup_verify {
+                feats.push("dedup_verify".into());
+            }
+            if let Some(b) = o.dedup_index_bytes {
+                feats.push("dedup_index_mb".into());
+                feats.push((b >> 20).to_string());
+            }
+        }
         out.push(feats.len().to_string());
         out.extend(feats);
         out

@@ -35,6 +35,18 @@ pub struct CheckReport {
     pub meta_used: u64,
     /// Metadata blocks in total.
     pub meta_total: u64,
+    /// The pool deduplicates.
+    pub dedup: bool,
+    /// Hash tree records (dedup pools).
+    pub hash_records: u64,
+    /// Records of freed blocks (left behind by a transaction that ran short of metadata
+    /// space; they count for nothing and go with the next change): information.
+    pub stale_hash_records: u64,
+    /// Live records sharing their hash with another live record (a duplicate a full index
+    /// could not find, or contents `dedup_verify` found different): information.
+    pub duplicate_hashes: u64,
+    /// Findings that are not errors.
+    pub info: Vec<String>,
 }
 
 /// Verifies every structure (checksums, magics, block positions, levels, key order and
@@ -72,8 +84,47 @@ pub async fn check(meta: &DeviceRef) -> MetaResult<CheckReport> {
             "held metadata snapshot, {id}: device details say {stored} mapped blocks, its tree has {found}"
         ));
     }
+    if m.sb.dedup {
+        r.dedup = true;
+        r.hash_records = report.hash_records;
+        r.stale_hash_records = report.stale_hash_records.len() as u64;
+        if let Some(d) = report.stale_hash_records.first() {
+            r.info.push(format!(
+                "{} hash records of freed blocks (first: {d}); removed by the next change",
+                r.stale_hash_records
+            ));
+        }
+        let mut live: Vec<[u64; 2]> = Vec::new();
+        m.walk_leaves(m.sb.hash_root, &mut |k, v| {
+            if m.data_count(DataBlock(k)) > 0 {
+                live.push([v[0], v[1]]);
+            }
+        })?;
+        live.sort_unstable();
+        r.duplicate_hashes = live.windows(2).filter(|w| w[0] == w[1]).count() as u64;
+        if r.duplicate_hashes > 0 {
+            r.info.push(format!(
+                "{} live blocks share their hash with another (index full or verify mismatch)",
+                r.duplicate_hashes
+            ));
+        }
+    }
     r.clean = r.errors.is_empty();
     Ok(r)
+}
+
+/// The hash tree's records of a dedup pool, in block order (empty for a plain pool): data
+/// block and the first 128 bits of its content hash (`dedup::hash`). For tests and tools
+/// that verify data blocks against their records.
+pub async fn hash_records(meta: &DeviceRef) -> MetaResult<Vec<(DataBlock, [u64; 2])>> {
+    let (m, _) = meta::load(&**meta).await?;
+    let mut out = Vec::new();
+    if m.sb.hash_root.0 != 0 {
+        m.walk_leaves(m.sb.hash_root, &mut |k, v| {
+            out.push((DataBlock(k), [v[0], v[1]]))
+        })?;
+    }
+    Ok(out)
 }
 
 /// Metadata blocks the committed metadata uses (for tooling and tests).

@@ -559,6 +559,8 @@ fn node_cases(s: &Site, sb: &Superblock, bitmaps: &[(u64, u64)], cases: &mut Vec
                         ));
                     }
                 }
+                // This pool is plain: it has no hash tree.
+                TreeKind::Hash => {}
             }
         }
     }

@@ -6,7 +6,12 @@
 //! completed flush must read back as it was at that flush, on every device that existed
 //! then and was not deleted since.
 //!
-//! `THIN_CUTS` sets the number of cuts (default 500).
+//! The same with dedup on (writes drawn from 4 contents plus zeroes, half of them whole
+//! aligned blocks, so blocks are shared by content): besides the above, every mapped block
+//! must have a hash record and hash to it (a block is never shared by two different
+//! contents).
+//!
+//! `THIN_CUTS` sets the number of cuts (default 500, for each of the two tests).
 
 mod common;
 
@@ -18,7 +23,8 @@ use common::*;
 use tables::io::{BlockDevice, IoFuture};
 use tables::mem::{CrashDevice, CutMode};
 use tables::{Bytes, DeviceRef, IoError, WriteFlags};
-use thin::{tools, Pool, ThinId};
+use thin::dedup::{hash, HashKind};
+use thin::{tools, DataBlock, Pool, PoolOptions, ThinId};
 
 const BS: u64 = 4096;
 const VOL: u64 = 32 * BS;
@@ -82,7 +88,22 @@ struct State {
 /// covered).
 type Dirty = HashMap<(u32, u64), Vec<Vec<u8>>>;
 
-async fn workload(pool: &Arc<Pool>, seed: u64, ops: usize) -> (State, Dirty, HashSet<u32>) {
+/// Byte at volume offset `pos` of a dedup workload's content `val` (4: zeroes); whole
+/// aligned blocks of one content are identical wherever they land.
+fn dedup_byte(val: u8, pos: u64) -> u8 {
+    if val == 4 {
+        0
+    } else {
+        val ^ (pos as u8)
+    }
+}
+
+async fn workload(
+    pool: &Arc<Pool>,
+    seed: u64,
+    ops: usize,
+    dedup: bool,
+) -> (State, Dirty, HashSet<u32>) {
     let mut s = seed;
     let mut cur = State::default();
     let mut durable = State::default();
@@ -125,10 +146,24 @@ async fn workload(pool: &Arc<Pool>, seed: u64, ops: usize) -> (State, Dirty, Has
         let dev = try_io!(pool.thin(ThinId(id), Bytes(VOL), None));
         match rng(&mut s) % 20 {
             0..=10 => {
-                let off = rng(&mut s) % VOL;
-                let len = 1 + rng(&mut s) % (3 * BS).min(VOL - off);
-                let val = rng(&mut s) as u8;
-                let buf: Vec<u8> = (0..len).map(|i| val ^ (i as u8)).collect();
+                let (off, len, buf) = if dedup {
+                    let val = (rng(&mut s) % 5) as u8;
+                    let (off, len) = if rng(&mut s).is_multiple_of(2) {
+                        let b = rng(&mut s) % 32;
+                        (b * BS, BS * (1 + rng(&mut s) % 3).min(32 - b))
+                    } else {
+                        let off = rng(&mut s) % VOL;
+                        (off, 1 + rng(&mut s) % (3 * BS).min(VOL - off))
+                    };
+                    let buf: Vec<u8> = (0..len).map(|i| dedup_byte(val, off + i)).collect();
+                    (off, len, buf)
+                } else {
+                    let off = rng(&mut s) % VOL;
+                    let len = 1 + rng(&mut s) % (3 * BS).min(VOL - off);
+                    let val = rng(&mut s) as u8;
+                    let buf: Vec<u8> = (0..len).map(|i| val ^ (i as u8)).collect();
+                    (off, len, buf)
+                };
                 let fua = rng(&mut s).is_multiple_of(10);
                 let flags = if fua {
                     WriteFlags::FUA
@@ -234,14 +269,45 @@ fn devices(
     (meta, data, m, d, b)
 }
 
-fn one_cut(seed: u64, total: i64, cut_seed: u64) {
+fn pool_opts(dedup: bool) -> PoolOptions {
+    PoolOptions { dedup, ..opts(8) }
+}
+
+/// Every mapped block of a dedup pool has a record, and its bytes hash to it.
+async fn blocks_match_records(m: &DeviceRef, d: &DeviceRef, what: &str) {
+    let records: HashMap<DataBlock, [u64; 2]> =
+        tools::hash_records(m).await.unwrap().into_iter().collect();
+    let dump = tools::dump(m).await.unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    for dev in &dump.devices {
+        for r in &dev.mappings {
+            for i in 0..r.len {
+                let b = DataBlock(r.dblock.0 + i);
+                let rec = records
+                    .get(&b)
+                    .unwrap_or_else(|| panic!("{what}: mapped {b} has no hash record"));
+                // SAFETY: awaited here: completed or dropped before the buffer goes.
+                unsafe { d.read(Bytes(b.0 * BS), &mut buf) }.await.unwrap();
+                assert_eq!(
+                    hash(HashKind::Blake3, &buf),
+                    *rec,
+                    "{what}: {b} (thin {} block {}) does not hold the content of its record",
+                    dev.id.0,
+                    r.vblock.0 + i
+                );
+            }
+        }
+    }
+}
+
+fn one_cut(seed: u64, total: i64, cut_seed: u64, dedup: bool) {
     let mut cs = cut_seed;
     let point = 1 + (rng(&mut cs) % total as u64) as i64;
     let (meta, data, m, d, _) = devices(point);
     let (durable, dirty, changed) = run(async {
-        let pool = Pool::open(m, d, opts(8)).await;
+        let pool = Pool::open(m, d, pool_opts(dedup)).await;
         match pool {
-            Ok(pool) => workload(&pool, seed, 120).await,
+            Ok(pool) => workload(&pool, seed, 120, dedup).await,
             Err(_) => (State::default(), HashMap::new(), HashSet::new()),
         }
     });
@@ -257,7 +323,7 @@ fn one_cut(seed: u64, total: i64, cut_seed: u64) {
     data.power_cut(mode);
     let (m, d): (DeviceRef, DeviceRef) = (meta.clone(), data.clone());
     run(async {
-        let pool = match Pool::open(m.clone(), d, opts(8)).await {
+        let pool = match Pool::open(m.clone(), d.clone(), pool_opts(dedup)).await {
             Ok(p) => p,
             Err(e) => {
                 // Only acceptable if the cut came before the very first commit finished.
@@ -272,6 +338,9 @@ fn one_cut(seed: u64, total: i64, cut_seed: u64) {
             .await
             .unwrap_or_else(|e| panic!("seed {seed} cut {point}: check: {e}"));
         assert!(r.clean, "seed {seed} cut {point}: {:?}", r.errors);
+        if dedup {
+            blocks_match_records(&m, &d, &format!("seed {seed} cut {point}")).await;
+        }
         for (id, bytes) in &durable.vols {
             if changed.contains(id) {
                 continue;
@@ -311,6 +380,15 @@ fn one_cut(seed: u64, total: i64, cut_seed: u64) {
 
 #[test]
 fn power_cuts_keep_flushed_writes() {
+    power_cuts(false);
+}
+
+#[test]
+fn power_cuts_keep_flushed_writes_with_dedup() {
+    power_cuts(true);
+}
+
+fn power_cuts(dedup: bool) {
     let cuts: u64 = std::env::var("THIN_CUTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -320,15 +398,22 @@ fn power_cuts_keep_flushed_writes() {
         // Count the workload's mutating I/Os without a cut.
         let (_, _, m, d, budget) = devices(i64::MAX);
         run(async {
-            let pool = Pool::open(m, d, opts(8)).await.unwrap();
-            workload(&pool, seed, 120).await;
+            let pool = Pool::open(m, d, pool_opts(dedup)).await.unwrap();
+            workload(&pool, seed, 120, dedup).await;
+            if let Some(dd) = pool.stats().dedup {
+                // Otherwise the dedup variant would test nothing new.
+                assert!(
+                    dd.shared_blocks > 0 && dd.zero_blocks > 0,
+                    "seed {seed}: the workload shared nothing: {dd:?}"
+                );
+            }
         });
         let total = i64::MAX - budget.load(Ordering::SeqCst);
         assert!(total > 50, "workload too small ({total} I/Os)");
         let per_seed =
             cuts / seeds.len() as u64 + u64::from((i as u64) < cuts % seeds.len() as u64);
         for c in 0..per_seed {
-            one_cut(seed, total, seed * 1_000_003 + c);
+            one_cut(seed, total, seed * 1_000_003 + c, dedup);
         }
     }
 }
@@ -340,7 +425,7 @@ fn killed_device_fails_cleanly() {
     let (_meta, _data, m, d, _) = devices(40);
     run(async {
         let pool = Pool::open(m, d, opts(8)).await.unwrap();
-        let _ = workload(&pool, 99, 60).await;
+        let _ = workload(&pool, 99, 60, false).await;
         assert!(pool.commit().await.is_err());
         let _: Option<IoError> = None;
     });

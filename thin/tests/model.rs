@@ -3,6 +3,11 @@
 //! the pool's used data blocks equal the number of distinct physical blocks the model says
 //! are referenced (the model tracks block identity: provisioning and copy-on-write make new
 //! identities, snapshots share them); check is clean and a reopened pool reads the same.
+//!
+//! With dedup on, writes draw their bytes from 4 block contents plus zeroes (so duplicates
+//! are frequent, whole and partial), identity is content: used data blocks must equal the
+//! number of distinct contents of mapped blocks (without an origin a block is mapped iff it
+//! is not all zeroes), and index entries must equal hash records at every reopen.
 
 mod common;
 
@@ -13,7 +18,7 @@ use common::*;
 use proptest::prelude::*;
 use tables::io::BlockDevice;
 use tables::{Bytes, DeviceRef, WriteFlags};
-use thin::{tools, Pool, ThinDevice, ThinId};
+use thin::{tools, Pool, PoolOptions, ThinDevice, ThinId};
 
 const BS: u64 = 4096; // 8-sector blocks
 const VOL_BLOCKS: u64 = 24;
@@ -91,6 +96,18 @@ struct Model {
     next_ident: u64,
     /// External origin contents (VOL bytes, zero past the origin's end), if any.
     origin: Option<Vec<u8>>,
+    /// The pool deduplicates: blocks are identified by content.
+    dedup: bool,
+}
+
+/// Byte `pos` (of the volume) of dedup content `c` (0: zeroes): a whole aligned block of
+/// one content is the same bytes wherever it lands.
+fn dedup_byte(c: u8, pos: u64) -> u8 {
+    if c == 0 {
+        return 0;
+    }
+    let p = pos % BS;
+    (p.wrapping_mul(31) ^ (p >> 5) ^ (c as u64).wrapping_mul(0x9D)) as u8 | 1
 }
 
 impl Model {
@@ -101,6 +118,15 @@ impl Model {
             .sum()
     }
     fn distinct(&self) -> usize {
+        if self.dedup {
+            let mut s = std::collections::HashSet::new();
+            for v in self.vols.values() {
+                for &b in v.map.keys() {
+                    s.insert(&v.bytes[(b * BS) as usize..((b + 1) * BS) as usize]);
+                }
+            }
+            return s.len();
+        }
         let mut s = std::collections::HashSet::new();
         for v in self.vols.values() {
             s.extend(v.map.values().copied());
@@ -125,6 +151,15 @@ impl Model {
         }
         let v = self.vols.get_mut(&dev).unwrap();
         v.bytes[off as usize..off as usize + data.len()].copy_from_slice(data);
+        if self.dedup && self.origin.is_none() {
+            // All-zero blocks are unmapped (zero-block elimination).
+            let bytes = &v.bytes;
+            v.map.retain(|&b, _| {
+                bytes[(b * BS) as usize..((b + 1) * BS) as usize]
+                    .iter()
+                    .any(|&x| x != 0)
+            });
+        }
     }
     fn unmap(&mut self, dev: u8, first: u64, end: u64) {
         let v = self.vols.get_mut(&dev).unwrap();
@@ -163,10 +198,11 @@ impl Live {
 /// Origin image: shorter than a volume (the tail reads as zeroes), not block aligned.
 const ORIGIN_LEN: u64 = VOL - 5000;
 
-fn run_ops(ops: &[Op], with_origin: bool) -> Result<(), TestCaseError> {
+fn run_ops(ops: &[Op], with_origin: bool, dedup: bool) -> Result<(), TestCaseError> {
     let meta: DeviceRef = mem("meta", 2 * MIB);
     let data: DeviceRef = mem("data", 4 * MIB);
-    let pool = open(meta.clone(), data.clone(), opts(8));
+    let popts = PoolOptions { dedup, ..opts(8) };
+    let pool = open(meta.clone(), data.clone(), popts.clone());
     let (origin_dev, origin) = if with_origin {
         let img: Vec<u8> = (0..ORIGIN_LEN).map(|i| (i % 253) as u8 + 1).collect();
         let d = mem("origin", ORIGIN_LEN);
@@ -188,12 +224,17 @@ fn run_ops(ops: &[Op], with_origin: bool) -> Result<(), TestCaseError> {
         vols: HashMap::new(),
         next_ident: 0,
         origin,
+        dedup,
     };
     run(async {
         for op in ops {
             match op.clone() {
                 Op::Write { dev, off, len, val } if model.vols.contains_key(&dev) => {
-                    let buf: Vec<u8> = (0..len).map(|i| val.wrapping_add(i as u8)).collect();
+                    let buf: Vec<u8> = if dedup {
+                        (0..len).map(|i| dedup_byte(val % 5, off + i)).collect()
+                    } else {
+                        (0..len).map(|i| val.wrapping_add(i as u8)).collect()
+                    };
                     // SAFETY: awaited here, in block_on: completed or dropped before the buffer
                     // goes.
                     unsafe { live.dev(dev).write(Bytes(off), &buf, WriteFlags::default()) }
@@ -275,7 +316,13 @@ fn run_ops(ops: &[Op], with_origin: bool) -> Result<(), TestCaseError> {
                     let r = tools::check(&live.meta).await.unwrap();
                     prop_assert!(r.clean, "{:?}", r.errors);
                     prop_assert_eq!(r.data_used as usize, model.distinct());
-                    live.pool = open(live.meta.clone(), live.data.clone(), opts(8));
+                    live.pool = open(live.meta.clone(), live.data.clone(), popts.clone());
+                    if dedup {
+                        let d = live.pool.stats().dedup.unwrap();
+                        prop_assert_eq!(d.index_entries, r.hash_records);
+                        prop_assert_eq!(d.index_entries, r.data_used);
+                        prop_assert_eq!((r.stale_hash_records, r.duplicate_hashes), (0, 0));
+                    }
                 }
                 _ => {}
             }
@@ -324,13 +371,27 @@ proptest! {
         // Start with a couple of volumes so early ops have targets.
         let mut all = vec![Op::Create { id: 0 }, Op::Create { id: 1 }];
         all.extend(ops);
-        run_ops(&all, false)?;
+        run_ops(&all, false, false)?;
     }
 
     #[test]
     fn pool_with_external_origin_matches_model(ops in proptest::collection::vec(op(), 1..120)) {
         let mut all = vec![Op::Create { id: 0 }, Op::Create { id: 1 }];
         all.extend(ops);
-        run_ops(&all, true)?;
+        run_ops(&all, true, false)?;
+    }
+
+    #[test]
+    fn dedup_pool_matches_model(ops in proptest::collection::vec(op(), 1..160)) {
+        let mut all = vec![Op::Create { id: 0 }, Op::Create { id: 1 }];
+        all.extend(ops);
+        run_ops(&all, false, true)?;
+    }
+
+    #[test]
+    fn dedup_pool_with_external_origin_matches_model(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut all = vec![Op::Create { id: 0 }, Op::Create { id: 1 }];
+        all.extend(ops);
+        run_ops(&all, true, true)?;
     }
 }

@@ -24,6 +24,9 @@ pub enum TreeKind {
     SmIndex,
     /// DataBlock -> reference count (only counts >= 255 live here).
     Overflow,
+    /// DataBlock -> first 128 bits of the block's content hash (dedup pools). A record
+    /// holds no reference to its block.
+    Hash,
 }
 
 impl TreeKind {
@@ -34,13 +37,14 @@ impl TreeKind {
             TreeKind::Mapping => 0x5041_4D54,  // "TMAP"
             TreeKind::SmIndex => 0x584E_4954,  // "TINX"
             TreeKind::Overflow => 0x564F_5254, // "TROV"
+            TreeKind::Hash => 0x4853_4854,     // "THSH"
         }
     }
     /// Value words of a leaf entry.
     pub fn leaf_words(self) -> usize {
         match self {
-            TreeKind::Devices => 2,
-            _ => 1,
+            TreeKind::Devices | TreeKind::Hash => 2,
+            TreeKind::Mapping | TreeKind::SmIndex | TreeKind::Overflow => 1,
         }
     }
     /// Structure name for errors.
@@ -50,6 +54,7 @@ impl TreeKind {
             TreeKind::Mapping => Structure::MappingTree,
             TreeKind::SmIndex => Structure::SpaceMapIndex,
             TreeKind::Overflow => Structure::OverflowTree,
+            TreeKind::Hash => Structure::HashTree,
         }
     }
 }
@@ -128,7 +133,7 @@ impl Node {
         match self.kind {
             TreeKind::Devices => (0..self.len()).map(|i| MetaBlock(self.val(i)[0])).collect(),
             TreeKind::SmIndex => self.vals.iter().map(|&b| MetaBlock(b)).collect(),
-            TreeKind::Mapping | TreeKind::Overflow => Vec::new(),
+            TreeKind::Mapping | TreeKind::Overflow | TreeKind::Hash => Vec::new(),
         }
     }
     /// The data blocks this node references (the values of a mapping tree leaf).

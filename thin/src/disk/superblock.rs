@@ -15,8 +15,13 @@ pub fn vblock_limit(data_block_sectors: u32) -> u64 {
 
 /// Magic of the superblock ("THSB").
 pub const SB_MAGIC: u32 = 0x4253_4854;
-/// On-disk format version.
+/// On-disk format version of a plain pool.
 pub const VERSION: u32 = 1;
+/// Version of a dedup pool: the same layout plus the dedup flag and the hash tree root
+/// (bytes 96..112, zero in a version-1 superblock). A separate version so that a binary
+/// without dedup refuses the pool instead of opening it, ignoring the hash tree (its
+/// blocks would look free) and leaving its records stale.
+pub const VERSION_DEDUP: u32 = 2;
 /// Most data blocks a pool may have: the space map keeps one byte per block in RAM, so this
 /// bounds it at 4 GiB (256 TiB of 64 KiB blocks).
 pub const MAX_DATA_BLOCKS: u64 = 1 << 32;
@@ -56,13 +61,18 @@ pub struct Superblock {
     /// Held metadata snapshot (`reserve_metadata_snap`): a device tree root kept alive for
     /// tools; block 0 means none.
     pub held_root: MetaBlock,
+    /// The pool deduplicates (a `dedup` table); once set, a table without `dedup` is refused.
+    pub dedup: bool,
+    /// Root of the hash tree (data block -> first 128 bits of its BLAKE3 hash); block 0 (only
+    /// in a plain pool) means none.
+    pub hash_root: MetaBlock,
 }
 
 impl Superblock {
     /// Packs into a 4 KiB block.
     pub fn pack(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK_SIZE];
-        put_u32(&mut b, 16, VERSION);
+        put_u32(&mut b, 16, if self.dedup { VERSION_DEDUP } else { VERSION });
         put_u32(&mut b, 20, META_BLOCK_SIZE as u32);
         put_u32(&mut b, 24, self.data_block_sectors);
         put_u64(&mut b, 32, self.nr_data_blocks);
@@ -73,6 +83,8 @@ impl Superblock {
         put_u64(&mut b, 72, self.sm_index_root.0);
         put_u64(&mut b, 80, self.overflow_root.0);
         put_u64(&mut b, 88, self.held_root.0);
+        put_u32(&mut b, 96, u32::from(self.dedup));
+        put_u64(&mut b, 104, self.hash_root.0);
         seal(&mut b, SB_MAGIC, MetaBlock(0));
         b
     }
@@ -83,7 +95,7 @@ impl Superblock {
         let st = Structure::Superblock;
         verify(b, blk, st, &[SB_MAGIC])?;
         let version = get_u32(b, 16);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_DEDUP {
             return Err(MetaError::corrupt(
                 blk,
                 st,
@@ -108,7 +120,26 @@ impl Superblock {
             sm_index_root: MetaBlock(get_u64(b, 72)),
             overflow_root: MetaBlock(get_u64(b, 80)),
             held_root: MetaBlock(get_u64(b, 88)),
+            dedup: get_u32(b, 96) != 0,
+            hash_root: MetaBlock(get_u64(b, 104)),
         };
+        // Version 1 has zeroes there; version 2 says dedup and has a hash tree.
+        let dedup_ok = if version == VERSION {
+            !sb.dedup && sb.hash_root.0 == 0 && get_u32(b, 96) == 0
+        } else {
+            get_u32(b, 96) == 1 && sb.hash_root.0 != 0
+        };
+        if !dedup_ok {
+            return Err(MetaError::corrupt(
+                blk,
+                st,
+                format!(
+                    "version {version} with dedup flag {} and hash tree root {}",
+                    get_u32(b, 96),
+                    sb.hash_root.0
+                ),
+            ));
+        }
         // Sizes first: everything below is checked against them, and the loader sizes its
         // tables from them.
         if sb.nr_meta_blocks < MIN_META_BLOCKS {
@@ -150,11 +181,22 @@ impl Superblock {
                 format!("data block size {dbs} sectors"),
             ));
         }
-        for (name, r) in [
+        if sb.dedup && dbs != 8 {
+            return Err(MetaError::corrupt(
+                blk,
+                st,
+                format!("dedup pool with data block size {dbs} sectors (dedup needs 8)"),
+            ));
+        }
+        let mut roots = vec![
             ("device tree root", sb.device_root),
             ("space map index root", sb.sm_index_root),
             ("overflow tree root", sb.overflow_root),
-        ] {
+        ];
+        if sb.dedup {
+            roots.push(("hash tree root", sb.hash_root));
+        }
+        for (name, r) in roots {
             if r.0 == 0 || r.0 >= sb.nr_meta_blocks {
                 return Err(MetaError::corrupt(
                     blk,
@@ -183,13 +225,46 @@ mod tests {
             sm_index_root: MetaBlock(2),
             overflow_root: MetaBlock(3),
             held_root: MetaBlock(0),
+            dedup: false,
+            hash_root: MetaBlock(0),
         };
         let mut b = sb.pack();
+        assert_eq!(get_u32(&b, 16), VERSION);
         assert_eq!(Superblock::unpack(&b).unwrap(), sb);
         b[100] ^= 4;
         assert!(matches!(
             Superblock::unpack(&b),
             Err(MetaError::Checksum { .. })
         ));
+        let d = Superblock {
+            dedup: true,
+            hash_root: MetaBlock(4),
+            data_block_sectors: 8,
+            ..sb.clone()
+        };
+        // Dedup pools have 4 KiB blocks.
+        let e = Superblock::unpack(
+            &Superblock {
+                data_block_sectors: 128,
+                ..d.clone()
+            }
+            .pack(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("dedup needs 8"), "{e}");
+        let b = d.pack();
+        assert_eq!(get_u32(&b, 16), VERSION_DEDUP);
+        assert_eq!(Superblock::unpack(&b).unwrap(), d);
+        // A dedup pool without a hash tree, or a plain one with one, is refused.
+        for bad in [
+            Superblock {
+                hash_root: MetaBlock(0),
+                ..d.clone()
+            },
+            Superblock { dedup: false, ..d },
+        ] {
+            let e = Superblock::unpack(&bad.pack()).unwrap_err().to_string();
+            assert!(e.contains("hash tree root") || e.contains("version"), "{e}");
+        }
     }
 }

@@ -317,4 +317,24 @@ impl Metadata {
         }
         Ok(())
     }
+
+    /// Calls `f(key, value words)` for every leaf entry of the tree at `root`, in key order,
+    /// without collecting them (trees may hold hundreds of millions of entries).
+    pub(crate) fn walk_leaves(
+        &self,
+        root: MetaBlock,
+        f: &mut dyn FnMut(u64, &[u64]),
+    ) -> MetaResult<()> {
+        let n = self.node(root)?;
+        if n.is_leaf() {
+            for i in 0..n.len() {
+                f(n.keys[i], n.val(i));
+            }
+            return Ok(());
+        }
+        for c in n.meta_refs() {
+            self.walk_leaves(c, f)?;
+        }
+        Ok(())
+    }
 }

@@ -78,6 +78,7 @@ impl Metadata {
 
     /// Makes data blocks freed by a durable commit allocatable.
     pub fn release_data(&mut self, blocks: &[DataBlock]) {
+        self.release_gen = self.release_gen.wrapping_add(1);
         for d in blocks {
             if self.data_pending.remove(d) && self.data_count(*d) == 0 {
                 self.data_free += 1;

@@ -121,9 +121,10 @@ impl Metadata {
         let (r, old) = self.remove(self.sb.device_root, id.0 as u64)?;
         self.sb.device_root = r;
         match old {
-            Some(v) => self.dec_meta(DeviceInfo::from_val(v).root),
-            None => Err(MetaError::Invalid(format!("{id} does not exist"))),
+            Some(v) => self.dec_meta(DeviceInfo::from_val(v).root)?,
+            None => return Err(MetaError::Invalid(format!("{id} does not exist"))),
         }
+        self.drain_forget()
     }
 
     /// Where virtual block `v` of device `id` lives, and whether a write may go in place:
@@ -167,7 +168,8 @@ impl Metadata {
             Some(o) => self.dec_data(DataBlock(o[0]))?,
             None => dev.mapped = mapped_count(id, dev.mapped.checked_add(1))?,
         }
-        self.set_device(id, dev)
+        self.set_device(id, dev)?;
+        self.drain_forget()
     }
 
     /// Unmaps `v` of device `id`; returns the block it was mapped to.
@@ -186,6 +188,7 @@ impl Metadata {
             dev.mapped = mapped;
             self.dec_data(DataBlock(o[0]))?;
             self.set_device(id, dev)?;
+            self.drain_forget()?;
         }
         Ok(old.map(|o| DataBlock(o[0])))
     }
@@ -246,7 +249,8 @@ impl Metadata {
         self.deleted = true;
         self.sb.held_root = MetaBlock(0);
         self.dirty = true;
-        self.dec_meta(r)
+        self.dec_meta(r)?;
+        self.drain_forget()
     }
 
     /// The held metadata snapshot's devices, if one is held.

@@ -23,6 +23,12 @@ pub struct LoadReport {
     pub bad_mapped_counts: Vec<(ThinId, u64, u64)>,
     /// The same for the devices of the held metadata snapshot.
     pub bad_held_mapped_counts: Vec<(ThinId, u64, u64)>,
+    /// Hash tree records (dedup pools).
+    pub hash_records: u64,
+    /// Records of blocks whose count is 0: left behind when the metadata device was too
+    /// full to remove them in the transaction that freed the block. They count for nothing
+    /// (never matched, removed by the next change) and are not errors.
+    pub stale_hash_records: Vec<DataBlock>,
 }
 
 async fn read_block(dev: &dyn BlockDevice, b: MetaBlock) -> MetaResult<Vec<u8>> {
@@ -79,6 +85,7 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
         recount: PerBlock::new(sb.nr_data_blocks as usize, 0),
         bitmaps: Vec::new(),
         overflow: Vec::new(),
+
         // Each mapping needs a leaf entry somewhere on the metadata device.
         max_mapped: sb.nr_meta_blocks.saturating_mul(capacity(1) as u64),
         // A virtual block's byte offset (and the end of its block) must fit in 64 bits.
@@ -89,6 +96,18 @@ pub async fn load(dev: &dyn BlockDevice) -> MetaResult<(Metadata, LoadReport)> {
     l.check_overflow()?;
     let Loader { mut m, recount, .. } = l;
     let mut report = LoadReport::default();
+    if sb.hash_root.0 != 0 {
+        let mut stale = Vec::new();
+        let mut n = 0u64;
+        m.walk_leaves(sb.hash_root, &mut |k, _| {
+            n += 1;
+            if m.data_count(DataBlock(k)) == 0 {
+                stale.push(DataBlock(k));
+            }
+        })?;
+        report.hash_records = n;
+        report.stale_hash_records = stale;
+    }
     for d in (0..sb.nr_data_blocks).map(DataBlock) {
         let stored = m.data_count(d);
         let found = recount[d];
@@ -167,6 +186,7 @@ struct Loader<'a> {
     bitmaps: Vec<(u64, MetaBlock, MetaBlock)>,
     /// (data block, count, overflow leaf holding it)
     overflow: Vec<(u64, u64, MetaBlock)>,
+
     /// Most mappings one device can have on this metadata device.
     max_mapped: u64,
     /// Virtual blocks must be below this.
@@ -187,6 +207,9 @@ impl Loader<'_> {
         ];
         if sb.held_root.0 != 0 {
             stack.push(Visit::root(sb.held_root, TreeKind::Devices, super_block));
+        }
+        if sb.hash_root.0 != 0 {
+            stack.push(Visit::root(sb.hash_root, TreeKind::Hash, super_block));
         }
         while let Some(v) = stack.pop() {
             let (node, first) = self.reach(&v).await?;
@@ -338,6 +361,17 @@ impl Loader<'_> {
             TreeKind::Overflow => {
                 for i in 0..node.len() {
                     self.overflow.push((node.keys[i], node.vals[i], b));
+                }
+            }
+            TreeKind::Hash => {
+                if let Some(&k) = node.keys.last() {
+                    if k >= nr_data {
+                        return Err(MetaError::corrupt(
+                            b,
+                            st,
+                            format!("record for data block {k}, beyond the pool's {nr_data}"),
+                        ));
+                    }
                 }
             }
         }

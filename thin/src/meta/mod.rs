@@ -23,9 +23,11 @@
 //! - `device_tree.rs`: thin devices (create, snapshot, delete, details) and their mappings.
 //! - `commit.rs`: preparing, finishing and aborting a commit; the offline commit.
 //! - `load.rs`: reading and validating the whole metadata at open.
+//! - `dedup.rs`: the hash tree of dedup pools, its RAM index, forgetting freed blocks.
 
 mod btree;
 mod commit;
+mod dedup;
 mod device_tree;
 mod load;
 mod space_map;
@@ -38,6 +40,7 @@ use crate::error::{MetaError, MetaResult};
 use crate::types::{DataBlock, MetaBlock, PerBlock};
 
 pub use commit::{commit_offline, write_block, Prepared};
+pub use dedup::{DedupMetaStats, IndexSize};
 pub use load::{load, read_superblock, LoadReport};
 
 /// A leaf value: up to two words (mapping: `[data block, 0]`; device: `[root, mapped]`).
@@ -97,6 +100,12 @@ pub struct Metadata {
     /// place until a commit is durable.
     deleted: bool,
     frozen_deleted: bool,
+    /// Data blocks with a count above 1.
+    data_shared: u64,
+    /// Bumped when freed data blocks become allocatable (see [`Metadata::release_gen`]).
+    release_gen: u64,
+    /// Index and bookkeeping of a dedup pool (`None`: plain pool, or tools).
+    dedup: Option<dedup::DedupState>,
 }
 
 impl Metadata {
@@ -132,6 +141,9 @@ impl Metadata {
             frozen_decremented: HashSet::new(),
             deleted: false,
             frozen_deleted: false,
+            data_shared: 0,
+            release_gen: 0,
+            dedup: None,
         }
     }
 
@@ -168,6 +180,8 @@ impl Metadata {
             sm_index_root: MetaBlock(0),
             overflow_root: MetaBlock(0),
             held_root: MetaBlock(0),
+            dedup: false,
+            hash_root: MetaBlock(0),
         };
         let mut m = Metadata::empty(sb);
         m.recount_free();

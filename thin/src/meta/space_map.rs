@@ -21,6 +21,7 @@ impl Metadata {
         self.meta_used = self.mcount.as_slice().iter().filter(|&&c| c > 0).count() as u64;
         self.meta_free = self.sb.nr_meta_blocks - self.meta_used;
         self.data_used = self.dcount.as_slice().iter().filter(|&&c| c > 0).count() as u64;
+        self.data_shared = self.dcount.as_slice().iter().filter(|&&c| c > 1).count() as u64;
         self.data_free = self.sb.nr_data_blocks - self.data_used;
     }
 
@@ -64,6 +65,11 @@ impl Metadata {
 
     fn set_data_count(&mut self, d: DataBlock, n: u32) {
         let was_overflow = self.dcount[d] == OVERFLOW;
+        match (self.dcount[d] > 1, n > 1) {
+            (false, true) => self.data_shared += 1,
+            (true, false) => self.data_shared -= 1,
+            _ => {}
+        }
         if n >= OVERFLOW as u32 {
             self.dcount[d] = OVERFLOW;
             self.overflow.insert(d, n);
@@ -117,6 +123,7 @@ impl Metadata {
             if self.data_pending.insert(d) {
                 self.data_pending_list.push(d);
             }
+            self.forget_block(d)?;
         }
         Ok(())
     }
@@ -282,6 +289,9 @@ impl Metadata {
             self.data_free += extra;
             self.sb.nr_data_blocks = nr_data_blocks;
             self.dirty = true;
+            if let Err(e) = self.dedup_grown() {
+                log::error!("rebuilding the dedup index after growing the pool: {e}");
+            }
         }
     }
 
