@@ -95,7 +95,7 @@ run() { # load(0|1)
     fi
     sleep 0.1
   done
-  [ -n "$t_done" ] || { echo "no re-mirror; daemon log:" >&2; cat "$S/daemon.log" >&2; exit 1; }
+  [ -n "$t_done" ] || { echo "no re-mirror; daemon log:" >&3; cat "$S/daemon.log" >&3; exit 1; }
   if [ -n "$fpid" ]; then kill -INT "$fpid" 2>/dev/null || true; wait "$fpid" 2>/dev/null || true; fi
   local stall
   stall=$(python3 -c "
