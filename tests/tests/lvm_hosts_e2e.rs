@@ -253,6 +253,59 @@ fn raid_images_land_on_distinct_hosts_and_reports_show_them() {
     let unknown = pvs.get("[unknown]").expect("a missing PV row");
     assert_eq!(unknown.1, "missing", "{pvs:?}");
     assert_eq!(unknown.0, format!("h{gone}"), "{pvs:?}");
+
+    // A host holding an image is down too when the LV is activated: it runs degraded on the
+    // other two, says so, and serves the data; the monitor (policy warn) only reports it.
+    let lost = holding[0];
+    h.servers[lost] = None;
+    let devfile = h.root.join("lvm-devices").display().to_string();
+    let d = DaemonProc::start_with(
+        &h.root.join("state"),
+        &["--monitor-interval", "1", "--devicesfile", &devfile],
+    );
+    let o = h
+        .cmd_in(
+            &d.state,
+            &["lvchange", "-ay", "vgh/r", "--nbd", "127.0.0.1:0"],
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}\n{}", d.log());
+    assert!(
+        err.contains("is on a missing PV: r runs without it"),
+        "{err}"
+    );
+    let out = run_ok(&mut h.cmd_in(
+        &d.state,
+        &[
+            "lvs",
+            "--noheadings",
+            "-o",
+            "health_status,lv_dm_path",
+            "vgh/r",
+        ],
+    ))
+    .unwrap();
+    let mut f = out.split_whitespace();
+    assert_eq!(f.next(), Some("partial"), "{out}");
+    let uri = f.next().expect("the LV's NBD URI").to_string();
+    run_ok(Command::new("nbdcopy").arg(&uri).arg(&back)).unwrap();
+    let got = std::fs::read(&back).unwrap();
+    assert!(got[..data.len()] == data[..], "degraded read back differs");
+    let t0 = std::time::Instant::now();
+    while !d
+        .log()
+        .contains("raid_fault_policy warn: not replacing them")
+    {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "no monitor report: {}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    run_ok(&mut h.cmd_in(&d.state, &["lvchange", "-an", "vgh/r"])).unwrap();
 }
 
 /// Whether `file` holds `needle` at some 1 MiB-aligned offset.
