@@ -293,6 +293,26 @@ fn raid_images_land_on_distinct_hosts_and_reports_show_them() {
     run_ok(Command::new("nbdcopy").arg(&uri).arg(&back)).unwrap();
     let got = std::fs::read(&back).unwrap();
     assert!(got[..data.len()] == data[..], "degraded read back differs");
+    // The image on the lost host is reported failed, the others healthy.
+    let rows = run_ok(&mut h.cmd_in(
+        &d.state,
+        &[
+            "lvs",
+            "-a",
+            "--noheadings",
+            "--separator",
+            ";",
+            "-o",
+            "lv_name,health_status",
+            "vgh",
+        ],
+    ))
+    .unwrap();
+    let failed: Vec<&str> = rows
+        .lines()
+        .filter(|l| l.contains("_rimage_") && l.trim_end().ends_with(";failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{rows}");
     let t0 = std::time::Instant::now();
     while !d
         .log()

@@ -1,5 +1,7 @@
 //! `lvs` (the LV verbs that change things need allocation and activation: next).
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use clap::Args;
 use lvm::{SegmentKind, VolumeGroup};
@@ -165,6 +167,54 @@ struct LvRow<'a> {
     kind: LvKind,
     /// Figures from the active device's status.
     live: Live,
+    /// For a raid image sub-LV: its leg's state in the running array (`failed`,
+    /// `rebuilding`), from the raid LV's status.
+    leg: Option<&'static str>,
+}
+
+/// The state of each image sub-LV of the active raid LVs of `vg`, by LV name: the health
+/// word of the array's status (`A` in sync, `a` being rebuilt or resynced, `D` failed).
+fn leg_states(
+    vg: &VolumeGroup,
+    sd: &StateDir,
+    running: &HashMap<String, DeviceInfo>,
+) -> HashMap<String, &'static str> {
+    let mut out = HashMap::new();
+    for lv in &vg.logical_volumes {
+        let Some(raid) = lvm::alloc::raid_segment(vg, &lv.name) else {
+            continue;
+        };
+        let Some(d) = running.get(&dm_name(&vg.name, &lv.name)) else {
+            continue;
+        };
+        let Ok(Ok(status)) = crate::client::call(
+            sd,
+            ublk_target::control::Request::Status {
+                name: d.name.clone(),
+            },
+        )
+        .map(crate::client::expect_text) else {
+            continue;
+        };
+        let words: Vec<&str> = status.split_whitespace().collect();
+        let Some(health) = words.windows(2).find_map(|w| {
+            (w[0].parse::<usize>().ok() == Some(raid.images.len())
+                && w[1].len() == raid.images.len()
+                && w[1].chars().all(|c| "ADa".contains(c)))
+            .then_some(w[1])
+        }) else {
+            continue;
+        };
+        for ((_, img), c) in raid.images.iter().zip(health.chars()) {
+            let state = match c {
+                'D' => "failed",
+                'a' => "rebuilding",
+                _ => continue,
+            };
+            out.insert(img.clone(), state);
+        }
+    }
+    out
 }
 
 /// What an LV is, for its attributes.
@@ -313,6 +363,11 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
     for sv in &scan.report.vgs {
         let vg = &sv.metadata.vg;
         let moving = super::pvmove::moving(&a.sd, &vg.name);
+        let legs = if a.all {
+            leg_states(vg, &a.sd, &running)
+        } else {
+            HashMap::new()
+        };
         for lv in &vg.logical_volumes {
             let visible = lv.status.has("VISIBLE");
             if !visible && !a.all {
@@ -360,6 +415,7 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 active,
                 kind,
                 live,
+                leg: legs.get(&lv.name).copied(),
             });
         }
     }
@@ -419,6 +475,8 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 Some(e) => e,
                 // lvm2's word for a raid LV with an image gone.
                 None if r.live.degraded => "partial".into(),
+                // An image sub-LV of a running array: its leg's state.
+                None if r.leg.is_some() => r.leg.unwrap_or_default().into(),
                 None => String::new(),
             }),
             "lv_size" => Value::Size(extents * ext),
