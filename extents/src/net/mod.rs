@@ -21,7 +21,9 @@ pub mod uri;
 
 pub use self::iscsi::IscsiExtent;
 pub use self::nbd::NbdExtent;
-pub use uri::{IscsiUri, NbdAddr, NbdUri, NetOptions, NetUri, UriError};
+pub use uri::{
+    CephClient, IscsiUri, NbdAddr, NbdUri, NetOptions, NetUri, RadosUri, RbdUri, UriError,
+};
 
 /// Why a network extent could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -114,5 +116,11 @@ pub fn open(dev: &str) -> Result<NetExtent, NetError> {
     Ok(match NetUri::parse(dev)? {
         NetUri::Nbd(u) => NetExtent::Nbd(Arc::new(NbdExtent::open(u)?)),
         NetUri::Iscsi(u) => NetExtent::Iscsi(Arc::new(IscsiExtent::open(u)?)),
+        u @ (NetUri::Rbd(_) | NetUri::Rados(_)) => {
+            return Err(NetError::Unsupported {
+                uri: u.to_string(),
+                msg: "Ceph extents are not built yet".into(),
+            })
+        }
     })
 }
