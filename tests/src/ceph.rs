@@ -147,6 +147,17 @@ impl CephCluster {
             dir,
         };
         c.start_mon();
+        // The first commands may meet a monitor still starting (EPERM, "wrong fsid").
+        let until = Instant::now() + Duration::from_secs(30);
+        while !c
+            .base("ceph")
+            .args(["mon", "stat"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(Instant::now() < until, "the monitor never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         for i in 0..osds {
             c.ceph(&["osd", "create"]);
             if auth == CephAuth::Cephx {

@@ -4,6 +4,8 @@
 //! read-only thin origins, keyrings and secrets, and OSDs killed under load.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -184,4 +186,251 @@ fn cephx_keyring_works_and_the_key_never_shows() {
     std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
     drop(d);
     let _ = Instant::now() + Duration::ZERO;
+}
+
+fn table(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let t = dir.join(format!("{name}.table"));
+    std::fs::write(&t, text).unwrap();
+    t
+}
+
+fn tmp(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+/// ext4 made, filled, checked (fsck) and read back through our NBD export `name` on `port`
+/// (mounted on the host through qemu-storage-daemon's FUSE export and a loop device).
+fn ext4_roundtrip(p: &Path, port: u16, name: &str) {
+    let fl = FuseLoop::attach(port, name, p).unwrap();
+    let mnt = p.join(format!("mnt-{name}"));
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mkfs.ext4").args(["-F", "-q", &fl.loopdev])).unwrap();
+    run_ok(Command::new("mount").arg(&fl.loopdev).arg(&mnt)).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            mnt.join(format!("f{i}")),
+            pseudo_random(150_000 + i * 777, i as u64),
+        )
+        .unwrap();
+    }
+    let before = tree_sums(&mnt, ".");
+    run_ok(Command::new("umount").arg(&mnt)).unwrap();
+    let fsck = run(Command::new("e2fsck").args(["-fn", &fl.loopdev])).unwrap();
+    assert!(
+        fsck.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    run_ok(Command::new("mount").arg(&fl.loopdev).arg(&mnt)).unwrap();
+    assert_eq!(tree_sums(&mnt, "."), before, "{name}: checksums");
+    run_ok(Command::new("umount").arg(&mnt)).unwrap();
+    drop(fl);
+}
+
+/// The bytes our export `name` on `port` serves (nbdcopy).
+fn export_bytes(p: &Path, port: u16, name: &str) -> Vec<u8> {
+    let f = p.join(format!("{name}.copy"));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(format!("nbd://127.0.0.1:{port}/{name}"))
+            .arg(&f),
+    )
+    .unwrap();
+    let b = std::fs::read(&f).unwrap();
+    std::fs::remove_file(&f).unwrap();
+    b
+}
+
+#[test]
+fn targets_over_rbd_and_rados_on_the_daemon_hold_ext4() {
+    require_tools(&[
+        "qemu-storage-daemon",
+        "mkfs.ext4",
+        "e2fsck",
+        "losetup",
+        "nbdcopy",
+        "qemu-io",
+    ]);
+    let c = CephCluster::start(1, 1, CephAuth::None);
+    let o = c.opts();
+    let dir = tmp("ceph-e2e-");
+    let p = dir.path();
+    let d = DaemonProc::start(&p.join("state"));
+
+    // linear over one image: ext4, and `rbd export` is exactly what we serve.
+    c.rbd(&["create", "--size", "96M", "rbd/lin"]);
+    let t = table(p, "lin", &format!("0 196608 linear rbd:rbd/lin?{o} 0\n"));
+    let port = d.create_nbd("lin", &t);
+    ext4_roundtrip(p, port, "lin");
+    let ours = export_bytes(p, port, "lin");
+    assert!(
+        ours == c.rbd_export("rbd/lin"),
+        "rbd export differs from our export"
+    );
+    let st = d.ok(&["dev", "status", "lin"]);
+    assert!(
+        st.contains("extent rbd:rbd/lin") && st.contains(" up server "),
+        "{st}"
+    );
+
+    // striped over three images: each 64 KiB chunk lands where dm-striped puts it.
+    let mut t = String::from("0 147456 striped 3 128");
+    for i in 0..3 {
+        c.rbd(&["create", "--size", "24M", &format!("rbd/st{i}")]);
+        t.push_str(&format!(" rbd:rbd/st{i}?{o} 0"));
+    }
+    let port = d.create_nbd("st", &table(p, "st", &(t + "\n")));
+    let uri = format!("nbd://127.0.0.1:{port}/st");
+    let cmds: Vec<String> = (0..12)
+        .map(|k| format!("write -P {} {} 64k", k + 1, k * 65536))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&uri, &refs);
+    qemu_io(&uri, &["flush"]);
+    let legs: Vec<Vec<u8>> = (0..3)
+        .map(|i| c.rbd_export(&format!("rbd/st{i}")))
+        .collect();
+    for k in 0..12usize {
+        let at = (k / 3) * 65536;
+        assert!(
+            legs[k % 3][at..at + 65536]
+                .iter()
+                .all(|&b| b == k as u8 + 1),
+            "chunk {k} is not at byte {at} of st{}",
+            k % 3
+        );
+    }
+    ext4_roundtrip(p, port, "st");
+
+    // raid1 over an image and a local file: ext4, then both legs hold the same bytes.
+    c.rbd(&["create", "--size", "64M", "rbd/r1"]);
+    let local = p.join("local.img");
+    sparse_file(&local, 64 << 20).unwrap();
+    let t = table(
+        p,
+        "r1",
+        &format!(
+            "0 126976 raid raid1 3 0 region_size 1024 2 - {} - rbd:rbd/r1?{o}\n",
+            local.display()
+        ),
+    );
+    let port = d.create_nbd("r1", &t);
+    ext4_roundtrip(p, port, "r1");
+    let n = 126976 * 512;
+    let (l, r) = (read_all(&local).unwrap(), c.rbd_export("rbd/r1"));
+    assert!(l[..n] == r[..n], "the raid1 legs differ");
+
+    // A thin pool whose data device is an image.
+    c.rbd(&["create", "--size", "128M", "rbd/tdata"]);
+    let meta = p.join("meta.img");
+    sparse_file(&meta, 4 << 20).unwrap();
+    let pool = table(
+        p,
+        "pool",
+        &format!(
+            "0 262144 thin-pool {} rbd:rbd/tdata?{o} 128 0\n",
+            meta.display()
+        ),
+    );
+    d.ok(&[
+        "dev",
+        "create",
+        "pool",
+        "--table",
+        &pool.display().to_string(),
+        "--internal",
+    ]);
+    d.ok(&["dev", "message", "pool", "create_thin", "0"]);
+    let vol = table(p, "vol", "0 524288 thin /dev/volmgr/pool 0\n");
+    let port = d.create_nbd("vol", &vol);
+    ext4_roundtrip(p, port, "vol");
+
+    // linear over RADOS objects: ext4, and the objects hold our bytes where documented.
+    let rados_uri = format!("rados:rbd/rv?object_size=4M&size=64M&{o}");
+    let t = table(p, "rv", &format!("0 131072 linear {rados_uri} 0\n"));
+    let port = d.create_nbd("rv", &t);
+    ext4_roundtrip(p, port, "rv");
+    let ours = export_bytes(p, port, "rv");
+    for i in 0..16usize {
+        let obj = c
+            .rados_get("rbd", &format!("rv.{i:016x}"))
+            .unwrap_or_default();
+        let at = i << 22;
+        assert!(obj[..] == ours[at..at + obj.len()], "object {i}");
+        assert!(
+            ours[at + obj.len()..at + (4 << 20)].iter().all(|&b| b == 0),
+            "object {i} tail"
+        );
+    }
+    d.ok(&["dev", "remove", "vol"]);
+}
+
+#[test]
+fn a_snapshot_is_a_read_only_origin_for_thin_clones() {
+    require_tools(&["qemu-io"]);
+    let c = CephCluster::start(1, 1, CephAuth::None);
+    let o = c.opts();
+    c.rbd(&["create", "--size", "16M", "rbd/base"]);
+    let base = rbd(&format!("rbd:rbd/base?{o}")).unwrap();
+    write_blocking(&*base, Bytes(0), &vec![0x31u8; 4 << 20], WriteFlags::FUA).unwrap();
+    c.rbd(&["snap", "create", "rbd/base@s1"]);
+    // The image moves on after the snapshot: a clone of s1 must not see that.
+    write_blocking(&*base, Bytes(0), &vec![0x77u8; 1 << 20], WriteFlags::FUA).unwrap();
+    drop(base);
+    let snap = rbd(&format!("rbd:rbd/base@s1?{o}")).unwrap();
+    assert!(snap.limits().read_only);
+    let e = write_blocking(&*snap, Bytes(0), &[0u8; 512], WriteFlags::default()).unwrap_err();
+    assert_eq!(e.errno, libc::EROFS, "{e}");
+    drop(snap);
+
+    let dir = tmp("ceph-snap-");
+    let p = dir.path();
+    let d = DaemonProc::start(&p.join("state"));
+    let (meta, data) = (p.join("meta.img"), p.join("data.img"));
+    sparse_file(&meta, 4 << 20).unwrap();
+    sparse_file(&data, 64 << 20).unwrap();
+    let pool = table(
+        p,
+        "pool",
+        &format!(
+            "0 131072 thin-pool {} {} 128 0\n",
+            meta.display(),
+            data.display()
+        ),
+    );
+    d.ok(&[
+        "dev",
+        "create",
+        "pool",
+        "--table",
+        &pool.display().to_string(),
+        "--internal",
+    ]);
+    d.ok(&["dev", "message", "pool", "create_thin", "0"]);
+    let clone = table(
+        p,
+        "clone",
+        &format!("0 32768 thin /dev/volmgr/pool 0 rbd:rbd/base@s1?{o}\n"),
+    );
+    let port = d.create_nbd("clone", &clone);
+    let uri = format!("nbd://127.0.0.1:{port}/clone");
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x31 0 4M",
+            "read -P 0 4M 12M",
+            "write -P 0x42 64k 64k",
+            "flush",
+            "read -P 0x31 0 64k",
+            "read -P 0x42 64k 64k",
+            "read -P 0x31 128k 1M",
+        ],
+    );
+    // The snapshot is untouched.
+    let s1 = c.rbd_export("rbd/base@s1");
+    assert!(s1[..4 << 20].iter().all(|&b| b == 0x31));
+    d.ok(&["dev", "remove", "clone"]);
 }
