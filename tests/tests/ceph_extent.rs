@@ -434,3 +434,172 @@ fn a_snapshot_is_a_read_only_origin_for_thin_clones() {
     assert!(s1[..4 << 20].iter().all(|&b| b == 0x31));
     d.ok(&["dev", "remove", "clone"]);
 }
+
+/// Writes `n` bytes of `fill` at `at` on another thread; its result and how long it took.
+fn write_in_background(
+    d: Arc<dyn BlockDevice>,
+    at: u64,
+    n: usize,
+    fill: u8,
+) -> std::thread::JoinHandle<(Result<(), tables::IoError>, Duration)> {
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = write_blocking(&*d, Bytes(at), &vec![fill; n], WriteFlags::default());
+        (r, t.elapsed())
+    })
+}
+
+#[test]
+fn one_osd_killed_requests_wait_or_fail_past_the_delay_then_recover() {
+    let mut c = CephCluster::start(1, 1, CephAuth::None);
+    let o = c.opts();
+    c.rbd(&["create", "--size", "16M", "rbd/k1"]);
+    let patient: Arc<dyn BlockDevice> =
+        rbd(&format!("rbd:rbd/k1?{o}&timeout=10&reconnect-delay=10")).unwrap();
+    let rv: Arc<dyn BlockDevice> = rados(&format!(
+        "rados:rbd/kv?object_size=1M&size=8M&{o}&timeout=10&reconnect-delay=10"
+    ))
+    .unwrap();
+    write_blocking(&*patient, Bytes(0), &[1u8; 4096], WriteFlags::default()).unwrap();
+    write_blocking(&*rv, Bytes(0), &[1u8; 4096], WriteFlags::default()).unwrap();
+
+    // Back within the window: the requests wait and complete.
+    c.kill_osd(0);
+    let w1 = write_in_background(patient.clone(), 1 << 20, 65536, 0x61);
+    let w2 = write_in_background(rv.clone(), 1 << 20, 65536, 0x62);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !w1.is_finished() && !w2.is_finished(),
+        "a write went through without the OSD"
+    );
+    c.start_osd(0);
+    for (w, what) in [(w1, "rbd"), (w2, "rados")] {
+        let (r, took) = w.join().unwrap();
+        r.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(took >= Duration::from_secs(2), "{what}: {took:?}");
+    }
+    let mut b = vec![0u8; 65536];
+    read_blocking(&*patient, Bytes(1 << 20), &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x61));
+    read_blocking(&*rv, Bytes(1 << 20), &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x62));
+    c.wait_osd(0, true, Duration::from_secs(60));
+
+    // Gone for longer than timeout + reconnect-delay: EIO at the deadline, the extent says
+    // failed (and fails new requests at once), then recovers by itself.
+    let quick = rbd(&format!("rbd:rbd/k1?{o}&timeout=2&reconnect-delay=2")).unwrap();
+    let quick_rados = rados(&format!(
+        "rados:rbd/kv?object_size=1M&size=8M&{o}&timeout=2&reconnect-delay=2"
+    ))
+    .unwrap();
+    let made = quick.connections_made();
+    c.kill_osd(0);
+    let ws = [
+        write_in_background(quick.clone(), 2 << 20, 4096, 0x71),
+        write_in_background(quick_rados.clone(), 2 << 20, 4096, 0x72),
+    ];
+    for w in ws {
+        let (r, took) = w.join().unwrap();
+        let e = r.expect_err("a write succeeded with the only OSD dead");
+        assert_eq!(e.errno, libc::EIO, "{e}");
+        assert!(
+            e.msg.contains("rbd:rbd/k1") || e.msg.contains("rados:rbd/kv"),
+            "{e}"
+        );
+        assert!(e.msg.contains("byte 2097152"), "{e}");
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+            "failed after {took:?}: {e}"
+        );
+    }
+    assert!(quick.is_failed() && quick_rados.is_failed());
+    let st = quick.status();
+    assert!(
+        st.contains(" failed server ") && st.contains("errors "),
+        "{st}"
+    );
+    let t = Instant::now();
+    let e = write_blocking(&*quick, Bytes(0), &[0u8; 512], WriteFlags::default()).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(1) && e.errno == libc::EIO,
+        "{e}"
+    );
+    c.start_osd(0);
+    let until = Instant::now() + Duration::from_secs(60);
+    while quick.is_failed() || quick_rados.is_failed() {
+        assert!(
+            Instant::now() < until,
+            "never recovered: {}",
+            quick.status()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(quick.connections_made() > made, "recovery not counted");
+    write_blocking(&*quick, Bytes(3 << 20), &[9u8; 4096], WriteFlags::default()).unwrap();
+    write_blocking(
+        &*quick_rados,
+        Bytes(3 << 20),
+        &[9u8; 4096],
+        WriteFlags::default(),
+    )
+    .unwrap();
+    assert!(quick.status().contains(" up server "), "{}", quick.status());
+}
+
+#[test]
+fn an_osd_killed_and_restarted_under_fio_verify_gives_no_error() {
+    require_tools(&["fio"]);
+    let mut c = CephCluster::start(3, 2, CephAuth::None);
+    let o = c.opts();
+    c.rbd(&["create", "--size", "64M", "rbd/fv"]);
+    let dir = tmp("ceph-fio-");
+    let p = dir.path();
+    let d = DaemonProc::start(&p.join("state"));
+    let t = table(p, "fv", &format!("0 131072 linear rbd:rbd/fv?{o} 0\n"));
+    let port = d.create_nbd("fv", &t);
+    let t0 = Instant::now();
+    let fio = std::thread::spawn(move || {
+        Command::new("timeout")
+            .args([
+                "300",
+                "fio",
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri=nbd://127.0.0.1:{port}/fv"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=48M",
+                // Paced so the writes straddle the OSD's death and return.
+                "--rate_iops=1000",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--output-format=terse",
+            ])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill_osd(1);
+    c.wait_osd(1, false, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_osd(1);
+    let out = fio.join().unwrap();
+    assert!(
+        t0.elapsed() > Duration::from_secs(6),
+        "fio ended before the restart"
+    );
+    assert!(
+        out.status.success(),
+        "fio: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    let st = d.ok(&["dev", "status", "fv"]);
+    assert!(
+        st.contains(" up server ") && st.contains("timeouts 0"),
+        "{st}"
+    );
+}
