@@ -71,7 +71,22 @@ impl CephCluster {
         let d = dir.path();
         // The OSDs take ports from 6800 up: the monitor's is an ephemeral one.
         let port = free_port();
-        let fsid = run_text(&mut Command::new("uuidgen")).trim().to_string();
+        let fsid = {
+            let mut b = [0u8; 16];
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .expect("/dev/urandom");
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            )
+        };
         let auth_mode = match auth {
             CephAuth::None => "none",
             CephAuth::Cephx => "cephx",
