@@ -129,7 +129,8 @@ impl RadosExtent {
             .iter()
             .map(|p| {
                 let start = p.object * os;
-                let whole = p.offset == start && p.offset + p.len >= (start + os).min(size);
+                let whole =
+                    p.offset == start && p.offset + p.len >= start.saturating_add(os).min(size);
                 let kind = if whole {
                     OpKind::Remove
                 } else {
