@@ -608,3 +608,62 @@ fn an_osd_killed_and_restarted_under_fio_verify_gives_no_error() {
         "{st}"
     );
 }
+
+/// Polls `dev status NAME` until `want` appears in it.
+fn wait_status(d: &DaemonProc, name: &str, want: &str, secs: u64) -> String {
+    let t0 = Instant::now();
+    loop {
+        let st = d.ok(&["dev", "status", name]);
+        if st.contains(want) {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{name} never showed '{want}': {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn raid1_with_an_rbd_leg_degrades_when_the_cluster_dies_and_rebuilds_onto_it() {
+    require_tools(&["qemu-io"]);
+    let mut c = CephCluster::start(1, 1, CephAuth::None);
+    let o = c.opts();
+    c.rbd(&["create", "--size", "32M", "rbd/leg"]);
+    let dir = tmp("ceph-raid1-");
+    let p = dir.path();
+    let d = DaemonProc::start(&p.join("state"));
+    let local = p.join("local.img");
+    sparse_file(&local, 32 << 20).unwrap();
+    let t = table(
+        p,
+        "r1",
+        &format!(
+            "0 61440 raid raid1 3 0 region_size 1024 2 - {} - rbd:rbd/leg?{o}&timeout=2&reconnect-delay=2\n",
+            local.display()
+        ),
+    );
+    let port = d.create_nbd("r1", &t);
+    wait_status(&d, "r1", " AA ", 60);
+    let uri = format!("nbd://127.0.0.1:{port}/r1");
+    qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]);
+
+    // The only OSD dies: writes go on without an error, the leg is failed, the extent too.
+    c.kill_osd(0);
+    qemu_io(&uri, &["write -P 0x22 1M 1M", "flush", "read -P 0x11 0 1M"]);
+    wait_status(&d, "r1", " AD ", 30);
+    wait_status(&d, "r1", " failed server ", 30);
+
+    // It comes back: the extent recovers by itself and the raid rebuilds onto the leg.
+    c.start_osd(0);
+    wait_status(&d, "r1", " up server ", 60);
+    wait_status(&d, "r1", " AA ", 120);
+    qemu_io(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
+    let (l, r) = (read_all(&local).unwrap(), c.rbd_export("rbd/leg"));
+    assert!(
+        l[..2 << 20] == r[..2 << 20],
+        "the legs differ after the rebuild"
+    );
+    assert!(r[1 << 20..2 << 20].iter().all(|&b| b == 0x22));
+}
