@@ -342,8 +342,8 @@ impl Requests {
             }
         }
         if expired > 0 {
+            // (Counted in `errors` when their requesters take them.)
             self.stats.timeouts.fetch_add(expired, Ordering::Relaxed);
-            self.stats.errors.fetch_add(expired, Ordering::Relaxed);
             if !st.failed {
                 log::error!(
                     "{}: the cluster did not answer within timeout plus reconnect-delay: \
@@ -641,4 +641,96 @@ pub(crate) fn retire(req: &Requests) -> bool {
         );
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::uri::NetUri;
+
+    fn table(opts: &str) -> Requests {
+        let NetUri::Rbd(u) = NetUri::parse(&format!("rbd:p/i{opts}")).unwrap() else {
+            panic!()
+        };
+        Requests::new(u.to_string(), u.opts)
+    }
+
+    fn at(kind: OpKind) -> Where {
+        Where {
+            kind,
+            offset: 4096,
+            len: 4,
+            object: None,
+        }
+    }
+
+    fn poll(r: &Requests, id: u64) -> Poll<IoResult<()>> {
+        r.poll_outcome(&mut Context::from_waker(Waker::noop()), id)
+    }
+
+    #[test]
+    fn read_data_reaches_only_a_buffer_still_lent() {
+        let r = table("");
+        let mut buf = [9u8; 4];
+        let id = r
+            .register(at(OpKind::Read), Some(DstBuf::new(&mut buf)))
+            .unwrap();
+        assert!(poll(&r, id).is_pending());
+        // Two bytes came (a short RADOS object): the rest reads as zeroes.
+        r.finish(id, OpKind::Read, 2, Some((&[1, 2, 3, 4], 2)));
+        assert!(matches!(poll(&r, id), Poll::Ready(Ok(()))));
+        assert_eq!(buf, [1, 2, 0, 0]);
+
+        let mut gone = [9u8; 4];
+        let id = r
+            .register(at(OpKind::Read), Some(DstBuf::new(&mut gone)))
+            .unwrap();
+        r.withdraw(id);
+        r.finish(id, OpKind::Read, 4, Some((&[5, 5, 5, 5], 4)));
+        assert_eq!(gone, [9u8; 4], "a withdrawn buffer was written");
+
+        let id = r.register(at(OpKind::Write { fua: true }), None).unwrap();
+        r.finish(
+            id,
+            OpKind::Write { fua: true },
+            -i64::from(libc::ENOSPC),
+            None,
+        );
+        let Poll::Ready(Err(e)) = poll(&r, id) else {
+            panic!()
+        };
+        assert_eq!(e.errno, libc::ENOSPC);
+        assert!(
+            e.msg
+                .contains("rbd:p/i: write (FUA) at byte 4096 length 4: ENOSPC"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn past_the_deadline_eio_then_failed_until_an_operation_succeeds() {
+        let r = table("?timeout=0.05&reconnect-delay=0.05");
+        let t0 = Instant::now();
+        let id = r.register(at(OpKind::Flush), None).unwrap();
+        assert!(!r.tick(t0));
+        assert!(poll(&r, id).is_pending(), "within the window it waits");
+        // Past timeout + reconnect-delay: EIO, failed, new requests fail at once, a probe.
+        assert!(r.tick(t0 + Duration::from_millis(200)));
+        let Poll::Ready(Err(e)) = poll(&r, id) else {
+            panic!()
+        };
+        assert_eq!(e.errno, libc::EIO);
+        assert!(e.msg.contains("flush: no answer within"), "{e}");
+        assert_eq!(r.health(String::new()).state, "failed");
+        let e = r.register(at(OpKind::Read), None).unwrap_err();
+        assert!(e.errno == libc::EIO && e.msg.contains("failed"), "{e}");
+        assert!(!r.tick(t0 + Duration::from_secs(5)), "one probe at a time");
+        // The late answer of the first request, then the probe: up again, counted.
+        r.finish(id, OpKind::Flush, 0, None);
+        r.finish(0, OpKind::Probe, 0, None);
+        assert_eq!(r.health(String::new()).state, "up");
+        assert_eq!(r.generation(), 2);
+        assert_eq!(r.stats.errors.load(Ordering::Relaxed), 2);
+        assert!(r.register(at(OpKind::Read), None).is_ok());
+    }
 }
