@@ -7,7 +7,8 @@ set -euo pipefail
 # qemu-system-x86 7.2; asking for the bookworm versions (with --allow-downgrades) resolves it.
 PKGS=(qemu-system-x86 qemu-utils qemu-block-extra nbdkit libnbd-bin fio libclang-dev clang
       e2fsprogs xfsprogs busybox-static dmsetup zstd xz-utils cpio kmod bc tgt libiscsi-bin
-      libiscsi-dev util-linux lvm2 thin-provisioning-tools iproute2 nftables)
+      libiscsi-dev util-linux lvm2 thin-provisioning-tools iproute2 nftables
+      ceph-mon ceph-osd ceph-common librados-dev librbd-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -23,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm \
     nbdkit libnbd-bin fio libclang-dev clang e2fsprogs xfsprogs busybox-static dmsetup zstd \
     xz-utils cpio kmod bc tgt libiscsi-bin libiscsi-dev util-linux lvm2 thin-provisioning-tools \
-    iproute2 nftables
+    iproute2 nftables ceph-mon ceph-osd ceph-common librados-dev librbd-dev
 fi
 for t in qemu-img qemu-nbd qemu-io qemu-storage-daemon qemu-system-x86_64 nbdkit nbdinfo nbdcopy fio; do
   command -v "$t" >/dev/null 2>&1 || { echo "setup: FAILED: $t is still missing" >&2; exit 1; }

@@ -7,7 +7,8 @@
 //!   `major:minor` numbers of table lines, sharing one extent per underlying file; what a
 //!   relative path means to it is a [`RelativePaths`] (a daemon refuses them).
 //! - [`net`]: network extents named by URIs (`nbd://`, `nbd+unix://`), such as
-//!   [`net::NbdExtent`], and `iscsi://`, [`net::IscsiExtent`]; the resolver opens them too.
+//!   [`net::NbdExtent`], `iscsi://`, [`net::IscsiExtent`], and Ceph's `rbd:` and `rados:`,
+//!   [`net::RbdExtent`] and [`net::RadosExtent`]; the resolver opens them too.
 //! - [`create_sparse`]: makes a sparse backing file for tests and the CLI.
 
 #![warn(missing_docs)]

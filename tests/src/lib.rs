@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod ceph;
+pub mod model;
 pub mod netns;
 
 /// Path of the built `volmgr` binary (same profile as this test).

@@ -3,6 +3,9 @@
 //! - `uri`: the names ([`NetUri`]) and their options ([`NetOptions`]);
 //! - `nbd`: [`NbdExtent`], an NBD export;
 //! - `iscsi`: [`IscsiExtent`], an iSCSI logical unit (through libiscsi);
+//! - `ceph`: [`RbdExtent`], an RBD image, and [`RadosExtent`], a volume of RADOS objects
+//!   (through librbd and librados);
+//! - `private`: the check that a file holding a secret is private to us;
 //! - `lend`: how a requester lends its read buffer to a receiving thread;
 //! - `sock`: socket I/O on the io_uring runtime.
 //!
@@ -13,15 +16,20 @@ use std::sync::{Arc, Weak};
 use tables::registry::ExtentHealth;
 use tables::DeviceRef;
 
+pub mod ceph;
 pub mod iscsi;
 mod lend;
 pub mod nbd;
+mod private;
 mod sock;
 pub mod uri;
 
+pub use self::ceph::{RadosExtent, RbdExtent};
 pub use self::iscsi::IscsiExtent;
 pub use self::nbd::NbdExtent;
-pub use uri::{IscsiUri, NbdAddr, NbdUri, NetOptions, NetUri, UriError};
+pub use uri::{
+    CephClient, IscsiUri, NbdAddr, NbdUri, NetOptions, NetUri, RadosUri, RbdUri, UriError,
+};
 
 /// Why a network extent could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +55,17 @@ pub enum NetError {
     },
 }
 
-/// An open network extent of either kind.
+/// An open network extent of any kind.
 #[derive(Clone, Debug)]
 pub enum NetExtent {
     /// An NBD export.
     Nbd(Arc<NbdExtent>),
     /// An iSCSI logical unit.
     Iscsi(Arc<IscsiExtent>),
+    /// An RBD image.
+    Rbd(Arc<RbdExtent>),
+    /// A volume of RADOS objects.
+    Rados(Arc<RadosExtent>),
 }
 
 impl NetExtent {
@@ -62,6 +74,8 @@ impl NetExtent {
         match self {
             NetExtent::Nbd(e) => e.health(),
             NetExtent::Iscsi(e) => e.health(),
+            NetExtent::Rbd(e) => e.health(),
+            NetExtent::Rados(e) => e.health(),
         }
     }
 
@@ -70,6 +84,8 @@ impl NetExtent {
         match self {
             NetExtent::Nbd(e) => e.clone(),
             NetExtent::Iscsi(e) => e.clone(),
+            NetExtent::Rbd(e) => e.clone(),
+            NetExtent::Rados(e) => e.clone(),
         }
     }
 
@@ -78,6 +94,8 @@ impl NetExtent {
         match self {
             NetExtent::Nbd(e) => WeakNetExtent::Nbd(Arc::downgrade(e)),
             NetExtent::Iscsi(e) => WeakNetExtent::Iscsi(Arc::downgrade(e)),
+            NetExtent::Rbd(e) => WeakNetExtent::Rbd(Arc::downgrade(e)),
+            NetExtent::Rados(e) => WeakNetExtent::Rados(Arc::downgrade(e)),
         }
     }
 }
@@ -89,6 +107,10 @@ pub enum WeakNetExtent {
     Nbd(Weak<NbdExtent>),
     /// An iSCSI logical unit.
     Iscsi(Weak<IscsiExtent>),
+    /// An RBD image.
+    Rbd(Weak<RbdExtent>),
+    /// A volume of RADOS objects.
+    Rados(Weak<RadosExtent>),
 }
 
 impl WeakNetExtent {
@@ -97,6 +119,8 @@ impl WeakNetExtent {
         match self {
             WeakNetExtent::Nbd(w) => w.upgrade().map(NetExtent::Nbd),
             WeakNetExtent::Iscsi(w) => w.upgrade().map(NetExtent::Iscsi),
+            WeakNetExtent::Rbd(w) => w.upgrade().map(NetExtent::Rbd),
+            WeakNetExtent::Rados(w) => w.upgrade().map(NetExtent::Rados),
         }
     }
 
@@ -105,6 +129,8 @@ impl WeakNetExtent {
         match self {
             WeakNetExtent::Nbd(w) => w.strong_count() > 0,
             WeakNetExtent::Iscsi(w) => w.strong_count() > 0,
+            WeakNetExtent::Rbd(w) => w.strong_count() > 0,
+            WeakNetExtent::Rados(w) => w.strong_count() > 0,
         }
     }
 }
@@ -114,5 +140,7 @@ pub fn open(dev: &str) -> Result<NetExtent, NetError> {
     Ok(match NetUri::parse(dev)? {
         NetUri::Nbd(u) => NetExtent::Nbd(Arc::new(NbdExtent::open(u)?)),
         NetUri::Iscsi(u) => NetExtent::Iscsi(Arc::new(IscsiExtent::open(u)?)),
+        NetUri::Rbd(u) => NetExtent::Rbd(Arc::new(RbdExtent::open(u)?)),
+        NetUri::Rados(u) => NetExtent::Rados(Arc::new(RadosExtent::open(u)?)),
     })
 }

@@ -1,6 +1,8 @@
 //! Network extent names as the ecosystem spells them (libnbd's and qemu's URIs):
 //! `nbd://HOST[:PORT]/EXPORT`, `nbds://…`, `nbd+unix:///EXPORT?socket=PATH` and
-//! `iscsi://[USER@]HOST[:PORT]/TARGET-IQN/LUN`, each with `?key=value&…` options.
+//! `iscsi://[USER@]HOST[:PORT]/TARGET-IQN/LUN`, each with `?key=value&…` options; and the
+//! Ceph names (qemu's spelling for RBD): `rbd:POOL/IMAGE[@SNAP][?…]` and
+//! `rados:POOL/PREFIX?object_size=SIZE&size=SIZE[&…]`.
 //!
 //! Parsing never connects: `volmgr table check` uses it to validate table lines. Secrets never
 //! appear in a URI (a password in the user part is refused): they come from files the options
@@ -109,6 +111,64 @@ pub struct IscsiUri {
     text: String,
 }
 
+/// How to reach a Ceph cluster (`rbd:` and `rados:` options). The key itself never appears
+/// in a name (`key=` is refused): it is in the keyring file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CephClient {
+    /// The cluster's configuration file (`conf=PATH`; default: librados's search,
+    /// `$CEPH_CONF` then `/etc/ceph/ceph.conf`).
+    pub conf: Option<PathBuf>,
+    /// The client's id, `admin` in `client.admin` (`id=`; default: librados's, `admin`).
+    pub id: Option<String>,
+    /// The keyring file (`keyring=PATH`), which must be private to the running user (mode
+    /// 0600 or stricter) when the extent is opened.
+    pub keyring: Option<PathBuf>,
+}
+
+/// A parsed `rbd:POOL/IMAGE[@SNAP]` name: an RBD image, or one of its snapshots (read-only).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RbdUri {
+    /// The pool.
+    pub pool: String,
+    /// The image.
+    pub image: String,
+    /// The snapshot, opened read-only.
+    pub snap: Option<String>,
+    /// How to reach the cluster.
+    pub client: CephClient,
+    /// Timeouts (`connections=` has no meaning here).
+    pub opts: NetOptions,
+    text: String,
+}
+
+/// A parsed `rados:POOL/PREFIX?object_size=SIZE&size=SIZE` name: a volume of `size` bytes
+/// stored as the RADOS objects `PREFIX.%016x` (the object's index, lower-case hex, 16
+/// digits) of `object_size` bytes each; byte `b` of the volume is byte `b % object_size` of
+/// object `b / object_size`. Objects are created by the first write that touches them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RadosUri {
+    /// The pool.
+    pub pool: String,
+    /// The object-name prefix.
+    pub prefix: String,
+    /// Bytes per object (a power of two from 4 KiB to 128 MiB, the OSDs' default maximum).
+    pub object_size: u64,
+    /// The volume's size in bytes (a multiple of 512: there is no header to hold it).
+    pub size: u64,
+    /// How to reach the cluster.
+    pub client: CephClient,
+    /// Timeouts (`connections=` has no meaning here).
+    pub opts: NetOptions,
+    text: String,
+}
+
+impl RadosUri {
+    /// The name of object `index`: `PREFIX.%016x`.
+    pub fn object_name(&self, index: u64) -> String {
+        format!("{}.{index:016x}", self.prefix)
+    }
+}
+
 /// A network extent's name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum NetUri {
@@ -116,6 +176,10 @@ pub enum NetUri {
     Nbd(NbdUri),
     /// An iSCSI logical unit.
     Iscsi(IscsiUri),
+    /// An RBD image or snapshot.
+    Rbd(RbdUri),
+    /// A run of RADOS objects.
+    Rados(RadosUri),
 }
 
 impl NetUri {
@@ -128,6 +192,8 @@ impl NetUri {
             "nbd+unix://",
             "nbds+unix://",
             "iscsi://",
+            "rbd:",
+            "rados:",
         ]
         .iter()
         .any(|p| dev.starts_with(p))
@@ -139,6 +205,17 @@ impl NetUri {
             uri: dev.to_string(),
             msg,
         };
+        // A refused `key=` must not reach the message: the name is shown without its value.
+        let ceph_err = |msg: String| UriError {
+            uri: redact_key(dev),
+            msg,
+        };
+        if let Some(rest) = dev.strip_prefix("rbd:") {
+            return parse_rbd(dev, rest).map_err(ceph_err);
+        }
+        if let Some(rest) = dev.strip_prefix("rados:") {
+            return parse_rados(dev, rest).map_err(ceph_err);
+        }
         let (scheme, rest) = dev
             .split_once("://")
             .ok_or_else(|| err("not a URI (no '://')".into()))?;
@@ -258,27 +335,31 @@ impl NetUri {
         match self {
             NetUri::Nbd(u) => &u.opts,
             NetUri::Iscsi(u) => &u.opts,
+            NetUri::Rbd(u) => &u.opts,
+            NetUri::Rados(u) => &u.opts,
         }
     }
 }
 
-impl fmt::Display for NbdUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
+/// Each URI type prints as it was given (it holds no secret).
+macro_rules! display_as_given {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.text)
+            }
+        }
+    )*};
 }
-
-impl fmt::Display for IscsiUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
+display_as_given!(NbdUri, IscsiUri, RbdUri, RadosUri);
 
 impl fmt::Display for NetUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NetUri::Nbd(u) => u.fmt(f),
             NetUri::Iscsi(u) => u.fmt(f),
+            NetUri::Rbd(u) => u.fmt(f),
+            NetUri::Rados(u) => u.fmt(f),
         }
     }
 }
@@ -436,6 +517,151 @@ fn tls_options(q: &mut Query, tls: bool) -> Result<(Option<PathBuf>, Option<Stri
     Ok((Some(dir), host))
 }
 
+/// `dev` with the value of any `key=` option replaced by `<redacted>`.
+fn redact_key(dev: &str) -> String {
+    let Some((head, query)) = dev.split_once('?') else {
+        return dev.to_string();
+    };
+    let opts: Vec<&str> = query
+        .split('&')
+        .map(|kv| {
+            if kv.starts_with("key=") {
+                "key=<redacted>"
+            } else {
+                kv
+            }
+        })
+        .collect();
+    format!("{head}?{}", opts.join("&"))
+}
+
+/// `POOL/NAME?query` after a Ceph scheme: pool and name decoded, neither empty, one '/'.
+fn ceph_body<'a>(rest: &'a str, shape: &str) -> Result<(String, String, Option<&'a str>), String> {
+    if rest.starts_with("//") {
+        return Err(format!("no '//' after the scheme ({shape})"));
+    }
+    let (body, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    if body.contains('#') {
+        return Err("fragments ('#') have no meaning here".into());
+    }
+    let (pool, name) = body
+        .split_once('/')
+        .ok_or_else(|| format!("no pool ({shape})"))?;
+    let pool = decode(pool)?;
+    let name = decode(name)?;
+    if pool.is_empty() || name.is_empty() || name.contains('/') {
+        return Err(format!("'{body}' does not match {shape}"));
+    }
+    Ok((pool, name, query))
+}
+
+/// `conf=`, `id=`, `keyring=` (absolute paths); `key=` refused; `connections=` refused.
+fn ceph_client(q: &mut Query) -> Result<CephClient, String> {
+    if q.take("key").is_some() {
+        return Err(
+            "a key in the name is refused: put it in a keyring file (mode 0600) and name \
+             that with keyring=PATH"
+                .into(),
+        );
+    }
+    if q.take("connections").is_some() {
+        return Err("connections= has no meaning for Ceph: librados keeps its own".into());
+    }
+    let path = |q: &mut Query, k: &str| -> Result<Option<PathBuf>, String> {
+        match q.take(k) {
+            None => Ok(None),
+            Some(v) => {
+                let p = PathBuf::from(decode(&v)?);
+                if !p.is_absolute() {
+                    return Err(format!("{k}={}: give an absolute path", p.display()));
+                }
+                Ok(Some(p))
+            }
+        }
+    };
+    let conf = path(q, "conf")?;
+    let keyring = path(q, "keyring")?;
+    let id = q.take("id").map(|v| decode(&v)).transpose()?;
+    if id
+        .as_deref()
+        .is_some_and(|i| i.is_empty() || i.contains(['=', ' ']))
+    {
+        return Err("id= must be a client id such as 'admin' (client.admin)".into());
+    }
+    Ok(CephClient { conf, id, keyring })
+}
+
+/// What is left after the options a kind knows: an unknown one is an error.
+fn no_more(q: &Query) -> Result<(), String> {
+    match q.left() {
+        Some(k) => Err(format!("unknown option '{k}'")),
+        None => Ok(()),
+    }
+}
+
+fn parse_rbd(dev: &str, rest: &str) -> Result<NetUri, String> {
+    const SHAPE: &str = "rbd:POOL/IMAGE[@SNAP]";
+    let (pool, image, query) = ceph_body(rest, SHAPE)?;
+    let (image, snap) = match image.split_once('@') {
+        Some((i, s)) if !i.is_empty() && !s.is_empty() => (i.to_string(), Some(s.to_string())),
+        Some(_) => return Err(format!("empty image or snapshot name ({SHAPE})")),
+        None => (image, None),
+    };
+    let mut q = Query::parse(query)?;
+    let client = ceph_client(&mut q)?;
+    let opts = net_options(&mut q)?;
+    no_more(&q)?;
+    Ok(NetUri::Rbd(RbdUri {
+        pool,
+        image,
+        snap,
+        client,
+        opts,
+        text: dev.to_string(),
+    }))
+}
+
+fn parse_rados(dev: &str, rest: &str) -> Result<NetUri, String> {
+    const SHAPE: &str = "rados:POOL/PREFIX?object_size=SIZE&size=SIZE";
+    let (pool, prefix, query) = ceph_body(rest, SHAPE)?;
+    let mut q = Query::parse(query)?;
+    let size_opt = |q: &mut Query, k: &str| -> Result<u64, String> {
+        let v = q
+            .take(k)
+            .ok_or_else(|| format!("no {k}= option ({SHAPE})"))?;
+        tables::units::parse_size(&v)
+            .map(|b| b.0)
+            .map_err(|e| format!("{k}={v}: {e}"))
+    };
+    let object_size = size_opt(&mut q, "object_size")?;
+    if !object_size.is_power_of_two() || !(4096..=128 << 20).contains(&object_size) {
+        return Err(format!(
+            "object_size={object_size}: give a power of two from 4K to 128M"
+        ));
+    }
+    let size = size_opt(&mut q, "size")?;
+    if size == 0 || !size.is_multiple_of(512) {
+        return Err(format!(
+            "size={size}: give a non-zero multiple of 512 bytes"
+        ));
+    }
+    let client = ceph_client(&mut q)?;
+    let opts = net_options(&mut q)?;
+    no_more(&q)?;
+    Ok(NetUri::Rados(RadosUri {
+        pool,
+        prefix,
+        object_size,
+        size,
+        client,
+        opts,
+        text: dev.to_string(),
+    }))
+}
+
 fn net_options(q: &mut Query) -> Result<NetOptions, String> {
     let mut o = NetOptions::default();
     if let Some(v) = q.take("timeout") {
@@ -547,15 +773,88 @@ mod tests {
             ("nbds://h/x", "tls-certificates=DIR"),
             ("nbds://h/x?tls-certificates=rel", "absolute"),
             ("nbd://h/x?tls-certificates=/p", "nbds://"),
+            ("rbd:img", "no pool"),
+            ("rbd://rbd/img", "'//'"),
+            ("rbd:rbd/", "does not match"),
+            ("rbd:/img", "does not match"),
+            ("rbd:rbd/a/b", "does not match"),
+            ("rbd:rbd/img@", "empty image or snapshot"),
+            ("rbd:rbd/img?key=AQBsecret", "keyring file"),
+            ("rbd:rbd/img?keyring=rel/k", "absolute"),
+            ("rbd:rbd/img?conf=ceph.conf", "absolute"),
+            ("rbd:rbd/img?connections=2", "connections="),
+            ("rbd:rbd/img?bogus=1", "unknown option 'bogus'"),
+            ("rbd:rbd/img?timeout=x", "timeout=x"),
+            ("rados:p/v?size=1G", "no object_size="),
+            ("rados:p/v?object_size=4M", "no size="),
+            ("rados:p/v?object_size=3M&size=1G", "power of two"),
+            ("rados:p/v?object_size=1G&size=1G", "power of two"),
+            ("rados:p/v?object_size=4M&size=1000", "multiple of 512"),
+            ("rados:p/v?object_size=4M&size=1Q", "size=1Q"),
+            ("rados:p/v?object_size=4M&size=1G&key=x", "keyring file"),
         ] {
             let e = NetUri::parse(s).unwrap_err().to_string();
             assert!(e.contains(want), "{s}: {e}");
-            assert!(e.starts_with(s), "{s}: {e}");
+            assert!(e.starts_with(&redact_key(s)), "{s}: {e}");
         }
     }
 
     #[test]
+    fn a_key_in_a_ceph_name_is_never_shown() {
+        for s in [
+            "rbd:rbd/img?key=AQBs3cr3t==",
+            "rbd:rbd/img?id=a&key=AQBs3cr3t==&timeout=1",
+            "rados:p/v?object_size=4M&size=1G&key=AQBs3cr3t==",
+        ] {
+            let e = NetUri::parse(s).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            assert!(
+                shown.contains("key=<redacted>") && shown.contains("keyring"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn rbd_and_rados() {
+        let NetUri::Rbd(u) = NetUri::parse(
+            "rbd:rbd/base@s1?conf=/etc/ceph/x.conf&id=vol&keyring=/etc/ceph/k&reconnect-delay=5",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!((u.pool.as_str(), u.image.as_str()), ("rbd", "base"));
+        assert_eq!(u.snap.as_deref(), Some("s1"));
+        assert_eq!(u.client.conf, Some(PathBuf::from("/etc/ceph/x.conf")));
+        assert_eq!(u.client.id.as_deref(), Some("vol"));
+        assert_eq!(u.client.keyring, Some(PathBuf::from("/etc/ceph/k")));
+        assert_eq!(u.opts.reconnect_delay, Duration::from_secs(5));
+        let NetUri::Rbd(u) = NetUri::parse("rbd:p%2Fx/img").unwrap() else {
+            panic!()
+        };
+        assert_eq!((u.pool.as_str(), u.snap), ("p/x", None));
+        assert_eq!(u.client, CephClient::default());
+
+        let NetUri::Rados(u) =
+            NetUri::parse("rados:data/vol1?object_size=4M&size=1.5G&timeout=3").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((u.pool.as_str(), u.prefix.as_str()), ("data", "vol1"));
+        assert_eq!((u.object_size, u.size), (4 << 20, 3 << 29));
+        assert_eq!(u.opts.timeout, Duration::from_secs(3));
+        assert_eq!(u.object_name(0x2a), "vol1.000000000000002a");
+        assert_eq!(
+            u.to_string(),
+            "rados:data/vol1?object_size=4M&size=1.5G&timeout=3"
+        );
+    }
+
+    #[test]
     fn is_network() {
+        assert!(NetUri::is_network("rbd:rbd/img"));
+        assert!(NetUri::is_network("rados:p/x?size=1G"));
         assert!(NetUri::is_network("nbd://x/y"));
         assert!(NetUri::is_network("iscsi://x/y/0"));
         assert!(!NetUri::is_network("/dev/sda"));

@@ -3,8 +3,9 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use crate::net::private::check_private;
 
 /// A CHAP secret. Its `Debug` shows no byte of it; its memory is zeroed when dropped.
 pub(crate) struct Secret(Option<CString>);
@@ -41,26 +42,7 @@ impl Drop for Secret {
 /// contents.
 pub(crate) fn read_secret(path: &Path) -> Result<Secret, String> {
     let shown = path.display();
-    let md = std::fs::metadata(path).map_err(|e| format!("chap-secret-file {shown}: {e}"))?;
-    if !md.is_file() {
-        return Err(format!("chap-secret-file {shown}: not a regular file"));
-    }
-    let mode = md.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "chap-secret-file {shown} has mode {mode:04o}: others could read the CHAP secret; \
-             make it 0600 (chmod 600 {shown})"
-        ));
-    }
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if md.uid() != me {
-        return Err(format!(
-            "chap-secret-file {shown} (mode {mode:04o}) belongs to uid {}, not to the running \
-             user (uid {me})",
-            md.uid()
-        ));
-    }
+    check_private("chap-secret-file", "the CHAP secret", path)?;
     let mut bytes = std::fs::read(path).map_err(|e| format!("chap-secret-file {shown}: {e}"))?;
     let end = bytes
         .iter()
