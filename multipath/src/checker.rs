@@ -2,16 +2,20 @@
 //! interval, probes the failed paths with a small direct read at sector 0 and reinstates
 //! those that answer. It holds only a `Weak` to the device and exits when the device goes.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures::future::{join_all, select, Either};
+use futures::future::{join_all, select};
 use tables::buf::AlignedBuf;
 use tables::io::IoError;
 use tables::Bytes;
 
 use crate::device::{Inner, Stop};
+
+/// Granularity of the probe deadline.
+const TICK: Duration = Duration::from_millis(10);
 
 /// Longest a probe may take before it counts as failed: one interval, within 1..=30 s.
 fn probe_timeout(interval: Duration) -> Duration {
@@ -69,18 +73,33 @@ impl Inner {
             .filter(|&i| !self.paths[i].is_active())
             .collect();
         let timeout = probe_timeout(self.checker_interval);
-        let probes = failed.iter().map(|&i| async move {
-            let probe = Box::pin(self.probe(i));
-            let r = match select(probe, Box::pin(iort::sleep(timeout))).await {
-                Either::Left((r, _)) => r,
-                Either::Right(_) => Err(IoError::new(
+        // Each probe records its answer as it comes; those without one by the deadline
+        // count as failed. The deadline is a ticker of short sleeps, not one long timer: a
+        // dropped io_uring timeout waits for its expiry.
+        let answers: RefCell<Vec<Option<Result<(), IoError>>>> =
+            RefCell::new(vec![None; failed.len()]);
+        let probes = join_all(failed.iter().enumerate().map(|(k, &i)| {
+            let answers = &answers;
+            async move {
+                let r = self.probe(i).await;
+                answers.borrow_mut()[k] = Some(r);
+            }
+        }));
+        let deadline = async {
+            let t0 = Instant::now();
+            while t0.elapsed() < timeout {
+                iort::sleep(TICK).await;
+            }
+        };
+        let _ = select(Box::pin(probes), Box::pin(deadline)).await;
+        let answers = answers.into_inner();
+        for (&i, r) in failed.iter().zip(answers) {
+            let r = r.unwrap_or_else(|| {
+                Err(IoError::new(
                     libc::ETIMEDOUT,
                     format!("no answer within {} ms", timeout.as_millis()),
-                )),
-            };
-            (i, r)
-        });
-        for (i, r) in join_all(probes).await {
+                ))
+            });
             match r {
                 Ok(()) => self.reinstate_path(i, "the checker's probe read answered"),
                 Err(e) => log::debug!(
