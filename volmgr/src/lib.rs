@@ -20,6 +20,7 @@ pub fn registry() -> Registry {
     let files = Arc::new(extents::FileResolver::default());
     raid::register_with_opener(&mut reg, Arc::new(move |dev: &str| files.open(dev)));
     thin::register(&mut reg);
+    multipath::register(&mut reg);
     reg
 }
 
