@@ -1,6 +1,7 @@
 //! Volume management: the target registry the CLI and daemon use, and the `volmgr` verbs.
 //!
-//! The thin pool lives in the `thin` crate, RAID in `raid`; this crate assembles them into one
+//! The thin pool lives in the `thin` crate, RAID in `raid`, multipath in `multipath`; this crate
+//! assembles them into one
 //! [`Registry`] and implements the command line.
 
 #![warn(missing_docs)]
@@ -11,7 +12,8 @@ use std::sync::Arc;
 use tables::registry::{Registry, Resolver};
 use tables::table::Table;
 
-/// Every target kind the product knows: the built-ins plus RAID and thin provisioning.
+/// Every target kind the product knows: the built-ins plus RAID, thin provisioning and
+/// multipath.
 ///
 /// RAID's `rebuild IDX DEVICE` message opens the replacement leg by path (or `major:minor`)
 /// long after the table was built, so it gets its own file resolver.
