@@ -226,6 +226,19 @@ impl Metadata {
         Ok(())
     }
 
+    /// Every mapped block of device `new` as `Changed` (the delta from an empty device: a
+    /// first full copy).
+    pub fn delta_from_empty(&self, new: ThinId) -> MetaResult<Delta> {
+        let root = self
+            .device(new)?
+            .map(|i| i.root)
+            .ok_or_else(|| MetaError::Invalid(format!("delta: {new} does not exist")))?;
+        let mut d = Delta::default();
+        self.walk_leaves(root, &mut |k, _| d.push(k, DeltaKind::Changed))?;
+        d.nodes_visited = self.tree_nodes(root)?;
+        Ok(d)
+    }
+
     /// Number of nodes of the tree at `root` (for measuring what a walk skipped).
     pub fn tree_nodes(&self, root: MetaBlock) -> MetaResult<u64> {
         let n = self.node(root)?;
