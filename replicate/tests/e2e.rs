@@ -364,3 +364,109 @@ fn garbage_plain_tcp_rogue_certificates_and_wrong_volumes_write_nothing() {
     read_blocking(&*vol, Bytes(5 * BS), &mut want).unwrap();
     assert_eq!(&copy[(5 * BS) as usize..(6 * BS) as usize], &want[..]);
 }
+
+/// Sends one interval's messages; returns the COMMIT that matches them.
+fn interval(l: &mut TcpStream, snapshot: u64, base: u64, blocks: &[(u64, u8)]) -> Msg {
+    send(
+        l,
+        &Msg::Begin {
+            snapshot,
+            base,
+            volume_size: VOL,
+            taken_at: 1,
+        },
+    )
+    .unwrap();
+    let mut crc = 0u32;
+    for &(b, v) in blocks {
+        let m = Msg::Data {
+            offset: b * BS,
+            bytes: vec![v; BS as usize],
+        };
+        crc = crc32c::crc32c_append(crc, &send(l, &m).unwrap());
+    }
+    Msg::Commit {
+        snapshot,
+        count: blocks.len() as u64,
+        checksum: crc,
+    }
+}
+
+fn hello(addr: &str, last_common: u64) -> (TcpStream, Msg) {
+    let mut l = TcpStream::connect(addr).unwrap();
+    let h = Msg::Hello {
+        volume: "vol-uuid-1".into(),
+        last_common,
+    };
+    send(&mut l, &h).unwrap();
+    let ack = recv(&mut l).unwrap().0;
+    (l, ack)
+}
+
+#[test]
+fn an_interval_cut_halfway_or_with_a_bad_checksum_never_reaches_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let sp = pool("secondary");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (sec, sec_h) = start_secondary(secondary_cfg(&sp, dir.path(), None), l);
+    let block = |id: ThinId, b: u64| read_all(&sp, id)[(b * BS) as usize] as u64;
+
+    // A full copy: snapshot 1 holds block 0.
+    let (mut c, ack) = hello(&addr, 0);
+    assert_eq!(ack, Msg::Ack { snapshot: 0 });
+    let commit = interval(&mut c, 1, 0, &[(0, 11)]);
+    send(&mut c, &commit).unwrap();
+    assert_eq!(recv(&mut c).unwrap().0, Msg::Ack { snapshot: 1 });
+    drop(c);
+
+    // Interval 2 is cut after its DATA.
+    let (mut c, _) = hello(&addr, 1);
+    interval(&mut c, 2, 1, &[(5, 22)]);
+    drop(c);
+
+    // Interval 3 with a wrong checksum: refused, no ACK.
+    let (mut c, ack) = hello(&addr, 1);
+    assert_eq!(
+        ack,
+        Msg::Ack { snapshot: 1 },
+        "the cut interval is not complete"
+    );
+    let Msg::Commit {
+        snapshot, count, ..
+    } = interval(&mut c, 3, 1, &[(6, 33)])
+    else {
+        unreachable!()
+    };
+    let bad = Msg::Commit {
+        snapshot,
+        count,
+        checksum: 0x1234_5678,
+    };
+    send(&mut c, &bad).unwrap();
+    assert!(recv(&mut c).is_err(), "a bad checksum gets no ACK");
+    drop(c);
+
+    // Interval 4 completes from snapshot 1: none of the bytes of 2 or 3 leaked into it.
+    let (mut c, ack) = hello(&addr, 1);
+    assert_eq!(ack, Msg::Ack { snapshot: 1 });
+    let commit = interval(&mut c, 4, 1, &[(7, 44)]);
+    send(&mut c, &commit).unwrap();
+    assert_eq!(recv(&mut c).unwrap().0, Msg::Ack { snapshot: 4 });
+    drop(c);
+    sec.stop();
+    sec_h.join().unwrap();
+    let (snap, id) = sec.latest().unwrap().unwrap();
+    assert_eq!(snap, 4);
+    assert_eq!(
+        [block(id, 0), block(id, 5), block(id, 6), block(id, 7)],
+        [11, 0, 0, 44]
+    );
+    // Only the latest complete snapshot and the copy are left in the pool.
+    assert_eq!(
+        sp.devices().unwrap().len(),
+        2,
+        "{:?}",
+        sp.devices().unwrap()
+    );
+}
