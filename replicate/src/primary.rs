@@ -58,7 +58,6 @@ pub struct Primary {
     cfg: PrimaryConfig,
     status: Arc<Mutex<Status>>,
     stop: Arc<AtomicBool>,
-    pending: Mutex<Option<Pending>>,
 }
 
 impl Primary {
@@ -73,7 +72,6 @@ impl Primary {
             cfg,
             status: Arc::new(Mutex::new(status)),
             stop: Arc::new(AtomicBool::new(false)),
-            pending: Mutex::new(None),
         }
     }
 
@@ -119,21 +117,33 @@ impl Primary {
     }
 
     /// The acknowledged state, with a snapshot that no longer exists (lost in a crash
-    /// before its commit) treated as none.
-    fn load_state(&self) -> ReplResult<State> {
+    /// before its commit) treated as none; and the pending snapshot, if it still exists.
+    fn load_state(&self) -> ReplResult<(State, Option<Pending>)> {
         let mut st = State::load(&self.cfg.state_path)?;
-        if st.volume != self.cfg.volume || !self.cfg.pool.has_thin(ThinId(st.thin_id))? {
+        let pool = &self.cfg.pool;
+        let ours = st.volume == self.cfg.volume;
+        let pending =
+            if ours && st.pending_snapshot != 0 && pool.has_thin(ThinId(st.pending_thin_id))? {
+                Some(Pending {
+                    snapshot: st.pending_snapshot,
+                    thin: ThinId(st.pending_thin_id),
+                    taken_at: st.pending_taken_at,
+                })
+            } else {
+                None
+            };
+        if !ours || !pool.has_thin(ThinId(st.thin_id))? {
             st = State {
                 volume: self.cfg.volume.clone(),
                 ..State::default()
             };
         }
-        Ok(st)
+        Ok((st, pending))
     }
 
     /// One connection: HELLO, agree on the base, then one interval after another.
     fn session(&self) -> ReplResult<()> {
-        let mut st = self.load_state()?;
+        let (mut st, pending) = self.load_state()?;
         let mut link = connect(&self.cfg.peer, &self.cfg.server_name, self.cfg.tls.as_ref())?;
         send(
             &mut link,
@@ -151,7 +161,6 @@ impl Primary {
                 )))
             }
         };
-        let pending = *lock(&self.pending);
         let mut base = if theirs != 0 && theirs == st.snapshot {
             Some(st.clone())
         } else if let Some(p) = pending.filter(|p| p.snapshot == theirs) {
@@ -170,7 +179,7 @@ impl Primary {
             next = next
                 .checked_add(1)
                 .ok_or_else(|| ReplError::Protocol("snapshot ids exhausted".into()))?;
-            let p = self.take_snapshot(next, &st)?;
+            let p = self.take_snapshot(next, &mut st)?;
             let from = base.as_ref().map(|b| (b.snapshot, ThinId(b.thin_id)));
             self.ship(&mut link, p, from)?;
             let acked = match recv(&mut link)?.0 {
@@ -197,7 +206,7 @@ impl Primary {
 
     /// Snapshot `seq` of the volume into the snapshot id not holding the acknowledged one
     /// (an unacknowledged leftover there is dropped first), committed before it is used.
-    fn take_snapshot(&self, seq: u64, st: &State) -> ReplResult<Pending> {
+    fn take_snapshot(&self, seq: u64, st: &mut State) -> ReplResult<Pending> {
         let [a, b] = self.cfg.snap_ids;
         let id = if st.snapshot != 0 && ThinId(st.thin_id) == a {
             b
@@ -215,7 +224,10 @@ impl Primary {
             thin: id,
             taken_at: now_secs(),
         };
-        *lock(&self.pending) = Some(p);
+        st.pending_snapshot = p.snapshot;
+        st.pending_thin_id = p.thin.0;
+        st.pending_taken_at = p.taken_at;
+        st.save(&self.cfg.state_path)?;
         Ok(p)
     }
 
@@ -316,9 +328,9 @@ impl Primary {
             snapshot: p.snapshot,
             thin_id: p.thin.0,
             taken_at: p.taken_at,
+            ..State::default()
         };
         st.save(&self.cfg.state_path)?;
-        *lock(&self.pending) = None;
         if let Some(o) = old {
             if self.cfg.pool.has_thin(o)? {
                 self.cfg.pool.delete(o)?;

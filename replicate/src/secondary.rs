@@ -294,6 +294,7 @@ impl Secondary {
             snapshot,
             thin_id: id.0,
             taken_at,
+            ..State::default()
         };
         st.save(&self.cfg.state_path)?;
         if let Some(o) = old {

@@ -20,6 +20,16 @@ pub struct State {
     pub thin_id: u32,
     /// When that snapshot was taken on the primary (seconds since the epoch).
     pub taken_at: u64,
+    /// Primary only: the snapshot shipped but not acknowledged yet (0: none), so a restart
+    /// between the secondary's commit and its ACK still finds the common snapshot.
+    #[serde(default)]
+    pub pending_snapshot: u64,
+    /// Thin id of the pending snapshot.
+    #[serde(default)]
+    pub pending_thin_id: u32,
+    /// When the pending snapshot was taken.
+    #[serde(default)]
+    pub pending_taken_at: u64,
 }
 
 /// Seconds since the epoch.

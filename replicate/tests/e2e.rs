@@ -470,3 +470,71 @@ fn an_interval_cut_halfway_or_with_a_bad_checksum_never_reaches_a_snapshot() {
         sp.devices().unwrap()
     );
 }
+
+/// Plays a secondary for one connection: answers HELLO with `holds`, then ACKs the
+/// intervals while `ack` says so; returns each BEGIN's (snapshot, base) and the HELLO's
+/// last common snapshot.
+fn fake_secondary(
+    l: &TcpListener,
+    holds: u64,
+    ack: impl Fn(u64) -> bool,
+) -> (u64, Vec<(u64, u64)>) {
+    let (mut c, _) = l.accept().unwrap();
+    let Msg::Hello { last_common, .. } = recv(&mut c).unwrap().0 else {
+        panic!("no HELLO")
+    };
+    send(&mut c, &Msg::Ack { snapshot: holds }).unwrap();
+    let mut begins = Vec::new();
+    loop {
+        match recv(&mut c).map(|m| m.0) {
+            Ok(Msg::Begin { snapshot, base, .. }) => begins.push((snapshot, base)),
+            Ok(Msg::Commit { snapshot, .. }) => {
+                if !ack(snapshot) {
+                    return (last_common, begins);
+                }
+                send(&mut c, &Msg::Ack { snapshot }).unwrap();
+            }
+            Ok(_) => {}
+            Err(_) => return (last_common, begins),
+        }
+    }
+}
+
+#[test]
+fn a_primary_restarted_after_a_lost_ack_resumes_from_the_snapshot_the_secondary_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pp = pool("primary");
+    pp.create_thin(VOL_ID).unwrap();
+    let vol = pp.thin(VOL_ID, Bytes(VOL), None).unwrap();
+    write_block(&*vol, 1, 5);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (pri, pri_h) = start_primary(primary_cfg(&pp, dir.path(), port, None));
+    // Snapshot 1 is acknowledged; 2 is committed by the "secondary" but its ACK is lost.
+    let (hello, begins) = fake_secondary(&l, 0, |s| s < 2);
+    assert_eq!((hello, begins), (0, vec![(1, 0), (2, 1)]));
+    pri.stop();
+    pri_h.join().unwrap();
+    drop(pri);
+
+    // A new primary process: it knows 1 as common, the secondary holds 2.
+    let (pri, pri_h) = start_primary(primary_cfg(&pp, dir.path(), port, None));
+    let (hello, begins) = fake_secondary(&l, 2, |s| s < 4);
+    pri.stop();
+    pri_h.join().unwrap();
+    assert_eq!(hello, 1);
+    assert_eq!(
+        begins[..2],
+        [(3, 2), (4, 3)],
+        "incremental from 2, not a full copy"
+    );
+    let st = State::load(&dir.path().join("primary.json")).unwrap();
+    assert_eq!((st.snapshot, st.pending_snapshot), (3, 4));
+    // Only the volume, the acknowledged and the pending snapshot are left.
+    assert_eq!(
+        pp.devices().unwrap().len(),
+        3,
+        "{:?}",
+        pp.devices().unwrap()
+    );
+}
