@@ -11,7 +11,7 @@
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::server::ServerConfig;
 use tables::io::write_blocking;
@@ -237,6 +237,7 @@ impl Secondary {
             }
         };
         let mut received = 0u64;
+        let started = Instant::now();
         loop {
             let (m, frame) = recv(link)?;
             match m {
@@ -305,6 +306,7 @@ impl Secondary {
         s.last_synced_snapshot = snapshot;
         s.last_synced_time = taken_at.min(now_secs());
         s.bytes_shipped += received;
+        s.throughput = (received as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64;
         s.intervals += 1;
         s.last_error = None;
         Ok(())
