@@ -17,6 +17,7 @@ use crate::sync::{CellLocks, Gate};
 use crate::types::{DataBlock, ThinId, VBlock, META_BLOCK_SIZE};
 
 mod dedup_io;
+mod delta;
 use dedup_io::{index_size, DedupCounters};
 pub use dedup_io::{DedupStats, ScanProgress};
 

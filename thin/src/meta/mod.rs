@@ -24,10 +24,12 @@
 //! - `commit.rs`: preparing, finishing and aborting a commit; the offline commit.
 //! - `load.rs`: reading and validating the whole metadata at open.
 //! - `dedup.rs`: the hash tree of dedup pools, its RAM index, forgetting freed blocks.
+//! - `delta.rs`: the changed-block walk between two devices, skipping shared subtrees.
 
 mod btree;
 mod commit;
 mod dedup;
+mod delta;
 mod device_tree;
 mod load;
 mod space_map;
@@ -41,6 +43,7 @@ use crate::types::{DataBlock, MetaBlock, PerBlock};
 
 pub use commit::{commit_offline, write_block, Prepared};
 pub use dedup::{DedupMetaStats, IndexSize};
+pub use delta::{Delta, DeltaKind, DeltaRange};
 pub use load::{load, read_superblock, LoadReport};
 
 /// A leaf value: up to two words (mapping: `[data block, 0]`; device: `[root, mapped]`).

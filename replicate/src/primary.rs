@@ -1,0 +1,348 @@
+//! The sending side: every interval, a replication snapshot of the volume, the changed
+//! blocks since the last acknowledged one (from the metadata walk), read from the new
+//! snapshot (a consistent point in time) and shipped, then COMMIT; on ACK the older
+//! snapshot is released and the new one recorded as the common point.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::client::ClientConfig;
+use tables::io::read_blocking;
+use tables::Bytes;
+use thin::meta::DeltaKind;
+use thin::{Pool, ThinId};
+
+use crate::error::{ReplError, ReplResult};
+use crate::proto::{recv, send, Msg, MAX_DATA};
+use crate::state::{now_secs, Phase, State, Status};
+use crate::tls::{connect, Link};
+use crate::{lock, run_io};
+
+/// What the primary replicates and where to.
+#[derive(Clone)]
+pub struct PrimaryConfig {
+    /// Volume uuid (the secondary must be configured with the same).
+    pub volume: String,
+    /// The pool holding the volume.
+    pub pool: Arc<Pool>,
+    /// The volume's thin id.
+    pub thin: ThinId,
+    /// The volume's size.
+    pub size: Bytes,
+    /// Two thin ids the replication snapshots alternate between (at most two exist: the
+    /// acknowledged one and the one in flight).
+    pub snap_ids: [ThinId; 2],
+    /// Time between snapshots.
+    pub interval: Duration,
+    /// The state file (last acknowledged snapshot).
+    pub state_path: std::path::PathBuf,
+    /// The secondary's `host:port`.
+    pub peer: String,
+    /// Name the secondary's certificate must carry.
+    pub server_name: String,
+    /// TLS credentials; `None` only with `--insecure`.
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+/// A replication snapshot taken but not yet acknowledged.
+#[derive(Copy, Clone, Debug)]
+struct Pending {
+    snapshot: u64,
+    thin: ThinId,
+    taken_at: u64,
+}
+
+/// The primary's engine; [`Primary::run`] loops until [`Primary::stop`].
+pub struct Primary {
+    cfg: PrimaryConfig,
+    status: Arc<Mutex<Status>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Primary {
+    /// An engine for `cfg` (nothing happens until [`Primary::run`]).
+    pub fn new(cfg: PrimaryConfig) -> Primary {
+        let status = Status {
+            role: "primary".into(),
+            volume: cfg.volume.clone(),
+            ..Status::default()
+        };
+        Primary {
+            cfg,
+            status: Arc::new(Mutex::new(status)),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The status now.
+    pub fn status(&self) -> Status {
+        lock(&self.status).current()
+    }
+
+    /// Asks [`Primary::run`] to return after the interval in flight.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Connects, ships intervals, reconnects after a failure (one interval later), until
+    /// stopped. Each connection resumes from the last common snapshot.
+    pub fn run(&self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            if let Err(e) = self.session() {
+                log::warn!(
+                    "replication of {} to {}: {e}",
+                    self.cfg.volume,
+                    self.cfg.peer
+                );
+                let mut s = lock(&self.status);
+                s.state = Phase::Error;
+                s.last_error = Some(e.to_string());
+                drop(s);
+                self.sleep(self.cfg.interval);
+            }
+        }
+        lock(&self.status).state = Phase::Stopped;
+    }
+
+    fn sleep(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep((end - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    /// The acknowledged state, with a snapshot that no longer exists (lost in a crash
+    /// before its commit) treated as none; and the pending snapshot, if it still exists.
+    fn load_state(&self) -> ReplResult<(State, Option<Pending>)> {
+        let mut st = State::load(&self.cfg.state_path)?;
+        let pool = &self.cfg.pool;
+        let ours = st.volume == self.cfg.volume;
+        let pending =
+            if ours && st.pending_snapshot != 0 && pool.has_thin(ThinId(st.pending_thin_id))? {
+                Some(Pending {
+                    snapshot: st.pending_snapshot,
+                    thin: ThinId(st.pending_thin_id),
+                    taken_at: st.pending_taken_at,
+                })
+            } else {
+                None
+            };
+        if !ours || !pool.has_thin(ThinId(st.thin_id))? {
+            st = State {
+                volume: self.cfg.volume.clone(),
+                ..State::default()
+            };
+        }
+        Ok((st, pending))
+    }
+
+    /// One connection: HELLO, agree on the base, then one interval after another.
+    fn session(&self) -> ReplResult<()> {
+        let (mut st, pending) = self.load_state()?;
+        let mut link = connect(&self.cfg.peer, &self.cfg.server_name, self.cfg.tls.as_ref())?;
+        send(
+            &mut link,
+            &Msg::Hello {
+                volume: self.cfg.volume.clone(),
+                last_common: st.snapshot,
+            },
+        )?;
+        let theirs = match recv(&mut link)?.0 {
+            Msg::Ack { snapshot } => snapshot,
+            Msg::Error { text } => return Err(ReplError::Peer(text)),
+            m => {
+                return Err(ReplError::Protocol(format!(
+                    "expected ACK to HELLO, got {m:?}"
+                )))
+            }
+        };
+        let mut base = if theirs != 0 && theirs == st.snapshot {
+            Some(st.clone())
+        } else if let Some(p) = pending.filter(|p| p.snapshot == theirs) {
+            // The secondary completed the interval whose ACK was lost.
+            Some(self.acknowledged(&mut st, p)?)
+        } else {
+            None
+        };
+        // Snapshot ids only grow, whatever either side held before.
+        let mut next = st
+            .snapshot
+            .max(theirs)
+            .max(pending.map_or(0, |p| p.snapshot));
+        loop {
+            let started = Instant::now();
+            next = next
+                .checked_add(1)
+                .ok_or_else(|| ReplError::Protocol("snapshot ids exhausted".into()))?;
+            let p = self.take_snapshot(next, &mut st)?;
+            let from = base.as_ref().map(|b| (b.snapshot, ThinId(b.thin_id)));
+            self.ship(&mut link, p, from)?;
+            let acked = match recv(&mut link)?.0 {
+                Msg::Ack { snapshot } if snapshot == p.snapshot => snapshot,
+                Msg::Error { text } => return Err(ReplError::Peer(text)),
+                m => {
+                    return Err(ReplError::Protocol(format!(
+                        "expected ACK of snapshot {}, got {m:?}",
+                        p.snapshot
+                    )))
+                }
+            };
+            log::debug!("{}: snapshot {acked} acknowledged", self.cfg.volume);
+            base = Some(self.acknowledged(&mut st, p)?);
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.sleep(self.cfg.interval.saturating_sub(started.elapsed()));
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Snapshot `seq` of the volume into the snapshot id not holding the acknowledged one
+    /// (an unacknowledged leftover there is dropped first), committed before it is used.
+    fn take_snapshot(&self, seq: u64, st: &mut State) -> ReplResult<Pending> {
+        let [a, b] = self.cfg.snap_ids;
+        let id = if st.snapshot != 0 && ThinId(st.thin_id) == a {
+            b
+        } else {
+            a
+        };
+        let pool = &self.cfg.pool;
+        if pool.has_thin(id)? {
+            pool.delete(id)?;
+        }
+        run_io(pool.create_snap(id, self.cfg.thin))?;
+        run_io(pool.commit())?;
+        let p = Pending {
+            snapshot: seq,
+            thin: id,
+            taken_at: now_secs(),
+        };
+        st.pending_snapshot = p.snapshot;
+        st.pending_thin_id = p.thin.0;
+        st.pending_taken_at = p.taken_at;
+        st.save(&self.cfg.state_path)?;
+        Ok(p)
+    }
+
+    /// Sends one interval: BEGIN, the changed blocks read from snapshot `p`, COMMIT.
+    fn ship(
+        &self,
+        link: &mut Box<dyn Link>,
+        p: Pending,
+        base: Option<(u64, ThinId)>,
+    ) -> ReplResult<()> {
+        let pool = &self.cfg.pool;
+        let delta = pool.delta(base.map(|b| b.1), p.thin)?;
+        let bs = pool.block_bytes().0;
+        let size = self.cfg.size.0;
+        // Byte ranges within the volume (the tree may map blocks past a shrunk size).
+        let ranges: Vec<(u64, u64, DeltaKind)> = delta
+            .ranges
+            .iter()
+            .filter_map(|r| {
+                let start = r.start.checked_mul(bs)?.min(size);
+                let end = r.start.checked_add(r.len)?.checked_mul(bs)?.min(size);
+                (end > start).then_some((start, end - start, r.kind))
+            })
+            .collect();
+        {
+            let mut s = lock(&self.status);
+            s.state = if base.is_some() {
+                Phase::Replaying
+            } else {
+                Phase::Syncing
+            };
+            s.blocks_pending = delta.changed_blocks();
+            s.bytes_pending = ranges
+                .iter()
+                .filter(|r| r.2 == DeltaKind::Changed)
+                .map(|r| r.1)
+                .sum();
+        }
+        send(
+            link,
+            &Msg::Begin {
+                snapshot: p.snapshot,
+                base: base.map_or(0, |b| b.0),
+                volume_size: size,
+                taken_at: p.taken_at,
+            },
+        )?;
+        let started = Instant::now();
+        let dev = pool.thin(p.thin, self.cfg.size, None)?;
+        let (mut count, mut crc, mut shipped) = (0u64, 0u32, 0u64);
+        let mut buf = vec![0u8; MAX_DATA];
+        for (start, len, kind) in ranges {
+            if kind == DeltaKind::Unmapped {
+                let m = Msg::Unmap { offset: start, len };
+                crc = crc32c::crc32c_append(crc, &send(link, &m)?);
+                count += 1;
+                continue;
+            }
+            let mut off = start;
+            let end = start + len;
+            while off < end {
+                let n = (end - off).min(MAX_DATA as u64) as usize;
+                read_blocking(&*dev, Bytes(off), &mut buf[..n])?;
+                let m = Msg::Data {
+                    offset: off,
+                    bytes: buf[..n].to_vec(),
+                };
+                crc = crc32c::crc32c_append(crc, &send(link, &m)?);
+                count += 1;
+                shipped += n as u64;
+                off += n as u64;
+                let mut s = lock(&self.status);
+                s.bytes_shipped += n as u64;
+                s.bytes_pending = s.bytes_pending.saturating_sub(n as u64);
+                s.blocks_pending = s.blocks_pending.saturating_sub(n as u64 / bs.max(1));
+            }
+        }
+        drop(dev);
+        send(
+            link,
+            &Msg::Commit {
+                snapshot: p.snapshot,
+                count,
+                checksum: crc,
+            },
+        )?;
+        link.flush().map_err(ReplError::Net)?;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        lock(&self.status).throughput = (shipped as f64 / secs) as u64;
+        Ok(())
+    }
+
+    /// `p` is complete on the secondary: record it, release the older snapshot.
+    fn acknowledged(&self, st: &mut State, p: Pending) -> ReplResult<State> {
+        let old = (st.snapshot != 0 && st.thin_id != p.thin.0).then_some(ThinId(st.thin_id));
+        *st = State {
+            volume: self.cfg.volume.clone(),
+            snapshot: p.snapshot,
+            thin_id: p.thin.0,
+            taken_at: p.taken_at,
+            ..State::default()
+        };
+        st.save(&self.cfg.state_path)?;
+        if let Some(o) = old {
+            if self.cfg.pool.has_thin(o)? {
+                self.cfg.pool.delete(o)?;
+            }
+        }
+        let mut s = lock(&self.status);
+        s.last_synced_snapshot = p.snapshot;
+        s.last_synced_time = p.taken_at;
+        s.intervals += 1;
+        s.bytes_pending = 0;
+        s.blocks_pending = 0;
+        s.last_error = None;
+        Ok(st.clone())
+    }
+}

@@ -1,0 +1,396 @@
+//! The wire format: length-prefixed, versioned frames with a checksum, every field checked.
+//!
+//! Frame: `magic "RPL1" (u32 LE) | version (u16) | type (u8) | 0 (u8) | payload length (u32) |
+//! payload | crc32c of everything before it (u32)`. A frame whose magic, version, type,
+//! reserved byte, length, checksum or payload fields do not check out is refused before any
+//! of it is acted on, and the connection is dropped.
+
+use std::io::{Read, Write};
+
+use crate::error::{ReplError, ReplResult};
+
+/// `"RPL1"`.
+pub const MAGIC: u32 = 0x314C_5052;
+/// Protocol version; a peer speaking another one is refused.
+pub const VERSION: u16 = 1;
+/// Largest DATA payload (bytes of volume data in one frame).
+pub const MAX_DATA: usize = 1 << 20;
+/// Longest volume uuid / error text.
+pub const MAX_TEXT: usize = 256;
+const HEADER: usize = 12;
+const MAX_PAYLOAD: usize = MAX_DATA + 8;
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Primary -> secondary, first: which volume, and the last snapshot the primary knows
+    /// the secondary completed (0: none).
+    Hello {
+        /// The replicated volume's uuid (configured on both sides).
+        volume: String,
+        /// Last common snapshot id as the primary knows it.
+        last_common: u64,
+    },
+    /// Start of one interval's changes.
+    Begin {
+        /// Snapshot id this interval produces.
+        snapshot: u64,
+        /// Snapshot id the changes apply to (0: none, a full copy follows).
+        base: u64,
+        /// Volume size in bytes.
+        volume_size: u64,
+        /// When the primary took the snapshot (seconds since the epoch).
+        taken_at: u64,
+    },
+    /// Bytes at a byte offset of the volume.
+    Data {
+        /// Byte offset.
+        offset: u64,
+        /// The bytes (at most [`MAX_DATA`]).
+        bytes: Vec<u8>,
+    },
+    /// A byte range that reads as zeroes (unmapped) in the snapshot.
+    Unmap {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// End of an interval: how many DATA/UNMAP messages and their checksum.
+    Commit {
+        /// Snapshot id of the interval.
+        snapshot: u64,
+        /// DATA and UNMAP messages sent in it.
+        count: u64,
+        /// crc32c chained over those messages' frames.
+        checksum: u32,
+    },
+    /// Secondary -> primary: the snapshot it holds complete (reply to HELLO and COMMIT).
+    Ack {
+        /// Snapshot id.
+        snapshot: u64,
+    },
+    /// Either side: why it gives up on the connection.
+    Error {
+        /// Reason.
+        text: String,
+    },
+}
+
+impl Msg {
+    fn kind(&self) -> u8 {
+        match self {
+            Msg::Hello { .. } => 1,
+            Msg::Begin { .. } => 2,
+            Msg::Data { .. } => 3,
+            Msg::Unmap { .. } => 4,
+            Msg::Commit { .. } => 5,
+            Msg::Ack { .. } => 6,
+            Msg::Error { .. } => 7,
+        }
+    }
+
+    fn payload(&self) -> ReplResult<Vec<u8>> {
+        let mut p = Vec::new();
+        let text = |p: &mut Vec<u8>, s: &str| -> ReplResult<()> {
+            if s.len() > MAX_TEXT {
+                return Err(ReplError::Protocol(format!(
+                    "text of {} bytes, at most {MAX_TEXT}",
+                    s.len()
+                )));
+            }
+            p.extend_from_slice(s.as_bytes());
+            Ok(())
+        };
+        match self {
+            Msg::Hello {
+                volume,
+                last_common,
+            } => {
+                p.extend_from_slice(&last_common.to_le_bytes());
+                text(&mut p, volume)?;
+            }
+            Msg::Begin {
+                snapshot,
+                base,
+                volume_size,
+                taken_at,
+            } => {
+                for v in [snapshot, base, volume_size, taken_at] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Msg::Data { offset, bytes } => {
+                if bytes.is_empty() || bytes.len() > MAX_DATA {
+                    return Err(ReplError::Protocol(format!(
+                        "DATA of {} bytes at {offset}",
+                        bytes.len()
+                    )));
+                }
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(bytes);
+            }
+            Msg::Unmap { offset, len } => {
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+            }
+            Msg::Commit {
+                snapshot,
+                count,
+                checksum,
+            } => {
+                p.extend_from_slice(&snapshot.to_le_bytes());
+                p.extend_from_slice(&count.to_le_bytes());
+                p.extend_from_slice(&checksum.to_le_bytes());
+            }
+            Msg::Ack { snapshot } => p.extend_from_slice(&snapshot.to_le_bytes()),
+            Msg::Error { text: t } => text(&mut p, t)?,
+        }
+        Ok(p)
+    }
+
+    /// The whole frame.
+    pub fn encode(&self) -> ReplResult<Vec<u8>> {
+        let payload = self.payload()?;
+        let len = u32::try_from(payload.len())
+            .map_err(|_| ReplError::Protocol("payload too long".into()))?;
+        let mut f = Vec::with_capacity(HEADER + payload.len() + 4);
+        f.extend_from_slice(&MAGIC.to_le_bytes());
+        f.extend_from_slice(&VERSION.to_le_bytes());
+        f.push(self.kind());
+        f.push(0);
+        f.extend_from_slice(&len.to_le_bytes());
+        f.extend_from_slice(&payload);
+        let crc = crc32c::crc32c(&f);
+        f.extend_from_slice(&crc.to_le_bytes());
+        Ok(f)
+    }
+
+    /// Decodes one frame's type and payload (header and checksum already checked).
+    fn decode(kind: u8, p: &[u8]) -> ReplResult<Msg> {
+        let bad = |what: &str| ReplError::Protocol(format!("{what}: payload of {} bytes", p.len()));
+        let word = |i: usize| -> ReplResult<u64> {
+            let s = p
+                .get(i * 8..i * 8 + 8)
+                .ok_or_else(|| bad("short message"))?;
+            let mut b = [0u8; 8];
+            b.copy_from_slice(s);
+            Ok(u64::from_le_bytes(b))
+        };
+        let exact = |n: usize, what: &str| -> ReplResult<()> {
+            if p.len() == n {
+                Ok(())
+            } else {
+                Err(bad(what))
+            }
+        };
+        let text = |b: &[u8], what: &str| -> ReplResult<String> {
+            if b.len() > MAX_TEXT {
+                return Err(bad(what));
+            }
+            let s = std::str::from_utf8(b).map_err(|_| bad(what))?;
+            if s.chars().any(|c| c.is_control()) {
+                return Err(bad(what));
+            }
+            Ok(s.to_string())
+        };
+        Ok(match kind {
+            1 => {
+                let last_common = word(0)?;
+                let volume = text(p.get(8..).unwrap_or_default(), "HELLO volume")?;
+                if volume.is_empty() {
+                    return Err(bad("HELLO without a volume"));
+                }
+                Msg::Hello {
+                    volume,
+                    last_common,
+                }
+            }
+            2 => {
+                exact(32, "BEGIN")?;
+                Msg::Begin {
+                    snapshot: word(0)?,
+                    base: word(1)?,
+                    volume_size: word(2)?,
+                    taken_at: word(3)?,
+                }
+            }
+            3 => {
+                let offset = word(0)?;
+                let bytes = p.get(8..).unwrap_or_default().to_vec();
+                if bytes.is_empty() || bytes.len() > MAX_DATA {
+                    return Err(bad("DATA"));
+                }
+                Msg::Data { offset, bytes }
+            }
+            4 => {
+                exact(16, "UNMAP")?;
+                Msg::Unmap {
+                    offset: word(0)?,
+                    len: word(1)?,
+                }
+            }
+            5 => {
+                exact(20, "COMMIT")?;
+                let mut c = [0u8; 4];
+                c.copy_from_slice(p.get(16..20).ok_or_else(|| bad("COMMIT"))?);
+                Msg::Commit {
+                    snapshot: word(0)?,
+                    count: word(1)?,
+                    checksum: u32::from_le_bytes(c),
+                }
+            }
+            6 => {
+                exact(8, "ACK")?;
+                Msg::Ack { snapshot: word(0)? }
+            }
+            7 => Msg::Error {
+                text: text(p, "ERROR text")?,
+            },
+            k => return Err(ReplError::Protocol(format!("unknown message type {k}"))),
+        })
+    }
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[i..i + 4]);
+    u32::from_le_bytes(w)
+}
+
+/// Writes one message; returns its frame (for the interval checksum).
+pub fn send(w: &mut impl Write, m: &Msg) -> ReplResult<Vec<u8>> {
+    let f = m.encode()?;
+    w.write_all(&f).map_err(ReplError::Net)?;
+    Ok(f)
+}
+
+/// Reads one message and checks every field; returns it with its frame.
+pub fn recv(r: &mut impl Read) -> ReplResult<(Msg, Vec<u8>)> {
+    let mut h = [0u8; HEADER];
+    r.read_exact(&mut h).map_err(ReplError::Net)?;
+    let magic = u32_at(&h, 0);
+    if magic != MAGIC {
+        return Err(ReplError::Protocol(format!(
+            "bad magic {magic:#010x} (not a replication peer)"
+        )));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != VERSION {
+        return Err(ReplError::Protocol(format!(
+            "protocol version {version}, this side speaks {VERSION}"
+        )));
+    }
+    if h[7] != 0 {
+        return Err(ReplError::Protocol(format!("reserved byte is {}", h[7])));
+    }
+    let len = u32_at(&h, 8) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ReplError::Protocol(format!(
+            "payload of {len} bytes, at most {MAX_PAYLOAD}"
+        )));
+    }
+    let mut f = vec![0u8; HEADER + len + 4];
+    f[..HEADER].copy_from_slice(&h);
+    r.read_exact(&mut f[HEADER..]).map_err(ReplError::Net)?;
+    let crc = u32_at(&f, HEADER + len);
+    let want = crc32c::crc32c(&f[..HEADER + len]);
+    if crc != want {
+        return Err(ReplError::Protocol(format!(
+            "frame checksum {crc:#010x}, computed {want:#010x}"
+        )));
+    }
+    let m = Msg::decode(h[6], &f[HEADER..HEADER + len])?;
+    Ok((m, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Msg> {
+        vec![
+            Msg::Hello {
+                volume: "vol-1".into(),
+                last_common: 7,
+            },
+            Msg::Begin {
+                snapshot: 8,
+                base: 7,
+                volume_size: 1 << 30,
+                taken_at: 1_700_000_000,
+            },
+            Msg::Data {
+                offset: 4096,
+                bytes: vec![1, 2, 3],
+            },
+            Msg::Unmap {
+                offset: 0,
+                len: 65536,
+            },
+            Msg::Commit {
+                snapshot: 8,
+                count: 2,
+                checksum: 0xdead_beef,
+            },
+            Msg::Ack { snapshot: 8 },
+            Msg::Error { text: "no".into() },
+        ]
+    }
+
+    #[test]
+    fn round_trip() {
+        for m in all() {
+            let f = m.encode().unwrap();
+            let (back, frame) = recv(&mut &f[..]).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(frame, f);
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        for m in all() {
+            let f = m.encode().unwrap();
+            for i in 0..f.len() {
+                let mut g = f.clone();
+                g[i] ^= 0x40;
+                assert!(recv(&mut &g[..]).is_err(), "{m:?} byte {i} flipped");
+            }
+            // Truncated frames too.
+            for n in 0..f.len() {
+                assert!(recv(&mut &f[..n]).is_err(), "{m:?} cut at {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_fields_with_good_checksums_are_refused() {
+        let frame = |kind: u8, p: &[u8]| {
+            let mut f = Vec::new();
+            f.extend_from_slice(&MAGIC.to_le_bytes());
+            f.extend_from_slice(&VERSION.to_le_bytes());
+            f.push(kind);
+            f.push(0);
+            f.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            f.extend_from_slice(p);
+            let c = crc32c::crc32c(&f);
+            f.extend_from_slice(&c.to_le_bytes());
+            f
+        };
+        for (kind, p) in [
+            (9u8, vec![0u8; 8]),    // unknown type
+            (2, vec![0u8; 31]),     // short BEGIN
+            (3, vec![0u8; 8]),      // DATA without bytes
+            (6, vec![0u8; 9]),      // long ACK
+            (1, vec![0u8; 8]),      // HELLO without a volume
+            (1, [0u8; 9].to_vec()), // HELLO with a control character
+            (7, vec![0xff, 0xfe]),  // ERROR not UTF-8
+        ] {
+            assert!(
+                recv(&mut &frame(kind, &p)[..]).is_err(),
+                "type {kind} {p:?}"
+            );
+        }
+    }
+}

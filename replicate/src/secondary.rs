@@ -1,0 +1,314 @@
+//! The receiving side: one primary at a time, for the one volume it was configured for.
+//!
+//! Each interval starts by rebuilding the copy volume from the last complete snapshot (O(1):
+//! delete and snapshot again), so the bytes of an interval cut halfway never leak into the
+//! next one; the blocks are written into the copy; on COMMIT, if the message count and the
+//! checksum match what arrived, the copy is snapshotted, the pool committed, the state file
+//! rewritten (temp + fsync + rename), the older snapshot released, and only then ACK sent.
+//! Nothing is written before a valid HELLO for the configured volume and a BEGIN that
+//! continues from the snapshot this side holds.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::server::ServerConfig;
+use tables::io::write_blocking;
+use tables::{Bytes, WriteFlags};
+use thin::{Pool, ThinId};
+
+use crate::error::{ReplError, ReplResult};
+use crate::proto::{recv, send, Msg};
+use crate::state::{now_secs, Phase, State, Status};
+use crate::tls::{accept, Link};
+use crate::{lock, run_io};
+
+/// What the secondary accepts and where it writes.
+#[derive(Clone)]
+pub struct SecondaryConfig {
+    /// Volume uuid: a HELLO for any other volume is refused.
+    pub volume: String,
+    /// The pool holding the copy.
+    pub pool: Arc<Pool>,
+    /// Thin id of the copy volume (rebuilt every interval; do not use it elsewhere).
+    pub copy: ThinId,
+    /// Volume size: a BEGIN with another size is refused.
+    pub size: Bytes,
+    /// Two thin ids the complete snapshots alternate between.
+    pub snap_ids: [ThinId; 2],
+    /// The state file (last complete snapshot).
+    pub state_path: std::path::PathBuf,
+    /// TLS credentials; `None` only with `--insecure`.
+    pub tls: Option<Arc<ServerConfig>>,
+}
+
+/// The secondary's engine.
+pub struct Secondary {
+    cfg: SecondaryConfig,
+    status: Arc<Mutex<Status>>,
+    stop: Arc<AtomicBool>,
+    /// The connection being served, so [`Secondary::stop`] can cut it.
+    conn: Mutex<Option<TcpStream>>,
+}
+
+impl Secondary {
+    /// An engine for `cfg`.
+    pub fn new(cfg: SecondaryConfig) -> ReplResult<Secondary> {
+        let st = State::load(&cfg.state_path)?;
+        let status = Status {
+            role: "secondary".into(),
+            volume: cfg.volume.clone(),
+            last_synced_snapshot: st.snapshot,
+            last_synced_time: st.taken_at,
+            ..Status::default()
+        };
+        Ok(Secondary {
+            cfg,
+            status: Arc::new(Mutex::new(status)),
+            stop: Arc::new(AtomicBool::new(false)),
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// The status now.
+    pub fn status(&self) -> Status {
+        lock(&self.status).current()
+    }
+
+    /// The last complete snapshot: (snapshot id, thin id in the pool), if any.
+    pub fn latest(&self) -> ReplResult<Option<(u64, ThinId)>> {
+        let st = self.load_state()?;
+        Ok((st.snapshot != 0).then_some((st.snapshot, ThinId(st.thin_id))))
+    }
+
+    /// Makes [`Secondary::serve`] return: the connection being served is shut down (an
+    /// interval in flight is abandoned; the last complete snapshot stays).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(c) = lock(&self.conn).as_ref() {
+            // Best effort: the connection may be gone already.
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Serves primaries on `listener`, one connection at a time, until stopped.
+    pub fn serve(&self, listener: TcpListener) -> ReplResult<()> {
+        listener.set_nonblocking(true).map_err(ReplError::Net)?;
+        while !self.stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    s.set_nonblocking(false).map_err(ReplError::Net)?;
+                    *lock(&self.conn) = Some(s.try_clone().map_err(ReplError::Net)?);
+                    if self.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    lock(&self.status).state = Phase::Replaying;
+                    let r = accept(s, self.cfg.tls.as_ref()).and_then(|l| self.session(l));
+                    *lock(&self.conn) = None;
+                    let mut st = lock(&self.status);
+                    match r {
+                        Ok(()) => st.state = Phase::Stopped,
+                        Err(e) => {
+                            log::warn!("replication of {} from {peer}: {e}", self.cfg.volume);
+                            st.state = Phase::Error;
+                            st.last_error = Some(format!("{peer}: {e}"));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(ReplError::Net(e)),
+            }
+        }
+        lock(&self.status).state = Phase::Stopped;
+        Ok(())
+    }
+
+    fn load_state(&self) -> ReplResult<State> {
+        let mut st = State::load(&self.cfg.state_path)?;
+        let known = self.cfg.snap_ids.contains(&ThinId(st.thin_id));
+        if st.volume != self.cfg.volume || !known || !self.cfg.pool.has_thin(ThinId(st.thin_id))? {
+            st = State {
+                volume: self.cfg.volume.clone(),
+                ..State::default()
+            };
+        }
+        Ok(st)
+    }
+
+    /// One primary's connection.
+    fn session(&self, mut link: Box<dyn Link>) -> ReplResult<()> {
+        match recv(&mut link)?.0 {
+            Msg::Hello { volume, .. } if volume == self.cfg.volume => {}
+            Msg::Hello { volume, .. } => {
+                let text = format!(
+                    "this side replicates volume {}, not {volume}",
+                    self.cfg.volume
+                );
+                // Best effort: the peer is told why before the connection goes.
+                let _ = send(&mut link, &Msg::Error { text: text.clone() });
+                return Err(ReplError::Peer(text));
+            }
+            m => return Err(ReplError::Protocol(format!("expected HELLO, got {m:?}"))),
+        }
+        let mut st = self.load_state()?;
+        send(
+            &mut link,
+            &Msg::Ack {
+                snapshot: st.snapshot,
+            },
+        )?;
+        loop {
+            let (snapshot, base, taken_at) = match recv(&mut link) {
+                Ok((
+                    Msg::Begin {
+                        snapshot,
+                        base,
+                        volume_size,
+                        taken_at,
+                    },
+                    _,
+                )) => {
+                    if base != 0 && base != st.snapshot {
+                        return Err(ReplError::Peer(format!(
+                            "BEGIN of snapshot {snapshot} from base {base}, this side holds {}",
+                            st.snapshot
+                        )));
+                    }
+                    if snapshot <= st.snapshot {
+                        return Err(ReplError::Peer(format!(
+                            "BEGIN of snapshot {snapshot}, not after {} held here",
+                            st.snapshot
+                        )));
+                    }
+                    if volume_size != self.cfg.size.0 {
+                        return Err(ReplError::Peer(format!(
+                            "volume size {volume_size}, this copy has {}",
+                            self.cfg.size.0
+                        )));
+                    }
+                    (snapshot, base, taken_at)
+                }
+                Ok((m, _)) => {
+                    return Err(ReplError::Protocol(format!("expected BEGIN, got {m:?}")))
+                }
+                // The primary hung up between intervals.
+                Err(ReplError::Net(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            self.receive(&mut link, &mut st, snapshot, base, taken_at)?;
+            send(&mut link, &Msg::Ack { snapshot })?;
+        }
+    }
+
+    /// Rebuilds the copy from `base` (0: empty), takes in one interval, and on a valid
+    /// COMMIT makes it the new complete snapshot.
+    fn receive(
+        &self,
+        link: &mut Box<dyn Link>,
+        st: &mut State,
+        snapshot: u64,
+        base: u64,
+        taken_at: u64,
+    ) -> ReplResult<()> {
+        let pool = &self.cfg.pool;
+        let copy = self.cfg.copy;
+        if pool.has_thin(copy)? {
+            pool.delete(copy)?;
+        }
+        if base == 0 {
+            pool.create_thin(copy)?;
+        } else {
+            run_io(pool.create_snap(copy, ThinId(st.thin_id)))?;
+        }
+        let dev = pool.thin(copy, self.cfg.size, None)?;
+        let size = self.cfg.size.0;
+        let (mut count, mut crc) = (0u64, 0u32);
+        let in_volume = |offset: u64, len: u64| -> ReplResult<()> {
+            match offset.checked_add(len) {
+                Some(end) if end <= size => Ok(()),
+                _ => Err(ReplError::Protocol(format!(
+                    "{len} bytes at offset {offset}: past the end of the volume ({size} bytes)"
+                ))),
+            }
+        };
+        let mut received = 0u64;
+        let started = Instant::now();
+        loop {
+            let (m, frame) = recv(link)?;
+            match m {
+                Msg::Data { offset, bytes } => {
+                    in_volume(offset, bytes.len() as u64)?;
+                    write_blocking(&*dev, Bytes(offset), &bytes, WriteFlags::default())?;
+                    received += bytes.len() as u64;
+                }
+                Msg::Unmap { offset, len } => {
+                    in_volume(offset, len)?;
+                    run_io(tables::io::BlockDevice::write_zeroes(
+                        &*dev,
+                        Bytes(offset),
+                        Bytes(len),
+                        WriteFlags::default(),
+                    ))?;
+                }
+                Msg::Commit {
+                    snapshot: s,
+                    count: n,
+                    checksum,
+                } => {
+                    if s != snapshot || n != count || checksum != crc {
+                        return Err(ReplError::Protocol(format!(
+                            "COMMIT of snapshot {s} with {n} messages and checksum {checksum:#010x}; \
+                             received snapshot {snapshot}: {count} messages, checksum {crc:#010x}"
+                        )));
+                    }
+                    break;
+                }
+                m => {
+                    return Err(ReplError::Protocol(format!(
+                        "expected DATA, UNMAP or COMMIT in snapshot {snapshot}, got {m:?}"
+                    )))
+                }
+            }
+            crc = crc32c::crc32c_append(crc, &frame);
+            count += 1;
+        }
+        drop(dev);
+        let [a, b] = self.cfg.snap_ids;
+        let id = if st.snapshot != 0 && ThinId(st.thin_id) == a {
+            b
+        } else {
+            a
+        };
+        if pool.has_thin(id)? {
+            pool.delete(id)?;
+        }
+        run_io(pool.create_snap(id, copy))?;
+        run_io(pool.commit())?;
+        let old = (st.snapshot != 0 && st.thin_id != id.0).then_some(ThinId(st.thin_id));
+        *st = State {
+            volume: self.cfg.volume.clone(),
+            snapshot,
+            thin_id: id.0,
+            taken_at,
+            ..State::default()
+        };
+        st.save(&self.cfg.state_path)?;
+        if let Some(o) = old {
+            pool.delete(o)?;
+            run_io(pool.commit())?;
+        }
+        let mut s = lock(&self.status);
+        s.last_synced_snapshot = snapshot;
+        s.last_synced_time = taken_at.min(now_secs());
+        s.bytes_shipped += received;
+        s.throughput = (received as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64;
+        s.intervals += 1;
+        s.last_error = None;
+        Ok(())
+    }
+}
