@@ -35,6 +35,8 @@ pub(super) struct DedupCounters {
     hashes: AtomicU64,
     zero_blocks: AtomicU64,
     verify_mismatches: AtomicU64,
+    /// Client block writes served (since open): the scan's caller throttles when this moves.
+    client_writes: AtomicU64,
     /// (window start, hashes then, rate of the last full window)
     rate: Mutex<(Instant, u64, u64)>,
     /// Where the next scan step starts.
@@ -49,6 +51,7 @@ impl DedupCounters {
             hashes: AtomicU64::new(0),
             zero_blocks: AtomicU64::new(0),
             verify_mismatches: AtomicU64::new(0),
+            client_writes: AtomicU64::new(0),
             rate: Mutex::new((Instant::now(), 0, 0)),
             scan: Mutex::new((ThinId(0), VBlock(0))),
         }
@@ -128,13 +131,16 @@ pub struct ScanProgress {
     pub unhashed_left: u64,
     /// This step reached the end of the last device (the next one starts over).
     pub pass_done: bool,
+    /// Client block writes the pool has served since it was opened: a caller that sees this move
+    /// between steps knows clients are busy and can back off.
+    pub client_writes: u64,
 }
 
 impl fmt::Display for ScanProgress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "visited {} hashed {} shared {} recorded {} unhashed {} {}",
+            "visited {} hashed {} shared {} recorded {} unhashed {} {} writes {}",
             self.visited,
             self.hashed,
             self.shared,
@@ -144,7 +150,8 @@ impl fmt::Display for ScanProgress {
                 "pass_done"
             } else {
                 "running"
-            }
+            },
+            self.client_writes
         )
     }
 }
@@ -229,6 +236,7 @@ impl Pool {
             return Ok(Served::NeedsMemory);
         };
         self.writable()?;
+        self.dd.client_writes.fetch_add(1, Ordering::Relaxed);
         let bs = self.block_bytes as usize;
         let mut buf = vec![0u8; bs];
         if off == 0 && src.len() == bs {
@@ -436,6 +444,7 @@ impl Pool {
         if let Some(s) = m.dedup_meta_stats() {
             p.unhashed_left = m.data_used().saturating_sub(s.live_records);
         }
+        p.client_writes = self.dd.client_writes.load(Ordering::Relaxed);
         Ok(p)
     }
 
