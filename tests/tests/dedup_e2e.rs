@@ -161,6 +161,26 @@ fn dedup_scan_shares_blocks_written_before_dedup() {
     assert_eq!(r["data_used_after"], 1280, "{out}");
     let mut env = env;
     assert_eq!(env.d.terminate(), 0, "daemon did not exit 0 on SIGTERM");
+
+    // `pool check` recounts the hash records: one per used block, none stale or duplicate.
+    let m = meta.to_string_lossy();
+    let out = env.d.ok(&["pool", "check", &m]);
+    assert!(
+        out.contains("\ndedup: 1280 hash record(s), 0 stale, 0 duplicate hash(es)\n"),
+        "{out}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&env.d.ok(&["pool", "check", &m, "--json"])).unwrap();
+    assert_eq!(r["clean"], true, "{r}");
+    assert_eq!(
+        (
+            &r["hash_records"],
+            &r["stale_hash_records"],
+            &r["duplicate_hashes"]
+        ),
+        (&1280.into(), &0.into(), &0.into()),
+        "{r}"
+    );
 }
 
 /// A dedup pool with 64 MiB of data (4 KiB blocks).

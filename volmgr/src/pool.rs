@@ -308,6 +308,36 @@ fn pool_resize(
     Ok(())
 }
 
+/// `pool check`'s text report: the totals, a dedup pool's hash record recount, the errors
+/// and the findings that are not errors.
+fn check_text(metadata: &Path, r: &thin::tools::CheckReport) -> String {
+    let mut t = format!(
+        "{}: transaction {} generation {}; {} thin device(s), {} mapped block(s); data {}/{} blocks, metadata {}/{} blocks\n",
+        metadata.display(),
+        r.transaction_id,
+        r.generation,
+        r.devices,
+        r.mapped_blocks,
+        r.data_used,
+        r.data_total,
+        r.meta_used,
+        r.meta_total
+    );
+    if r.dedup {
+        t += &format!(
+            "dedup: {} hash record(s), {} stale, {} duplicate hash(es)\n",
+            r.hash_records, r.stale_hash_records, r.duplicate_hashes
+        );
+    }
+    for e in &r.errors {
+        t += &format!("error: {e}\n");
+    }
+    for i in &r.info {
+        t += &format!("info: {i}\n");
+    }
+    t
+}
+
 /// Runs a `pool` verb.
 pub fn run(cmd: PoolCmd) -> Result<()> {
     match cmd {
@@ -381,21 +411,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "{}: transaction {} generation {}; {} thin device(s), {} mapped block(s); data {}/{} blocks, metadata {}/{} blocks",
-                    metadata.display(),
-                    r.transaction_id,
-                    r.generation,
-                    r.devices,
-                    r.mapped_blocks,
-                    r.data_used,
-                    r.data_total,
-                    r.meta_used,
-                    r.meta_total
-                );
-                for e in &r.errors {
-                    println!("error: {e}");
-                }
+                print!("{}", check_text(&metadata, &r));
             }
             if !r.clean {
                 bail!(
@@ -496,4 +512,31 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_text_shows_the_dedup_recount_only_for_dedup_pools() {
+        let mut r = thin::tools::CheckReport {
+            clean: true,
+            devices: 2,
+            hash_records: 10,
+            stale_hash_records: 1,
+            duplicate_hashes: 2,
+            info: vec!["1 stale hash record(s)".into()],
+            ..Default::default()
+        };
+        let t = check_text(Path::new("m"), &r);
+        assert!(!t.contains("dedup:"), "{t}");
+        assert!(t.contains("\ninfo: 1 stale hash record(s)\n"), "{t}");
+        r.dedup = true;
+        let t = check_text(Path::new("m"), &r);
+        assert!(
+            t.contains("\ndedup: 10 hash record(s), 1 stale, 2 duplicate hash(es)\n"),
+            "{t}"
+        );
+    }
 }
