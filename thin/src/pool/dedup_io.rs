@@ -156,6 +156,16 @@ impl fmt::Display for ScanProgress {
     }
 }
 
+/// What the first metadata round trip of a dedup write found.
+enum Probe {
+    /// The block was mapped to a live block with the same content.
+    Shared,
+    /// No such block: this fresh one is reserved for the write.
+    Reserved(DataBlock),
+    /// No such block and no free one: the allocator's slow path decides.
+    Full,
+}
+
 /// Longest a scan step runs (it holds no lock across its reads, but its caller may want
 /// to throttle between steps).
 const SCAN_STEP_TIME: Duration = Duration::from_millis(50);
@@ -225,7 +235,11 @@ impl Pool {
     /// Writes `src` at `off` of virtual block `v` of `t` in a dedup pool (the caller holds
     /// the block's cell). Sources other than memory are sent back (`NeedsMemory`): the
     /// bytes must be hashed.
-    pub(super) async fn dedup_write_block(
+    ///
+    /// # Safety
+    /// A whole-block `Src::Mem` is written to the data device from where it is: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn dedup_write_block(
         &self,
         t: &ThinDevice,
         v: VBlock,
@@ -238,56 +252,91 @@ impl Pool {
         self.writable()?;
         self.dd.client_writes.fetch_add(1, Ordering::Relaxed);
         let bs = self.block_bytes as usize;
-        let mut buf = vec![0u8; bs];
         if off == 0 && src.len() == bs {
-            buf.copy_from_slice(src);
-        } else {
-            // Read-merge: the old block, the origin or zeroes, with the write over it.
-            let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
-            match (look, &t.origin) {
-                (Some(l), _) => {
-                    let data = self.data_dev();
-                    // SAFETY: `buf` belongs to this future and the read is awaited here.
-                    unsafe { data.read(Bytes(self.block_off(l.block)), &mut buf) }.await?
-                }
-                (None, Some(o)) => {
-                    // SAFETY: as above.
-                    unsafe { Self::read_origin(o, v.0 * bs as u64, &mut buf) }.await?
-                }
-                (None, None) => {}
-            }
-            buf[off..off + src.len()].copy_from_slice(src);
+            // A whole block is in memory already: hash it and write it from there.
+            // SAFETY: the caller keeps the lending contract for `src`.
+            unsafe { self.dedup_store(t.id, v, src, t.origin.is_some()) }.await?;
+            return Ok(Served::Done);
         }
-        self.dedup_store(t.id, v, &buf, t.origin.is_some()).await?;
+        // Read-merge: the old block, the origin or zeroes, with the write over it.
+        let mut buf = vec![0u8; bs];
+        let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
+        match (look, &t.origin) {
+            (Some(l), _) => {
+                let data = self.data_dev();
+                // SAFETY: `buf` belongs to this future and the read is awaited here.
+                unsafe { data.read(Bytes(self.block_off(l.block)), &mut buf) }.await?
+            }
+            (None, Some(o)) => {
+                // SAFETY: as above.
+                unsafe { Self::read_origin(o, v.0 * bs as u64, &mut buf) }.await?
+            }
+            (None, None) => {}
+        }
+        buf[off..off + src.len()].copy_from_slice(src);
+        // SAFETY: `buf` belongs to this future.
+        unsafe { self.dedup_store(t.id, v, &buf, t.origin.is_some()) }.await?;
         Ok(Served::Done)
     }
 
-    /// Stores the full block `buf` as virtual block `v` of `id`.
-    async fn dedup_store(
+    /// Stores the full block `buf` as virtual block `v` of `id`: without `dedup_verify`,
+    /// one metadata round trip shares it or reserves a fresh block, and one more (after the
+    /// data write) records it. The hash is taken outside any lock.
+    ///
+    /// # Safety
+    /// `buf` may be lent to the data device: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn dedup_store(
         &self,
         id: ThinId,
         v: VBlock,
         buf: &[u8],
         has_origin: bool,
     ) -> IoResult<()> {
-        let h = self.hash_block(buf);
         if !has_origin && is_zero(buf) {
-            // An unmapped block reads as zeroes: no data block at all.
+            // An unmapped block reads as zeroes: no data block at all (and no hash).
             self.dd.zero_blocks.fetch_add(1, Ordering::Relaxed);
             return self.mutate_retry(|m| m.map_remove(id, v).map(|_| ())).await;
         }
-        if self.try_share(id, v, &h, buf, None).await? {
-            return Ok(());
-        }
-        let d = self.alloc_data().await?;
+        let h = self.hash_block(buf);
+        let verify = lock(&self.opts).dedup_verify;
+        let reserved = if verify {
+            if self.try_share(id, v, &h, buf, None).await? {
+                return Ok(());
+            }
+            None
+        } else {
+            // Share with a live block of this content, or reserve a fresh one, in one go.
+            let probe = self
+                .mutate_retry(|m| {
+                    if let Some(&c) = m.dedup_candidates(&h)?.first() {
+                        m.map_insert(id, v, c)?;
+                        return Ok(Probe::Shared);
+                    }
+                    Ok(m.reserve_data().map_or(Probe::Full, Probe::Reserved))
+                })
+                .await?;
+            match probe {
+                Probe::Shared => return Ok(()),
+                Probe::Reserved(d) => {
+                    self.space_found();
+                    Some(d)
+                }
+                Probe::Full => None,
+            }
+        };
+        let d = match reserved {
+            Some(d) => d,
+            // Out of space, or verify: the allocator's path (commits, waits, errors).
+            None => self.alloc_data().await?,
+        };
         let data = self.data_dev();
-        // SAFETY: `buf` outlives this future, which awaits the write.
+        // SAFETY: the caller keeps the lending contract for `buf`; the write is awaited here.
         let w = unsafe { data.write(Bytes(self.block_off(d)), buf, WriteFlags::default()) }.await;
         if let Err(e) = w {
             self.meta().unreserve(d);
             return Err(e);
         }
-        let verify = self.options().dedup_verify;
         let r = self
             .mutate_retry(|m| {
                 // Another writer may have stored the same content meanwhile: share it and
@@ -296,21 +345,21 @@ impl Pool {
                 if !verify {
                     if let Some(&c) = m.dedup_candidates(&h)?.first() {
                         m.map_insert(id, v, c)?;
-                        return Ok(false);
+                        return Ok((false, m.data_free()));
                     }
                 }
-                m.dedup_map_unique(id, v, d, &h).map(|_| true)
+                m.dedup_map_unique(id, v, d, &h)?;
+                Ok((true, m.data_free()))
             })
             .await;
         match r {
-            Ok(true) => {}
-            Ok(false) => self.meta().unreserve(d),
+            Ok((true, free)) => self.low_water_at(free),
+            Ok((false, _)) => self.meta().unreserve(d),
             Err(e) => {
                 self.meta().unreserve(d);
                 return Err(e);
             }
         }
-        self.low_water_check();
         Ok(())
     }
 
@@ -326,7 +375,7 @@ impl Pool {
         buf: &[u8],
         not: Option<DataBlock>,
     ) -> IoResult<bool> {
-        if !self.options().dedup_verify {
+        if !lock(&self.opts).dedup_verify {
             return self
                 .mutate_retry(|m| {
                     let c = m.dedup_candidates(h)?.into_iter().find(|&c| Some(c) != not);
