@@ -309,7 +309,7 @@ impl Pool {
             // Share with a live block of this content, or reserve a fresh one, in one go.
             let probe = self
                 .mutate_retry(|m| {
-                    if let Some(&c) = m.dedup_candidates(&h)?.first() {
+                    if let Some(c) = m.dedup_first_candidate(&h, None)? {
                         m.map_insert(id, v, c)?;
                         return Ok(Probe::Shared);
                     }
@@ -343,7 +343,7 @@ impl Pool {
                 // drop the fresh block. (With verify that would need a read under the
                 // lock; the duplicate is then kept: fewer duplicates, never wrong data.)
                 if !verify {
-                    if let Some(&c) = m.dedup_candidates(&h)?.first() {
+                    if let Some(c) = m.dedup_first_candidate(&h, None)? {
                         m.map_insert(id, v, c)?;
                         return Ok((false, m.data_free()));
                     }
@@ -378,7 +378,7 @@ impl Pool {
         if !lock(&self.opts).dedup_verify {
             return self
                 .mutate_retry(|m| {
-                    let c = m.dedup_candidates(h)?.into_iter().find(|&c| Some(c) != not);
+                    let c = m.dedup_first_candidate(h, not)?;
                     match c {
                         Some(c) => m.map_insert(id, v, c).map(|_| true),
                         None => Ok(false),
