@@ -90,6 +90,19 @@ pub fn scan_finished(s: &Step, whole_pass: bool, hashed_this_pass: u64) -> bool 
     s.unhashed == 0 || (whole_pass && hashed_this_pass == 0)
 }
 
+/// Whether clients wrote to the pool between two steps (its write counter moved).
+pub fn clients_wrote(last: Option<u64>, now: u64) -> bool {
+    last.is_some_and(|w| w != now)
+}
+
+/// How long to wait so that `hashed` blocks in `elapsed` stay within `rate` per second.
+pub fn rate_wait(hashed: u64, rate: Option<u64>, elapsed: Duration) -> Option<Duration> {
+    let rate = rate.filter(|&x| x > 0)?;
+    Duration::from_secs_f64(hashed as f64 / rate as f64)
+        .checked_sub(elapsed)
+        .filter(|d| !d.is_zero())
+}
+
 /// Data blocks a pool uses, from its status line (`<start> <len> thin-pool <transaction>
 /// <meta used>/<total> <data used>/<total> ...`).
 pub fn data_used(sd: &StateDir, pool: &str) -> Result<u64> {
@@ -176,16 +189,13 @@ pub fn dedup_scan(sd: &StateDir, pool: &str, o: &ScanOpts) -> Result<ScanReport>
             hashed_this_pass = 0;
         }
         // Clients come first: back off while they write.
-        if last_writes.is_some_and(|w| w != s.writes) {
+        if clients_wrote(last_writes, s.writes) {
             r.throttled_steps += 1;
             std::thread::sleep(o.pause);
         }
         last_writes = Some(s.writes);
-        if let Some(rate) = o.rate.filter(|&x| x > 0) {
-            let due = Duration::from_secs_f64(r.hashed as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                std::thread::sleep(wait);
-            }
+        if let Some(wait) = rate_wait(r.hashed, o.rate, t0.elapsed()) {
+            std::thread::sleep(wait);
         }
     }
     if let Some(b) = &bar {
@@ -222,6 +232,22 @@ mod tests {
         let e = parse_step("visited 1 hashed x running").unwrap_err();
         assert!(e.to_string().contains("'hashed'"), "{e}");
         assert!(parse_step("visited 0 hashed 0 shared 0 recorded 0 unhashed 0 writes 0").is_err());
+    }
+
+    #[test]
+    fn the_scan_backs_off_when_clients_wrote_and_keeps_to_its_rate() {
+        assert!(!clients_wrote(None, 5));
+        assert!(!clients_wrote(Some(5), 5));
+        assert!(clients_wrote(Some(5), 6));
+        let s = Duration::from_secs;
+        assert_eq!(rate_wait(100, None, s(0)), None);
+        assert_eq!(rate_wait(100, Some(0), s(0)), None);
+        // 200 blocks at 100/s are due at 2 s: 1.5 s in, wait half a second.
+        assert_eq!(
+            rate_wait(200, Some(100), Duration::from_millis(1500)),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(rate_wait(200, Some(100), s(3)), None);
     }
 
     #[test]
