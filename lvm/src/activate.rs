@@ -296,17 +296,29 @@ fn volmgr_target(
             }
             Ok(t)
         }
-        VolmgrSegment::ThinPool(p) => Ok(format!(
-            "thin-pool {} {} {} 0{}",
-            sub_device(vg, &p.metadata)?,
-            sub_device(vg, &p.data)?,
-            p.chunk_size.0,
-            if p.zero_new_blocks {
-                ""
-            } else {
-                " 1 skip_block_zeroing"
+        VolmgrSegment::ThinPool(p) => {
+            // dm-thin's feature words first, then the pool's dedup ones (its canonical order).
+            let mut features = Vec::new();
+            if !p.zero_new_blocks {
+                features.push("skip_block_zeroing");
             }
-        )),
+            if p.dedup || p.dedup_verify {
+                features.push("dedup");
+            }
+            if p.dedup_verify {
+                features.push("dedup_verify");
+            }
+            let mut t = format!(
+                "thin-pool {} {} {} 0",
+                sub_device(vg, &p.metadata)?,
+                sub_device(vg, &p.data)?,
+                p.chunk_size.0
+            );
+            if !features.is_empty() {
+                t += &format!(" {} {}", features.len(), features.join(" "));
+            }
+            Ok(t)
+        }
         VolmgrSegment::Thin(t) => Ok(format!(
             "thin {} {}",
             sub_device(vg, &t.thin_pool)?,
@@ -415,6 +427,41 @@ mod tests {
 
     fn dev(pv: &PhysicalVolume) -> Option<String> {
         Some(format!("/dev/{}", pv.key))
+    }
+
+    #[test]
+    fn thin_pool_tables_carry_the_dedup_feature_words() {
+        let mut g = vg();
+        let sub = |name: &str, pv: &str| {
+            lv(
+                name,
+                vec![Segment::linear(Extents(0), Extents(2), pv, Extents(0))],
+            )
+        };
+        g.logical_volumes.push(sub("p_tmeta", "pv0"));
+        g.logical_volumes.push(sub("p_tdata", "pv1"));
+        let table = |zero_new_blocks, dedup, dedup_verify| {
+            let seg = VolmgrSegment::ThinPool(crate::segtypes::ThinPoolSegment {
+                metadata: "p_tmeta".into(),
+                data: "p_tdata".into(),
+                transaction_id: 0,
+                chunk_size: Sectors(8),
+                zero_new_blocks,
+                dedup,
+                dedup_verify,
+            });
+            let l = lv("p", vec![seg.to_segment(Extents(0), Extents(2))]);
+            let t = lv_table(&g, &l, &dev, MissingPvs::Refuse).unwrap();
+            t.split_once(" 8 0").map(|x| x.1.to_string()).unwrap_or(t)
+        };
+        assert_eq!(table(true, false, false), "\n");
+        assert_eq!(table(false, false, false), " 1 skip_block_zeroing\n");
+        assert_eq!(table(true, true, false), " 1 dedup\n");
+        assert_eq!(table(true, true, true), " 2 dedup dedup_verify\n");
+        assert_eq!(
+            table(false, false, true),
+            " 3 skip_block_zeroing dedup dedup_verify\n"
+        );
     }
 
     #[test]

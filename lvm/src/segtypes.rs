@@ -111,6 +111,12 @@ pub struct ThinPoolSegment {
     pub chunk_size: Sectors,
     /// Whether new blocks are zeroed before use.
     pub zero_new_blocks: bool,
+    /// Inline deduplication (the pool's `dedup` feature; 4 KiB blocks). Key `dedup = 1`,
+    /// written only when set.
+    pub dedup: bool,
+    /// Compare bytes before sharing (`dedup_verify`, implies `dedup`). Key
+    /// `dedup_verify = 1`, written only when set.
+    pub dedup_verify: bool,
 }
 
 /// A `volmgr-thin` segment.
@@ -146,6 +152,14 @@ fn get_u64(seg: &Segment, key: &str) -> Result<u64, String> {
         }
         Some(_) => Err(format!("{key} is not a number")),
         None => Err(format!("{key} is missing")),
+    }
+}
+
+/// An optional `0`/`1` key: absent is `false`, a malformed value is an error.
+fn get_flag(seg: &Segment, key: &str) -> Result<bool, String> {
+    match get(seg, key) {
+        None => Ok(false),
+        Some(_) => get_u64(seg, key).map(|v| v != 0),
     }
 }
 
@@ -208,6 +222,8 @@ impl VolmgrSegment {
                 transaction_id: get_u64(seg, "transaction_id")?,
                 chunk_size: Sectors(get_u64(seg, "chunk_size")?),
                 zero_new_blocks: get_u64(seg, "zero_new_blocks").unwrap_or(1) != 0,
+                dedup: get_flag(seg, "dedup")?,
+                dedup_verify: get_flag(seg, "dedup_verify")?,
             }))),
             THIN => Ok(Some(VolmgrSegment::Thin(ThinSegment {
                 thin_pool: get_str(seg, "thin_pool")?,
@@ -250,6 +266,12 @@ impl VolmgrSegment {
                 extra.push(("transaction_id".into(), int(p.transaction_id)));
                 extra.push(("chunk_size".into(), int(p.chunk_size.0)));
                 extra.push(("zero_new_blocks".into(), int(u64::from(p.zero_new_blocks))));
+                if p.dedup {
+                    extra.push(("dedup".into(), int(1)));
+                }
+                if p.dedup_verify {
+                    extra.push(("dedup_verify".into(), int(1)));
+                }
                 THIN_POOL.to_string()
             }
             VolmgrSegment::Thin(t) => {
@@ -304,6 +326,17 @@ mod tests {
                 transaction_id: 7,
                 chunk_size: Sectors(128),
                 zero_new_blocks: false,
+                dedup: false,
+                dedup_verify: false,
+            }),
+            VolmgrSegment::ThinPool(ThinPoolSegment {
+                metadata: "d_tmeta".into(),
+                data: "d_tdata".into(),
+                transaction_id: 1,
+                chunk_size: Sectors(8),
+                zero_new_blocks: true,
+                dedup: true,
+                dedup_verify: true,
             }),
             VolmgrSegment::Thin(ThinSegment {
                 thin_pool: "p".into(),
@@ -311,10 +344,23 @@ mod tests {
                 origin: Some("t1".into()),
             }),
         ];
-        for v in all {
+        for v in all.clone() {
             let seg = v.to_segment(Extents(0), Extents(12));
             assert_eq!(VolmgrSegment::parse(&seg).unwrap(), Some(v));
         }
+        // A pool without dedup writes no dedup keys (metadata as before); a malformed flag
+        // is refused naming its key.
+        let plain = all[1].to_segment(Extents(0), Extents(1));
+        assert!(!plain.extra.iter().any(|(k, _)| k.starts_with("dedup")));
+        let mut bad_flag = all[2].to_segment(Extents(0), Extents(1));
+        for (k, v) in bad_flag.extra.iter_mut() {
+            if k == "dedup" {
+                *v = Item::Value(Value::Str("yes".into()));
+            }
+        }
+        assert!(VolmgrSegment::parse(&bad_flag)
+            .unwrap_err()
+            .contains("dedup is not a number"));
         let mut bad = VolmgrSegment::Thin(ThinSegment {
             thin_pool: "p".into(),
             device_id: 3,

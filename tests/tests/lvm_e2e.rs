@@ -10,7 +10,7 @@ mod lvm2;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
-use e2e::{pseudo_random, qemu_io, require_tool, run_ok, DaemonProc};
+use e2e::{pseudo_random, qemu_io, read_all, require_tool, run_ok, DaemonProc};
 use lvm2::{field, num, Lvm2};
 
 const MIB: u64 = 1 << 20;
@@ -1269,4 +1269,119 @@ fn raid1_and_raid5_lvs_grow_online_with_lvextend() {
         &lv_uri(&d, &devices, "vgg/r1"),
         &["read -P 0x5a 0 8M", "read -P 0x7e 8M 6M"],
     );
+}
+
+/// Data blocks a pool device uses (its dm-thin style status line).
+fn pool_data_used(d: &DaemonProc, dev: &str) -> u64 {
+    let st = d.ok(&["dev", "status", dev]);
+    let f: Vec<&str> = st.split_whitespace().collect();
+    f.get(5)
+        .and_then(|x| x.split('/').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("bad pool status: {st}"))
+}
+
+/// `lvcreate --type thin-pool --dedup [--dedup-verify]`: the pool LV's table carries the
+/// `dedup` feature words, kept in the VG metadata (activation after a deactivation builds
+/// the same table), and two thin LVs with the same data use one copy.
+#[test]
+fn lvcreate_dedup_pool_keeps_its_feature_and_shares_identical_thin_lvs() {
+    require_tool("nbdcopy");
+    let env = Lvm2::new(&[64, 64]);
+    let (d, devices) = vg_of_two(&env, "vgd");
+    // A dedup pool has 4 KiB blocks: another size is refused with the reason.
+    let e = vm_err(
+        &d,
+        &devices,
+        &[
+            "lvcreate",
+            "--type",
+            "thin-pool",
+            "--dedup",
+            "-c",
+            "64k",
+            "-L",
+            "16m",
+            "-n",
+            "p0",
+            "vgd",
+        ],
+    );
+    assert!(e.contains("4k blocks"), "{e}");
+    let e = vm_err(
+        &d,
+        &devices,
+        &["lvcreate", "--dedup", "-L", "4m", "-n", "l", "vgd"],
+    );
+    assert!(e.contains("thin pools"), "{e}");
+    for (name, size, verify) in [("pool", "24m", false), ("vpool", "8m", true)] {
+        let mut a = vec![
+            "lvcreate",
+            "--type",
+            "thin-pool",
+            "--dedup",
+            "-L",
+            size,
+            "-n",
+            name,
+        ];
+        if verify {
+            a.push("--dedup-verify");
+        }
+        a.push("vgd");
+        vm_on(&d, &devices, &a);
+    }
+    let table = d.ok(&["dev", "table", "vgd-pool"]);
+    assert!(table.trim_end().ends_with(" 8 0 1 dedup"), "{table}");
+    let vtable = d.ok(&["dev", "table", "vgd-vpool"]);
+    assert!(
+        vtable.trim_end().ends_with(" 8 0 2 dedup dedup_verify"),
+        "{vtable}"
+    );
+
+    // Deactivated and activated again from the VG metadata: the same table.
+    vm_on(&d, &devices, &["vgchange", "-an", "vgd"]);
+    vm_on(&d, &devices, &["vgchange", "-ay", "vgd"]);
+    assert_eq!(d.ok(&["dev", "table", "vgd-pool"]), table);
+    assert_eq!(d.ok(&["dev", "table", "vgd-vpool"]), vtable);
+
+    let img = env.path("img");
+    let data = pseudo_random(4 << 20, 9);
+    std::fs::write(&img, &data).unwrap();
+    for t in ["t0", "t1"] {
+        vm_on(
+            &d,
+            &devices,
+            &[
+                "lvcreate",
+                "-V",
+                "8m",
+                "-T",
+                "pool",
+                "-n",
+                t,
+                "vgd",
+                "--nbd",
+                "127.0.0.1:0",
+            ],
+        );
+        let uri = lv_uri(&d, &devices, &format!("vgd/{t}"));
+        run_ok(
+            Command::new("nbdcopy")
+                .arg("--destination-is-zero")
+                .arg(&img)
+                .arg(&uri),
+        )
+        .unwrap();
+        let back = env.path("back");
+        run_ok(Command::new("nbdcopy").arg(&uri).arg(&back)).unwrap();
+        assert!(
+            read_all(&back).unwrap()[..4 << 20] == data[..],
+            "{t} differs"
+        );
+        std::fs::remove_file(&back).unwrap();
+    }
+    // 4 MiB twice: one copy of 1024 blocks.
+    assert_eq!(pool_data_used(&d, "vgd-pool"), 1024);
+    vm_on(&d, &devices, &["vgchange", "-an", "vgd"]);
 }

@@ -10,7 +10,8 @@
 //!    validate every tree, then rebuild the index) and heap bytes per record at 1 and 10 million
 //!    records (`DEDUP_BENCH_RECORDS=1000000,10000000`; default 1 million).
 //!
-//! `cargo bench -p thin --bench dedup`.
+//! `cargo bench -p thin --bench dedup`; `DEDUP_BENCH_SECTIONS=write` for section 1 only
+//! (`benches/dedup.sh` runs it several times and prints medians).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -320,8 +321,19 @@ fn section_index_scale(n: u64) {
 }
 
 fn main() {
-    section_write_path();
-    section_block_size();
+    // `DEDUP_BENCH_SECTIONS=write,blocks,index` (default: all) picks sections
+    // (benches/dedup.sh runs only `write`, several times).
+    let sections = std::env::var("DEDUP_BENCH_SECTIONS").unwrap_or_else(|_| "all".into());
+    let on = |s: &str| sections == "all" || sections.split(',').any(|x| x.trim() == s);
+    if on("write") {
+        section_write_path();
+    }
+    if on("blocks") {
+        section_block_size();
+    }
+    if !on("index") {
+        return;
+    }
     let counts = std::env::var("DEDUP_BENCH_RECORDS").unwrap_or_else(|_| "1000000".into());
     for n in counts
         .split(',')

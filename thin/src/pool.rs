@@ -704,8 +704,7 @@ impl Pool {
                 (m.reserve_data(), m.data_pending())
             };
             if let Some(d) = got {
-                self.out_of_space.store(false, Ordering::Relaxed);
-                *lock(&self.no_space_since) = None;
+                self.space_found();
                 return Ok(d);
             }
             if pending > 0 {
@@ -724,8 +723,19 @@ impl Pool {
         }
     }
 
+    /// A data block was reserved: the pool is not out of space (any more).
+    fn space_found(&self) {
+        self.out_of_space.store(false, Ordering::Relaxed);
+        *lock(&self.no_space_since) = None;
+    }
+
     fn low_water_check(&self) {
         let free = self.meta().data_free();
+        self.low_water_at(free);
+    }
+
+    /// The low-water check with the free block count already in hand.
+    fn low_water_at(&self, free: u64) {
         let lw = lock(&self.opts).low_water_blocks;
         if free <= lw {
             if self.low_water_armed.swap(false, Ordering::Relaxed) {
@@ -797,7 +807,8 @@ impl Pool {
         let _cell = self.cells.lock((t.id, v)).await;
         if self.dedup_on() {
             // Hashed blocks are never written in place: every write takes the dedup path.
-            return self.dedup_write_block(t, v, off, src).await;
+            // SAFETY: this function's own contract for `src` is passed on.
+            return unsafe { self.dedup_write_block(t, v, off, src) }.await;
         }
         let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
         let data = self.data_dev();

@@ -308,6 +308,8 @@ fn dedup_turned_on_for_a_plain_pool_and_the_scan_shares_old_blocks() {
     ))
     .unwrap();
     assert!(r.starts_with("visited "), "{r}");
+    // One client block write since the reopen (to b): the scan's caller throttles on it.
+    assert!(r.ends_with(" writes 1"), "{r}");
     let r = check(&p);
     assert_eq!((r.hash_records, r.duplicate_hashes), (10, 0));
 }

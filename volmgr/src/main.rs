@@ -7,6 +7,8 @@ mod docs_cmd;
 mod lvm_cli;
 mod nbd_opts;
 mod pool;
+mod pool_dedup;
+mod pool_import;
 mod progress;
 mod serve;
 mod systemd;

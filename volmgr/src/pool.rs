@@ -85,6 +85,55 @@ pub enum PoolCmd {
         #[command(flatten)]
         sd: StateDir,
     },
+    /// Hash and share the blocks of a live dedup pool that were written before dedup was
+    /// on (a plain pool reloaded with the `dedup` feature): identical blocks end up stored once.
+    ///
+    /// Drives the pool's `dedup_scan N` message step by step until no unhashed block is
+    /// left (or a whole pass finds none it can hash). It backs off for `--pause-ms` after any
+    /// step during which clients wrote to the pool, and `--rate` caps the blocks hashed per
+    /// second. Resumable: stop it (Ctrl-C) at any time and run it again; the unhashed blocks
+    /// are the work left, and what is already hashed is skipped quickly.
+    DedupScan {
+        /// The pool's device name in the daemon.
+        name: String,
+        /// Mappings per step (one control request each).
+        #[arg(long, default_value_t = 4096)]
+        step: u64,
+        /// Most blocks hashed per second.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Pause after a step during which clients wrote (milliseconds).
+        #[arg(long, default_value_t = 200)]
+        pause_ms: u64,
+        /// JSON report at the end.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
+    /// Import an image file into a live pool as a new thin volume: creates thin N
+    /// (`create_thin N`) and writes the image's blocks into it through the daemon, so a dedup
+    /// pool stores only the blocks it does not hold yet.
+    ///
+    /// A qcow2 image (told by its magic) is converted with `qemu-img convert -O raw` to a
+    /// temporary file in $TMPDIR first; anything else is read as raw. All-zero 4 KiB pieces
+    /// are not written (the new volume reads zeroes there). The volume's size is the image's,
+    /// rounded up to 512 bytes. The data goes through a temporary NBD export of the volume on
+    /// 127.0.0.1 (device `import-POOL-N`), removed at the end.
+    Import {
+        /// The pool's device name in the daemon.
+        name: String,
+        /// Thin device id to create (must not exist).
+        #[arg(long)]
+        thin_id: u64,
+        /// Image file (raw or qcow2).
+        file: PathBuf,
+        /// JSON report at the end.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sd: StateDir,
+    },
     /// Rebuild what can be found in damaged metadata into a new metadata device.
     Repair {
         /// Damaged metadata (read only).
@@ -259,6 +308,36 @@ fn pool_resize(
     Ok(())
 }
 
+/// `pool check`'s text report: the totals, a dedup pool's hash record recount, the errors
+/// and the findings that are not errors.
+fn check_text(metadata: &Path, r: &thin::tools::CheckReport) -> String {
+    let mut t = format!(
+        "{}: transaction {} generation {}; {} thin device(s), {} mapped block(s); data {}/{} blocks, metadata {}/{} blocks\n",
+        metadata.display(),
+        r.transaction_id,
+        r.generation,
+        r.devices,
+        r.mapped_blocks,
+        r.data_used,
+        r.data_total,
+        r.meta_used,
+        r.meta_total
+    );
+    if r.dedup {
+        t += &format!(
+            "dedup: {} hash record(s), {} stale, {} duplicate hash(es)\n",
+            r.hash_records, r.stale_hash_records, r.duplicate_hashes
+        );
+    }
+    for e in &r.errors {
+        t += &format!("error: {e}\n");
+    }
+    for i in &r.info {
+        t += &format!("info: {i}\n");
+    }
+    t
+}
+
 /// Runs a `pool` verb.
 pub fn run(cmd: PoolCmd) -> Result<()> {
     match cmd {
@@ -268,6 +347,63 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             metadata_size,
             sd,
         } => pool_resize(&name, data_size, metadata_size, &sd)?,
+        PoolCmd::Import {
+            name,
+            thin_id,
+            file,
+            json,
+            sd,
+        } => {
+            let r = crate::pool_import::import(&sd, &name, thin_id, &file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{name}: thin {thin_id} from {} ({}, {} bytes): {} 4 KiB pieces written, \
+                     {} zero pieces skipped, {:.1} s; data blocks used {} -> {}",
+                    file.display(),
+                    r.format,
+                    r.bytes,
+                    r.written_pieces,
+                    r.zero_pieces,
+                    r.seconds,
+                    r.data_used_before,
+                    r.data_used_after
+                );
+            }
+        }
+        PoolCmd::DedupScan {
+            name,
+            step,
+            rate,
+            pause_ms,
+            json,
+            sd,
+        } => {
+            let o = crate::pool_dedup::ScanOpts {
+                step,
+                rate,
+                pause: std::time::Duration::from_millis(pause_ms),
+            };
+            let r = crate::pool_dedup::dedup_scan(&sd, &name, &o)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{name}: visited {} hashed {} shared {} recorded {} in {} pass(es), {:.1} s; \
+                     data blocks used {} -> {}; {} unhashed left",
+                    r.visited,
+                    r.hashed,
+                    r.shared,
+                    r.recorded,
+                    r.passes,
+                    r.seconds,
+                    r.data_used_before,
+                    r.data_used_after,
+                    r.unhashed_left
+                );
+            }
+        }
         PoolCmd::Check { metadata, json } => {
             let dev = open_meta(&metadata, false)?;
             let r = block("pool check", thin::tools::check(&dev))?
@@ -275,21 +411,7 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "{}: transaction {} generation {}; {} thin device(s), {} mapped block(s); data {}/{} blocks, metadata {}/{} blocks",
-                    metadata.display(),
-                    r.transaction_id,
-                    r.generation,
-                    r.devices,
-                    r.mapped_blocks,
-                    r.data_used,
-                    r.data_total,
-                    r.meta_used,
-                    r.meta_total
-                );
-                for e in &r.errors {
-                    println!("error: {e}");
-                }
+                print!("{}", check_text(&metadata, &r));
             }
             if !r.clean {
                 bail!(
@@ -390,4 +512,31 @@ pub fn run(cmd: PoolCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_text_shows_the_dedup_recount_only_for_dedup_pools() {
+        let mut r = thin::tools::CheckReport {
+            clean: true,
+            devices: 2,
+            hash_records: 10,
+            stale_hash_records: 1,
+            duplicate_hashes: 2,
+            info: vec!["1 stale hash record(s)".into()],
+            ..Default::default()
+        };
+        let t = check_text(Path::new("m"), &r);
+        assert!(!t.contains("dedup:"), "{t}");
+        assert!(t.contains("\ninfo: 1 stale hash record(s)\n"), "{t}");
+        r.dedup = true;
+        let t = check_text(Path::new("m"), &r);
+        assert!(
+            t.contains("\ndedup: 10 hash record(s), 1 stale, 2 duplicate hash(es)\n"),
+            "{t}"
+        );
+    }
 }

@@ -43,6 +43,20 @@ pub fn parse_work(status: &str) -> Vec<Work> {
         .collect()
 }
 
+/// A progress bar drawn with `template` (indicatif's), when standard error is a terminal;
+/// `None` otherwise (the caller prints a plain line now and then instead).
+pub fn bar(template: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    })
+}
+
 /// Shows progress while `poll` reports work; returns the last report once every segment is
 /// finished, or an error after `limit`.
 pub fn follow(
@@ -51,18 +65,7 @@ pub fn follow(
     mut poll: impl FnMut() -> anyhow::Result<Vec<Work>>,
 ) -> anyhow::Result<Vec<Work>> {
     let t0 = Instant::now();
-    let tty = std::io::stderr().is_terminal();
-    let bar = tty.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:>12} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        b
-    });
+    let bar = bar("{msg:>12} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}");
     let mut last_line = Instant::now() - Duration::from_secs(60);
     loop {
         let work = poll()?;

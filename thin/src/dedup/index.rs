@@ -99,18 +99,21 @@ impl Index {
     }
 
     /// Blocks whose entry has `h`'s fingerprint: candidates to confirm against their records.
-    pub fn candidates(&self, h: &Hash128) -> Vec<DataBlock> {
+    pub fn candidates(&self, h: &Hash128) -> impl Iterator<Item = DataBlock> + '_ {
         let fp = fingerprint(h);
-        let mut out = Vec::new();
         let mut i = self.home(h);
-        // The index is never full (max < slots), so the probe meets an empty slot.
-        while self.slots[i] != EMPTY {
-            if self.slots[i] >> 32 == fp {
-                out.push(DataBlock(self.slots[i] & 0xFFFF_FFFF));
+        // No allocation: this runs under the metadata lock on every dedup write.
+        std::iter::from_fn(move || {
+            // The index is never full (max < slots), so the probe meets an empty slot.
+            while self.slots[i] != EMPTY {
+                let s = self.slots[i];
+                i = self.next(i);
+                if s >> 32 == fp {
+                    return Some(DataBlock(s & 0xFFFF_FFFF));
+                }
             }
-            i = self.next(i);
-        }
-        out
+            None
+        })
     }
 
     /// Adds `d` under `h`. `false` if the index is full or `d` does not fit 32 bits. Adding
@@ -231,7 +234,7 @@ mod tests {
             assert_eq!(idx.len(), model.len() as u64);
             for (&d, hh) in &model {
                 assert!(
-                    idx.candidates(hh).contains(&DataBlock(d)),
+                    idx.candidates(hh).any(|c| c == DataBlock(d)),
                     "step {step}: {d} lost"
                 );
             }
@@ -245,7 +248,10 @@ mod tests {
         let mut idx = Index::with_slots(10);
         let all_ones: Hash128 = [0, u64::MAX];
         assert!(idx.insert(&all_ones, DataBlock(u32::MAX as u64)));
-        assert_eq!(idx.candidates(&all_ones), vec![DataBlock(u32::MAX as u64)]);
+        assert_eq!(
+            idx.candidates(&all_ones).collect::<Vec<_>>(),
+            vec![DataBlock(u32::MAX as u64)]
+        );
         for d in 0..7 {
             assert!(idx.insert(&h(d), DataBlock(d)));
         }

@@ -156,6 +156,24 @@ impl Metadata {
         Ok(out)
     }
 
+    /// The first live block whose full record is `h`, other than `not` (what a write shares
+    /// with; [`Metadata::dedup_candidates`] without collecting them all).
+    pub fn dedup_first_candidate(
+        &self,
+        h: &Hash128,
+        not: Option<DataBlock>,
+    ) -> MetaResult<Option<DataBlock>> {
+        let Some(st) = self.dedup.as_ref() else {
+            return Ok(None);
+        };
+        for d in st.index.candidates(h) {
+            if Some(d) != not && self.data_count(d) > 0 && self.hash_record(d)? == Some(*h) {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
     fn dedup_state(&mut self) -> MetaResult<&mut DedupState> {
         self.dedup
             .as_mut()

@@ -35,6 +35,8 @@ pub(super) struct DedupCounters {
     hashes: AtomicU64,
     zero_blocks: AtomicU64,
     verify_mismatches: AtomicU64,
+    /// Client block writes served (since open): the scan's caller throttles when this moves.
+    client_writes: AtomicU64,
     /// (window start, hashes then, rate of the last full window)
     rate: Mutex<(Instant, u64, u64)>,
     /// Where the next scan step starts.
@@ -49,6 +51,7 @@ impl DedupCounters {
             hashes: AtomicU64::new(0),
             zero_blocks: AtomicU64::new(0),
             verify_mismatches: AtomicU64::new(0),
+            client_writes: AtomicU64::new(0),
             rate: Mutex::new((Instant::now(), 0, 0)),
             scan: Mutex::new((ThinId(0), VBlock(0))),
         }
@@ -128,13 +131,16 @@ pub struct ScanProgress {
     pub unhashed_left: u64,
     /// This step reached the end of the last device (the next one starts over).
     pub pass_done: bool,
+    /// Client block writes the pool has served since it was opened: a caller that sees this move
+    /// between steps knows clients are busy and can back off.
+    pub client_writes: u64,
 }
 
 impl fmt::Display for ScanProgress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "visited {} hashed {} shared {} recorded {} unhashed {} {}",
+            "visited {} hashed {} shared {} recorded {} unhashed {} {} writes {}",
             self.visited,
             self.hashed,
             self.shared,
@@ -144,9 +150,20 @@ impl fmt::Display for ScanProgress {
                 "pass_done"
             } else {
                 "running"
-            }
+            },
+            self.client_writes
         )
     }
+}
+
+/// What the first metadata round trip of a dedup write found.
+enum Probe {
+    /// The block was mapped to a live block with the same content.
+    Shared,
+    /// No such block: this fresh one is reserved for the write.
+    Reserved(DataBlock),
+    /// No such block and no free one: the allocator's slow path decides.
+    Full,
 }
 
 /// Longest a scan step runs (it holds no lock across its reads, but its caller may want
@@ -218,7 +235,11 @@ impl Pool {
     /// Writes `src` at `off` of virtual block `v` of `t` in a dedup pool (the caller holds
     /// the block's cell). Sources other than memory are sent back (`NeedsMemory`): the
     /// bytes must be hashed.
-    pub(super) async fn dedup_write_block(
+    ///
+    /// # Safety
+    /// A whole-block `Src::Mem` is written to the data device from where it is: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    pub(super) async unsafe fn dedup_write_block(
         &self,
         t: &ThinDevice,
         v: VBlock,
@@ -229,80 +250,116 @@ impl Pool {
             return Ok(Served::NeedsMemory);
         };
         self.writable()?;
+        self.dd.client_writes.fetch_add(1, Ordering::Relaxed);
         let bs = self.block_bytes as usize;
-        let mut buf = vec![0u8; bs];
         if off == 0 && src.len() == bs {
-            buf.copy_from_slice(src);
-        } else {
-            // Read-merge: the old block, the origin or zeroes, with the write over it.
-            let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
-            match (look, &t.origin) {
-                (Some(l), _) => {
-                    let data = self.data_dev();
-                    // SAFETY: `buf` belongs to this future and the read is awaited here.
-                    unsafe { data.read(Bytes(self.block_off(l.block)), &mut buf) }.await?
-                }
-                (None, Some(o)) => {
-                    // SAFETY: as above.
-                    unsafe { Self::read_origin(o, v.0 * bs as u64, &mut buf) }.await?
-                }
-                (None, None) => {}
-            }
-            buf[off..off + src.len()].copy_from_slice(src);
+            // A whole block is in memory already: hash it and write it from there.
+            // SAFETY: the caller keeps the lending contract for `src`.
+            unsafe { self.dedup_store(t.id, v, src, t.origin.is_some()) }.await?;
+            return Ok(Served::Done);
         }
-        self.dedup_store(t.id, v, &buf, t.origin.is_some()).await?;
+        // Read-merge: the old block, the origin or zeroes, with the write over it.
+        let mut buf = vec![0u8; bs];
+        let look = self.meta_for_io()?.map_lookup(t.id, v).map_err(meta_io)?;
+        match (look, &t.origin) {
+            (Some(l), _) => {
+                let data = self.data_dev();
+                // SAFETY: `buf` belongs to this future and the read is awaited here.
+                unsafe { data.read(Bytes(self.block_off(l.block)), &mut buf) }.await?
+            }
+            (None, Some(o)) => {
+                // SAFETY: as above.
+                unsafe { Self::read_origin(o, v.0 * bs as u64, &mut buf) }.await?
+            }
+            (None, None) => {}
+        }
+        buf[off..off + src.len()].copy_from_slice(src);
+        // SAFETY: `buf` belongs to this future.
+        unsafe { self.dedup_store(t.id, v, &buf, t.origin.is_some()) }.await?;
         Ok(Served::Done)
     }
 
-    /// Stores the full block `buf` as virtual block `v` of `id`.
-    async fn dedup_store(
+    /// Stores the full block `buf` as virtual block `v` of `id`: without `dedup_verify`,
+    /// one metadata round trip shares it or reserves a fresh block, and one more (after the
+    /// data write) records it. The hash is taken outside any lock.
+    ///
+    /// # Safety
+    /// `buf` may be lent to the data device: keep the
+    /// [lending contract](tables::io#the-lending-contract) for the returned future.
+    async unsafe fn dedup_store(
         &self,
         id: ThinId,
         v: VBlock,
         buf: &[u8],
         has_origin: bool,
     ) -> IoResult<()> {
-        let h = self.hash_block(buf);
         if !has_origin && is_zero(buf) {
-            // An unmapped block reads as zeroes: no data block at all.
+            // An unmapped block reads as zeroes: no data block at all (and no hash).
             self.dd.zero_blocks.fetch_add(1, Ordering::Relaxed);
             return self.mutate_retry(|m| m.map_remove(id, v).map(|_| ())).await;
         }
-        if self.try_share(id, v, &h, buf, None).await? {
-            return Ok(());
-        }
-        let d = self.alloc_data().await?;
+        let h = self.hash_block(buf);
+        let verify = lock(&self.opts).dedup_verify;
+        let reserved = if verify {
+            if self.try_share(id, v, &h, buf, None).await? {
+                return Ok(());
+            }
+            None
+        } else {
+            // Share with a live block of this content, or reserve a fresh one, in one go.
+            let probe = self
+                .mutate_retry(|m| {
+                    if let Some(c) = m.dedup_first_candidate(&h, None)? {
+                        m.map_insert(id, v, c)?;
+                        return Ok(Probe::Shared);
+                    }
+                    Ok(m.reserve_data().map_or(Probe::Full, Probe::Reserved))
+                })
+                .await?;
+            match probe {
+                Probe::Shared => return Ok(()),
+                Probe::Reserved(d) => {
+                    self.space_found();
+                    Some(d)
+                }
+                Probe::Full => None,
+            }
+        };
+        let d = match reserved {
+            Some(d) => d,
+            // Out of space, or verify: the allocator's path (commits, waits, errors).
+            None => self.alloc_data().await?,
+        };
         let data = self.data_dev();
-        // SAFETY: `buf` outlives this future, which awaits the write.
+        // SAFETY: the caller keeps the lending contract for `buf`; the write is awaited here.
         let w = unsafe { data.write(Bytes(self.block_off(d)), buf, WriteFlags::default()) }.await;
         if let Err(e) = w {
             self.meta().unreserve(d);
             return Err(e);
         }
-        let verify = self.options().dedup_verify;
         let r = self
             .mutate_retry(|m| {
                 // Another writer may have stored the same content meanwhile: share it and
                 // drop the fresh block. (With verify that would need a read under the
                 // lock; the duplicate is then kept: fewer duplicates, never wrong data.)
                 if !verify {
-                    if let Some(&c) = m.dedup_candidates(&h)?.first() {
+                    if let Some(c) = m.dedup_first_candidate(&h, None)? {
                         m.map_insert(id, v, c)?;
-                        return Ok(false);
+                        return Ok((false, m.data_free()));
                     }
                 }
-                m.dedup_map_unique(id, v, d, &h).map(|_| true)
+                m.dedup_map_unique(id, v, d, &h)?;
+                Ok((true, m.data_free()))
             })
             .await;
         match r {
-            Ok(true) => {}
-            Ok(false) => self.meta().unreserve(d),
+            Ok((true, free)) => self.low_water_at(free),
+            Ok((false, _)) => self.meta().unreserve(d),
             Err(e) => {
                 self.meta().unreserve(d);
                 return Err(e);
             }
         }
-        self.low_water_check();
         Ok(())
     }
 
@@ -318,10 +375,10 @@ impl Pool {
         buf: &[u8],
         not: Option<DataBlock>,
     ) -> IoResult<bool> {
-        if !self.options().dedup_verify {
+        if !lock(&self.opts).dedup_verify {
             return self
                 .mutate_retry(|m| {
-                    let c = m.dedup_candidates(h)?.into_iter().find(|&c| Some(c) != not);
+                    let c = m.dedup_first_candidate(h, not)?;
                     match c {
                         Some(c) => m.map_insert(id, v, c).map(|_| true),
                         None => Ok(false),
@@ -436,6 +493,7 @@ impl Pool {
         if let Some(s) = m.dedup_meta_stats() {
             p.unhashed_left = m.data_used().saturating_sub(s.live_records);
         }
+        p.client_writes = self.dd.client_writes.load(Ordering::Relaxed);
         Ok(p)
     }
 

@@ -68,10 +68,18 @@ pub struct LvcreateArgs {
     /// A thin snapshot of the thin LV named as the VG argument (VG/LV).
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
-    /// Thin pool block size (default 64k).
+    /// Thin pool block size (default 64k; 4k, the only size, with --dedup).
     #[arg(short = 'c', long = "chunksize", value_name = "SIZE")]
     chunksize: Option<String>,
-    /// Thin pool metadata size (default: 64 bytes per pool block, at least 4m).
+    /// A thin pool with inline deduplication (the pool table's `dedup` feature): identical
+    /// 4 KiB blocks of all its thin LVs are stored once. Its blocks are 4 KiB and its default
+    /// metadata is 128 bytes per block (mappings plus content hashes).
+    #[arg(long)]
+    dedup: bool,
+    /// With --dedup: compare the bytes of a block before sharing it (`dedup_verify`).
+    #[arg(long, requires = "dedup")]
+    dedup_verify: bool,
+    /// Thin pool metadata size (default: 64 bytes per pool block, 128 with --dedup, at least 4m).
     #[arg(long = "poolmetadatasize", value_name = "SIZE")]
     poolmetadatasize: Option<String>,
     /// Allocation policy: normal, contiguous, anywhere, inherit (lvm2's names; cling is
@@ -319,6 +327,9 @@ impl Draft {
 
 pub fn lvcreate(a: LvcreateArgs) -> Result<()> {
     let kind = a.kind()?;
+    if a.dedup && !matches!(kind, Kind::ThinPool) {
+        bail!("--dedup applies to thin pools (--type thin-pool)");
+    }
     let zero = yes_no("--zero", &a.zero)?;
     let activate = yes_no("--activate", &a.activate)?;
     let (vg_name, lv_from_path) = match a.vg.split_once('/') {

@@ -24,6 +24,8 @@ use crate::lvm_cli::activate::{activate_one, daemon_devices};
 
 /// lvm2's default thin pool chunk size (64 KiB).
 const DEFAULT_CHUNK: Sectors = Sectors(128);
+/// The block size of a dedup pool (4 KiB: the thin crate's dedup works per pool block).
+const DEDUP_CHUNK: Sectors = Sectors(8);
 /// Smallest metadata LV volmgr makes (lvm2's minimum is 2 MiB).
 const MIN_META: u64 = 4 << 20;
 
@@ -32,11 +34,20 @@ pub(super) fn create_pool(a: &LvcreateArgs, d: &mut Draft, zero: bool) -> Result
     let pvs = pv_selection(&d.scan, &vg, &a.pvs)?;
     let chunk = match &a.chunksize {
         Some(c) => super::super::parse_lvm_size(c, 'k')?.sectors_floor(),
+        None if a.dedup => DEDUP_CHUNK,
         None => DEFAULT_CHUNK,
     };
-    if !chunk.0.is_power_of_two() || !(128..=2_097_152).contains(&chunk.0) {
+    if a.dedup && chunk != DEDUP_CHUNK {
+        bail!(
+            "--chunksize: a --dedup pool has 4k blocks, got {}k",
+            chunk.0 / 2
+        );
+    }
+    if !a.dedup && (!chunk.0.is_power_of_two() || !(128..=2_097_152).contains(&chunk.0)) {
         bail!("--chunksize: a power of two from 64k to 1g, as lvm2 takes it");
     }
+    // Mapping and (for dedup) hash tree bytes per pool block, with room to spare.
+    let meta_per_block = if a.dedup { 128 } else { 64 };
     let size = a.size()?;
     let stripes = a.stripes.unwrap_or(1);
     let (data_extents, note) = size.to_extents(&vg, pvs.as_ref(), stripes)?;
@@ -74,7 +85,7 @@ pub(super) fn create_pool(a: &LvcreateArgs, d: &mut Draft, zero: bool) -> Result
     let meta_bytes = match &a.poolmetadatasize {
         Some(s) => super::super::parse_lvm_size(s, 'm')?.0,
         None => (data_bytes / chunk.bytes().0.max(1))
-            .saturating_mul(64)
+            .saturating_mul(meta_per_block)
             .max(MIN_META),
     };
     let meta_extents = Extents(
@@ -107,6 +118,8 @@ pub(super) fn create_pool(a: &LvcreateArgs, d: &mut Draft, zero: bool) -> Result
             transaction_id: 0,
             chunk_size: chunk,
             zero_new_blocks: zero,
+            dedup: a.dedup,
+            dedup_verify: a.dedup_verify,
         })
         .to_segment(Extents(0), data_extents)],
     );
