@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod ceph;
 pub mod model;
+pub mod mpath;
 pub mod netns;
 
 /// Path of the built `volmgr` binary (same profile as this test).
