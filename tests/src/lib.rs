@@ -96,6 +96,28 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// `volmgr ARGS` for an LVM test living in `root`: state directory `root/state`, devices
+/// file `root/lvm-devices`.
+pub fn volmgr_in(root: &Path, args: &[&str]) -> Output {
+    run(Command::new(volmgr_bin())
+        .args(args)
+        .env("VOLMGR_STATE_DIR", root.join("state"))
+        .env("VOLMGR_LVM_DEVICESFILE", root.join("lvm-devices")))
+    .expect("running volmgr")
+}
+
+/// [`volmgr_in`], asserting success; returns stdout.
+pub fn volmgr_ok_in(root: &Path, args: &[&str]) -> String {
+    let o = volmgr_in(root, args);
+    assert!(
+        o.status.success(),
+        "volmgr {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// Runs a command and fails unless it exits 0; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = run(cmd)?;

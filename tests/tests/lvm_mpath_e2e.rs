@@ -9,32 +9,20 @@
 //! Needs nbdkit and qemu-io; a missing one fails the test loudly.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use e2e::mpath::{path_state, wait_path, PatternWriter};
 use e2e::{
-    free_port, qemu_io, require_tools, run, sparse_file, volmgr_bin, DaemonProc, PeerServer,
+    free_port, qemu_io, require_tools, sparse_file, volmgr_in, volmgr_ok_in, DaemonProc, PeerServer,
 };
 
-/// `volmgr ARGS` with the test's devices file and state directory.
 fn vm(root: &Path, args: &[&str]) -> Output {
-    run(Command::new(volmgr_bin())
-        .args(args)
-        .env("VOLMGR_STATE_DIR", root.join("state"))
-        .env("VOLMGR_LVM_DEVICESFILE", root.join("lvm-devices")))
-    .expect("running volmgr")
+    volmgr_in(root, args)
 }
 
 fn ok(root: &Path, args: &[&str]) -> String {
-    let o = vm(root, args);
-    assert!(
-        o.status.success(),
-        "volmgr {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    volmgr_ok_in(root, args)
 }
 
 fn fails(root: &Path, args: &[&str]) -> String {

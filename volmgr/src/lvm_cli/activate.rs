@@ -250,6 +250,18 @@ pub fn table_of(
     Ok(lv_table(vg, lv, &|pv| pv_device(scan, pv), missing)?)
 }
 
+/// The table of `lv` with each PV named as this scan opened it (a PV with several paths as
+/// its `PATH1|PATH2` entry, not its multipath device): for volmgr to find the PVs' sectors
+/// itself through [`Scan::device_index`] (zeroing before a commit), never for the daemon.
+pub fn scan_table(scan: &Scan, vg: &VolumeGroup, lv: &LogicalVolume) -> Result<String> {
+    Ok(lv_table(
+        vg,
+        lv,
+        &|pv| scan.pv_path(&pv.id).map(|p| p.display().to_string()),
+        MissingPvs::Refuse,
+    )?)
+}
+
 /// The absolute path of the device this scan found PV `pv` on; for a PV with several paths
 /// (`PATH1|PATH2`), its internal multipath device `/dev/volmgr/VG-KEY_mpath` (see
 /// [`ensure_mpaths`]).
