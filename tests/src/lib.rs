@@ -737,6 +737,8 @@ pub struct Tgtd {
     luns: Vec<TgtLun>,
     /// (IQN, user, password) CHAP accounts bound to targets.
     chap: Vec<(String, String, String)>,
+    /// Run inside this network namespace, reached at this address (else on 127.0.0.1).
+    netns: Option<(String, String)>,
 }
 
 impl Tgtd {
@@ -751,6 +753,26 @@ impl Tgtd {
             log: dir.join(format!("tgtd-{port}.log")),
             luns: Vec::new(),
             chap: Vec::new(),
+            netns: None,
+        };
+        t.spawn();
+        t
+    }
+
+    /// Starts tgtd inside network namespace `ns` (a [`netns::NetHost`]), its portal on port
+    /// 3260 of every address there; waits until it accepts at `addr`. Its control socket is
+    /// a file, so `tgtadm` reaches it from here.
+    pub fn start_in(dir: &Path, ns: &str, addr: &str) -> Tgtd {
+        require_tools(&["tgtd", "tgtadm"]);
+        let port = 3260;
+        let mut t = Tgtd {
+            child: None,
+            port,
+            control: free_tgtd_control(free_port()),
+            log: dir.join(format!("tgtd-{ns}.log")),
+            luns: Vec::new(),
+            chap: Vec::new(),
+            netns: Some((ns.to_string(), addr.to_string())),
         };
         t.spawn();
         t
@@ -763,15 +785,33 @@ impl Tgtd {
             .append(true)
             .open(&self.log)
             .expect("tgtd log");
-        let child = Command::new("tgtd")
+        let (mut cmd, portal) = match &self.netns {
+            // `ip netns exec` execs tgtd: the child is tgtd itself.
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tgtd"]);
+                (c, "0.0.0.0")
+            }
+            None => (Command::new("tgtd"), "127.0.0.1"),
+        };
+        let child = cmd
             .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .arg(format!("portal={portal}:{}", self.port))
             .stdout(Stdio::null())
             .stderr(errf)
             .spawn()
             .expect("start tgtd");
         self.child = Some(child);
-        wait_port(self.port);
+        match &self.netns {
+            Some((_, addr)) => {
+                let until = Instant::now() + Duration::from_secs(20);
+                while TcpStream::connect((addr.as_str(), self.port)).is_err() {
+                    assert!(Instant::now() < until, "tgtd at {addr} never came up");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            None => wait_port(self.port),
+        }
         // The control socket may lag the portal.
         let until = Instant::now() + Duration::from_secs(10);
         while self.adm(&["--mode", "sys", "--op", "show"]).is_err() {

@@ -138,6 +138,11 @@ impl NetHost {
         }
     }
 
+    /// The namespace's name (for `ip netns exec NAME ...`).
+    pub fn name(&self) -> &str {
+        &self.ns
+    }
+
     /// Starts `program args` inside the namespace; it is killed on drop.
     pub fn spawn(&mut self, program: &str, args: &[&str]) -> &mut Child {
         let child = Command::new("ip")

@@ -1,5 +1,6 @@
 //! The VastSky scenario (issue 15) end to end: four storage hosts, each a network namespace
-//! reachable over two links (two networks), each serving one file with nbdkit on both; each
+//! reachable over two links (two networks), each serving one file on both: hosts 0 and 1 by
+//! tgtd (iSCSI), hosts 2 and 3 by nbdkit; each
 //! PV is a two-path group (one URI per network) tagged `host:hN`; a raid1 LV with three legs
 //! on hosts 0-2, written by a qemu-io writer through the LV's NBD export. One link of host 0
 //! is cut: multipath fails that path over, no leg fails, no client error. Then host 1 is cut
@@ -7,11 +8,10 @@
 //! the rebuild completes, the legs are on three distinct hosts and healthy; host 1 returns and
 //! is not used; what the writer wrote reads back.
 //!
-//! Not here yet: tgtd on two of the hosts (the Tgtd helper runs in our namespace only), ext4
-//! and fio's crc32c verify (the writer checks each write by reading it back, and the last
-//! pattern of every slot at the end).
+//! Not here yet: ext4 and fio's crc32c verify (the writer checks each write by reading it
+//! back, and the last pattern of every slot at the end).
 //!
-//! Needs root, ip, nbdkit, qemu-io; a missing one fails the test loudly.
+//! Needs root, ip, nbdkit, tgtd, qemu-io; a missing one fails the test loudly.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use e2e::mpath::{path_state, wait_path, PatternWriter};
 use e2e::netns::NetHost;
-use e2e::{qemu_io, require_root, require_tools, sparse_file, volmgr_ok_in, DaemonProc};
+use e2e::{
+    qemu_io, require_root, require_tools, sparse_file, volmgr_ok_in, DaemonProc, TgtLun, Tgtd,
+};
 
 fn ok(root: &Path, args: &[&str]) -> String {
     volmgr_ok_in(root, args)
@@ -61,7 +63,7 @@ fn images(root: &Path) -> Vec<(HashSet<String>, String)> {
 #[test]
 fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
     require_root();
-    require_tools(&["ip", "nbdkit", "qemu-io"]);
+    require_tools(&["ip", "nbdkit", "qemu-io", "tgtd", "tgtadm"]);
     let dir = tempfile::Builder::new()
         .prefix("vastsky-e2e-")
         .tempdir_in("/var/tmp")
@@ -71,22 +73,40 @@ fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
     std::fs::write(root.join("lvm-devices"), "# test\n").unwrap();
     let opts = "?timeout=2&reconnect-delay=1&connect-timeout=1";
     let mut hosts = Vec::new();
+    let mut tgtds = Vec::new();
     let mut groups = Vec::new();
     let mut paths = Vec::new();
     for i in 0..4 {
         let mut h = NetHost::with_links(2);
         let f = root.join(format!("host{i}.img"));
         sparse_file(&f, 64 << 20).unwrap();
-        let file_arg = format!("file={}", f.display());
-        h.spawn("nbdkit", &["-f", "-p", "10809", "file", &file_arg]);
-        let uris: Vec<String> = h
-            .addrs
-            .iter()
-            .map(|a| format!("nbd://{a}:10809/d{opts}"))
-            .collect();
-        for a in &h.addrs {
-            h.wait_port_on(a, 10809);
-        }
+        // Hosts 0 and 1 are iSCSI targets (tgtd), hosts 2 and 3 NBD servers (nbdkit).
+        let uris: Vec<String> = if i < 2 {
+            let iqn = format!("iqn.2026-12.org.volmgr.test:h{i}");
+            let mut t = Tgtd::start_in(root, h.name(), &h.addrs[0]);
+            t.add_lun(TgtLun {
+                iqn: iqn.clone(),
+                lun: 1,
+                file: f.clone(),
+                block_size: 512,
+                thin: false,
+            });
+            tgtds.push(t);
+            h.addrs
+                .iter()
+                .map(|a| format!("iscsi://{a}:3260/{iqn}/1{opts}"))
+                .collect()
+        } else {
+            let file_arg = format!("file={}", f.display());
+            h.spawn("nbdkit", &["-f", "-p", "10809", "file", &file_arg]);
+            for a in &h.addrs {
+                h.wait_port_on(a, 10809);
+            }
+            h.addrs
+                .iter()
+                .map(|a| format!("nbd://{a}:10809/d{opts}"))
+                .collect()
+        };
         groups.push(uris.join("|"));
         paths.push(uris);
         hosts.push(h);
