@@ -8,13 +8,17 @@
 //! the rebuild completes, the legs are on three distinct hosts and healthy; host 1 returns and
 //! is not used; what the writer wrote reads back.
 //!
-//! Not here yet: ext4 and fio's crc32c verify (the writer checks each write by reading it
-//! back, and the last pattern of every slot at the end).
+//! Two writers run throughout: qemu-io patterned slots (each write read back, the last
+//! pattern of every slot checked at the end) and rounds of fio `verify=crc32c` on the other
+//! half of the LV. Not here yet: ext4 on the LV.
 //!
-//! Needs root, ip, nbdkit, tgtd, qemu-io; a missing one fails the test loudly.
+//! Needs root, ip, nbdkit, tgtd, qemu-io, fio; a missing one fails the test loudly.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::mpath::{path_state, wait_path, PatternWriter};
@@ -60,10 +64,49 @@ fn images(root: &Path) -> Vec<(HashSet<String>, String)> {
         .collect()
 }
 
+/// fio rounds through the NBD export `uri` until `stop`: each round randomly writes
+/// `8m` at `offset` with `verify=crc32c`, then reads it all back and checks every block.
+/// Returns the number of rounds, or the first failing round's output.
+fn fio_rounds(uri: String, offset: &'static str, stop: Arc<AtomicBool>) -> Result<usize, String> {
+    let mut rounds = 0;
+    while !stop.load(Ordering::Acquire) {
+        let out = Command::new("timeout")
+            .args(["120", "fio", "--name=vastsky", "--ioengine=nbd"])
+            .arg(format!("--uri={uri}"))
+            .args([
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--iodepth=8",
+                &format!("--offset={offset}"),
+                "--size=8m",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--output-format=json",
+            ])
+            .output()
+            .map_err(|e| format!("running fio: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = &text[text.find('{').unwrap_or(0)..];
+        let error = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v["jobs"][0]["error"].as_i64());
+        if !out.status.success() || error != Some(0) {
+            return Err(format!(
+                "fio round {rounds}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        rounds += 1;
+    }
+    Ok(rounds)
+}
+
 #[test]
 fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
     require_root();
-    require_tools(&["ip", "nbdkit", "qemu-io", "tgtd", "tgtadm"]);
+    require_tools(&["ip", "nbdkit", "qemu-io", "fio", "tgtd", "tgtadm"]);
     let dir = tempfile::Builder::new()
         .prefix("vastsky-e2e-")
         .tempdir_in("/var/tmp")
@@ -143,7 +186,7 @@ fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
     ok(
         root,
         &[
-            "lvcreate", "--type", "raid1", "-m", "2", "-L", "8M", "-n", "r", "vgv", g[0], g[1],
+            "lvcreate", "--type", "raid1", "-m", "2", "-L", "16M", "-n", "r", "vgv", g[0], g[1],
             g[2],
         ],
     );
@@ -163,7 +206,13 @@ fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
     let lv = ok(root, &["lvs", "--noheadings", "-o", "lv_dm_path", "vgv/r"])
         .trim()
         .to_string();
+    // Two writers: qemu-io patterns in the first 8 MiB, fio crc32c rounds in the second.
     let writer = PatternWriter::start(&lv, 8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let fio = {
+        let (uri, stop) = (lv.clone(), stop.clone());
+        std::thread::spawn(move || fio_rounds(uri, "8m", stop))
+    };
     std::thread::sleep(Duration::from_secs(1));
 
     // One link of host 0 is cut: its first path fails over to the second, no leg fails.
@@ -230,6 +279,12 @@ fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
         .finish()
         .unwrap_or_else(|| panic!("the writer saw an error; daemon log:\n{}", d.log()));
     assert!(n > 5, "only {n} writes");
+    stop.store(true, Ordering::Release);
+    let rounds = fio
+        .join()
+        .expect("the fio thread")
+        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", d.log()));
+    assert!(rounds >= 2, "only {rounds} fio rounds");
     for (slot, &pat) in last.iter().enumerate() {
         if pat != 0 {
             qemu_io(&lv, &[&format!("read -P {pat} {} 1M", slot << 20)]);
