@@ -118,6 +118,29 @@ pub fn volmgr_ok_in(root: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `fio` over NBD export `uri` (its nbd engine): random writes of 4k-64k at depth 8 with
+/// `verify=crc32c` (every block read back and checked, the first bad one fatal), JSON
+/// output; `extra` adds the size, offset, loops. Killed after `secs` seconds (a hung server
+/// fails the test instead of hanging it).
+pub fn fio_verify(uri: &str, secs: u32, extra: &[&str]) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg(secs.to_string())
+        .args(["fio", "--name=verify", "--ioengine=nbd"])
+        .arg(format!("--uri={uri}"))
+        .args([
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ])
+        .args(extra);
+    c
+}
+
 /// Runs a command and fails unless it exits 0; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = run(cmd)?;

@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,8 @@ use std::time::{Duration, Instant};
 use e2e::mpath::{path_state, wait_path, PatternWriter};
 use e2e::netns::NetHost;
 use e2e::{
-    qemu_io, require_root, require_tools, sparse_file, volmgr_ok_in, DaemonProc, TgtLun, Tgtd,
+    fio_verify, qemu_io, require_root, require_tools, sparse_file, volmgr_ok_in, DaemonProc,
+    TgtLun, Tgtd,
 };
 
 fn ok(root: &Path, args: &[&str]) -> String {
@@ -70,21 +70,8 @@ fn images(root: &Path) -> Vec<(HashSet<String>, String)> {
 fn fio_rounds(uri: String, offset: &'static str, stop: Arc<AtomicBool>) -> Result<usize, String> {
     let mut rounds = 0;
     while !stop.load(Ordering::Acquire) {
-        let out = Command::new("timeout")
-            .args(["120", "fio", "--name=vastsky", "--ioengine=nbd"])
-            .arg(format!("--uri={uri}"))
-            .args([
-                "--rw=randwrite",
-                "--bsrange=4k-64k",
-                "--iodepth=8",
-                &format!("--offset={offset}"),
-                "--size=8m",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                "--output-format=json",
-            ])
+        let offset = format!("--offset={offset}");
+        let out = fio_verify(&uri, 120, &[&offset, "--size=8m"])
             .output()
             .map_err(|e| format!("running fio: {e}"))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
