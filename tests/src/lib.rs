@@ -346,6 +346,22 @@ impl FuseLoop {
     }
 }
 
+impl FuseLoop {
+    /// Unmounts the file system on the loop device from `mnt`, checks it with `e2fsck -fn`
+    /// (fails the test naming what e2fsck said unless it is clean), and mounts it again.
+    pub fn fsck_and_remount(&self, mnt: &Path) {
+        run_ok(Command::new("umount").arg(mnt)).expect("umount");
+        let fsck = run(Command::new("e2fsck").args(["-fn", &self.loopdev])).expect("e2fsck");
+        assert!(
+            fsck.status.success(),
+            "e2fsck {}: {}",
+            self.loopdev,
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        run_ok(Command::new("mount").arg(&self.loopdev).arg(mnt)).expect("mount");
+    }
+}
+
 impl Drop for FuseLoop {
     fn drop(&mut self) {
         if !self.loopdev.is_empty() {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use e2e::mpath::{path_state, wait_path, PatternWriter};
 use e2e::netns::NetHost;
 use e2e::{
-    fio_verify, pseudo_random, qemu_io, require_root, require_tools, run, run_ok, sparse_file,
+    fio_verify, pseudo_random, qemu_io, require_root, require_tools, run_ok, sparse_file,
     volmgr_ok_in, DaemonProc, FuseLoop, TgtLun, Tgtd,
 };
 
@@ -349,14 +349,7 @@ fn vastsky_two_networks_a_link_cut_then_a_host_cut_and_re_mirrored() {
         .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", d.log()));
     assert!(files.len() >= 4, "only {} files written", files.len());
     // The file system is clean and holds what was fsync'ed last in each file.
-    run_ok(Command::new("umount").arg(&mnt)).unwrap();
-    let fsck = run(Command::new("e2fsck").args(["-fn", &fl.loopdev])).unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    run_ok(Command::new("mount").arg(&fl.loopdev).arg(&mnt)).unwrap();
+    fl.fsck_and_remount(&mnt);
     for (name, seed) in &files {
         let got = std::fs::read(mnt.join(name)).unwrap();
         assert!(got == pseudo_random(FILE_LEN, *seed), "{name} differs");
