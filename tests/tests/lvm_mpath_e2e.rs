@@ -104,7 +104,7 @@ fn a_raid_leg_on_a_two_path_pv_survives_one_path_dying() {
     );
 
     let devfile = root.join("lvm-devices").display().to_string();
-    let d = DaemonProc::start_with(&root.join("state"), &["--devicesfile", &devfile]);
+    let mut d = DaemonProc::start_with(&root.join("state"), &["--devicesfile", &devfile]);
     ok(root, &["lvchange", "-ay", "vgp/r", "--nbd", "127.0.0.1:0"]);
     let mp = "vgp-pv0_mpath";
     // The image on the two-path PV is mapped onto its multipath device.
@@ -147,6 +147,22 @@ fn a_raid_leg_on_a_two_path_pv_survives_one_path_dying() {
     assert!(n > 3, "only {n} writes");
     let st = d.ok(&["dev", "status", "vgp-r"]);
     assert!(st.contains(" AA "), "a raid leg failed: {st}");
+    for (slot, &pat) in last.iter().enumerate() {
+        if pat != 0 {
+            qemu_io(&lv, &[&format!("read -P {pat} {} 1M", slot << 20)]);
+        }
+    }
+
+    // A killed daemon brings the multipath device back, under the LV, from what it persisted.
+    d.kill9();
+    d = DaemonProc::start_with(&root.join("state"), &["--devicesfile", &devfile]);
+    wait_path(&d, mp, &ua, "A", 30);
+    wait_path(&d, mp, &ub, "A", 30);
+    let st = d.ok(&["dev", "status", "vgp-r"]);
+    assert!(st.contains(" AA "), "{st}");
+    let lv = ok(root, &["lvs", "--noheadings", "-o", "lv_dm_path", "vgp/r"])
+        .trim()
+        .to_string();
     for (slot, &pat) in last.iter().enumerate() {
         if pat != 0 {
             qemu_io(&lv, &[&format!("read -P {pat} {} 1M", slot << 20)]);
