@@ -173,4 +173,37 @@ fn a_raid_leg_on_a_two_path_pv_survives_one_path_dying() {
     ok(root, &["lvchange", "-an", "vgp/r"]);
     let list = d.ok(&["dev", "list"]);
     assert!(!list.contains(mp), "{list}");
+
+    // pvmove of an active linear LV onto the two-path PV, whose multipath device is not
+    // running: the move creates it for the copy's destination, and the LV ends up on it.
+    ok(
+        root,
+        &[
+            "lvcreate",
+            "-L",
+            "4M",
+            "-n",
+            "lin",
+            "--nbd",
+            "127.0.0.1:0",
+            "vgp",
+            &u2,
+        ],
+    );
+    let lin = ok(
+        root,
+        &["lvs", "--noheadings", "-o", "lv_dm_path", "vgp/lin"],
+    )
+    .trim()
+    .to_string();
+    qemu_io(&lin, &["write -P 0x3c 0 4M", "flush"]);
+    ok(root, &["pvmove", &u2, &group]);
+    let devs = ok(root, &["lvs", "--noheadings", "-o", "devices", "vgp/lin"]);
+    assert!(devs.contains(&group), "{devs}");
+    let t = d.ok(&["dev", "table", "vgp-lin"]);
+    assert!(t.contains(&format!("/dev/volmgr/{mp} ")), "{t}");
+    qemu_io(&lin, &["read -P 0x3c 0 4M"]);
+    ok(root, &["lvchange", "-an", "vgp/lin"]);
+    let list = d.ok(&["dev", "list"]);
+    assert!(!list.contains(mp), "{list}");
 }
