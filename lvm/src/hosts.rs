@@ -8,6 +8,10 @@
 //!    an NBD export over a Unix socket is on this host (`localhost`);
 //! 3. else none: a local file or disk, its own failure domain.
 //!
+//! A PV with several paths (`PATH1|PATH2`, [`crate::paths`]) is on its tag's host, else on
+//! the host of its first path: one host reachable over two networks has two addresses, so
+//! tag it (`host:NAME`) or its second path's address would not count as the same host.
+//!
 //! Host names are compared as written (lower-cased): `nbd://10.0.0.1/a` and
 //! `nbd://server1/b` are two hosts even if the name resolves to that address, since a lookup
 //! would make placement depend on the resolver of the moment. Tag the PVs when that matters.
@@ -83,7 +87,10 @@ pub fn tags_in(extra: &[(String, Item)]) -> Vec<String> {
 /// The host a network extent's name points at, `None` for anything else. Only the authority
 /// part is read (`[USER@]HOST[:PORT]`, `[V6]` in brackets), so a device hint whose options
 /// no longer parse still names its host.
+///
+/// A group of paths (`PATH1|PATH2`) is read by its first path.
 pub fn uri_host(dev: &str) -> Option<String> {
+    let dev = crate::paths::first_path(dev);
     if !NetUri::is_network(dev) {
         return None;
     }
@@ -167,6 +174,26 @@ mod tests {
             Some("fd00::2")
         );
         assert_eq!(pv(Some("nbd:///x"), &[]).host(), None, "no host part");
+        assert_eq!(
+            pv(Some("nbd://10.0.1.2:10809/d|nbd://10.0.2.2:10809/d"), &[])
+                .host()
+                .as_deref(),
+            Some("10.0.1.2"),
+            "a group of paths is on its first path's host"
+        );
+        assert_eq!(
+            pv(Some("nbd://10.0.1.2/d|nbd://10.0.2.2/d"), &["host:h1"])
+                .host()
+                .as_deref(),
+            Some("h1"),
+            "the tag wins over the paths"
+        );
+        assert_eq!(pv(Some("/dev/sdb|nbd://b/d"), &[]).host(), None);
+        assert_eq!(
+            pv(Some("nbd://h1|nbd://h2"), &[]).host().as_deref(),
+            Some("h1"),
+            "the first path alone, not the text up to the next slash"
+        );
     }
 
     #[test]

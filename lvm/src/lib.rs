@@ -44,6 +44,7 @@ mod le;
 pub mod mda;
 pub mod model;
 pub mod orphan;
+pub mod paths;
 pub mod pvcreate;
 pub mod pvresize;
 pub mod repair;
@@ -109,6 +110,31 @@ pub enum Error {
         path: std::path::PathBuf,
         /// Why (shared: the extent error is not `Clone`).
         source: std::sync::Arc<extents::ExtentError>,
+    },
+    /// Two paths of one device entry (`PATH1|PATH2`) show different devices.
+    #[error(
+        "{group}: the paths are not one device: {first} shows {first_shows}, {other} shows \
+         {other_shows} (checked by comparing the PV uuids read through each path)"
+    )]
+    PathsDiffer {
+        /// The whole entry.
+        group: String,
+        /// The first path that could be read.
+        first: String,
+        /// What it shows (`PV <uuid>`, `no PV label`, ...).
+        first_shows: String,
+        /// The path that differs.
+        other: String,
+        /// What it shows.
+        other_shows: String,
+    },
+    /// No path of a device entry (`PATH1|PATH2`) could be opened and read.
+    #[error("{group}: no path works: {}", paths::describe(errors))]
+    NoPath {
+        /// The whole entry.
+        group: String,
+        /// Each path with why it failed.
+        errors: std::sync::Arc<Vec<(String, Error)>>,
     },
 }
 

@@ -642,11 +642,28 @@ pub fn open_paths<P: AsRef<Path>>(
 /// as one (`nbd://...`, `iscsi://...`: a PV may live on another storage host). A network
 /// extent is opened read-write whatever `read_only` says (the server decides), and is never
 /// claimed exclusively.
+///
+/// A group of paths (`PATH1|PATH2`, [`crate::paths`]) opens every path, refuses paths that
+/// show different PVs, and gives the first working path; paths that do not work are skipped
+/// with a warning on stderr (the PV is still found through the others).
 pub fn open_device(
     path: &Path,
     read_only: bool,
     exclusive: bool,
 ) -> Result<DeviceRef, crate::Error> {
+    let name = path.to_string_lossy();
+    if crate::paths::is_group(&name) {
+        let g = crate::paths::open_group(&name, &|p| open_one(p, read_only, exclusive))?;
+        for (p, e) in &g.skipped {
+            eprintln!("  WARNING: {name}: path {p} skipped: {e}");
+        }
+        return Ok(g.device);
+    }
+    open_one(path, read_only, exclusive)
+}
+
+/// [`open_device`] of a single path.
+fn open_one(path: &Path, read_only: bool, exclusive: bool) -> Result<DeviceRef, crate::Error> {
     let name = path.to_string_lossy();
     if extents::net::NetUri::is_network(&name) {
         return extents::net::open(&name)

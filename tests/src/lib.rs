@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod ceph;
 pub mod model;
+pub mod mpath;
 pub mod netns;
 
 /// Path of the built `volmgr` binary (same profile as this test).
@@ -93,6 +94,51 @@ pub fn free_port() -> u16 {
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     Ok(out)
+}
+
+/// `volmgr ARGS` for an LVM test living in `root`: state directory `root/state`, devices
+/// file `root/lvm-devices`.
+pub fn volmgr_in(root: &Path, args: &[&str]) -> Output {
+    run(Command::new(volmgr_bin())
+        .args(args)
+        .env("VOLMGR_STATE_DIR", root.join("state"))
+        .env("VOLMGR_LVM_DEVICESFILE", root.join("lvm-devices")))
+    .expect("running volmgr")
+}
+
+/// [`volmgr_in`], asserting success; returns stdout.
+pub fn volmgr_ok_in(root: &Path, args: &[&str]) -> String {
+    let o = volmgr_in(root, args);
+    assert!(
+        o.status.success(),
+        "volmgr {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `fio` over NBD export `uri` (its nbd engine): random writes of 4k-64k at depth 8 with
+/// `verify=crc32c` (every block read back and checked, the first bad one fatal), JSON
+/// output; `extra` adds the size, offset, loops. Killed after `secs` seconds (a hung server
+/// fails the test instead of hanging it).
+pub fn fio_verify(uri: &str, secs: u32, extra: &[&str]) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg(secs.to_string())
+        .args(["fio", "--name=verify", "--ioengine=nbd"])
+        .arg(format!("--uri={uri}"))
+        .args([
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ])
+        .args(extra);
+    c
 }
 
 /// Runs a command and fails unless it exits 0; returns stdout.
@@ -297,6 +343,22 @@ impl FuseLoop {
         )?;
         fl.loopdev = out.trim().to_string();
         Ok(fl)
+    }
+}
+
+impl FuseLoop {
+    /// Unmounts the file system on the loop device from `mnt`, checks it with `e2fsck -fn`
+    /// (fails the test naming what e2fsck said unless it is clean), and mounts it again.
+    pub fn fsck_and_remount(&self, mnt: &Path) {
+        run_ok(Command::new("umount").arg(mnt)).expect("umount");
+        let fsck = run(Command::new("e2fsck").args(["-fn", &self.loopdev])).expect("e2fsck");
+        assert!(
+            fsck.status.success(),
+            "e2fsck {}: {}",
+            self.loopdev,
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        run_ok(Command::new("mount").arg(&self.loopdev).arg(mnt)).expect("mount");
     }
 }
 
@@ -714,6 +776,8 @@ pub struct Tgtd {
     luns: Vec<TgtLun>,
     /// (IQN, user, password) CHAP accounts bound to targets.
     chap: Vec<(String, String, String)>,
+    /// Run inside this network namespace, reached at this address (else on 127.0.0.1).
+    netns: Option<(String, String)>,
 }
 
 impl Tgtd {
@@ -728,6 +792,26 @@ impl Tgtd {
             log: dir.join(format!("tgtd-{port}.log")),
             luns: Vec::new(),
             chap: Vec::new(),
+            netns: None,
+        };
+        t.spawn();
+        t
+    }
+
+    /// Starts tgtd inside network namespace `ns` (a [`netns::NetHost`]), its portal on port
+    /// 3260 of every address there; waits until it accepts at `addr`. Its control socket is
+    /// a file, so `tgtadm` reaches it from here.
+    pub fn start_in(dir: &Path, ns: &str, addr: &str) -> Tgtd {
+        require_tools(&["tgtd", "tgtadm"]);
+        let port = 3260;
+        let mut t = Tgtd {
+            child: None,
+            port,
+            control: free_tgtd_control(free_port()),
+            log: dir.join(format!("tgtd-{ns}.log")),
+            luns: Vec::new(),
+            chap: Vec::new(),
+            netns: Some((ns.to_string(), addr.to_string())),
         };
         t.spawn();
         t
@@ -740,15 +824,33 @@ impl Tgtd {
             .append(true)
             .open(&self.log)
             .expect("tgtd log");
-        let child = Command::new("tgtd")
+        let (mut cmd, portal) = match &self.netns {
+            // `ip netns exec` execs tgtd: the child is tgtd itself.
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tgtd"]);
+                (c, "0.0.0.0")
+            }
+            None => (Command::new("tgtd"), "127.0.0.1"),
+        };
+        let child = cmd
             .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .arg(format!("portal={portal}:{}", self.port))
             .stdout(Stdio::null())
             .stderr(errf)
             .spawn()
             .expect("start tgtd");
         self.child = Some(child);
-        wait_port(self.port);
+        match &self.netns {
+            Some((_, addr)) => {
+                let until = Instant::now() + Duration::from_secs(20);
+                while TcpStream::connect((addr.as_str(), self.port)).is_err() {
+                    assert!(Instant::now() < until, "tgtd at {addr} never came up");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            None => wait_port(self.port),
+        }
         // The control socket may lag the portal.
         let until = Instant::now() + Duration::from_secs(10);
         while self.adm(&["--mode", "sys", "--op", "show"]).is_err() {

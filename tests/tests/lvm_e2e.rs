@@ -653,22 +653,7 @@ fn lvconvert_to_raid1_and_back_under_fio_verify() {
     let fio = {
         let uri = uri.clone();
         std::thread::spawn(move || {
-            Command::new("fio")
-                .args([
-                    "--name=convert",
-                    "--ioengine=nbd",
-                    &format!("--uri={uri}"),
-                    "--rw=randwrite",
-                    "--bsrange=4k-64k",
-                    "--iodepth=8",
-                    "--size=24m",
-                    "--loops=60",
-                    "--verify=crc32c",
-                    "--do_verify=1",
-                    "--verify_fatal=1",
-                    "--verify_state_save=0",
-                    "--output-format=json",
-                ])
+            e2e::fio_verify(&uri, 600, &["--size=24m", "--loops=60"])
                 .output()
                 .expect("running fio")
         })

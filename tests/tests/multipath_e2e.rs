@@ -3,38 +3,10 @@
 //! is killed (no client error, the path shows F) and comes back (the checker reinstates it).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use e2e::mpath::{path_state, wait_path, PatternWriter};
 use e2e::*;
-
-/// The state (`A`/`F`) and fail count `dev status NAME` shows for the path `uri`.
-fn path_state(d: &DaemonProc, name: &str, uri: &str) -> (String, String) {
-    let st = d.ok(&["dev", "status", name]);
-    let f: Vec<&str> = st.split_whitespace().collect();
-    f.windows(3)
-        .find(|w| w[0] == uri && (w[1] == "A" || w[1] == "F"))
-        .map(|w| (w[1].to_string(), w[2].to_string()))
-        .unwrap_or_else(|| panic!("no path {uri} in the status: {st}"))
-}
-
-fn wait_path(d: &DaemonProc, name: &str, uri: &str, want: &str, secs: u64) -> String {
-    let t0 = Instant::now();
-    loop {
-        let (s, n) = path_state(d, name, uri);
-        if s == want {
-            return n;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "{uri} never showed {want}: {}\n{}",
-            d.ok(&["dev", "status", name]),
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_writer_survives_a_path_dying_and_the_checker_brings_it_back() {
@@ -76,28 +48,7 @@ fn a_writer_survives_a_path_dying_and_the_checker_brings_it_back() {
 
     // The writer: 1 MiB writes of a pattern per slot, each read back through the
     // multipath; any error fails the thread.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, uri2) = (stop.clone(), uri.clone());
-    let writer = std::thread::spawn(move || {
-        let mut last = vec![0u8; 32];
-        let mut k = 0usize;
-        while !stop2.load(Ordering::Acquire) {
-            let slot = k % 32;
-            let pat = (k % 250 + 1) as u8;
-            let off = slot << 20;
-            qemu_io(
-                &uri2,
-                &[
-                    &format!("write -P {pat} {off} 1M"),
-                    "flush",
-                    &format!("read -P {pat} {off} 1M"),
-                ],
-            );
-            last[slot] = pat;
-            k += 1;
-        }
-        (last, k)
-    });
+    let writer = PatternWriter::start(&uri, 32);
 
     std::thread::sleep(Duration::from_secs(1));
     sa.kill();
@@ -117,10 +68,9 @@ fn a_writer_survives_a_path_dying_and_the_checker_brings_it_back() {
     let _sa2 = PeerServer::nbdkit(pa, &["file", &file_arg]);
     wait_path(&d, "mp", &ua, "A", 30);
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Release);
     let (last, n) = writer
-        .join()
-        .unwrap_or_else(|_| panic!("the writer saw an error; daemon log:\n{}", d.log()));
+        .finish()
+        .unwrap_or_else(|| panic!("the writer saw an error; daemon log:\n{}", d.log()));
     assert!(n > 5, "only {n} writes");
     // What the client last wrote is in the file, read back both through us and directly.
     let bytes = read_all(&file).unwrap();

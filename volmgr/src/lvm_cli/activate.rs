@@ -250,10 +250,128 @@ pub fn table_of(
     Ok(lv_table(vg, lv, &|pv| pv_device(scan, pv), missing)?)
 }
 
-/// The absolute path of the device this scan found PV `pv` on.
+/// The table of `lv` with each PV named as this scan opened it (a PV with several paths as
+/// its `PATH1|PATH2` entry, not its multipath device): for volmgr to find the PVs' sectors
+/// itself through [`Scan::device_index`] (zeroing before a commit), never for the daemon.
+pub fn scan_table(scan: &Scan, vg: &VolumeGroup, lv: &LogicalVolume) -> Result<String> {
+    Ok(lv_table(
+        vg,
+        lv,
+        &|pv| scan.pv_path(&pv.id).map(|p| p.display().to_string()),
+        MissingPvs::Refuse,
+    )?)
+}
+
+/// The absolute path of the device this scan found PV `pv` on; for a PV with several paths
+/// (`PATH1|PATH2`), its internal multipath device `/dev/volmgr/VG-KEY_mpath` (see
+/// [`ensure_mpaths`]).
 pub fn pv_device(scan: &Scan, pv: &lvm::PhysicalVolume) -> Option<String> {
-    scan.pv_path(&pv.id)
-        .map(|p| super::absolute_one(p).display().to_string())
+    let path = scan.pv_path(&pv.id)?;
+    if super::is_group(path) {
+        let vg = scan.vg_of_pv(&pv.id)?;
+        return Some(format!(
+            "{}{}",
+            lvm::activate::DAEMON_DEVICE_DIR,
+            mpath_name(vg.name(), &pv.key)
+        ));
+    }
+    Some(super::absolute_one(path).display().to_string())
+}
+
+/// The daemon name of the multipath device of PV `key` of VG `vg` (`VG-KEY_mpath`).
+pub fn mpath_name(vg: &str, key: &str) -> String {
+    dm_name(vg, &format!("{key}_mpath"))
+}
+
+/// The table of the multipath device over `paths` (a PV's `PATH1|PATH2`), `sectors` long:
+/// one round-robin group of every path; no endless queueing (`no_path_retry 12`: I/O waits
+/// 12 checker rounds for a path to come back, then fails, so a raid above it can fail the
+/// leg), failed paths probed every second.
+pub fn mpath_table(paths: &str, sectors: u64) -> String {
+    let list = lvm::paths::group_paths(paths);
+    let mut t = format!(
+        "0 {sectors} multipath 4 no_path_retry 12 checker_interval_ms 1000 0 1 1 round-robin 0 {} 1",
+        list.len()
+    );
+    for p in list {
+        t.push_str(&format!(
+            " {} 1",
+            super::absolute_one(std::path::Path::new(p)).display()
+        ));
+    }
+    t.push('\n');
+    t
+}
+
+/// Creates, as internal devices, the multipath devices of the PVs with several paths that
+/// `table` names and the daemon does not run yet (`running`, updated): an LV's table names
+/// `/dev/volmgr/VG-KEY_mpath` for an area on such a PV.
+pub fn ensure_mpaths(
+    scan: &Scan,
+    vg: &VolumeGroup,
+    table: &str,
+    sd: &StateDir,
+    running: &mut HashSet<String>,
+) -> Result<()> {
+    for pv in &vg.physical_volumes {
+        let Some(i) = scan.report.device_of_pv(&pv.id) else {
+            continue;
+        };
+        let Some(path) = scan.paths.get(i).filter(|p| super::is_group(p)) else {
+            continue;
+        };
+        let name = mpath_name(&vg.name, &pv.key);
+        let dev = format!("{}{name}", lvm::activate::DAEMON_DEVICE_DIR);
+        if running.contains(&name) || !table.split_whitespace().any(|w| w == dev) {
+            continue;
+        }
+        let sectors = scan.report.devices[i].size.0 / 512;
+        let reply = call(
+            sd,
+            Request::Create {
+                name: name.clone(),
+                table: mpath_table(&path.to_string_lossy(), sectors),
+                ublk_id: None,
+                export: None,
+                nbd: None,
+                nbd_limits: NbdOverrides::default(),
+                internal: true,
+            },
+        )
+        .with_context(|| format!("{}: PV {}: asking the daemon", vg.name, pv.key))?;
+        expect_text(reply).with_context(|| {
+            format!(
+                "{}: PV {}: creating its multipath device {name}",
+                vg.name, pv.key
+            )
+        })?;
+        running.insert(name);
+    }
+    Ok(())
+}
+
+/// Removes the multipath devices of `vg`'s PVs that no device uses any more (the daemon
+/// refuses to remove one that is used: that one stays).
+fn remove_unused_mpaths(vg: &VolumeGroup, sd: &StateDir) -> Result<()> {
+    let running = daemon_devices(sd);
+    for pv in &vg.physical_volumes {
+        let name = mpath_name(&vg.name, &pv.key);
+        if !running.contains_key(&name) {
+            continue;
+        }
+        match expect_text(call(
+            sd,
+            Request::Remove {
+                name: name.clone(),
+                force: false,
+            },
+        )?) {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("is used by") => {}
+            Err(e) => return Err(e.context(format!("{}: removing {name}", vg.name))),
+        }
+    }
+    Ok(())
 }
 
 /// Checks that each of `lvs` makes a table every target accepts (what `table check` runs:
@@ -309,6 +427,7 @@ fn activate_dependencies(
         }
         activate_dependencies(scan, vg, dep, missing, sd, active, depth + 1)?;
         let table = table_of(scan, vg, dep, missing)?;
+        ensure_mpaths(scan, vg, &table, sd, active)?;
         create(sd, vg, dep, name.clone(), table, None, true)?;
         active.insert(name);
     }
@@ -372,6 +491,7 @@ pub fn activate_one(
     }
     let mut active: HashSet<String> = running.keys().cloned().collect();
     activate_dependencies(scan, vg, lv, missing, sd, &mut active, 0)?;
+    ensure_mpaths(scan, vg, &table, sd, &mut active)?;
     let internal = lvm::activate::is_internal(lv);
     let nbd = if internal { None } else { nbd };
     let via_ublk = nbd.is_none() && !internal;
@@ -447,9 +567,28 @@ pub fn deactivate_one(
         expect_text(reply).with_context(|| format!("{}/{}: deactivating", vg.name, lv.name))?;
     }
     deactivate_dependencies(vg, lv, sd, 0)?;
+    remove_unused_mpaths(vg, sd)?;
     let dir = dev_dir().join(&vg.name);
     let _ = std::fs::remove_file(dir.join(&lv.name));
     // The VG's directory goes with its last LV link, as with lvm2.
     let _ = std::fs::remove_dir(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pvs_multipath_table_is_one_round_robin_group_the_target_accepts() {
+        let t = mpath_table("nbd://10.0.1.2/d|nbd://10.0.2.2/d", 131072);
+        assert_eq!(
+            t,
+            "0 131072 multipath 4 no_path_retry 12 checker_interval_ms 1000 0 1 1 round-robin \
+             0 2 1 nbd://10.0.1.2/d 1 nbd://10.0.2.2/d 1\n"
+        );
+        tables::table::Table::parse(&t, &volmgr::registry())
+            .expect("the multipath target refuses it");
+        assert_eq!(mpath_name("my-vg", "pv0"), "my--vg-pv0_mpath");
+    }
 }

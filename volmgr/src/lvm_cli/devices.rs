@@ -1,6 +1,6 @@
 //! Where PVs are looked for, as lvm2 does it: `--devices` names the devices to use; otherwise a
 //! devices file (lvm2's `use_devicesfile`; ours is `/etc/volmgr/lvm-devices`, one path per
-//! line, files allowed) restricts the scan to what it lists; with neither, every block device
+//! line, files allowed, a PV with several paths as one line `PATH1|PATH2`) restricts the scan to what it lists; with neither, every block device
 //! of the machine is scanned, except the daemon's own volumes (`/dev/ublkb*`, as lvm2 skips LVs
 //! with `scan_lvs = 0`), empty loop devices and devices of no size. `pvcreate` and
 //! `vgcreate`/`vgextend` add what they format to the devices file when there is one (and
@@ -55,8 +55,8 @@ impl DeviceArgs {
         }
     }
 
-    /// Records `paths` in the devices file: always for regular files and network extents (a
-    /// scan would never find them), for block devices only when the file exists (it then restricts the scan). Not
+    /// Records `paths` in the devices file: always for regular files, network extents and
+    /// groups of paths (a scan would never find them), for block devices only when the file exists (it then restricts the scan). Not
     /// with `--devices` (the caller said exactly what to use).
     pub fn remember(&self, paths: &[PathBuf]) -> Result<()> {
         if !self.devices.is_empty() {
@@ -69,6 +69,7 @@ impl DeviceArgs {
             .filter(|p| {
                 exists
                     || super::is_network(p)
+                    || super::is_group(p)
                     || std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false)
             })
             .collect();

@@ -113,7 +113,8 @@ fn reload(sd: &StateDir, name: &str, table: String) -> Result<()> {
 /// Zeroes the metadata extents `lvs` (rmeta sub-LVs) on their PVs.
 pub(super) fn zero_lvs(scan: &Scan, vg: &VolumeGroup, lvs: &[&LogicalVolume]) -> Result<()> {
     for l in lvs {
-        for line in table(scan, vg, l)?.lines() {
+        // The PVs as scanned: a PV with several paths is written through the scan's path.
+        for line in super::activate::scan_table(scan, vg, l)?.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             let [_, len, "linear", dev, off] = f.as_slice() else {
                 bail!("{}/{}: not a linear metadata LV", vg.name, l.name);

@@ -23,7 +23,7 @@ use lvm::alloc::{self, Policy};
 use lvm::{SegmentKind, VolumeGroup};
 use ublk_target::control::Request as Ctl;
 
-use super::activate::{daemon_devices, table_of};
+use super::activate::{daemon_devices, ensure_mpaths, table_of};
 use super::lvconvert::zero_lvs;
 use super::scan::Scan;
 use super::DeviceArgs;
@@ -182,6 +182,9 @@ pub fn repair_lv(
             for name in [&r.meta_lv, &r.image_lv] {
                 let l = md.vg.lv(name).context("a replaced sub-LV")?;
                 let table = table_of(&scan, &md.vg, l, MissingPvs::Refuse)?;
+                // New extents on a PV with several paths need its multipath device.
+                let mut running = daemon_devices(sd).into_keys().collect();
+                ensure_mpaths(&scan, &md.vg, &table, sd, &mut running)?;
                 // The old table's storage is on the dead host: its flush could only fail.
                 let dm_sub = dm_name(vg_name, name);
                 expect_text(call(

@@ -14,7 +14,7 @@ use lvm::alloc::{self, Policy, Sign};
 use lvm::{Extents, SegmentKind};
 use ublk_target::control::Request;
 
-use super::activate::{daemon_devices, table_of};
+use super::activate::{daemon_devices, ensure_mpaths, table_of};
 use super::lvcreate::pv_selection;
 use super::scan::Scan;
 use super::{split_lv_name, Confirm, DeviceArgs};
@@ -179,6 +179,8 @@ fn extend(a: LvresizeArgs, scan: Scan) -> Result<()> {
     for n in &order {
         let lv = vg.lv(n).context("the LV")?;
         let table = table_of(&scan, vg, lv, MissingPvs::Refuse)?;
+        let mut running = daemon_devices(&a.sd).into_keys().collect();
+        ensure_mpaths(&scan, vg, &table, &a.sd, &mut running)?;
         expect_text(call(
             &a.sd,
             Request::Reload {

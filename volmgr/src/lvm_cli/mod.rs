@@ -219,10 +219,24 @@ pub fn absolute(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 /// [`absolute`] of one device.
 pub fn absolute_one(p: &std::path::Path) -> PathBuf {
+    if is_group(p) {
+        // Each path of a group on its own (`a.img|nbd://h/d` -> `/cwd/a.img|nbd://h/d`).
+        let name = p.to_string_lossy();
+        let parts: Vec<String> = lvm::paths::group_paths(&name)
+            .into_iter()
+            .map(|q| absolute_one(std::path::Path::new(q)).display().to_string())
+            .collect();
+        return PathBuf::from(parts.join(&lvm::paths::PATH_SEPARATOR.to_string()));
+    }
     if is_network(p) {
         return p.to_path_buf();
     }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Whether a device name is a group of paths to one PV (`PATH1|PATH2`, [`lvm::paths`]).
+pub fn is_group(p: &std::path::Path) -> bool {
+    lvm::paths::is_group(&p.to_string_lossy())
 }
 
 /// Whether a device name is a network extent's URI (a PV on another storage host).

@@ -149,6 +149,13 @@ pub fn pvcreate(a: PvcreateArgs) -> Result<()> {
             }
         }
         lvm::pvcreate::pvcreate(dev.as_ref(), &opts).with_context(|| format!("{}", p.display()))?;
+        if super::is_group(p) {
+            // Written through one path: each other path must now show the same new PV.
+            drop(dev);
+            lvm::scan::open_paths(std::slice::from_ref(p), true).with_context(|| {
+                format!("{}: checking the new PV through every path", p.display())
+            })?;
+        }
         println!(
             "  Physical volume \"{}\" successfully created.",
             p.display()

@@ -24,7 +24,7 @@ use lvm::alloc::{self, Policy, PvSelection, Request};
 use lvm::{Extents, LogicalVolume, Segment, SegmentKind, VolumeGroup};
 use ublk_target::control::Request as Ctl;
 
-use super::activate::{daemon_devices, table_of};
+use super::activate::{daemon_devices, ensure_mpaths, table_of};
 use super::scan::Scan;
 use super::DeviceArgs;
 use crate::client::{call, expect_text, StateDir};
@@ -387,8 +387,7 @@ fn move_one(
             },
         )?;
         let found = vg.physical_volumes.iter().find_map(|pv| {
-            let path = scan.pv_path(&pv.id)?;
-            let path = super::absolute_one(path).display().to_string();
+            let path = super::activate::pv_device(scan, pv)?;
             let f: Vec<&str> = d.split_whitespace().collect();
             let [_, _, "linear", dev, off] = f.as_slice() else {
                 return None;
@@ -419,7 +418,10 @@ fn move_one(
     if resumed.is_none() {
         let dst_table = area_table(scan, vg, &dkey, dstart, it.len)?;
         let len = it.len.to_sectors(vg.extent_size).context("area size")?.0;
+        let mut running_names = running.keys().cloned().collect();
         for (sub, table) in [("_src", &src_table), ("_dst", &dst_table)] {
+            // An area on a PV with several paths is on its multipath device.
+            ensure_mpaths(scan, vg, table, &a.sd, &mut running_names)?;
             ctl(
                 &a.sd,
                 Ctl::Create {

@@ -188,10 +188,11 @@ impl Scan {
         self.report.device_of_pv(id).and_then(|i| self.paths.get(i))
     }
 
-    /// The index of the device at `path` (by canonical path; a network extent by its URI),
+    /// The index of the device at `path` (by canonical path; a network extent by its URI, a
+    /// group of paths by its spelling),
     /// if it was scanned.
     pub fn device_index(&self, path: &std::path::Path) -> Option<usize> {
-        if super::is_network(path) {
+        if super::is_network(path) || super::is_group(path) {
             return self.paths.iter().position(|p| p == path);
         }
         let want = std::fs::canonicalize(path).ok()?;

@@ -276,12 +276,7 @@ impl Draft {
     /// still free, so a crash leaves no new LV with old data at its start.
     fn zero_start(&self, lv: &LogicalVolume, len: u64) -> Result<()> {
         let vg = &self.md.vg;
-        let table = lvm::activate::lv_table(
-            vg,
-            lv,
-            &|pv| self.scan.pv_path(&pv.id).map(|p| p.display().to_string()),
-            MissingPvs::Refuse,
-        )?;
+        let table = crate::lvm_cli::activate::scan_table(&self.scan, vg, lv)?;
         let size = lv
             .extent_count()
             .and_then(|e| e.to_sectors(vg.extent_size))
