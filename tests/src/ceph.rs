@@ -282,13 +282,25 @@ impl CephCluster {
         o.lines().any(|l| l.starts_with(&format!("osd.{i} up ")))
     }
 
+    /// [`CephCluster::osd_up`], or `None` while the monitor does not answer (it refuses
+    /// commands with EPERM for a moment while it starts or holds an election, more so on a
+    /// busy machine).
+    fn osd_state(&self, i: usize) -> Option<bool> {
+        let o = self.base("ceph").args(["osd", "dump"]).output().ok()?;
+        o.status.success().then(|| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with(&format!("osd.{i} up ")))
+        })
+    }
+
     /// Waits (up to `limit`) until OSD `i` is `up` (or `down`, with `up = false`). Waiting
     /// for `up`, an OSD process that has exited is started again: Ceph 16.2's OSD sometimes
     /// sends its first monitor command before it has the monitor map and gives up ("wrong
     /// fsid").
     pub fn wait_osd(&mut self, i: usize, up: bool, limit: Duration) {
         let until = Instant::now() + limit;
-        while self.osd_up(i) != up {
+        while self.osd_state(i) != Some(up) {
             let exited = self.osds[i]
                 .as_mut()
                 .is_some_and(|c| c.try_wait().ok().flatten().is_some());

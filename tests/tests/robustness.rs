@@ -305,12 +305,35 @@ fn sigterm_during_restore_is_honoured() {
     }
     drop(d);
     let mut d = DaemonProc::spawn(&state, &[]);
-    std::thread::sleep(Duration::from_millis(30));
+    // SIGTERM must arrive once the daemon takes it (it blocks it first thing, before the
+    // restore), not while the loader still maps its libraries (librbd's take a while on a
+    // busy machine): wait for the block, then stop it at once.
+    let pid = d.pid().expect("daemon pid");
+    let t0 = Instant::now();
+    while !sigterm_blocked(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the daemon never blocked SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let t0 = Instant::now();
     let code = d.terminate();
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     assert!(code == 0 || code == 1, "exit {code}: {}", d.log());
     assert_eq!(records(&state).len(), 24);
+}
+
+/// Whether process `pid`'s main thread blocks SIGTERM (`SigBlk` in /proc/PID/status).
+fn sigterm_blocked(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
 }
 
 /// Sends raw bytes to a control socket; returns the reply line.
