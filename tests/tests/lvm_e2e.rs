@@ -1368,5 +1368,12 @@ fn lvcreate_dedup_pool_keeps_its_feature_and_shares_identical_thin_lvs() {
     }
     // 4 MiB twice: one copy of 1024 blocks.
     assert_eq!(pool_data_used(&d, "vgd-pool"), 1024);
+    // lvs shows the pool's dedup ratio: 2048 logical blocks on 1024.
+    let ratio = vm_on(
+        &d,
+        &devices,
+        &["lvs", "--noheadings", "-o", "dedup_ratio", "vgd/pool"],
+    );
+    assert_eq!(ratio.trim(), "2.00", "{ratio}");
     vm_on(&d, &devices, &["vgchange", "-an", "vgd"]);
 }

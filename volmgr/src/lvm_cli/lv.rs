@@ -31,6 +31,12 @@ pub struct LvsArgs {
 }
 
 const LV_FIELDS: &[Field] = &[
+    // Ours (lvm2 has none): a dedup thin pool's logical / used data blocks.
+    Field {
+        name: "dedup_ratio",
+        heading: "Dedup",
+        kind: Kind::Text,
+    },
     Field {
         name: "lv_name",
         heading: "LV",
@@ -284,6 +290,16 @@ struct Live {
     degraded: bool,
     /// The source PV of a pvmove this LV is part of (then `sync` is the move's copy).
     moving: Option<String>,
+    /// A dedup thin pool's ratio (logical / used data blocks), from its status's `dedup` tail.
+    dedup_ratio: Option<String>,
+}
+
+/// The ratio in a thin pool status's dedup tail (`... dedup L/U SHARED ZERO RATIO ...`).
+fn dedup_ratio(status: &str) -> Option<String> {
+    let w: Vec<&str> = status.split_whitespace().collect();
+    let at = w.iter().position(|x| *x == "dedup")?;
+    let r = w.get(at + 4)?;
+    r.parse::<f64>().ok().map(|_| r.to_string())
 }
 
 /// `a/b` pairs of a status line, in order.
@@ -327,6 +343,7 @@ impl Live {
             LvKind::ThinPool => Live {
                 meta: f.first().copied(),
                 data: f.get(1).copied(),
+                dedup_ratio: dedup_ratio(&status),
                 ..Live::default()
             },
             // `mapped_sectors highest|-` (after `start len thin` when the table prefixes it).
@@ -462,6 +479,7 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
                 _ => String::new(),
             }),
             "data_percent" => Value::Text(r.live.data.map(percent).unwrap_or_default()),
+            "dedup_ratio" => Value::Text(r.live.dedup_ratio.clone().unwrap_or_default()),
             "metadata_percent" => Value::Text(r.live.meta.map(percent).unwrap_or_default()),
             "copy_percent" => Value::Text(r.live.sync.map(percent).unwrap_or_default()),
             "move_pv" => Value::Text(r.live.moving.clone().unwrap_or_default()),
@@ -509,4 +527,17 @@ pub fn lvs(a: LvsArgs) -> Result<()> {
         }
     })?;
     super::refuse_unknown_names(&a.names, &scan)
+}
+
+#[cfg(test)]
+mod dedup_ratio_tests {
+    use super::dedup_ratio;
+
+    #[test]
+    fn ratio_from_the_pool_status_tail() {
+        let st = "0 12/1024 300/4096 - rw discard_passdown queue_if_no_space - \
+                  dedup 600/300 10 4 2.00 300/1000 9400 0 0 - 0 0";
+        assert_eq!(dedup_ratio(st).as_deref(), Some("2.00"));
+        assert_eq!(dedup_ratio("0 12/1024 300/4096 - rw"), None);
+    }
 }
