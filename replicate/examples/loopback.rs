@@ -70,6 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         peer: addr.to_string(),
         server_name: "127.0.0.1".into(),
         tls: None, // replicate::tls::client_config(dir) in production
+        bwlimit: None,
     }));
     let p = primary.clone();
     let sending = std::thread::spawn(move || p.run());

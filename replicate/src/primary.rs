@@ -3,7 +3,7 @@
 //! snapshot (a consistent point in time) and shipped, then COMMIT; on ACK the older
 //! snapshot is released and the new one recorded as the common point.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,15 @@ use thin::{Pool, ThinId};
 
 use crate::error::{ReplError, ReplResult};
 use crate::proto::{recv, send, Msg, MAX_DATA};
-use crate::state::{now_secs, Phase, State, Status};
-use crate::tls::{connect, Link};
+use crate::state::{now_ms, now_secs, Phase, State, Status};
+use crate::tls::{connect_watched, Link, IO_TIMEOUT};
 use crate::{lock, run_io};
+
+/// Between intervals the primary pings this often (well inside the link timeout).
+const PING_EVERY: Duration = Duration::from_secs(2);
+
+/// A call still blocked this long after a stop is cut.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// What the primary replicates and where to.
 #[derive(Clone)]
@@ -43,6 +49,8 @@ pub struct PrimaryConfig {
     pub server_name: String,
     /// TLS credentials; `None` only with `--insecure`.
     pub tls: Option<Arc<ClientConfig>>,
+    /// Most volume bytes per second shipped (`None`: as fast as the link goes).
+    pub bwlimit: Option<u64>,
 }
 
 /// A replication snapshot taken but not yet acknowledged.
@@ -51,6 +59,9 @@ struct Pending {
     snapshot: u64,
     thin: ThinId,
     taken_at: u64,
+    /// When it was taken, in milliseconds since the epoch (for the lag; 0: unknown,
+    /// after a restart).
+    taken_ms: u64,
 }
 
 /// The primary's engine; [`Primary::run`] loops until [`Primary::stop`].
@@ -58,6 +69,10 @@ pub struct Primary {
     cfg: PrimaryConfig,
     status: Arc<Mutex<Status>>,
     stop: Arc<AtomicBool>,
+    /// [`Primary::demote`] asked for one last interval before stopping.
+    demote: AtomicBool,
+    /// The snapshot the last interval of a demotion completed (0: none yet).
+    demoted_at: AtomicU64,
 }
 
 impl Primary {
@@ -72,6 +87,24 @@ impl Primary {
             cfg,
             status: Arc::new(Mutex::new(status)),
             stop: Arc::new(AtomicBool::new(false)),
+            demote: AtomicBool::new(false),
+            demoted_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Asks for one last interval at once (the volume's state now, which the caller has
+    /// stopped writing to), after which [`Primary::run`] returns; see
+    /// [`Primary::demoted_at`].
+    pub fn demote(&self) {
+        self.demote.store(true, Ordering::SeqCst);
+    }
+
+    /// The snapshot the final interval of a demotion made complete on the secondary, once
+    /// it did.
+    pub fn demoted_at(&self) -> Option<u64> {
+        match self.demoted_at.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(n),
         }
     }
 
@@ -90,6 +123,10 @@ impl Primary {
     pub fn run(&self) {
         while !self.stop.load(Ordering::SeqCst) {
             if let Err(e) = self.session() {
+                if self.stop.load(Ordering::SeqCst) {
+                    // Cut short by stop(): not a failure of the link.
+                    break;
+                }
                 log::warn!(
                     "replication of {} to {}: {e}",
                     self.cfg.volume,
@@ -105,9 +142,31 @@ impl Primary {
         lock(&self.status).state = Phase::Stopped;
     }
 
+    /// Waits `d` between two intervals on an open link, with a PING every
+    /// [`PING_EVERY`] so the secondary (and a dead link) are told apart from a long interval.
+    fn idle(&self, link: &mut Box<dyn Link>, d: Duration) -> ReplResult<()> {
+        let end = Instant::now() + d;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let step = left.min(PING_EVERY);
+            self.sleep(step);
+            if self.demote.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if step == PING_EVERY {
+                send(link, &Msg::Ping)?;
+                link.flush().map_err(ReplError::Net)?;
+            }
+        }
+    }
+
+    /// Sleeps `d`, or less when stopped or asked to demote.
     fn sleep(&self, d: Duration) {
         let end = Instant::now() + d;
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.stop.load(Ordering::SeqCst) && !self.demote.load(Ordering::SeqCst) {
             let now = Instant::now();
             if now >= end {
                 break;
@@ -128,6 +187,7 @@ impl Primary {
                     snapshot: st.pending_snapshot,
                     thin: ThinId(st.pending_thin_id),
                     taken_at: st.pending_taken_at,
+                    taken_ms: 0,
                 })
             } else {
                 None
@@ -141,10 +201,53 @@ impl Primary {
         Ok((st, pending))
     }
 
-    /// One connection: HELLO, agree on the base, then one interval after another.
+    /// One connection, watched: cut when stopped, or when one read or write has been
+    /// blocked for longer than the link timeout (a dead link or a stalled peer).
     fn session(&self) -> ReplResult<()> {
+        let (link, watch) =
+            connect_watched(&self.cfg.peer, &self.cfg.server_name, self.cfg.tls.as_ref())?;
+        let done = AtomicBool::new(false);
+        let stalled = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !done.load(Ordering::SeqCst) {
+                    // Stopped: cut a call that is blocked (one that is not, such as the
+                    // BYE going out, finishes first).
+                    if self.stop.load(Ordering::SeqCst) && watch.stuck_for() > STOP_GRACE {
+                        watch.cut();
+                        return;
+                    }
+                    if watch.stuck_for() > IO_TIMEOUT {
+                        stalled.store(true, Ordering::SeqCst);
+                        watch.cut();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let r = self.session_on(link);
+            done.store(true, Ordering::SeqCst);
+            match r {
+                Err(ReplError::Net(e)) if stalled.load(Ordering::SeqCst) => {
+                    Err(ReplError::Net(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no progress for {} s, link cut ({e})", IO_TIMEOUT.as_secs()),
+                    )))
+                }
+                r => r,
+            }
+        })
+    }
+
+    /// Tells the secondary this side stops on purpose.
+    fn bye(link: &mut Box<dyn Link>) -> ReplResult<()> {
+        send(link, &Msg::Bye)?;
+        link.flush().map_err(ReplError::Net)
+    }
+
+    /// HELLO, agree on the base, then one interval after another.
+    fn session_on(&self, mut link: Box<dyn Link>) -> ReplResult<()> {
         let (mut st, pending) = self.load_state()?;
-        let mut link = connect(&self.cfg.peer, &self.cfg.server_name, self.cfg.tls.as_ref())?;
         send(
             &mut link,
             &Msg::Hello {
@@ -176,6 +279,7 @@ impl Primary {
             .max(pending.map_or(0, |p| p.snapshot));
         loop {
             let started = Instant::now();
+            let last = self.demote.load(Ordering::SeqCst);
             next = next
                 .checked_add(1)
                 .ok_or_else(|| ReplError::Protocol("snapshot ids exhausted".into()))?;
@@ -194,12 +298,19 @@ impl Primary {
             };
             log::debug!("{}: snapshot {acked} acknowledged", self.cfg.volume);
             base = Some(self.acknowledged(&mut st, p)?);
-            if self.stop.load(Ordering::SeqCst) {
-                return Ok(());
+            if last {
+                self.demoted_at.store(p.snapshot, Ordering::SeqCst);
+                self.stop.store(true, Ordering::SeqCst);
             }
-            self.sleep(self.cfg.interval.saturating_sub(started.elapsed()));
             if self.stop.load(Ordering::SeqCst) {
-                return Ok(());
+                return Self::bye(&mut link);
+            }
+            self.idle(
+                &mut link,
+                self.cfg.interval.saturating_sub(started.elapsed()),
+            )?;
+            if self.stop.load(Ordering::SeqCst) {
+                return Self::bye(&mut link);
             }
         }
     }
@@ -223,6 +334,7 @@ impl Primary {
             snapshot: seq,
             thin: id,
             taken_at: now_secs(),
+            taken_ms: now_ms(),
         };
         st.pending_snapshot = p.snapshot;
         st.pending_thin_id = p.thin.0;
@@ -279,6 +391,7 @@ impl Primary {
         let dev = pool.thin(p.thin, self.cfg.size, None)?;
         let (mut count, mut crc, mut shipped) = (0u64, 0u32, 0u64);
         let mut buf = vec![0u8; MAX_DATA];
+        let mut pace = Pace::new(self.cfg.bwlimit);
         for (start, len, kind) in ranges {
             if kind == DeltaKind::Unmapped {
                 let m = Msg::Unmap { offset: start, len };
@@ -289,7 +402,14 @@ impl Primary {
             let mut off = start;
             let end = start + len;
             while off < end {
+                if self.stop.load(Ordering::SeqCst) {
+                    return Err(ReplError::Io(format!(
+                        "stopped in the middle of snapshot {}",
+                        p.snapshot
+                    )));
+                }
                 let n = (end - off).min(MAX_DATA as u64) as usize;
+                pace.take(n as u64);
                 read_blocking(&*dev, Bytes(off), &mut buf[..n])?;
                 let m = Msg::Data {
                     offset: off,
@@ -337,12 +457,67 @@ impl Primary {
             }
         }
         let mut s = lock(&self.status);
+        // A first full copy is over once acknowledged.
+        s.state = Phase::Replaying;
         s.last_synced_snapshot = p.snapshot;
         s.last_synced_time = p.taken_at;
+        s.last_synced_ms = p.taken_ms;
         s.intervals += 1;
         s.bytes_pending = 0;
         s.blocks_pending = 0;
         s.last_error = None;
         Ok(st.clone())
+    }
+}
+
+/// A bandwidth limit: [`Pace::take`] sleeps so the bytes taken since the start never run
+/// ahead of the rate by more than a fraction of a second.
+struct Pace {
+    rate: Option<u64>,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(rate: Option<u64>) -> Pace {
+        Pace {
+            rate: rate.filter(|r| *r > 0),
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Accounts for `n` bytes about to go out, sleeping first if they would exceed the rate.
+    fn take(&mut self, n: u64) {
+        let Some(rate) = self.rate else { return };
+        self.bytes += n;
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        let spent = self.start.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_holds_the_rate_and_no_limit_never_waits() {
+        let t = Instant::now();
+        let mut p = Pace::new(Some(4 << 20));
+        for _ in 0..8 {
+            p.take(256 << 10);
+        }
+        // 2 MiB at 4 MiB/s: half a second.
+        let e = t.elapsed();
+        assert!(e >= Duration::from_millis(450), "{e:?}");
+        let t = Instant::now();
+        let mut p = Pace::new(None);
+        for _ in 0..1000 {
+            p.take(1 << 30);
+        }
+        assert!(t.elapsed() < Duration::from_millis(50));
     }
 }

@@ -75,6 +75,13 @@ pub enum Msg {
         /// Reason.
         text: String,
     },
+    /// Primary -> secondary between intervals: the link is alive (each side gives up on a
+    /// peer silent for longer than the link timeout, so a long interval needs these).
+    Ping,
+    /// Primary -> secondary between intervals: it stops replicating on purpose (stopped or
+    /// demoted), so the secondary may be promoted without `--force`. A primary that dies
+    /// just closes the connection.
+    Bye,
 }
 
 impl Msg {
@@ -87,6 +94,8 @@ impl Msg {
             Msg::Commit { .. } => 5,
             Msg::Ack { .. } => 6,
             Msg::Error { .. } => 7,
+            Msg::Ping => 8,
+            Msg::Bye => 9,
         }
     }
 
@@ -145,6 +154,7 @@ impl Msg {
             }
             Msg::Ack { snapshot } => p.extend_from_slice(&snapshot.to_le_bytes()),
             Msg::Error { text: t } => text(&mut p, t)?,
+            Msg::Ping | Msg::Bye => {}
         }
         Ok(p)
     }
@@ -247,6 +257,14 @@ impl Msg {
             7 => Msg::Error {
                 text: text(p, "ERROR text")?,
             },
+            8 => {
+                exact(0, "PING")?;
+                Msg::Ping
+            }
+            9 => {
+                exact(0, "BYE")?;
+                Msg::Bye
+            }
             k => return Err(ReplError::Protocol(format!("unknown message type {k}"))),
         })
     }

@@ -50,6 +50,9 @@ pub struct Secondary {
     stop: Arc<AtomicBool>,
     /// The connection being served, so [`Secondary::stop`] can cut it.
     conn: Mutex<Option<TcpStream>>,
+    /// The last primary said BYE (it stopped replicating on purpose: demoted or stopped),
+    /// and none has connected since.
+    clean_end: AtomicBool,
 }
 
 impl Secondary {
@@ -68,7 +71,34 @@ impl Secondary {
             status: Arc::new(Mutex::new(status)),
             stop: Arc::new(AtomicBool::new(false)),
             conn: Mutex::new(None),
+            clean_end: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the last primary stopped replicating on purpose (it said BYE: `demote` or
+    /// `stop` there) and no primary is connected now. A primary that died or was cut off
+    /// said nothing.
+    pub fn primary_stopped(&self) -> bool {
+        self.clean_end.load(Ordering::SeqCst)
+    }
+
+    /// Makes the copy volume hold exactly the last complete snapshot (an interval cut
+    /// halfway may have left part of itself in it) and commits; the copy is then the
+    /// promoted volume. Call only after [`Secondary::stop`] and the end of
+    /// [`Secondary::serve`]. Returns the snapshot id and when the primary took it.
+    pub fn restore_copy(&self) -> ReplResult<Option<(u64, u64)>> {
+        let st = self.load_state()?;
+        let pool = &self.cfg.pool;
+        let copy = self.cfg.copy;
+        if st.snapshot == 0 {
+            return Ok(None);
+        }
+        if pool.has_thin(copy)? {
+            pool.delete(copy)?;
+        }
+        run_io(pool.create_snap(copy, ThinId(st.thin_id)))?;
+        run_io(pool.commit())?;
+        Ok(Some((st.snapshot, st.taken_at)))
     }
 
     /// The status now.
@@ -104,11 +134,15 @@ impl Secondary {
                         break;
                     }
                     lock(&self.status).state = Phase::Replaying;
+                    self.clean_end.store(false, Ordering::SeqCst);
                     let r = accept(s, self.cfg.tls.as_ref()).and_then(|l| self.session(l));
                     *lock(&self.conn) = None;
                     let mut st = lock(&self.status);
                     match r {
-                        Ok(()) => st.state = Phase::Stopped,
+                        Ok(said_bye) => {
+                            st.state = Phase::Stopped;
+                            self.clean_end.store(said_bye, Ordering::SeqCst);
+                        }
                         Err(e) => {
                             log::warn!("replication of {} from {peer}: {e}", self.cfg.volume);
                             st.state = Phase::Error;
@@ -126,6 +160,31 @@ impl Secondary {
         Ok(())
     }
 
+    /// After a role swap this side was the primary: its state may hold, as pending, the
+    /// snapshot whose ACK it never got. When the new primary names that snapshot as the
+    /// last common one, it completed it, so it is common: take it as the base.
+    fn adopt_pending(&self, st: &mut State, last_common: u64) -> ReplResult<()> {
+        let raw = State::load(&self.cfg.state_path)?;
+        let pending = ThinId(raw.pending_thin_id);
+        if last_common == 0
+            || last_common == st.snapshot
+            || raw.volume != self.cfg.volume
+            || raw.pending_snapshot != last_common
+            || !self.cfg.snap_ids.contains(&pending)
+            || !self.cfg.pool.has_thin(pending)?
+        {
+            return Ok(());
+        }
+        *st = State {
+            volume: self.cfg.volume.clone(),
+            snapshot: raw.pending_snapshot,
+            thin_id: pending.0,
+            taken_at: raw.pending_taken_at,
+            ..State::default()
+        };
+        st.save(&self.cfg.state_path)
+    }
+
     fn load_state(&self) -> ReplResult<State> {
         let mut st = State::load(&self.cfg.state_path)?;
         let known = self.cfg.snap_ids.contains(&ThinId(st.thin_id));
@@ -138,10 +197,14 @@ impl Secondary {
         Ok(st)
     }
 
-    /// One primary's connection.
-    fn session(&self, mut link: Box<dyn Link>) -> ReplResult<()> {
-        match recv(&mut link)?.0 {
-            Msg::Hello { volume, .. } if volume == self.cfg.volume => {}
+    /// One primary's connection; `Ok(true)` when it said BYE (stopped on purpose),
+    /// `Ok(false)` when it just hung up between intervals.
+    fn session(&self, mut link: Box<dyn Link>) -> ReplResult<bool> {
+        let last_common = match recv(&mut link)?.0 {
+            Msg::Hello {
+                volume,
+                last_common,
+            } if volume == self.cfg.volume => last_common,
             Msg::Hello { volume, .. } => {
                 let text = format!(
                     "this side replicates volume {}, not {volume}",
@@ -152,8 +215,9 @@ impl Secondary {
                 return Err(ReplError::Peer(text));
             }
             m => return Err(ReplError::Protocol(format!("expected HELLO, got {m:?}"))),
-        }
+        };
         let mut st = self.load_state()?;
+        self.adopt_pending(&mut st, last_common)?;
         send(
             &mut link,
             &Msg::Ack {
@@ -191,12 +255,14 @@ impl Secondary {
                     }
                     (snapshot, base, taken_at)
                 }
+                Ok((Msg::Ping, _)) => continue,
+                Ok((Msg::Bye, _)) => return Ok(true),
                 Ok((m, _)) => {
                     return Err(ReplError::Protocol(format!("expected BEGIN, got {m:?}")))
                 }
                 // The primary hung up between intervals.
                 Err(ReplError::Net(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok(())
+                    return Ok(false)
                 }
                 Err(e) => return Err(e),
             };

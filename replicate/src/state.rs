@@ -32,6 +32,14 @@ pub struct State {
     pub pending_taken_at: u64,
 }
 
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -99,6 +107,13 @@ pub struct Status {
     pub last_synced_time: u64,
     /// Now minus that time (how old the secondary's copy is).
     pub seconds_behind: u64,
+    /// On the primary: when it took that snapshot, in milliseconds (0: not known here).
+    #[serde(default)]
+    pub last_synced_ms: u64,
+    /// On the primary: now minus `last_synced_ms` (the lag in milliseconds; 0 when not
+    /// known).
+    #[serde(default)]
+    pub lag_ms: u64,
     /// Bytes of the interval in flight not yet sent.
     pub bytes_pending: u64,
     /// Blocks of the interval in flight not yet sent.
@@ -119,6 +134,9 @@ impl Status {
         let mut s = self.clone();
         if s.last_synced_time != 0 {
             s.seconds_behind = now_secs().saturating_sub(s.last_synced_time);
+        }
+        if s.last_synced_ms != 0 {
+            s.lag_ms = now_ms().saturating_sub(s.last_synced_ms);
         }
         s
     }

@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub trait Link: Read + Write + Send {}
 impl<T: Read + Write + Send> Link for T {}
 
 /// How long a read or write may stall before the connection is given up.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn cfg(p: &Path, e: impl std::fmt::Display) -> ReplError {
     ReplError::Config(format!("{}: {e}", p.display()))
@@ -127,9 +128,29 @@ pub fn connect(
     server_name: &str,
     tls: Option<&Arc<ClientConfig>>,
 ) -> ReplResult<Box<dyn Link>> {
-    let s = TcpStream::connect(addr).map_err(ReplError::Net)?;
+    connect_watched(addr, server_name, tls).map(|(l, _)| l)
+}
+
+/// [`connect`], with a [`Watch`] on the connection: the socket timeouts alone do not bound
+/// a TLS write (rustls retries a blocked write after a blocked read, and again on the next
+/// call), so the primary's watchdog cuts a link stuck in one system call for longer than
+/// [`IO_TIMEOUT`].
+pub fn connect_watched(
+    addr: &str,
+    server_name: &str,
+    tls: Option<&Arc<ClientConfig>>,
+) -> ReplResult<(Box<dyn Link>, Watch)> {
+    let s = TcpStream::connect_timeout(&resolve(addr)?, IO_TIMEOUT).map_err(ReplError::Net)?;
     tune(&s)?;
-    Ok(match tls {
+    let watch = Watch {
+        since: Arc::new(AtomicU64::new(0)),
+        sock: s.try_clone().map_err(ReplError::Net)?,
+    };
+    let s = Watched {
+        s,
+        since: watch.since.clone(),
+    };
+    let link: Box<dyn Link> = match tls {
         None => Box::new(s),
         Some(c) => {
             let name = ServerName::try_from(server_name.to_string())
@@ -138,5 +159,72 @@ pub fn connect(
                 .map_err(|e| ReplError::Protocol(format!("TLS: {e}")))?;
             Box::new(StreamOwned::new(conn, s))
         }
-    })
+    };
+    Ok((link, watch))
+}
+
+fn resolve(addr: &str) -> ReplResult<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(ReplError::Net)?
+        .next()
+        .ok_or_else(|| ReplError::Config(format!("{addr}: no address")))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A TCP stream whose read and write calls stamp when they started (0: none running).
+struct Watched {
+    s: TcpStream,
+    since: Arc<AtomicU64>,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.since.store(now_ms(), Ordering::SeqCst);
+        let r = self.s.read(buf);
+        self.since.store(0, Ordering::SeqCst);
+        r
+    }
+}
+
+impl Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.since.store(now_ms(), Ordering::SeqCst);
+        let r = self.s.write(buf);
+        self.since.store(0, Ordering::SeqCst);
+        r
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// What a watchdog sees of a connection made by [`connect_watched`].
+pub struct Watch {
+    since: Arc<AtomicU64>,
+    sock: TcpStream,
+}
+
+impl Watch {
+    /// How long the read or write running now has been blocked (zero when none runs).
+    pub fn stuck_for(&self) -> Duration {
+        match self.since.load(Ordering::SeqCst) {
+            0 => Duration::ZERO,
+            t => Duration::from_millis(now_ms().saturating_sub(t)),
+        }
+    }
+
+    /// Shuts the connection down: the blocked call fails at once.
+    pub fn cut(&self) {
+        // Best effort: the connection may be gone already.
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
 }

@@ -71,6 +71,7 @@ fn primary_cfg(pool: &Arc<Pool>, dir: &Path, port: u16, tls: Option<&Path>) -> P
         peer: format!("127.0.0.1:{port}"),
         server_name: "127.0.0.1".into(),
         tls: tls.map(|d| tls::client_config(d).unwrap()),
+        bwlimit: None,
     }
 }
 

@@ -425,13 +425,28 @@ pub struct DaemonProc {
 impl DaemonProc {
     /// Starts the daemon (with `extra` arguments) without waiting for anything.
     pub fn spawn(state: &Path, extra: &[&str]) -> DaemonProc {
+        Self::spawn_in(state, extra, None)
+    }
+
+    /// [`DaemonProc::spawn`], inside network namespace `ns` when given (`ip netns exec`
+    /// execs the daemon, so the child is the daemon itself; its control socket is a file,
+    /// which the CLI reaches from any namespace).
+    fn spawn_in(state: &Path, extra: &[&str], ns: Option<&str>) -> DaemonProc {
         let log = state.with_extension("log");
         let errf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("daemon log");
-        let child = Command::new(volmgr_bin())
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(volmgr_bin());
+                c
+            }
+            None => Command::new(volmgr_bin()),
+        };
+        let child = cmd
             .args(["daemon", "--no-ublk"])
             .args(extra)
             .env("VOLMGR_STATE_DIR", state)
@@ -446,6 +461,12 @@ impl DaemonProc {
         }
     }
 
+    /// Starts the daemon inside network namespace `ns` and waits for its control socket.
+    pub fn start_in_netns(state: &Path, ns: &str) -> DaemonProc {
+        let _ = std::fs::remove_file(state.join("control.sock"));
+        Self::spawn_in(state, &[], Some(ns)).wait_socket()
+    }
+
     /// Starts the daemon and waits for its control socket.
     pub fn start(state: &Path) -> DaemonProc {
         Self::start_with(state, &[])
@@ -454,9 +475,14 @@ impl DaemonProc {
     /// [`DaemonProc::start`] with extra daemon arguments.
     pub fn start_with(state: &Path, extra: &[&str]) -> DaemonProc {
         let _ = std::fs::remove_file(state.join("control.sock"));
-        let d = Self::spawn(state, extra);
+        Self::spawn(state, extra).wait_socket()
+    }
+
+    /// Waits until the control socket exists.
+    fn wait_socket(self) -> DaemonProc {
+        let d = self;
         let t0 = Instant::now();
-        while !state.join("control.sock").exists() {
+        while !d.state.join("control.sock").exists() {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
                 "daemon did not start: {}",

@@ -94,6 +94,13 @@ pub enum Request {
     },
     /// Ask the daemon to stop (as SIGTERM).
     Shutdown,
+    /// A request for a service living in the daemon beside its devices (replication...).
+    Service {
+        /// The service's name (`repl`).
+        service: String,
+        /// Its words.
+        args: Vec<String>,
+    },
 }
 
 impl Request {
@@ -112,6 +119,7 @@ impl Request {
             Request::Status { .. } => "status",
             Request::Retry { .. } => "retry",
             Request::Shutdown => "shutdown",
+            Request::Service { .. } => "service",
         }
     }
 }

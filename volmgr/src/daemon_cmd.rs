@@ -122,6 +122,18 @@ pub fn run(a: DaemonArgs) -> Result<()> {
             d.device_count().saturating_sub(failed_now)
         ));
     }
+    if !d.stopping() {
+        // Replication engines hold their pools: they start once the devices are up.
+        let repl = Arc::new(
+            crate::repl::service::ReplService::open(&a.state_dir)
+                .map_err(anyhow::Error::msg)
+                .context("reading the replication records")?,
+        );
+        d.add_service("repl", repl.clone());
+        for p in repl.resume(&d) {
+            eprintln!("volmgr daemon: {p}");
+        }
+    }
     if a.monitor_interval > 0 && !d.stopping() {
         let mut m = Monitor::new(
             crate::client::StateDir {

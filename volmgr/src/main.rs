@@ -10,6 +10,7 @@ mod pool;
 mod pool_dedup;
 mod pool_import;
 mod progress;
+mod repl;
 mod serve;
 mod systemd;
 mod table_cmd;
@@ -44,6 +45,10 @@ enum Cmd {
     /// Thin-pool metadata tools (the pool must not be in use).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Asynchronous replication of thin volumes to another daemon: primary, secondary,
+    /// status, promote, demote.
+    #[command(subcommand)]
+    Repl(repl::ReplCmd),
     /// Initialize devices or files as LVM physical volumes (lvm2's format).
     Pvcreate(lvm_cli::pv::PvcreateArgs),
     /// Remove the PV label from devices that are in no VG.
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
             | Cmd::Daemon(_)
             | Cmd::Dev(_)
             | Cmd::Pool(_)
+            | Cmd::Repl(_)
             | Cmd::Completions(_)
             | Cmd::Manpages(_)
     );
@@ -132,6 +138,7 @@ fn main() -> ExitCode {
         Cmd::Daemon(a) => daemon_cmd::run(a),
         Cmd::Dev(c) => dev::run(c),
         Cmd::Pool(c) => pool::run(c),
+        Cmd::Repl(c) => repl::run(c),
         Cmd::Pvcreate(a) => lvm_cli::pv::pvcreate(a),
         Cmd::Pvremove(a) => lvm_cli::pv::pvremove(a),
         Cmd::Pvs(a) => lvm_cli::pv::pvs(a),

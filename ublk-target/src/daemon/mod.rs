@@ -24,6 +24,7 @@ mod graph;
 mod mountns;
 mod ops;
 mod restore;
+mod service;
 mod state;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,7 @@ use crate::control::{DeviceInfo, ExtentInfo, Reply, Request};
 use crate::frontend::Frontend;
 
 pub use mountns::enter_private_mount_ns;
+pub use service::Service;
 pub use state::PersistedDevice;
 
 /// Prefix under which tables name the daemon's own devices.
@@ -183,6 +185,8 @@ pub struct Daemon {
     stop: AtomicBool,
     /// Control clients being served right now.
     clients: AtomicUsize,
+    /// Services living beside the devices, by name.
+    services: Mutex<BTreeMap<String, Arc<dyn Service>>>,
     _lock: std::fs::File,
 }
 
@@ -223,6 +227,7 @@ impl Daemon {
             save_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
+            services: Mutex::new(BTreeMap::new()),
             _lock: lock,
         })
     }
@@ -449,6 +454,7 @@ impl Daemon {
                 self.stop.store(true, Ordering::SeqCst);
                 Ok("shutting down".into())
             }
+            Request::Service { service, args } => self.service_request(&service, &args),
         };
         match r {
             Ok(text) => Reply::Ok { text },

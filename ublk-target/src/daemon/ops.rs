@@ -244,7 +244,8 @@ impl Daemon {
                 })
                 .collect()
         };
-        recs.into_iter()
+        let mut users: Vec<String> = recs
+            .into_iter()
             .filter(|(n, _)| self.deps_of_name(n).iter().any(|d| d == name))
             .map(|(n, st)| {
                 if st == "active" {
@@ -253,7 +254,9 @@ impl Daemon {
                     format!("{n} ({st})")
                 }
             })
-            .collect()
+            .collect();
+        users.extend(self.service_users_of(name));
+        users
     }
 
     /// Refuses a table for `name` that would make it use itself, directly or through other
@@ -464,6 +467,15 @@ impl Daemon {
     pub(super) fn reload(&self, name: &str, text: &str, flush: bool) -> Result<String, String> {
         let op = self.op_of(name)?;
         let _g = lock(&op);
+        // A service holds this device's object (a replication holds its pool): a new table
+        // would put a second object over the same metadata.
+        let held = self.service_users_of(name);
+        if !held.is_empty() {
+            return Err(format!(
+                "{name} is used by {}: stop that first",
+                held.join(", ")
+            ));
+        }
         let live = match self.devs().map.get(name).map(|e| &e.state) {
             Some(State::Active(l)) if l.front.failed().is_some() => Ok(None),
             Some(State::Active(l)) => Ok(Some((l.sw.clone(), l.front.can_resize()))),

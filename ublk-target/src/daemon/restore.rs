@@ -40,6 +40,7 @@ impl Daemon {
                 );
             }
         }
+        self.stop_services();
         let names: Vec<String> = self.devs().order.clone();
         let deps: DepList = names
             .iter()
