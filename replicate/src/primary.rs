@@ -264,6 +264,11 @@ impl Primary {
                 )))
             }
         };
+        let refs = match recv(&mut link)?.0 {
+            Msg::Caps { dedup_block } => self.hash_block_size(dedup_block),
+            Msg::Error { text } => return Err(ReplError::Peer(text)),
+            m => return Err(ReplError::Protocol(format!("expected CAPS, got {m:?}"))),
+        };
         let mut base = if theirs != 0 && theirs == st.snapshot {
             Some(st.clone())
         } else if let Some(p) = pending.filter(|p| p.snapshot == theirs) {
@@ -285,7 +290,7 @@ impl Primary {
                 .ok_or_else(|| ReplError::Protocol("snapshot ids exhausted".into()))?;
             let p = self.take_snapshot(next, &mut st)?;
             let from = base.as_ref().map(|b| (b.snapshot, ThinId(b.thin_id)));
-            self.ship(&mut link, p, from)?;
+            self.ship(&mut link, p, from, refs)?;
             let acked = match recv(&mut link)?.0 {
                 Msg::Ack { snapshot } if snapshot == p.snapshot => snapshot,
                 Msg::Error { text } => return Err(ReplError::Peer(text)),
@@ -344,11 +349,81 @@ impl Primary {
     }
 
     /// Sends one interval: BEGIN, the changed blocks read from snapshot `p`, COMMIT.
+    /// The block size to send hashes for, when the secondary takes references in blocks
+    /// that tile this side's changed ranges and DATA chunks.
+    fn hash_block_size(&self, dedup_block: u64) -> Option<u64> {
+        let bs = self.cfg.pool.block_bytes().0;
+        (dedup_block >= 512
+            && bs.is_multiple_of(dedup_block)
+            && (MAX_DATA as u64).is_multiple_of(dedup_block))
+        .then_some(dedup_block)
+    }
+
+    /// Sends `buf` (volume bytes at `off`) as HASHES, then DATA for the blocks the
+    /// secondary did not map from them. Returns (messages sent, bytes sent as DATA) and
+    /// chains their frames into `crc`.
+    fn ship_by_hash(
+        &self,
+        link: &mut Box<dyn Link>,
+        off: u64,
+        buf: &[u8],
+        hb: u64,
+        crc: &mut u32,
+    ) -> ReplResult<(u64, u64)> {
+        let hb = hb as usize;
+        let hashes: Vec<[u64; 2]> = buf
+            .chunks(hb)
+            .map(|c| thin::dedup::hash(thin::dedup::HashKind::Blake3, c))
+            .collect();
+        let n = hashes.len();
+        *crc = crc32c::crc32c_append(
+            *crc,
+            &send(
+                link,
+                &Msg::Hashes {
+                    offset: off,
+                    hashes,
+                },
+            )?,
+        );
+        link.flush().map_err(ReplError::Net)?;
+        let held = match recv(link)?.0 {
+            Msg::Have { offset, held } if offset == off && held.len() == n => held,
+            Msg::Error { text } => return Err(ReplError::Peer(text)),
+            m => {
+                return Err(ReplError::Protocol(format!(
+                    "expected HAVE of {n} blocks at {off}, got {m:?}"
+                )))
+            }
+        };
+        let (mut msgs, mut sent) = (1u64, 0u64);
+        let mut i = 0;
+        while i < n {
+            if held[i] {
+                i += 1;
+                continue;
+            }
+            let j = (i..n).find(|&k| held[k]).unwrap_or(n);
+            let m = Msg::Data {
+                offset: off + (i * hb) as u64,
+                bytes: buf[i * hb..j * hb].to_vec(),
+            };
+            *crc = crc32c::crc32c_append(*crc, &send(link, &m)?);
+            msgs += 1;
+            sent += ((j - i) * hb) as u64;
+            i = j;
+        }
+        let referenced = held.iter().filter(|h| **h).count() as u64 * hb as u64;
+        lock(&self.status).bytes_referenced += referenced;
+        Ok((msgs, sent))
+    }
+
     fn ship(
         &self,
         link: &mut Box<dyn Link>,
         p: Pending,
         base: Option<(u64, ThinId)>,
+        refs: Option<u64>,
     ) -> ReplResult<()> {
         let pool = &self.cfg.pool;
         let delta = pool.delta(base.map(|b| b.1), p.thin)?;
@@ -411,16 +486,28 @@ impl Primary {
                 let n = (end - off).min(MAX_DATA as u64) as usize;
                 pace.take(n as u64);
                 read_blocking(&*dev, Bytes(off), &mut buf[..n])?;
-                let m = Msg::Data {
-                    offset: off,
-                    bytes: buf[..n].to_vec(),
+                let sent = match refs
+                    .filter(|hb| off.is_multiple_of(*hb) && (n as u64).is_multiple_of(*hb))
+                {
+                    Some(hb) => {
+                        let (msgs, sent) = self.ship_by_hash(link, off, &buf[..n], hb, &mut crc)?;
+                        count += msgs;
+                        sent
+                    }
+                    None => {
+                        let m = Msg::Data {
+                            offset: off,
+                            bytes: buf[..n].to_vec(),
+                        };
+                        crc = crc32c::crc32c_append(crc, &send(link, &m)?);
+                        count += 1;
+                        n as u64
+                    }
                 };
-                crc = crc32c::crc32c_append(crc, &send(link, &m)?);
-                count += 1;
-                shipped += n as u64;
+                shipped += sent;
                 off += n as u64;
                 let mut s = lock(&self.status);
-                s.bytes_shipped += n as u64;
+                s.bytes_shipped += sent;
                 s.bytes_pending = s.bytes_pending.saturating_sub(n as u64);
                 s.blocks_pending = s.blocks_pending.saturating_sub(n as u64 / bs.max(1));
             }

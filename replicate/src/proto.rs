@@ -12,9 +12,11 @@ use crate::error::{ReplError, ReplResult};
 /// `"RPL1"`.
 pub const MAGIC: u32 = 0x314C_5052;
 /// Protocol version; a peer speaking another one is refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest DATA payload (bytes of volume data in one frame).
 pub const MAX_DATA: usize = 1 << 20;
+/// Most block hashes in one HASHES message (1 MiB of 512-byte blocks).
+pub const MAX_HASHES: usize = MAX_DATA / 512;
 /// Longest volume uuid / error text.
 pub const MAX_TEXT: usize = 256;
 const HEADER: usize = 12;
@@ -82,6 +84,30 @@ pub enum Msg {
     /// demoted), so the secondary may be promoted without `--force`. A primary that dies
     /// just closes the connection.
     Bye,
+    /// Secondary -> primary, right after its ACK to HELLO: the block size its pool takes as
+    /// hash references ([`Msg::Hashes`]), 0 when it takes none (not a dedup pool, or one
+    /// that compares bytes).
+    Caps {
+        /// Block size in bytes (0: no references).
+        dedup_block: u64,
+    },
+    /// Primary -> secondary inside an interval: the BLAKE3 hashes (first 128 bits) of
+    /// consecutive blocks of `dedup_block` bytes from `offset`. The secondary maps the ones
+    /// its pool holds and answers [`Msg::Have`]; the others follow as DATA.
+    Hashes {
+        /// Byte offset of the first block.
+        offset: u64,
+        /// One hash per block.
+        hashes: Vec<[u64; 2]>,
+    },
+    /// Secondary -> primary: which blocks of the last HASHES it mapped (true: no bytes
+    /// needed).
+    Have {
+        /// Byte offset of the first block (as in the HASHES).
+        offset: u64,
+        /// One flag per block.
+        held: Vec<bool>,
+    },
 }
 
 impl Msg {
@@ -96,6 +122,9 @@ impl Msg {
             Msg::Error { .. } => 7,
             Msg::Ping => 8,
             Msg::Bye => 9,
+            Msg::Caps { .. } => 10,
+            Msg::Hashes { .. } => 11,
+            Msg::Have { .. } => 12,
         }
     }
 
@@ -155,6 +184,37 @@ impl Msg {
             Msg::Ack { snapshot } => p.extend_from_slice(&snapshot.to_le_bytes()),
             Msg::Error { text: t } => text(&mut p, t)?,
             Msg::Ping | Msg::Bye => {}
+            Msg::Caps { dedup_block } => p.extend_from_slice(&dedup_block.to_le_bytes()),
+            Msg::Hashes { offset, hashes } => {
+                if hashes.is_empty() || hashes.len() > MAX_HASHES {
+                    return Err(ReplError::Protocol(format!(
+                        "HASHES of {} blocks at {offset}",
+                        hashes.len()
+                    )));
+                }
+                p.extend_from_slice(&offset.to_le_bytes());
+                for h in hashes {
+                    p.extend_from_slice(&h[0].to_le_bytes());
+                    p.extend_from_slice(&h[1].to_le_bytes());
+                }
+            }
+            Msg::Have { offset, held } => {
+                if held.is_empty() || held.len() > MAX_HASHES {
+                    return Err(ReplError::Protocol(format!(
+                        "HAVE of {} blocks at {offset}",
+                        held.len()
+                    )));
+                }
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&(held.len() as u64).to_le_bytes());
+                let mut bits = vec![0u8; held.len().div_ceil(8)];
+                for (i, h) in held.iter().enumerate() {
+                    if *h {
+                        bits[i / 8] |= 1 << (i % 8);
+                    }
+                }
+                p.extend_from_slice(&bits);
+            }
         }
         Ok(p)
     }
@@ -265,6 +325,49 @@ impl Msg {
                 exact(0, "BYE")?;
                 Msg::Bye
             }
+            10 => {
+                exact(8, "CAPS")?;
+                Msg::Caps {
+                    dedup_block: word(0)?,
+                }
+            }
+            11 => {
+                let offset = word(0)?;
+                let rest = p.get(8..).unwrap_or_default();
+                if rest.is_empty() || !rest.len().is_multiple_of(16) || rest.len() / 16 > MAX_HASHES
+                {
+                    return Err(bad("HASHES"));
+                }
+                let hashes = rest
+                    .chunks_exact(16)
+                    .map(|c| {
+                        let mut a = [0u8; 8];
+                        let mut b = [0u8; 8];
+                        a.copy_from_slice(&c[..8]);
+                        b.copy_from_slice(&c[8..]);
+                        [u64::from_le_bytes(a), u64::from_le_bytes(b)]
+                    })
+                    .collect();
+                Msg::Hashes { offset, hashes }
+            }
+            12 => {
+                let offset = word(0)?;
+                let n = word(1)?;
+                if n == 0 || n > MAX_HASHES as u64 {
+                    return Err(bad("HAVE count"));
+                }
+                let n = n as usize;
+                let bits = p.get(16..).unwrap_or_default();
+                if bits.len() != n.div_ceil(8) {
+                    return Err(bad("HAVE"));
+                }
+                // Bits past the count must be clear (one encoding per message).
+                if !n.is_multiple_of(8) && bits[n / 8] >> (n % 8) != 0 {
+                    return Err(bad("HAVE padding"));
+                }
+                let held = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+                Msg::Have { offset, held }
+            }
             k => return Err(ReplError::Protocol(format!("unknown message type {k}"))),
         })
     }
@@ -353,6 +456,17 @@ mod tests {
             },
             Msg::Ack { snapshot: 8 },
             Msg::Error { text: "no".into() },
+            Msg::Ping,
+            Msg::Bye,
+            Msg::Caps { dedup_block: 4096 },
+            Msg::Hashes {
+                offset: 8192,
+                hashes: vec![[1, 2], [u64::MAX, 0]],
+            },
+            Msg::Have {
+                offset: 8192,
+                held: vec![true, false, false, true, true, false, true, false, true],
+            },
         ]
     }
 
@@ -397,13 +511,27 @@ mod tests {
             f
         };
         for (kind, p) in [
-            (9u8, vec![0u8; 8]),    // unknown type
-            (2, vec![0u8; 31]),     // short BEGIN
-            (3, vec![0u8; 8]),      // DATA without bytes
-            (6, vec![0u8; 9]),      // long ACK
-            (1, vec![0u8; 8]),      // HELLO without a volume
-            (1, [0u8; 9].to_vec()), // HELLO with a control character
-            (7, vec![0xff, 0xfe]),  // ERROR not UTF-8
+            (13u8, vec![0u8; 8]),    // unknown type
+            (8, vec![0u8; 1]),       // PING with a payload
+            (9, vec![0u8; 8]),       // BYE with a payload
+            (10, vec![0u8; 4]),      // short CAPS
+            (11, vec![0u8; 8]),      // HASHES without a hash
+            (11, vec![0u8; 8 + 15]), // HASHES with a partial hash
+            (
+                12,
+                [vec![0u8; 8], 3u64.to_le_bytes().to_vec(), vec![0xf8]].concat(),
+            ), // HAVE padding set
+            (12, [vec![0u8; 8], 0u64.to_le_bytes().to_vec()].concat()), // HAVE of nothing
+            (
+                12,
+                [vec![0u8; 8], 9u64.to_le_bytes().to_vec(), vec![0]].concat(),
+            ), // HAVE short bitmap
+            (2, vec![0u8; 31]),      // short BEGIN
+            (3, vec![0u8; 8]),       // DATA without bytes
+            (6, vec![0u8; 9]),       // long ACK
+            (1, vec![0u8; 8]),       // HELLO without a volume
+            (1, [0u8; 9].to_vec()),  // HELLO with a control character
+            (7, vec![0xff, 0xfe]),   // ERROR not UTF-8
         ] {
             assert!(
                 recv(&mut &frame(kind, &p)[..]).is_err(),

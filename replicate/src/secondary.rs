@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rustls::server::ServerConfig;
 use tables::io::write_blocking;
 use tables::{Bytes, WriteFlags};
-use thin::{Pool, ThinId};
+use thin::{Pool, ThinId, VBlock};
 
 use crate::error::{ReplError, ReplResult};
 use crate::proto::{recv, send, Msg};
@@ -224,6 +224,13 @@ impl Secondary {
                 snapshot: st.snapshot,
             },
         )?;
+        let pool = &self.cfg.pool;
+        let dedup_block = if pool.takes_hash_refs() {
+            pool.block_bytes().0
+        } else {
+            0
+        };
+        send(&mut link, &Msg::Caps { dedup_block })?;
         loop {
             let (snapshot, base, taken_at) = match recv(&mut link) {
                 Ok((
@@ -303,6 +310,7 @@ impl Secondary {
             }
         };
         let mut received = 0u64;
+        let mut referenced = 0u64;
         let started = Instant::now();
         loop {
             let (m, frame) = recv(link)?;
@@ -311,6 +319,24 @@ impl Secondary {
                     in_volume(offset, bytes.len() as u64)?;
                     write_blocking(&*dev, Bytes(offset), &bytes, WriteFlags::default())?;
                     received += bytes.len() as u64;
+                }
+                Msg::Hashes { offset, hashes } => {
+                    let bs = pool.block_bytes().0;
+                    if !pool.takes_hash_refs() || !offset.is_multiple_of(bs) {
+                        return Err(ReplError::Protocol(format!(
+                            "HASHES at offset {offset}: this side takes no references in \
+                             blocks of {bs} bytes there"
+                        )));
+                    }
+                    in_volume(offset, hashes.len() as u64 * bs)?;
+                    let mut held = Vec::with_capacity(hashes.len());
+                    for (i, h) in hashes.iter().enumerate() {
+                        let v = VBlock(offset / bs + i as u64);
+                        held.push(run_io(pool.map_by_hash(copy, v, h))?);
+                    }
+                    referenced += held.iter().filter(|h| **h).count() as u64 * bs;
+                    send(link, &Msg::Have { offset, held })?;
+                    link.flush().map_err(ReplError::Net)?;
                 }
                 Msg::Unmap { offset, len } => {
                     in_volume(offset, len)?;
@@ -372,6 +398,7 @@ impl Secondary {
         s.last_synced_snapshot = snapshot;
         s.last_synced_time = taken_at.min(now_secs());
         s.bytes_shipped += received;
+        s.bytes_referenced += referenced;
         s.throughput = (received as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64;
         s.intervals += 1;
         s.last_error = None;

@@ -122,6 +122,10 @@ pub struct Status {
     pub throughput: u64,
     /// Volume data bytes shipped (DATA payloads) since start.
     pub bytes_shipped: u64,
+    /// Volume data bytes the secondary already held and mapped from their hash (dedup
+    /// pools): sent as 16-byte references instead.
+    #[serde(default)]
+    pub bytes_referenced: u64,
     /// Intervals completed since start.
     pub intervals: u64,
     /// Last error, if any.

@@ -338,6 +338,8 @@ fn garbage_plain_tcp_rogue_certificates_and_wrong_volumes_write_nothing() {
     let mut l = tls::connect(&addr, "127.0.0.1", Some(&good)).unwrap();
     send(&mut l, &msgs[0]).unwrap();
     assert!(matches!(recv(&mut l).unwrap().0, Msg::Ack { snapshot: 0 }));
+    // A plain pool takes no hash references.
+    assert_eq!(recv(&mut l).unwrap().0, Msg::Caps { dedup_block: 0 });
     send(&mut l, &msgs[2]).unwrap();
     let _ = l.flush();
     assert!(
@@ -401,6 +403,10 @@ fn hello(addr: &str, last_common: u64) -> (TcpStream, Msg) {
     };
     send(&mut l, &h).unwrap();
     let ack = recv(&mut l).unwrap().0;
+    if matches!(ack, Msg::Ack { .. }) {
+        let caps = recv(&mut l).unwrap().0;
+        assert!(matches!(caps, Msg::Caps { .. }), "{caps:?}");
+    }
     (l, ack)
 }
 
@@ -485,6 +491,7 @@ fn fake_secondary(
         panic!("no HELLO")
     };
     send(&mut c, &Msg::Ack { snapshot: holds }).unwrap();
+    send(&mut c, &Msg::Caps { dedup_block: 0 }).unwrap();
     let mut begins = Vec::new();
     loop {
         match recv(&mut c).map(|m| m.0) {
@@ -537,5 +544,64 @@ fn a_primary_restarted_after_a_lost_ack_resumes_from_the_snapshot_the_secondary_
         3,
         "{:?}",
         pp.devices().unwrap()
+    );
+}
+
+#[test]
+fn blocks_a_dedup_secondary_holds_are_sent_as_hashes_not_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pp = pool("primary");
+    // The secondary: a dedup pool (4 KiB blocks, no byte comparison), already holding the
+    // contents of the volume's first 32 blocks in another thin device, at other offsets.
+    let sp = {
+        let o = PoolOptions {
+            data_block_sectors: 8,
+            commit_interval: None,
+            error_if_no_space: true,
+            dedup: true,
+            ..PoolOptions::default()
+        };
+        let meta = Arc::new(MemDevice::new("dd-meta", Bytes(16 << 20)));
+        let data = Arc::new(MemDevice::new("dd-data", Bytes(128 << 20)));
+        iort::block_on(Pool::open(meta, data, o)).unwrap().unwrap()
+    };
+    assert!(sp.takes_hash_refs());
+    pp.create_thin(VOL_ID).unwrap();
+    let v = pp.thin(VOL_ID, Bytes(VOL), None).unwrap();
+    for b in 0..64 {
+        write_block(&*v, b, 0xabc0 + b);
+    }
+    drop(v);
+    sp.create_thin(ThinId(50)).unwrap();
+    let other = sp.thin(ThinId(50), Bytes(VOL), None).unwrap();
+    let src = pp.thin(VOL_ID, Bytes(VOL), None).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..32u64 {
+        read_blocking(&*src, Bytes(b * BS), &mut buf).unwrap();
+        write_blocking(&*other, Bytes((200 - b) * BS), &buf, WriteFlags::default()).unwrap();
+    }
+    drop((other, src));
+    iort::block_on(sp.commit()).unwrap().unwrap();
+
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (s, sh) = start_secondary(secondary_cfg(&sp, dir.path(), None), l);
+    let (p, ph) = start_primary(primary_cfg(&pp, dir.path(), port, None));
+    wait_for("the first snapshot", 30, || {
+        s.status().last_synced_snapshot > 0
+    });
+    p.stop();
+    ph.join().unwrap();
+    s.stop();
+    sh.join().unwrap();
+    let (ps, ss) = (p.status(), s.status());
+    // 32 blocks referenced, 32 shipped as bytes (and nothing else mapped).
+    assert_eq!(ps.bytes_referenced, 32 * BS, "{ps:?}");
+    assert_eq!(ps.bytes_shipped, 32 * BS, "{ps:?}");
+    assert_eq!(ss.bytes_referenced, 32 * BS, "{ss:?}");
+    let (_, snap) = s.latest().unwrap().unwrap();
+    assert!(
+        read_all(&sp, snap) == read_all(&pp, VOL_ID),
+        "the secondary's snapshot differs from the primary's volume"
     );
 }

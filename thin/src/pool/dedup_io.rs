@@ -175,6 +175,29 @@ impl Pool {
         self.dd.on.load(Ordering::Relaxed)
     }
 
+    /// Whether [`Pool::map_by_hash`] can map blocks: a dedup pool without `dedup_verify`
+    /// (which compares bytes, so it needs them).
+    pub fn takes_hash_refs(&self) -> bool {
+        self.dedup_on() && !lock(&self.opts).dedup_verify
+    }
+
+    /// Maps virtual block `v` of thin `id` onto a live block whose content hash
+    /// ([`crate::dedup::hash`] with BLAKE3) is `h`, if this pool holds one, as a write of
+    /// those bytes would; returns whether it did. Replication sends a block the receiving
+    /// pool holds as its hash, not its bytes. Never maps anything unless
+    /// [`Pool::takes_hash_refs`]. The caller is the only writer of `v` meanwhile.
+    pub async fn map_by_hash(&self, id: ThinId, v: VBlock, h: &Hash128) -> IoResult<bool> {
+        if !self.takes_hash_refs() || self.dd.kind != HashKind::Blake3 {
+            return Ok(false);
+        }
+        self.writable()?;
+        self.mutate_retry(|m| match m.dedup_first_candidate(h, None)? {
+            Some(c) => m.map_insert(id, v, c).map(|_| true),
+            None => Ok(false),
+        })
+        .await
+    }
+
     fn hash_block(&self, b: &[u8]) -> Hash128 {
         self.dd.hashes.fetch_add(1, Ordering::Relaxed);
         hash(self.dd.kind, b)
