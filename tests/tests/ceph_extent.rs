@@ -478,6 +478,8 @@ fn one_osd_killed_requests_wait_or_fail_past_the_delay_then_recover() {
         "a write went through without the OSD"
     );
     c.start_osd(0);
+    // (Restarts the OSD if it gave up at start: Ceph 16.2's "wrong fsid" race.)
+    c.wait_osd(0, true, Duration::from_secs(60));
     for (w, what) in [(w1, "rbd"), (w2, "rados")] {
         let (r, took) = w.join().unwrap();
         r.unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -488,7 +490,10 @@ fn one_osd_killed_requests_wait_or_fail_past_the_delay_then_recover() {
     assert!(b.iter().all(|&x| x == 0x61));
     read_blocking(&*rv, Bytes(1 << 20), &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0x62));
-    c.wait_osd(0, true, Duration::from_secs(60));
+    // The image's exclusive lock goes with its last writer: with two handles open, a write
+    // on the new one waits for the old one to hand the lock over, which after an OSD restart
+    // can take longer than the 4 s window below. An administrator has one handle per image.
+    drop((patient, rv));
 
     // Gone for longer than timeout + reconnect-delay: EIO at the deadline, the extent says
     // failed (and fails new requests at once), then recovers by itself.
@@ -530,6 +535,7 @@ fn one_osd_killed_requests_wait_or_fail_past_the_delay_then_recover() {
         "{e}"
     );
     c.start_osd(0);
+    c.wait_osd(0, true, Duration::from_secs(60));
     let until = Instant::now() + Duration::from_secs(60);
     while quick.is_failed() || quick_rados.is_failed() {
         assert!(
@@ -590,6 +596,7 @@ fn an_osd_killed_and_restarted_under_fio_verify_gives_no_error() {
     c.wait_osd(1, false, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
     c.start_osd(1);
+    c.wait_osd(1, true, Duration::from_secs(60));
     let out = fio.join().unwrap();
     assert!(
         t0.elapsed() > Duration::from_secs(6),
@@ -657,6 +664,7 @@ fn raid1_with_an_rbd_leg_degrades_when_the_cluster_dies_and_rebuilds_onto_it() {
 
     // It comes back: the extent recovers by itself and the raid rebuilds onto the leg.
     c.start_osd(0);
+    c.wait_osd(0, true, Duration::from_secs(60));
     wait_status(&d, "r1", " up server ", 60);
     wait_status(&d, "r1", " AA ", 120);
     qemu_io(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
