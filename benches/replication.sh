@@ -21,9 +21,9 @@ BIN=${VOLMGR:-target/debug/volmgr}
 [ -x "$BIN" ] || cargo build -p volmgr
 [ "$(id -u)" = 0 ] || { echo "replication bench: needs root (daemons)" >&2; exit 1; }
 W=$(mktemp -d /var/tmp/replbench.XXXXXX)
-PIDS=()
+# Rows run in command substitutions (subshells): daemons' pids go to a file, not an array.
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$W/pids" ] && while read -r p; do kill "$p" 2>/dev/null || true; done <"$W/pids"
   wait 2>/dev/null || true
   rm -rf "$W"
 }
@@ -35,8 +35,9 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 
 start_daemon() { # name
   mkdir -p "$W/$1"
-  VOLMGR_STATE_DIR="$W/$1" "$BIN" daemon --no-ublk 2>"$W/$1.log" &
-  PIDS+=($!)
+  # Not on our stdout: a row's $(...) would wait for the daemon to exit.
+  VOLMGR_STATE_DIR="$W/$1" "$BIN" daemon --no-ublk >"$W/$1.log" 2>&1 &
+  echo $! >>"$W/pids"
   for _ in $(seq 200); do [ -S "$W/$1/control.sock" ] && break; sleep 0.05; done
   sleep 0.1
   truncate -s 64M "$W/$1-meta.img"
@@ -81,7 +82,7 @@ repl_row() { # tls|insecure  tag
   vm "$b" repl secondary --volume v --pool pool --thin 1 --size "${VOL_GIB}G" --listen "127.0.0.1:$p" "${link[@]}" >/dev/null
   local t0; t0=$(date +%s.%N)
   vm "$a" repl primary --volume v --pool pool --thin 1 --size "${VOL_GIB}G" --peer "127.0.0.1:$p" --interval 1h "${link[@]}" >/dev/null
-  until vm "$b" repl status v --json | grep -q '"last_synced_snapshot": [1-9]'; do sleep 0.05; done
+  until vm "$b" repl status v --json | grep -q '"last_synced_snapshot": [1-9]'; do sleep 0.1; done
   local t1; t1=$(date +%s.%N)
   local shipped; shipped=$(vm "$a" repl status v --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["bytes_shipped"])')
   [ "$shipped" -ge $((CHANGE_MIB << 20)) ] || { echo "shipped only $shipped bytes" >&2; exit 1; }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::client::ClientConfig;
-use tables::io::read_blocking;
+use tables::io::read_all_blocking;
 use tables::Bytes;
 use thin::meta::DeltaKind;
 use thin::{Pool, ThinId};
@@ -464,40 +464,82 @@ impl Primary {
         )?;
         let started = Instant::now();
         let dev = pool.thin(p.thin, self.cfg.size, None)?;
-        let (mut count, mut crc, mut shipped) = (0u64, 0u32, 0u64);
-        let mut buf = vec![0u8; MAX_DATA];
-        let mut pace = Pace::new(self.cfg.bwlimit);
+        // What ships, in order: UNMAP ranges, and the changed ranges cut into DATA chunks.
+        let mut pieces = Vec::new();
         for (start, len, kind) in ranges {
             if kind == DeltaKind::Unmapped {
-                let m = Msg::Unmap { offset: start, len };
-                crc = crc32c::crc32c_append(crc, &send(link, &m)?);
-                count += 1;
+                pieces.push(Piece::Unmap(start, len));
                 continue;
             }
-            let mut off = start;
             let end = start + len;
+            let mut off = start;
             while off < end {
+                let n = (end - off).min(MAX_DATA as u64);
+                pieces.push(Piece::Data(off, n as usize));
+                off += n;
+            }
+        }
+        let (mut count, mut crc, mut shipped) = (0u64, 0u32, 0u64);
+        let mut pace = Pace::new(self.cfg.bwlimit);
+        // A reader thread keeps READ_BATCH chunks in flight on the snapshot and READ_AHEAD
+        // batches ahead of the link: the device's latency overlaps the sends.
+        std::thread::scope(|sc| -> ReplResult<()> {
+            // Both ends live in this closure: an early return drops `rx`, so a reader blocked
+            // on a full channel ends and the scope's join cannot hang.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<ReplResult<Vec<Chunk>>>(READ_AHEAD);
+            let reader_dev = &*dev;
+            let reader_pieces = &pieces;
+            let stop = &self.stop;
+            sc.spawn(move || read_ahead(reader_dev, reader_pieces, stop, tx));
+            let mut batch = Vec::new().into_iter();
+            for piece in &pieces {
+                let (off, n) = match *piece {
+                    Piece::Unmap(offset, len) => {
+                        let m = Msg::Unmap { offset, len };
+                        crc = crc32c::crc32c_append(crc, &send(link, &m)?);
+                        count += 1;
+                        continue;
+                    }
+                    Piece::Data(off, n) => (off, n),
+                };
                 if self.stop.load(Ordering::SeqCst) {
                     return Err(ReplError::Io(format!(
                         "stopped in the middle of snapshot {}",
                         p.snapshot
                     )));
                 }
-                let n = (end - off).min(MAX_DATA as u64) as usize;
+                let chunk = match batch.next() {
+                    Some(c) => c,
+                    None => {
+                        batch = rx
+                            .recv()
+                            .map_err(|_| ReplError::Io("the snapshot's reader stopped".into()))??
+                            .into_iter();
+                        batch.next().ok_or_else(|| {
+                            ReplError::Io("the snapshot's reader sent an empty batch".into())
+                        })?
+                    }
+                };
+                if chunk.0 != off || chunk.1.len() != n {
+                    return Err(ReplError::Io(format!(
+                        "the snapshot's reader sent {} bytes at {} for {n} at {off}",
+                        chunk.1.len(),
+                        chunk.0
+                    )));
+                }
                 pace.take(n as u64);
-                read_blocking(&*dev, Bytes(off), &mut buf[..n])?;
                 let sent = match refs
                     .filter(|hb| off.is_multiple_of(*hb) && (n as u64).is_multiple_of(*hb))
                 {
                     Some(hb) => {
-                        let (msgs, sent) = self.ship_by_hash(link, off, &buf[..n], hb, &mut crc)?;
+                        let (msgs, sent) = self.ship_by_hash(link, off, &chunk.1, hb, &mut crc)?;
                         count += msgs;
                         sent
                     }
                     None => {
                         let m = Msg::Data {
                             offset: off,
-                            bytes: buf[..n].to_vec(),
+                            bytes: chunk.1,
                         };
                         crc = crc32c::crc32c_append(crc, &send(link, &m)?);
                         count += 1;
@@ -505,13 +547,13 @@ impl Primary {
                     }
                 };
                 shipped += sent;
-                off += n as u64;
                 let mut s = lock(&self.status);
                 s.bytes_shipped += sent;
                 s.bytes_pending = s.bytes_pending.saturating_sub(n as u64);
                 s.blocks_pending = s.blocks_pending.saturating_sub(n as u64 / bs.max(1));
             }
-        }
+            Ok(())
+        })?;
         drop(dev);
         send(
             link,
@@ -582,6 +624,56 @@ impl Pace {
         let spent = self.start.elapsed();
         if due > spent {
             std::thread::sleep(due - spent);
+        }
+    }
+}
+
+/// Chunks of up to [`MAX_DATA`] bytes read at once from the snapshot (requests in flight).
+const READ_BATCH: usize = 16;
+/// Batches read ahead of the link.
+const READ_AHEAD: usize = 4;
+
+/// One thing to ship, in order.
+enum Piece {
+    /// UNMAP of `(offset, len)`.
+    Unmap(u64, u64),
+    /// DATA of `(offset, len)` read from the snapshot.
+    Data(u64, usize),
+}
+
+/// Bytes read at an offset.
+type Chunk = (u64, Vec<u8>);
+
+/// Reads the DATA pieces of `pieces` from `dev` in batches of [`READ_BATCH`] concurrent
+/// requests, in order, into `tx`; ends at the first error (sent), a stop, or when the
+/// receiver is gone.
+fn read_ahead(
+    dev: &dyn tables::io::BlockDevice,
+    pieces: &[Piece],
+    stop: &AtomicBool,
+    tx: std::sync::mpsc::SyncSender<ReplResult<Vec<Chunk>>>,
+) {
+    let data: Vec<(u64, usize)> = pieces
+        .iter()
+        .filter_map(|p| match *p {
+            Piece::Data(off, n) => Some((off, n)),
+            Piece::Unmap(..) => None,
+        })
+        .collect();
+    for group in data.chunks(READ_BATCH) {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut bufs: Vec<Chunk> = group.iter().map(|&(o, n)| (o, vec![0u8; n])).collect();
+        let mut reqs: Vec<(Bytes, &mut [u8])> = bufs
+            .iter_mut()
+            .map(|(o, b)| (Bytes(*o), b.as_mut_slice()))
+            .collect();
+        let r = read_all_blocking(dev, &mut reqs).map_err(ReplError::from);
+        drop(reqs);
+        let failed = r.is_err();
+        if tx.send(r.map(|()| bufs)).is_err() || failed {
+            return;
         }
     }
 }

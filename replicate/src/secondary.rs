@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::server::ServerConfig;
-use tables::io::write_blocking;
+use tables::io::{write_all_blocking, BlockDevice};
 use tables::{Bytes, WriteFlags};
 use thin::{Pool, ThinId, VBlock};
 
@@ -312,63 +312,75 @@ impl Secondary {
         let mut received = 0u64;
         let mut referenced = 0u64;
         let started = Instant::now();
-        loop {
-            let (m, frame) = recv(link)?;
-            match m {
-                Msg::Data { offset, bytes } => {
-                    in_volume(offset, bytes.len() as u64)?;
-                    write_blocking(&*dev, Bytes(offset), &bytes, WriteFlags::default())?;
-                    received += bytes.len() as u64;
-                }
-                Msg::Hashes { offset, hashes } => {
-                    let bs = pool.block_bytes().0;
-                    if !pool.takes_hash_refs() || !offset.is_multiple_of(bs) {
-                        return Err(ReplError::Protocol(format!(
-                            "HASHES at offset {offset}: this side takes no references in \
+        // DATA is written behind the link by a writer thread (WRITE_BATCH requests in
+        // flight); everything else waits until what was queued before it is written.
+        std::thread::scope(|sc| -> ReplResult<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(WRITE_QUEUE);
+            let writer_dev = &*dev;
+            sc.spawn(move || write_behind(writer_dev, rx));
+            loop {
+                let (m, frame) = recv(link)?;
+                match m {
+                    Msg::Data { offset, bytes } => {
+                        in_volume(offset, bytes.len() as u64)?;
+                        received += bytes.len() as u64;
+                        tx.send(WriteJob::Data(offset, bytes))
+                            .map_err(|_| ReplError::Io("the copy's writer stopped".into()))?;
+                    }
+                    Msg::Hashes { offset, hashes } => {
+                        drain(&tx)?;
+                        let bs = pool.block_bytes().0;
+                        if !pool.takes_hash_refs() || !offset.is_multiple_of(bs) {
+                            return Err(ReplError::Protocol(format!(
+                                "HASHES at offset {offset}: this side takes no references in \
                              blocks of {bs} bytes there"
-                        )));
+                            )));
+                        }
+                        in_volume(offset, hashes.len() as u64 * bs)?;
+                        let mut held = Vec::with_capacity(hashes.len());
+                        for (i, h) in hashes.iter().enumerate() {
+                            let v = VBlock(offset / bs + i as u64);
+                            held.push(run_io(pool.map_by_hash(copy, v, h))?);
+                        }
+                        referenced += held.iter().filter(|h| **h).count() as u64 * bs;
+                        send(link, &Msg::Have { offset, held })?;
+                        link.flush().map_err(ReplError::Net)?;
                     }
-                    in_volume(offset, hashes.len() as u64 * bs)?;
-                    let mut held = Vec::with_capacity(hashes.len());
-                    for (i, h) in hashes.iter().enumerate() {
-                        let v = VBlock(offset / bs + i as u64);
-                        held.push(run_io(pool.map_by_hash(copy, v, h))?);
+                    Msg::Unmap { offset, len } => {
+                        in_volume(offset, len)?;
+                        drain(&tx)?;
+                        run_io(tables::io::BlockDevice::write_zeroes(
+                            &*dev,
+                            Bytes(offset),
+                            Bytes(len),
+                            WriteFlags::default(),
+                        ))?;
                     }
-                    referenced += held.iter().filter(|h| **h).count() as u64 * bs;
-                    send(link, &Msg::Have { offset, held })?;
-                    link.flush().map_err(ReplError::Net)?;
-                }
-                Msg::Unmap { offset, len } => {
-                    in_volume(offset, len)?;
-                    run_io(tables::io::BlockDevice::write_zeroes(
-                        &*dev,
-                        Bytes(offset),
-                        Bytes(len),
-                        WriteFlags::default(),
-                    ))?;
-                }
-                Msg::Commit {
-                    snapshot: s,
-                    count: n,
-                    checksum,
-                } => {
-                    if s != snapshot || n != count || checksum != crc {
-                        return Err(ReplError::Protocol(format!(
+                    Msg::Commit {
+                        snapshot: s,
+                        count: n,
+                        checksum,
+                    } => {
+                        drain(&tx)?;
+                        if s != snapshot || n != count || checksum != crc {
+                            return Err(ReplError::Protocol(format!(
                             "COMMIT of snapshot {s} with {n} messages and checksum {checksum:#010x}; \
                              received snapshot {snapshot}: {count} messages, checksum {crc:#010x}"
                         )));
+                        }
+                        break;
                     }
-                    break;
+                    m => {
+                        return Err(ReplError::Protocol(format!(
+                            "expected DATA, UNMAP or COMMIT in snapshot {snapshot}, got {m:?}"
+                        )))
+                    }
                 }
-                m => {
-                    return Err(ReplError::Protocol(format!(
-                        "expected DATA, UNMAP or COMMIT in snapshot {snapshot}, got {m:?}"
-                    )))
-                }
+                crc = crc32c::crc32c_append(crc, &frame);
+                count += 1;
             }
-            crc = crc32c::crc32c_append(crc, &frame);
-            count += 1;
-        }
+            Ok(())
+        })?;
         drop(dev);
         let [a, b] = self.cfg.snap_ids;
         let id = if st.snapshot != 0 && ThinId(st.thin_id) == a {
@@ -403,5 +415,73 @@ impl Secondary {
         s.intervals += 1;
         s.last_error = None;
         Ok(())
+    }
+}
+
+/// DATA writes in flight on the copy at once.
+const WRITE_BATCH: usize = 32;
+/// DATA messages queued for the writer.
+const WRITE_QUEUE: usize = 64;
+
+/// Work for the copy's writer thread.
+enum WriteJob {
+    /// Write these bytes at this offset.
+    Data(u64, Vec<u8>),
+    /// Answer once everything queued before is written: the first write error, if any.
+    Flush(std::sync::mpsc::SyncSender<ReplResult<()>>),
+}
+
+/// Waits until everything queued on `tx` is written; the first write error.
+fn drain(tx: &std::sync::mpsc::SyncSender<WriteJob>) -> ReplResult<()> {
+    let (ack, done) = std::sync::mpsc::sync_channel(1);
+    let gone = || ReplError::Io("the copy's writer stopped".into());
+    tx.send(WriteJob::Flush(ack)).map_err(|_| gone())?;
+    done.recv().map_err(|_| gone())?
+}
+
+/// The writer thread: batches of up to [`WRITE_BATCH`] queued writes go to `dev` at once.
+/// After a failed write the rest are dropped and every flush reports that failure (the
+/// interval then fails before its snapshot). Ends when the queue's sender is gone.
+fn write_behind(dev: &dyn BlockDevice, rx: std::sync::mpsc::Receiver<WriteJob>) {
+    let mut failed: Option<String> = None;
+    let mut next: Option<WriteJob> = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        match job {
+            WriteJob::Flush(ack) => {
+                let _ = ack.send(match &failed {
+                    None => Ok(()),
+                    Some(e) => Err(ReplError::Io(e.clone())),
+                });
+            }
+            WriteJob::Data(off, bytes) => {
+                let mut batch = vec![(off, bytes)];
+                while batch.len() < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(WriteJob::Data(o, b)) => batch.push((o, b)),
+                        Ok(flush) => {
+                            next = Some(flush);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if failed.is_none() {
+                    let reqs: Vec<(Bytes, &[u8])> = batch
+                        .iter()
+                        .map(|(o, b)| (Bytes(*o), b.as_slice()))
+                        .collect();
+                    if let Err(e) = write_all_blocking(dev, &reqs, WriteFlags::default()) {
+                        failed = Some(e.to_string());
+                    }
+                }
+            }
+        }
     }
 }

@@ -690,6 +690,42 @@ pub fn write_blocking(
     iort::block_on(fut).map_err(|e| runtime_error(dev, "write", offset, buf.len(), e))?
 }
 
+/// Reads every `(offset, buffer)` of `reqs` from `dev` with all of them in flight at once
+/// and waits for all of them; the first error. As [`read_blocking`], for callers that want
+/// queue depth (a copy, a replication) without a runtime of their own.
+pub fn read_all_blocking(dev: &dyn BlockDevice, reqs: &mut [(Bytes, &mut [u8])]) -> IoResult<()> {
+    let len = reqs.iter().map(|r| r.1.len()).sum();
+    let off = reqs.first().map_or(Bytes(0), |r| r.0);
+    let futs: Vec<_> = reqs
+        .iter_mut()
+        // SAFETY: every future is completed or dropped inside `block_on` below (join drives
+        // all of them to the end even after an error), before the buffers can go.
+        .map(|(off, buf)| unsafe { dev.read(*off, buf) })
+        .collect();
+    iort::block_on(iort::try_join_all(futs))
+        .map_err(|e| runtime_error(dev, "read", off, len, e))?
+        .map(|_| ())
+}
+
+/// Writes every `(offset, buffer)` of `reqs` to `dev` with all of them in flight at once and
+/// waits for all of them; the first error. As [`read_all_blocking`].
+pub fn write_all_blocking(
+    dev: &dyn BlockDevice,
+    reqs: &[(Bytes, &[u8])],
+    flags: WriteFlags,
+) -> IoResult<()> {
+    let futs: Vec<_> = reqs
+        .iter()
+        // SAFETY: as in `read_all_blocking`.
+        .map(|(off, buf)| unsafe { dev.write(*off, buf, flags) })
+        .collect();
+    let len = reqs.iter().map(|r| r.1.len()).sum();
+    let off = reqs.first().map_or(Bytes(0), |r| r.0);
+    iort::block_on(iort::try_join_all(futs))
+        .map_err(|e| runtime_error(dev, "write", off, len, e))?
+        .map(|_| ())
+}
+
 /// The runtime for a blocking call could not be created.
 fn runtime_error(
     dev: &dyn BlockDevice,
