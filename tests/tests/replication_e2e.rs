@@ -85,14 +85,7 @@ fn thin_dev(d: &DaemonProc, dir: &Path, name: &str, id: u32, addr: &str) {
 
 /// The whole volume behind `nbd://addr/export`, copied into `out` and returned.
 fn read_export(addr: &str, export: &str, out: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(out);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg(format!("nbd://{addr}/{export}"))
-            .arg(out),
-    )
-    .unwrap();
-    read_all(out).unwrap()
+    read_export_uri(&format!("nbd://{addr}/{export}"), out)
 }
 
 /// `repl status --json` of one volume.
@@ -409,4 +402,167 @@ fn two_daemons_lag_link_cut_kill_promote_force_and_failback() {
     assert_eq!(st["role"], "primary", "{st}");
     drop(b);
     drop(h);
+}
+
+/// `volmgr ARGS --devices DEVICES` on daemon `d`.
+fn lvm_ok(d: &DaemonProc, devices: &Path, args: &[&str]) -> String {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--devices", devices.to_str().unwrap()]);
+    d.ok(&a)
+}
+
+/// The NBD URI of an active LV (`lvs -o lv_dm_path`).
+fn lv_uri(d: &DaemonProc, devices: &Path, lv: &str) -> String {
+    let out = lvm_ok(d, devices, &["lvs", "--noheadings", "-o", "lv_dm_path", lv]);
+    let uri = out.trim().to_string();
+    assert!(uri.starts_with("nbd://"), "{lv} is not exported: '{out}'");
+    uri
+}
+
+/// Replication named by LVs: a thin LV of one VG replicates into a thin LV of another
+/// daemon's VG (pool, thin id and size come from the LVM metadata); an active copy and a
+/// non-thin LV are refused; after a demote and a promote the copy LV activates with the
+/// primary's bytes, and its VG still reads clean.
+#[test]
+fn thin_lvs_replicate_by_name_and_the_copy_lv_serves_after_promote() {
+    require_root();
+    require_tools(&["openssl", "nbdcopy", "qemu-io"]);
+    let tmp = tempfile::Builder::new()
+        .prefix("repl-lv-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let root = tmp.path();
+    let certs = root.join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    make_certs(&certs, &["127.0.0.1"]);
+    let certs_s = certs.to_string_lossy().to_string();
+    let mut sides = Vec::new();
+    for tag in ["a", "b"] {
+        let state = root.join(format!("{tag}-state"));
+        std::fs::create_dir(&state).unwrap();
+        let d = DaemonProc::start(&state);
+        let pv = root.join(format!("{tag}-pv.img"));
+        sparse_file(&pv, 256 * MIB).unwrap();
+        let vg = format!("vg{tag}");
+        lvm_ok(
+            &d,
+            &pv,
+            &["vgcreate", "-s", "1m", &vg, pv.to_str().unwrap()],
+        );
+        lvm_ok(
+            &d,
+            &pv,
+            &[
+                "lvcreate",
+                "--type",
+                "thin-pool",
+                "-L",
+                "64m",
+                "-n",
+                "pool",
+                &vg,
+            ],
+        );
+        sides.push((d, pv));
+    }
+    let (a, a_pv) = &sides[0];
+    let (b, b_pv) = &sides[1];
+    let nbd = ["--nbd", "127.0.0.1:0"];
+    let mut create = vec!["lvcreate", "-V", "32m", "-T", "pool", "-n", "data", "vga"];
+    create.extend_from_slice(&nbd);
+    lvm_ok(a, a_pv, &create);
+    let mut create = vec!["lvcreate", "-V", "32m", "-T", "pool", "-n", "copy", "vgb"];
+    create.extend_from_slice(&nbd);
+    lvm_ok(b, b_pv, &create);
+    let uri = lv_uri(a, a_pv, "vga/data");
+    e2e::qemu_io(&uri, &["write -P 0x3c 1M 5M", "write -P 0x4d 20M 3M"]);
+
+    let listen = format!("127.0.0.1:{}", e2e::free_port());
+    let repl = |d: &DaemonProc, pv: &Path, verb: &str, lv: &str, link: [&str; 2]| {
+        let args = [
+            "repl",
+            verb,
+            "--lv",
+            lv,
+            "--volume",
+            "db",
+            "--tls-dir",
+            &certs_s,
+            link[0],
+            link[1],
+            "--devices",
+            pv.to_str().unwrap(),
+        ];
+        d.vm(&args)
+    };
+    // Refused: the copy is active; a thin pool is not a thin LV.
+    let out = repl(b, b_pv, "secondary", "vgb/copy", ["--listen", &listen]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("vgb/copy is active"),
+        "{e}"
+    );
+    let out = repl(a, a_pv, "primary", "vga/pool", ["--peer", &listen]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("is not a thin LV"),
+        "{e}"
+    );
+
+    lvm_ok(b, b_pv, &["lvchange", "-an", "vgb/copy"]);
+    let out = repl(b, b_pv, "secondary", "vgb/copy", ["--listen", &listen]);
+    assert!(out.status.success(), "{out:?}");
+    let out = repl(a, a_pv, "primary", "vga/data", ["--peer", &listen]);
+    assert!(out.status.success(), "{out:?}");
+    let st = status(a, "db");
+    assert_eq!(st["pool"], "vga-pool", "{st}");
+    assert_eq!(st["role"], "primary", "{st}");
+    wait_until("the first snapshot on the secondary", 60, || {
+        num(&status(b, "db"), "last_synced_snapshot") > 0
+    });
+    let shipped = num(&status(a, "db"), "bytes_shipped");
+    assert!(
+        (8 * MIB..12 * MIB).contains(&shipped),
+        "8 MiB mapped, {shipped} bytes shipped"
+    );
+
+    // Hand over: the primary's LV inactive, demoted (one final snapshot), the copy promoted
+    // and activated by its LV name.
+    let primary_bytes = read_export_uri(&uri, &root.join("a.img"));
+    lvm_ok(a, a_pv, &["lvchange", "-an", "vga/data"]);
+    let out = a.ok(&["repl", "demote", "db"]);
+    assert!(out.contains("demoted"), "{out}");
+    let out = b.ok(&["repl", "promote", "db"]);
+    assert!(out.contains("promoted:"), "{out}");
+    let mut act = vec!["lvchange", "-ay", "vgb/copy"];
+    act.extend_from_slice(&nbd);
+    lvm_ok(b, b_pv, &act);
+    let copy = read_export_uri(&lv_uri(b, b_pv, "vgb/copy"), &root.join("b.img"));
+    assert_eq!(copy.len(), 32 * MIB as usize);
+    assert!(
+        copy == primary_bytes,
+        "the promoted copy differs from the primary's LV"
+    );
+    assert_eq!(&copy[MIB as usize..6 * MIB as usize], &[0x3c; 5 << 20][..]);
+    let r = lvm_ok(
+        b,
+        b_pv,
+        &[
+            "lvs",
+            "--noheadings",
+            "--separator",
+            ";",
+            "-o",
+            "lv_name,lv_attr",
+            "vgb",
+        ],
+    );
+    assert!(r.contains("copy;Vwi-a-t---"), "{r}");
+}
+
+/// The whole volume behind `uri`, copied into `out` and returned.
+fn read_export_uri(uri: &str, out: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(out);
+    run_ok(Command::new("nbdcopy").arg(uri).arg(out)).unwrap();
+    read_all(out).unwrap()
 }

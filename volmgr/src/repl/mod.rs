@@ -4,6 +4,7 @@
 //! A walkthrough is in `examples/replication.md`.
 
 pub mod config;
+pub mod lv;
 pub mod service;
 
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ pub enum ReplCmd {
         /// Name the secondary's certificate must carry (default: HOST of --peer).
         #[arg(long)]
         server_name: Option<String>,
-        /// Time between replication snapshots (`500ms`, `5s`, `1m`; at least 100ms).
+        /// Time between replication snapshots (`500ms`, `5s`, `1m`, `1h`; at least 100ms).
         #[arg(long, default_value = "30s", value_parser = parse_interval)]
         interval: u64,
         /// Most bytes per second shipped (`50M`).
@@ -104,18 +105,25 @@ pub enum ReplCmd {
 /// The volume and the link, on both sides.
 #[derive(Args)]
 pub struct VolumeArgs {
-    /// The name both sides know the volume by.
-    #[arg(long)]
-    volume: String,
+    /// A thin LV (`VG/LV`) instead of --pool/--thin/--size: its pool is activated if it is
+    /// not; on a secondary, the LV that holds the copy (inactive until `promote`).
+    #[arg(long, value_name = "VG/LV", conflicts_with_all = ["pool", "thin", "size"])]
+    lv: Option<String>,
+    /// The name both sides know the volume by (default with --lv: `VG-LV`, as device-mapper
+    /// names it).
+    #[arg(long, required_unless_present = "lv")]
+    volume: Option<String>,
     /// The daemon's thin-pool device.
-    #[arg(long)]
-    pool: String,
+    #[arg(long, required_unless_present = "lv")]
+    pool: Option<String>,
     /// The volume's thin id in that pool (on a secondary: the copy's).
-    #[arg(long)]
-    thin: u32,
+    #[arg(long, required_unless_present = "lv")]
+    thin: Option<u32>,
     /// Volume size (`1G`, `512M`; the same on both sides).
-    #[arg(long)]
-    size: String,
+    #[arg(long, required_unless_present = "lv")]
+    size: Option<String>,
+    #[command(flatten)]
+    dev: crate::lvm_cli::devices::DeviceArgs,
     /// Directory with the x509 files (as the NBD export's: ca-cert.pem, and
     /// server-cert.pem/server-key.pem on a secondary, client-cert.pem/client-key.pem on a
     /// primary).
@@ -126,7 +134,7 @@ pub struct VolumeArgs {
     insecure: bool,
 }
 
-/// `500ms`, `5s`, `2m` or plain seconds, in milliseconds.
+/// `500ms`, `5s`, `2m`, `1h` or plain seconds, in milliseconds.
 fn parse_interval(s: &str) -> Result<u64, String> {
     let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
@@ -134,13 +142,15 @@ fn parse_interval(s: &str) -> Result<u64, String> {
         (n, 1000)
     } else if let Some(n) = s.strip_suffix('m') {
         (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
     } else {
         (s, 1000)
     };
     let v: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("'{s}': a time such as 500ms, 5s or 1m"))?;
+        .map_err(|_| format!("'{s}': a time such as 500ms, 5s, 1m or 1h"))?;
     let ms = v
         .checked_mul(mul)
         .ok_or_else(|| format!("'{s}': too long"))?;
@@ -160,8 +170,21 @@ fn service(sd: &StateDir, args: Vec<String>) -> Result<String> {
     )?)
 }
 
-fn config_of(vol: VolumeArgs, role: Role) -> Result<ReplConfig> {
-    let size = parse_size(&vol.size).with_context(|| format!("--size {}", vol.size))?;
+fn config_of(vol: VolumeArgs, role: Role, sd: &StateDir) -> Result<ReplConfig> {
+    let (volume, pool, thin, size) = match (&vol.lv, vol.pool, vol.thin, &vol.size) {
+        (Some(name), ..) => {
+            let t = lv::resolve(name, &vol.dev, sd, role)?;
+            (vol.volume.unwrap_or(t.volume), t.pool, t.thin, t.size)
+        }
+        (None, Some(pool), Some(thin), Some(size)) => {
+            let size = parse_size(size)
+                .with_context(|| format!("--size {size}"))?
+                .0;
+            let volume = vol.volume.context("--volume is needed without --lv")?;
+            (volume, pool, thin, size)
+        }
+        _ => bail!("name the volume with --lv VG/LV, or with --volume, --pool, --thin and --size"),
+    };
     let tls_dir = match vol.tls_dir {
         Some(d) => {
             Some(std::fs::canonicalize(&d).with_context(|| format!("--tls-dir {}", d.display()))?)
@@ -169,11 +192,11 @@ fn config_of(vol: VolumeArgs, role: Role) -> Result<ReplConfig> {
         None => None,
     };
     Ok(ReplConfig {
-        volume: vol.volume,
+        volume,
         role,
-        pool: vol.pool,
-        thin: vol.thin,
-        size: size.0,
+        pool,
+        thin,
+        size,
         snap_ids: [0, 0],
         peer: None,
         server_name: None,
@@ -203,7 +226,7 @@ pub fn run(cmd: ReplCmd) -> Result<()> {
             bwlimit,
             sd,
         } => {
-            let mut c = config_of(vol, Role::Primary)?;
+            let mut c = config_of(vol, Role::Primary, &sd)?;
             c.peer = Some(peer);
             c.server_name = server_name;
             c.interval_ms = interval;
@@ -214,7 +237,7 @@ pub fn run(cmd: ReplCmd) -> Result<()> {
             start(&sd, &c)
         }
         ReplCmd::Secondary { vol, listen, sd } => {
-            let mut c = config_of(vol, Role::Secondary)?;
+            let mut c = config_of(vol, Role::Secondary, &sd)?;
             c.listen = Some(listen);
             start(&sd, &c)
         }
@@ -326,6 +349,7 @@ mod tests {
         assert_eq!(parse_interval("500ms"), Ok(500));
         assert_eq!(parse_interval("5s"), Ok(5000));
         assert_eq!(parse_interval("2m"), Ok(120_000));
+        assert_eq!(parse_interval("1h"), Ok(3_600_000));
         assert_eq!(parse_interval("3"), Ok(3000));
         assert!(parse_interval("50ms").is_err());
         assert!(parse_interval("soon").is_err());
