@@ -14,7 +14,7 @@ use thin::meta::DeltaKind;
 use thin::{Pool, ThinId};
 
 use crate::error::{ReplError, ReplResult};
-use crate::proto::{recv, send, Msg, MAX_DATA};
+use crate::proto::{recv, send, Msg, Payload, MAX_DATA};
 use crate::state::{now_ms, now_secs, Phase, State, Status};
 use crate::tls::{connect_watched, Link, IO_TIMEOUT};
 use crate::{lock, run_io};
@@ -376,16 +376,14 @@ impl Primary {
             .map(|c| thin::dedup::hash(thin::dedup::HashKind::Blake3, c))
             .collect();
         let n = hashes.len();
-        *crc = crc32c::crc32c_append(
-            *crc,
-            &send(
-                link,
-                &Msg::Hashes {
-                    offset: off,
-                    hashes,
-                },
-            )?,
-        );
+        *crc = send(
+            link,
+            &Msg::Hashes {
+                offset: off,
+                hashes,
+            },
+        )?
+        .chain(*crc);
         link.flush().map_err(ReplError::Net)?;
         let held = match recv(link)?.0 {
             Msg::Have { offset, held } if offset == off && held.len() == n => held,
@@ -406,9 +404,9 @@ impl Primary {
             let j = (i..n).find(|&k| held[k]).unwrap_or(n);
             let m = Msg::Data {
                 offset: off + (i * hb) as u64,
-                bytes: buf[i * hb..j * hb].to_vec(),
+                bytes: Payload::copy_of(&buf[i * hb..j * hb])?,
             };
-            *crc = crc32c::crc32c_append(*crc, &send(link, &m)?);
+            *crc = send(link, &m)?.chain(*crc);
             msgs += 1;
             sent += ((j - i) * hb) as u64;
             i = j;
@@ -496,7 +494,7 @@ impl Primary {
                 let (off, n) = match *piece {
                     Piece::Unmap(offset, len) => {
                         let m = Msg::Unmap { offset, len };
-                        crc = crc32c::crc32c_append(crc, &send(link, &m)?);
+                        crc = send(link, &m)?.chain(crc);
                         count += 1;
                         continue;
                     }
@@ -541,7 +539,7 @@ impl Primary {
                             offset: off,
                             bytes: chunk.1,
                         };
-                        crc = crc32c::crc32c_append(crc, &send(link, &m)?);
+                        crc = send(link, &m)?.chain(crc);
                         count += 1;
                         n as u64
                     }
@@ -631,7 +629,7 @@ impl Pace {
 /// Chunks of up to [`MAX_DATA`] bytes read at once from the snapshot (requests in flight).
 const READ_BATCH: usize = 16;
 /// Batches read ahead of the link.
-const READ_AHEAD: usize = 4;
+const READ_AHEAD: usize = 2;
 
 /// One thing to ship, in order.
 enum Piece {
@@ -642,7 +640,7 @@ enum Piece {
 }
 
 /// Bytes read at an offset.
-type Chunk = (u64, Vec<u8>);
+type Chunk = (u64, Payload);
 
 /// Reads the DATA pieces of `pieces` from `dev` in batches of [`READ_BATCH`] concurrent
 /// requests, in order, into `tx`; ends at the first error (sent), a stop, or when the
@@ -664,10 +662,20 @@ fn read_ahead(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let mut bufs: Vec<Chunk> = group.iter().map(|&(o, n)| (o, vec![0u8; n])).collect();
+        let bufs: ReplResult<Vec<Chunk>> = group
+            .iter()
+            .map(|&(o, n)| Payload::for_filling(n).map(|b| (o, b)))
+            .collect();
+        let mut bufs = match bufs {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
         let mut reqs: Vec<(Bytes, &mut [u8])> = bufs
             .iter_mut()
-            .map(|(o, b)| (Bytes(*o), b.as_mut_slice()))
+            .map(|(o, b)| (Bytes(*o), &mut b[..]))
             .collect();
         let r = read_all_blocking(dev, &mut reqs).map_err(ReplError::from);
         drop(reqs);

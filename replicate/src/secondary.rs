@@ -19,7 +19,7 @@ use tables::{Bytes, WriteFlags};
 use thin::{Pool, ThinId, VBlock};
 
 use crate::error::{ReplError, ReplResult};
-use crate::proto::{recv, send, Msg};
+use crate::proto::{recv, send, Msg, Payload};
 use crate::state::{now_secs, Phase, State, Status};
 use crate::tls::{accept, Link};
 use crate::{lock, run_io};
@@ -376,7 +376,7 @@ impl Secondary {
                         )))
                     }
                 }
-                crc = crc32c::crc32c_append(crc, &frame);
+                crc = frame.chain(crc);
                 count += 1;
             }
             Ok(())
@@ -419,14 +419,14 @@ impl Secondary {
 }
 
 /// DATA writes in flight on the copy at once.
-const WRITE_BATCH: usize = 32;
+const WRITE_BATCH: usize = 16;
 /// DATA messages queued for the writer.
-const WRITE_QUEUE: usize = 64;
+const WRITE_QUEUE: usize = 32;
 
 /// Work for the copy's writer thread.
 enum WriteJob {
     /// Write these bytes at this offset.
-    Data(u64, Vec<u8>),
+    Data(u64, Payload),
     /// Answer once everything queued before is written: the first write error, if any.
     Flush(std::sync::mpsc::SyncSender<ReplResult<()>>),
 }
@@ -473,10 +473,8 @@ fn write_behind(dev: &dyn BlockDevice, rx: std::sync::mpsc::Receiver<WriteJob>) 
                     }
                 }
                 if failed.is_none() {
-                    let reqs: Vec<(Bytes, &[u8])> = batch
-                        .iter()
-                        .map(|(o, b)| (Bytes(*o), b.as_slice()))
-                        .collect();
+                    let reqs: Vec<(Bytes, &[u8])> =
+                        batch.iter().map(|(o, b)| (Bytes(*o), &b[..])).collect();
                     if let Err(e) = write_all_blocking(dev, &reqs, WriteFlags::default()) {
                         failed = Some(e.to_string());
                     }

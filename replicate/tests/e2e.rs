@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use replicate::proto::{recv, send, Msg};
+use replicate::proto::{recv, send, Msg, Payload};
 use replicate::{tls, Primary, PrimaryConfig, Secondary, SecondaryConfig, State};
 use tables::io::{read_blocking, write_blocking};
 use tables::mem::MemDevice;
@@ -289,7 +289,7 @@ fn garbage_plain_tcp_rogue_certificates_and_wrong_volumes_write_nothing() {
         },
         Msg::Data {
             offset: 0,
-            bytes: vec![7; 4096],
+            bytes: Payload::copy_of(&[7; 4096]).unwrap(),
         },
     ];
     for m in &msgs {
@@ -384,9 +384,9 @@ fn interval(l: &mut TcpStream, snapshot: u64, base: u64, blocks: &[(u64, u8)]) -
     for &(b, v) in blocks {
         let m = Msg::Data {
             offset: b * BS,
-            bytes: vec![v; BS as usize],
+            bytes: Payload::copy_of(&vec![v; BS as usize]).unwrap(),
         };
-        crc = crc32c::crc32c_append(crc, &send(l, &m).unwrap());
+        crc = send(l, &m).unwrap().chain(crc);
     }
     Msg::Commit {
         snapshot,
