@@ -8,7 +8,9 @@
 #     from `repl primary` to the secondary's first complete snapshot;
 #   - the same over TLS;
 #   - nbdcopy of the same bytes from A's volume export to an export of a thin volume on B
-#     (only the changed range is copied: the same bytes over the same loopback).
+#     (only the changed range is copied: the same bytes over the same loopback);
+#   - then the lag (the primary's `lag_ms`) under a steady WRITER_RATE fio writer on A's
+#     exported volume, interval 1 s, TLS, sampled for LAG_SECS.
 # Ratio = replication rate / nbdcopy rate. The host's other load moves every figure.
 #
 #   sudo bash benches/replication.sh
@@ -17,6 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CHANGE_MIB=${CHANGE_MIB:-1024}
 VOL_GIB=${VOL_GIB:-64}
+WRITER_RATE=${WRITER_RATE:-50m}
+LAG_SECS=${LAG_SECS:-20}
 BIN=${VOLMGR:-target/debug/volmgr}
 [ -x "$BIN" ] || cargo build -p volmgr
 [ "$(id -u)" = 0 ] || { echo "replication bench: needs root (daemons)" >&2; exit 1; }
@@ -106,6 +110,39 @@ nbd_row() {
   python3 -c "print($t1 - $t0)"
 }
 
+# Lag under a steady writer: fio writes WRITER_RATE into A's exported volume (TLS, 1 s
+# interval) for LAG_SECS; `lag_ms` of the primary's status is sampled every 0.5 s. Prints
+# "mean max samples shipped_MBps".
+lag_row() {
+  local a=aL b=bL p np; p=$(port); np=$(port)
+  start_daemon "$a"; start_daemon "$b"
+  vm "$a" dev message pool create_thin 1 >/dev/null
+  thin_dev "$a" vol 1 "$np"
+  local link=(--tls-dir "$W/certs")
+  vm "$b" repl secondary --volume v --pool pool --thin 1 --size "${VOL_GIB}G" --listen "127.0.0.1:$p" "${link[@]}" >/dev/null
+  vm "$a" repl primary --volume v --pool pool --thin 1 --size "${VOL_GIB}G" --peer "127.0.0.1:$p" --interval 1s "${link[@]}" >/dev/null
+  until vm "$b" repl status v --json | grep -q '"last_synced_snapshot": [1-9]'; do sleep 0.1; done
+  fio --name=steady --ioengine=nbd --uri="nbd://127.0.0.1:$np/vol" --rw=randwrite --bs=256k \
+    --size="$((DATA_MIB / 4))m" --rate="$WRITER_RATE" --time_based --runtime=$((LAG_SECS + 4)) \
+    --output="$W/fio-lag.txt" >/dev/null 2>&1 &
+  local fio_pid=$!
+  sleep 3
+  local s0; s0=$(vm "$a" repl status v --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["bytes_shipped"])')
+  : >"$W/lag.txt"
+  for _ in $(seq $((LAG_SECS * 2))); do
+    vm "$a" repl status v --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["lag_ms"])' >>"$W/lag.txt"
+    sleep 0.5
+  done
+  local s1; s1=$(vm "$a" repl status v --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["bytes_shipped"])')
+  wait "$fio_pid" || { echo "fio failed: $(cat "$W/fio-lag.txt")" >&2; exit 1; }
+  python3 - "$W/lag.txt" "$s0" "$s1" "$LAG_SECS" <<'PY'
+import sys
+lags = [int(x) for x in open(sys.argv[1]).read().split()]
+shipped = (int(sys.argv[3]) - int(sys.argv[2])) / int(sys.argv[4]) / 1e6
+print(f"{sum(lags) / len(lags) / 1000:.2f} {max(lags) / 1000:.2f} {len(lags)} {shipped:.1f}")
+PY
+}
+
 r_plain=$(repl_row insecure 1)
 r_tls=$(repl_row tls 2)
 n=$(nbd_row)
@@ -120,3 +157,7 @@ print("| --- | ---: | ---: | ---: |")
 for name, s in [("volmgr repl, plain TCP", plain), ("volmgr repl, TLS", tls), ("nbdcopy, NBD export to NBD export", nbd)]:
     print(f"| {name} | {s:.2f} | {rate(s):.0f} | {nbd / s:.2f} |")
 PY
+read -r lag_mean lag_max lag_n lag_mbps <<<"$(lag_row)"
+echo
+echo "Lag under a steady writer (fio --rate=$WRITER_RATE, randwrite 256k into the primary's volume, TLS,"
+echo "interval 1 s), $lag_n samples over $LAG_SECS s: mean $lag_mean s, max $lag_max s; shipped $lag_mbps MB/s"
