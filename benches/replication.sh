@@ -5,7 +5,7 @@
 # VOL_GIB GiB on A with CHANGE_MIB MiB of random data written into it (the change: nothing
 # else is mapped). Rows, in one run:
 #   - `volmgr repl` (plain TCP, --insecure) shipping that change as its first interval, timed
-#     from `repl primary` to the secondary's first complete snapshot;
+#     from `repl primary` to the secondary's first complete snapshot (its state file);
 #   - the same over TLS;
 #   - nbdcopy of the same bytes from A's volume export to an export of a thin volume on B
 #     (only the changed range is copied: the same bytes over the same loopback);
@@ -86,8 +86,12 @@ repl_row() { # tls|insecure  tag
   vm "$b" repl secondary --volume v --pool pool --thin 1 --size "${VOL_GIB}G" --listen "127.0.0.1:$p" "${link[@]}" >/dev/null
   local t0; t0=$(date +%s.%N)
   vm "$a" repl primary --volume v --pool pool --thin 1 --size "${VOL_GIB}G" --peer "127.0.0.1:$p" --interval 1h "${link[@]}" >/dev/null
-  until vm "$b" repl status v --json | grep -q '"last_synced_snapshot": [1-9]'; do sleep 0.1; done
+  # Done when the secondary's state file names the snapshot: written (and fsynced) once the
+  # snapshot is complete, just before the ACK. Polled every 10 ms without starting a volmgr.
+  until grep -qs '"snapshot": [1-9]' "$W/$b/replication/v.state"; do sleep 0.01; done
   local t1; t1=$(date +%s.%N)
+  vm "$b" repl status v --json | grep -q '"last_synced_snapshot": [1-9]' \
+    || { echo "the state file is ahead of the secondary's status" >&2; exit 1; }
   local shipped; shipped=$(vm "$a" repl status v --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["bytes_shipped"])')
   [ "$shipped" -ge $((CHANGE_MIB << 20)) ] || { echo "shipped only $shipped bytes" >&2; exit 1; }
   vm "$a" repl stop v >/dev/null; vm "$b" repl stop v >/dev/null
