@@ -517,6 +517,15 @@ fn thin_lvs_replicate_by_name_and_the_copy_lv_serves_after_promote() {
     let st = status(a, "db");
     assert_eq!(st["pool"], "vga-pool", "{st}");
     assert_eq!(st["role"], "primary", "{st}");
+    // A replicated LV is not removed from under its replication, on either side.
+    for (d, pv, lv) in [(a, a_pv, "vga/data"), (b, b_pv, "vgb/copy")] {
+        let out = d.vm(&["lvremove", "-y", lv, "--devices", pv.to_str().unwrap()]);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && e.contains("is replicated as 'db'"),
+            "{lv}: {e}"
+        );
+    }
     wait_until("the first snapshot on the secondary", 60, || {
         num(&status(b, "db"), "last_synced_snapshot") > 0
     });

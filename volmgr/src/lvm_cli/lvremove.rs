@@ -137,6 +137,16 @@ fn remove_one(a: &LvremoveArgs, vg_name: &str, lv_name: &str) -> Result<()> {
             outside.join(", ")
         );
     }
+    // A thin LV a replication ships or receives into keeps its blocks until that stops.
+    if let Some(t) = thin_segment(lv) {
+        let pool_dev = dm_name(vg_name, &t.thin_pool);
+        if let Some(v) = crate::repl::replicating(&a.sd, &pool_dev, t.device_id) {
+            bail!(
+                "Logical volume {vg_name}/{lv_name} is replicated as '{v}': \
+                 `volmgr repl remove {v} --yes` first"
+            );
+        }
+    }
     let dm = dm_name(vg_name, lv_name);
     let running = daemon_devices(&a.sd);
     if running.contains_key(&dm) {

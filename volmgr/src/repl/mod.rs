@@ -170,6 +170,19 @@ fn service(sd: &StateDir, args: Vec<String>) -> Result<String> {
     )?)
 }
 
+/// The replicated volume of this daemon that ships or receives thin `thin` of pool device
+/// `pool`, if one does (none when no daemon answers).
+pub fn replicating(sd: &StateDir, pool: &str, thin: u32) -> Option<String> {
+    if !sd.state_dir.join("control.sock").exists() {
+        return None;
+    }
+    let text = service(sd, vec!["status".into()]).ok()?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text).ok()?;
+    list.iter()
+        .find(|s| s["pool"].as_str() == Some(pool) && s["thin"].as_u64() == Some(thin.into()))
+        .and_then(|s| s["volume"].as_str().map(str::to_string))
+}
+
 fn config_of(vol: VolumeArgs, role: Role, sd: &StateDir) -> Result<ReplConfig> {
     let (volume, pool, thin, size) = match (&vol.lv, vol.pool, vol.thin, &vol.size) {
         (Some(name), ..) => {
