@@ -71,7 +71,7 @@ impl Secondary {
             status: Arc::new(Mutex::new(status)),
             stop: Arc::new(AtomicBool::new(false)),
             conn: Mutex::new(None),
-            clean_end: AtomicBool::new(false),
+            clean_end: AtomicBool::new(st.primary_said_bye),
         })
     }
 
@@ -80,6 +80,23 @@ impl Secondary {
     /// said nothing.
     pub fn primary_stopped(&self) -> bool {
         self.clean_end.load(Ordering::SeqCst)
+    }
+
+    /// Records whether the last primary said BYE, in memory and in the state file (a
+    /// restarted secondary still knows; a failed write only costs `--force` later).
+    fn set_clean_end(&self, said_bye: bool) {
+        self.clean_end.store(said_bye, Ordering::SeqCst);
+        let path = &self.cfg.state_path;
+        match State::load(path) {
+            Ok(mut st) if st.primary_said_bye != said_bye => {
+                st.primary_said_bye = said_bye;
+                if let Err(e) = st.save(path) {
+                    log::warn!("replication of {}: {e}", self.cfg.volume);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("replication of {}: {e}", self.cfg.volume),
+        }
     }
 
     /// Makes the copy volume hold exactly the last complete snapshot (an interval cut
@@ -134,14 +151,15 @@ impl Secondary {
                         break;
                     }
                     lock(&self.status).state = Phase::Replaying;
-                    self.clean_end.store(false, Ordering::SeqCst);
+                    self.set_clean_end(false);
                     let r = accept(s, self.cfg.tls.as_ref()).and_then(|l| self.session(l));
                     *lock(&self.conn) = None;
                     let mut st = lock(&self.status);
                     match r {
                         Ok(said_bye) => {
                             st.state = Phase::Stopped;
-                            self.clean_end.store(said_bye, Ordering::SeqCst);
+                            drop(st);
+                            self.set_clean_end(said_bye);
                         }
                         Err(e) => {
                             log::warn!("replication of {} from {peer}: {e}", self.cfg.volume);

@@ -30,6 +30,10 @@ pub struct State {
     /// When the pending snapshot was taken.
     #[serde(default)]
     pub pending_taken_at: u64,
+    /// Secondary only: the last primary said BYE (stopped on purpose) and none has connected
+    /// since, so `promote` needs no `--force` even after this side restarted.
+    #[serde(default)]
+    pub primary_said_bye: bool,
 }
 
 /// Milliseconds since the epoch.

@@ -605,3 +605,42 @@ fn blocks_a_dedup_secondary_holds_are_sent_as_hashes_not_bytes() {
         "the secondary's snapshot differs from the primary's volume"
     );
 }
+
+/// A primary that stops on purpose says BYE; the secondary remembers it across its own
+/// restart (promote then needs no --force), and forgets it once a primary connects again.
+#[test]
+fn a_primary_s_bye_outlives_a_secondary_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pp, sp) = (pool("primary"), pool("secondary"));
+    pp.create_thin(VOL_ID).unwrap();
+    let vol = pp.thin(VOL_ID, Bytes(VOL), None).unwrap();
+    write_block(&*vol, 3, 1);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (sec, sec_h) = start_secondary(secondary_cfg(&sp, dir.path(), None), l);
+    let (pri, pri_h) = start_primary(primary_cfg(&pp, dir.path(), port, None));
+    wait_for("the first snapshot", 30, || sec.status().intervals >= 1);
+    assert!(!sec.primary_stopped(), "a primary is connected");
+    pri.stop();
+    pri_h.join().unwrap();
+    wait_for("the BYE", 10, || sec.primary_stopped());
+    sec.stop();
+    sec_h.join().unwrap();
+
+    // The secondary restarts: it still knows the primary stopped on purpose.
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (sec, sec_h) = start_secondary(secondary_cfg(&sp, dir.path(), None), l);
+    assert!(sec.primary_stopped(), "the BYE was forgotten in a restart");
+    // A primary connects again: no longer stopped, and a restart does not bring it back.
+    let (pri, pri_h) = start_primary(primary_cfg(&pp, dir.path(), port, None));
+    wait_for("the primary back", 30, || !sec.primary_stopped());
+    sec.stop();
+    sec_h.join().unwrap();
+    let again = Secondary::new(secondary_cfg(&sp, dir.path(), None)).unwrap();
+    assert!(
+        !again.primary_stopped(),
+        "a BYE from before the reconnection came back"
+    );
+    pri.stop();
+    pri_h.join().unwrap();
+}
