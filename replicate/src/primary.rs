@@ -484,71 +484,36 @@ impl Primary {
         std::thread::scope(|sc| -> ReplResult<()> {
             // Both ends live in this closure: an early return drops `rx`, so a reader blocked
             // on a full channel ends and the scope's join cannot hang.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<ReplResult<Vec<Chunk>>>(READ_AHEAD);
-            let reader_dev = &*dev;
-            let reader_pieces = &pieces;
-            let stop = &self.stop;
+            let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD * READ_BATCH);
+            let (reader_dev, reader_pieces, stop) = (&*dev, &pieces, &self.stop);
             sc.spawn(move || read_ahead(reader_dev, reader_pieces, stop, tx));
-            let mut batch = Vec::new().into_iter();
             for piece in &pieces {
-                let (off, n) = match *piece {
+                let (msgs, sent) = match *piece {
                     Piece::Unmap(offset, len) => {
-                        let m = Msg::Unmap { offset, len };
-                        crc = send(link, &m)?.chain(crc);
-                        count += 1;
-                        continue;
+                        crc = send(link, &Msg::Unmap { offset, len })?.chain(crc);
+                        (1, 0)
                     }
-                    Piece::Data(off, n) => (off, n),
-                };
-                if self.stop.load(Ordering::SeqCst) {
-                    return Err(ReplError::Io(format!(
-                        "stopped in the middle of snapshot {}",
-                        p.snapshot
-                    )));
-                }
-                let chunk = match batch.next() {
-                    Some(c) => c,
-                    None => {
-                        batch = rx
+                    Piece::Data(off, n) => {
+                        if self.stop.load(Ordering::SeqCst) {
+                            return Err(ReplError::Io(format!(
+                                "stopped in the middle of snapshot {}",
+                                p.snapshot
+                            )));
+                        }
+                        let bytes = rx
                             .recv()
-                            .map_err(|_| ReplError::Io("the snapshot's reader stopped".into()))??
-                            .into_iter();
-                        batch.next().ok_or_else(|| {
-                            ReplError::Io("the snapshot's reader sent an empty batch".into())
-                        })?
+                            .map_err(|_| ReplError::Io("the snapshot's reader stopped".into()))??;
+                        pace.take(n as u64);
+                        let r = self.ship_chunk(link, off, bytes, refs, &mut crc)?;
+                        let mut s = lock(&self.status);
+                        s.bytes_shipped += r.1;
+                        s.bytes_pending = s.bytes_pending.saturating_sub(n as u64);
+                        s.blocks_pending = s.blocks_pending.saturating_sub(n as u64 / bs.max(1));
+                        r
                     }
                 };
-                if chunk.0 != off || chunk.1.len() != n {
-                    return Err(ReplError::Io(format!(
-                        "the snapshot's reader sent {} bytes at {} for {n} at {off}",
-                        chunk.1.len(),
-                        chunk.0
-                    )));
-                }
-                pace.take(n as u64);
-                let sent = match refs
-                    .filter(|hb| off.is_multiple_of(*hb) && (n as u64).is_multiple_of(*hb))
-                {
-                    Some(hb) => {
-                        let (msgs, sent) = self.ship_by_hash(link, off, &chunk.1, hb, &mut crc)?;
-                        count += msgs;
-                        sent
-                    }
-                    None => {
-                        let m = Msg::Data {
-                            offset: off,
-                            bytes: chunk.1,
-                        };
-                        crc = send(link, &m)?.chain(crc);
-                        count += 1;
-                        n as u64
-                    }
-                };
+                count += msgs;
                 shipped += sent;
-                let mut s = lock(&self.status);
-                s.bytes_shipped += sent;
-                s.bytes_pending = s.bytes_pending.saturating_sub(n as u64);
-                s.blocks_pending = s.blocks_pending.saturating_sub(n as u64 / bs.max(1));
             }
             Ok(())
         })?;
@@ -565,6 +530,27 @@ impl Primary {
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         lock(&self.status).throughput = (shipped as f64 / secs) as u64;
         Ok(())
+    }
+
+    /// Sends `bytes` (volume bytes at `off`, read from the snapshot): as HASHES first when
+    /// the secondary takes references in blocks that tile it, else as one DATA. Returns
+    /// (messages sent, bytes sent as DATA) and chains their frames into `crc`.
+    fn ship_chunk(
+        &self,
+        link: &mut Box<dyn Link>,
+        off: u64,
+        bytes: Payload,
+        refs: Option<u64>,
+        crc: &mut u32,
+    ) -> ReplResult<(u64, u64)> {
+        let n = bytes.len() as u64;
+        match refs.filter(|hb| off.is_multiple_of(*hb) && n.is_multiple_of(*hb)) {
+            Some(hb) => self.ship_by_hash(link, off, &bytes, hb, crc),
+            None => {
+                *crc = send(link, &Msg::Data { offset: off, bytes })?.chain(*crc);
+                Ok((1, n))
+            }
+        }
     }
 
     /// `p` is complete on the secondary: record it, release the older snapshot.
@@ -639,49 +625,51 @@ enum Piece {
     Data(u64, usize),
 }
 
-/// Bytes read at an offset.
-type Chunk = (u64, Payload);
-
 /// Reads the DATA pieces of `pieces` from `dev` in batches of [`READ_BATCH`] concurrent
-/// requests, in order, into `tx`; ends at the first error (sent), a stop, or when the
-/// receiver is gone.
+/// requests and sends their bytes to `tx` in order; ends at the first error (sent), a stop,
+/// or when the receiver is gone.
 fn read_ahead(
     dev: &dyn tables::io::BlockDevice,
     pieces: &[Piece],
     stop: &AtomicBool,
-    tx: std::sync::mpsc::SyncSender<ReplResult<Vec<Chunk>>>,
+    tx: std::sync::mpsc::SyncSender<ReplResult<Payload>>,
 ) {
-    let data: Vec<(u64, usize)> = pieces
+    let reads: Vec<(u64, usize)> = pieces
         .iter()
         .filter_map(|p| match *p {
             Piece::Data(off, n) => Some((off, n)),
             Piece::Unmap(..) => None,
         })
         .collect();
-    for group in data.chunks(READ_BATCH) {
+    for group in reads.chunks(READ_BATCH) {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let bufs: ReplResult<Vec<Chunk>> = group
+        let read = group
             .iter()
-            .map(|&(o, n)| Payload::for_filling(n).map(|b| (o, b)))
-            .collect();
-        let mut bufs = match bufs {
-            Ok(b) => b,
+            .map(|&(_, n)| Payload::for_filling(n))
+            .collect::<ReplResult<Vec<Payload>>>()
+            .and_then(|mut bufs| {
+                let mut reqs: Vec<(Bytes, &mut [u8])> = group
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(&(o, _), b)| (Bytes(o), &mut b[..]))
+                    .collect();
+                read_all_blocking(dev, &mut reqs)?;
+                Ok(bufs)
+            });
+        match read {
+            Ok(bufs) => {
+                for b in bufs {
+                    if tx.send(Ok(b)).is_err() {
+                        return;
+                    }
+                }
+            }
             Err(e) => {
                 let _ = tx.send(Err(e));
                 return;
             }
-        };
-        let mut reqs: Vec<(Bytes, &mut [u8])> = bufs
-            .iter_mut()
-            .map(|(o, b)| (Bytes(*o), &mut b[..]))
-            .collect();
-        let r = read_all_blocking(dev, &mut reqs).map_err(ReplError::from);
-        drop(reqs);
-        let failed = r.is_err();
-        if tx.send(r.map(|()| bufs)).is_err() || failed {
-            return;
         }
     }
 }

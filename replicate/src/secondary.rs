@@ -296,6 +296,103 @@ impl Secondary {
         }
     }
 
+    /// Takes in one interval's DATA, UNMAP and HASHES up to its COMMIT, writing them into
+    /// the copy `dev`, and checks the COMMIT against what arrived. Returns (bytes received
+    /// as DATA, bytes mapped from hashes).
+    fn take_interval(
+        &self,
+        link: &mut Box<dyn Link>,
+        dev: &dyn BlockDevice,
+        snapshot: u64,
+    ) -> ReplResult<(u64, u64)> {
+        let (mut count, mut crc, mut received, mut referenced) = (0u64, 0u32, 0u64, 0u64);
+        // DATA is written behind the link by a writer thread (WRITE_BATCH requests in
+        // flight); everything else waits until what was queued before it is written.
+        std::thread::scope(|sc| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(WRITE_QUEUE);
+            sc.spawn(move || write_behind(dev, rx));
+            loop {
+                let (m, frame) = recv(link)?;
+                match m {
+                    Msg::Data { offset, bytes } => {
+                        self.in_volume(offset, bytes.len() as u64)?;
+                        received += bytes.len() as u64;
+                        tx.send(WriteJob::Data(offset, bytes))
+                            .map_err(|_| ReplError::Io("the copy's writer stopped".into()))?;
+                    }
+                    Msg::Hashes { offset, hashes } => {
+                        drain(&tx)?;
+                        let held = self.map_hashes(offset, &hashes)?;
+                        referenced += held.iter().filter(|h| **h).count() as u64
+                            * self.cfg.pool.block_bytes().0;
+                        send(link, &Msg::Have { offset, held })?;
+                        link.flush().map_err(ReplError::Net)?;
+                    }
+                    Msg::Unmap { offset, len } => {
+                        self.in_volume(offset, len)?;
+                        drain(&tx)?;
+                        run_io(dev.write_zeroes(Bytes(offset), Bytes(len), WriteFlags::default()))?;
+                    }
+                    Msg::Commit {
+                        snapshot: s,
+                        count: n,
+                        checksum,
+                    } => {
+                        drain(&tx)?;
+                        if s != snapshot || n != count || checksum != crc {
+                            return Err(ReplError::Protocol(format!(
+                                "COMMIT of snapshot {s} with {n} messages and checksum \
+                                 {checksum:#010x}; received snapshot {snapshot}: {count} \
+                                 messages, checksum {crc:#010x}"
+                            )));
+                        }
+                        return Ok((received, referenced));
+                    }
+                    m => {
+                        return Err(ReplError::Protocol(format!(
+                            "expected DATA, UNMAP or COMMIT in snapshot {snapshot}, got {m:?}"
+                        )))
+                    }
+                }
+                crc = frame.chain(crc);
+                count += 1;
+            }
+        })
+    }
+
+    /// Maps into the copy every block of a HASHES message at `offset` that the pool holds;
+    /// one flag per hash.
+    fn map_hashes(&self, offset: u64, hashes: &[[u64; 2]]) -> ReplResult<Vec<bool>> {
+        let pool = &self.cfg.pool;
+        let bs = pool.block_bytes().0;
+        if !pool.takes_hash_refs() || !offset.is_multiple_of(bs) {
+            return Err(ReplError::Protocol(format!(
+                "HASHES at offset {offset}: this side takes no references in blocks of {bs} \
+                 bytes there"
+            )));
+        }
+        self.in_volume(offset, hashes.len() as u64 * bs)?;
+        hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let v = VBlock(offset / bs + i as u64);
+                run_io(pool.map_by_hash(self.cfg.copy, v, h))
+            })
+            .collect()
+    }
+
+    /// `len` bytes at `offset` lie inside the volume.
+    fn in_volume(&self, offset: u64, len: u64) -> ReplResult<()> {
+        let size = self.cfg.size.0;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(ReplError::Protocol(format!(
+                "{len} bytes at offset {offset}: past the end of the volume ({size} bytes)"
+            ))),
+        }
+    }
+
     /// Rebuilds the copy from `base` (0: empty), takes in one interval, and on a valid
     /// COMMIT makes it the new complete snapshot.
     fn receive(
@@ -317,88 +414,8 @@ impl Secondary {
             run_io(pool.create_snap(copy, ThinId(st.thin_id)))?;
         }
         let dev = pool.thin(copy, self.cfg.size, None)?;
-        let size = self.cfg.size.0;
-        let (mut count, mut crc) = (0u64, 0u32);
-        let in_volume = |offset: u64, len: u64| -> ReplResult<()> {
-            match offset.checked_add(len) {
-                Some(end) if end <= size => Ok(()),
-                _ => Err(ReplError::Protocol(format!(
-                    "{len} bytes at offset {offset}: past the end of the volume ({size} bytes)"
-                ))),
-            }
-        };
-        let mut received = 0u64;
-        let mut referenced = 0u64;
         let started = Instant::now();
-        // DATA is written behind the link by a writer thread (WRITE_BATCH requests in
-        // flight); everything else waits until what was queued before it is written.
-        std::thread::scope(|sc| -> ReplResult<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(WRITE_QUEUE);
-            let writer_dev = &*dev;
-            sc.spawn(move || write_behind(writer_dev, rx));
-            loop {
-                let (m, frame) = recv(link)?;
-                match m {
-                    Msg::Data { offset, bytes } => {
-                        in_volume(offset, bytes.len() as u64)?;
-                        received += bytes.len() as u64;
-                        tx.send(WriteJob::Data(offset, bytes))
-                            .map_err(|_| ReplError::Io("the copy's writer stopped".into()))?;
-                    }
-                    Msg::Hashes { offset, hashes } => {
-                        drain(&tx)?;
-                        let bs = pool.block_bytes().0;
-                        if !pool.takes_hash_refs() || !offset.is_multiple_of(bs) {
-                            return Err(ReplError::Protocol(format!(
-                                "HASHES at offset {offset}: this side takes no references in \
-                             blocks of {bs} bytes there"
-                            )));
-                        }
-                        in_volume(offset, hashes.len() as u64 * bs)?;
-                        let mut held = Vec::with_capacity(hashes.len());
-                        for (i, h) in hashes.iter().enumerate() {
-                            let v = VBlock(offset / bs + i as u64);
-                            held.push(run_io(pool.map_by_hash(copy, v, h))?);
-                        }
-                        referenced += held.iter().filter(|h| **h).count() as u64 * bs;
-                        send(link, &Msg::Have { offset, held })?;
-                        link.flush().map_err(ReplError::Net)?;
-                    }
-                    Msg::Unmap { offset, len } => {
-                        in_volume(offset, len)?;
-                        drain(&tx)?;
-                        run_io(tables::io::BlockDevice::write_zeroes(
-                            &*dev,
-                            Bytes(offset),
-                            Bytes(len),
-                            WriteFlags::default(),
-                        ))?;
-                    }
-                    Msg::Commit {
-                        snapshot: s,
-                        count: n,
-                        checksum,
-                    } => {
-                        drain(&tx)?;
-                        if s != snapshot || n != count || checksum != crc {
-                            return Err(ReplError::Protocol(format!(
-                            "COMMIT of snapshot {s} with {n} messages and checksum {checksum:#010x}; \
-                             received snapshot {snapshot}: {count} messages, checksum {crc:#010x}"
-                        )));
-                        }
-                        break;
-                    }
-                    m => {
-                        return Err(ReplError::Protocol(format!(
-                            "expected DATA, UNMAP or COMMIT in snapshot {snapshot}, got {m:?}"
-                        )))
-                    }
-                }
-                crc = frame.chain(crc);
-                count += 1;
-            }
-            Ok(())
-        })?;
+        let (received, referenced) = self.take_interval(link, &*dev, snapshot)?;
         drop(dev);
         let [a, b] = self.cfg.snap_ids;
         let id = if st.snapshot != 0 && ThinId(st.thin_id) == a {

@@ -45,10 +45,12 @@ pub fn resolve(name: &str, dev: &DeviceArgs, sd: &StateDir, role: Role) -> Resul
              of a thin volume"
         );
     };
-    let extents = lv
+    let size = lv
         .extent_count()
-        .with_context(|| format!("{name}: its segments do not add up to a size"))?;
-    let size = u64::from(extents.0) * vg.extent_size.0 * 512;
+        .and_then(|e| e.to_sectors(vg.extent_size))
+        .with_context(|| format!("{name}: its segments do not add up to a size"))?
+        .bytes()
+        .0;
     let pool_lv = vg
         .lv(&t.thin_pool)
         .with_context(|| format!("{name}: its pool {} is not in the VG", t.thin_pool))?;
