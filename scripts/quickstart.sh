@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 bash scripts/setup.sh >/dev/null
-VOLMGR="$ROOT/target/debug/volmgr"
+VOLMGR="${CARGO_TARGET_DIR:-$ROOT/target}/debug/volmgr"
 DEMO=$(realpath -m "${DEMO_DIR:-$ROOT/demo}")
 STATE="$DEMO/state"
 VG=demo
