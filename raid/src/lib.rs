@@ -240,6 +240,22 @@ impl TargetKind for RaidKind {
             .filter(|&i| args[i] != "-")
             .collect()
     }
+    fn without_devices(&self, args: &[String], gone: &[usize]) -> Option<Vec<String>> {
+        let mut cfg = self.parse(args).ok()?;
+        // Legs start after `<#params> <params>...` (raid) or `<#log args> <log args>...`
+        // (mirror) and `#devs`; two arguments per leg either way.
+        let first = args.get(1)?.parse::<usize>().ok()?.checked_add(3)?;
+        for &i in gone {
+            let leg = i.checked_sub(first)? / 2;
+            let l = cfg.legs.get_mut(leg)?;
+            l.meta = None;
+            l.data = None;
+            // A missing leg cannot be rebuilt from the table (dm-raid refuses it too).
+            cfg.rebuild.retain(|&r| r != leg);
+        }
+        cfg.check().ok()?;
+        Some(cfg.to_args())
+    }
     fn validate(&self, len: Sectors, args: &[String]) -> Result<(), ArgError> {
         self.check(len, args).map(|_| ())
     }

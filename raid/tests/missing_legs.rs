@@ -193,3 +193,46 @@ fn missing_legs_print_back_and_too_many_are_refused() {
         dev.status()
     );
 }
+
+/// What the daemon does at start when a leg's device could not be brought back: the line
+/// with that leg as `- -`, while the level keeps a copy of everything; refused otherwise.
+#[test]
+fn without_devices_turns_gone_legs_into_missing_ones_while_the_level_allows() {
+    let raid = RaidKind::raid();
+    let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    let args = words("raid1 3 0 rebuild 1 3 m0 d0 m1 d1 m2 d2");
+    let devs = raid.device_args(&args);
+    let at = |name: &str| devs.iter().copied().find(|&i| args[i] == name).unwrap();
+    // The data device of leg 1 is gone: the whole leg goes, and its rebuild with it.
+    let out = raid.without_devices(&args, &[at("d1")]).unwrap();
+    assert_eq!(out.join(" "), "raid1 1 0 3 m0 d0 - - m2 d2");
+    // Two of three legs gone still leaves a copy, but not one to rebuild leg 1 from.
+    assert!(raid.without_devices(&args, &[at("m0"), at("d2")]).is_none());
+    let plain = words("raid1 1 0 3 m0 d0 m1 d1 m2 d2");
+    let pd = raid.device_args(&plain);
+    let gone: Vec<usize> = pd
+        .into_iter()
+        .filter(|&i| plain[i] == "m0" || plain[i] == "d2")
+        .collect();
+    let out = raid.without_devices(&plain, &gone).unwrap();
+    assert_eq!(out.join(" "), "raid1 1 0 3 - - m1 d1 - -");
+    // Every leg gone: nothing to run on.
+    assert!(raid
+        .without_devices(&args, &[at("d0"), at("d1"), at("d2")])
+        .is_none());
+    // raid5 survives one missing leg, not two.
+    let args = words("raid5_ls 3 128 region_size 1024 3 m0 d0 m1 d1 m2 d2");
+    let devs = raid.device_args(&args);
+    let at = |name: &str| devs.iter().copied().find(|&i| args[i] == name).unwrap();
+    let out = raid.without_devices(&args, &[at("m2")]).unwrap();
+    assert_eq!(out[out.len() - 2..].join(" "), "- -");
+    assert!(raid.without_devices(&args, &[at("d0"), at("d1")]).is_none());
+    // The mirror target's legs are `<dev> <offset>`.
+    let mirror = RaidKind::mirror();
+    let args = words("core 1 1024 2 a 0 b 0");
+    let devs = mirror.device_args(&args);
+    assert_eq!(
+        mirror.without_devices(&args, &[devs[1]]).unwrap().join(" "),
+        "core 1 1024 2 a 0 - 0"
+    );
+}

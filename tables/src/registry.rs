@@ -150,6 +150,15 @@ pub trait TargetKind: Send + Sync {
     /// make relative paths absolute before a table leaves it. Called only on arguments that
     /// passed `validate`; a `-` placeholder (a missing device) is not listed.
     fn device_args(&self, args: &[String]) -> Vec<usize>;
+    /// The arguments with the devices at `gone` (indices as [`device_args`](Self::device_args)
+    /// gives them) left out, when the target can run without them: a raid leg becomes `- -`,
+    /// as dm-raid writes a missing leg. `None` (the default) when it cannot. The daemon uses
+    /// this when a device a table names could not be brought back at start (its host is
+    /// down): the array comes up degraded instead of not at all.
+    fn without_devices(&self, args: &[String], gone: &[usize]) -> Option<Vec<String>> {
+        let _ = (args, gone);
+        None
+    }
     /// Builds the device for one segment of `ctx.len` sectors.
     fn build(&self, ctx: &BuildCtx<'_>, args: &[String]) -> Result<DeviceRef, ArgError>;
 }

@@ -335,6 +335,29 @@ impl Table {
         Ok(())
     }
 
+    /// This table with every device `gone` says is unusable left out, if each line that names
+    /// one can run without it ([`TargetKind::without_devices`](crate::registry::TargetKind::without_devices)); `None` if some line cannot
+    /// (or no line names such a device). The lengths and the other arguments are unchanged.
+    pub fn without_devices(&self, reg: &Registry, gone: impl Fn(&str) -> bool) -> Option<Table> {
+        let mut out = self.clone();
+        let mut changed = false;
+        for s in &mut out.segments {
+            let kind = reg.get(&s.target)?;
+            let idx: Vec<usize> = kind
+                .device_args(&s.args)
+                .into_iter()
+                .filter(|&i| s.args.get(i).is_some_and(|a| gone(a)))
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            s.args = kind.without_devices(&s.args, &idx)?;
+            kind.validate(s.len, &s.args).ok()?;
+            changed = true;
+        }
+        changed.then_some(out)
+    }
+
     /// Total size: one past the last mapped sector.
     pub fn size(&self) -> Sectors {
         self.segments

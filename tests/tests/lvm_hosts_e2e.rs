@@ -342,44 +342,12 @@ fn contains(file: &Path, needle: &[u8]) -> bool {
 fn the_monitor_re_mirrors_onto_a_spare_host_when_one_dies() {
     let mut h = Hosts::with_options(4, "?reconnect-delay=2&timeout=5&connect-timeout=2");
     let mut servers = std::mem::take(&mut h.servers);
-    let uris: Vec<String> = h.uris.clone();
-    let mut a = vec!["pvcreate"];
-    a.extend(uris.iter().map(String::as_str));
-    h.ok(&a);
-    let mut a = vec!["vgcreate", "vgm"];
-    a.extend(uris.iter().map(String::as_str));
-    h.ok(&a);
-    for (i, u) in uris.iter().enumerate() {
-        h.ok(&["pvchange", "--addtag", &format!("host:h{i}"), u]);
-    }
-    // The mirror on hosts 0-2; host 3 is the spare.
-    h.ok(&[
-        "lvcreate", "--type", "raid1", "-m", "2", "-L", "8M", "-n", "r", "vgm", &uris[0], &uris[1],
-        &uris[2],
-    ]);
-    let devfile = h.root.join("lvm-devices").display().to_string();
-    let d = DaemonProc::start_with(
-        &h.root.join("state"),
-        &[
-            "--raid-fault-policy",
-            "allocate",
-            "--monitor-interval",
-            "1",
-            "--devicesfile",
-            &devfile,
-        ],
-    );
+    let uris = mirror_on_three_of_four(&h);
+    let d = allocating_daemon(&h);
     let vmd = |args: &[&str]| -> String {
         run_ok(&mut h.cmd_in(&d.state, args)).unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
     };
-    vmd(&["lvchange", "-ay", "vgm/r", "--nbd", "127.0.0.1:0"]);
-    let uri = vmd(&["lvs", "--noheadings", "-o", "lv_dm_path", "vgm/r"])
-        .trim()
-        .to_string();
-    let first = pseudo_random(4 << 20, 1);
-    let src = h.root.join("first.bin");
-    std::fs::write(&src, &first).unwrap();
-    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri)).unwrap();
+    let (uri, first, src) = activate_and_fill(&h, &d, 4 << 20, 1);
 
     // Host 1 dies. A write after that fails its leg (after the URI's reconnect-delay); the
     // client sees no error.
@@ -391,21 +359,7 @@ fn the_monitor_re_mirrors_onto_a_spare_host_when_one_dies() {
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
 
     // The monitor replaces image 1 on host 3 and rebuilds it.
-    let t0 = std::time::Instant::now();
-    let images = loop {
-        let imgs = image_devices(&h, "vgm", "r");
-        let on_spare = imgs.iter().any(|s| s.iter().any(|p| p == &uris[3]));
-        let synced = vmd(&["lvs", "--noheadings", "-o", "copy_percent", "vgm/r"]);
-        if on_spare && synced.trim() == "100.00" {
-            break imgs;
-        }
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(90),
-            "no re-mirror after 90 s: {imgs:?} sync {synced}\n{}",
-            d.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    };
+    let images = wait_re_mirrored(&h, &d, &uris[3]);
     assert!(
         images.iter().all(|s| !s.contains(&uris[1])),
         "the dead host still holds an image: {images:?}"
@@ -441,4 +395,182 @@ fn the_monitor_re_mirrors_onto_a_spare_host_when_one_dies() {
     let status = vmd(&["dev", "status", "vgm-r"]);
     assert!(status.contains(" AAA "), "{status}");
     vmd(&["lvchange", "-an", "vgm/r"]);
+}
+
+/// PVs on the four hosts of `h` (tagged `host:h0`..`h3`) in VG `vgm`, and a three-way mirror
+/// `vgm/r` on hosts 0-2; host 3 is the spare. Returns the PVs' URIs.
+fn mirror_on_three_of_four(h: &Hosts) -> Vec<String> {
+    let uris: Vec<String> = h.uris.clone();
+    let mut a = vec!["pvcreate"];
+    a.extend(uris.iter().map(String::as_str));
+    h.ok(&a);
+    let mut a = vec!["vgcreate", "vgm"];
+    a.extend(uris.iter().map(String::as_str));
+    h.ok(&a);
+    for (i, u) in uris.iter().enumerate() {
+        h.ok(&["pvchange", "--addtag", &format!("host:h{i}"), u]);
+    }
+    h.ok(&[
+        "lvcreate", "--type", "raid1", "-m", "2", "-L", "8M", "-n", "r", "vgm", &uris[0], &uris[1],
+        &uris[2],
+    ]);
+    uris
+}
+
+/// The daemon on `h`'s state directory with `raid_fault_policy allocate` and its monitor
+/// looking every second.
+fn allocating_daemon(h: &Hosts) -> DaemonProc {
+    let devfile = h.root.join("lvm-devices").display().to_string();
+    DaemonProc::start_with(
+        &h.root.join("state"),
+        &[
+            "--raid-fault-policy",
+            "allocate",
+            "--monitor-interval",
+            "1",
+            "--devicesfile",
+            &devfile,
+        ],
+    )
+}
+
+/// Activates `vgm/r` on daemon `d`, exported over NBD, and writes `len` pseudo-random bytes
+/// (`seed`) at its start. Returns its URI, the bytes and the file they came from.
+fn activate_and_fill(
+    h: &Hosts,
+    d: &DaemonProc,
+    len: usize,
+    seed: u64,
+) -> (String, Vec<u8>, PathBuf) {
+    let vmd = |args: &[&str]| -> String {
+        run_ok(&mut h.cmd_in(&d.state, args)).unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+    };
+    vmd(&["lvchange", "-ay", "vgm/r", "--nbd", "127.0.0.1:0"]);
+    let uri = vmd(&["lvs", "--noheadings", "-o", "lv_dm_path", "vgm/r"])
+        .trim()
+        .to_string();
+    let data = pseudo_random(len, seed);
+    let src = h.root.join(format!("data{seed}.bin"));
+    std::fs::write(&src, &data).unwrap();
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri))
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    (uri, data, src)
+}
+
+/// After a re-mirror onto host 3: the array is whole (`AAA`), `data` reads back from the
+/// start of `uri` and host 3's file holds it; then `vgm/r` is deactivated.
+fn whole_again_on_the_spare(h: &Hosts, d: &DaemonProc, uri: &str, data: &[u8]) {
+    let vmd = |args: &[&str]| -> String {
+        run_ok(&mut h.cmd_in(&d.state, args)).unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+    };
+    let status = vmd(&["dev", "status", "vgm-r"]);
+    assert!(status.contains(" AAA "), "{status}");
+    let back = h.root.join("whole.bin");
+    run_ok(Command::new("nbdcopy").arg(uri).arg(&back)).unwrap();
+    assert!(
+        std::fs::read(&back).unwrap()[..data.len()] == data[..],
+        "read back differs"
+    );
+    assert!(
+        contains(&h.files[3], &data[..1 << 20]),
+        "the spare host lacks the data"
+    );
+    vmd(&["lvchange", "-an", "vgm/r"]);
+}
+
+/// Waits (at most 90 s) until an image of `vgm/r` is on the PV `spare` and the LV is in sync;
+/// returns the PVs of each image.
+fn wait_re_mirrored(h: &Hosts, d: &DaemonProc, spare: &str) -> Vec<HashSet<String>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let imgs = image_devices(h, "vgm", "r");
+        let on_spare = imgs.iter().any(|s| s.contains(spare));
+        let synced = run_ok(&mut h.cmd_in(
+            &d.state,
+            &["lvs", "--noheadings", "-o", "copy_percent", "vgm/r"],
+        ))
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        if on_spare && synced.trim() == "100.00" {
+            return imgs;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(90),
+            "no re-mirror after 90 s: {imgs:?} sync {synced}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// A daemon that restarts (here after a crash) while a host holding an image is down brings
+/// the mirror back degraded, without that image, instead of failing the LV: the data is
+/// served at once, and the monitor re-mirrors onto the spare host as if the host had died
+/// under it.
+#[test]
+fn a_daemon_restarted_while_a_host_is_down_serves_the_mirror_degraded_and_re_mirrors() {
+    let mut h = Hosts::with_options(4, "?reconnect-delay=2&timeout=5&connect-timeout=2");
+    let mut servers = std::mem::take(&mut h.servers);
+    let uris = mirror_on_three_of_four(&h);
+    let mut d = allocating_daemon(&h);
+    let vmd = |d: &DaemonProc, args: &[&str]| -> String {
+        run_ok(&mut h.cmd_in(&d.state, args)).unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+    };
+    let (_, data, _) = activate_and_fill(&h, &d, 6 << 20, 9);
+
+    // The daemon dies, and host 1 with it; the daemon comes back first.
+    d.kill9();
+    drop(d);
+    servers[1] = None;
+    let d = allocating_daemon(&h);
+    let t0 = std::time::Instant::now();
+    let uri = loop {
+        let u = vmd(&d, &["lvs", "--noheadings", "-o", "lv_dm_path", "vgm/r"]);
+        if u.trim().starts_with("nbd://") {
+            break u.trim().to_string();
+        }
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "the LV did not come back: {u}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let back = h.root.join("back.bin");
+    run_ok(Command::new("nbdcopy").arg(&uri).arg(&back))
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert!(
+        std::fs::read(&back).unwrap()[..data.len()] == data[..],
+        "degraded read back differs"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("vgm-r: restored degraded, without vgm-r_r"),
+        "{log}"
+    );
+
+    // The monitor replaces image 1 on host 3 and rebuilds it; everything reads back.
+    let images = wait_re_mirrored(&h, &d, &uris[3]);
+    assert!(images.iter().all(|s| !s.contains(&uris[1])), "{images:?}");
+    whole_again_on_the_spare(&h, &d, &uri, &data);
+}
+
+/// A mirror activated while a host holding an image is down runs without that image (`- -`);
+/// the monitor still re-mirrors it onto the spare host: the new image's devices are created,
+/// the array's table reloaded with them, and the rebuild copies what was written meanwhile.
+#[test]
+fn a_mirror_activated_while_a_host_is_down_is_re_mirrored_by_the_monitor() {
+    let mut h = Hosts::with_options(4, "?reconnect-delay=2&timeout=5&connect-timeout=2");
+    let mut servers = std::mem::take(&mut h.servers);
+    let uris = mirror_on_three_of_four(&h);
+    servers[2] = None;
+    let d = allocating_daemon(&h);
+    let (uri, data, _) = activate_and_fill(&h, &d, 6 << 20, 11);
+    let images = wait_re_mirrored(&h, &d, &uris[3]);
+    assert!(images.iter().all(|s| !s.contains(&uris[2])), "{images:?}");
+    let log = d.log();
+    assert!(
+        log.contains("image 2 was missing from the running array"),
+        "{log}"
+    );
+    whole_again_on_the_spare(&h, &d, &uri, &data);
 }

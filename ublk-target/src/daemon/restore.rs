@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::graph::{bring_up_order, DepList};
-use super::{lock, Daemon, DaemonError, Entry, State};
+use tables::table::Table;
+
+use super::state::PersistedDevice;
+use super::{lock, Daemon, DaemonError, Entry, State, DEVICE_PREFIX};
 
 impl Daemon {
     /// Brings every recorded device back, each after the devices it uses (whatever order they
@@ -63,7 +66,7 @@ impl Daemon {
                 continue;
             };
             let _g = lock(&op);
-            let rec = {
+            let mut rec = {
                 let mut d = self.devs();
                 let Some(e) = d.map.get_mut(name) else {
                     continue;
@@ -71,6 +74,9 @@ impl Daemon {
                 e.state = State::Building;
                 e.rec.clone()
             };
+            if let Some(said) = self.without_failed_deps(&mut rec) {
+                log::warn!("{said}");
+            }
             let r =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.bring_up(rec, true)))
                     .unwrap_or_else(|p| {
@@ -95,6 +101,46 @@ impl Daemon {
             }
         }
         Ok(problems)
+    }
+
+    /// At start, a device whose table names devices that could not be brought back (a raid
+    /// leg's sub-LV whose host is down) runs without them when its target allows it: a raid
+    /// leg becomes `- -` and the array comes up degraded instead of not at all (lvm2's
+    /// `--activationmode degraded`). The record keeps the degraded table, as `lvchange -ay`
+    /// in that mode writes it: a leg that returns later is not trusted blindly, it comes
+    /// back through a repair (`lvconvert --repair`, or the monitor). Returns what was left
+    /// out, for the log; `None` when nothing was (no dependency failed, or the target cannot
+    /// run without it: the device then fails as before, naming the dependency).
+    fn without_failed_deps(&self, rec: &mut PersistedDevice) -> Option<String> {
+        let failed: Vec<(String, String)> = {
+            let deps = self.deps_of_name(&rec.name);
+            let d = self.devs();
+            deps.into_iter()
+                .filter_map(|n| match d.map.get(&n).map(|e| &e.state) {
+                    Some(State::Failed(why)) => Some((n, why.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        if failed.is_empty() {
+            return None;
+        }
+        let paths: Vec<String> = failed
+            .iter()
+            .map(|(n, _)| format!("{DEVICE_PREFIX}{n}"))
+            .collect();
+        let table = Table::parse(&rec.table, &self.registry).ok()?;
+        let degraded = table.without_devices(&self.registry, |a| paths.iter().any(|p| p == a))?;
+        rec.table = degraded.to_string();
+        let why: Vec<String> = failed
+            .iter()
+            .map(|(n, why)| format!("{n} ({why})"))
+            .collect();
+        Some(format!(
+            "{}: restored degraded, without {}: their devices could not be brought back",
+            rec.name,
+            why.join("; ")
+        ))
     }
 
     /// Orderly shutdown: every running device, users before the devices they use, is flushed

@@ -83,6 +83,7 @@ impl TargetKind for TestKind {
 fn registry() -> Registry {
     let mut r = tables::targets::builtin_registry();
     r.register(Arc::new(TestKind));
+    raid::register(&mut r);
     r
 }
 
@@ -263,6 +264,55 @@ fn restore_brings_devices_up_after_the_devices_they_use() {
     );
     // Creation order is kept for listing and for devices.json.
     assert_eq!(names(&d.load_state().unwrap()), ["upper", "base"]);
+    assert!(d.shutdown().is_empty());
+}
+
+/// A raid whose leg could not be brought back at start (its host is down) comes up degraded,
+/// without that leg, serving what the others hold; its record keeps the degraded table. A
+/// device that cannot run without what failed still fails, naming it.
+#[test]
+fn a_raid_over_a_device_that_fails_at_start_comes_up_degraded() {
+    let f = Fixture::new();
+    let files: Vec<PathBuf> = (0..3)
+        .map(|i| f.file(&format!("d{i}.img"), 1 << 20))
+        .collect();
+    let gone = f.dir.path().join("gone.img");
+    std::fs::create_dir_all(f.state()).unwrap();
+    let mut recs = Vec::new();
+    for (i, p) in files.iter().enumerate() {
+        let mut r = rec(&format!("leg{i}"), &linear(p));
+        r.nbd = None;
+        r.internal = true;
+        // Leg 1's storage is gone.
+        if i == 1 {
+            r.table = linear(&gone);
+        }
+        recs.push(r);
+    }
+    let legs = "- /dev/volmgr/leg0 - /dev/volmgr/leg1 - /dev/volmgr/leg2";
+    recs.push(rec("r", &format!("0 2048 raid raid1 1 0 3 {legs}\n")));
+    recs.push(rec("plain", "0 2048 linear /dev/volmgr/leg1 0\n"));
+    state::save(&f.state().join("devices.json"), &recs).unwrap();
+    let d = f.open();
+    let problems = d.restore().unwrap();
+    // leg1 and `plain` (a linear cannot run without its device) fail; `r` does not.
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems
+        .iter()
+        .any(|p| p.starts_with("leg1") && p.contains("gone.img")));
+    let plain = list(&d).into_iter().find(|i| i.name == "plain").unwrap();
+    assert!(plain.error.unwrap().contains("leg1"));
+    let st: Vec<(String, String)> = states(&d);
+    assert!(st.contains(&("r".into(), "active".into())), "{st:?}");
+    let table = ok(d.handle(Request::Table { name: "r".into() }));
+    assert!(
+        table.contains("- /dev/volmgr/leg0 - - - /dev/volmgr/leg2"),
+        "{table}"
+    );
+    let status = ok(d.handle(Request::Status { name: "r".into() }));
+    assert!(status.contains("raid1 3 ADA"), "{status}");
+    let rec_r = d.load_state().unwrap().into_iter().find(|r| r.name == "r");
+    assert_eq!(rec_r.map(|r| r.table), Some(table));
     assert!(d.shutdown().is_empty());
 }
 

@@ -178,6 +178,9 @@ pub fn repair_lv(
         placed.join(", ")
     ));
     if active {
+        let running_table = expect_text(call(sd, Ctl::Table { name: dm.clone() })?)
+            .with_context(|| format!("{dm}: reading its table"))?;
+        let mut absent = Vec::new();
         for r in &reps {
             for name in [&r.meta_lv, &r.image_lv] {
                 let l = md.vg.lv(name).context("a replaced sub-LV")?;
@@ -185,16 +188,18 @@ pub fn repair_lv(
                 // New extents on a PV with several paths need its multipath device.
                 let mut running = daemon_devices(sd).into_keys().collect();
                 ensure_mpaths(&scan, &md.vg, &table, sd, &mut running)?;
-                // The old table's storage is on the dead host: its flush could only fail.
-                let dm_sub = dm_name(vg_name, name);
-                expect_text(call(
-                    sd,
-                    Ctl::ReloadNoFlush {
-                        name: dm_sub.clone(),
-                        table,
-                    },
-                )?)
-                .with_context(|| format!("{dm_sub}: reloading its table onto the new area"))?;
+                load_sub_lv(sd, &dm_name(vg_name, name), table, &running)?;
+            }
+            // A leg the array runs without (`- -`: activated or restored while its host was
+            // down) has no device to rebuild onto: the array's own table brings it in.
+            let image = format!(
+                "{}{}",
+                lvm::activate::DAEMON_DEVICE_DIR,
+                dm_name(vg_name, &r.image_lv)
+            );
+            if !running_table.split_whitespace().any(|w| w == image) {
+                absent.push(r);
+                continue;
             }
             expect_text(call(
                 sd,
@@ -209,12 +214,62 @@ pub fn repair_lv(
                 r.index, r.image_lv
             ));
         }
+        if !absent.is_empty() {
+            // The new legs' metadata is blank: the array assembled over them rebuilds them.
+            let l = md.vg.lv(lv_name).context("the repaired LV")?;
+            let table = table_of(&scan, &md.vg, l, MissingPvs::Degraded)?;
+            expect_text(call(
+                sd,
+                Ctl::Reload {
+                    name: dm.clone(),
+                    table,
+                },
+            )?)
+            .with_context(|| format!("{dm}: reloading its table with the new images"))?;
+            for r in absent {
+                log(&format!(
+                    "{vg_name}/{lv_name}: image {} was missing from the running array; \
+                     reloaded with {}, rebuilding it",
+                    r.index, r.image_lv
+                ));
+            }
+        }
     }
     Ok(Some(Repaired {
         images: failed,
         placed,
         rebuilding: active,
     }))
+}
+
+/// Points internal device `name` (a replaced sub-LV) at `table`: a reload when the daemon
+/// has it (without the flush of the old table, whose storage is on the dead host and could
+/// only fail), a new internal device when it has none (its leg was left out at activation).
+fn load_sub_lv(
+    sd: &StateDir,
+    name: &str,
+    table: String,
+    running: &std::collections::HashSet<String>,
+) -> Result<()> {
+    let req = if running.contains(name) {
+        Ctl::ReloadNoFlush {
+            name: name.to_string(),
+            table,
+        }
+    } else {
+        Ctl::Create {
+            name: name.to_string(),
+            table,
+            ublk_id: None,
+            export: None,
+            nbd: None,
+            nbd_limits: Default::default(),
+            internal: true,
+        }
+    };
+    expect_text(call(sd, req)?)
+        .with_context(|| format!("{name}: loading its table onto the new area"))?;
+    Ok(())
 }
 
 /// `lvconvert --repair`: the repair, printed as lvm2 words it. With `use_policies`, only when
