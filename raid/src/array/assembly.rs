@@ -157,6 +157,7 @@ impl RaidDevice {
                 ..SyncState::default()
             }),
             recover_pos: AtomicU64::new(0),
+            step_units: AtomicU64::new(0),
             mismatches: AtomicU64::new(0),
             rr: AtomicUsize::new(0),
             client_ios: AtomicU64::new(0),

@@ -255,6 +255,9 @@ struct Inner {
     sync: Mutex<SyncState>,
     /// Recovery progress: stripes (parity) or regions (mirror) below this are rebuilt.
     recover_pos: AtomicU64,
+    /// Units (regions) the last mirror recovery step moved, for the rate throttle; 0 when the
+    /// last step moved one unit.
+    step_units: AtomicU64,
     mismatches: AtomicU64,
     rr: AtomicUsize,
     client_ios: AtomicU64,

@@ -14,6 +14,11 @@ use crate::xor::xor_many;
 use super::mirror_io::MirrorPiece;
 use super::{Geo, Inner, LegState, SyncAction};
 
+/// How many bytes of a mirror's regions one recovery step copies at once.
+const RECOVER_BYTES: u64 = 16 << 20;
+/// At most this many regions per recovery step (small regions).
+const RECOVER_MAX: u64 = 16;
+
 pub(super) fn background_loop(weak: Weak<Inner>) {
     let Ok(rt) = iort::Runtime::new(64) else {
         return;
@@ -31,7 +36,9 @@ pub(super) fn background_loop(weak: Weak<Inner>) {
             // A step moves one stripe (parity) or one region (mirror) per leg.
             let unit = match inner.geo {
                 Geo::Parity { chunk, .. } => chunk,
-                Geo::Mirror { .. } => inner.region_bytes,
+                Geo::Mirror { .. } => inner
+                    .region_bytes
+                    .saturating_mul(inner.step_units.swap(0, Ordering::Relaxed).max(1)),
             };
             let rate_pause = (unit as u128 * 1_000_000 / 1024)
                 .checked_div(inner.cfg.max_recovery_kib as u128)
@@ -213,21 +220,18 @@ impl Inner {
         }
         match self.geo {
             Geo::Mirror { .. } => {
-                let pending = self.sync_state().pending[pos as usize];
-                let mode = if pending {
-                    SyncMode2::Fix
-                } else {
-                    SyncMode2::Recover
-                };
-                self.sync_region(pos, mode).await?;
-                // sync_region advanced recover_pos under the region lock.
-                if pending {
-                    let mut st = self.sync_state();
-                    if st.pending[pos as usize] {
-                        st.pending[pos as usize] = false;
-                        st.pending_count -= 1;
-                    }
-                }
+                // Several regions at once (each under its own region lock), so the read of
+                // one overlaps the write of another: over a network leg one region at a time
+                // waits out a round trip per read and per write.
+                let batch = (RECOVER_BYTES / self.region_bytes.max(1)).clamp(1, RECOVER_MAX);
+                let end = pos.saturating_add(batch).min(self.recover_units());
+                let copied = join_all((pos..end).map(|r| self.recover_region(r))).await;
+                copied.into_iter().collect::<IoResult<Vec<()>>>()?;
+                // Every region below `end` is on the rebuilt legs now, and client writes reach
+                // those legs too: reads may use them there. (`replace_leg` resets the position
+                // under `rec_lock`, which this step holds.)
+                self.recover_pos.store(end, Ordering::Release);
+                self.step_units.store(end - pos, Ordering::Relaxed);
             }
             Geo::Parity { chunk, .. } => {
                 let stripe = pos;
@@ -286,8 +290,28 @@ impl Inner {
         Ok(true)
     }
 
+    /// Copies mirror region `r` to the recovering legs (the whole region made consistent
+    /// when it also awaits resync). The caller advances the recovery position.
+    async fn recover_region(&self, r: u64) -> IoResult<()> {
+        let pending = self.sync_state().pending[r as usize];
+        let mode = if pending {
+            SyncMode2::Fix
+        } else {
+            SyncMode2::Recover
+        };
+        self.sync_region(r, mode).await?;
+        if pending {
+            let mut st = self.sync_state();
+            if st.pending[r as usize] {
+                st.pending[r as usize] = false;
+                st.pending_count -= 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Resync, check or repair one region; for mirrors in Recover mode, copies to the
-    /// recovering legs only and advances the recovery position.
+    /// recovering legs only.
     async fn sync_region(&self, r: u64, mode: SyncMode2) -> IoResult<()> {
         match self.geo {
             Geo::Mirror { .. } => {
@@ -297,14 +321,6 @@ impl Inner {
                 if start < end {
                     for p in self.mirror_pieces(start, end - start) {
                         self.sync_mirror_piece(&p, r, mode).await?;
-                    }
-                }
-                if mode != SyncMode2::Check
-                    && self.legs.iter().any(|l| l.state() == LegState::Recovering)
-                {
-                    let cur = self.recover_pos.load(Ordering::Acquire);
-                    if cur == r {
-                        self.recover_pos.store(r + 1, Ordering::Release);
                     }
                 }
                 Ok(())
