@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::graph::{bring_up_order, DepList};
+use tables::registry::Resolver;
 use tables::table::Table;
 
 use super::state::PersistedDevice;
@@ -77,11 +78,23 @@ impl Daemon {
             if let Some(said) = self.without_failed_deps(&mut rec) {
                 log::warn!("{said}");
             }
-            let r =
+            let bring = |rec: PersistedDevice| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.bring_up(rec, true)))
                     .unwrap_or_else(|p| {
                         Err(format!("{name}: panicked: {}", super::panic_text(&*p)))
-                    });
+                    })
+            };
+            let mut r = bring(rec.clone());
+            if r.is_err() {
+                // A leg named directly (a remote URI whose server is down) may be what failed.
+                if let Some(said) = self.without_unopenable(&mut rec) {
+                    let again = bring(rec);
+                    if again.is_ok() {
+                        log::warn!("{said}");
+                        r = again;
+                    }
+                }
+            }
             match r {
                 Ok((live, rec)) => {
                     if let Some(e) = self.devs().map.get_mut(name) {
@@ -138,6 +151,35 @@ impl Daemon {
             .collect();
         Some(format!(
             "{}: restored degraded, without {}: their devices could not be brought back",
+            rec.name,
+            why.join("; ")
+        ))
+    }
+
+    /// After a device failed to come up at start: the devices its table names that cannot
+    /// be opened now (a remote extent whose server is down) left out, when its target can run
+    /// without them (see [`Self::without_failed_deps`]). Each device is opened once to find
+    /// out, only on this failure path. Returns what was left out, for the log.
+    fn without_unopenable(&self, rec: &mut PersistedDevice) -> Option<String> {
+        let table = Table::parse(&rec.table, &self.registry).ok()?;
+        let res = self.resolver();
+        let gone: Vec<(String, String)> = table
+            .devices(&self.registry)
+            .into_iter()
+            .filter_map(|d| match res.open(&d.name) {
+                Ok(_) => None,
+                Err(e) => Some((d.name, e)),
+            })
+            .collect();
+        if gone.is_empty() {
+            return None;
+        }
+        let degraded =
+            table.without_devices(&self.registry, |a| gone.iter().any(|(n, _)| n == a))?;
+        rec.table = degraded.to_string();
+        let why: Vec<String> = gone.iter().map(|(n, e)| format!("{n} ({e})")).collect();
+        Some(format!(
+            "{}: restored degraded, without {}: they could not be opened",
             rec.name,
             why.join("; ")
         ))
